@@ -1,0 +1,3 @@
+from ares.roles.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""The pure core: no network, no Kubernetes; files only."""

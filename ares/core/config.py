@@ -1,0 +1,120 @@
+"""Typed configuration shared by the server, the devices, the local runner and the operator.
+
+One model per concern. The server's config is the single source of truth for training: devices
+fetch it from the server at start-up (`GET /v1/config`), so a device pod needs only its name,
+token, split file and data directory.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+DEFAULT_PORT = 43000  # the published prototype's port
+CONTROLLER_TOKEN_NAME = "controller.token"  # cannot clash with a device name (DNS labels have no dots)
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TrainingConfig(_Strict):
+    """Hyper-parameters; defaults are the published ARES ones."""
+
+    rounds: int = Field(100, ge=1, le=100_000)
+    batch_size: int = Field(100, ge=1, le=65_536)
+    lr: float = Field(0.01, gt=0, le=10)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    lr_decay_round: Optional[int] = Field(None, ge=1, description="round after which lr is x lr_decay; default rounds//2")
+    lr_decay: float = Field(0.1, gt=0, le=1)
+    max_steps_per_round: Optional[int] = Field(None, ge=1, description="cap local iterations per round (benchmarks)")
+    seed: int = 0
+
+    def lr_for_round(self, round_index: int) -> float:
+        """Round indices start at 0; lr drops once half the rounds are done (published schedule)."""
+        decay_at = self.lr_decay_round if self.lr_decay_round is not None else max(1, self.rounds // 2)
+        return self.lr * (self.lr_decay if round_index >= decay_at else 1.0)
+
+
+class DataConfig(_Strict):
+    """Which data set, where it lives, and how it is cut into disjoint device shards."""
+
+    name: Literal["cifar10", "synthetic", "auto"] = "auto"
+    path: str = "datasets/CIFAR10"
+    download: bool = False
+    partition: Literal["iid", "dirichlet"] = "iid"
+    beta: float = Field(0.5, gt=0, description="Dirichlet concentration for non-IID shards")
+    synthetic_train: int = Field(5000, ge=10, description="synthetic training samples (all shards together)")
+    synthetic_test: int = Field(1000, ge=10)
+    seed: int = 0
+
+
+class ServerConfig(_Strict):
+    """Everything the edge server needs. Written by `ares run` or by the operator (a ConfigMap)."""
+
+    model: str = "vgg5"
+    data: DataConfig = DataConfig()
+    training: TrainingConfig = TrainingConfig()
+    devices: tuple[str, ...] = Field(..., min_length=1, description="device names, DNS labels")
+    tokens_dir: str = Field(..., description="one file per device, named after it, holding its bearer token")
+    codec: Literal["fp32", "fp16"] = "fp32"
+    round_deadline_s: float = Field(600.0, gt=0, description="devices not done by then are left out of the round")
+    min_devices: int = Field(1, ge=1, description="a round closes early only when all joined devices are done")
+    checkpoint_dir: str = "checkpoints"
+    host: str = "0.0.0.0"
+    port: int = Field(DEFAULT_PORT, ge=1, le=65535)
+    http_server: Literal["granian", "uvicorn"] = "granian"
+    max_body_mib: int = Field(256, ge=1, le=4096)
+    eval_batch_size: int = Field(500, ge=1)
+    join_grace_s: float = Field(0.0, ge=0, description="after the first join, wait this long for others before counting")
+
+    @field_validator("devices")
+    @classmethod
+    def _names(cls, names: tuple[str, ...]) -> tuple[str, ...]:
+        bad = [n for n in names if not _DNS_LABEL.match(n)]
+        if bad:
+            raise ValueError(f"device names must be DNS labels (a-z, 0-9, '-'): {bad}")
+        if len(set(names)) != len(names):
+            raise ValueError(f"duplicate device names: {sorted(n for n in set(names) if names.count(n) > 1)}")
+        return names
+
+    def shard_of(self, device: str) -> int:
+        return self.devices.index(device)
+
+
+class DeviceSettings(_Strict):
+    """What one device process needs to know locally; the rest comes from the server."""
+
+    name: str
+    server_url: str
+    token_file: str
+    split_file: str
+    data_dir: Optional[str] = None  # overrides the server's data.path on this device
+    power_file: Optional[str] = None  # written by the host-control sidecar (measured power)
+    device_class: str = "cpu"
+    power_mode: str = ""
+    profile_file: Optional[str] = None  # emulate a device class: pad compute to this profile
+    rate_limit_file: Optional[str] = None  # in-process link cap (bytes/s, JSON), re-read every step
+    request_timeout_s: float = Field(120.0, gt=0)
+    initial_split: Optional[int] = None
+
+    @model_validator(mode="after")
+    def _label(self) -> "DeviceSettings":
+        if not _DNS_LABEL.match(self.name):
+            raise ValueError(f"device name {self.name!r} must be a DNS label (a-z, 0-9, '-')")
+        return self
+
+
+def load_yaml_model(model: type[BaseModel], path: str | Path) -> BaseModel:
+    """Load a YAML/JSON file into a model; errors name the file."""
+    text = Path(path).read_text()
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path}: not valid YAML/JSON: {exc}") from exc
+    return model.model_validate(data)

@@ -1,0 +1,119 @@
+"""JSON messages between the server, the devices and the controller (operator or local runner).
+
+Tensors never travel in these: they go in binary frames (`ares.core.wire`). These models are what
+`GET /v1/config`, `GET /v1/status`, `GET /v1/telemetry` return and what a device reports with its
+weights at the end of a round.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ares.core.config import ServerConfig
+
+RoundPhase = Literal["waiting", "training", "finished", "failed"]
+DevicePhase = Literal["idle", "training", "uploaded", "missed"]
+
+
+class _Msg(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class JoinRequest(_Msg):
+    round: int = Field(..., ge=0)
+    split: int = Field(..., ge=0)
+
+
+class JoinReply(_Msg):
+    """Sent as the JSON meta of the weights bundle the server returns on join."""
+
+    round: int
+    split: int
+    lr: float
+    momentum: float
+    batch_size: int
+    max_steps: Optional[int] = None
+    deadline_unix: float
+
+
+class StepTimings(_Msg):
+    """What a device measured during a round, uploaded with its weights."""
+
+    steps: int = Field(0, ge=0)
+    device_fwd_s: float = Field(0.0, ge=0)   # mean per step, device part
+    device_bwd_s: float = Field(0.0, ge=0)
+    up_bps: Optional[float] = Field(None, gt=0)    # EWMA bytes/s device -> server
+    down_bps: Optional[float] = Field(None, gt=0)  # EWMA bytes/s server -> device
+    round_s: float = Field(0.0, ge=0)
+    energy_j: Optional[float] = Field(None, ge=0)
+    energy_source: Literal["measured", "modelled", "none"] = "none"
+
+
+class DeviceReport(_Msg):
+    """JSON meta of the weights bundle a device uploads at the end of a round."""
+
+    round: int = Field(..., ge=0)
+    split: int = Field(..., ge=0)
+    samples: int = Field(..., ge=1)
+    timings: StepTimings = StepTimings()
+    device_class: str = "cpu"
+    power_mode: str = ""
+    # the device's measured compute profile for every split (per batch), from its profiler
+    profile_fwd: Optional[list[float]] = None
+    profile_bwd: Optional[list[float]] = None
+    profile_batch: Optional[int] = None
+
+
+class DeviceStatus(_Msg):
+    split: Optional[int] = None
+    phase: DevicePhase = "idle"
+    last_round: Optional[int] = None
+    up_bps: Optional[float] = None
+    down_bps: Optional[float] = None
+    energy_j: Optional[float] = None        # last completed round
+    energy_source: str = "none"
+    round_s: Optional[float] = None
+
+
+class ServerStatus(_Msg):
+    round: int               # index of the round in progress (== rounds when finished)
+    rounds: int
+    phase: RoundPhase
+    accuracy: Optional[float] = None
+    loss: Optional[float] = None
+    devices: dict[str, DeviceStatus] = {}
+
+
+class DeviceTelemetry(_Msg):
+    """Everything the optimiser needs about one device, as measured."""
+
+    name: str
+    device_class: str = "cpu"
+    power_mode: str = ""
+    fwd: Optional[list[float]] = None   # per-batch seconds of the device part, per split
+    bwd: Optional[list[float]] = None
+    batch_size: int = 100
+    up_bps: Optional[float] = None
+    down_bps: Optional[float] = None
+    iterations: int = 0                 # batches per round
+    split: Optional[int] = None
+    energy_j: Optional[float] = None
+    energy_source: str = "none"
+    round_s: Optional[float] = None
+
+
+class Telemetry(_Msg):
+    round: int
+    model: str
+    batch_size: int
+    codec: str
+    activation_numel: list[int]        # per sample, after each layer
+    weight_bytes: list[int]            # device-side params+buffers per split
+    server_fwd: list[float]            # per-batch seconds of the server part, per split
+    server_bwd: list[float]
+    devices: list[DeviceTelemetry]
+
+
+ConfigReply = ServerConfig  # `GET /v1/config` returns the server's config (tokens_dir is not secret)

@@ -1,0 +1,476 @@
+"""Choose every device's split point from profiles, throughputs and power: a pure function.
+
+The cost model (per device i at split s; one "iteration" is one batch):
+
+    device_s(s)    = fwd[s] + bwd[s]                       (device part, from its ComputeProfile)
+    server_s(s)    = server.fwd[s] + server.bwd[s]          (server part; 0 at s = L-1)
+    up_s(s)        = up_bytes[s] / up_bps                   (activations + labels, device -> server)
+    down_s(s)      = down_bytes[s] / down_bps               (their gradient, server -> device)
+    iteration_s(s) = device_s + server_s + up_s + down_s
+    round_s(s)     = iterations * iteration_s(s) + weight_bytes[s] / down_bps + weight_bytes[s] / up_bps
+    E_iteration(s) = P_compute * device_s + P_tx * up_s + P_rx * down_s
+    E_round(s)     = iterations * E_iteration(s) + P_rx * weight_bytes[s] / down_bps + P_tx * weight_bytes[s] / up_bps
+
+Byte counts are true: 4 bytes per fp32 value (2 for fp16), labels included (`model_costs`).
+The round of the whole fleet lasts as long as its slowest device; its energy is the sum.
+
+Policies (all respect a device's `pinned_split`):
+- `ares`: the published rule, per device, over all splits and per iteration:
+  s* = argmin_s  a * T(s)/||T||2 + (1 - a) * E(s)/||E||2   (a = time weight, norms over s).
+- `straggler`: first the best achievable round time R* (min over joint split vectors of the
+  slowest device's round time); then every device picks, among its splits whose round time
+  stays <= R*, the one minimising the same weighted objective on *round* time and energy
+  (default a = 0: least energy). With `share_server=True` the server's compute is shared
+  by all offloading devices (split < L-1): server_s is multiplied by their number k
+  (processor sharing with every offloader busy at once: a pessimistic approximation). R*
+  is then found exactly by trying, for m = 0..N, the m devices with the slowest on-device
+  round as the offloaders (O(N^2 * L) in the worst case, fine for fleets of hundreds);
+  devices outside that set stay on the device so k never grows.
+- `fixed:N` and `none` (= split L-1, all layers on the device) are the baselines.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar, Mapping, Protocol, Sequence
+
+import numpy as np
+
+from ares.core.energy import PowerModel
+from ares.core.profiles import ComputeProfile, ServerProfile
+
+
+@dataclass(frozen=True)
+class ModelCosts:
+    """Bytes moved per batch for each split (already codec-aware) and device-side weight bytes per split."""
+
+    up_bytes: tuple[int, ...]  # activations of layer s for one batch + labels; 0 at s = L-1
+    down_bytes: tuple[int, ...]  # gradient of those activations; 0 at s = L-1
+    weight_bytes: tuple[int, ...]  # device-side params+buffers for split s (down at join, up at round end)
+
+    def __post_init__(self) -> None:
+        lengths = {len(self.up_bytes), len(self.down_bytes), len(self.weight_bytes)}
+        if len(lengths) != 1 or not self.up_bytes:
+            raise ValueError(f"ModelCosts lists must be non-empty and equally long, got lengths {sorted(lengths)}")
+        for name in ("up_bytes", "down_bytes", "weight_bytes"):
+            values = tuple(int(v) for v in getattr(self, name))
+            if any(v < 0 for v in values):
+                raise ValueError(f"ModelCosts.{name} must be >= 0, got {values}")
+            object.__setattr__(self, name, values)
+        if self.up_bytes[-1] or self.down_bytes[-1]:
+            raise ValueError("ModelCosts: nothing travels per batch at the last split (all on the device)")
+
+    @property
+    def n_splits(self) -> int:
+        return len(self.weight_bytes)
+
+
+def model_costs(activation_numel: Sequence[int], weight_bytes: Sequence[int], batch_size: int,
+                codec_bytes: int = 4, label_bytes: int = 8) -> ModelCosts:
+    """Per-batch bytes for every split from values per sample after each layer.
+
+    `activation_numel` may list L-1 layers or all L (the last one's output never travels).
+    Up carries activations plus one label per sample (int64 by default); down their gradient.
+    """
+    n = len(weight_bytes)
+    numel = list(activation_numel)
+    if len(numel) == n:
+        numel = numel[:-1]
+    if len(numel) != n - 1:
+        raise ValueError(f"activation_numel has {len(activation_numel)} entries; with {n} splits "
+                         f"it needs {n - 1} or {n}")
+    if batch_size < 1 or codec_bytes < 1 or label_bytes < 0:
+        raise ValueError("batch_size and codec_bytes must be >= 1 and label_bytes >= 0")
+    up = tuple(batch_size * (v * codec_bytes + label_bytes) for v in numel) + (0,)
+    down = tuple(batch_size * v * codec_bytes for v in numel) + (0,)
+    return ModelCosts(up, down, tuple(weight_bytes))
+
+
+@dataclass(frozen=True)
+class DeviceInput:
+    """Everything the optimiser knows about one device."""
+
+    name: str
+    compute: ComputeProfile
+    up_bps: float  # bytes per second, device -> server
+    down_bps: float  # bytes per second, server -> device
+    power: PowerModel
+    iterations: int  # batches per round
+    alpha: float | None = None  # this device's time weight (energy sensitivity = 1 - alpha); None -> policy's
+    pinned_split: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("up_bps", "down_bps"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value <= 0:
+                raise ValueError(f"device {self.name!r}: {name} must be > 0 bytes/s, got {value!r}")
+        if isinstance(self.iterations, bool) or not isinstance(self.iterations, int) or self.iterations < 0:
+            raise ValueError(f"device {self.name!r}: iterations must be an integer >= 0, got {self.iterations!r}")
+        if self.alpha is not None:
+            _check_alpha(self.alpha)
+
+
+@dataclass(frozen=True)
+class Problem:
+    """A fleet, the server and the model: the whole input of a decision."""
+
+    devices: tuple[DeviceInput, ...]
+    server: ServerProfile
+    model: ModelCosts
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "devices", tuple(self.devices))
+        if not self.devices:
+            raise ValueError("a problem needs at least one device")
+        n = self.model.n_splits
+        if self.server.n_splits != n:
+            raise ValueError(f"server profile has {self.server.n_splits} splits, the model {n}")
+        names = [d.name for d in self.devices]
+        if len(set(names)) != len(names):
+            dupes = sorted({x for x in names if names.count(x) > 1})
+            raise ValueError(f"device names must be unique; repeated: {dupes}")
+        for d in self.devices:
+            if d.compute.n_splits != n:
+                raise ValueError(f"device {d.name!r}: profile has {d.compute.n_splits} splits, the model {n}")
+            if d.compute.batch_size != self.server.batch_size:
+                raise ValueError(f"device {d.name!r}: profile is for batch {d.compute.batch_size}, the server's "
+                                 f"for {self.server.batch_size}; rescale one (profile.rescaled(batch))")
+            if d.pinned_split is not None:
+                _check_split(d.pinned_split, n, f"device {d.name!r}: pinned split")
+
+    @property
+    def n_splits(self) -> int:
+        return self.model.n_splits
+
+
+@dataclass(frozen=True)
+class DevicePlan:
+    """One device's split and its predicted costs (the four times are per iteration)."""
+
+    name: str
+    split: int
+    iteration_s: float
+    round_s: float
+    energy_iteration_j: float
+    energy_round_j: float
+    device_s: float
+    server_s: float
+    up_s: float
+    down_s: float
+    energy_source: str = "modelled"  # "measured" when the power model came from a sensor
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A decision for the whole fleet: the round lasts as long as the slowest device."""
+
+    policy: str
+    devices: tuple[DevicePlan, ...]
+    round_s: float
+    energy_round_j: float
+    server_shared: bool = False
+
+    def split_of(self, name: str) -> int:
+        for d in self.devices:
+            if d.name == name:
+                return d.split
+        raise KeyError(f"no device {name!r} in this plan; devices: {[d.name for d in self.devices]}")
+
+    @property
+    def splits(self) -> dict[str, int]:
+        return {d.name: d.split for d in self.devices}
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"policy": self.policy, "round_s": self.round_s, "energy_round_j": self.energy_round_j,
+                "server_shared": self.server_shared,
+                "devices": [dict(d.__dict__) for d in self.devices]}
+
+
+class SplitPolicy(Protocol):
+    name: str
+
+    def decide(self, problem: Problem) -> Plan: ...
+
+
+def _check_alpha(alpha: float) -> float:
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha (time weight) must be within 0..1, got {alpha!r}")
+    return float(alpha)
+
+
+def _check_split(split: int, n: int, what: str) -> int:
+    if isinstance(split, bool) or not isinstance(split, (int, np.integer)) or not 0 <= split < n:
+        raise ValueError(f"{what} {split!r} is out of range: valid split points are 0..{n - 1} "
+                         f"({n - 1} keeps every layer on the device)")
+    return int(split)
+
+
+# ---- the cost model, vectorised over devices (rows) and splits (columns) ----------------------
+
+@dataclass(frozen=True)
+class _Inputs:
+    """The problem as arrays: one row per device, one column per split."""
+
+    device_s: np.ndarray  # (N, S)
+    server_s: np.ndarray  # (S,)
+    up_bytes: np.ndarray  # (S,)
+    down_bytes: np.ndarray  # (S,)
+    weight_bytes: np.ndarray  # (S,)
+    up_bps: np.ndarray  # (N, 1)
+    down_bps: np.ndarray  # (N, 1)
+    iterations: np.ndarray  # (N, 1)
+    power: np.ndarray  # (N, 3): compute, tx, rx watts
+
+    @classmethod
+    def of(cls, problem: Problem) -> "_Inputs":
+        d, m = problem.devices, problem.model
+        n, s = len(d), problem.n_splits
+
+        def matrix(values: Any, width: int) -> np.ndarray:  # fromiter over a flat stream: fast for big fleets
+            return np.fromiter(itertools.chain.from_iterable(values), float, n * width).reshape(n, width)
+
+        def column(values: Any) -> np.ndarray:
+            return np.fromiter(values, float, n)[:, None]
+
+        return cls(
+            device_s=matrix((x.compute.fwd for x in d), s) + matrix((x.compute.bwd for x in d), s),
+            server_s=np.array(problem.server.fwd) + np.array(problem.server.bwd),
+            up_bytes=np.array(m.up_bytes, dtype=float), down_bytes=np.array(m.down_bytes, dtype=float),
+            weight_bytes=np.array(m.weight_bytes, dtype=float),
+            up_bps=column(x.up_bps for x in d), down_bps=column(x.down_bps for x in d),
+            iterations=column(x.iterations for x in d),
+            power=matrix(((x.power.compute_w, x.power.tx_w, x.power.rx_w) for x in d), 3))
+
+    def rows(self, idx: np.ndarray) -> "_Inputs":
+        return _Inputs(self.device_s[idx], self.server_s, self.up_bytes, self.down_bytes, self.weight_bytes,
+                       self.up_bps[idx], self.down_bps[idx], self.iterations[idx], self.power[idx])
+
+
+@dataclass(frozen=True)
+class _Costs:
+    device_s: np.ndarray
+    server_s: np.ndarray
+    up_s: np.ndarray
+    down_s: np.ndarray
+    iteration_s: np.ndarray
+    round_s: np.ndarray
+    energy_iteration_j: np.ndarray
+    energy_round_j: np.ndarray
+
+
+def _costs(x: _Inputs, server_share: float = 1.0) -> _Costs:
+    """Every device's costs at every split; server time multiplied by `server_share` (>= 1 when shared)."""
+    device = x.device_s
+    server = np.broadcast_to(x.server_s * server_share, device.shape)
+    up = x.up_bytes / x.up_bps
+    down = x.down_bytes / x.down_bps
+    weights_down = x.weight_bytes / x.down_bps
+    weights_up = x.weight_bytes / x.up_bps
+    iteration = device + server + up + down
+    pc, ptx, prx = (x.power[:, i:i + 1] for i in range(3))
+    energy = pc * device + ptx * up + prx * down
+    return _Costs(
+        device_s=device, server_s=server, up_s=up, down_s=down, iteration_s=iteration,
+        round_s=x.iterations * iteration + weights_down + weights_up,
+        energy_iteration_j=energy,
+        energy_round_j=x.iterations * energy + prx * weights_down + ptx * weights_up,
+    )
+
+
+def weighted_cost(time: np.ndarray, energy: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    """Row by row: alpha * T/||T||2 + (1 - alpha) * E/||E||2 (norms over the row); a zero row adds 0."""
+    def normalised(v: np.ndarray) -> np.ndarray:
+        norm = np.linalg.norm(v, axis=1, keepdims=True)
+        return np.divide(v, norm, out=np.zeros_like(v), where=norm > 0)
+
+    a = np.asarray(alpha, dtype=float).reshape(-1, 1)
+    return a * normalised(time) + (1 - a) * normalised(energy)
+
+
+def _allowed(problem: Problem) -> np.ndarray:
+    """(N, S) mask of the splits each device may take: all of them, or just its pinned one."""
+    allowed = np.ones((len(problem.devices), problem.n_splits), dtype=bool)
+    for i, d in enumerate(problem.devices):
+        if d.pinned_split is not None:
+            allowed[i] = False
+            allowed[i, d.pinned_split] = True
+    return allowed
+
+
+def _alphas(problem: Problem, default: float) -> np.ndarray:
+    return np.array([default if d.alpha is None else d.alpha for d in problem.devices], dtype=float)
+
+
+def _argmin_where(cost: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Column of the smallest cost among the allowed ones, per row (ties: the lowest split)."""
+    return np.where(mask, cost, np.inf).argmin(axis=1)
+
+
+def _plan(policy: str, problem: Problem, c: _Costs, splits: np.ndarray, shared: bool = False) -> Plan:
+    rows = np.arange(len(splits))
+    pick = [getattr(c, f)[rows, splits].tolist() for f in
+            ("iteration_s", "round_s", "energy_iteration_j", "energy_round_j", "device_s", "server_s", "up_s", "down_s")]
+    devices = tuple(DevicePlan(d.name, s, *vals, energy_source=d.power.source)
+                    for d, s, *vals in zip(problem.devices, splits.tolist(), *pick))
+    return Plan(policy, devices, round_s=max(pick[1]), energy_round_j=math.fsum(pick[3]), server_shared=shared)
+
+
+def _evaluate_array(problem: Problem, x: _Inputs, splits: np.ndarray, policy: str, share_server: bool) -> Plan:
+    share = float(np.count_nonzero(splits < problem.n_splits - 1)) if share_server else 1.0
+    return _plan(policy, problem, _costs(x, share), splits, share_server)
+
+
+def evaluate(problem: Problem, splits: Mapping[str, int], share_server: bool = False,
+             policy: str = "given") -> Plan:
+    """Predicted costs of any assignment of splits (every device named exactly once)."""
+    names = [d.name for d in problem.devices]
+    missing, extra = sorted(set(names) - set(splits)), sorted(set(splits) - set(names))
+    if missing or extra:
+        raise ValueError(f"splits must name every device once; missing {missing}, unknown {extra}")
+    arr = np.array([_check_split(splits[n], problem.n_splits, f"device {n!r}: split") for n in names])
+    return _evaluate_array(problem, _Inputs.of(problem), arr, policy, share_server)
+
+
+# ---- policies ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class AresPolicy:
+    """The published ARES rule: per device, least weighted per-iteration time and energy."""
+
+    alpha: float = 0.5
+    name: ClassVar[str] = "ares"
+
+    def __post_init__(self) -> None:
+        _check_alpha(self.alpha)
+
+    def decide(self, problem: Problem) -> Plan:
+        x = _Inputs.of(problem)
+        c = _costs(x)
+        cost = weighted_cost(c.iteration_s, c.energy_iteration_j, _alphas(problem, self.alpha))
+        return _plan(self.name, problem, c, _argmin_where(cost, _allowed(problem)))
+
+
+@dataclass(frozen=True)
+class StragglerPolicy:
+    """Keep the best achievable round time; spend every device's slack on its own preference."""
+
+    alpha: float = 0.0  # default: pure energy among round-preserving splits
+    share_server: bool = False
+    name: ClassVar[str] = "straggler"
+
+    def __post_init__(self) -> None:
+        _check_alpha(self.alpha)
+
+    def decide(self, problem: Problem) -> Plan:
+        x = _Inputs.of(problem)
+        allowed = _allowed(problem)
+        if self.share_server:
+            target, offloaders = _shared_target(x, allowed)
+            c = _costs(x, float(offloaders.sum()))
+            allowed = allowed.copy()
+            allowed[~offloaders, :-1] = False  # outsiders stay on the device: the sharing never grows
+        else:
+            c = _costs(x)
+            target = np.where(allowed, c.round_s, np.inf).min(axis=1).max()
+        feasible = allowed & (c.round_s <= target)
+        cost = weighted_cost(c.round_s, c.energy_round_j, _alphas(problem, self.alpha))
+        splits = _argmin_where(cost, feasible)
+        if self.share_server:
+            return _evaluate_array(problem, x, splits, self.name, share_server=True)
+        return _plan(self.name, problem, c, splits)
+
+
+def _shared_target(x: _Inputs, allowed: np.ndarray) -> tuple[float, np.ndarray]:
+    """Best round time when the server is shared, and the devices that offload to reach it.
+
+    Any optimal vector with round time t must offload every device whose on-device round exceeds
+    t, and offloading only those is never slower (less sharing). So the optimum is among the
+    prefixes of the devices sorted by on-device round time, slowest first; try each prefix size m
+    with the server shared m ways. Offload times only grow with m, which allows stopping early.
+    """
+    n, local = allowed.shape[0], allowed.shape[1] - 1
+    on_device = np.where(allowed[:, local], _costs(x).round_s[:, local], np.inf)
+    can_offload = allowed[:, :local].any(axis=1)
+    order = np.argsort(-on_device, kind="stable")
+    best_t, best_m = math.inf, 0
+    for m in range(n + 1):
+        rest = on_device[order[m]] if m < n else 0.0
+        slowest_offloader = 0.0
+        if m:
+            rows = order[:m]
+            if not can_offload[rows[-1]]:
+                break
+            r = _costs(x.rows(rows), float(m)).round_s[:, :local]
+            slowest_offloader = np.where(allowed[rows, :local], r, np.inf).min(axis=1).max()
+            if slowest_offloader >= best_t:
+                break
+        t = max(rest, slowest_offloader)
+        if t < best_t:
+            best_t, best_m = t, m
+    offloaders = np.zeros(n, dtype=bool)
+    offloaders[order[:best_m]] = True
+    return float(best_t), offloaders
+
+
+@dataclass(frozen=True)
+class FixedPolicy:
+    """The same split for every device that is not pinned (a baseline)."""
+
+    split: int
+
+    @property
+    def name(self) -> str:
+        return f"fixed:{self.split}"
+
+    def decide(self, problem: Problem) -> Plan:
+        s = _check_split(self.split, problem.n_splits, "fixed split")
+        splits = np.array([s if d.pinned_split is None else d.pinned_split for d in problem.devices])
+        return _evaluate_array(problem, _Inputs.of(problem), splits, self.name, share_server=False)
+
+
+@dataclass(frozen=True)
+class NonePolicy:
+    """Every layer on the device (split L-1): plain federated learning, the baseline to beat."""
+
+    name: ClassVar[str] = "none"
+
+    def decide(self, problem: Problem) -> Plan:
+        plan = FixedPolicy(problem.n_splits - 1).decide(problem)
+        return Plan(self.name, plan.devices, plan.round_s, plan.energy_round_j)
+
+
+POLICY_NAMES = ("ares", "straggler", "fixed:N", "none")
+
+
+def parse_policy(text: str, alpha: float | None = None, share_server: bool = False) -> SplitPolicy:
+    """"ares", "straggler", "fixed:3" or "none"; `alpha` overrides the policy's default time weight."""
+    key = text.strip().lower()
+    if key == "ares":
+        return AresPolicy() if alpha is None else AresPolicy(alpha)
+    if key == "straggler":
+        return StragglerPolicy(0.0 if alpha is None else alpha, share_server)
+    if key == "none":
+        return NonePolicy()
+    if key.startswith("fixed:") and key[6:].isdigit():
+        return FixedPolicy(int(key[6:]))
+    raise ValueError(f"unknown policy {text!r}; accepted: {', '.join(POLICY_NAMES)} (N = a split point)")
+
+
+def oracle_round_time(problem: Problem, share_server: bool = False, max_vectors: int = 1_000_000) -> float:
+    """Best round time over all joint split vectors (pins respected).
+
+    Without server sharing each device's round time depends only on its own split, so the
+    optimum is exactly max over devices of min over splits. With sharing it is found by
+    enumerating every joint vector (refused beyond `max_vectors`).
+    """
+    x = _Inputs.of(problem)
+    allowed = _allowed(problem)
+    if not share_server:
+        return float(np.where(allowed, _costs(x).round_s, np.inf).min(axis=1).max())
+    choices = [np.flatnonzero(row).tolist() for row in allowed]
+    count = math.prod(len(c) for c in choices)
+    if count > max_vectors:
+        raise ValueError(f"{count} joint split vectors exceed max_vectors={max_vectors}")
+    return min(_evaluate_array(problem, x, np.array(v), "oracle", True).round_s for v in itertools.product(*choices))

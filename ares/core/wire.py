@@ -1,0 +1,172 @@
+"""The binary tensor format that crosses the network, and its validation.
+
+Why not pickle or `torch.load`: unpickling runs arbitrary code chosen by the sender (the
+published prototype's remote-code-execution hole). A bundle here is inert data:
+
+    magic   4 bytes   b"ARW1"
+    hlen    4 bytes   little-endian uint32, length of the JSON header (at most 1 MiB)
+    header  hlen      UTF-8 JSON: {"tensors": [{"name", "dtype", "shape"}, ...], "meta": {...}}
+    data              each tensor's raw little-endian bytes, C order, in header order, no padding
+
+`decode` checks everything before any tensor exists: magic, header size and schema, dtype
+allow-list, rank and dimension limits, that the byte count matches the shapes exactly (a
+truncated body or a header that lies about a shape is refused), the total size cap, and
+that floating-point values are finite. Tensors are built zero-copy with `torch.frombuffer`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Mapping
+
+import torch
+
+MAGIC = b"ARW1"
+MAX_HEADER = 1 << 20
+MAX_RANK = 8
+DEFAULT_MAX_BYTES = 256 << 20
+CHUNK = 256 << 10  # streamed body chunk: httpx copies large single bodies quadratically under HTTP/2
+
+# The only dtypes that may arrive. Adding one is a deliberate decision, not a default.
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "int64": torch.int64,
+}
+_NAMES = {v: k for k, v in DTYPES.items()}
+FLOATS = (torch.float32, torch.float16)
+CODECS = {"fp32": torch.float32, "fp16": torch.float16}
+
+
+class WireError(ValueError):
+    """A frame that must not be used. `status` is the HTTP status the server answers with."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class Bundle:
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def _header(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> bytes:
+    entries = []
+    for name, t in tensors.items():
+        if t.dtype not in _NAMES:
+            raise WireError(f"tensor {name!r}: dtype {t.dtype} is not sendable; allowed: {sorted(DTYPES)}")
+        entries.append({"name": name, "dtype": _NAMES[t.dtype], "shape": list(t.shape)})
+    return json.dumps({"tensors": entries, "meta": dict(meta)}, separators=(",", ":")).encode()
+
+
+def encode_chunks(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any] | None = None) -> tuple[int, Iterator[bytes]]:
+    """(total length, chunk iterator): for streaming request bodies with a Content-Length."""
+    prepared = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    header = _header(prepared, meta or {})
+    head = MAGIC + struct.pack("<I", len(header)) + header
+    views = [memoryview(t.view(torch.uint8).numpy()) if t.numel() else memoryview(b"") for t in
+             (p.reshape(-1) for p in prepared.values())]
+    total = len(head) + sum(v.nbytes for v in views)
+
+    def chunks() -> Iterator[bytes]:
+        yield head
+        for v in views:
+            for start in range(0, v.nbytes, CHUNK):
+                yield bytes(v[start:start + CHUNK])
+
+    return total, chunks()
+
+
+def encode(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any] | None = None) -> bytes:
+    _, chunks = encode_chunks(tensors, meta)
+    return b"".join(chunks)
+
+
+def decode(body: bytes | bytearray | memoryview, max_bytes: int = DEFAULT_MAX_BYTES) -> Bundle:
+    """Validate a whole bundle, then build its tensors. Raises WireError with a clear message."""
+    view = memoryview(body)
+    if view.nbytes > max_bytes:
+        raise WireError(f"body of {view.nbytes} bytes exceeds the {max_bytes}-byte limit", 413)
+    if view.nbytes < 8 or bytes(view[:4]) != MAGIC:
+        raise WireError("not an ARES tensor bundle (bad magic or shorter than 8 bytes)")
+    (hlen,) = struct.unpack("<I", view[4:8])
+    if hlen > MAX_HEADER or 8 + hlen > view.nbytes:
+        raise WireError(f"header length {hlen} is larger than the limit or the body (truncated?)")
+    try:
+        header = json.loads(bytes(view[8:8 + hlen]))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise WireError(f"header is not valid JSON: {exc}") from None
+    if not isinstance(header, dict) or not isinstance(header.get("tensors"), list):
+        raise WireError("header must be an object with a 'tensors' list")
+    meta = header.get("meta", {})
+    if not isinstance(meta, dict):
+        raise WireError("header 'meta' must be an object")
+
+    specs = []
+    offset = 8 + hlen
+    for i, entry in enumerate(header["tensors"]):
+        name, dtype, shape = _check_entry(i, entry)
+        if any(name == s[0] for s in specs):
+            raise WireError(f"tensor name {name!r} appears twice")
+        nbytes = math.prod(shape) * DTYPES[dtype].itemsize
+        specs.append((name, dtype, shape, offset, nbytes))
+        offset += nbytes
+    if offset != view.nbytes:
+        raise WireError(f"header describes {offset} bytes but the body has {view.nbytes} "
+                        "(truncated body or a header that lies about a shape)")
+
+    tensors = {}
+    for name, dtype, shape, start, nbytes in specs:
+        if nbytes == 0:
+            t = torch.empty(shape, dtype=DTYPES[dtype])
+        else:
+            t = torch.frombuffer(view[start:start + nbytes], dtype=DTYPES[dtype]).reshape(shape)
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise WireError(f"tensor {name!r} contains NaN or Inf", 422)
+        tensors[name] = t
+    return Bundle(tensors, meta)
+
+
+def _check_entry(i: int, entry: Any) -> tuple[str, str, list[int]]:
+    if not isinstance(entry, dict):
+        raise WireError(f"tensor entry {i} is not an object")
+    name, dtype, shape = entry.get("name"), entry.get("dtype"), entry.get("shape")
+    if not isinstance(name, str) or not 0 < len(name) <= 256:
+        raise WireError(f"tensor entry {i}: name must be a non-empty string")
+    if dtype not in DTYPES:
+        raise WireError(f"tensor {name!r}: dtype {dtype!r} not allowed; allowed: {sorted(DTYPES)}")
+    if (not isinstance(shape, list) or len(shape) > MAX_RANK
+            or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**31 for d in shape)):
+        raise WireError(f"tensor {name!r}: shape must be a list of at most {MAX_RANK} non-negative ints")
+    return name, dtype, shape
+
+
+def expect(bundle: Bundle, names: Mapping[str, tuple[torch.dtype | tuple[torch.dtype, ...], tuple[int | None, ...] | None]]) -> None:
+    """Check that a bundle holds exactly these tensors, dtypes and shapes (None = any size / any shape)."""
+    if set(bundle.tensors) != set(names):
+        missing, extra = sorted(set(names) - set(bundle.tensors)), sorted(set(bundle.tensors) - set(names))
+        raise WireError(f"unexpected tensors: missing {missing}, not expected {extra}", 422)
+    for name, (dtypes, shape) in names.items():
+        t = bundle.tensors[name]
+        allowed = dtypes if isinstance(dtypes, tuple) else (dtypes,)
+        if t.dtype not in allowed:
+            raise WireError(f"tensor {name!r} has dtype {_NAMES[t.dtype]}, expected one of "
+                            f"{[_NAMES[d] for d in allowed]}", 422)
+        if shape is not None and (len(t.shape) != len(shape)
+                                  or any(w is not None and w != g for w, g in zip(shape, t.shape))):
+            want = ["*" if w is None else w for w in shape]
+            raise WireError(f"tensor {name!r} has shape {list(t.shape)}, expected {want}", 422)
+
+
+def to_codec(t: torch.Tensor, codec: str) -> torch.Tensor:
+    """Activations and gradients may travel as fp16 (half the bytes, ~2e-4 relative error)."""
+    return t.detach().to(CODECS[codec]) if t.is_floating_point() else t
+
+
+def from_codec(t: torch.Tensor) -> torch.Tensor:
+    return t.float() if t.dtype == torch.float16 else t

@@ -1,0 +1,1 @@
+"""Entry points: the CLI, the local runner, the sidecar, the testbed."""

@@ -1,0 +1,169 @@
+"""The `ares` command. Each subcommand parses its config, then imports only what it needs,
+so a Raspberry Pi running `ares device` never imports fastapi, kopf or matplotlib."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Optional
+
+
+def _run(args: argparse.Namespace) -> int:
+    from ares.core.config import load_yaml_model
+    from ares.roles.runconfig import RunConfig
+
+    cfg = load_yaml_model(RunConfig, args.config) if args.config else RunConfig()
+    updates: dict = {}
+    for key in ("mode", "policy", "alpha", "results_dir", "port", "codec", "model"):
+        if getattr(args, key) is not None:
+            updates[key] = getattr(args, key)
+    if args.devices is not None:
+        updates["devices"] = args.devices
+    training = {k: getattr(args, k) for k in ("rounds", "batch_size", "lr", "max_steps_per_round") if getattr(args, k) is not None}
+    data = {k: v for k, v in (("name", args.dataset), ("path", args.data_dir), ("partition", args.partition)) if v is not None}
+    merged = cfg.model_dump()
+    merged.update(updates)
+    merged["training"] = {**merged["training"], **training}
+    merged["data"] = {**merged["data"], **data}
+    cfg = RunConfig.model_validate(merged)
+    from ares.roles.runner import run
+
+    summary = run(cfg, progress=not args.quiet)
+    print(f"done: {summary['rounds']} rounds, final accuracy {summary['final_accuracy']:.4f}, "
+          f"mean round {summary['mean_round_s']:.2f} s; results in {cfg.results_dir}")
+    return 0
+
+
+def _server(args: argparse.Namespace) -> int:
+    from ares.core.config import ServerConfig, load_yaml_model
+
+    cfg = load_yaml_model(ServerConfig, args.config)
+    path = args.config
+    if args.port is not None or args.host is not None:
+        import tempfile
+
+        import yaml
+
+        cfg = cfg.model_copy(update={k: v for k, v in (("port", args.port), ("host", args.host)) if v is not None})
+        with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+            yaml.safe_dump(cfg.model_dump(mode="json"), f)
+            path = f.name
+    from ares.runtime.server import serve
+
+    serve(cfg, path)
+    return 0
+
+
+def _device(args: argparse.Namespace) -> int:
+    import time
+
+    from ares.core.config import DeviceSettings
+
+    settings = DeviceSettings(name=args.name, server_url=args.server, token_file=args.token_file,
+                              split_file=args.split_file, data_dir=args.data_dir, power_file=args.power_file,
+                              device_class=args.device_class, power_mode=args.power_mode,
+                              profile_file=args.profile, rate_limit_file=args.rate_limit_file,
+                              request_timeout_s=args.timeout)
+    import torch
+
+    from ares.core.profiles import ComputeProfile
+    from ares.runtime.device import DeviceTrainer
+    from ares.runtime.link import HttpLink, RateLimit
+
+    with open(settings.token_file) as f:
+        token = f.read().strip()
+    link = HttpLink(settings.server_url, settings.name, token, settings.request_timeout_s, http2=not args.http1,
+                    rate_limit=RateLimit(settings.rate_limit_file))
+    deadline = time.monotonic() + args.wait_server
+    while not link.healthy():  # a device pod may start before the server is up
+        if time.monotonic() > deadline:
+            logging.error("server %s not reachable after %.0f s", settings.server_url, args.wait_server)
+            return 3
+        time.sleep(1.0)
+    emulate = ComputeProfile.load(settings.profile_file) if settings.profile_file else None
+    device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
+    trainer = DeviceTrainer(settings, link, emulate=emulate, torch_device=device,
+                            on_round=lambda e: logging.info("round %d split %d: %d steps, loss %.4f, %.2f s",
+                                                            e.round, e.split, e.steps, e.loss, e.round_s))
+    trainer.run()
+    link.close()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ares", description="Adaptive, resource-aware split learning")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="train on this machine: a server and N device processes")
+    p.add_argument("--config", help="run config YAML (see examples/run.yaml)")
+    p.add_argument("--devices", type=int)
+    p.add_argument("--rounds", type=int)
+    p.add_argument("--mode", help="adaptive | fixed:N | none")
+    p.add_argument("--policy", help="ares | straggler")
+    p.add_argument("--alpha", type=float, help="time weight, 0..1")
+    p.add_argument("--model", help="vgg5 | resnet18")
+    p.add_argument("--dataset", choices=["auto", "cifar10", "synthetic"])
+    p.add_argument("--data-dir", help="where CIFAR-10 lives (default datasets/CIFAR10)")
+    p.add_argument("--partition", choices=["iid", "dirichlet"])
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--max-steps-per-round", type=int)
+    p.add_argument("--codec", choices=["fp32", "fp16"])
+    p.add_argument("--port", type=int)
+    p.add_argument("--results-dir", help="default results/latest")
+    p.add_argument("--quiet", action="store_true", help="no progress display")
+    p.set_defaults(func=_run)
+
+    p = sub.add_parser("server", help="the edge server (HTTP/2)")
+    p.add_argument("--config", required=True, help="ServerConfig YAML/JSON")
+    p.add_argument("--port", type=int, help="overrides the config's port")
+    p.add_argument("--host", help="overrides the config's host")
+    p.set_defaults(func=_server)
+
+    p = sub.add_parser("device", help="a device trainer")
+    p.add_argument("--server", required=True, help="e.g. http://job-server.ns.svc:43000")
+    p.add_argument("--name", required=True)
+    p.add_argument("--token-file", required=True)
+    p.add_argument("--split-file", required=True, help="re-read at every round start")
+    p.add_argument("--data-dir")
+    p.add_argument("--power-file", help="power.json written by the host-control sidecar")
+    p.add_argument("--device-class", default="cpu", help="jetson-nano | jetson-orin | raspberry-pi | cpu")
+    p.add_argument("--power-mode", default="", help="MAXN | 5W | custom1 | custom3")
+    p.add_argument("--profile", help="emulate this compute profile (JSON) by padding compute time")
+    p.add_argument("--rate-limit-file", help="in-process link cap, JSON {up_bps, down_bps}")
+    p.add_argument("--timeout", type=float, default=120.0)
+    p.add_argument("--wait-server", type=float, default=600.0, help="seconds to wait for the server")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--http1", action="store_true", help="HTTP/1.1 (for the uvicorn server option)")
+    g.add_argument("--http2", action="store_true", help="HTTP/2 prior knowledge (default)")
+    p.add_argument("--cpu", action="store_true", help="do not use CUDA even if present")
+    p.set_defaults(func=_device)
+
+    for module in ("ares.roles.optimise_cmd", "ares.roles.sidecar", "ares.roles.bench_cmd"):
+        try:
+            __import__(module, fromlist=["register"]).register(sub)
+        except ImportError as exc:  # an optional role whose dependencies this install lacks
+            if exc.name and exc.name.startswith("ares"):
+                continue
+            raise
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"ares {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""The runtime: server, device trainer, profiler and the controller loop."""

@@ -1,0 +1,116 @@
+"""The adaptive loop: read the server's telemetry, run the optimiser, write split decisions.
+
+The same code runs in the local runner and in the Kubernetes operator; they differ only in
+the `SplitSink` (split files on disk, or the `ares.io/split-point` pod annotation). The
+policy decides and never does I/O; this module owns the I/O around it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping, Optional, Protocol
+
+import httpx
+
+from ares.core.energy import PowerModel, power_model
+from ares.core.messages import ServerStatus, Telemetry
+from ares.core.optimiser import DeviceInput, Plan, Problem, SplitPolicy, model_costs
+from ares.core.profiles import ComputeProfile, ServerProfile
+from ares.runtime.splitfile import write_split
+
+log = logging.getLogger("ares.controller")
+
+# Where no table entry fits (a laptop or x86 box in a local run): a plainly labelled guess.
+ASSUMED_POWER = PowerModel(compute_w=10.0, tx_w=2.0, rx_w=2.0, source="modelled")
+CODEC_BYTES = {"fp32": 4, "fp16": 2}
+
+
+def fetch_status(url: str, token: str, timeout_s: float = 10.0) -> ServerStatus:
+    r = httpx.get(f"{url.rstrip('/')}/v1/status", headers={"Authorization": f"Bearer {token}"}, timeout=timeout_s)
+    r.raise_for_status()
+    return ServerStatus.model_validate(r.json())
+
+
+def fetch_telemetry(url: str, token: str, timeout_s: float = 10.0) -> Telemetry:
+    r = httpx.get(f"{url.rstrip('/')}/v1/telemetry", headers={"Authorization": f"Bearer {token}"}, timeout=timeout_s)
+    r.raise_for_status()
+    return Telemetry.model_validate(r.json())
+
+
+def _power(device_class: str, power_mode: str) -> PowerModel:
+    try:
+        return power_model(device_class, power_mode)
+    except ValueError:
+        return ASSUMED_POWER
+
+
+def problem_from_telemetry(telemetry: Telemetry, pinned: Mapping[str, int] | None = None) -> Optional[Problem]:
+    """The optimiser's input from measurements. Devices not yet measured are left out."""
+    pinned = pinned or {}
+    layers = len(telemetry.activation_numel)
+    devices = []
+    for d in telemetry.devices:
+        if not (d.fwd and d.bwd and d.up_bps and d.down_bps and d.iterations) or len(d.fwd) != layers:
+            continue
+        profile = ComputeProfile(fwd=tuple(d.fwd), bwd=tuple(d.bwd), batch_size=d.batch_size,
+                                 device_class=d.device_class, power_mode=d.power_mode, source="measured")
+        if profile.batch_size != telemetry.batch_size:
+            profile = profile.rescaled(telemetry.batch_size)
+        devices.append(DeviceInput(name=d.name, compute=profile, up_bps=d.up_bps, down_bps=d.down_bps,
+                                   power=_power(d.device_class, d.power_mode), iterations=d.iterations,
+                                   pinned_split=pinned.get(d.name)))
+    if not devices:
+        return None
+    server = ServerProfile(fwd=tuple(telemetry.server_fwd), bwd=tuple(telemetry.server_bwd), batch_size=telemetry.batch_size)
+    costs = model_costs(telemetry.activation_numel, telemetry.weight_bytes, telemetry.batch_size,
+                        codec_bytes=CODEC_BYTES.get(telemetry.codec, 4))
+    return Problem(devices=tuple(devices), server=server, model=costs)
+
+
+def decide(telemetry: Telemetry, policy: SplitPolicy, pinned: Mapping[str, int] | None = None) -> Optional[Plan]:
+    """A plan for the measured devices, or None when nothing has been measured yet."""
+    problem = problem_from_telemetry(telemetry, pinned)
+    return policy.decide(problem) if problem is not None else None
+
+
+class SplitSink(Protocol):
+    def write(self, splits: Mapping[str, int]) -> None: ...
+
+
+@dataclass
+class FileSplitSink:
+    """The local runner's sink: one split file per device, `<dir>/<device>.split`."""
+
+    directory: Path
+
+    def path(self, device: str) -> Path:
+        return Path(self.directory) / f"{device}.split"
+
+    def write(self, splits: Mapping[str, int]) -> None:
+        for device, split in splits.items():
+            write_split(self.path(device), split)
+
+
+@dataclass
+class Controller:
+    """One decision per call: telemetry -> policy -> sink. The caller decides how often."""
+
+    telemetry: Callable[[], Telemetry]
+    policy: SplitPolicy
+    sink: SplitSink
+    pinned: Mapping[str, int] = field(default_factory=dict)
+    last: dict[str, int] = field(default_factory=dict)
+
+    def run_once(self) -> Optional[Plan]:
+        plan = decide(self.telemetry(), self.policy, self.pinned)
+        if plan is None:
+            return None
+        splits = {p.name: p.split for p in plan.devices}
+        changed = {k: v for k, v in splits.items() if self.last.get(k) != v}
+        if changed:
+            log.info("%s policy: new splits %s (predicted round %.2f s)", plan.policy, changed, plan.round_s)
+            self.sink.write(changed)
+            self.last.update(changed)
+        return plan

@@ -1,0 +1,246 @@
+"""The device trainer: runs layers 0..s on local data, the server runs the rest.
+
+Each round it re-reads its split from the split file (the downwardAPI contract), joins the
+round, trains one pass over its shard (or `max_steps` batches), and uploads its device-side
+weights with its sample count, measured timings, compute profile and energy. With `split =
+L-1` it trains the whole model locally (federated learning). It talks to the server only
+through a `ServerLink`.
+
+Emulation (the testbed): given a compute profile of another device class, each step's device
+compute is padded to the profile's time, so results do not depend on this machine's speed.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from ares.core import wire
+from ares.core.config import DeviceSettings, ServerConfig
+from ares.core.data import load_data, shard
+from ares.core.energy import energy_j, power_model
+from ares.core.messages import DeviceReport, StepTimings
+from ares.core.models import build_model, model_spec, n_layers, split_model
+from ares.core.profiles import ComputeProfile
+from ares.runtime.link import LinkError, ServerLink
+from ares.runtime.power import read_power_file
+from ares.runtime.profiler import Ewma, LiveScale, device_profile, time_layers
+from ares.runtime.splitfile import read_split
+
+log = logging.getLogger("ares.device")
+
+
+@dataclass
+class RoundLog:
+    """What one round looked like from the device, for the results folder."""
+
+    round: int
+    split: int
+    steps: int = 0
+    samples: int = 0
+    loss: float = float("nan")
+    device_s: float = 0.0
+    server_s: float = 0.0
+    up_s: float = 0.0
+    down_s: float = 0.0
+    round_s: float = 0.0
+    energy_j: Optional[float] = None
+    energy_source: str = "none"
+    up_bps: Optional[float] = None
+    down_bps: Optional[float] = None
+    uploaded: bool = False
+
+
+def _pad_until(start: float, seconds: float) -> None:
+    remaining = start + seconds - time.perf_counter()
+    if remaining > 0:
+        time.sleep(remaining)
+
+
+@dataclass
+class DeviceTrainer:
+    settings: DeviceSettings
+    link: ServerLink
+    emulate: Optional[ComputeProfile] = None
+    torch_device: str = "cpu"
+    on_round: Callable[[RoundLog], None] = lambda _: None
+    cfg: ServerConfig = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.cfg = self.link.config()
+        self.spec = model_spec(self.cfg.model)
+        self.model = build_model(self.cfg.model, seed=self.cfg.training.seed).to(self.torch_device)
+        self.layers = n_layers(self.model)
+        data = load_data(self.cfg.data, path_override=self.settings.data_dir)
+        d = self.cfg.data
+        self.shard = shard(data, self.cfg.shard_of(self.settings.name), len(self.cfg.devices), d.partition, d.beta, d.seed)
+        self.split: Optional[int] = self.settings.initial_split
+        self.up, self.down = Ewma(), Ewma()
+        self.live = LiveScale()
+        self.profile = self._startup_profile()
+        self.warned_slow = False
+
+    def _startup_profile(self) -> ComputeProfile:
+        """Measured at start-up on this device; an emulated profile is the floor it is padded to."""
+        times = time_layers(self.model, self.spec.input_shape, self.cfg.training.batch_size, self.torch_device, repeats=2)
+        measured = device_profile(times, self.settings.device_class, self.settings.power_mode)
+        if self.emulate is None:
+            return measured
+        target = self.emulate.rescaled(measured.batch_size) if self.emulate.batch_size != measured.batch_size else self.emulate
+        slower = [s for s in range(self.layers) if measured.total(s) > target.total(s) * 1.05]
+        if slower:
+            log.warning("this machine is slower than the emulated %s %s profile at splits %s: "
+                        "those steps take the measured time", target.device_class, target.power_mode, slower)
+        return ComputeProfile(fwd=tuple(max(a, b) for a, b in zip(measured.fwd, target.fwd)),
+                              bwd=tuple(max(a, b) for a, b in zip(measured.bwd, target.bwd)),
+                              batch_size=measured.batch_size, device_class=target.device_class,
+                              power_mode=target.power_mode, source="derived")
+
+    def set_emulation(self, profile: Optional[ComputeProfile]) -> None:
+        """A power-mode change in the testbed: new profile, new power model."""
+        self.emulate = profile
+        if profile is not None:
+            self.settings = self.settings.model_copy(update={"device_class": profile.device_class,
+                                                             "power_mode": profile.power_mode})
+        self.profile = self._startup_profile()
+        self.live = LiveScale()
+
+    # ---------------------------------------------------------------------------------------
+    def run(self, stop: Callable[[], bool] = lambda: False) -> list[RoundLog]:
+        """Train until the server says it has finished; returns one log per round taken part in."""
+        logs: list[RoundLog] = []
+        round_index = self.link.status().round
+        while not stop():
+            split = read_split(self.settings.split_file, self.layers, self.split)
+            if split is None:
+                split = self.layers - 1
+                log.warning("no split file yet at %s; training every layer on the device", self.settings.split_file)
+            self.split = split
+            try:
+                reply, weights = self.link.join(round_index, split)
+            except LinkError as exc:
+                if exc.status == 410:
+                    break
+                if exc.status == 409:
+                    status = self.link.status()
+                    if status.phase == "finished":
+                        break
+                    round_index = max(status.round, round_index if "not open" in exc.message else 0)
+                    continue
+                raise
+            entry = self._train_round(reply, weights)
+            logs.append(entry)
+            self.on_round(entry)
+            round_index = reply.round + 1
+        return logs
+
+    def _train_round(self, reply, weights: dict[str, torch.Tensor]) -> RoundLog:
+        split = reply.split
+        entry = RoundLog(round=reply.round, split=split)
+        started = time.perf_counter()
+        energy_start = self._energy_counter()
+        self.model.load_state_dict({**self.model.state_dict(), **weights})
+        device_part, _ = split_model(self.model, split)
+        device_part.train()
+        whole = split == self.layers - 1
+        optimizer = torch.optim.SGD(device_part.parameters(), lr=reply.lr, momentum=reply.momentum)
+        gen = torch.Generator().manual_seed(self.cfg.training.seed * 100_003 + reply.round * 1009 + self.cfg.shard_of(self.settings.name))
+        loader = torch.utils.data.DataLoader(self.shard, batch_size=reply.batch_size, shuffle=True, generator=gen)
+        losses = []
+        for x, y in loader:
+            if reply.max_steps is not None and entry.steps >= reply.max_steps:
+                break
+            if time.time() > reply.deadline_unix:
+                log.warning("round %d deadline passed after %d steps; uploading what we have", reply.round, entry.steps)
+                break
+            try:
+                losses.append(self._step(reply.round, split, whole, device_part, optimizer, x, y, entry))
+            except LinkError as exc:
+                log.warning("round %d: step refused (%s); leaving the round", reply.round, exc)
+                entry.round_s = time.perf_counter() - started
+                return entry
+            entry.steps += 1
+            entry.samples += len(y)
+        entry.loss = sum(losses) / len(losses) if losses else float("nan")
+        entry.round_s = time.perf_counter() - started
+        self._energy(entry, energy_start)
+        entry.up_bps, entry.down_bps = self.up.value, self.down.value
+        report = DeviceReport(
+            round=reply.round, split=split, samples=max(entry.samples, 1),
+            timings=StepTimings(steps=entry.steps, device_fwd_s=entry.device_s / max(entry.steps, 1),
+                                up_bps=entry.up_bps, down_bps=entry.down_bps, round_s=entry.round_s,
+                                energy_j=entry.energy_j, energy_source=entry.energy_source),
+            device_class=self.settings.device_class, power_mode=self.settings.power_mode,
+            profile_fwd=[v * self.live.factor for v in self.profile.fwd],
+            profile_bwd=[v * self.live.factor for v in self.profile.bwd], profile_batch=self.profile.batch_size)
+        try:
+            self.link.upload(report, {f"layers.{k}": v.detach().cpu() for k, v in device_part.layers.state_dict().items()})
+            entry.uploaded = True
+        except LinkError as exc:
+            log.warning("round %d: upload refused (%s)", reply.round, exc)
+        return entry
+
+    def _step(self, round_index: int, split: int, whole: bool, part: nn.Module, optimizer, x, y, entry: RoundLog) -> float:
+        scale = len(y) / self.profile.batch_size
+        x, y = x.to(self.torch_device), y.to(self.torch_device)
+        optimizer.zero_grad(set_to_none=True)
+        t0 = time.perf_counter()
+        out = part(x)
+        if whole:
+            loss = nn.functional.cross_entropy(out, y)
+            self._pad(t0, self.emulate.fwd[split] * scale if self.emulate else 0)
+            t1 = time.perf_counter()
+            loss.backward()
+            self._pad(t1, self.emulate.bwd[split] * scale if self.emulate else 0)
+            optimizer.step()
+            value = float(loss.detach())
+            device_s = time.perf_counter() - t0
+        else:
+            self._pad(t0, self.emulate.fwd[split] * scale if self.emulate else 0)
+            t_fwd = time.perf_counter() - t0
+            result = self.link.step(round_index, split, wire.to_codec(out.detach().cpu(), self.cfg.codec), y.cpu())
+            t1 = time.perf_counter()
+            out.backward(result.grad.to(self.torch_device))
+            self._pad(t1, self.emulate.bwd[split] * scale if self.emulate else 0)
+            optimizer.step()
+            value = result.loss
+            entry.server_s += result.server_s
+            entry.up_s += result.up_s
+            entry.down_s += result.down_s
+            if result.up_bytes and result.up_s > 0:
+                self.up.update(result.up_bytes / result.up_s)
+            if result.down_bytes and result.down_s > 0:
+                self.down.update(result.down_bytes / result.down_s)
+            device_s = t_fwd + time.perf_counter() - t1  # compute only: the transfer is excluded
+        entry.device_s += device_s
+        self.live.update(self.profile.total(split) * scale, device_s)
+        return value
+
+    def _pad(self, start: float, seconds: float) -> None:
+        if self.torch_device != "cpu":
+            torch.cuda.synchronize()
+        _pad_until(start, seconds)
+
+    def _energy_counter(self) -> Optional[float]:
+        if not self.settings.power_file:
+            return None
+        reading = read_power_file(self.settings.power_file)
+        return reading.energy_j if reading else None
+
+    def _energy(self, entry: RoundLog, start: Optional[float]) -> None:
+        """Measured from the sidecar's INA3221 counter when there is one, else from the power model."""
+        end = self._energy_counter()
+        if start is not None and end is not None and end >= start:
+            entry.energy_j, entry.energy_source = end - start, "measured"
+            return
+        try:
+            power = power_model(self.settings.device_class, self.settings.power_mode)
+        except ValueError:
+            return
+        entry.energy_j = energy_j(power, entry.device_s, entry.up_s, entry.down_s)
+        entry.energy_source = "modelled"

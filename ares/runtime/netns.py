@@ -1,0 +1,165 @@
+"""A "device" in a Linux network namespace, wired to the root namespace by a veth pair.
+
+Tests and the testbed use it to give each emulated device its own link whose
+bandwidth can be capped in both directions and changed while traffic flows.
+Shaping goes through ``hostscripts/ares-shape``, the script a person runs on a
+real device, so what we test is what we ship:
+
+* device -> server: egress of the device-side veth, matched on the server address;
+* server -> device: egress of the root-side veth, matched on the device address.
+
+Index ``i`` gets namespace ``ares-ns<i>``, interfaces ``ares-h<i>`` (root side)
+and ``ares-d<i>`` (device side), and the /30 ``10.231.<i>.0``: root side ``.1``,
+device side ``.2``. Every name starts with ``ares-`` so leftovers of a crashed
+run can be found and removed (``cleanup_leftovers``).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+from ares.runtime.hostscripts import hostscript
+
+PREFIX = "ares-"
+MAX_INDEX = 255
+
+
+class NetnsError(RuntimeError):
+    """The machine cannot host network namespaces (not root, no ip/tc) or a command failed."""
+
+
+@dataclass(frozen=True)
+class NetnsPlan:
+    """Names and addresses for one emulated device (pure data, no I/O)."""
+
+    index: int
+    namespace: str
+    host_if: str
+    device_if: str
+    host_addr: str
+    device_addr: str
+    prefix_len: int = 30
+
+
+def plan(index: int) -> NetnsPlan:
+    """Names and addresses for device ``index`` (0..255)."""
+    if not 0 <= index <= MAX_INDEX:
+        raise ValueError(f"index must be in 0..{MAX_INDEX}, got {index}")
+    return NetnsPlan(
+        index=index,
+        namespace=f"{PREFIX}ns{index}",
+        host_if=f"{PREFIX}h{index}",
+        device_if=f"{PREFIX}d{index}",
+        host_addr=f"10.231.{index}.1",
+        device_addr=f"10.231.{index}.2",
+    )
+
+
+def require_tools() -> None:
+    """Raise ``NetnsError`` saying what is missing: root, ``ip`` or ``tc``."""
+    missing = [tool for tool in ("ip", "tc") if shutil.which(tool) is None]
+    if missing:
+        raise NetnsError(f"{' and '.join(missing)} not found: install iproute2")
+    if os.geteuid() != 0:
+        raise NetnsError("network namespaces need root (run as root or with sudo)")
+
+
+def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run(["ip", *args], capture_output=True, text=True)
+    if check and result.returncode != 0:
+        raise NetnsError(f"ip {' '.join(args)} failed: {result.stderr.strip()}")
+    return result
+
+
+class DeviceNamespace:
+    """Context manager: create the namespace and veth pair, tear them down on exit."""
+
+    def __init__(self, index: int) -> None:
+        self.plan = plan(index)
+
+    def __enter__(self) -> "DeviceNamespace":
+        require_tools()
+        self.teardown()  # leftovers of a crashed run with the same index
+        try:
+            self._create()
+        except BaseException:
+            self.teardown()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.teardown()
+
+    def _create(self) -> None:
+        p = self.plan
+        _ip("netns", "add", p.namespace)
+        _ip("link", "add", p.host_if, "type", "veth", "peer", "name", p.device_if)
+        _ip("link", "set", p.device_if, "netns", p.namespace)
+        _ip("addr", "add", f"{p.host_addr}/{p.prefix_len}", "dev", p.host_if)
+        _ip("link", "set", p.host_if, "up")
+        _ip("-n", p.namespace, "addr", "add", f"{p.device_addr}/{p.prefix_len}", "dev", p.device_if)
+        _ip("-n", p.namespace, "link", "set", p.device_if, "up")
+        _ip("-n", p.namespace, "link", "set", "lo", "up")
+
+    def teardown(self) -> None:
+        """Remove the namespace and the veth pair; fine to call when they are absent."""
+        # Deleting either end of a veth pair deletes both.
+        _ip("link", "del", self.plan.host_if, check=False)
+        _ip("netns", "del", self.plan.namespace, check=False)
+
+    def exec_args(self, cmd: Sequence[str]) -> list[str]:
+        """``cmd`` prefixed so that it runs inside the namespace."""
+        return ["ip", "netns", "exec", self.plan.namespace, *cmd]
+
+    def run(self, cmd: Sequence[str], **kwargs: Any) -> subprocess.CompletedProcess:
+        """Run ``cmd`` inside the namespace (``subprocess.run`` keywords apply)."""
+        return subprocess.run(self.exec_args(cmd), **kwargs)
+
+    def popen(self, cmd: Sequence[str], **kwargs: Any) -> subprocess.Popen:
+        """Start ``cmd`` inside the namespace without waiting for it."""
+        return subprocess.Popen(self.exec_args(cmd), **kwargs)
+
+    def shape(self, up: Optional[str] = None, down: Optional[str] = None) -> None:
+        """Cap device->server at ``up`` and server->device at ``down`` (None: no cap).
+
+        Call again at any time to change the rates.
+        """
+        p = self.plan
+        self._apply(self.exec_args, p.device_if, p.host_addr, up)
+        self._apply(list, p.host_if, p.device_addr, down)
+
+    @staticmethod
+    def _apply(wrap: Any, iface: str, addr: str, rate: Optional[str]) -> None:
+        if rate is None:
+            cmd = [str(hostscript("ares-unshape")), iface]
+        else:
+            cmd = [str(hostscript("ares-shape")), iface, addr, rate]
+        result = subprocess.run(wrap(cmd), capture_output=True, text=True)
+        if result.returncode != 0:
+            raise NetnsError(f"{' '.join(cmd)} failed: {result.stderr.strip()}")
+
+
+def cleanup_leftovers(prefix: str = PREFIX) -> list[str]:
+    """Delete every namespace and root-namespace link whose name starts with ``prefix``.
+
+    For crashed runs: it does not know who owns them, so call it only when no
+    other run on this machine uses the prefix. Returns what was removed.
+    """
+    if not prefix:
+        raise ValueError("refusing an empty prefix: it would match every interface")
+    require_tools()
+    removed = []
+    for line in _ip("-o", "link", "show").stdout.splitlines():
+        # "7: ares-h0@if6: <BROADCAST,...> ..." -> "ares-h0"
+        name = line.split(":", 2)[1].strip().split("@", 1)[0]
+        if name.startswith(prefix) and _ip("link", "del", name, check=False).returncode == 0:
+            removed.append(name)
+    for line in _ip("netns", "list").stdout.splitlines():
+        name = line.split()[0] if line.split() else ""
+        if name.startswith(prefix) and _ip("netns", "del", name, check=False).returncode == 0:
+            removed.append(name)
+    return removed

@@ -1,0 +1,175 @@
+"""The edge server as an ASGI app (FastAPI), served over HTTP/2 by granian.
+
+Routes are thin: authenticate, read and validate the body, run the torch work in a thread
+(never inside `async def`), answer. All round logic lives in `TrainingServer`.
+
+    GET  /healthz                         liveness, no token
+    GET  /v1/config                       the server's config (devices learn their training setup)
+    GET  /v1/status                       round, accuracy, per-device phase (any token)
+    GET  /v1/telemetry                    what the optimiser needs (controller token)
+    GET  /metrics                         Prometheus text (controller token)
+    POST /v1/devices/{name}/join          JSON JoinRequest -> bundle of device-side weights
+    POST /v1/devices/{name}/step          bundle {x, y}, ?round=&split= -> bundle {grad}, Server-Timing
+    POST /v1/devices/{name}/update        bundle of weights + DeviceReport meta -> JSON
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from typing import Annotated, Optional
+
+from anyio import to_thread
+from fastapi import Depends, FastAPI, Header, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from pydantic import ValidationError
+
+from ares.core import wire
+from ares.core.config import ServerConfig, load_yaml_model
+from ares.core.messages import DeviceReport, JoinRequest
+from ares.runtime.training import RoundError, TrainingServer, read_tokens
+
+log = logging.getLogger("ares.server")
+BUNDLE = "application/x-ares-bundle"
+
+
+def _bearer(authorization: Annotated[Optional[str], Header()] = None) -> Optional[str]:
+    if authorization and authorization.lower().startswith("bearer "):
+        return authorization[7:].strip()
+    return None
+
+
+Token = Annotated[Optional[str], Depends(_bearer)]
+
+
+async def _read_body(request: Request, limit: int) -> bytearray:
+    """Read a body up to `limit` bytes; refuse early on a Content-Length that says more."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise wire.WireError(f"body of {declared} bytes exceeds the {limit}-byte limit", 413)
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise wire.WireError(f"body exceeds the {limit}-byte limit", 413)
+    return body
+
+
+def create_app(cfg: ServerConfig, trainer: Optional[TrainingServer] = None, tick_s: float = 0.5) -> FastAPI:
+    """The only way to build the app. `trainer` is injectable for tests; else built in lifespan."""
+    limit = cfg.max_body_mib << 20
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if app.state.trainer is None:
+            tokens, controller = read_tokens(cfg)
+            app.state.trainer = await to_thread.run_sync(lambda: TrainingServer(cfg, tokens, controller))
+        ticker = asyncio.create_task(_tick(app.state.trainer, tick_s))
+        try:
+            yield
+        finally:
+            ticker.cancel()
+
+    app = FastAPI(title="ARES edge server", lifespan=lifespan)
+    app.state.trainer = trainer
+
+    def srv() -> TrainingServer:
+        return app.state.trainer
+
+    @app.exception_handler(RoundError)
+    async def _round_error(_: Request, exc: RoundError) -> JSONResponse:
+        return JSONResponse({"error": str(exc)}, status_code=exc.status)
+
+    @app.exception_handler(wire.WireError)
+    async def _wire_error(_: Request, exc: wire.WireError) -> JSONResponse:
+        return JSONResponse({"error": str(exc)}, status_code=exc.status)
+
+    @app.exception_handler(ValidationError)
+    async def _invalid(_: Request, exc: ValidationError) -> JSONResponse:
+        return JSONResponse({"error": f"invalid message: {exc.errors()[:3]}"}, status_code=422)
+
+    @app.get("/healthz")
+    async def healthz() -> dict:
+        return {"ok": True, "round": srv().round, "phase": srv().phase}
+
+    @app.get("/v1/config")
+    async def config(token: Token) -> JSONResponse:
+        srv().check_any_token(token)
+        return JSONResponse(cfg.model_dump(mode="json"))
+
+    @app.get("/v1/status")
+    async def status(token: Token) -> JSONResponse:
+        srv().check_any_token(token)
+        return JSONResponse(srv().status().model_dump(mode="json"))
+
+    @app.get("/v1/telemetry")
+    async def telemetry(token: Token) -> JSONResponse:
+        srv().check_controller_token(token)
+        return JSONResponse(srv().telemetry().model_dump(mode="json"))
+
+    @app.get("/metrics")
+    async def metrics(token: Token) -> PlainTextResponse:
+        srv().check_controller_token(token)
+        from ares.runtime.metrics import render
+
+        return PlainTextResponse(render(srv().status(), srv().telemetry()))
+
+    @app.post("/v1/devices/{name}/join")
+    async def join(name: str, request: Request, token: Token) -> Response:
+        srv().check_device_token(name, token)
+        msg = JoinRequest.model_validate_json(await _read_body(request, 64 << 10))
+        reply, weights = await to_thread.run_sync(lambda: srv().join(name, msg.round, msg.split, wait_s=20.0))
+        return Response(wire.encode(weights, reply.model_dump(mode="json")), media_type=BUNDLE)
+
+    @app.post("/v1/devices/{name}/step")
+    async def step(name: str, round: int, split: int, request: Request, token: Token) -> Response:
+        srv().check_device_token(name, token)
+        bundle = wire.decode(await _read_body(request, limit), limit)
+        wire.expect(bundle, {"x": (wire.FLOATS, None), "y": (wire.DTYPES["int64"], (None,))})
+        x = wire.from_codec(bundle.tensors["x"])
+        grad, loss, seconds = await to_thread.run_sync(lambda: srv().step(name, round, split, x, bundle.tensors["y"]))
+        body = wire.encode({"grad": wire.to_codec(grad, cfg.codec)}, {"loss": loss})
+        return Response(body, media_type=BUNDLE, headers={"Server-Timing": f"compute;dur={seconds * 1000:.3f}"})
+
+    @app.post("/v1/devices/{name}/update")
+    async def update(name: str, request: Request, token: Token) -> JSONResponse:
+        srv().check_device_token(name, token)
+        bundle = wire.decode(await _read_body(request, limit), limit)
+        report = DeviceReport.model_validate(bundle.meta)
+        await to_thread.run_sync(lambda: srv().upload(name, report, bundle.tensors))
+        return JSONResponse({"ok": True, "round": report.round})
+
+    return app
+
+
+async def _tick(trainer: TrainingServer, period: float) -> None:
+    while True:
+        await asyncio.sleep(period)
+        await to_thread.run_sync(trainer.tick)
+
+
+def app_from_env() -> FastAPI:
+    """Factory for granian's worker process: the config path travels in ARES_SERVER_CONFIG."""
+    return create_app(load_yaml_model(ServerConfig, os.environ["ARES_SERVER_CONFIG"]))
+
+
+def serve(cfg: ServerConfig, config_path: str) -> None:
+    """Run the server in the foreground until interrupted."""
+    os.environ["ARES_SERVER_CONFIG"] = str(config_path)
+    if cfg.http_server == "uvicorn":
+        import uvicorn  # HTTP/1.1 only: devices must use --http1 against it
+
+        uvicorn.run("ares.runtime.server:app_from_env", factory=True, host=cfg.host, port=cfg.port, log_level="warning")
+        return
+    from granian import Granian
+    from granian.constants import Interfaces
+    from granian.http import HTTP2Settings
+
+    window = 16 << 20  # windows must be at least link rate x RTT; 16 MiB covers 50 Mbit at 2 s
+    Granian("ares.runtime.server:app_from_env", factory=True, address=cfg.host, port=cfg.port,
+            interface=Interfaces.ASGI, http="auto",  # HTTP/2 (prior knowledge) for devices, HTTP/1.1 for probes
+            workers=1, log_access=False,
+            http2_settings=HTTP2Settings(initial_stream_window_size=window, initial_connection_window_size=window,
+                                         max_frame_size=1 << 20)).serve()

@@ -1,0 +1,383 @@
+"""The edge server's training state: rounds, per-device server-side replicas, FedAvg.
+
+No HTTP here: `ares.runtime.server` adapts this to FastAPI and the in-process link calls it
+directly, so the round logic is tested once and used twice. Methods are called from worker
+threads; one lock guards round state, and each device's replica has its own lock so devices
+compute in parallel.
+
+Round lifecycle: devices join round r with their split and get the global model's device-side
+weights; they send steps (activations in, gradient out); they upload their device-side weights
+with their sample count and timings. The round closes when every configured device has
+uploaded, or when the deadline (counted from the first join) passes: then whoever uploaded is
+averaged (FedAvg of whole models, weighted by samples), the model is evaluated, checkpointed,
+and round r+1 opens.
+"""
+
+from __future__ import annotations
+
+import copy
+import hmac
+import json
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from ares.core.config import ServerConfig
+from ares.core.data import DataSplit, load_data
+from ares.core.fedavg import fedavg
+from ares.core.messages import (DeviceReport, DeviceStatus, DeviceTelemetry, JoinReply, ServerStatus,
+                                Telemetry)
+from ares.core.models import (LayerStack, activation_numel, activation_shapes, build_model, check_split,
+                              model_spec, n_layers, split_model, weight_bytes)
+from ares.runtime.profiler import LiveScale, server_profile, time_layers
+
+log = logging.getLogger("ares.server")
+
+
+class RoundError(Exception):
+    """A request that does not fit the round state. `status` is the HTTP status to answer."""
+
+    def __init__(self, message: str, status: int = 409):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class DeviceSlot:
+    """Everything the server holds for one device."""
+
+    name: str
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    round: Optional[int] = None         # round joined
+    split: Optional[int] = None
+    replica: Optional[LayerStack] = None  # server-side layers split+1..L-1
+    optimizer: Optional[torch.optim.Optimizer] = None
+    uploaded: Optional[dict[str, torch.Tensor]] = None
+    report: Optional[DeviceReport] = None
+    last_report: Optional[DeviceReport] = None
+    phase: str = "idle"
+    steps: int = 0
+
+
+class TrainingServer:
+    def __init__(self, cfg: ServerConfig, tokens: dict[str, str], controller_token: Optional[str] = None,
+                 data: Optional[DataSplit] = None, device: str = "cpu", profile: bool = True,
+                 clock: Callable[[], float] = time.time):
+        missing = [d for d in cfg.devices if d not in tokens]
+        if missing:
+            raise ValueError(f"no token for devices {missing} (expected files in {cfg.tokens_dir})")
+        self.cfg = cfg
+        self.tokens = dict(tokens)
+        self.controller_token = controller_token
+        self.clock = clock
+        self.torch_device = torch.device(device)
+        self.spec = model_spec(cfg.model)
+        self.model = build_model(cfg.model, seed=cfg.training.seed).to(self.torch_device)
+        self.layers = n_layers(self.model)
+        self.shapes = activation_shapes(cfg.model)
+        self.data = data if data is not None else load_data(cfg.data)
+        self.slots = {name: DeviceSlot(name) for name in cfg.devices}
+        self.lock = threading.RLock()
+        self.changed = threading.Condition(self.lock)
+        self.round = 0
+        self.phase = "waiting"
+        self.round_started: Optional[float] = None
+        self.history: list[dict] = []
+        self.server_scale = LiveScale()
+        self.server_prof = None
+        self._resume()
+        if profile:
+            times = time_layers(self.model, self.spec.input_shape, cfg.training.batch_size, self.torch_device, repeats=2)
+            self.server_prof = server_profile(times)
+        if self.round >= cfg.training.rounds:
+            self.phase = "finished"
+
+    # ----- authentication -------------------------------------------------------------------
+    def check_device_token(self, device: str, token: Optional[str]) -> None:
+        if device not in self.slots:
+            raise RoundError(f"unknown device {device!r}; this job's devices: {list(self.slots)}", 404)
+        if token is None or not hmac.compare_digest(token.encode(), self.tokens[device].encode()):
+            raise RoundError("missing or wrong bearer token for this device", 401)
+
+    def check_any_token(self, token: Optional[str]) -> str:
+        """Status and config may be read by any device or the controller; returns who asked."""
+        if token is not None:
+            if self.controller_token and hmac.compare_digest(token.encode(), self.controller_token.encode()):
+                return "controller"
+            for name, secret in self.tokens.items():
+                if hmac.compare_digest(token.encode(), secret.encode()):
+                    return name
+        raise RoundError("missing or unknown bearer token", 401)
+
+    def check_controller_token(self, token: Optional[str]) -> None:
+        if not self.controller_token or token is None or not hmac.compare_digest(
+                token.encode(), self.controller_token.encode()):
+            raise RoundError("this endpoint needs the controller's bearer token", 401)
+
+    # ----- round lifecycle ------------------------------------------------------------------
+    def join(self, device: str, round_index: int, split: int, wait_s: float = 0.0) -> tuple[JoinReply, dict[str, torch.Tensor]]:
+        """Start a round for a device; waits up to wait_s for the round to open."""
+        check_split_http(split, self.layers)
+        deadline = time.monotonic() + wait_s
+        with self.changed:
+            while self.phase != "finished" and round_index > self.round and time.monotonic() < deadline:
+                self.changed.wait(timeout=max(0.0, deadline - time.monotonic()))
+            self._check_round_open(round_index)
+            slot = self.slots[device]
+            if slot.round == round_index and slot.uploaded is not None:
+                raise RoundError(f"device {device} already finished round {round_index}")
+            if self.round_started is None:
+                self.round_started = self.clock()
+            self.phase = "training"
+            lr = self.cfg.training.lr_for_round(round_index)
+            device_part, server_part = split_model(self.model, split)
+            slot.round, slot.split, slot.uploaded, slot.report, slot.phase, slot.steps = (
+                round_index, split, None, None, "training", 0)
+            slot.replica = copy.deepcopy(server_part).train()
+            params = list(slot.replica.parameters())
+            slot.optimizer = torch.optim.SGD(params, lr=lr, momentum=self.cfg.training.momentum) if params else None
+            weights = {f"layers.{k}": v.detach().cpu().clone() for k, v in device_part.layers.state_dict().items()}
+            reply = JoinReply(round=round_index, split=split, lr=lr, momentum=self.cfg.training.momentum,
+                              batch_size=self.cfg.training.batch_size, max_steps=self.cfg.training.max_steps_per_round,
+                              deadline_unix=self.round_started + self.cfg.round_deadline_s)
+            self.changed.notify_all()
+            return reply, weights
+
+    def _check_round_open(self, round_index: int) -> None:
+        if self.phase == "finished":
+            raise RoundError(f"training finished after {self.cfg.training.rounds} rounds", 410)
+        if round_index < self.round:
+            raise RoundError(f"round {round_index} is closed; the current round is {self.round}")
+        if round_index > self.round:
+            raise RoundError(f"round {round_index} is not open yet; the current round is {self.round}")
+
+    def _active_slot(self, device: str, round_index: int, split: int) -> DeviceSlot:
+        with self.lock:
+            self._check_round_open(round_index)
+            slot = self.slots[device]
+            if slot.round != round_index or slot.replica is None:
+                raise RoundError(f"device {device} has not joined round {round_index}")
+            if slot.uploaded is not None:
+                raise RoundError(f"device {device} already uploaded its weights for round {round_index}")
+            if split != slot.split:
+                raise RoundError(f"step carries split {split} but the device joined with split {slot.split}", 422)
+            return slot
+
+    def step(self, device: str, round_index: int, split: int, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, float, float]:
+        """One server-side training step: returns (gradient of x, loss, server compute seconds)."""
+        check_split_http(split, self.layers)
+        if split == self.layers - 1:
+            raise RoundError("split point L-1 keeps every layer on the device: there is no server step", 422)
+        expected = self.shapes[split]
+        if tuple(x.shape[1:]) != expected or x.shape[0] < 1 or x.shape[0] > self.cfg.training.batch_size:
+            raise RoundError(f"activations have shape {list(x.shape)}; split {split} needs "
+                             f"[1..{self.cfg.training.batch_size}, {', '.join(map(str, expected))}]", 422)
+        if y.dtype != torch.int64 or tuple(y.shape) != (x.shape[0],):
+            raise RoundError(f"labels must be int64 of shape [{x.shape[0]}]", 422)
+        if int(y.min()) < 0 or int(y.max()) >= self.spec.num_classes:
+            raise RoundError(f"labels must lie in 0..{self.spec.num_classes - 1}", 422)
+        slot = self._active_slot(device, round_index, split)
+        with slot.lock:
+            t0 = time.perf_counter()
+            x = x.to(self.torch_device, torch.float32).detach().requires_grad_(True)
+            out = slot.replica(x)
+            loss = nn.functional.cross_entropy(out, y.to(self.torch_device))
+            if slot.optimizer is not None:
+                slot.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if slot.optimizer is not None:
+                slot.optimizer.step()
+            grad = x.grad.detach()
+            if self.torch_device.type == "cuda":
+                torch.cuda.synchronize(self.torch_device)
+            elapsed = time.perf_counter() - t0
+            slot.steps += 1
+        if self.server_prof is not None:
+            profiled = self.server_prof.fwd[split] + self.server_prof.bwd[split]
+            self.server_scale.update(profiled * x.shape[0] / self.server_prof.batch_size, elapsed)
+        return grad.cpu(), float(loss.detach()), elapsed
+
+    def expected_weights(self, split: int) -> dict[str, torch.Tensor]:
+        device_part, _ = split_model(self.model, split)
+        return {f"layers.{k}": v for k, v in device_part.layers.state_dict().items()}
+
+    def upload(self, device: str, report: DeviceReport, weights: dict[str, torch.Tensor]) -> None:
+        """A device's trained device-side weights for the round; validated against the model."""
+        check_split_http(report.split, self.layers)
+        slot = self._active_slot(device, report.round, report.split)
+        expected = self.expected_weights(report.split)
+        if set(weights) != set(expected):
+            missing = sorted(set(expected) - set(weights))[:5]
+            extra = sorted(set(weights) - set(expected))[:5]
+            raise RoundError(f"weights do not match split {report.split}: missing {missing}, unexpected {extra}", 422)
+        for key, want in expected.items():
+            got = weights[key]
+            if tuple(got.shape) != tuple(want.shape) or got.dtype != want.dtype:
+                raise RoundError(f"weight {key} has shape {list(got.shape)} {got.dtype}, "
+                                 f"expected {list(want.shape)} {want.dtype}", 422)
+        with self.changed:
+            slot.uploaded = {k: v.clone() for k, v in weights.items()}
+            slot.report = report
+            slot.last_report = report
+            slot.phase = "uploaded"
+            if all(s.round == self.round and s.uploaded is not None for s in self.slots.values()):
+                self._close_round("all devices done")
+
+    def tick(self) -> None:
+        """Called periodically: closes a round whose deadline has passed."""
+        with self.changed:
+            if (self.phase == "training" and self.round_started is not None
+                    and self.clock() >= self.round_started + self.cfg.round_deadline_s):
+                self._close_round("deadline")
+
+    def _close_round(self, why: str) -> None:
+        done = [s for s in self.slots.values() if s.round == self.round and s.uploaded is not None]
+        for s in self.slots.values():
+            if s not in done:
+                s.phase = "missed" if s.round == self.round else s.phase
+        if done:
+            states = []
+            for s in done:
+                whole = dict(s.uploaded)
+                whole.update({f"layers.{k}": v.detach().cpu() for k, v in s.replica.layers.state_dict().items()})
+                states.append(whole)
+            merged = fedavg(states, [s.report.samples for s in done])
+            self.model.load_state_dict({k: v.to(self.torch_device) for k, v in merged.items()})
+        accuracy, loss = self.evaluate()
+        record = {"round": self.round, "accuracy": accuracy, "loss": loss, "closed_by": why,
+                  "duration_s": self.clock() - (self.round_started or self.clock()),
+                  "devices": {s.name: {"split": s.split, "samples": s.report.samples,
+                                       **s.report.timings.model_dump()} for s in done},
+                  "missed": sorted(s.name for s in self.slots.values() if s not in done)}
+        self.history.append(record)
+        log.info("round %d closed (%s): accuracy %.4f, %d/%d devices", self.round, why, accuracy,
+                 len(done), len(self.slots))
+        for s in self.slots.values():
+            s.replica, s.optimizer, s.uploaded = None, None, None
+            if s.phase == "uploaded":
+                s.phase = "idle"
+        self.round += 1
+        self.round_started = None
+        self.phase = "finished" if self.round >= self.cfg.training.rounds else "waiting"
+        self._checkpoint()
+        self.changed.notify_all()
+
+    @torch.no_grad()
+    def evaluate(self) -> tuple[float, float]:
+        self.model.eval()
+        loader = torch.utils.data.DataLoader(self.data.test, batch_size=self.cfg.eval_batch_size)
+        correct, total, loss_sum = 0, 0, 0.0
+        for x, y in loader:
+            out = self.model(x.to(self.torch_device))
+            loss_sum += float(nn.functional.cross_entropy(out, y.to(self.torch_device), reduction="sum"))
+            correct += int((out.argmax(1).cpu() == y).sum())
+            total += len(y)
+        self.model.train()
+        return correct / max(total, 1), loss_sum / max(total, 1)
+
+    # ----- checkpoints ----------------------------------------------------------------------
+    def _paths(self) -> tuple[Path, Path]:
+        d = Path(self.cfg.checkpoint_dir)
+        return d / "global.safetensors", d / "state.json"
+
+    def _checkpoint(self) -> None:
+        from safetensors.torch import save_file
+
+        weights, state = self._paths()
+        weights.parent.mkdir(parents=True, exist_ok=True)
+        tmp = weights.with_suffix(".tmp")
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}, str(tmp))
+        tmp.replace(weights)
+        tmp_state = state.with_suffix(".tmp")
+        tmp_state.write_text(json.dumps({"round": self.round, "model": self.cfg.model, "history": self.history}))
+        tmp_state.replace(state)
+
+    def _resume(self) -> None:
+        """Pick up where a previous server left off (a replaced pod, a restarted run)."""
+        from safetensors.torch import load_file  # a local file we wrote; safetensors holds no code
+
+        weights, state = self._paths()
+        if not (weights.exists() and state.exists()):
+            return
+        meta = json.loads(state.read_text())
+        if meta.get("model") != self.cfg.model:
+            raise ValueError(f"checkpoint in {weights.parent} is for model {meta.get('model')!r}, not {self.cfg.model!r}")
+        self.model.load_state_dict({k: v.to(self.torch_device) for k, v in load_file(str(weights)).items()})
+        self.round = int(meta["round"])
+        self.history = list(meta.get("history", []))
+        log.info("resumed from checkpoint at round %d", self.round)
+
+    # ----- reporting ------------------------------------------------------------------------
+    def status(self) -> ServerStatus:
+        with self.lock:
+            last = self.history[-1] if self.history else {}
+            devices = {}
+            for s in self.slots.values():
+                rep = s.last_report
+                t = rep.timings if rep else None
+                devices[s.name] = DeviceStatus(
+                    split=s.split, phase=s.phase, last_round=rep.round if rep else None,
+                    up_bps=t.up_bps if t else None, down_bps=t.down_bps if t else None,
+                    energy_j=t.energy_j if t else None, energy_source=t.energy_source if t else "none",
+                    round_s=t.round_s if t else None)
+            return ServerStatus(round=self.round, rounds=self.cfg.training.rounds, phase=self.phase,
+                                accuracy=last.get("accuracy"), loss=last.get("loss"), devices=devices)
+
+    def telemetry(self) -> Telemetry:
+        with self.lock:
+            scale = self.server_scale.factor
+            prof = self.server_prof
+            batch = self.cfg.training.batch_size
+            devices = []
+            for s in self.slots.values():
+                rep = s.last_report
+                t = rep.timings if rep else None
+                devices.append(DeviceTelemetry(
+                    name=s.name, device_class=rep.device_class if rep else "cpu",
+                    power_mode=rep.power_mode if rep else "",
+                    fwd=rep.profile_fwd if rep else None, bwd=rep.profile_bwd if rep else None,
+                    batch_size=rep.profile_batch or batch if rep else batch,
+                    up_bps=t.up_bps if t else None, down_bps=t.down_bps if t else None,
+                    iterations=t.steps if t and t.steps else 0, split=rep.split if rep else None,
+                    energy_j=t.energy_j if t else None, energy_source=t.energy_source if t else "none",
+                    round_s=t.round_s if t else None))
+            zeros = [0.0] * self.layers
+            return Telemetry(round=self.round, model=self.cfg.model, batch_size=batch, codec=self.cfg.codec,
+                             activation_numel=activation_numel(self.cfg.model), weight_bytes=weight_bytes(self.cfg.model),
+                             server_fwd=[v * scale for v in prof.fwd] if prof else zeros,
+                             server_bwd=[v * scale for v in prof.bwd] if prof else zeros,
+                             devices=devices)
+
+    def global_state(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+
+
+def check_split_http(split: int, layers: int) -> None:
+    try:
+        check_split(split, layers)
+    except ValueError as exc:
+        raise RoundError(str(exc), 422) from None
+
+
+def read_tokens(cfg: ServerConfig) -> tuple[dict[str, str], Optional[str]]:
+    """Device tokens from files named after each device; the controller's from controller.token."""
+    from ares.core.config import CONTROLLER_TOKEN_NAME
+
+    root = Path(cfg.tokens_dir)
+    tokens = {}
+    for name in cfg.devices:
+        path = root / name
+        if not path.exists():
+            raise ValueError(f"no token file for device {name!r}: expected {path}")
+        tokens[name] = path.read_text().strip()
+        if len(tokens[name]) < 16:
+            raise ValueError(f"token for {name!r} in {path} is shorter than 16 characters")
+    controller = root / CONTROLLER_TOKEN_NAME
+    return tokens, controller.read_text().strip() if controller.exists() else None

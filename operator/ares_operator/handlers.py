@@ -1,0 +1,293 @@
+"""The kopf module: `kopf run --standalone -m ares_operator.handlers`.
+
+Thin handlers over pure functions. On create/resume: validate, then Secret, ConfigMap, Service
+and pods. Every tick (a timer): pods are reconciled (missing ones created, failed ones replaced
+within their backoff limit), the server's status read, the optimiser run when due and its
+splits written as pod annotations, and the job's status patched when it changed.
+Per-job state (tokens, the last plan, when it was made) lives in kopf's per-object memo.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import secrets
+import time
+from collections.abc import Mapping
+from typing import Any, Optional
+
+import kopf
+
+from ares.core.config import CONTROLLER_TOKEN_NAME
+from ares.core.messages import ServerStatus
+from ares_operator import builders, conditions, reconcile, validation
+from ares_operator import constants as c
+from ares_operator import settings as ares_settings
+from ares_operator import status as job_status
+from ares_operator.builders import JobRef
+from ares_operator.kube import Kube, load_config
+from ares_operator.spec import JobSpec
+
+RESOURCE = (c.GROUP, c.VERSION, c.PLURAL)
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@kopf.on.startup()
+def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    """All kopf tuning in one place; our own settings go into the memo every job copies."""
+    ours = ares_settings.from_env()
+    logging.getLogger("ares_operator").setLevel(ours.log_level)
+    settings.persistence.finalizer = c.FINALIZER
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=c.KOPF_PREFIX)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=c.KOPF_PREFIX, key="last-handled-configuration")
+    settings.posting.level = logging.WARNING        # events only for what an operator should see
+    settings.networking.request_timeout = 60
+    settings.watching.server_timeout = 300          # re-list now and then; never trust one stream forever
+    settings.execution.max_workers = 8
+    load_config()
+    memo.settings = ours
+    memo.kube = Kube()
+
+
+# --- create / resume -------------------------------------------------------------------------
+
+@kopf.on.resume(*RESOURCE)
+@kopf.on.create(*RESOURCE)
+def start(name: str, namespace: str, uid: str, spec: Mapping[str, Any], status: Mapping[str, Any],
+          meta: Mapping[str, Any], memo: kopf.Memo, patch: kopf.Patch, logger: logging.Logger, **_: Any) -> None:
+    if status.get("phase") in c.TERMINAL_PHASES:
+        return  # a finished job keeps what it has; nothing is recreated on resume
+    job = JobRef(name, namespace, uid)
+    parsed = _valid_spec(job, spec, status, meta, patch, logger)
+    if parsed is None:
+        return
+    kube: Kube = memo.kube
+    _tokens(kube, job, parsed, memo)
+    kube.create(builders.config_map(job, parsed))
+    kube.create(builders.service(job))
+    _reconcile(job, parsed, status, meta, memo, patch, logger)
+    patch.status["conditions"] = conditions.set_condition(
+        patch.status.get("conditions") or status.get("conditions") or [], c.COND_CREATED, True,
+        c.REASON_CREATED, "Secret, ConfigMap, Service and pods exist", _now(), meta.get("generation"))
+    patch.status.setdefault("startTime", status.get("startTime") or _now())
+
+
+def _valid_spec(job: JobRef, spec: Mapping[str, Any], status: Mapping[str, Any], meta: Mapping[str, Any],
+                patch: kopf.Patch, logger: logging.Logger) -> Optional[JobSpec]:
+    """The typed spec; or None after marking the job Failed with every problem found."""
+    parsed, problems = validation.validate(job.name, spec)
+    gen = meta.get("generation")
+    if parsed is not None and not problems:
+        return parsed
+    message = "; ".join(problems)
+    logger.error("invalid spec, nothing created: %s", message)
+    conds = conditions.set_condition(status.get("conditions") or [], c.COND_SPEC_VALID, False,
+                                     c.REASON_INVALID_SPEC, message, _now(), gen)
+    conds = conditions.set_condition(conds, c.COND_FAILED, True, c.REASON_INVALID_SPEC, message, _now(), gen)
+    patch.status.update({"phase": c.PHASE_FAILED, "conditions": conds, "observedGeneration": gen,
+                         "completionTime": _now()})
+    return None
+
+
+def _tokens(kube: Kube, job: JobRef, spec: JobSpec, memo: kopf.Memo) -> dict[str, str]:
+    """Made once, kept in the Secret: a resumed operator reads them back instead of inventing new ones."""
+    if getattr(memo, "tokens", None):
+        return memo.tokens
+    existing = kube.read_secret(job.namespace, job.secret_name)
+    values = builders.tokens(spec, builders.decode_secret(existing or {}), lambda: secrets.token_urlsafe(32))
+    if existing is None and not kube.create(builders.tokens_secret(job, values)):
+        # Someone (an earlier run of this handler) was faster: theirs are the tokens in use.
+        values = builders.decode_secret(kube.read_secret(job.namespace, job.secret_name) or {})
+    memo.tokens = values
+    return values
+
+
+# --- the tick --------------------------------------------------------------------------------
+
+@kopf.timer(*RESOURCE, interval=ares_settings.tick_seconds(), initial_delay=ares_settings.tick_seconds())
+def tick(name: str, namespace: str, uid: str, spec: Mapping[str, Any], status: Mapping[str, Any],
+         meta: Mapping[str, Any], memo: kopf.Memo, patch: kopf.Patch, logger: logging.Logger, **_: Any) -> None:
+    job = JobRef(name, namespace, uid)
+    if status.get("phase") in c.TERMINAL_PHASES:
+        _expire(job, spec, status, memo.kube)
+        return
+    parsed, problems = validation.validate(name, spec)
+    if parsed is None or problems:
+        _valid_spec(job, spec, status, meta, patch, logger)
+        return
+    _reconcile(job, parsed, status, meta, memo, patch, logger)
+
+
+@kopf.on.update(*RESOURCE, field="spec")
+def spec_changed(name: str, namespace: str, uid: str, spec: Mapping[str, Any], status: Mapping[str, Any],
+                 memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
+    """Pinned splits, power modes and bandwidth caps reach the pods now, not at the next tick."""
+    if status.get("phase") in c.TERMINAL_PHASES:
+        return
+    job = JobRef(name, namespace, uid)
+    parsed, problems = validation.validate(name, spec)
+    if parsed is None or problems:
+        return  # the next tick marks it Failed
+    kube: Kube = memo.kube
+    pods = [reconcile.PodView.of(p) for p in kube.list_pods(namespace, name, uid)]
+    _annotate(kube, job, parsed, pods, memo, logger)
+
+
+def _reconcile(job: JobRef, spec: JobSpec, status: Mapping[str, Any], meta: Mapping[str, Any],
+               memo: kopf.Memo, patch: kopf.Patch, logger: logging.Logger) -> None:
+    kube: Kube = memo.kube
+    ours: ares_settings.OperatorSettings = memo.settings
+    pods = [reconcile.PodView.of(p) for p in kube.list_pods(job.namespace, job.name, job.uid)]
+    devices_status = status.get("devices") or {}
+    restarts = {d.name: max(int((devices_status.get(d.name) or {}).get("restarts") or 0),
+                            getattr(memo, "restarts", {}).get(d.name, 0)) for d in spec.devices}
+    server_restarts = max(int(status.get("serverRestarts") or 0), getattr(memo, "server_restarts", 0))
+    splits = reconcile.desired_splits(spec, _planned(memo))
+    actions = reconcile.plan_pods(job, spec, ours, pods, restarts, server_restarts, splits)
+    memo.restarts, memo.server_restarts = dict(actions.restarts), actions.server_restarts
+    for note in actions.notes:
+        logger.warning(note)
+    for pod_name in actions.delete:
+        kube.delete_pod(job.namespace, pod_name)
+    for obj in actions.create:
+        if kube.create(obj):
+            logger.info("created pod %s", obj["metadata"]["name"])
+    if actions.delete or actions.create:
+        pods = [reconcile.PodView.of(p) for p in kube.list_pods(job.namespace, job.name, job.uid)]
+
+    server = _server_status(job, pods, memo, logger) if not actions.outcome else None
+    if server is not None and server.phase in ("waiting", "training") and spec.split.mode == "adaptive":
+        _optimise(job, spec, memo, logger)
+    _annotate(kube, job, spec, pods, memo, logger)
+
+    outcome = actions.outcome or reconcile.training_outcome(server)
+    new = _status(job, spec, status, meta, pods, server, actions, outcome, memo)
+    if outcome is not None:
+        for pod in pods:  # nothing may keep training (or holding a node) after the job ended
+            if pod.phase in ("Pending", "Running") and not pod.terminating:
+                kube.delete_pod(job.namespace, pod.name)
+        logger.info("job %s: %s (%s)", outcome.phase, outcome.reason, outcome.message)
+    changed = {k: v for k, v in new.items() if status.get(k) != v}
+    if changed:
+        patch.status.update(changed)
+
+
+def _server_status(job: JobRef, pods: list[reconcile.PodView], memo: kopf.Memo,
+                   logger: logging.Logger) -> Optional[ServerStatus]:
+    from ares.runtime import controller  # the same controller code the local runner uses
+
+    server_pod = next((p for p in pods if p.name == job.server_name), None)
+    if server_pod is None or server_pod.phase != "Running" or server_pod.terminating:
+        return None
+    try:
+        return controller.fetch_status(_url(job, memo), memo.tokens[CONTROLLER_TOKEN_NAME])
+    except Exception as exc:  # a server still starting or restarting: read it again next tick
+        logger.debug("server of %s not readable yet: %s", job.name, exc)
+        return None
+
+
+def _optimise(job: JobRef, spec: JobSpec, memo: kopf.Memo, logger: logging.Logger) -> None:
+    """Telemetry -> optimiser -> plan in memo, at most every split.reoptimiseIntervalSeconds."""
+    from ares.core.optimiser import parse_policy
+    from ares.runtime import controller
+
+    last = getattr(memo, "optimised_at", None)
+    if last is not None and time.monotonic() - last < spec.split.reoptimise_interval_seconds:
+        return
+    try:
+        telemetry = controller.fetch_telemetry(_url(job, memo), memo.tokens[CONTROLLER_TOKEN_NAME])
+    except Exception as exc:
+        logger.debug("telemetry of %s not readable yet: %s", job.name, exc)
+        return
+    plan = controller.decide(telemetry, parse_policy(spec.split.policy, spec.split.alpha),
+                             builders.pinned_splits(spec))
+    if plan is None:
+        return  # not enough measurements yet; ask again next tick
+    memo.optimised_at = time.monotonic()
+    splits = dict(plan.splits)
+    if splits != _planned(memo):
+        logger.info("new split plan for %s: %s", job.name, splits)
+    memo.planned = splits
+
+
+def _planned(memo: kopf.Memo) -> dict[str, int]:
+    return dict(getattr(memo, "planned", None) or {})
+
+
+class AnnotationSink:
+    """The operator's `SplitSink`: a decision becomes the pods' `ares.io/split-point` annotations."""
+
+    def __init__(self, kube: Kube, job: JobRef, spec: JobSpec):
+        self.kube, self.job, self.spec = kube, job, spec
+
+    def write(self, splits: Mapping[str, int]) -> None:
+        pods = [reconcile.PodView.of(p) for p in self.kube.list_pods(self.job.namespace, self.job.name, self.job.uid)]
+        for pod_name, values in reconcile.annotation_patches(self.spec, self.job, pods, splits).items():
+            self.kube.annotate_pod(self.job.namespace, pod_name, values)
+
+
+def _annotate(kube: Kube, job: JobRef, spec: JobSpec, pods: list[reconcile.PodView], memo: kopf.Memo,
+              logger: logging.Logger) -> None:
+    splits = reconcile.desired_splits(spec, _planned(memo))
+    for pod_name, values in reconcile.annotation_patches(spec, job, pods, splits).items():
+        logger.info("annotating %s: %s", pod_name, values)
+        kube.annotate_pod(job.namespace, pod_name, values)
+
+
+def _url(job: JobRef, memo: kopf.Memo) -> str:
+    ours: ares_settings.OperatorSettings = memo.settings
+    return ours.server.url(job.name, job.namespace)
+
+
+def _status(job: JobRef, spec: JobSpec, status: Mapping[str, Any], meta: Mapping[str, Any],
+            pods: list[reconcile.PodView], server: Optional[ServerStatus], actions: reconcile.Actions,
+            outcome: Optional[reconcile.Outcome], memo: kopf.Memo) -> dict[str, Any]:
+    now, gen = _now(), meta.get("generation")
+    new = job_status.summary(job, spec, pods, server, status, actions.restarts, actions.server_restarts)
+    conds = status.get("conditions") or []
+    conds = conditions.set_condition(conds, c.COND_SPEC_VALID, True, c.REASON_VALID, "spec accepted", now, gen)
+    if server is not None:
+        conds = conditions.set_condition(conds, c.COND_SERVER_READY, True, c.REASON_SERVER_SERVING,
+                                         f"server phase {server.phase}", now, gen)
+    else:
+        conds = conditions.set_condition(conds, c.COND_SERVER_READY, False, c.REASON_SERVER_STARTING,
+                                         "server not serving status yet", now, gen)
+    ready, total = new["devicesReady"], new["devicesTotal"]
+    lost = f"; gave up on {list(actions.gave_up)}" if actions.gave_up else ""
+    conds = conditions.set_condition(conds, c.COND_DEVICES_READY, ready == total,
+                                     c.REASON_DEVICES_RUNNING if ready == total else c.REASON_DEVICES_WAITING,
+                                     f"{ready}/{total} device pods running{lost}", now, gen)
+    if spec.split.mode == "adaptive":
+        planned = _planned(memo)
+        conds = conditions.set_condition(conds, c.COND_SPLITS_APPLIED, bool(planned),
+                                         c.REASON_PLAN_APPLIED if planned else c.REASON_PLAN_PENDING,
+                                         f"splits {planned}" if planned else "waiting for measurements", now, gen)
+    new["observedGeneration"] = gen
+    if outcome is None:
+        new["phase"] = c.PHASE_RUNNING if server is not None and server.phase == "training" else \
+            status.get("phase") if status.get("phase") == c.PHASE_RUNNING else c.PHASE_PENDING
+    else:
+        new["phase"] = outcome.phase
+        new["completionTime"] = now
+        kind = c.COND_SUCCEEDED if outcome.phase == c.PHASE_SUCCEEDED else c.COND_FAILED
+        conds = conditions.set_condition(conds, kind, True, outcome.reason, outcome.message, now, gen)
+        if outcome.phase == c.PHASE_SUCCEEDED and server is not None:
+            new["round"] = server.rounds
+            new["progress"] = f"{server.rounds}/{server.rounds}"
+    new["conditions"] = conds
+    return new
+
+
+def _expire(job: JobRef, spec: Mapping[str, Any], status: Mapping[str, Any], kube: Kube) -> None:
+    """runPolicy.ttlSecondsAfterFinished: delete the finished job; its children go with it."""
+    ttl = (spec.get("runPolicy") or {}).get("ttlSecondsAfterFinished")
+    done = status.get("completionTime")
+    if ttl is None or not done:
+        return
+    ended = datetime.datetime.strptime(done, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=datetime.timezone.utc)
+    if datetime.datetime.now(datetime.timezone.utc) - ended >= datetime.timedelta(seconds=int(ttl)):
+        kube.delete_job(job.namespace, job.name)

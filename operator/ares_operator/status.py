@@ -1,0 +1,58 @@
+"""Pure: what the job's status says, from the server's status and the pods."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Optional
+
+from ares.core.messages import ServerStatus
+from ares_operator import constants as c
+from ares_operator.builders import JobRef
+from ares_operator.reconcile import PodView
+from ares_operator.spec import JobSpec
+
+
+def summary(job: JobRef, spec: JobSpec, pods: Sequence[PodView], server: Optional[ServerStatus],
+            previous: Mapping[str, Any], restarts: Mapping[str, int], server_restarts: int) -> dict[str, Any]:
+    """Progress, accuracy and per-device state; fields the server has not reported keep their last value."""
+    by_name = {p.name: p for p in pods}
+    rounds = server.rounds if server else spec.training.rounds
+    done = server.round if server else int(previous.get("round") or 0)
+    ready = sum(1 for d in spec.devices if _running(by_name.get(job.device_pod_name(d.name))))
+    out: dict[str, Any] = {
+        "round": done, "rounds": rounds, "progress": f"{done}/{rounds}",
+        "devicesReady": ready, "devicesTotal": len(spec.devices), "ready": f"{ready}/{len(spec.devices)}",
+        "serverRestarts": server_restarts,
+        "devices": {d.name: _device(d.name, by_name.get(job.device_pod_name(d.name)), server,
+                                    (previous.get("devices") or {}).get(d.name) or {}, restarts.get(d.name, 0))
+                    for d in spec.devices},
+    }
+    if server and server.accuracy is not None:
+        out["accuracy"] = round(server.accuracy, 4)
+    if server and server.loss is not None:
+        out["loss"] = round(server.loss, 4)
+    return out
+
+
+def _running(pod: Optional[PodView]) -> bool:
+    return bool(pod and pod.phase == "Running" and not pod.terminating)
+
+
+def _device(name: str, pod: Optional[PodView], server: Optional[ServerStatus], previous: Mapping[str, Any],
+            restarts: int) -> dict[str, Any]:
+    out: dict[str, Any] = {k: v for k, v in previous.items()
+                           if k in ("split", "phase", "upBps", "downBps", "energyJ", "energySource", "roundSeconds")}
+    out["podPhase"] = (pod.phase if not pod.terminating else "Terminating") if pod else "Missing"
+    out["restarts"] = restarts
+    if pod and c.ANNOTATION_SPLIT in pod.annotations:
+        try:
+            out["split"] = int(pod.annotations[c.ANNOTATION_SPLIT])
+        except ValueError:
+            pass
+    reported = server.devices.get(name) if server else None
+    if reported is not None:
+        fields = {"split": reported.split, "phase": reported.phase, "upBps": reported.up_bps,
+                  "downBps": reported.down_bps, "energyJ": reported.energy_j,
+                  "energySource": reported.energy_source, "roundSeconds": reported.round_s}
+        out.update({k: v for k, v in fields.items() if v is not None})
+    return out

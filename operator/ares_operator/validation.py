@@ -1,0 +1,68 @@
+"""Checks on an AresTrainingJob that its schema cannot express (or that an emulator skips).
+
+Pure: a raw spec in, a typed spec and a list of problems out. The operator refuses a job with
+any problem (phase Failed, condition SpecValid=False, reason InvalidSpec, the problems in the
+message) and creates nothing for it.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping
+from typing import Any, Optional
+
+import pydantic
+
+from ares_operator import constants as c
+from ares_operator.spec import JobSpec, parse_spec
+
+MAX_NAME = 63  # Service and pod host names are DNS labels
+
+
+def validate(name: str, raw_spec: Mapping[str, Any],
+             model_layers: Mapping[str, int] = c.MODEL_LAYERS) -> tuple[Optional[JobSpec], list[str]]:
+    """The typed spec (None if it does not even parse) and every problem found, in spec order."""
+    problems = _raw_problems(raw_spec)
+    try:
+        spec = parse_spec(raw_spec)
+    except pydantic.ValidationError as exc:
+        problems += [f"spec.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
+        return None, problems
+    return spec, problems + _spec_problems(name, spec, model_layers)
+
+
+def _raw_problems(raw_spec: Mapping[str, Any]) -> list[str]:
+    """Duplicates must be caught before parsing: nothing later can tell two entries apart."""
+    names = [d.get("name") for d in raw_spec.get("devices") or [] if isinstance(d, Mapping)]
+    dups = sorted(n for n, k in Counter(names).items() if k > 1)
+    return [f"spec.devices: duplicate device names {dups}"] if dups else []
+
+
+def _spec_problems(name: str, spec: JobSpec, model_layers: Mapping[str, int]) -> list[str]:
+    problems: list[str] = []
+    if len(f"{name}-server") > MAX_NAME:
+        problems.append(f"metadata.name: {name!r} is too long; children are named <job>-<device> "
+                        f"and must stay within {MAX_NAME} characters")
+    layers = model_layers.get(spec.model)
+    if layers is None:
+        problems.append(f"spec.model: unknown model {spec.model!r}; known models: {', '.join(sorted(model_layers))}")
+    valid = f"0..{layers - 1}" if layers else "unknown"
+    if layers and spec.split.point is not None and spec.split.point >= layers:
+        problems.append(f"spec.split.point: {spec.split.point} is out of range for {spec.model} (valid: {valid})")
+    for i, dev in enumerate(spec.devices):
+        where = f"spec.devices[{i}] ({dev.name})"
+        if dev.name == c.ROLE_SERVER:
+            problems.append(f"{where}: the name 'server' is taken by the job's server pod")
+        if len(f"{name}-{dev.name}") > MAX_NAME:
+            problems.append(f"{where}: pod name {name}-{dev.name} is longer than {MAX_NAME} characters")
+        if layers and dev.split is not None and dev.split >= layers:
+            problems.append(f"{where}: pinned split {dev.split} is out of range for {spec.model} (valid: {valid})")
+        if dev.power_mode and dev.device_class not in c.JETSON_CLASSES:
+            problems.append(f"{where}: powerMode {dev.power_mode} is for Jetson classes only, not {dev.device_class}")
+        if dev.node_name and dev.node_selector:
+            problems.append(f"{where}: give nodeName or nodeSelector, not both")
+    if spec.split.mode == "fixed" and spec.split.point is None:
+        unpinned = [d.name for d in spec.devices if d.split is None]
+        if unpinned:
+            problems.append(f"spec.split: mode fixed needs split.point or a pinned split on devices {unpinned}")
+    return problems

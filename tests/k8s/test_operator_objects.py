@@ -1,0 +1,125 @@
+"""The operator against the API emulator, driven with kubectl: what a job creates, and what it refuses."""
+
+from __future__ import annotations
+
+import base64
+
+import pytest
+import yaml
+
+from conftest import ROOT, wait_for
+
+pytestmark = pytest.mark.k8s
+JOB = ROOT / "examples" / "job.yaml"
+
+
+def _pods(kubectl):
+    return {p["metadata"]["name"]: p for p in kubectl.json("get", "pods")["items"]}
+
+
+def test_example_job_creates_its_children(kubectl, operator):
+    kubectl.run("apply", "-f", str(JOB))
+    names = {"vgg5-demo-server", "vgg5-demo-nano-maxn", "vgg5-demo-nano-5w", "vgg5-demo-pi"}
+    pods = wait_for("the server and three device pods", lambda: (p := _pods(kubectl)) and names <= set(p) and p)
+    job = kubectl.json("get", "aresjobs", "vgg5-demo")
+    uid = job["metadata"]["uid"]
+
+    secret = kubectl.json("get", "secret", "vgg5-demo-tokens")
+    tokens = {k: base64.b64decode(v).decode() for k, v in secret["data"].items()}
+    assert set(tokens) == {"nano-maxn", "nano-5w", "pi", "controller.token"}
+    assert len(set(tokens.values())) == 4 and all(len(t) >= 32 for t in tokens.values())
+    service = kubectl.json("get", "service", "vgg5-demo-server")
+    assert service["spec"]["ports"][0]["port"] == 43000 and service["spec"]["ports"][0]["name"] == "http"
+    config = yaml.safe_load(kubectl.json("get", "configmap", "vgg5-demo-config")["data"]["server.yaml"])
+    assert config["devices"] == ["nano-maxn", "nano-5w", "pi"] and config["training"]["rounds"] == 20
+    for obj in [secret, service, *pods.values()]:
+        (ref,) = obj["metadata"]["ownerReferences"]
+        assert ref["uid"] == uid and ref["controller"] is True and ref["kind"] == "AresTrainingJob"
+
+    server = pods["vgg5-demo-server"]["spec"]
+    assert server["nodeName"] == "edge-server" and server["automountServiceAccountToken"] is False
+    assert server["containers"][0]["args"] == ["server", "--config", "/etc/ares/server.yaml"]
+
+    nano, pi = pods["vgg5-demo-nano-5w"], pods["vgg5-demo-pi"]
+    assert nano["spec"]["nodeName"] == "jetson-nano-2" and nano["spec"]["runtimeClassName"] == "nvidia"
+    assert pi["spec"]["nodeSelector"] == {"kubernetes.io/hostname": "raspberry-pi-1"}
+    assert "runtimeClassName" not in pi["spec"]
+    assert nano["metadata"]["annotations"]["ares.io/power-mode"] == "5W"
+    assert nano["metadata"]["annotations"]["ares.io/bandwidth"] == "20mbit"
+    assert nano["metadata"]["annotations"]["ares.io/split-point"] == "6"  # adaptive starts with all on the device
+    for pod in (nano, pi):
+        spec = pod["spec"]
+        assert spec["automountServiceAccountToken"] is False
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        assert volumes["token"]["secret"]["items"] == [{"key": pod["metadata"]["labels"]["ares.io/device"], "path": "token"}]
+        projected = {i["path"]: i["fieldRef"]["fieldPath"] for i in volumes["podinfo"]["downwardAPI"]["items"]}
+        assert projected == {"split-point": "metadata.annotations['ares.io/split-point']",
+                             "annotations": "metadata.annotations"}
+        sidecar = next(c for c in spec["containers"] if c["name"] == "host-control")
+        assert sidecar["args"][:2] == ["sidecar", "--annotations"]
+    nano_sidecar = next(c for c in nano["spec"]["containers"] if c["name"] == "host-control")
+    pi_sidecar = next(c for c in pi["spec"]["containers"] if c["name"] == "host-control")
+    assert nano_sidecar["securityContext"] == {"privileged": True}
+    assert "--nvpmodel-conf" in nano_sidecar["args"]
+    assert {v["name"] for v in nano["spec"]["volumes"]} >= {"nvpmodel"}
+    assert pi_sidecar["securityContext"]["capabilities"]["add"] == ["NET_ADMIN"]
+    assert "privileged" not in pi_sidecar["securityContext"] and "--nvpmodel-conf" not in pi_sidecar["args"]
+    assert "nvpmodel" not in {v["name"] for v in pi["spec"]["volumes"]}
+
+    # kubectl shows the printer columns with real values (no kubelet here: the pods never run).
+    row = wait_for("a status", lambda: (rows := kubectl.table("aresjobs")) and rows[0]["PHASE"] and rows[0])
+    assert row["NAME"] == "vgg5-demo" and row["PHASE"] == "Pending"
+    assert row["ROUND"] == "0/20" and row["DEVICES"] == "0/3"
+    wide = kubectl.table("ares", "-o", "wide")[0]
+    assert wide["MODEL"] == "vgg5" and wide["POLICY"] == "straggler"
+
+    # Spec changes reach the pods: a pinned split, a power mode, a bandwidth cap.
+    kubectl.run("patch", "aresjobs", "vgg5-demo", "--type=json", "-p",
+                '[{"op": "replace", "path": "/spec/devices/1/powerMode", "value": "MAXN"},'
+                ' {"op": "add", "path": "/spec/devices/1/split", "value": 2},'
+                ' {"op": "add", "path": "/spec/devices/2/bandwidth", "value": "5mbit"}]')
+    wait_for("the new annotations", lambda: (
+        (a := _pods(kubectl)["vgg5-demo-nano-5w"]["metadata"]["annotations"])["ares.io/power-mode"] == "MAXN"
+        and a["ares.io/split-point"] == "2"
+        and _pods(kubectl)["vgg5-demo-pi"]["metadata"]["annotations"]["ares.io/bandwidth"] == "5mbit"))
+
+    # Deleting the job collects what it owned.
+    kubectl.run("delete", "aresjobs", "vgg5-demo")
+    wait_for("the children to go", lambda: not _pods(kubectl) and
+             not kubectl.json("get", "secrets")["items"])
+
+
+def _job(name: str, **spec_changes) -> dict:
+    job = yaml.safe_load(JOB.read_text())
+    job["metadata"]["name"] = name
+    for path, value in spec_changes.items():
+        node = job["spec"]
+        *parents, leaf = path.split("__")
+        for p in parents:
+            node = node[int(p)] if p.isdigit() else node[p]
+        node[int(leaf) if leaf.isdigit() else leaf] = value
+    return job
+
+
+@pytest.mark.parametrize("changes, error", [
+    ({"split__mode": "sometimes"}, "spec.split.mode"),
+    ({"training__rounds": -3}, "spec.training.rounds"),
+    ({"devices__0__split": -1}, "spec.devices[0].split"),
+    ({"devices__1__name": "nano-maxn"}, "Duplicate value"),
+], ids=["unknown-split-mode", "negative-rounds", "negative-split", "duplicate-device"])
+def test_schema_rejects_invalid_jobs(kubectl, changes, error):
+    proc = kubectl.run("apply", "-f", "-", stdin=yaml.safe_dump(_job("bad", **changes)), check=False)
+    assert proc.returncode != 0 and "is invalid" in proc.stderr and error.split("[")[0].split(".")[-1] in proc.stderr
+    assert kubectl.json("get", "aresjobs")["items"] == []
+
+
+def test_operator_fails_what_a_schema_cannot_say(kubectl, operator):
+    # vgg5 has 7 layers: split 9 passes the schema's 0..63 (the CRD's CEL rule catches it on a
+    # real API server; the emulator evaluates no CEL) and the operator refuses it.
+    kubectl.run("apply", "-f", "-", stdin=yaml.safe_dump(_job("too-deep", devices__2__split=9)))
+    job = wait_for("phase Failed", lambda: (j := kubectl.json("get", "aresjobs", "too-deep"))
+                   .get("status", {}).get("phase") == "Failed" and j)
+    failed = {c["type"]: c for c in job["status"]["conditions"]}
+    assert failed["SpecValid"]["status"] == "False" and failed["SpecValid"]["reason"] == "InvalidSpec"
+    assert "pinned split 9 is out of range for vgg5 (valid: 0..6)" in failed["SpecValid"]["message"]
+    assert kubectl.json("get", "pods")["items"] == [] and kubectl.json("get", "secrets")["items"] == []

@@ -1,0 +1,293 @@
+"""The optimiser against hand-computed cases and an exhaustive-search oracle.
+
+The hand case (3 splits, batch of 1, numbers chosen to be easy to check on paper):
+  model: up = down = (400, 100, 0) bytes per batch, weights (100, 200, 300) bytes
+  server part per batch: (1.0, 0.5, 0) s
+  A: device part (1, 2, 4) s, 200 B/s each way, power 2/1/1 W, 10 iterations
+     iteration T = (6, 3.5, 4) s, E = (6, 5, 8) J; weights take (1, 2, 3) s and (1, 2, 3) J
+     round R = (61, 37, 43) s, round energy = (61, 52, 83) J
+  B: device part (0.1, 0.2, 0.4) s, 200 B/s, power 10/1/1 W, 10 iterations
+     T = (5.1, 1.7, 0.4) s, E = (5, 3, 4) J; R = (52, 19, 7) s, round energy = (51, 32, 43) J
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ares.core.energy import PowerModel
+from ares.core.optimiser import (
+    AresPolicy, DeviceInput, FixedPolicy, ModelCosts, NonePolicy, Problem, StragglerPolicy, evaluate,
+    model_costs, oracle_round_time, parse_policy, weighted_cost,
+)
+from ares.core.profiles import ComputeProfile, ServerProfile
+
+MODEL = ModelCosts(up_bytes=(400, 100, 0), down_bytes=(400, 100, 0), weight_bytes=(100, 200, 300))
+SERVER = ServerProfile(fwd=(0.5, 0.25, 0.0), bwd=(0.5, 0.25, 0.0), batch_size=1)
+
+
+def device(name: str, halves: tuple[float, ...], bps: float, watts: tuple[float, float, float],
+           iterations: int = 10, **kw) -> DeviceInput:
+    return DeviceInput(name, ComputeProfile(fwd=halves, bwd=halves, batch_size=1), bps, bps,
+                       PowerModel(*watts), iterations, **kw)
+
+
+def dev_a(bps: float = 200.0, **kw) -> DeviceInput:
+    return device("A", (0.5, 1.0, 2.0), bps, (2.0, 1.0, 1.0), **kw)
+
+
+def dev_b(bps: float = 200.0, **kw) -> DeviceInput:
+    return device("B", (0.05, 0.1, 0.2), bps, (10.0, 1.0, 1.0), **kw)
+
+
+def problem(*devices: DeviceInput) -> Problem:
+    return Problem(devices, SERVER, MODEL)
+
+
+# ---- the cost model -----------------------------------------------------------------------------
+
+def test_evaluate_matches_the_hand_computed_cost_model():
+    plan = evaluate(problem(dev_a(), dev_b()), {"A": 1, "B": 0})
+    a, b = plan.devices
+    assert (a.device_s, a.server_s, a.up_s, a.down_s) == pytest.approx((2.0, 0.5, 0.5, 0.5))
+    assert (a.iteration_s, a.round_s, a.energy_iteration_j, a.energy_round_j) == pytest.approx((3.5, 37, 5, 52))
+    assert (b.iteration_s, b.round_s, b.energy_iteration_j, b.energy_round_j) == pytest.approx((5.1, 52, 5, 51))
+    assert plan.round_s == pytest.approx(52)  # the slowest device
+    assert plan.energy_round_j == pytest.approx(103)  # the sum
+
+
+@pytest.mark.parametrize("splits, error", [({"A": 1}, "missing"), ({"A": 1, "B": 1, "C": 0}, "unknown"),
+                                           ({"A": 3, "B": 0}, "0..2")], ids=["missing", "unknown", "range"])
+def test_evaluate_rejects_bad_assignments(splits, error):
+    with pytest.raises(ValueError, match=error):
+        evaluate(problem(dev_a(), dev_b()), splits)
+
+
+def test_model_costs_count_true_bytes_for_vgg5():
+    numel = [131072 // 4, 32768 // 4, 65536 // 4, 16384 // 4, 16384 // 4, 512 // 4]
+    # Device-side params + buffers, fp32, BatchNorm's num_batches_tracked is one int64 (8 bytes):
+    conv_bn = lambda cin, cout: (cin * cout * 9 + cout + 4 * cout) * 4 + 8  # noqa: E731
+    layers = [conv_bn(3, 32), 0, conv_bn(32, 64), 0, conv_bn(64, 64), (4096 * 128 + 128) * 4, (128 * 10 + 10) * 4]
+    weights = list(itertools.accumulate(layers))
+    assert weights[-1] == (582346 + 2 * (32 + 64 + 64)) * 4 + 3 * 8  # 582k params + BN running stats
+    costs = model_costs(numel + [10], weights, batch_size=100)
+    assert costs.up_bytes[0] == 100 * (131072 + 8)  # 4 bytes per value, plus an int64 label per sample
+    assert costs.down_bytes[0] == 100 * 131072
+    assert costs.up_bytes[5] == 100 * (512 + 8)
+    assert costs.up_bytes[6] == costs.down_bytes[6] == 0
+    half = model_costs(numel, weights, batch_size=100, codec_bytes=2)
+    assert half.up_bytes[5] == 100 * (256 + 8) and half.down_bytes[5] == 100 * 256
+
+
+def test_model_costs_reject_a_wrong_number_of_layers():
+    with pytest.raises(ValueError, match="needs 2 or 3"):
+        model_costs([1], [1, 2, 3], batch_size=1)
+
+
+def test_weighted_cost_normalises_each_row_by_its_l2_norm():
+    t = np.array([[6.0, 3.5, 4.0]])
+    e = np.array([[6.0, 5.0, 8.0]])
+    # ||T|| = sqrt(64.25) = 8.0156, ||E|| = sqrt(125) = 11.1803
+    assert weighted_cost(t, e, np.array([0.5]))[0] == pytest.approx([0.6426, 0.4419, 0.6073], abs=1e-4)
+    assert weighted_cost(t, e, np.array([1.0]))[0] == pytest.approx([6 / 8.0156, 3.5 / 8.0156, 4 / 8.0156], abs=1e-4)
+    assert weighted_cost(t, np.zeros((1, 3)), np.array([0.0]))[0] == pytest.approx([0, 0, 0])
+
+
+# ---- policies on the hand case ------------------------------------------------------------------
+
+def test_ares_best_split_flips_when_throughput_drops():
+    assert AresPolicy(0.5).decide(problem(dev_a())).split_of("A") == 1  # costs 0.4419 vs 0.6426 / 0.6073
+    # At 50 B/s: T = (18, 6.5, 4), E = (18, 8, 8): split 1 costs 0.3544, split 2 costs 0.2905.
+    slow = AresPolicy(0.5).decide(problem(dev_a(bps=50.0)))
+    assert slow.split_of("A") == 2
+    assert (slow.devices[0].iteration_s, slow.devices[0].energy_iteration_j) == pytest.approx((4.0, 8.0))
+
+
+def test_ares_decides_each_device_on_its_own_objective():
+    plan = AresPolicy(0.5).decide(problem(dev_a(), dev_b()))
+    # B: T = (5.1, 1.7, 0.4), E = (5, 3, 4) -> costs 0.8266, 0.3698, 0.3199: all on the device.
+    assert plan.splits == {"A": 1, "B": 2}
+    assert (plan.round_s, plan.energy_round_j) == pytest.approx((37, 52 + 43))
+
+
+def test_straggler_spends_slack_on_energy_without_slowing_the_round():
+    plan = StragglerPolicy().decide(problem(dev_a(), dev_b()))
+    # Best round = max(min R_A, min R_B) = max(37, 7) = 37; B may take splits 1 (19 s) or 2 (7 s)
+    # and split 1 uses less energy (32 J against 43 J).
+    assert plan.splits == {"A": 1, "B": 1}
+    assert (plan.round_s, plan.energy_round_j) == pytest.approx((37, 84))
+    assert plan.energy_round_j < AresPolicy(0.5).decide(problem(dev_a(), dev_b())).energy_round_j
+
+
+def test_straggler_with_full_time_weight_takes_the_fastest_allowed_split():
+    assert StragglerPolicy(alpha=1.0).decide(problem(dev_a(), dev_b())).splits == {"A": 1, "B": 2}
+    assert StragglerPolicy().decide(problem(dev_a(), dev_b(alpha=1.0))).splits == {"A": 1, "B": 2}
+
+
+def test_straggler_choice_flips_when_throughput_drops():
+    # At 50 B/s B's rounds are (175, 55, 16) s: only split 2 keeps the 37 s round.
+    plan = StragglerPolicy().decide(problem(dev_a(), dev_b(bps=50.0)))
+    assert plan.splits == {"A": 1, "B": 2}
+    assert plan.round_s == pytest.approx(37)
+
+
+def test_shared_server_keeps_extra_devices_off_the_server():
+    p = problem(dev_a(), dev_b())
+    # Both offloading share the server two ways: A's best round becomes 42 s (split 1) > 37 s.
+    assert evaluate(p, {"A": 1, "B": 1}, share_server=True).round_s == pytest.approx(42)
+    plan = StragglerPolicy(share_server=True).decide(p)
+    assert plan.splits == {"A": 1, "B": 2}
+    assert (plan.round_s, plan.energy_round_j) == pytest.approx((37, 52 + 43))
+    assert plan.server_shared
+    assert oracle_round_time(p, share_server=True) == pytest.approx(37)
+
+
+@pytest.mark.parametrize("policy", [AresPolicy(0.5), StragglerPolicy(), StragglerPolicy(share_server=True),
+                                    FixedPolicy(2), NonePolicy()], ids=lambda p: f"{p.name}")
+def test_every_policy_respects_a_pinned_split(policy):
+    plan = policy.decide(problem(dev_a(), dev_b(pinned_split=0)))
+    assert plan.split_of("B") == 0
+
+
+def test_straggler_plans_around_a_pinned_straggler():
+    # B pinned at split 0 takes 52 s, so A may use any split up to 52 s: 1 (52 J) beats 2 (83 J).
+    plan = StragglerPolicy().decide(problem(dev_a(), dev_b(pinned_split=0)))
+    assert plan.splits == {"A": 1, "B": 0}
+    assert plan.round_s == pytest.approx(52)
+
+
+def test_baselines():
+    p = problem(dev_a(), dev_b())
+    assert NonePolicy().decide(p).splits == {"A": 2, "B": 2}
+    assert NonePolicy().decide(p).round_s == pytest.approx(43)
+    assert FixedPolicy(0).decide(p).splits == {"A": 0, "B": 0}
+    with pytest.raises(ValueError, match=r"valid split points are 0\.\.2"):
+        FixedPolicy(3).decide(p)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("ares", AresPolicy(0.5)), ("ARES", AresPolicy(0.5)), ("straggler", StragglerPolicy(0.0)),
+    ("fixed:3", FixedPolicy(3)), ("none", NonePolicy())])
+def test_parse_policy(text, expected):
+    assert parse_policy(text) == expected
+
+
+def test_parse_policy_alpha_and_errors():
+    assert parse_policy("ares", alpha=0.2) == AresPolicy(0.2)
+    assert parse_policy("straggler", alpha=0.7, share_server=True) == StragglerPolicy(0.7, True)
+    with pytest.raises(ValueError, match="accepted: ares, straggler, fixed:N, none"):
+        parse_policy("fastest")
+    with pytest.raises(ValueError, match="accepted"):
+        parse_policy("fixed:-1")
+    with pytest.raises(ValueError, match="0..1"):
+        parse_policy("ares", alpha=1.5)
+
+
+@pytest.mark.parametrize("kw, error", [({"up_bps": 0.0}, "up_bps"), ({"iterations": -1}, "iterations"),
+                                       ({"alpha": 2.0}, "alpha")])
+def test_device_input_validation(kw, error):
+    base = dict(name="x", compute=ComputeProfile((1.0,) * 3, (1.0,) * 3), up_bps=1.0, down_bps=1.0,
+                power=PowerModel(1, 1, 1), iterations=1)
+    with pytest.raises(ValueError, match=error):
+        DeviceInput(**{**base, **kw})
+
+
+def test_problem_validation():
+    with pytest.raises(ValueError, match="unique"):
+        problem(dev_a(), dev_a())
+    with pytest.raises(ValueError, match="pinned split 5"):
+        problem(dev_a(pinned_split=5))
+    with pytest.raises(ValueError, match="batch"):
+        Problem((dev_a(),), ServerProfile((1.0, 0.5, 0.0), (1.0, 0.5, 0.0), batch_size=100), MODEL)
+
+
+# ---- properties against exhaustive search -------------------------------------------------------
+
+@st.composite
+def problems(draw, max_devices: int = 4, max_splits: int = 7, pins: bool = True) -> Problem:
+    n_splits = draw(st.sampled_from(range(max_splits, 1, -1)))  # the largest cases first: they matter most
+    times = st.lists(st.floats(0.001, 5.0), min_size=n_splits, max_size=n_splits)
+    nbytes = st.lists(st.integers(0, 10**6), min_size=n_splits - 1, max_size=n_splits - 1)
+    up = draw(nbytes)
+    model = ModelCosts(tuple(up) + (0,), tuple(draw(nbytes)) + (0,),
+                       tuple(draw(st.lists(st.integers(0, 10**7), min_size=n_splits, max_size=n_splits))))
+    server = ServerProfile(tuple(draw(times)[:-1]) + (0.0,), tuple(draw(times)[:-1]) + (0.0,))
+    devices = []
+    for i in range(draw(st.sampled_from(range(max_devices, 0, -1)))):
+        watts = st.floats(0.1, 10.0)
+        devices.append(DeviceInput(
+            f"d{i}", ComputeProfile(tuple(draw(times)), tuple(draw(times))),
+            draw(st.floats(1e3, 1e7)), draw(st.floats(1e3, 1e7)), PowerModel(draw(watts), draw(watts), draw(watts)),
+            draw(st.integers(0, 200)), alpha=draw(st.one_of(st.none(), st.floats(0.0, 1.0))),
+            pinned_split=draw(st.integers(0, n_splits - 1)) if pins and draw(st.integers(0, 3)) == 0 else None))
+    return Problem(tuple(devices), server, model)
+
+
+def joint_vectors(p: Problem):
+    choices = [[d.pinned_split] if d.pinned_split is not None else range(p.n_splits) for d in p.devices]
+    for vector in itertools.product(*choices):
+        yield dict(zip((d.name for d in p.devices), vector))
+
+
+def own_objective(times: list[float], energies: list[float], alpha: float) -> list[float]:
+    tn, en = math.hypot(*times), math.hypot(*energies)
+    return [alpha * (t / tn if tn else 0) + (1 - alpha) * (e / en if en else 0) for t, e in zip(times, energies)]
+
+
+def check_straggler_against_exhaustive_search(p: Problem, alpha: float) -> None:
+    plan = StragglerPolicy(alpha=alpha).decide(p)
+    best = min(evaluate(p, v).round_s for v in joint_vectors(p))
+    assert plan.round_s == pytest.approx(best, rel=1e-12)
+    assert oracle_round_time(p) == pytest.approx(best, rel=1e-12)
+    for i, d in enumerate(p.devices):
+        # Device i's costs at every split, each found by changing only its split in the plan's vector.
+        alternatives = [evaluate(p, {**plan.splits, d.name: s}) for s in range(p.n_splits)]
+        times = [a.devices[i].round_s for a in alternatives]
+        objective = own_objective(times, [a.devices[i].energy_round_j for a in alternatives],
+                                  alpha if d.alpha is None else d.alpha)
+        keeps_round = [s for s, a in enumerate(alternatives) if a.round_s <= plan.round_s * (1 + 1e-12)
+                       and (d.pinned_split is None or s == d.pinned_split)]
+        assert plan.splits[d.name] in keeps_round
+        assert objective[plan.splits[d.name]] <= min(objective[s] for s in keeps_round) + 1e-12
+
+
+@settings(max_examples=40, deadline=None)
+@given(p=problems(), alpha=st.floats(0.0, 1.0))
+def test_straggler_matches_exhaustive_search_and_spends_slack_by_its_own_weighting(p, alpha):
+    check_straggler_against_exhaustive_search(p, alpha)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_straggler_on_random_fleets_of_4_devices_and_7_splits(seed):
+    """Hypothesis favours small cases; these always use the largest size, 7^4 joint vectors."""
+    rng = np.random.default_rng(seed)
+    sizes = rng.integers(0, 10**6, size=6).tolist()
+    model = ModelCosts(tuple(sizes) + (0,), tuple(sizes) + (0,), tuple(np.sort(rng.integers(0, 10**7, 7)).tolist()))
+    server = ServerProfile(tuple(np.append(rng.uniform(0, 1, 6), 0)), tuple(np.append(rng.uniform(0, 1, 6), 0)))
+    devices = tuple(DeviceInput(f"d{i}", ComputeProfile(tuple(np.cumsum(rng.uniform(0, 2, 7))), tuple(rng.uniform(0, 2, 7))),
+                                float(rng.uniform(1e5, 1e7)), float(rng.uniform(1e5, 1e7)),
+                                PowerModel(*rng.uniform(0.5, 8, 3).tolist()), int(rng.integers(1, 200)))
+                    for i in range(4))
+    check_straggler_against_exhaustive_search(Problem(devices, server, model), alpha=float(rng.uniform(0, 1)))
+
+
+@settings(max_examples=30, deadline=None)
+@given(p=problems(max_devices=4, max_splits=5))
+def test_shared_server_straggler_matches_exhaustive_search(p):
+    plan = StragglerPolicy(share_server=True).decide(p)
+    best = min(evaluate(p, v, share_server=True).round_s for v in joint_vectors(p))
+    assert plan.round_s == pytest.approx(best, rel=1e-12)
+    assert evaluate(p, plan.splits, share_server=True).round_s == pytest.approx(plan.round_s, rel=1e-12)
+
+
+@settings(max_examples=25, deadline=None)
+@given(p=problems(pins=False))
+def test_straggler_round_is_never_slower_than_other_policies(p):
+    fastest = StragglerPolicy().decide(p).round_s
+    for policy in (AresPolicy(0.5), NonePolicy(), FixedPolicy(0)):
+        assert fastest <= policy.decide(p).round_s * (1 + 1e-12)
