@@ -27,6 +27,10 @@ Policies (all respect a device's `pinned_split`):
   round as the offloaders (O(N^2 * L) in the worst case, fine for fleets of hundreds);
   devices outside that set stay on the device so k never grows.
 - `fixed:N` and `none` (= split L-1, all layers on the device) are the baselines.
+
+A policy only chooses splits (`choose`: one integer per device, vectorised with numpy over
+devices x splits); `decide` turns them into a `Plan` through the same cost model that
+`evaluate` applies to any assignment, so the predictions of every policy are comparable.
 """
 
 from __future__ import annotations
@@ -193,6 +197,8 @@ class SplitPolicy(Protocol):
 
     def decide(self, problem: Problem) -> Plan: ...
 
+    def choose(self, problem: Problem) -> np.ndarray: ...
+
 
 def _check_alpha(alpha: float) -> float:
     if not 0.0 <= alpha <= 1.0:
@@ -308,16 +314,18 @@ def _argmin_where(cost: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return np.where(mask, cost, np.inf).argmin(axis=1)
 
 
-def _plan(policy: str, problem: Problem, c: _Costs, splits: np.ndarray, shared: bool = False) -> Plan:
+def _plan(policy: str, problem: Problem, c: _Costs, splits: np.ndarray, shared: bool) -> Plan:
     rows = np.arange(len(splits))
     pick = [getattr(c, f)[rows, splits].tolist() for f in
             ("iteration_s", "round_s", "energy_iteration_j", "energy_round_j", "device_s", "server_s", "up_s", "down_s")]
-    devices = tuple(DevicePlan(d.name, s, *vals, energy_source=d.power.source)
-                    for d, s, *vals in zip(problem.devices, splits.tolist(), *pick))
+    sources = [d.power.source for d in problem.devices]
+    names = [d.name for d in problem.devices]
+    devices = tuple(map(DevicePlan, names, splits.tolist(), *pick, sources))
     return Plan(policy, devices, round_s=max(pick[1]), energy_round_j=math.fsum(pick[3]), server_shared=shared)
 
 
 def _evaluate_array(problem: Problem, x: _Inputs, splits: np.ndarray, policy: str, share_server: bool) -> Plan:
+    """The one way every plan is made: the cost model at the given splits."""
     share = float(np.count_nonzero(splits < problem.n_splits - 1)) if share_server else 1.0
     return _plan(policy, problem, _costs(x, share), splits, share_server)
 
@@ -333,10 +341,28 @@ def evaluate(problem: Problem, splits: Mapping[str, int], share_server: bool = F
     return _evaluate_array(problem, _Inputs.of(problem), arr, policy, share_server)
 
 
-# ---- policies ---------------------------------------------------------------------------------
+# ---- policies: each only chooses splits; `_Chooser.decide` turns them into a plan --------------
+
+class _Chooser:
+    """Shared `decide` and `choose` for policies that implement `_choose(problem, inputs)`."""
+
+    name: str
+    shares_server: bool = False
+
+    def _choose(self, problem: Problem, x: _Inputs) -> np.ndarray:
+        raise NotImplementedError
+
+    def choose(self, problem: Problem) -> np.ndarray:
+        """Just the split of every device, in the problem's order (no plan objects built)."""
+        return self._choose(problem, _Inputs.of(problem))
+
+    def decide(self, problem: Problem) -> Plan:
+        x = _Inputs.of(problem)
+        return _evaluate_array(problem, x, self._choose(problem, x), self.name, self.shares_server)
+
 
 @dataclass(frozen=True)
-class AresPolicy:
+class AresPolicy(_Chooser):
     """The published ARES rule: per device, least weighted per-iteration time and energy."""
 
     alpha: float = 0.5
@@ -345,15 +371,14 @@ class AresPolicy:
     def __post_init__(self) -> None:
         _check_alpha(self.alpha)
 
-    def decide(self, problem: Problem) -> Plan:
-        x = _Inputs.of(problem)
+    def _choose(self, problem: Problem, x: _Inputs) -> np.ndarray:
         c = _costs(x)
         cost = weighted_cost(c.iteration_s, c.energy_iteration_j, _alphas(problem, self.alpha))
-        return _plan(self.name, problem, c, _argmin_where(cost, _allowed(problem)))
+        return _argmin_where(cost, _allowed(problem))
 
 
 @dataclass(frozen=True)
-class StragglerPolicy:
+class StragglerPolicy(_Chooser):
     """Keep the best achievable round time; spend every device's slack on its own preference."""
 
     alpha: float = 0.0  # default: pure energy among round-preserving splits
@@ -363,23 +388,22 @@ class StragglerPolicy:
     def __post_init__(self) -> None:
         _check_alpha(self.alpha)
 
-    def decide(self, problem: Problem) -> Plan:
-        x = _Inputs.of(problem)
+    @property
+    def shares_server(self) -> bool:  # type: ignore[override]
+        return self.share_server
+
+    def _choose(self, problem: Problem, x: _Inputs) -> np.ndarray:
         allowed = _allowed(problem)
         if self.share_server:
             target, offloaders = _shared_target(x, allowed)
             c = _costs(x, float(offloaders.sum()))
-            allowed = allowed.copy()
             allowed[~offloaders, :-1] = False  # outsiders stay on the device: the sharing never grows
         else:
             c = _costs(x)
             target = np.where(allowed, c.round_s, np.inf).min(axis=1).max()
         feasible = allowed & (c.round_s <= target)
         cost = weighted_cost(c.round_s, c.energy_round_j, _alphas(problem, self.alpha))
-        splits = _argmin_where(cost, feasible)
-        if self.share_server:
-            return _evaluate_array(problem, x, splits, self.name, share_server=True)
-        return _plan(self.name, problem, c, splits)
+        return _argmin_where(cost, feasible)
 
 
 def _shared_target(x: _Inputs, allowed: np.ndarray) -> tuple[float, np.ndarray]:
@@ -415,30 +439,28 @@ def _shared_target(x: _Inputs, allowed: np.ndarray) -> tuple[float, np.ndarray]:
 
 
 @dataclass(frozen=True)
-class FixedPolicy:
+class FixedPolicy(_Chooser):
     """The same split for every device that is not pinned (a baseline)."""
 
     split: int
 
     @property
-    def name(self) -> str:
+    def name(self) -> str:  # type: ignore[override]
         return f"fixed:{self.split}"
 
-    def decide(self, problem: Problem) -> Plan:
+    def _choose(self, problem: Problem, x: _Inputs) -> np.ndarray:
         s = _check_split(self.split, problem.n_splits, "fixed split")
-        splits = np.array([s if d.pinned_split is None else d.pinned_split for d in problem.devices])
-        return _evaluate_array(problem, _Inputs.of(problem), splits, self.name, share_server=False)
+        return np.array([s if d.pinned_split is None else d.pinned_split for d in problem.devices])
 
 
 @dataclass(frozen=True)
-class NonePolicy:
+class NonePolicy(_Chooser):
     """Every layer on the device (split L-1): plain federated learning, the baseline to beat."""
 
     name: ClassVar[str] = "none"
 
-    def decide(self, problem: Problem) -> Plan:
-        plan = FixedPolicy(problem.n_splits - 1).decide(problem)
-        return Plan(self.name, plan.devices, plan.round_s, plan.energy_round_j)
+    def _choose(self, problem: Problem, x: _Inputs) -> np.ndarray:
+        return FixedPolicy(problem.n_splits - 1)._choose(problem, x)
 
 
 POLICY_NAMES = ("ares", "straggler", "fixed:N", "none")

@@ -345,7 +345,7 @@ def start_power_sampler(agent: Agent) -> Optional[PowerSampler]:
     try:
         source.read_mw()
     except (OSError, ValueError) as exc:
-        log.warning("no power monitor at %s (%s); power.json will not be written",
+        log.info("no power monitor at %s (%s); power.json will not be written",
                     agent.args.power_path, exc)
         return None
     agent.power_source = source.name

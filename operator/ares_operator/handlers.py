@@ -184,7 +184,7 @@ def _server_status(job: JobRef, pods: list[reconcile.PodView], memo: kopf.Memo,
     if server_pod is None or server_pod.phase != "Running" or server_pod.terminating:
         return None
     try:
-        return controller.fetch_status(_url(job, memo), memo.tokens[CONTROLLER_TOKEN_NAME])
+        return controller.fetch_status(_url(job, memo), memo.tokens[CONTROLLER_TOKEN_NAME], memo.settings.server.timeout_s)
     except Exception as exc:  # a server still starting or restarting: read it again next tick
         logger.debug("server of %s not readable yet: %s", job.name, exc)
         return None
@@ -199,7 +199,8 @@ def _optimise(job: JobRef, spec: JobSpec, memo: kopf.Memo, logger: logging.Logge
     if last is not None and time.monotonic() - last < spec.split.reoptimise_interval_seconds:
         return
     try:
-        telemetry = controller.fetch_telemetry(_url(job, memo), memo.tokens[CONTROLLER_TOKEN_NAME])
+        telemetry = controller.fetch_telemetry(_url(job, memo), memo.tokens[CONTROLLER_TOKEN_NAME],
+                                               memo.settings.server.timeout_s)
     except Exception as exc:
         logger.debug("telemetry of %s not readable yet: %s", job.name, exc)
         return

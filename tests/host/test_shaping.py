@@ -160,3 +160,22 @@ def test_scripts_print_usage(script):
 def test_unshape_validates_arguments():
     result = subprocess.run([str(hostscript("ares-unshape"))], capture_output=True, text=True)
     assert result.returncode == 2 and "expected 1 argument" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("content", "rc", "stdout"),
+    [("4205\n", 0, "4205\n"), ("4205", 0, "4205\n"), ("abc\n", 2, ""), ("", 2, "")],
+    ids=["reading", "no-newline", "garbage", "empty"],
+)
+def test_power_script_prints_milliwatts(tmp_path, content, rc, stdout):
+    sysfs = tmp_path / "in_power0_input"
+    sysfs.write_text(content)
+    for args in (["--path", str(sysfs)], [f"--path={sysfs}"]):
+        result = subprocess.run([str(hostscript("ares-power")), *args], capture_output=True, text=True)
+        assert (result.returncode, result.stdout) == (rc, stdout)
+
+
+def test_power_script_explains_a_missing_monitor(tmp_path):
+    result = subprocess.run([str(hostscript("ares-power")), "--path", str(tmp_path / "none")],
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and "cannot read" in result.stderr

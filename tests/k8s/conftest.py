@@ -15,6 +15,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -28,6 +29,10 @@ for extra in (ROOT, ROOT / "operator"):
         sys.path.insert(0, str(extra))
 # The reconcile timer's interval is read when the handlers module is imported: keep ticks short.
 os.environ.setdefault("ARES_TICK_SECONDS", "1")
+# The kubernetes client reads KUBECONFIG's *path* once, at import: one path for the whole session,
+# rewritten for every test's emulator.
+KUBECONFIG = Path(tempfile.mkdtemp(prefix="ares-k8s-")) / "kubeconfig"
+os.environ["KUBECONFIG"] = str(KUBECONFIG)
 
 from k8s_apiserver import ApiserverThread  # noqa: E402
 from k8s_kubelet import Kubelet  # noqa: E402
@@ -89,15 +94,14 @@ def apiserver(tmp_path: Path) -> Iterator[ApiserverThread]:
 
 
 @pytest.fixture
-def kubectl(apiserver: ApiserverThread, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Kubectl:
-    config = tmp_path / "kubeconfig"
+def kubectl(apiserver: ApiserverThread) -> Kubectl:
+    config = KUBECONFIG
     config.write_text(json.dumps({
         "apiVersion": "v1", "kind": "Config", "current-context": "emulator",
         "clusters": [{"name": "emulator", "cluster": {"server": apiserver.url}}],
         "users": [{"name": "tester", "user": {"token": "test"}}],
         "contexts": [{"name": "emulator", "context": {"cluster": "emulator", "user": "tester", "namespace": "default"}}],
     }))
-    monkeypatch.setenv("KUBECONFIG", str(config))  # the operator logs in through the same file
     k = Kubectl(config)
     k.run("apply", "-f", str(CRD))
     return k

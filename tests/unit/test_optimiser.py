@@ -14,6 +14,10 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -122,6 +126,15 @@ def test_straggler_spends_slack_on_energy_without_slowing_the_round():
     assert plan.splits == {"A": 1, "B": 1}
     assert (plan.round_s, plan.energy_round_j) == pytest.approx((37, 84))
     assert plan.energy_round_j < AresPolicy(0.5).decide(problem(dev_a(), dev_b())).energy_round_j
+
+
+@pytest.mark.parametrize("policy", [AresPolicy(0.5), StragglerPolicy(), StragglerPolicy(share_server=True)],
+                         ids=["ares", "straggler", "shared"])
+def test_choose_gives_the_splits_of_decide_and_decide_predicts_like_evaluate(policy):
+    p = problem(dev_a(), dev_b())
+    plan = policy.decide(p)
+    assert policy.choose(p).tolist() == [plan.split_of("A"), plan.split_of("B")]
+    assert evaluate(p, plan.splits, share_server=plan.server_shared).devices == plan.devices
 
 
 def test_straggler_with_full_time_weight_takes_the_fastest_allowed_split():
@@ -291,3 +304,12 @@ def test_straggler_round_is_never_slower_than_other_policies(p):
     fastest = StragglerPolicy().decide(p).round_s
     for policy in (AresPolicy(0.5), NonePolicy(), FixedPolicy(0)):
         assert fastest <= policy.decide(p).round_s * (1 + 1e-12)
+
+
+def test_the_optimiser_and_its_command_import_no_heavy_or_network_packages():
+    code = ("import sys, ares.core.optimiser, ares.roles.optimise_cmd; "
+            "print(sorted(m for m in ('torch', 'httpx', 'kopf', 'kubernetes') if m in sys.modules))")
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.strip() == "[]"

@@ -1,0 +1,86 @@
+"""Shared fixtures: small configs and real server processes."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from ares.core.config import CONTROLLER_TOKEN_NAME, DataConfig, ServerConfig, TrainingConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def small_config(tmp: Path, devices=("dev-a",), **training) -> ServerConfig:
+    tokens = tmp / "tokens"
+    tokens.mkdir(parents=True, exist_ok=True)
+    for name in devices:
+        (tokens / name).write_text(secrets.token_urlsafe(24))
+    (tokens / CONTROLLER_TOKEN_NAME).write_text(secrets.token_urlsafe(24))
+    train = {"rounds": 3, "batch_size": 20, "seed": 1, **training}
+    return ServerConfig(devices=tuple(devices), tokens_dir=str(tokens), checkpoint_dir=str(tmp / "ckpt"),
+                        data=DataConfig(name="synthetic", synthetic_train=200, synthetic_test=100, seed=1),
+                        training=TrainingConfig(**train), host="127.0.0.1", port=free_port(), round_deadline_s=60)
+
+
+def token(cfg: ServerConfig, name: str) -> str:
+    return (Path(cfg.tokens_dir) / name).read_text().strip()
+
+
+class ServerProcess:
+    """`ares server` as a real process on loopback; stopped when the test ends."""
+
+    def __init__(self, cfg: ServerConfig, tmp: Path):
+        self.cfg = cfg
+        self.url = f"http://127.0.0.1:{cfg.port}"
+        path = tmp / "server.yaml"
+        path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+        self.log = open(tmp / "server.log", "wb")
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        self.proc = subprocess.Popen([sys.executable, "-m", "ares", "server", "--config", str(path)],
+                                     stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        self.tmp = tmp
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, (tmp / "server.log").read_text()
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        raise TimeoutError((tmp / "server.log").read_text())
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+
+
+@pytest.fixture
+def server_process(tmp_path):
+    started = []
+
+    def start(cfg: ServerConfig) -> ServerProcess:
+        started.append(ServerProcess(cfg, tmp_path))
+        return started[-1]
+
+    yield start
+    for s in started:
+        s.stop()
