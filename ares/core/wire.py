@@ -77,14 +77,14 @@ def encode_chunks(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any] |
         yield head
         for v in views:
             for start in range(0, v.nbytes, CHUNK):
-                yield bytes(v[start:start + CHUNK])
+                yield v[start:start + CHUNK]  # a view: no copy until the socket takes it
 
     return total, chunks()
 
 
 def encode(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any] | None = None) -> bytes:
     _, chunks = encode_chunks(tensors, meta)
-    return b"".join(chunks)
+    return b"".join(chunks)  # one copy into the reply body
 
 
 def decode(body: bytes | bytearray | memoryview, max_bytes: int = DEFAULT_MAX_BYTES) -> Bundle:

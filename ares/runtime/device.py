@@ -13,6 +13,7 @@ compute is padded to the profile's time, so results do not depend on this machin
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -29,7 +30,7 @@ from ares.core.models import build_model, model_spec, n_layers, split_model
 from ares.core.profiles import ComputeProfile
 from ares.runtime.link import LinkError, ServerLink
 from ares.runtime.power import read_power_file
-from ares.runtime.profiler import Ewma, LiveScale, device_profile, time_layers
+from ares.runtime.profiler import LiveScale, Throughput, device_profile, time_layers
 from ares.runtime.splitfile import read_split
 
 log = logging.getLogger("ares.device")
@@ -80,10 +81,10 @@ class DeviceTrainer:
         d = self.cfg.data
         self.shard = shard(data, self.cfg.shard_of(self.settings.name), len(self.cfg.devices), d.partition, d.beta, d.seed)
         self.split: Optional[int] = self.settings.initial_split
-        self.up, self.down = Ewma(), Ewma()
+        self.up, self.down = Throughput(), Throughput()
         self.live = LiveScale()
-        self.profile = self._startup_profile()
-        self.warned_slow = False
+        self.set_emulation(self.emulate)
+        self._profile_mtime: Optional[float] = None
 
     def _startup_profile(self) -> ComputeProfile:
         """Measured at start-up on this device; an emulated profile is the floor it is padded to."""
@@ -91,7 +92,7 @@ class DeviceTrainer:
         measured = device_profile(times, self.settings.device_class, self.settings.power_mode)
         if self.emulate is None:
             return measured
-        target = self.emulate.rescaled(measured.batch_size) if self.emulate.batch_size != measured.batch_size else self.emulate
+        target = self.emulate
         slower = [s for s in range(self.layers) if measured.total(s) > target.total(s) * 1.05]
         if slower:
             log.warning("this machine is slower than the emulated %s %s profile at splits %s: "
@@ -101,9 +102,26 @@ class DeviceTrainer:
                               batch_size=measured.batch_size, device_class=target.device_class,
                               power_mode=target.power_mode, source="derived")
 
+    def _reload_profile(self) -> None:
+        """The testbed changes a power mode by rewriting the emulated profile file between rounds."""
+        path = self.settings.profile_file
+        if not path:
+            return
+        try:
+            mtime = os.stat(path).st_mtime
+            if mtime != self._profile_mtime:
+                profile = ComputeProfile.load(path)
+                if self._profile_mtime is not None:
+                    log.info("profile file changed: now %s %s", profile.device_class, profile.power_mode)
+                    self.set_emulation(profile)
+                self._profile_mtime = mtime
+        except (OSError, ValueError) as exc:
+            log.warning("profile file %s unreadable (%s); keeping the current profile", path, exc)
+
     def set_emulation(self, profile: Optional[ComputeProfile]) -> None:
         """A power-mode change in the testbed: new profile, new power model."""
-        self.emulate = profile
+        batch = self.cfg.training.batch_size
+        self.emulate = profile.rescaled(batch) if profile is not None and profile.batch_size != batch else profile
         if profile is not None:
             self.settings = self.settings.model_copy(update={"device_class": profile.device_class,
                                                              "power_mode": profile.power_mode})
@@ -116,6 +134,7 @@ class DeviceTrainer:
         logs: list[RoundLog] = []
         round_index = self.link.status().round
         while not stop():
+            self._reload_profile()
             split = read_split(self.settings.split_file, self.layers, self.split)
             if split is None:
                 split = self.layers - 1
@@ -212,10 +231,8 @@ class DeviceTrainer:
             entry.server_s += result.server_s
             entry.up_s += result.up_s
             entry.down_s += result.down_s
-            if result.up_bytes and result.up_s > 0:
-                self.up.update(result.up_bytes / result.up_s)
-            if result.down_bytes and result.down_s > 0:
-                self.down.update(result.down_bytes / result.down_s)
+            self.up.update(result.up_bytes, result.up_s)
+            self.down.update(result.down_bytes, result.down_s)
             device_s = t_fwd + time.perf_counter() - t1  # compute only: the transfer is excluded
         entry.device_s += device_s
         self.live.update(self.profile.total(split) * scale, device_s)

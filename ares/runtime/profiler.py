@@ -100,6 +100,25 @@ class LiveScale:
         return self.factor
 
 
+class Throughput:
+    """Smoothed bytes per second, averaged as seconds per byte.
+
+    Averaging the inverse makes a link that just slowed down show at once (an EWMA of raw
+    rates would keep a 100 MB/s history for many steps after a drop to 0.25 MB/s).
+    """
+
+    def __init__(self, smoothing: float = 0.3):
+        self._inverse = Ewma(smoothing)
+
+    @property
+    def value(self) -> float | None:
+        return 1.0 / self._inverse.value if self._inverse.value else None
+
+    def update(self, nbytes: int, seconds: float) -> None:
+        if nbytes > 0 and seconds > 0:
+            self._inverse.update(seconds / nbytes)
+
+
 class Ewma:
     """Exponentially weighted mean; None until the first sample."""
 

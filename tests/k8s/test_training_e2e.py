@@ -23,7 +23,14 @@ def small_job() -> str:
 def test_applied_job_trains_to_success(server_port, kubelet, operator, kubectl):
     kubectl.run("apply", "-f", "-", stdin=small_job())
     status = lambda: kubectl.json("get", "aresjobs", "vgg5-demo").get("status") or {}
-    wait_for("round 1", lambda: status().get("round", 0) >= 1, timeout=120)
+    try:
+        wait_for("round 1", lambda: status().get("round", 0) >= 1, timeout=60)
+    except AssertionError:
+        print(kubelet.errors, status())
+        for name in ("vgg5-demo-server", "vgg5-demo-pi"):
+            print(name, kubelet.log(name)[-3000:])
+        print(operator.output[-3000:])
+        raise
     print(kubectl.table("aresjobs"))
     final = wait_for("the end", lambda: (s := status()).get("phase") in ("Succeeded", "Failed") and s, timeout=180)
     print(final)

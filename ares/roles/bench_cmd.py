@@ -1,0 +1,141 @@
+"""`ares bench SCENARIO`: one scenario under every policy, side by side, on the emulated testbed.
+
+Runs FL (`none`), classic split learning (one fixed split), the published `ares` policy,
+`straggler` and `straggler` with fp16 activations, one after another with the same seed and
+rounds (`ares.roles.testbed`), then prints one table: mean round time, device energy per round
+and final accuracy, each as a ratio to FL; the oracle round time (best over all split vectors)
+and each policy's ratio to it once adapted; the controller's predicted vs measured round time.
+Writes comparison.json, round_time.png and split_timeline.png next to each run's own folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+
+def run(args: argparse.Namespace) -> int:
+    from ares.roles.testbed import load_scenario
+
+    scenario = load_scenario(args.scenario)
+    updates: dict[str, Any] = {}
+    if args.policies:
+        updates["policies"] = [p.strip() for p in args.policies.split(",") if p.strip()]
+    if args.rounds is not None:
+        updates["training"] = {**scenario.training.model_dump(), "rounds": args.rounds}
+    if args.max_steps is not None:
+        updates["training"] = {**updates.get("training", scenario.training.model_dump()), "max_steps_per_round": args.max_steps}
+    if updates:
+        scenario = type(scenario).model_validate({**scenario.model_dump(), **updates})
+    out = Path(args.out or f"results/bench/{scenario.name}")
+    from ares.roles.testbed import compare
+
+    def progress(v: dict) -> None:
+        if not args.json:
+            print(f"  {v['label']}: mean round {v['mean_round_s']:.2f} s, final accuracy {v['final_accuracy']:.4f}",
+                  flush=True)
+
+    if not args.json:
+        print(f"scenario {scenario.name}: {len(scenario.devices)} devices, {scenario.training.rounds} rounds, "
+              f"policies {', '.join(scenario.policies)}", flush=True)
+    report = compare(scenario, out, links=args.links, progress=False, first_index=args.ns_index, on_variant=progress)
+    plot(report, out)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(table(report))
+        print(f"results: {out}/comparison.json, {out}/round_time.png, {out}/split_timeline.png")
+    return 0
+
+
+def _f(value: Optional[float], fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def table(report: dict) -> str:
+    """The comparison as plain text (one row per policy; ratios are measured side by side)."""
+    links = {"tc": "tc htb in network namespaces", "inprocess": "IN-PROCESS rate limit (no root: not tc)"}[report["links"]]
+    head = ["policy", "round s", "x FL", "J/round", "x FL", "accuracy", "x FL", "oracle s", "x oracle", "pred err"]
+    rows = [[v["label"], _f(v["mean_round_s"], ".2f"), _f(v["time_vs_fl"], ".3f"), _f(v["energy_per_round_j"], ".1f"),
+             _f(v["energy_vs_fl"], ".3f"), _f(v["final_accuracy"], ".4f"), _f(v["accuracy_vs_fl"], ".3f"),
+             _f(v["adapted_oracle_s"], ".2f"), _f(v["vs_oracle"], ".3f"),
+             "-" if v["prediction_error"] is None else f"{v['prediction_error'] * 100:.1f}%"]
+            for v in report["variants"]]
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    lines = [f"scenario {report['scenario']['name']}, links: {links}"]
+    lines += ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in [head, *rows]]
+    adapted = report["variants"][0]["adapted_rounds"] if report["variants"] else []
+    lines.append(f"round s, J/round: means over rounds 1.. (round 0 includes process start-up); oracle s and x oracle: over the adapted rounds {adapted} "
+                 "(best split vector from the emulated profiles and link rates, server as measured; same codec); "
+                 "pred err: controller's predicted vs measured round time, mean |error|")
+    for v in report["variants"]:
+        if v["slower_than_profile"]:
+            lines.append(f"warning: {v['label']}: this machine was slower than the emulated profile of "
+                         f"{', '.join(v['slower_than_profile'])}: those steps took the real time")
+    return "\n".join(lines)
+
+
+def plot(report: dict, out: Path) -> None:
+    """round_time.png: measured round time per policy with the oracle; split_timeline.png: splits per device."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    variants = report["variants"]
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    for v in variants:
+        ax.plot([r["round"] for r in v["rounds"]], [r["measured_s"] for r in v["rounds"]], marker="o", label=v["label"])
+    ref = next((v for v in variants if v["codec"] == "fp32" and all(r["oracle_s"] for r in v["rounds"])), None)
+    if ref:
+        ax.plot([r["round"] for r in ref["rounds"]], [r["oracle_s"] for r in ref["rounds"]], "k--", label="oracle (fp32)")
+    ax.set(xlabel="round", ylabel="seconds", title=f"Round time, scenario {report['scenario']['name']} ({report['links']} links)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "round_time.png", dpi=100)
+    plt.close(fig)
+
+    names = [d["name"] for d in report["scenario"]["devices"]]
+    fig, axes = plt.subplots(len(variants), 1, figsize=(9, 1.9 * len(variants) + 0.6), sharex=True, squeeze=False)
+    for ax, v in zip(axes[:, 0], variants):
+        for n in names:
+            pts = [(r["round"], r["splits"][n]) for r in v["rounds"] if n in r["splits"]]
+            ax.step([p[0] for p in pts], [p[1] for p in pts], where="post", marker=".", label=n)
+        ax.set(ylabel="split", title=v["label"])
+        ax.title.set_fontsize(9)
+    axes[0, 0].legend(fontsize=7, ncol=len(names))
+    axes[-1, 0].set_xlabel("round")
+    fig.tight_layout()
+    fig.savefig(out / "split_timeline.png", dpi=100)
+    plt.close(fig)
+
+
+def register(subparsers: Any) -> None:
+    """Add `bench` to the `ares` command line."""
+    p = subparsers.add_parser("bench", help="run a testbed scenario under every policy and compare",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("scenario", help="paper5 | bandwidth-drop | power-mode-change (bench/scenarios/) or a YAML file")
+    p.add_argument("--policies", help="comma-separated, overrides the scenario's: none,fixed:1,ares,straggler,straggler+fp16")
+    p.add_argument("--rounds", type=int, help="override the scenario's rounds")
+    p.add_argument("--max-steps", type=int, help="override the scenario's max_steps_per_round")
+    p.add_argument("--links", choices=["auto", "tc", "inprocess"], default="auto",
+                   help="tc: network namespaces + tc (root); inprocess: rate limit in the device; auto: tc when root")
+    p.add_argument("--ns-index", type=int, default=0, help="first network namespace index (ares-ns<i>)")
+    p.add_argument("--out", help="results folder (default results/bench/SCENARIO)")
+    p.add_argument("--json", action="store_true", help="print the comparison as JSON")
+    p.set_defaults(func=run)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="ares bench")
+    sub = parser.add_subparsers(dest="command", required=True)
+    register(sub)
+    args = parser.parse_args(["bench", *(sys.argv[1:] if argv is None else argv)])
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,445 @@
+"""An emulated IoT testbed on one machine: run a scenario under one policy, measure it, compare.
+
+A scenario (`bench/scenarios/*.yaml`) names emulated devices (a published or derived compute
+profile each, and a link), the training settings and a schedule of changes (link rates, Jetson
+power modes) at round boundaries. `run_variant` runs it under one policy with the local runner:
+
+- compute: every device process pads each layer's time to its emulated profile (`ares device
+  --profile FILE`), so results do not depend on this machine's speed unless this machine is
+  slower than the profile (the device logs say so; `slower_than_profile` lists those devices);
+  a power-mode change rewrites that file, which the device re-reads at its next round start;
+- links: as root, one network namespace per device, a veth pair to the server's namespace and
+  `hostscripts/ares-shape` (tc htb), the script a real device uses; without root the device's
+  in-process rate limit, labelled `inprocess` in every result.
+
+Every variant then gets, per round, the oracle: the best round time over all split vectors
+from the scenario's emulated profiles and link rates, with the server profile the run's own
+telemetry measured (`oracle_round_time`); and the controller's prediction for the splits that
+were used (`evaluate` over the telemetry at the start of that round) next to the measured time.
+Timing changes at round r (links and power modes) hold from round r on; the adaptive policies
+see them one round later (they decide from measurements), so `settle_rounds` after each change
+are left out of a policy's "adapted" ratio to the oracle.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from ares.core.config import DataConfig, TrainingConfig
+from ares.core.energy import power_model
+from ares.core.optimiser import DeviceInput, Problem, evaluate, model_costs, oracle_round_time, parse_policy
+from ares.core.profiles import POWER_MODE_SLOWDOWN, PUBLISHED, ComputeProfile, ServerProfile, derive_power_mode
+from ares.roles.runconfig import DeviceSpec, LinkChange, RunConfig
+from ares.roles.runner import Cluster, free_port, run
+from ares.runtime.controller import CODEC_BYTES, fetch_status, fetch_telemetry, problem_from_telemetry
+
+log = logging.getLogger("ares.testbed")
+
+SCENARIO_DIR = Path(__file__).resolve().parents[2] / "bench" / "scenarios"
+LinkMode = Literal["tc", "inprocess"]
+SLOW_MACHINE_MARK = "slower than the emulated"  # what ares.runtime.device logs when it cannot keep up
+DEFAULT_POLICIES = ("none", "fixed:1", "ares", "straggler", "straggler+fp16")
+MBIT = 125_000.0  # bytes per second in one Mbit/s
+WARMUP_ROUNDS = 1  # round 0 includes process start-up (imports, self-profiling): left out of the means
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class EmulatedDevice(_Strict):
+    name: str
+    profile: str = Field(..., description="jetson-nano/MAXN | raspberry-pi | jetson-nano/<5W|custom1|custom3> "
+                                          "(derived from MAXN) | a profile JSON path")
+    up_mbps: float = Field(20.0, gt=0)
+    down_mbps: Optional[float] = Field(None, gt=0, description="default: up_mbps")
+
+    @property
+    def down(self) -> float:
+        return self.down_mbps if self.down_mbps is not None else self.up_mbps
+
+
+class Change(_Strict):
+    """From round `round` on: a device's new link rates and/or Jetson power mode."""
+
+    round: int = Field(..., ge=1)
+    device: str
+    up_mbps: Optional[float] = Field(None, gt=0)
+    down_mbps: Optional[float] = Field(None, gt=0)
+    power_mode: Optional[str] = None
+
+
+class Scenario(_Strict):
+    name: str
+    description: str = ""
+    model: str = "vgg5"
+    training: TrainingConfig = TrainingConfig(rounds=8, max_steps_per_round=5)
+    data: DataConfig = DataConfig(name="synthetic", synthetic_train=5000, synthetic_test=500)
+    devices: list[EmulatedDevice] = Field(..., min_length=1)
+    schedule: list[Change] = []
+    policies: list[str] = list(DEFAULT_POLICIES)
+    profile_scale: float = Field(1.0, gt=0, description="multiply every emulated time (tests run faster)")
+    settle_rounds: int = Field(2, ge=0, description="rounds after a change before a policy counts as adapted")
+    round_deadline_s: float = Field(600.0, gt=0)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Scenario":
+        names = {d.name for d in self.devices}
+        for c in self.schedule:
+            if c.device not in names:
+                raise ValueError(f"schedule names device {c.device!r}; devices: {sorted(names)}")
+            if c.round >= self.training.rounds:
+                raise ValueError(f"schedule change at round {c.round} never happens: rounds are 0..{self.training.rounds - 1}")
+            if c.power_mode is not None and c.power_mode not in POWER_MODE_SLOWDOWN:
+                raise ValueError(f"power mode {c.power_mode!r} unknown; known: {', '.join(POWER_MODE_SLOWDOWN)}")
+        for p in self.policies:
+            variant_of(p)
+        for d in self.devices:
+            base_profile(d.profile)
+        return self
+
+
+# ---- what every device looks like at every round: pure functions of the scenario ----------
+
+@dataclass(frozen=True)
+class DeviceState:
+    """One device during one round: its emulated profile and its link."""
+
+    profile: ComputeProfile
+    up_mbps: float
+    down_mbps: float
+
+
+def base_profile(ref: str) -> ComputeProfile:
+    """A published profile, a Nano mode derived from MAXN, or a profile JSON file."""
+    if ref in PUBLISHED:
+        return PUBLISHED[ref]
+    cls, _, mode = ref.partition("/")
+    if cls == "jetson-nano" and mode in POWER_MODE_SLOWDOWN:
+        return derive_power_mode(PUBLISHED["jetson-nano/MAXN"], mode)
+    path = Path(ref)
+    if not path.exists():
+        derived = ", ".join(f"jetson-nano/{m}" for m in POWER_MODE_SLOWDOWN if m != "MAXN")
+        raise ValueError(f"profile {ref!r} is neither a published key ({', '.join(PUBLISHED)}), "
+                         f"a derived Nano mode ({derived}) nor a file")
+    return ComputeProfile.load(path)
+
+
+def timeline(scenario: Scenario) -> list[dict[str, DeviceState]]:
+    """Each round's device states, with the scheduled changes applied from their round on."""
+    scale = scenario.profile_scale
+    state = {}
+    for d in scenario.devices:
+        profile = base_profile(d.profile)
+        state[d.name] = DeviceState(profile.scaled(scale) if scale != 1 else profile, d.up_mbps, d.down)
+    rounds = []
+    for r in range(scenario.training.rounds):
+        for c in (c for c in scenario.schedule if c.round == r):
+            s = state[c.device]
+            profile = derive_power_mode(s.profile, c.power_mode) if c.power_mode else s.profile
+            up = c.up_mbps if c.up_mbps is not None else s.up_mbps
+            down = c.down_mbps if c.down_mbps is not None else (c.up_mbps if c.up_mbps is not None else s.down_mbps)
+            state[c.device] = DeviceState(profile, up, down)
+        rounds.append(dict(state))
+    return rounds
+
+
+def adapted_rounds(scenario: Scenario) -> list[int]:
+    """Rounds at least `settle_rounds` after the start and after the last change before them."""
+    changes = sorted({0, *(c.round for c in scenario.schedule)})
+    return [r for r in range(scenario.training.rounds)
+            if r - max(c for c in changes if c <= r) >= scenario.settle_rounds]
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One way to run the scenario: a split mode, a policy and a wire codec."""
+
+    key: str  # as written in the scenario: none, fixed:1, ares, straggler, straggler+fp16
+    mode: str
+    policy: str
+    codec: Literal["fp32", "fp16"]
+
+    @property
+    def label(self) -> str:
+        base = {"none": "FL (none)"}.get(self.key.split("+")[0], self.key.split("+")[0])
+        if self.mode.startswith("fixed:"):
+            base = f"split learning ({self.mode})"
+        return base + (" + fp16" if self.codec == "fp16" else "")
+
+    @property
+    def folder(self) -> str:
+        return self.key.replace(":", "-").replace("+", "-")
+
+
+def variant_of(key: str) -> Variant:
+    """`none`, `fixed:N`, `ares`, `straggler`, each optionally with `+fp16` (activations in fp16)."""
+    base, plus, codec = key.partition("+")
+    if plus and codec != "fp16":
+        raise ValueError(f"policy {key!r}: only '+fp16' may follow a policy")
+    if base == "none" or base.startswith("fixed:"):
+        parse_policy(base)
+        return Variant(key, base, "straggler", "fp16" if plus else "fp32")
+    parse_policy(base)
+    return Variant(key, "adaptive", base, "fp16" if plus else "fp32")
+
+
+# ---- links: network namespaces with tc, or the in-process limit ------------------------------
+
+def link_mode(requested: str = "auto") -> LinkMode:
+    """`tc` when asked or when root with ip and tc; else `inprocess`."""
+    from ares.runtime.netns import NetnsError, require_tools
+
+    if requested == "inprocess":
+        return "inprocess"
+    try:
+        require_tools()
+        return "tc"
+    except NetnsError as exc:
+        if requested == "tc":
+            raise
+        log.warning("links are emulated in-process (%s)", exc)
+        return "inprocess"
+
+
+def rate(mbps: Optional[float]) -> Optional[str]:
+    """Mbit/s as an ares-shape rate (whole kbit, which the script's rate syntax accepts)."""
+    return None if mbps is None else f"{max(1, round(mbps * 1000))}kbit"
+
+
+@dataclass
+class NetnsCluster(Cluster):
+    """A local run whose devices live in network namespaces, each behind a tc-shaped veth link."""
+
+    namespaces: dict = field(default_factory=dict)  # device name -> ares.runtime.netns.DeviceNamespace
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name, ns in self.namespaces.items():
+            self.device_prefix[name] = ns.exec_args([])
+            self.server_host[name] = ns.plan.host_addr
+
+    def start(self, host: str = "0.0.0.0") -> None:
+        super().start(host="0.0.0.0")  # reachable from every namespace; each device uses its own veth address
+
+    def set_link(self, device: str, up_mbps: Optional[float], down_mbps: Optional[float]) -> None:
+        self.namespaces[device].shape(up=rate(up_mbps), down=rate(down_mbps))
+
+
+@contextlib.contextmanager
+def namespaces(names: list[str], first_index: int = 0) -> Iterator[dict]:
+    """One `DeviceNamespace` per device, indices first_index.., removed on exit."""
+    from ares.runtime.netns import DeviceNamespace
+
+    with contextlib.ExitStack() as stack:
+        yield {n: stack.enter_context(DeviceNamespace(first_index + i)) for i, n in enumerate(names)}
+
+
+# ---- running one variant --------------------------------------------------------------------
+
+def run_config(scenario: Scenario, variant: Variant, results: Path, port: int = 0) -> RunConfig:
+    first = timeline(scenario)[0]
+    devices = [DeviceSpec(name=d.name, device_class=first[d.name].profile.device_class or "cpu",
+                          power_mode=first[d.name].profile.power_mode,
+                          profile=str(results / "emulated" / f"{d.name}.json"),
+                          up_mbps=first[d.name].up_mbps, down_mbps=first[d.name].down_mbps)
+               for d in scenario.devices]
+    schedule = [LinkChange(round=r, device=name, up_mbps=s.up_mbps, down_mbps=s.down_mbps)
+                for r, (before, now) in enumerate(zip(timeline(scenario), timeline(scenario)[1:]), start=1)
+                for name, s in now.items() if (s.up_mbps, s.down_mbps) != (before[name].up_mbps, before[name].down_mbps)]
+    return RunConfig(model=scenario.model, devices=devices, mode=variant.mode, policy=variant.policy,
+                     data=scenario.data, training=scenario.training, codec=variant.codec, results_dir=str(results),
+                     port=port, round_deadline_s=scenario.round_deadline_s, schedule=schedule)
+
+
+def _write_profile(path: Path, profile: ComputeProfile) -> None:
+    """Atomically: the device re-reads the file when its mtime changes."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    profile.save(tmp)
+    tmp.replace(path)
+
+
+class _RoundHook:
+    """Runs at every round change: keeps the telemetry, switches power modes at round boundaries.
+
+    A power mode for round r is written once every device has joined round r-1: each device
+    re-reads its profile right before it joins, so the new mode holds from round r exactly.
+    """
+
+    def __init__(self, scenario: Scenario, profiles: Path):
+        self.states = timeline(scenario)
+        self.profiles = profiles
+        self.telemetry: dict[int, object] = {}
+        self.deadline_s = scenario.round_deadline_s
+
+    def __call__(self, cluster: Cluster, status) -> None:
+        with contextlib.suppress(Exception):  # a failed read costs one prediction, never the run
+            self.telemetry[status.round] = fetch_telemetry(cluster.url, cluster.controller_token)
+        nxt = status.round + 1
+        if status.phase == "finished" or nxt >= len(self.states):
+            return
+        changed = {n: s.profile for n, s in self.states[nxt].items() if s.profile != self.states[status.round][n].profile}
+        if changed:
+            self._wait_all_joined(cluster, status.round)
+            for name, profile in changed.items():
+                log.info("round %d: %s -> %s %s", nxt, name, profile.device_class, profile.power_mode)
+                _write_profile(self.profiles / f"{name}.json", profile)
+
+    def _wait_all_joined(self, cluster: Cluster, round_index: int) -> None:
+        deadline = time.monotonic() + self.deadline_s
+        while time.monotonic() < deadline:
+            s = fetch_status(cluster.url, cluster.controller_token)
+            if s.round != round_index or all(d.phase in ("training", "uploaded") for d in s.devices.values()):
+                return
+            time.sleep(0.05)
+
+
+def run_variant(scenario: Scenario, variant: Variant, results: Path, links: LinkMode,
+                netns: Optional[dict] = None, progress: bool = False) -> dict:
+    """Run the scenario under one variant; returns its measured and modelled rounds (also variant.json)."""
+    results.mkdir(parents=True, exist_ok=True)
+    states = timeline(scenario)
+    for name, s in states[0].items():
+        _write_profile(results / "emulated" / f"{name}.json", s.profile)
+    cfg = run_config(scenario, variant, results, port=free_port())
+    if links == "tc":
+        cluster = NetnsCluster(cfg, results, cfg.port, namespaces=netns or {})
+    else:
+        cluster = Cluster(cfg, results, cfg.port)
+    hook = _RoundHook(scenario, results / "emulated")
+    summary = run(cfg, progress=progress, cluster=cluster, on_round=hook)
+    history = json.loads((results / "checkpoints" / "state.json").read_text())["history"]
+    (results / "telemetry.json").write_text(json.dumps({r: t.model_dump(mode="json") for r, t in hook.telemetry.items()}))
+    out = analyse(scenario, variant, history, hook.telemetry, links)
+    out.update(summary_wall_s=summary["wall_s"], results_dir=str(results),
+               slower_than_profile=_slow_devices(results / "logs", [d.name for d in scenario.devices]))
+    (results / "variant.json").write_text(json.dumps(out, indent=2))
+    return out
+
+
+def _slow_devices(logs: Path, names: list[str]) -> list[str]:
+    return [n for n in names if (logs / f"{n}.log").exists() and SLOW_MACHINE_MARK in (logs / f"{n}.log").read_text()]
+
+
+# ---- what a run means: oracle, prediction, ratios -------------------------------------------
+
+def oracle_problem(states: dict[str, DeviceState], telemetry, iterations: dict[str, int]) -> Problem:
+    """The scenario's truth for one round: emulated profiles and link rates, the measured server."""
+    batch = telemetry.batch_size
+    server = ServerProfile(fwd=tuple(telemetry.server_fwd), bwd=tuple(telemetry.server_bwd), batch_size=batch)
+    costs = model_costs(telemetry.activation_numel, telemetry.weight_bytes, batch,
+                        codec_bytes=CODEC_BYTES.get(telemetry.codec, 4))
+    devices = tuple(DeviceInput(name=n, compute=s.profile.rescaled(batch), up_bps=s.up_mbps * MBIT,
+                                down_bps=s.down_mbps * MBIT, power=power_model(s.profile.device_class, s.profile.power_mode),
+                                iterations=iterations[n]) for n, s in states.items())
+    return Problem(devices, server, costs)
+
+
+def analyse(scenario: Scenario, variant: Variant, history: list[dict], telemetry: dict[int, object],
+            links: LinkMode) -> dict:
+    """Per round: measured time and energy, the oracle, the controller's prediction; and their means."""
+    states = timeline(scenario)
+    server_telemetry = telemetry.get(max(telemetry)) if telemetry else None
+    rounds = []
+    for h in history:
+        r = h["round"]
+        steps = {n: h["devices"].get(n, {}).get("steps") or scenario.training.max_steps_per_round or 1
+                 for n in states[r]}
+        energy = [d["energy_j"] for d in h["devices"].values() if d.get("energy_j") is not None]
+        row = {"round": r, "measured_s": h["duration_s"], "accuracy": h["accuracy"], "missed": h["missed"],
+               "splits": {n: d["split"] for n, d in h["devices"].items()},
+               "energy_j": math.fsum(energy) if energy else None,
+               "oracle_s": None, "predicted_s": None}
+        if server_telemetry is not None:
+            row["oracle_s"] = oracle_round_time(oracle_problem(states[r], server_telemetry, steps))
+        row["predicted_s"] = _predicted(telemetry.get(r), row["splits"]) if r > 0 else None
+        rounds.append(row)
+    adapted = [x for x in rounds if x["round"] in adapted_rounds(scenario) and x["oracle_s"]]
+    changes = {c.round for c in scenario.schedule}
+    predicted = [x for x in rounds if x["predicted_s"] and x["round"] not in changes]
+    steady = [x for x in rounds if x["round"] >= WARMUP_ROUNDS] or rounds
+    energies = [x["energy_j"] for x in steady if x["energy_j"] is not None]
+    return {
+        "scenario": scenario.name, "variant": variant.key, "label": variant.label, "mode": variant.mode,
+        "policy": variant.policy if variant.mode == "adaptive" else None, "codec": variant.codec, "links": links,
+        "rounds": rounds,
+        "mean_round_s": _mean(x["measured_s"] for x in steady),
+        "energy_per_round_j": _mean(energies) if energies else None,
+        "final_accuracy": rounds[-1]["accuracy"] if rounds else None,
+        "oracle_round_s": _mean(x["oracle_s"] for x in steady) if all(x["oracle_s"] for x in steady) else None,
+        "adapted_rounds": [x["round"] for x in adapted],
+        "adapted_round_s": _mean(x["measured_s"] for x in adapted) if adapted else None,
+        "adapted_oracle_s": _mean(x["oracle_s"] for x in adapted) if adapted else None,
+        "vs_oracle": (_mean(x["measured_s"] for x in adapted) / _mean(x["oracle_s"] for x in adapted)) if adapted else None,
+        "prediction_error": (_mean(abs(x["predicted_s"] - x["measured_s"]) / x["measured_s"] for x in predicted)
+                             if predicted else None),
+    }
+
+
+def _predicted(telemetry, splits: dict[str, int]) -> Optional[float]:
+    """The controller's model of the splits used in a round, from the telemetry at its start."""
+    if telemetry is None:
+        return None
+    problem = problem_from_telemetry(telemetry)
+    if problem is None or {d.name for d in problem.devices} != set(splits):
+        return None  # a device not measured yet (no transfer seen): no prediction
+    return evaluate(problem, splits).round_s
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return math.fsum(values) / len(values)
+
+
+# ---- the whole comparison -------------------------------------------------------------------
+
+def load_scenario(ref: str) -> Scenario:
+    """A scenario file, or the name of one in bench/scenarios/."""
+    path = Path(ref)
+    if not path.exists():
+        path = SCENARIO_DIR / f"{ref}.yaml"
+    if not path.exists():
+        known = sorted(p.stem for p in SCENARIO_DIR.glob("*.yaml"))
+        raise FileNotFoundError(f"no scenario {ref!r}; known: {', '.join(known) or 'none'} (or give a file)")
+    return Scenario.model_validate(yaml.safe_load(path.read_text()))
+
+
+def compare(scenario: Scenario, out: Path, links: str = "auto", progress: bool = False,
+            first_index: int = 0, on_variant=None) -> dict:
+    """Every policy of the scenario, one after another, same seed and rounds; writes comparison.json."""
+    mode = link_mode(links)
+    out.mkdir(parents=True, exist_ok=True)
+    variants = [variant_of(p) for p in scenario.policies]
+    results = []
+    with (namespaces([d.name for d in scenario.devices], first_index) if mode == "tc" else contextlib.nullcontext({})) as ns:
+        for v in variants:
+            log.info("scenario %s: running %s (%s links)", scenario.name, v.label, mode)
+            results.append(run_variant(scenario, v, out / v.folder, mode, ns, progress))
+            if on_variant:
+                on_variant(results[-1])
+    report = {"scenario": scenario.model_dump(mode="json"), "links": mode, "variants": ratios(results)}
+    (out / "comparison.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+def ratios(results: list[dict]) -> list[dict]:
+    """Each variant's round time, energy and accuracy as ratios to FL (`none`), where FL ran."""
+    fl = next((r for r in results if r["mode"] == "none"), None)
+
+    def ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
+        return a / b if a is not None and b else None
+
+    return [{**r, "time_vs_fl": ratio(r["mean_round_s"], fl and fl["mean_round_s"]),
+             "energy_vs_fl": ratio(r["energy_per_round_j"], fl and fl["energy_per_round_j"]),
+             "accuracy_vs_fl": ratio(r["final_accuracy"], fl and fl["final_accuracy"])} for r in results]
