@@ -217,6 +217,11 @@ def rate(mbps: Optional[float]) -> Optional[str]:
     return None if mbps is None else f"{max(1, round(mbps * 1000))}kbit"
 
 
+def shape(ns, up_mbps: Optional[float], down_mbps: Optional[float]) -> None:
+    """Cap a device namespace's link in Mbit/s each way (None lifts a cap), via hostscripts/ares-shape."""
+    ns.shape(up=rate(up_mbps), down=rate(down_mbps))
+
+
 @dataclass
 class NetnsCluster(Cluster):
     """A local run whose devices live in network namespaces, each behind a tc-shaped veth link."""
@@ -233,7 +238,7 @@ class NetnsCluster(Cluster):
         super().start(host="0.0.0.0")  # reachable from every namespace; each device uses its own veth address
 
     def set_link(self, device: str, up_mbps: Optional[float], down_mbps: Optional[float]) -> None:
-        self.namespaces[device].shape(up=rate(up_mbps), down=rate(down_mbps))
+        shape(self.namespaces[device], up_mbps, down_mbps)
 
 
 @contextlib.contextmanager

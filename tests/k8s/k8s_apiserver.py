@@ -48,6 +48,7 @@ CORE = {
     "nodes": ("Node", False, ["no"]), "namespaces": ("Namespace", False, ["ns"]),
 }
 CRDS = kmock.resource("apiextensions.k8s.io", "v1", "customresourcedefinitions")
+KEEP_REQUESTS = 50  # recent requests kept for assertions (kmock.requests)
 VERBS = ["create", "delete", "get", "list", "patch", "update", "watch"]
 
 
@@ -97,6 +98,11 @@ class Apiserver(k8s.KubernetesEmulator):
         return await super().__call__(raw)
 
     async def _handle(self, request: rendering.Request) -> aiohttp.web.StreamResponse:
+        # kmock matches each request against every request it ever recorded: keep only the
+        # latest few, or a long test (a kubelet polling, kopf watching) slows to a crawl.
+        del self._requests[:-KEEP_REQUESTS]
+        for reaction in self._payloads:
+            del reaction._requests[:-KEEP_REQUESTS]
         # Skip KubernetesEmulator._handle's state keeping: the _serve_* methods below own the state.
         return await apps.RawHandler._handle(self, request)
 
