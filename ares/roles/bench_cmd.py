@@ -31,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
     if updates:
         scenario = type(scenario).model_validate({**scenario.model_dump(), **updates})
     out = Path(args.out or f"results/bench/{scenario.name}")
-    from ares.roles.testbed import compare
+    from ares.roles.testbed import compare, reanalyse
 
     def progress(v: dict) -> None:
         if not args.json:
@@ -41,7 +41,16 @@ def run(args: argparse.Namespace) -> int:
     if not args.json:
         print(f"scenario {scenario.name}: {len(scenario.devices)} devices, {scenario.training.rounds} rounds, "
               f"policies {', '.join(scenario.policies)}", flush=True)
-    report = compare(scenario, out, links=args.links, progress=False, first_index=args.ns_index, on_variant=progress)
+    from ares.runtime.netns import NetnsError
+
+    try:
+        if args.reanalyse:
+            report = reanalyse(scenario, out)
+        else:
+            report = compare(scenario, out, links=args.links, progress=False, first_index=args.ns_index, on_variant=progress)
+    except NetnsError as exc:
+        print(f"ares bench: {exc}; use --links inprocess to run without network namespaces", file=sys.stderr)
+        return 2
     plot(report, out)
     if args.json:
         print(json.dumps(report, indent=2))
@@ -58,19 +67,26 @@ def _f(value: Optional[float], fmt: str) -> str:
 def table(report: dict) -> str:
     """The comparison as plain text (one row per policy; ratios are measured side by side)."""
     links = {"tc": "tc htb in network namespaces", "inprocess": "IN-PROCESS rate limit (no root: not tc)"}[report["links"]]
-    head = ["policy", "round s", "x FL", "J/round", "x FL", "accuracy", "x FL", "oracle s", "x oracle", "pred err"]
+    head = ["policy", "round s", "x FL", "J/round", "x FL", "model J x FL", "accuracy", "x FL",
+            "oracle s", "x oracle", "choice x oracle", "pred err"]
     rows = [[v["label"], _f(v["mean_round_s"], ".2f"), _f(v["time_vs_fl"], ".3f"), _f(v["energy_per_round_j"], ".1f"),
-             _f(v["energy_vs_fl"], ".3f"), _f(v["final_accuracy"], ".4f"), _f(v["accuracy_vs_fl"], ".3f"),
-             _f(v["adapted_oracle_s"], ".2f"), _f(v["vs_oracle"], ".3f"),
+             _f(v["energy_vs_fl"], ".3f"), _f(v["model_energy_vs_fl"], ".3f"), _f(v["final_accuracy"], ".4f"),
+             _f(v["accuracy_vs_fl"], ".3f"), _f(v["adapted_oracle_s"], ".2f"), _f(v["vs_oracle"], ".3f"),
+             _f(v["choice_vs_oracle"], ".3f"),
              "-" if v["prediction_error"] is None else f"{v['prediction_error'] * 100:.1f}%"]
             for v in report["variants"]]
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
     lines = [f"scenario {report['scenario']['name']}, links: {links}"]
     lines += ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in [head, *rows]]
     adapted = report["variants"][0]["adapted_rounds"] if report["variants"] else []
-    lines.append(f"round s, J/round: means over rounds 1.. (round 0 includes process start-up); oracle s and x oracle: over the adapted rounds {adapted} "
-                 "(best split vector from the emulated profiles and link rates, server as measured; same codec); "
-                 "pred err: controller's predicted vs measured round time, mean |error|")
+    lines += [
+        "round s, J/round: measured means over rounds 1.. (round 0 includes process start-up); J/round is each "
+        "device's power model x its measured compute and transfer times",
+        "model J: the same power models x the emulated profiles and link rates, for the splits each policy used",
+        f"oracle s, x oracle: over the adapted rounds {adapted}; oracle = best split vector from the emulated profiles "
+        "and link rates (server as measured, same codec); choice x oracle: the splits used, in that same model",
+        "pred err: the controller's predicted vs measured round time (telemetry at the round's start), mean |error|",
+    ]
     for v in report["variants"]:
         if v["slower_than_profile"]:
             lines.append(f"warning: {v['label']}: this machine was slower than the emulated profile of "
@@ -126,6 +142,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--ns-index", type=int, default=0, help="first network namespace index (ares-ns<i>)")
     p.add_argument("--out", help="results folder (default results/bench/SCENARIO)")
     p.add_argument("--json", action="store_true", help="print the comparison as JSON")
+    p.add_argument("--reanalyse", action="store_true", help="recompute the table and figures from --out; run nothing")
     p.set_defaults(func=run)
 
 

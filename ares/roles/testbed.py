@@ -41,7 +41,8 @@ from ares.core.optimiser import DeviceInput, Problem, evaluate, model_costs, ora
 from ares.core.profiles import POWER_MODE_SLOWDOWN, PUBLISHED, ComputeProfile, ServerProfile, derive_power_mode
 from ares.roles.runconfig import DeviceSpec, LinkChange, RunConfig
 from ares.roles.runner import Cluster, free_port, run
-from ares.runtime.controller import CODEC_BYTES, fetch_status, fetch_telemetry, problem_from_telemetry
+from ares.runtime.controller import (ASSUMED_POWER, CODEC_BYTES, fetch_status, fetch_telemetry,
+                                    problem_from_telemetry)
 
 log = logging.getLogger("ares.testbed")
 
@@ -104,8 +105,7 @@ class Scenario(_Strict):
                 raise ValueError(f"power mode {c.power_mode!r} unknown; known: {', '.join(POWER_MODE_SLOWDOWN)}")
         for p in self.policies:
             variant_of(p)
-        for d in self.devices:
-            base_profile(d.profile)
+        timeline(self)  # every profile resolves and every power-mode change can be derived
         return self
 
 
@@ -279,12 +279,14 @@ class _RoundHook:
     """Runs at every round change: keeps the telemetry, switches power modes at round boundaries.
 
     A power mode for round r is written once every device has joined round r-1: each device
-    re-reads its profile right before it joins, so the new mode holds from round r exactly.
+    re-reads its profile right before it joins, so the new mode holds from round r exactly (a
+    round too short for the runner to see is caught up at the next call, one round late).
     """
 
     def __init__(self, scenario: Scenario, profiles: Path):
         self.states = timeline(scenario)
         self.profiles = profiles
+        self.written = {n: s.profile for n, s in self.states[0].items()}
         self.telemetry: dict[int, object] = {}
         self.deadline_s = scenario.round_deadline_s
 
@@ -294,18 +296,22 @@ class _RoundHook:
         nxt = status.round + 1
         if status.phase == "finished" or nxt >= len(self.states):
             return
-        changed = {n: s.profile for n, s in self.states[nxt].items() if s.profile != self.states[status.round][n].profile}
+        changed = {n: s.profile for n, s in self.states[nxt].items() if s.profile != self.written[n]}
         if changed:
             self._wait_all_joined(cluster, status.round)
             for name, profile in changed.items():
                 log.info("round %d: %s -> %s %s", nxt, name, profile.device_class, profile.power_mode)
                 _write_profile(self.profiles / f"{name}.json", profile)
+                self.written[name] = profile
 
     def _wait_all_joined(self, cluster: Cluster, round_index: int) -> None:
         deadline = time.monotonic() + self.deadline_s
         while time.monotonic() < deadline:
-            s = fetch_status(cluster.url, cluster.controller_token)
-            if s.round != round_index or all(d.phase in ("training", "uploaded") for d in s.devices.values()):
+            try:
+                s = fetch_status(cluster.url, cluster.controller_token)
+            except Exception:  # noqa: BLE001 - a busy server; ask again
+                s = None
+            if s and (s.round != round_index or all(d.phase in ("training", "uploaded") for d in s.devices.values())):
                 return
             time.sleep(0.05)
 
@@ -324,10 +330,20 @@ def run_variant(scenario: Scenario, variant: Variant, results: Path, links: Link
         cluster = Cluster(cfg, results, cfg.port)
     hook = _RoundHook(scenario, results / "emulated")
     summary = run(cfg, progress=progress, cluster=cluster, on_round=hook)
-    history = json.loads((results / "checkpoints" / "state.json").read_text())["history"]
     (results / "telemetry.json").write_text(json.dumps({r: t.model_dump(mode="json") for r, t in hook.telemetry.items()}))
-    out = analyse(scenario, variant, history, hook.telemetry, links)
-    out.update(summary_wall_s=summary["wall_s"], results_dir=str(results),
+    return analyse_folder(scenario, variant, results, links, summary["wall_s"])
+
+
+def analyse_folder(scenario: Scenario, variant: Variant, results: Path, links: LinkMode,
+                   wall_s: Optional[float] = None) -> dict:
+    """A variant's numbers from what its run left on disk (state.json, telemetry.json, logs); writes variant.json."""
+    from ares.core.messages import Telemetry
+
+    history = json.loads((results / "checkpoints" / "state.json").read_text())["history"]
+    raw = json.loads((results / "telemetry.json").read_text())
+    telemetry = {int(r): Telemetry.model_validate(t) for r, t in raw.items()}
+    out = analyse(scenario, variant, history, telemetry, links)
+    out.update(wall_s=wall_s, results_dir=str(results),
                slower_than_profile=_slow_devices(results / "logs", [d.name for d in scenario.devices]))
     (results / "variant.json").write_text(json.dumps(out, indent=2))
     return out
@@ -346,50 +362,79 @@ def oracle_problem(states: dict[str, DeviceState], telemetry, iterations: dict[s
     costs = model_costs(telemetry.activation_numel, telemetry.weight_bytes, batch,
                         codec_bytes=CODEC_BYTES.get(telemetry.codec, 4))
     devices = tuple(DeviceInput(name=n, compute=s.profile.rescaled(batch), up_bps=s.up_mbps * MBIT,
-                                down_bps=s.down_mbps * MBIT, power=power_model(s.profile.device_class, s.profile.power_mode),
-                                iterations=iterations[n]) for n, s in states.items())
+                                down_bps=s.down_mbps * MBIT, power=_power(s.profile), iterations=iterations[n])
+                    for n, s in states.items())
     return Problem(devices, server, costs)
+
+
+def _power(profile: ComputeProfile):
+    """The table's power model; a custom profile's unknown class gets the controller's labelled guess."""
+    try:
+        return power_model(profile.device_class, profile.power_mode)
+    except ValueError:
+        return ASSUMED_POWER
 
 
 def analyse(scenario: Scenario, variant: Variant, history: list[dict], telemetry: dict[int, object],
             links: LinkMode) -> dict:
-    """Per round: measured time and energy, the oracle, the controller's prediction; and their means."""
+    """Per round: measured time and energy, the oracle, the emulated truth and the controller's
+    prediction for the splits used; then their means (`steady`: from round WARMUP_ROUNDS on)."""
     states = timeline(scenario)
-    server_telemetry = telemetry.get(max(telemetry)) if telemetry else None
+    server = telemetry.get(max(telemetry)) if telemetry else None
     rounds = []
     for h in history:
         r = h["round"]
+        splits = {n: d["split"] for n, d in h["devices"].items()}
         steps = {n: h["devices"].get(n, {}).get("steps") or scenario.training.max_steps_per_round or 1
                  for n in states[r]}
         energy = [d["energy_j"] for d in h["devices"].values() if d.get("energy_j") is not None]
         row = {"round": r, "measured_s": h["duration_s"], "accuracy": h["accuracy"], "missed": h["missed"],
-               "splits": {n: d["split"] for n, d in h["devices"].items()},
-               "energy_j": math.fsum(energy) if energy else None,
-               "oracle_s": None, "predicted_s": None}
-        if server_telemetry is not None:
-            row["oracle_s"] = oracle_round_time(oracle_problem(states[r], server_telemetry, steps))
-        row["predicted_s"] = _predicted(telemetry.get(r), row["splits"]) if r > 0 else None
+               "splits": splits, "energy_j": math.fsum(energy) if energy else None,
+               "oracle_s": None, "model_s": None, "model_energy_j": None,
+               "predicted_s": _predicted(telemetry.get(r), splits) if r > 0 else None}
+        if server is not None:
+            row["oracle_s"] = oracle_round_time(oracle_problem(states[r], server, steps))
+            if splits:
+                used = evaluate(oracle_problem({n: states[r][n] for n in splits}, server, steps), splits)
+                row["model_s"], row["model_energy_j"] = used.round_s, used.energy_round_j
         rounds.append(row)
-    adapted = [x for x in rounds if x["round"] in adapted_rounds(scenario) and x["oracle_s"]]
+    adapted = [x for x in rounds if x["round"] in adapted_rounds(scenario)]
     changes = {c.round for c in scenario.schedule}
-    predicted = [x for x in rounds if x["predicted_s"] and x["round"] not in changes]
     steady = [x for x in rounds if x["round"] >= WARMUP_ROUNDS] or rounds
-    energies = [x["energy_j"] for x in steady if x["energy_j"] is not None]
+    predicted = [x for x in steady if x["predicted_s"] and x["round"] not in changes]
     return {
         "scenario": scenario.name, "variant": variant.key, "label": variant.label, "mode": variant.mode,
         "policy": variant.policy if variant.mode == "adaptive" else None, "codec": variant.codec, "links": links,
         "rounds": rounds,
-        "mean_round_s": _mean(x["measured_s"] for x in steady),
-        "energy_per_round_j": _mean(energies) if energies else None,
+        "mean_round_s": _mean_of(steady, "measured_s"),
+        "energy_per_round_j": _mean_of(steady, "energy_j"),
+        "model_energy_per_round_j": _mean_of(steady, "model_energy_j"),
         "final_accuracy": rounds[-1]["accuracy"] if rounds else None,
-        "oracle_round_s": _mean(x["oracle_s"] for x in steady) if all(x["oracle_s"] for x in steady) else None,
+        "oracle_round_s": _mean_of(steady, "oracle_s"),
+        "model_round_s": _mean_of(steady, "model_s"),
         "adapted_rounds": [x["round"] for x in adapted],
-        "adapted_round_s": _mean(x["measured_s"] for x in adapted) if adapted else None,
-        "adapted_oracle_s": _mean(x["oracle_s"] for x in adapted) if adapted else None,
-        "vs_oracle": (_mean(x["measured_s"] for x in adapted) / _mean(x["oracle_s"] for x in adapted)) if adapted else None,
+        "adapted_round_s": _mean_of(adapted, "measured_s"),
+        "adapted_oracle_s": _mean_of(adapted, "oracle_s"),
+        "vs_oracle": _ratio(_mean_of(adapted, "measured_s"), _mean_of(adapted, "oracle_s")),
+        "choice_vs_oracle": _ratio(_mean_of(adapted, "model_s"), _mean_of(adapted, "oracle_s")),
+        "overhead_s": _diff(_mean_of(steady, "measured_s"), _mean_of(steady, "model_s")),
         "prediction_error": (_mean(abs(x["predicted_s"] - x["measured_s"]) / x["measured_s"] for x in predicted)
                              if predicted else None),
     }
+
+
+def _mean_of(rows: list[dict], key: str) -> Optional[float]:
+    """Mean of one column; None when a row lacks it (an unknown is not averaged away)."""
+    values = [x[key] for x in rows]
+    return _mean(values) if values and all(v is not None for v in values) else None
+
+
+def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
+    return a / b if a is not None and b else None
+
+
+def _diff(a: Optional[float], b: Optional[float]) -> Optional[float]:
+    return a - b if a is not None and b is not None else None
 
 
 def _predicted(telemetry, splits: dict[str, int]) -> Optional[float]:
@@ -433,18 +478,32 @@ def compare(scenario: Scenario, out: Path, links: str = "auto", progress: bool =
             results.append(run_variant(scenario, v, out / v.folder, mode, ns, progress))
             if on_variant:
                 on_variant(results[-1])
-    report = {"scenario": scenario.model_dump(mode="json"), "links": mode, "variants": ratios(results)}
+    return _report(scenario, out, mode, results)
+
+
+def reanalyse(scenario: Scenario, out: Path) -> dict:
+    """The comparison again from a finished bench folder, without running anything."""
+    results = []
+    for v in map(variant_of, scenario.policies):
+        folder = out / v.folder
+        if (folder / "telemetry.json").exists():
+            previous = json.loads((folder / "variant.json").read_text()) if (folder / "variant.json").exists() else {}
+            results.append(analyse_folder(scenario, v, folder, previous.get("links", "inprocess"), previous.get("wall_s")))
+    if not results:
+        raise FileNotFoundError(f"no finished runs of {scenario.name} under {out}")
+    return _report(scenario, out, results[0]["links"], results)
+
+
+def _report(scenario: Scenario, out: Path, links: LinkMode, results: list[dict]) -> dict:
+    report = {"scenario": scenario.model_dump(mode="json"), "links": links, "variants": ratios(results)}
     (out / "comparison.json").write_text(json.dumps(report, indent=2))
     return report
 
 
 def ratios(results: list[dict]) -> list[dict]:
     """Each variant's round time, energy and accuracy as ratios to FL (`none`), where FL ran."""
-    fl = next((r for r in results if r["mode"] == "none"), None)
-
-    def ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
-        return a / b if a is not None and b else None
-
-    return [{**r, "time_vs_fl": ratio(r["mean_round_s"], fl and fl["mean_round_s"]),
-             "energy_vs_fl": ratio(r["energy_per_round_j"], fl and fl["energy_per_round_j"]),
-             "accuracy_vs_fl": ratio(r["final_accuracy"], fl and fl["final_accuracy"])} for r in results]
+    fl = next((r for r in results if r["mode"] == "none"), None) or {}
+    return [{**r, "time_vs_fl": _ratio(r["mean_round_s"], fl.get("mean_round_s")),
+             "energy_vs_fl": _ratio(r["energy_per_round_j"], fl.get("energy_per_round_j")),
+             "model_energy_vs_fl": _ratio(r["model_energy_per_round_j"], fl.get("model_energy_per_round_j")),
+             "accuracy_vs_fl": _ratio(r["final_accuracy"], fl.get("final_accuracy"))} for r in results]

@@ -64,8 +64,11 @@ def create_app(cfg: ServerConfig, trainer: Optional[TrainingServer] = None, tick
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         if app.state.trainer is None:
+            import torch
+
             tokens, controller = read_tokens(cfg)
-            app.state.trainer = await to_thread.run_sync(lambda: TrainingServer(cfg, tokens, controller))
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+            app.state.trainer = await to_thread.run_sync(lambda: TrainingServer(cfg, tokens, controller, device=device))
         ticker = asyncio.create_task(_tick(app.state.trainer, tick_s))
         try:
             yield

@@ -19,7 +19,6 @@ import copy
 import hmac
 import json
 import logging
-import math
 import threading
 import time
 from dataclasses import dataclass, field

@@ -78,10 +78,11 @@ def _meta(job: JobRef, name: str, role: str | None = None, device: str | None = 
 # --- split points ------------------------------------------------------------------------------
 
 def initial_split(spec: JobSpec, device: DeviceSpec, layers: int) -> int:
-    """Pinned split, else the job's split.point, else all layers on the device.
+    """Pinned split, else the job's split.point, else (adaptive) the middle of the model.
 
-    `none` is plain federated learning (all layers on the device); an adaptive job starts there
-    too unless split.point says otherwise, so round 0 measures the whole device profile.
+    `none` is plain federated learning: every layer on the device. An adaptive job starts in
+    the middle so its first round measures both sides of the split and the link between them
+    (with every layer on the device no activations travel, and the link stays unmeasured).
     """
     if spec.split.mode == "none":
         return layers - 1
@@ -89,7 +90,7 @@ def initial_split(spec: JobSpec, device: DeviceSpec, layers: int) -> int:
         return device.split
     if spec.split.point is not None:
         return spec.split.point
-    return layers - 1
+    return layers // 2
 
 
 def pinned_splits(spec: JobSpec) -> dict[str, int]:

@@ -136,7 +136,8 @@ class Operator:
 
     @property
     def output(self) -> str:
-        return "\n".join(self.outputs + ([self.runner.output] if self.runner else []))
+        """What the operators stopped so far printed (a running one's output is not ready yet)."""
+        return "\n".join(self.outputs)
 
 
 @pytest.fixture

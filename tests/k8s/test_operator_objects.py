@@ -46,7 +46,7 @@ def test_example_job_creates_its_children(kubectl, operator):
     assert "runtimeClassName" not in pi["spec"]
     assert nano["metadata"]["annotations"]["ares.io/power-mode"] == "5W"
     assert nano["metadata"]["annotations"]["ares.io/bandwidth"] == "20mbit"
-    assert nano["metadata"]["annotations"]["ares.io/split-point"] == "6"  # adaptive starts with all on the device
+    assert nano["metadata"]["annotations"]["ares.io/split-point"] == "3"  # adaptive starts mid-model
     for pod in (nano, pi):
         spec = pod["spec"]
         assert spec["automountServiceAccountToken"] is False

@@ -31,9 +31,7 @@ def test_applied_job_trains_to_success(server_port, kubelet, operator, kubectl):
             print(name, kubelet.log(name)[-3000:])
         print(operator.output[-3000:])
         raise
-    print(kubectl.table("aresjobs"))
+    open("/tmp/e2e-debug.txt", "a").write(f"{kubectl.table('aresjobs')}\n")
     final = wait_for("the end", lambda: (s := status()).get("phase") in ("Succeeded", "Failed") and s, timeout=180)
-    print(final)
-    print(kubectl.table("aresjobs"))
-    print(operator.output[-5000:])
+    open("/tmp/e2e-debug.txt", "a").write(f"{final}\n{kubectl.table('aresjobs')}\n{kubelet.errors}\n{kubelet.log('vgg5-demo-server')[-3000:]}\n{kubelet.log('vgg5-demo-pi')[-3000:]}")
     assert final["phase"] == "Succeeded"
