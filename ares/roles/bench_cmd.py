@@ -80,11 +80,11 @@ def table(report: dict) -> str:
     lines += ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in [head, *rows]]
     adapted = report["variants"][0]["adapted_rounds"] if report["variants"] else []
     lines += [
-        "round s, J/round: measured means over rounds 1.. (round 0 includes process start-up); J/round is each "
-        "device's power model x its measured compute and transfer times",
+        ("round s, J/round: measured means over rounds 1.. (round 0 includes process start-up); J/round is each "
+         "device's power model x its measured compute and transfer times"),
         "model J: the same power models x the emulated profiles and link rates, for the splits each policy used",
-        f"oracle s, x oracle: over the adapted rounds {adapted}; oracle = best split vector from the emulated profiles "
-        "and link rates (server as measured, same codec); choice x oracle: the splits used, in that same model",
+        (f"oracle s, x oracle: over the adapted rounds {adapted}; oracle = best split vector from the emulated "
+         "profiles and link rates (server as measured, same codec); choice x oracle: the splits used, in that model"),
         "pred err: the controller's predicted vs measured round time (telemetry at the round's start), mean |error|",
     ]
     for v in report["variants"]:

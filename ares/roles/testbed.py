@@ -37,12 +37,30 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ares.core.config import DataConfig, TrainingConfig
 from ares.core.energy import power_model
-from ares.core.optimiser import DeviceInput, Problem, evaluate, model_costs, oracle_round_time, parse_policy
-from ares.core.profiles import POWER_MODE_SLOWDOWN, PUBLISHED, ComputeProfile, ServerProfile, derive_power_mode
+from ares.core.optimiser import (
+    DeviceInput,
+    Problem,
+    evaluate,
+    model_costs,
+    oracle_round_time,
+    parse_policy,
+)
+from ares.core.profiles import (
+    POWER_MODE_SLOWDOWN,
+    PUBLISHED,
+    ComputeProfile,
+    ServerProfile,
+    derive_power_mode,
+)
 from ares.roles.runconfig import DeviceSpec, LinkChange, RunConfig
 from ares.roles.runner import Cluster, free_port, run
-from ares.runtime.controller import (ASSUMED_POWER, CODEC_BYTES, fetch_status, fetch_telemetry,
-                                    problem_from_telemetry)
+from ares.runtime.controller import (
+    ASSUMED_POWER,
+    CODEC_BYTES,
+    fetch_status,
+    fetch_telemetry,
+    problem_from_telemetry,
+)
 
 log = logging.getLogger("ares.testbed")
 
@@ -309,7 +327,7 @@ class _RoundHook:
         while time.monotonic() < deadline:
             try:
                 s = fetch_status(cluster.url, cluster.controller_token)
-            except Exception:  # noqa: BLE001 - a busy server; ask again
+            except Exception:
                 s = None
             if s and (s.round != round_index or all(d.phase in ("training", "uploaded") for d in s.devices.values())):
                 return

@@ -25,8 +25,8 @@ def link():
 @pytest.mark.host
 def test_shaped_link_holds_each_direction_and_follows_a_schedule_change(link, measure_mbit):
     p = link.plan
-    up = lambda: measure_mbit(list, link.exec_args, p.host_addr, 45131, SECONDS)  # noqa: E731 - device -> server
-    down = lambda: measure_mbit(link.exec_args, list, p.device_addr, 45132, SECONDS)  # noqa: E731
+    up = lambda: measure_mbit(list, link.exec_args, p.host_addr, 45131, SECONDS)
+    down = lambda: measure_mbit(link.exec_args, list, p.device_addr, 45132, SECONDS)
 
     testbed.shape(link, up_mbps=12.5, down_mbps=6)  # fractional Mbit/s as a scenario may give it
     assert up() == pytest.approx(12.5, rel=0.10)

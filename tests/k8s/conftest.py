@@ -162,3 +162,7 @@ def server_port(monkeypatch: pytest.MonkeyPatch) -> int:
 def kubelet(apiserver: ApiserverThread, server_port: int, tmp_path: Path) -> Iterator[Kubelet]:
     with Kubelet(apiserver.url, tmp_path / "node", server_port) as k:
         yield k
+        # Shown by pytest only when the test failed: what each pod printed, and the kubelet's own errors.
+        for name in sorted({p.name for p in k.pods.values()}):
+            print(f"--- {name} ---\n{k.log(name)[-2500:]}")
+        print(f"kubelet errors: {k.errors}")

@@ -8,7 +8,9 @@ the job ends Succeeded.
 
 from __future__ import annotations
 
+import ast
 import base64
+import re
 
 import pytest
 import yaml
@@ -24,9 +26,9 @@ def small_job() -> str:
     """The example job, shrunk to seconds per round of synthetic training."""
     job = yaml.safe_load((ROOT / "examples" / "job.yaml").read_text())
     job["spec"]["dataset"].update(syntheticTrain=300, syntheticTest=100)
-    job["spec"]["training"].update(rounds=14, batchSize=50, maxStepsPerRound=3)
+    job["spec"]["training"].update(rounds=16, batchSize=50, maxStepsPerRound=3)
     job["spec"]["split"]["reoptimiseIntervalSeconds"] = 1
-    job["spec"]["runPolicy"]["roundDeadlineSeconds"] = 8
+    job["spec"]["runPolicy"]["roundDeadlineSeconds"] = 3  # shorter than a device's restart
     return yaml.safe_dump(job)
 
 
@@ -36,32 +38,36 @@ def test_applied_job_trains_to_success(server_port, kubelet, operator, kubectl):
     status = lambda: job().get("status") or {}
     pods = lambda: {p["metadata"]["name"]: p for p in kubectl.json("get", "pods")["items"]}
     token = lambda: base64.b64decode(kubectl.json("get", "secret", "vgg5-demo-tokens")["data"]["controller.token"]).decode()
+    conds = lambda: {c["type"]: c for c in status().get("conditions", [])}
     server = lambda: fetch_status(f"http://127.0.0.1:{server_port}", token(), 5)
 
     # It trains: kubectl shows the round advancing and an accuracy.
-    wait_for("round 1", lambda: status().get("round", 0) >= 1, timeout=90)
+    wait_for("round 1", lambda: status().get("round", 0) >= 1, timeout=180)
     row = kubectl.table("aresjobs")[0]
-    assert row["PHASE"] == "Running" and row["ROUND"].endswith("/14") and float(row["ACCURACY"]) >= 0
+    assert row["PHASE"] == "Running" and row["ROUND"].endswith("/16") and float(row["ACCURACY"]) >= 0
 
-    # The optimiser's plan is on the pods, and the device processes train with it.
-    plan = wait_for("a split plan", lambda: (c := {c["type"]: c for c in status().get("conditions", [])})
-                    .get("SplitsApplied", {}).get("status") == "True" and c["SplitsApplied"]["message"])
+    # The optimiser's plan is on the pods, and device processes train with it.
+    wait_for("a split plan", lambda: {c["type"]: c["status"] for c in status().get("conditions", [])}
+             .get("SplitsApplied") == "True")
     def picked_up():
-        annotated = {d: int(pods()[f"vgg5-demo-{d}"]["metadata"]["annotations"]["ares.io/split-point"]) for d in DEVICES}
+        plan = ast.literal_eval(conds()["SplitsApplied"]["message"].removeprefix("splits "))
+        annotated = {d: int(pods()[f"vgg5-demo-{d}"]["metadata"]["annotations"]["ares.io/split-point"]) for d in plan}
         reported = {d: s.split for d, s in server().devices.items()}
-        return annotated == reported and annotated
-    splits = wait_for("devices training with the annotated splits", picked_up, timeout=60)
-    assert all(str(v) in plan for v in splits.values())
+        return annotated == plan and [d for d in plan if reported[d] == plan[d]]
+    wait_for("a device training with the optimiser's split", picked_up, timeout=60)
 
-    # A device dies mid-run: its pod is replaced, rounds close without it, and it rejoins.
+    # A device dies mid-run: its pod is replaced, a round closes without it, and it rejoins.
     old_pi = pods()["vgg5-demo-pi"]["metadata"]["uid"]
-    kill_round = server().round
+    kill_round = wait_for("pi in the middle of a round", lambda: (s := server()).devices["pi"].phase == "training"
+                          and str(s.round), every=0.05)
+    kill_round = int(kill_round)
     kubelet.kill("vgg5-demo-pi")
     wait_for("pi's replacement", lambda: (p := pods().get("vgg5-demo-pi")) and p["metadata"]["uid"] != old_pi
              and p.get("status", {}).get("phase") == "Running", timeout=30)
     assert status()["devices"]["pi"]["restarts"] == 1
-    wait_for("rounds closing without pi", lambda: (s := server()).round >= kill_round + 2
-             and (s.devices["pi"].last_round or 0) <= kill_round, timeout=60)
+    wait_for("pi back in training", lambda: (server().devices["pi"].last_round or 0) > kill_round, timeout=90)
+    closed = re.findall(r"round (\d+) closed \(.*\): accuracy [0-9.]+, (\d)/3 devices", kubelet.log("vgg5-demo-server"))
+    assert any(int(r) >= kill_round and n == "2" for r, n in closed), closed
 
     # The operator restarts mid-run: nothing is created twice, no token changes.
     before = {n: p["metadata"]["uid"] for n, p in pods().items()}
@@ -72,9 +78,8 @@ def test_applied_job_trains_to_success(server_port, kubelet, operator, kubectl):
     assert {n: p["metadata"]["uid"] for n, p in pods().items()} == before
     assert kubectl.json("get", "secret", "vgg5-demo-tokens")["data"] == secret
 
-    wait_for("pi back in training", lambda: (server().devices["pi"].last_round or 0) > kill_round + 1, timeout=60)
     final = wait_for("the end", lambda: (s := status()).get("phase") in ("Succeeded", "Failed") and s, timeout=90)
     assert final["phase"] == "Succeeded", final.get("conditions")
     row = kubectl.table("aresjobs")[0]
-    assert row["PHASE"] == "Succeeded" and row["ROUND"] == "14/14" and 0 <= float(row["ACCURACY"]) <= 1
+    assert row["PHASE"] == "Succeeded" and row["ROUND"] == "16/16" and 0 <= float(row["ACCURACY"]) <= 1
     assert final["devices"]["pi"]["restarts"] == 1 and final["serverRestarts"] == 0
