@@ -115,12 +115,13 @@ def plot(report: dict, out: Path) -> None:
     plt.close(fig)
 
     names = [d["name"] for d in report["scenario"]["devices"]]
+    top = max((s for v in variants for r in v["rounds"] for s in r["splits"].values()), default=0)
     fig, axes = plt.subplots(len(variants), 1, figsize=(9, 1.9 * len(variants) + 0.6), sharex=True, squeeze=False)
     for ax, v in zip(axes[:, 0], variants):
         for n in names:
             pts = [(r["round"], r["splits"][n]) for r in v["rounds"] if n in r["splits"]]
             ax.step([p[0] for p in pts], [p[1] for p in pts], where="post", marker=".", label=n)
-        ax.set(ylabel="split", title=v["label"])
+        ax.set(ylabel="split", title=v["label"], ylim=(-0.4, top + 0.4), yticks=range(top + 1))
         ax.title.set_fontsize(9)
     axes[0, 0].legend(fontsize=7, ncol=len(names))
     axes[-1, 0].set_xlabel("round")

@@ -48,6 +48,9 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     settings.networking.request_timeout = 60
     settings.watching.server_timeout = 300          # re-list now and then; never trust one stream forever
     settings.execution.max_workers = 8
+    # A tick that deletes its own job (TTL) is still running when the deletion arrives: look
+    # again soon rather than after kopf's default minute.
+    settings.background.cancellation_polling = 1
     load_config()
     memo.settings = ours
     memo.kube = Kube()
@@ -220,23 +223,25 @@ def _planned(memo: kopf.Memo) -> dict[str, int]:
 
 
 class AnnotationSink:
-    """The operator's `SplitSink`: a decision becomes the pods' `ares.io/split-point` annotations."""
+    """The operator's `SplitSink`: splits become the pods' `ares.io/split-point` annotations.
 
-    def __init__(self, kube: Kube, job: JobRef, spec: JobSpec):
-        self.kube, self.job, self.spec = kube, job, spec
+    It writes the host-control annotations from the spec (power mode, bandwidth) at the same
+    time, and only what differs from what the pods (as last listed) already carry.
+    """
+
+    def __init__(self, kube: Kube, job: JobRef, spec: JobSpec, pods: list[reconcile.PodView],
+                 logger: logging.Logger):
+        self.kube, self.job, self.spec, self.pods, self.logger = kube, job, spec, pods, logger
 
     def write(self, splits: Mapping[str, int]) -> None:
-        pods = [reconcile.PodView.of(p) for p in self.kube.list_pods(self.job.namespace, self.job.name, self.job.uid)]
-        for pod_name, values in reconcile.annotation_patches(self.spec, self.job, pods, splits).items():
+        for pod_name, values in reconcile.annotation_patches(self.spec, self.job, self.pods, splits).items():
+            self.logger.info("annotating %s: %s", pod_name, values)
             self.kube.annotate_pod(self.job.namespace, pod_name, values)
 
 
 def _annotate(kube: Kube, job: JobRef, spec: JobSpec, pods: list[reconcile.PodView], memo: kopf.Memo,
               logger: logging.Logger) -> None:
-    splits = reconcile.desired_splits(spec, _planned(memo))
-    for pod_name, values in reconcile.annotation_patches(spec, job, pods, splits).items():
-        logger.info("annotating %s: %s", pod_name, values)
-        kube.annotate_pod(job.namespace, pod_name, values)
+    AnnotationSink(kube, job, spec, pods, logger).write(reconcile.desired_splits(spec, _planned(memo)))
 
 
 def _url(job: JobRef, memo: kopf.Memo) -> str:

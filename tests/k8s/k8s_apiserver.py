@@ -49,6 +49,7 @@ CORE = {
 }
 CRDS = kmock.resource("apiextensions.k8s.io", "v1", "customresourcedefinitions")
 KEEP_REQUESTS = 50  # recent requests kept for assertions (kmock.requests)
+KEEP_EVENTS = 2000  # recent events kept for watches that resume from a resourceVersion
 VERBS = ["create", "delete", "get", "list", "patch", "update", "watch"]
 
 
@@ -77,6 +78,8 @@ def _now() -> str:
 class Apiserver(k8s.KubernetesEmulator):
     _kinds: dict[kmock.resource, _Kind] = attrs.field(factory=dict, init=False)
     _rv: itertools.count = attrs.field(factory=lambda: itertools.count(1), init=False)
+    _last_rv: int = attrs.field(default=0, init=False)
+    _events: list[tuple[int, kmock.resource, Obj]] = attrs.field(factory=list, init=False)  # for watch replay
     _subscribers: list[tuple[kmock.resource, asyncio.Queue]] = attrs.field(factory=list, init=False)
     _namespaces: set[str] = attrs.field(factory=lambda: {"default", "kube-system"}, init=False)
 
@@ -218,8 +221,14 @@ class Apiserver(k8s.KubernetesEmulator):
         self._info(request)
         queue: asyncio.Queue = asyncio.Queue()
         res = kmock.resource(request.resource)
+        since = request.params.get("resourceVersion") or "0"
         async with self._lock:  # snapshot and subscribe atomically: no event falls in between
-            current = [{"type": "ADDED", "object": o} for o in self._live(request)]
+            if since == "0":  # from now: the current objects first, as ADDED
+                current = [{"type": "ADDED", "object": o} for o in self._live(request)]
+            else:  # from a list's resourceVersion: replay what happened since (kubectl wait, kopf)
+                current = [e for rv, r, e in self._events if r == res and rv > int(since)
+                           and (request.namespace is None or e["object"]["metadata"].get("namespace") == request.namespace)
+                           and _selected(e["object"], request.params)]
             self._subscribers.append((res, queue))
         return rendering.Response(headers={"Content-Type": "application/json"},
                                   payload=self._stream(request, res, current, queue))
@@ -256,15 +265,21 @@ class Apiserver(k8s.KubernetesEmulator):
         return {"type": event["type"], "object": self._table(info, [event["object"]], "")}
 
     def _publish(self, res: kmock.resource, type_: str, obj: Obj) -> None:
+        event = {"type": type_, "object": copy.deepcopy(obj)}
+        self._events.append((int(obj["metadata"].get("resourceVersion") or 0), res, event))
+        del self._events[:-KEEP_EVENTS]
         for r, q in self._subscribers:
             if r == res:
-                q.put_nowait({"type": type_, "object": copy.deepcopy(obj)})
+                q.put_nowait(event)
 
     # --- writes --------------------------------------------------------------------------------
 
+    def _next_rv(self) -> int:
+        self._last_rv = next(self._rv)
+        return self._last_rv
+
     def _rv_now(self) -> int:
-        return max([int(o.raw["metadata"].get("resourceVersion", 0)) for o in self._objects.values()
-                    if not o.deleted] or [0])
+        return self._last_rv
 
     def _get(self, request: rendering.Request) -> kmock.Object:
         key = (kmock.resource(request.resource), request.namespace, request.name)
@@ -292,7 +307,7 @@ class Apiserver(k8s.KubernetesEmulator):
             if "status" in info.subresources:
                 body.pop("status", None)
             meta.update({"uid": str(uuid.uuid4()), "creationTimestamp": _now(), "generation": 1,
-                         "resourceVersion": str(next(self._rv))})
+                         "resourceVersion": str(self._next_rv())})
             self._admit(info, body)
             if key in self._objects:
                 self._objects[key].create(body)
@@ -322,7 +337,7 @@ class Apiserver(k8s.KubernetesEmulator):
                 new["metadata"]["generation"] = int(old["metadata"].get("generation", 1)) + 1
             if new == old:
                 return old
-            new["metadata"]["resourceVersion"] = str(next(self._rv))
+            new["metadata"]["resourceVersion"] = str(self._next_rv())
             self._admit(info, new)
             obj.patch(_replacement(obj.raw, new))
             if new["metadata"].get("deletionTimestamp") and not new["metadata"].get("finalizers"):
@@ -338,7 +353,7 @@ class Apiserver(k8s.KubernetesEmulator):
             raw = copy.deepcopy(obj.raw)
             if raw["metadata"].get("finalizers"):
                 if not raw["metadata"].get("deletionTimestamp"):
-                    obj.patch({"metadata": {"deletionTimestamp": _now(), "resourceVersion": str(next(self._rv))}})
+                    obj.patch({"metadata": {"deletionTimestamp": _now(), "resourceVersion": str(self._next_rv())}})
                     self._publish(res, "MODIFIED", obj.raw)
                 return obj.raw
             self._remove(res, request.namespace, request.name)
@@ -348,6 +363,7 @@ class Apiserver(k8s.KubernetesEmulator):
         """Delete now, then collect what it owned (finalizers on dependents are honoured)."""
         obj = self._objects[(res, namespace, name)]
         raw = copy.deepcopy(obj.raw)
+        raw["metadata"]["resourceVersion"] = str(self._next_rv())
         obj.delete()
         self._publish(res, "DELETED", raw)
         uid = raw["metadata"].get("uid")
@@ -355,7 +371,7 @@ class Apiserver(k8s.KubernetesEmulator):
             if other.deleted or not any(ref.get("uid") == uid for ref in other.raw["metadata"].get("ownerReferences") or []):
                 continue
             if other.raw["metadata"].get("finalizers"):
-                other.patch({"metadata": {"deletionTimestamp": _now()}})
+                other.patch({"metadata": {"deletionTimestamp": _now(), "resourceVersion": str(self._next_rv())}})
                 self._publish(r, "MODIFIED", other.raw)
             else:
                 self._remove(r, ns, n)

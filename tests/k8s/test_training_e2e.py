@@ -2,8 +2,8 @@
 
 One job, one test (the processes take most of the time to start): it trains on synthetic data,
 the optimiser's splits reach the device processes, a killed device pod is replaced and its
-device rejoins while the rounds go on without it, a restarted operator duplicates nothing, and
-the job ends Succeeded.
+device rejoins while the rounds go on without it, a restarted operator duplicates nothing, a
+killed server is replaced and resumes from its checkpoint, and the job ends Succeeded.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ def small_job() -> str:
     """The example job, shrunk to seconds per round of synthetic training."""
     job = yaml.safe_load((ROOT / "examples" / "job.yaml").read_text())
     job["spec"]["dataset"].update(syntheticTrain=300, syntheticTest=100)
-    job["spec"]["training"].update(rounds=16, batchSize=50, maxStepsPerRound=3)
+    job["spec"]["training"].update(rounds=20, batchSize=50, maxStepsPerRound=3)
     job["spec"]["split"]["reoptimiseIntervalSeconds"] = 1
     job["spec"]["runPolicy"]["roundDeadlineSeconds"] = 3  # shorter than a device's restart
     return yaml.safe_dump(job)
@@ -44,7 +44,7 @@ def test_applied_job_trains_to_success(server_port, kubelet, operator, kubectl):
     # It trains: kubectl shows the round advancing and an accuracy.
     wait_for("round 1", lambda: status().get("round", 0) >= 1, timeout=180)
     row = kubectl.table("aresjobs")[0]
-    assert row["PHASE"] == "Running" and row["ROUND"].endswith("/16") and float(row["ACCURACY"]) >= 0
+    assert row["PHASE"] == "Running" and row["ROUND"].endswith("/20") and float(row["ACCURACY"]) >= 0
 
     # The optimiser's plan is on the pods, and device processes train with it.
     wait_for("a split plan", lambda: {c["type"]: c["status"] for c in status().get("conditions", [])}
@@ -78,8 +78,18 @@ def test_applied_job_trains_to_success(server_port, kubelet, operator, kubectl):
     assert {n: p["metadata"]["uid"] for n, p in pods().items()} == before
     assert kubectl.json("get", "secret", "vgg5-demo-tokens")["data"] == secret
 
+    # The server dies: its pod is replaced and the new one resumes from the checkpoint.
+    old_server = pods()["vgg5-demo-server"]["metadata"]["uid"]
+    server_round = status()["round"]
+    kubelet.kill("vgg5-demo-server")
+    wait_for("the server's replacement", lambda: (p := pods().get("vgg5-demo-server"))
+             and p["metadata"]["uid"] != old_server and p.get("status", {}).get("phase") == "Running", timeout=30)
+    resumed = wait_for("the new server resuming", lambda: re.findall(
+        r"resumed from checkpoint at round (\d+)", kubelet.log("vgg5-demo-server")), timeout=60)
+    assert int(resumed[-1]) >= server_round
+
     final = wait_for("the end", lambda: (s := status()).get("phase") in ("Succeeded", "Failed") and s, timeout=90)
     assert final["phase"] == "Succeeded", final.get("conditions")
     row = kubectl.table("aresjobs")[0]
-    assert row["PHASE"] == "Succeeded" and row["ROUND"] == "16/16" and 0 <= float(row["ACCURACY"]) <= 1
-    assert final["devices"]["pi"]["restarts"] == 1 and final["serverRestarts"] == 0
+    assert row["PHASE"] == "Succeeded" and row["ROUND"] == "20/20" and 0 <= float(row["ACCURACY"]) <= 1
+    assert final["devices"]["pi"]["restarts"] >= 1 and final["serverRestarts"] == 1
