@@ -236,11 +236,16 @@ def _sidecar(job: JobRef, device: DeviceSpec, image: str) -> Obj:
     mounts = [{"name": "podinfo", "mountPath": c.PODINFO_DIR, "readOnly": True},
               {"name": "state", "mountPath": c.STATE_DIR}]
     if jetson:
-        args += ["--nvpmodel-conf", c.NVPMODEL_CONF, "--power-path", c.JETSON_POWER_PATH]
-        mounts.append({"name": "nvpmodel", "mountPath": c.NVPMODEL_CONF, "readOnly": True})
+        args += ["--nvpmodel", c.NVPMODEL_BIN, "--nvpmodel-conf", c.NVPMODEL_CONF, "--power-path", c.JETSON_POWER_PATH]
+        mounts += [{"name": "nvpmodel", "mountPath": c.NVPMODEL_CONF, "readOnly": True},
+                   {"name": "nvpmodel-bin", "mountPath": c.NVPMODEL_BIN, "readOnly": True},
+                   {"name": "nvpmodel-state", "mountPath": c.NVPMODEL_STATE_DIR}]
         security: Obj = {"privileged": True}  # nvpmodel writes CPU/GPU clocks and core counts
     else:
         security = {"allowPrivilegeEscalation": False, "capabilities": {"add": ["NET_ADMIN"], "drop": ["ALL"]}}
+    # The image's default user is unprivileged; capabilities only work for root, so this one
+    # container (and only it) runs as uid 0.
+    security = {**security, "runAsUser": 0, "runAsNonRoot": False}
     return {"name": c.CONTAINER_SIDECAR, "image": image, "command": ["ares"], "args": args,
             "env": [{"name": "PYTHONUNBUFFERED", "value": "1"}],
             "securityContext": security, "volumeMounts": mounts,
@@ -285,7 +290,9 @@ def device_pod(job: JobRef, spec: JobSpec, device: DeviceSpec, settings: Operato
         _data_volume(spec),
     ]
     if jetson:
-        volumes.append({"name": "nvpmodel", "hostPath": {"path": c.NVPMODEL_CONF, "type": "File"}})
+        volumes += [{"name": "nvpmodel", "hostPath": {"path": c.NVPMODEL_CONF, "type": "File"}},
+                    {"name": "nvpmodel-bin", "hostPath": {"path": c.NVPMODEL_BIN, "type": "File"}},
+                    {"name": "nvpmodel-state", "hostPath": {"path": c.NVPMODEL_STATE_DIR, "type": "DirectoryOrCreate"}}]
     pod_spec: Obj = {
         "restartPolicy": "Never",  # the operator replaces a failed pod, up to runPolicy.backoffLimit
         "automountServiceAccountToken": False,

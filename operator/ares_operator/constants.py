@@ -38,6 +38,8 @@ JETSON_RUNTIME_CLASS = "nvidia"  # runtimeClassName for Jetson pods (NVIDIA cont
 # Board power on a Jetson Nano (INA3221 monitor), read by the sidecar.
 JETSON_POWER_PATH = "/sys/bus/i2c/drivers/ina3221x/6-0040/iio:device0/in_power0_input"
 NVPMODEL_CONF = "/etc/nvpmodel.conf"
+NVPMODEL_BIN = "/usr/sbin/nvpmodel"             # the host's tool, mounted into the Jetson sidecar
+NVPMODEL_STATE_DIR = "/var/lib/nvpmodel"        # where nvpmodel records the mode in force
 
 # --- Paths inside the pods ----------------------------------------------------------------
 SERVER_CONFIG_DIR = "/etc/ares"                  # ConfigMap with server.yaml

@@ -21,11 +21,9 @@ printer columns) and collects no garbage. `Apiserver` fixes each of these:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import copy
 import datetime
 import itertools
-import json
 import re
 import threading
 import uuid
@@ -86,7 +84,8 @@ class Apiserver(k8s.KubernetesEmulator):
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
         for plural, (kind, namespaced, short) in CORE.items():
-            self._kinds[kmock.resource("", "v1", plural)] = _Kind(kind, namespaced, short, ["status"] * (plural in ("pods", "services")))
+            with_status = ["status"] if plural in ("pods", "services") else []
+            self._kinds[kmock.resource("", "v1", plural)] = _Kind(kind, namespaced, short, with_status)
         self._kinds[CRDS] = _Kind("CustomResourceDefinition", False, ["crd"], ["status"])
 
     # --- entry points --------------------------------------------------------------------------
@@ -580,15 +579,3 @@ class ApiserverThread:
     def __exit__(self, *exc: Any) -> None:
         self.loop.call_soon_threadsafe(self._stop.set)
         self._thread.join(10)
-
-    def objects(self, plural: str, group: str = "", version: str = "v1", namespace: Optional[str] = None) -> list[Obj]:
-        """A thread-safe snapshot of the live objects of one resource."""
-        async def snap() -> list[Obj]:
-            res = kmock.resource(group, version, plural)
-            return [copy.deepcopy(o.raw) for (r, ns, _), o in self.handler.objects.items()
-                    if r == res and not o.deleted and (namespace is None or ns == namespace)]
-        return asyncio.run_coroutine_threadsafe(snap(), self.loop).result(10)
-
-
-with contextlib.suppress(Exception):  # keep kmock's name for the emulator class in error messages
-    Apiserver.__name__ = "Apiserver"
