@@ -59,9 +59,10 @@ def test_example_job_creates_its_children(kubectl, operator):
         assert sidecar["args"][:2] == ["sidecar", "--annotations"]
     nano_sidecar = next(c for c in nano["spec"]["containers"] if c["name"] == "host-control")
     pi_sidecar = next(c for c in pi["spec"]["containers"] if c["name"] == "host-control")
-    assert nano_sidecar["securityContext"] == {"privileged": True}
-    assert "--nvpmodel-conf" in nano_sidecar["args"]
-    assert {v["name"] for v in nano["spec"]["volumes"]} >= {"nvpmodel"}
+    assert nano_sidecar["securityContext"] == {"privileged": True, "runAsUser": 0, "runAsNonRoot": False}
+    assert pi_sidecar["securityContext"]["runAsUser"] == 0  # tc needs root even with NET_ADMIN
+    assert "--nvpmodel-conf" in nano_sidecar["args"] and "--nvpmodel" in nano_sidecar["args"]
+    assert {v["name"] for v in nano["spec"]["volumes"]} >= {"nvpmodel", "nvpmodel-bin", "nvpmodel-state"}
     assert pi_sidecar["securityContext"]["capabilities"]["add"] == ["NET_ADMIN"]
     assert "privileged" not in pi_sidecar["securityContext"] and "--nvpmodel-conf" not in pi_sidecar["args"]
     assert "nvpmodel" not in {v["name"] for v in pi["spec"]["volumes"]}
