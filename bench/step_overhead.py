@@ -35,39 +35,44 @@ from tests.conftest import ServerProcess, small_config, token  # noqa: E402
 MIB8 = 8 << 20
 
 
-def device_steps(link, split: int, steps: int, batch: int) -> list[float]:
-    model = build_model("vgg5", seed=None)
-    _, weights = link.join(0, split)
-    model.load_state_dict({**model.state_dict(), **weights})
-    part, _ = split_model(model, split)
-    opt = torch.optim.SGD(part.parameters(), lr=0.01, momentum=0.9)
-    x, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
-    times = []
-    for i in range(steps + 3):
+class Stepper:
+    """A device doing VGG5 steps at one split over one link (joined once, round 0)."""
+
+    def __init__(self, link, split: int, batch: int):
+        self.link, self.split = link, split
+        model = build_model("vgg5", seed=None)
+        _, weights = link.join(0, split)
+        model.load_state_dict({**model.state_dict(), **weights})
+        self.part, _ = split_model(model, split)
+        self.opt = torch.optim.SGD(self.part.parameters(), lr=0.01, momentum=0.9)
+        self.x, self.y = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
+
+    def step(self) -> float:
         t0 = time.perf_counter()
-        opt.zero_grad()
-        out = part(x)
-        result = link.step(0, split, out.detach(), y)
+        self.opt.zero_grad()
+        out = self.part(self.x)
+        result = self.link.step(0, self.split, out.detach(), self.y)
         out.backward(result.grad)
-        opt.step()
-        if i >= 3:  # warm-up
-            times.append(time.perf_counter() - t0)
-    return times
+        self.opt.step()
+        return time.perf_counter() - t0
 
 
 def bench_step(steps: int) -> tuple[float, float]:
+    """Steps alternate between the two links, so drifting machine load hits both alike."""
     tmp = Path(tempfile.mkdtemp())
     cfg = small_config(tmp, rounds=2, batch_size=100)
     inproc = TrainingServer(cfg, *read_tokens(cfg), profile=False)
-    local = statistics.median(device_steps(InProcessLink(inproc, "dev-a"), 1, steps, 100))
     server = ServerProcess(cfg.model_copy(update={"checkpoint_dir": str(tmp / "ck2")}), tmp)
     try:
         link = HttpLink(server.url, "dev-a", token(cfg, "dev-a"))
-        remote = statistics.median(device_steps(link, 1, steps, 100))
+        local, remote = Stepper(InProcessLink(inproc, "dev-a"), 1, 100), Stepper(link, 1, 100)
+        for _ in range(3):  # warm-up
+            local.step(), remote.step()
+        pairs = [(local.step(), remote.step()) for _ in range(steps)]
         link.close()
     finally:
         server.stop()
-    return local, remote
+    return statistics.median(p[0] for p in pairs), statistics.median(p[1] for p in pairs)
 
 
 ECHO_APP = '''
