@@ -14,8 +14,10 @@ power modes) at round boundaries. `run_variant` runs it under one policy with th
 
 Every variant then gets, per round, the oracle: the best round time over all split vectors
 from the scenario's emulated profiles and link rates, with the server profile the run's own
-telemetry measured (`oracle_round_time`); and the controller's prediction for the splits that
-were used (`evaluate` over the telemetry at the start of that round) next to the measured time.
+telemetry measured (`oracle_round_time`); the same model's time and energy for the splits that
+were used (so "x oracle" splits into the choice and the per-round overhead no split avoids:
+FedAvg, evaluation, checkpoint, HTTP); and the controller's prediction for those splits
+(`evaluate` over the telemetry at the start of that round) next to the measured time.
 Timing changes at round r (links and power modes) hold from round r on; the adaptive policies
 see them one round later (they decide from measurements), so `settle_rounds` after each change
 are left out of a policy's "adapted" ratio to the oracle.

@@ -39,6 +39,14 @@ class _Pod:
         self.annotations: Optional[dict] = None
 
 
+def _killpg(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(10)
+
+
 class Kubelet:
     def __init__(self, api_url: str, root: Path, server_port: int, python: str = sys.executable):
         self.http = httpx.Client(base_url=api_url, timeout=10)
@@ -65,7 +73,7 @@ class Kubelet:
         for pod in self.pods.values():
             if pod.name == pod_name and pod.phase == "Running":
                 for proc in pod.procs:
-                    proc.send_signal(signal.SIGKILL)
+                    _killpg(proc)  # the whole process group: granian's worker dies with its master
 
     def log(self, pod_name: str) -> str:
         return "\n".join(p.read_text(errors="replace") for pod in self.pods.values() if pod.name == pod_name
@@ -128,9 +136,7 @@ class Kubelet:
 
     def _kill(self, pod: _Pod) -> None:
         for proc in pod.procs:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(10)
+            _killpg(proc)  # even if the leader exited: its children may not have
 
     def _status(self, pod: _Pod, status: Obj) -> None:
         self.http.patch(f"/api/v1/namespaces/{pod.namespace}/pods/{pod.name}/status", json={"status": status},
