@@ -71,7 +71,8 @@ class ServerConfig(_Strict):
     http_server: Literal["granian", "uvicorn"] = "granian"
     max_body_mib: int = Field(256, ge=1, le=4096)
     eval_batch_size: int = Field(500, ge=1)
-    join_grace_s: float = Field(0.0, ge=0, description="after the first join, wait this long for others before counting")
+    round_gap_s: float = Field(0.5, ge=0, le=600, description="joins for the next round wait this long after a "
+                               "round closes, so the controller's new splits are in place before devices read them")
 
     @field_validator("devices")
     @classmethod

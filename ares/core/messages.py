@@ -81,6 +81,7 @@ class ServerStatus(_Msg):
     round: int               # index of the round in progress (== rounds when finished)
     rounds: int
     phase: RoundPhase
+    accepting: bool = True   # the current round takes joins now (False during the gap after a round)
     accuracy: Optional[float] = None
     loss: Optional[float] = None
     devices: dict[str, DeviceStatus] = {}

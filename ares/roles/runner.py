@@ -210,7 +210,7 @@ def run(cfg: RunConfig, progress: bool = True, cluster: Optional[Cluster] = None
             dead = [n for n, p in cluster.procs.items() if p.poll() is not None and p.returncode != 0]
             if "server" in dead:
                 raise RuntimeError(f"the server exited; see {root / 'logs' / 'server.log'}")
-            time.sleep(0.3)
+            time.sleep(0.1)  # the controller must decide within the server's round gap
         for name, proc in cluster.procs.items():
             if name != "server":
                 try:

@@ -134,6 +134,9 @@ class DeviceTrainer:
         logs: list[RoundLog] = []
         round_index = self.link.status().round
         while not stop():
+            round_index = self._wait_for_round(round_index)
+            if round_index is None:
+                break
             self._reload_profile()
             split = read_split(self.settings.split_file, self.layers, self.split)
             if split is None:
@@ -149,7 +152,7 @@ class DeviceTrainer:
                     status = self.link.status()
                     if status.phase == "finished":
                         break
-                    round_index = max(status.round, round_index if "not open" in exc.message else 0)
+                    round_index = max(status.round, round_index)  # behind: catch up; ahead: wait
                     continue
                 raise
             entry = self._train_round(reply, weights)
@@ -157,6 +160,16 @@ class DeviceTrainer:
             self.on_round(entry)
             round_index = reply.round + 1
         return logs
+
+    def _wait_for_round(self, round_index: int, poll_s: float = 0.1) -> Optional[int]:
+        """Wait until the round takes joins, then read the split: the controller decides in the gap."""
+        while True:
+            status = self.link.status()
+            if status.phase == "finished":
+                return None
+            if status.round >= round_index and status.accepting:
+                return status.round
+            time.sleep(poll_s)
 
     def _train_round(self, reply, weights: dict[str, torch.Tensor]) -> RoundLog:
         split = reply.split

@@ -88,6 +88,7 @@ class TrainingServer:
         self.round = 0
         self.phase = "waiting"
         self.round_started: Optional[float] = None
+        self.opens_at = 0.0  # clock time from which the current round takes joins
         self.history: list[dict] = []
         self.server_scale = LiveScale()
         self.server_prof = None
@@ -126,9 +127,15 @@ class TrainingServer:
         check_split_http(split, self.layers)
         deadline = time.monotonic() + wait_s
         with self.changed:
-            while self.phase != "finished" and round_index > self.round and time.monotonic() < deadline:
-                self.changed.wait(timeout=max(0.0, deadline - time.monotonic()))
+            while self.phase != "finished" and time.monotonic() < deadline and (
+                    round_index > self.round or (round_index == self.round and not self._accepting())):
+                wait = deadline - time.monotonic()
+                if round_index == self.round:
+                    wait = min(wait, self.opens_at - self.clock())
+                self.changed.wait(timeout=max(0.01, wait))
             self._check_round_open(round_index)
+            if not self._accepting():
+                raise RoundError(f"round {round_index} opens in {self.opens_at - self.clock():.1f} s")
             slot = self.slots[device]
             if slot.round == round_index and slot.uploaded is not None:
                 raise RoundError(f"device {device} already finished round {round_index}")
@@ -148,6 +155,9 @@ class TrainingServer:
                               deadline_unix=self.round_started + self.cfg.round_deadline_s)
             self.changed.notify_all()
             return reply, weights
+
+    def _accepting(self) -> bool:
+        return self.phase != "finished" and self.clock() >= self.opens_at
 
     def _check_round_open(self, round_index: int) -> None:
         if self.phase == "finished":
@@ -264,6 +274,7 @@ class TrainingServer:
                 s.phase = "idle"
         self.round += 1
         self.round_started = None
+        self.opens_at = self.clock() + self.cfg.round_gap_s
         self.phase = "finished" if self.round >= self.cfg.training.rounds else "waiting"
         self._checkpoint()
         self.changed.notify_all()
@@ -327,6 +338,7 @@ class TrainingServer:
                     energy_j=t.energy_j if t else None, energy_source=t.energy_source if t else "none",
                     round_s=t.round_s if t else None)
             return ServerStatus(round=self.round, rounds=self.cfg.training.rounds, phase=self.phase,
+                                accepting=self._accepting(),
                                 accuracy=last.get("accuracy"), loss=last.get("loss"), devices=devices)
 
     def telemetry(self) -> Telemetry:

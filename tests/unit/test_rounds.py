@@ -48,10 +48,17 @@ def test_deadline_closes_round_without_the_missing_device(tmp_path):
 
 def test_all_devices_done_closes_at_once_and_late_steps_are_refused(tmp_path):
     cfg = small_config(tmp_path, devices=("dev-a", "dev-b"), rounds=2)
-    server = TrainingServer(cfg, *read_tokens(cfg), profile=False)
+    clock = Clock()
+    server = TrainingServer(cfg, *read_tokens(cfg), profile=False, clock=clock)
     one_device_round(server, "dev-a", 0, split=3)
     one_device_round(server, "dev-b", 0, split=5)
     assert server.round == 1 and server.history[0]["closed_by"] == "all devices done"
+    # the gap: round 1 exists but takes no joins until the controller has had its chance
+    assert not server.status().accepting
+    with pytest.raises(RoundError, match="opens in"):
+        server.join("dev-a", 1, 3)
+    clock.now += cfg.round_gap_s
+    assert server.status().accepting
     with pytest.raises(RoundError, match="closed"):
         server.step("dev-a", 0, 3, torch.randn(2, 64, 8, 8), torch.zeros(2, dtype=torch.long))
     one_device_round(server, "dev-a", 1)
