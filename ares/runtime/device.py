@@ -81,7 +81,7 @@ class DeviceTrainer:
         d = self.cfg.data
         self.shard = shard(data, self.cfg.shard_of(self.settings.name), len(self.cfg.devices), d.partition, d.beta, d.seed)
         self.split: Optional[int] = self.settings.initial_split
-        self.up, self.down = Throughput(), Throughput()
+        self.up, self.down = Throughput(smoothing=0.5), Throughput(smoothing=0.5)
         self.live = LiveScale()
         self.set_emulation(self.emulate)
         self._profile_mtime: Optional[float] = None
