@@ -8,7 +8,12 @@ problem's dataclasses) and `policy.decide(problem)` (the decision plus a full `P
 clock and this process's CPU time (other work on a shared machine inflates the first), each
 with its ratio to the budget.
 
-    python bench/optimiser.py [--devices 10000] [--repeats 7]
+Second part (`--local-run`): how good the predictions are. A short adaptive `ares run` with
+three devices (one emulating the published Raspberry Pi); after each round the controller's
+predicted round time for every device (splits.csv) is set against the round time that device
+then measured (devices.csv), and the error printed (goal: within 15%).
+
+    python bench/optimiser.py [--devices 10000] [--repeats 7] [--local-run]
 """
 
 from __future__ import annotations
@@ -72,6 +77,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--devices", type=int, default=10_000)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--local-run", action="store_true", help="also: predicted vs measured round time")
     args = parser.parse_args()
     problem = random_fleet(args.devices)
     print(f"optimiser decision time, {args.devices} devices x {problem.n_splits} splits, "
@@ -91,7 +97,41 @@ def main() -> int:
     for label, worst in (("decision (choose)", worst_choose), ("decision + plan (decide)", worst_decide)):
         print(f"slowest {label} at {args.devices} devices: {worst * 1000:.1f} ms wall = "
               f"{worst / BUDGET_S:.2f} x budget ({'within' if worst < BUDGET_S else 'OVER'} budget)")
+    if args.local_run:
+        predicted_vs_measured()
     return 0
+
+
+def predicted_vs_measured(rounds: int = 6) -> None:
+    import csv
+    import tempfile
+
+    from ares.core.config import DataConfig, TrainingConfig
+    from ares.roles.runconfig import DeviceSpec, RunConfig
+    from ares.roles.runner import run
+
+    out = Path(tempfile.mkdtemp()) / "results"
+    cfg = RunConfig(devices=[DeviceSpec(name="pi", profile="raspberry-pi"), DeviceSpec(name="cpu-a"),
+                             DeviceSpec(name="cpu-b", up_mbps=40, down_mbps=40)],
+                    mode="adaptive", policy="straggler", results_dir=str(out),
+                    data=DataConfig(name="synthetic", synthetic_train=1500, synthetic_test=200),
+                    training=TrainingConfig(rounds=rounds, batch_size=50, max_steps_per_round=4))
+    run(cfg, progress=False)
+    with open(out / "devices.csv") as f:
+        measured = {(int(r["round"]), r["device"]): float(r["round_s"]) for r in csv.DictReader(f)}
+    with open(out / "splits.csv") as f:
+        predicted = {(int(r["round"]), r["device"]): float(r["predicted_round_s"]) for r in csv.DictReader(f)}
+    errors = []
+    print(f"predicted vs measured round time, local run ({out.parent}):")
+    for key in sorted(predicted):
+        if key in measured:
+            err = abs(predicted[key] - measured[key]) / measured[key]
+            errors.append(err)
+            print(f"  round {key[0]} {key[1]:<6} predicted {predicted[key]:6.2f} s  measured {measured[key]:6.2f} s  "
+                  f"error {err:6.1%}")
+    if errors:
+        print(f"median error {statistics.median(errors):.1%}, worst {max(errors):.1%} (goal: within 15%)")
+
 
 if __name__ == "__main__":
     sys.exit(main())
