@@ -64,7 +64,6 @@ class ServerConfig(_Strict):
     tokens_dir: str = Field(..., description="one file per device, named after it, holding its bearer token")
     codec: Literal["fp32", "fp16"] = "fp32"
     round_deadline_s: float = Field(600.0, gt=0, description="devices not done by then are left out of the round")
-    min_devices: int = Field(1, ge=1, description="a round closes early only when all joined devices are done")
     checkpoint_dir: str = "checkpoints"
     host: str = "0.0.0.0"
     port: int = Field(DEFAULT_PORT, ge=1, le=65535)
