@@ -25,6 +25,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_for(predicate, timeout: float, what: str):
+    """Poll `predicate` until it returns something truthy (returned); fail naming `what`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"not within {timeout}s: {what}")
+
+
 def small_config(tmp: Path, devices=("dev-a",), **training) -> ServerConfig:
     tokens = tmp / "tokens"
     tokens.mkdir(parents=True, exist_ok=True)

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import wait_for
+
 from ares.roles.sidecar import (
     ANN_BANDWIDTH,
     ANN_POWER_MODE,
@@ -196,16 +198,6 @@ def set_annotations(path: Path, **values: str) -> None:
     tmp = path.with_name(".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
-
-
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"not within {timeout}s: {what}")
 
 
 def calls(host) -> list[str]:
