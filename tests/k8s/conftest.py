@@ -1,15 +1,20 @@
-"""Fixtures for the operator tests: the API emulator, kubectl pointed at it, the operator, a kubelet.
+"""Fixtures for the operator tests: a real control plane, kubectl and helm, the operator, a kubelet.
 
-- `apiserver`: kmock's emulator with every fix kopf and kubectl need (see k8s_apiserver.py),
-  on a loopback port in its own thread, with the AresTrainingJob CRD applied by kubectl.
-- `kubectl`: runs the real kubectl binary against it (a kubeconfig in a temp dir).
+- `control_plane` (session): etcd + kube-apiserver + kube-controller-manager built by
+  scripts/build-control-plane (tests/cluster/controlplane.py); the chart is helm-installed once
+  into `ares-system` (CRD, RBAC, ServiceAccount, Deployment; nothing runs that Deployment).
+- `namespace`: a fresh namespace per test (labelled for privileged Pod Security, as the
+  README tells users), deleted afterwards.
+- `kubectl`: the real kubectl, as cluster admin, in that namespace.
 - `operator`: the real operator (`kopf run --standalone -m ares_operator.handlers`) in a
-  KopfRunner thread; `operator.restart()` stops it and starts a fresh one.
-- `kubelet`: runs the pods' containers as local processes (see k8s_kubelet.py).
+  KopfRunner thread, authenticated as the chart's ServiceAccount with a TokenRequest token,
+  so every call it makes is checked against exactly the chart's RBAC.
+- `kubelet`: registers Nodes, binds and runs the namespace's pods as local processes.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import socket
@@ -24,17 +29,17 @@ from typing import Any, Optional
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-for extra in (ROOT, ROOT / "operator"):
+for extra in (ROOT, ROOT / "operator", ROOT / "tests"):
     if str(extra) not in sys.path:
         sys.path.insert(0, str(extra))
 # The reconcile timer's interval is read when the handlers module is imported: keep ticks short.
 os.environ.setdefault("ARES_TICK_SECONDS", "1")
 # The kubernetes client reads KUBECONFIG's *path* once, at import: one path for the whole session,
-# rewritten for every test's emulator.
+# rewritten with the operator's identity for every test.
 KUBECONFIG = Path(tempfile.mkdtemp(prefix="ares-k8s-")) / "kubeconfig"
 os.environ["KUBECONFIG"] = str(KUBECONFIG)
 
-from k8s_apiserver import ApiserverThread  # noqa: E402
+from cluster.controlplane import ControlPlane, ControlPlaneUnavailable, bin_dir, tool_env  # noqa: E402
 from k8s_kubelet import Kubelet  # noqa: E402
 
 CRD = ROOT / "crds" / "aresjobs.ares.io.yaml"
@@ -59,8 +64,9 @@ def wait_for(what: str, probe: Callable[[], Any], timeout: float = 30.0, every: 
 
 
 class Kubectl:
-    def __init__(self, kubeconfig: Path):
-        self.env = dict(os.environ, KUBECONFIG=str(kubeconfig))
+    def __init__(self, kubeconfig: Path, control_plane: Optional[ControlPlane] = None):
+        self.kubeconfig = kubeconfig
+        self.env = tool_env(control_plane.bin, kubeconfig) if control_plane else dict(os.environ, KUBECONFIG=str(kubeconfig))
 
     def run(self, *args: str, check: bool = True, stdin: Optional[str] = None) -> subprocess.CompletedProcess:
         proc = subprocess.run(["kubectl", *args], env=self.env, capture_output=True, text=True,
@@ -87,39 +93,70 @@ class Kubectl:
         return rows
 
 
-@pytest.fixture
-def apiserver(tmp_path: Path) -> Iterator[ApiserverThread]:
-    with ApiserverThread() as api:
-        yield api
+OPERATOR_NS = "ares-system"
+OPERATOR_SA = "ares"  # the chart's ServiceAccount for release "ares"
+_counter = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
+    try:
+        binaries = bin_dir()
+    except ControlPlaneUnavailable as exc:
+        if os.environ.get("CI"):
+            raise  # .ci/run builds it: in CI a missing control plane is a failure, not a skip
+        pytest.skip(str(exc))
+    cp = ControlPlane(tmp_path_factory.mktemp("control-plane"), bin=binaries)
+    with cp:
+        env = tool_env(cp.bin, cp.admin_kubeconfig)
+        # The chart, as a user installs it; `--wait` is not used: no controller runs Deployments here.
+        proc = subprocess.run(["helm", "install", "ares", str(ROOT / "charts" / "ares"), "-n", OPERATOR_NS,
+                               "--create-namespace"], env=env, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        subprocess.run(["kubectl", "wait", "--for=condition=Established", "--timeout=60s",
+                        "crd/aresjobs.ares.io"], env=env, check=True, capture_output=True, timeout=90)
+        # What a k3s cluster with the NVIDIA container toolkit has: the runtime class Jetson pods name.
+        subprocess.run(["kubectl", "apply", "-f", "-"], env=env, check=True, capture_output=True, timeout=60,
+                       input="apiVersion: node.k8s.io/v1\nkind: RuntimeClass\nmetadata: {name: nvidia}\nhandler: nvidia\n",
+                       text=True)
+        yield cp
 
 
 @pytest.fixture
-def kubectl(apiserver: ApiserverThread) -> Kubectl:
-    config = KUBECONFIG
-    config.write_text(json.dumps({
-        "apiVersion": "v1", "kind": "Config", "current-context": "emulator",
-        "clusters": [{"name": "emulator", "cluster": {"server": apiserver.url}}],
-        "users": [{"name": "tester", "user": {"token": "test"}}],
-        "contexts": [{"name": "emulator", "context": {"cluster": "emulator", "user": "tester", "namespace": "default"}}],
-    }))
-    k = Kubectl(config)
-    k.run("apply", "-f", str(CRD))
-    return k
+def namespace(control_plane: ControlPlane, request: pytest.FixtureRequest) -> Iterator[str]:
+    name = f"t{next(_counter)}-{os.getpid() % 10000}"
+    labels = getattr(request, "param", None) or {"pod-security.kubernetes.io/enforce": "privileged"}
+    with control_plane.http() as http:
+        resp = http.post("/api/v1/namespaces", json={"apiVersion": "v1", "kind": "Namespace",
+                                                     "metadata": {"name": name, "labels": labels}})
+        resp.raise_for_status()
+        control_plane.wait_service_account(name)
+        yield name
+        http.delete(f"/api/v1/namespaces/{name}")
+
+
+@pytest.fixture
+def kubectl(control_plane: ControlPlane, namespace: str, tmp_path: Path) -> "Kubectl":
+    config = tmp_path / "admin.kubeconfig"
+    config.write_text(json.dumps(control_plane.kubeconfig(control_plane.admin_user(), namespace)))
+    return Kubectl(config, control_plane)
 
 
 class Operator:
     """The real operator in a KopfRunner thread, restartable."""
 
-    ARGS = ["run", "--standalone", "--all-namespaces", "--verbose", "-m", "ares_operator.handlers"]
-
-    def __init__(self) -> None:
+    def __init__(self, control_plane: ControlPlane, namespace: str) -> None:
+        self.control_plane, self.namespace = control_plane, namespace
         self.runner: Any = None
         self.outputs: list[str] = []
 
     def start(self) -> None:
         from kopf.testing import KopfRunner
 
-        self.runner = KopfRunner(self.ARGS, timeout=30)
+        token = self.control_plane.token_for(OPERATOR_NS, OPERATOR_SA)
+        KUBECONFIG.write_text(json.dumps(self.control_plane.kubeconfig({"token": token}, self.namespace)))
+        args = ["run", "--standalone", "--namespace", self.namespace, "--verbose", "-m", "ares_operator.handlers"]
+        self.runner = KopfRunner(args, timeout=30)
         self.runner.__enter__()
 
     def stop(self) -> None:
@@ -141,8 +178,8 @@ class Operator:
 
 
 @pytest.fixture
-def operator(kubectl: Kubectl, monkeypatch: pytest.MonkeyPatch) -> Iterator[Operator]:
-    op = Operator()
+def operator(kubectl: Kubectl, control_plane: ControlPlane, namespace: str) -> Iterator[Operator]:
+    op = Operator(control_plane, namespace)
     op.start()
     try:
         yield op
@@ -159,8 +196,8 @@ def server_port(monkeypatch: pytest.MonkeyPatch) -> int:
 
 
 @pytest.fixture
-def kubelet(apiserver: ApiserverThread, server_port: int, tmp_path: Path) -> Iterator[Kubelet]:
-    with Kubelet(apiserver.url, tmp_path / "node", server_port) as k:
+def kubelet(control_plane: ControlPlane, namespace: str, server_port: int, tmp_path: Path) -> Iterator[Kubelet]:
+    with Kubelet(control_plane.http(), tmp_path / "node", server_port, namespace) as k:
         yield k
         # Shown by pytest only when the test failed: what each pod printed, and the kubelet's own errors.
         for name in sorted({p.name for p in k.pods.values()}):

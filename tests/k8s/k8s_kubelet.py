@@ -48,15 +48,22 @@ def _killpg(proc: subprocess.Popen) -> None:
 
 
 class Kubelet:
-    def __init__(self, api_url: str, root: Path, server_port: int, python: str = sys.executable):
-        self.http = httpx.Client(base_url=api_url, timeout=10)
+    """Serves the pods of one namespace on a set of nodes it registers (there is no scheduler:
+    a pod without a nodeName is bound here to the first node whose labels match its nodeSelector)."""
+
+    def __init__(self, http: httpx.Client, root: Path, server_port: int, namespace: str,
+                 nodes: tuple[str, ...] = ("edge-server", "jetson-nano-1", "jetson-nano-2", "raspberry-pi-1"),
+                 python: str = sys.executable):
+        self.http = http
         self.root, self.server_port, self.python = root, server_port, python
+        self.namespace, self.nodes = namespace, nodes
         self.pods: dict[str, _Pod] = {}  # by uid
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="kubelet", daemon=True)
         self.errors: list[str] = []
 
     def __enter__(self) -> "Kubelet":
+        self._register_nodes()
         self._thread.start()
         return self
 
@@ -88,9 +95,40 @@ class Kubelet:
             except Exception as exc:  # keep going; the test will see the effect (or the error)
                 self.errors.append(repr(exc))
 
+    def _register_nodes(self) -> None:
+        """A Node per name, labelled as a kubelet labels its own (kubernetes.io/hostname)."""
+        for name in self.nodes:
+            node = {"apiVersion": "v1", "kind": "Node", "metadata": {"name": name, "labels": {
+                "kubernetes.io/hostname": name, "kubernetes.io/os": "linux"}}}
+            resp = self.http.post("/api/v1/nodes", json=node)
+            if resp.status_code not in (201, 409):
+                resp.raise_for_status()
+
+    def _bind(self, pod: Obj) -> Optional[str]:
+        """The scheduler's one job, done here: bind a pending pod to a node of ours that fits."""
+        wanted = pod["spec"].get("nodeSelector") or {}
+        for name in self.nodes:
+            labels = {"kubernetes.io/hostname": name, "kubernetes.io/os": "linux"}
+            if all(labels.get(k) == v for k, v in wanted.items()):
+                meta = pod["metadata"]
+                resp = self.http.post(f"/api/v1/namespaces/{meta['namespace']}/pods/{meta['name']}/binding", json={
+                    "apiVersion": "v1", "kind": "Binding", "metadata": {"name": meta["name"], "uid": meta["uid"]},
+                    "target": {"apiVersion": "v1", "kind": "Node", "name": name}})
+                return name if resp.status_code == 201 else None
+        return None
+
     def _sync(self) -> None:
-        items = self.http.get("/api/v1/pods").json()["items"]
-        live = {p["metadata"]["uid"]: p for p in items if not p["metadata"].get("deletionTimestamp")}
+        resp = self.http.get(f"/api/v1/namespaces/{self.namespace}/pods")
+        resp.raise_for_status()
+        items = resp.json()["items"]
+        for p in items:
+            if not p["spec"].get("nodeName") and not p["metadata"].get("deletionTimestamp"):
+                p["spec"]["nodeName"] = self._bind(p)
+        ours = [p for p in items if p["spec"].get("nodeName") in self.nodes]
+        for p in ours:
+            if p["metadata"].get("deletionTimestamp"):
+                self._finish_deletion(p)
+        live = {p["metadata"]["uid"]: p for p in ours if not p["metadata"].get("deletionTimestamp")}
         for uid, pod in list(self.pods.items()):
             if uid not in live:
                 self._kill(pod)
@@ -103,6 +141,16 @@ class Kubelet:
             pod.obj = obj
             self._downward(pod)
             self._watch_exit(pod)
+
+    def _finish_deletion(self, obj: Obj) -> None:
+        """A bound pod stays Terminating until its kubelet has stopped it and says so (grace 0)."""
+        meta = obj["metadata"]
+        pod = self.pods.pop(meta["uid"], None)
+        if pod is not None:
+            self._kill(pod)
+        self.http.request("DELETE", f"/api/v1/namespaces/{meta['namespace']}/pods/{meta['name']}", json={
+            "apiVersion": "v1", "kind": "DeleteOptions", "gracePeriodSeconds": 0,
+            "preconditions": {"uid": meta["uid"]}})
 
     def _start(self, pod: _Pod) -> None:
         spec = pod.obj["spec"]

@@ -1,0 +1,230 @@
+"""A real Kubernetes control plane on loopback, as controller-runtime's envtest runs one.
+
+etcd + kube-apiserver (RBAC authorisation, the default admission plugins, PodSecurity
+included) + kube-controller-manager (garbage collector, namespace lifecycle, service
+accounts and their tokens, the root CA publisher), built by `scripts/build-control-plane`.
+There is no scheduler and no kubelet: the test kubelet (tests/k8s/k8s_kubelet.py) registers
+a Node, binds the pods meant for it and runs them as local processes.
+
+Identities: `admin` (group system:masters) holds a client certificate signed by our CA; any
+ServiceAccount gets a real token through the TokenRequest API (`token_for`), so the operator
+can run with exactly the RBAC the chart grants.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[2]
+BUILD_SCRIPT = ROOT / "scripts" / "build-control-plane"
+# The controllers a test cluster needs; the rest (deployments, nodes, ...) stay off so nothing
+# acts behind the tests' backs (a Deployment is accepted and never rolled out).
+CONTROLLERS = ("garbage-collector-controller,namespace-controller,serviceaccount-controller,"
+               "serviceaccount-token-controller,root-ca-certificate-publisher-controller")
+
+
+class ControlPlaneUnavailable(RuntimeError):
+    """The binaries are not built (and could not be); the tests that need them skip with this."""
+
+
+def bin_dir() -> Path:
+    """Where scripts/build-control-plane put the binaries; raises if they are not all there."""
+    proc = subprocess.run([str(BUILD_SCRIPT), "--print-bin"], capture_output=True, text=True)
+    path = Path(proc.stdout.strip())
+    if proc.returncode != 0:
+        raise ControlPlaneUnavailable(f"control plane not built in {path}: run scripts/build-control-plane")
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _openssl(*args: str, stdin: Optional[bytes] = None) -> bytes:
+    return subprocess.run(["openssl", *args], input=stdin, capture_output=True, check=True).stdout
+
+
+def _make_pki(d: Path) -> None:
+    """A CA, the API server's serving cert (127.0.0.1), an admin client cert, the SA signing key."""
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    _openssl("req", "-x509", *ec, "-keyout", str(d / "ca.key"), "-out", str(d / "ca.crt"), "-days", "2",
+             "-subj", "/CN=ares-test-ca")
+    for name, subj, ext in (
+        ("apiserver", "/CN=kube-apiserver", "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth"),
+        ("admin", "/O=system:masters/CN=admin", "extendedKeyUsage=clientAuth"),
+    ):
+        csr = _openssl("req", *ec, "-keyout", str(d / f"{name}.key"), "-subj", subj)
+        (d / f"{name}.ext").write_text(ext + "\n")
+        _openssl("x509", "-req", "-CA", str(d / "ca.crt"), "-CAkey", str(d / "ca.key"), "-CAcreateserial",
+                 "-days", "2", "-extfile", str(d / f"{name}.ext"), "-out", str(d / f"{name}.crt"), stdin=csr)
+    _openssl("genrsa", "-out", str(d / "sa.key"), "2048")
+    _openssl("rsa", "-in", str(d / "sa.key"), "-pubout", "-out", str(d / "sa.pub"))
+
+
+@dataclass
+class ControlPlane:
+    """Start with `start()` (or as a context manager); everything lives under `workdir`."""
+
+    workdir: Path
+    bin: Path = field(default_factory=bin_dir)
+    procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+    api_port: int = 0
+
+    @property
+    def url(self) -> str:
+        return f"https://127.0.0.1:{self.api_port}"
+
+    @property
+    def pki(self) -> Path:
+        return self.workdir / "pki"
+
+    @property
+    def admin_kubeconfig(self) -> Path:
+        return self.workdir / "admin.kubeconfig"
+
+    def kubeconfig(self, user: dict, namespace: str = "default") -> dict:
+        ca = (self.pki / "ca.crt").read_bytes()
+        import base64
+        return {
+            "apiVersion": "v1", "kind": "Config", "current-context": "test",
+            "clusters": [{"name": "test", "cluster": {
+                "server": self.url, "certificate-authority-data": base64.b64encode(ca).decode()}}],
+            "users": [{"name": "user", "user": user}],
+            "contexts": [{"name": "test", "context": {"cluster": "test", "user": "user", "namespace": namespace}}],
+        }
+
+    def admin_user(self) -> dict:
+        return {"client-certificate": str(self.pki / "admin.crt"), "client-key": str(self.pki / "admin.key")}
+
+    def http(self, **kw) -> httpx.Client:
+        """An admin client for the API (as the test kubelet and fixtures use)."""
+        return httpx.Client(base_url=self.url, verify=str(self.pki / "ca.crt"),
+                            cert=(str(self.pki / "admin.crt"), str(self.pki / "admin.key")), timeout=30, **kw)
+
+    # --- lifecycle --------------------------------------------------------------------------
+
+    def __enter__(self) -> "ControlPlane":
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self, timeout: float = 90.0) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.pki.mkdir(exist_ok=True)
+        _make_pki(self.pki)
+        etcd_port, peer_port, self.api_port, cm_port = free_port(), free_port(), free_port(), free_port()
+        logs = self.workdir / "logs"
+        logs.mkdir(exist_ok=True)
+        self._spawn("etcd", [
+            str(self.bin / "etcd"), "--data-dir", str(self.workdir / "etcd"), "--name", "test",
+            "--listen-client-urls", f"http://127.0.0.1:{etcd_port}",
+            "--advertise-client-urls", f"http://127.0.0.1:{etcd_port}",
+            "--listen-peer-urls", f"http://127.0.0.1:{peer_port}",
+            "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer_port}",
+            "--initial-cluster", f"test=http://127.0.0.1:{peer_port}",
+            "--unsafe-no-fsync", "--log-level", "warn"])
+        p = self.pki
+        self._spawn("kube-apiserver", [
+            str(self.bin / "kube-apiserver"), "--etcd-servers", f"http://127.0.0.1:{etcd_port}",
+            "--bind-address", "127.0.0.1", "--advertise-address", "127.0.0.1",
+            "--secure-port", str(self.api_port), "--cert-dir", str(self.workdir / "apiserver-certs"),
+            "--tls-cert-file", str(p / "apiserver.crt"), "--tls-private-key-file", str(p / "apiserver.key"),
+            "--client-ca-file", str(p / "ca.crt"),
+            "--service-account-issuer", "https://kubernetes.default.svc.cluster.local",
+            "--service-account-key-file", str(p / "sa.pub"),
+            "--service-account-signing-key-file", str(p / "sa.key"),
+            "--service-cluster-ip-range", "10.96.0.0/16", "--allow-privileged=true",
+            "--authorization-mode", "RBAC",
+            "--profiling=false", "--v", "1"])
+        self.admin_kubeconfig.write_text(json.dumps(self.kubeconfig(self.admin_user())))
+        self._wait_ready(timeout)
+        self._spawn("kube-controller-manager", [
+            str(self.bin / "kube-controller-manager"), "--kubeconfig", str(self.admin_kubeconfig),
+            "--authentication-kubeconfig", str(self.admin_kubeconfig),
+            "--authorization-kubeconfig", str(self.admin_kubeconfig),
+            "--bind-address", "127.0.0.1", "--secure-port", str(cm_port),
+            "--leader-elect=false", "--controllers", CONTROLLERS,
+            "--service-account-private-key-file", str(p / "sa.key"), "--root-ca-file", str(p / "ca.crt"),
+            "--concurrent-gc-syncs", "5", "--v", "1"])
+        self.wait_service_account("default", timeout=timeout)
+
+    def stop(self) -> None:
+        for name in ("kube-controller-manager", "kube-apiserver", "etcd"):
+            proc = self.procs.pop(name, None)
+            if proc is not None and proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(5)
+        shutil.rmtree(self.workdir / "etcd", ignore_errors=True)
+
+    def _spawn(self, name: str, argv: list[str]) -> None:
+        log = open(self.workdir / "logs" / f"{name}.log", "wb")
+        self.procs[name] = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def log(self, name: str) -> str:
+        return (self.workdir / "logs" / f"{name}.log").read_text(errors="replace")
+
+    def _check_alive(self) -> None:
+        for name, proc in self.procs.items():
+            if proc.poll() is not None:
+                raise RuntimeError(f"{name} exited with {proc.returncode}:\n{self.log(name)[-3000:]}")
+
+    def _wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        with self.http() as http:
+            while True:
+                self._check_alive()
+                try:
+                    if http.get("/readyz").status_code == 200:
+                        return
+                except httpx.HTTPError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"kube-apiserver not ready after {timeout:.0f}s:\n"
+                                       f"{self.log('kube-apiserver')[-3000:]}")
+                time.sleep(0.2)
+
+    def wait_service_account(self, namespace: str, name: str = "default", timeout: float = 60.0) -> None:
+        """Pods cannot be created in a namespace before its default ServiceAccount exists."""
+        deadline = time.monotonic() + timeout
+        with self.http() as http:
+            while http.get(f"/api/v1/namespaces/{namespace}/serviceaccounts/{name}").status_code != 200:
+                self._check_alive()
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"no ServiceAccount {namespace}/{name} after {timeout:.0f}s:\n"
+                                       f"{self.log('kube-controller-manager')[-3000:]}")
+                time.sleep(0.1)
+
+    def token_for(self, namespace: str, service_account: str, seconds: int = 3600) -> str:
+        """A real, bound ServiceAccount token (TokenRequest API), as a pod would be given."""
+        with self.http() as http:
+            resp = http.post(f"/api/v1/namespaces/{namespace}/serviceaccounts/{service_account}/token",
+                             json={"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
+                                   "spec": {"expirationSeconds": seconds}})
+            resp.raise_for_status()
+            return resp.json()["status"]["token"]
+
+
+def tool_env(bin: Path, kubeconfig: Path) -> dict[str, str]:
+    """The environment for kubectl/helm: our builds first on PATH, this cluster's kubeconfig."""
+    return dict(os.environ, PATH=f"{bin}{os.pathsep}{os.environ.get('PATH', '')}", KUBECONFIG=str(kubeconfig),
+                HELM_CACHE_HOME=str(kubeconfig.parent / "helm-cache"),
+                HELM_CONFIG_HOME=str(kubeconfig.parent / "helm-config"),
+                HELM_DATA_HOME=str(kubeconfig.parent / "helm-data"))
