@@ -26,34 +26,75 @@ def load_config() -> None:
         kubernetes.config.load_kube_config()
 
 
+class Refused(Exception):
+    """The API server refused a call (RBAC, Pod Security, quota, ...): the job must say so."""
+
+    def __init__(self, verb: str, obj: Mapping[str, Any], exc: ApiException):
+        self.status, self.verb = exc.status, verb
+        self.kind, self.name = obj.get("kind", "?"), obj.get("metadata", {}).get("name", "?")
+        try:
+            self.detail = json.loads(exc.body or "{}").get("message") or str(exc.reason)
+        except (ValueError, AttributeError):
+            self.detail = str(exc.reason)
+        super().__init__(f"{verb} {self.kind} {self.name}: {self.detail}")
+
+    @property
+    def pod_security(self) -> bool:
+        return self.status == 403 and "PodSecurity" in self.detail
+
+
+class NotOurs(Exception):
+    """An object of the name we need exists, controlled by someone else (say, a deleted job of the
+    same name whose children the garbage collector has not removed yet). It is never adopted."""
+
+
+def controller_uid(obj: Mapping[str, Any]) -> Optional[str]:
+    return next((ref.get("uid") for ref in obj.get("metadata", {}).get("ownerReferences") or []
+                 if ref.get("controller")), None)
+
+
 class Kube:
     def __init__(self, api: Optional[kubernetes.client.ApiClient] = None):
         self.api = api or kubernetes.client.ApiClient()
         self.core = kubernetes.client.CoreV1Api(self.api)
         self.custom = kubernetes.client.CustomObjectsApi(self.api)
 
-    def create(self, obj: Mapping[str, Any]) -> bool:
-        """True if created, False if it already existed."""
-        ns = obj["metadata"]["namespace"]
+    def create(self, obj: Mapping[str, Any], dry_run: bool = False) -> bool:
+        """True if created, False if it already existed *and is ours* (same controller uid).
+
+        With `dry_run` the API server runs every check and admission plugin (RBAC, Pod Security)
+        and stores nothing. Raises `Refused` for any other refusal and `NotOurs` for a namesake.
+        """
+        ns, kind = obj["metadata"]["namespace"], obj["kind"]
         create = {"Pod": self.core.create_namespaced_pod, "Service": self.core.create_namespaced_service,
                   "Secret": self.core.create_namespaced_secret,
-                  "ConfigMap": self.core.create_namespaced_config_map}[obj["kind"]]
+                  "ConfigMap": self.core.create_namespaced_config_map}[kind]
+        extra = {"dry_run": "All"} if dry_run else {}
         try:
-            create(ns, dict(obj), _preload_content=False)
+            create(ns, dict(obj), _preload_content=False, **extra)
         except ApiException as exc:
-            if exc.status == 409:
-                return False
-            raise
+            if exc.status != 409:
+                raise Refused("create", obj, exc) from exc
+            existing = self.read(kind, ns, obj["metadata"]["name"])
+            if existing is not None and controller_uid(existing) != controller_uid(obj):
+                raise NotOurs(f"{kind} {obj['metadata']['name']} exists and belongs to another owner "
+                              f"(uid {controller_uid(existing)}); waiting for it to go away") from exc
+            return False
         return True
 
-    def read_secret(self, namespace: str, name: str) -> Optional[Obj]:
+    def read(self, kind: str, namespace: str, name: str) -> Optional[Obj]:
+        read = {"Pod": self.core.read_namespaced_pod, "Service": self.core.read_namespaced_service,
+                "Secret": self.core.read_namespaced_secret,
+                "ConfigMap": self.core.read_namespaced_config_map}[kind]
         try:
-            resp = self.core.read_namespaced_secret(name, namespace, _preload_content=False)
+            return json.loads(read(name, namespace, _preload_content=False).data)
         except ApiException as exc:
             if exc.status == 404:
                 return None
-            raise
-        return json.loads(resp.data)
+            raise Refused("get", {"kind": kind, "metadata": {"name": name}}, exc) from exc
+
+    def read_secret(self, namespace: str, name: str) -> Optional[Obj]:
+        return self.read("Secret", namespace, name)
 
     def list_pods(self, namespace: str, job: str, uid: str) -> list[Obj]:
         """The job's pods: selected by label, kept only if the job controls them."""

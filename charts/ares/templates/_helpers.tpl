@@ -58,6 +58,11 @@ cluster-wide and per-namespace variants cannot drift apart.
 - apiGroups: ["ares.io"]
   resources: ["aresjobs/status"]
   verbs: ["get", "patch", "update"]
+# Children carry blockOwnerDeletion: clusters that enforce owner-reference permissions
+# (the OwnerReferencesPermissionEnforcement admission plugin) require this.
+- apiGroups: ["ares.io"]
+  resources: ["aresjobs/finalizers"]
+  verbs: ["update"]
 # Server and device pods: created, annotated (split point, power mode, bandwidth),
 # and deleted to restart one failed device.
 - apiGroups: [""]

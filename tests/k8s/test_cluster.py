@@ -1,0 +1,216 @@
+"""What only a real API server shows: the chart installs, CEL rules are evaluated, RBAC is the
+chart's, Pod Security admission, the garbage collector and Events.
+
+Runs against the control plane of tests/cluster (etcd, kube-apiserver, kube-controller-manager),
+with the real kubectl and helm built next to it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+
+import pytest
+import yaml
+
+from conftest import OPERATOR_NS, ROOT, wait_for
+
+pytestmark = pytest.mark.k8s
+JOB = ROOT / "examples" / "job.yaml"
+
+
+def _job(name: str = "demo", **spec_changes) -> dict:
+    job = yaml.safe_load(JOB.read_text())
+    job["metadata"]["name"] = name
+    for path, value in spec_changes.items():
+        node = job["spec"]
+        *parents, leaf = path.split("__")
+        for p in parents:
+            node = node[int(p)] if p.isdigit() else node[p]
+        node[int(leaf) if leaf.isdigit() else leaf] = value
+    return job
+
+
+def _apply(kubectl, job: dict, check: bool = False) -> subprocess.CompletedProcess:
+    return kubectl.run("apply", "-f", "-", stdin=yaml.safe_dump(job), check=check)
+
+
+def _children(kubectl) -> dict[str, list[dict]]:
+    return {kind: kubectl.json("get", kind)["items"] for kind in ("pods", "secrets", "configmaps", "services")
+            } | {"configmaps": [c for c in kubectl.json("get", "configmaps")["items"]
+                                if c["metadata"]["name"] != "kube-root-ca.crt"]}
+
+
+def _conditions(kubectl, name: str) -> dict[str, dict]:
+    status = kubectl.json("get", "aresjobs", name).get("status") or {}
+    return {c["type"]: c for c in status.get("conditions") or []}
+
+
+def _events(kubectl, name: str) -> list[dict]:
+    return [e for e in kubectl.json("get", "events")["items"]
+            if e["involvedObject"].get("kind") == "AresTrainingJob" and e["involvedObject"]["name"] == name]
+
+
+# --- 1. the chart, the CRD and the examples install on a real API server ---------------------
+
+def test_chart_installs_everything_it_claims(kubectl):
+    crd = kubectl.json("get", "crd", "aresjobs.ares.io")
+    established = {c["type"]: c["status"] for c in crd["status"]["conditions"]}
+    assert established["Established"] == "True" and established["NamesAccepted"] == "True"
+    kinds = {(o["kind"], o["metadata"]["name"]) for o in kubectl.json(
+        "get", "serviceaccount,deployment", "-n", OPERATOR_NS)["items"]}
+    assert ("ServiceAccount", "ares") in kinds and ("Deployment", "ares") in kinds
+    role = kubectl.json("get", "clusterrole", "ares")
+    assert any("aresjobs/finalizers" in r.get("resources", []) and "update" in r["verbs"] for r in role["rules"])
+    binding = kubectl.json("get", "clusterrolebinding", "ares")
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "ares", "namespace": OPERATOR_NS}]
+    # `kubectl apply -f crds/` works on top of the chart's copy (how users upgrade CRDs).
+    proc = kubectl.run("apply", "--server-side", "--force-conflicts", "-f", str(ROOT / "crds"))
+    assert "aresjobs.ares.io" in proc.stdout
+
+
+def test_every_example_applies(kubectl):
+    manifests = [p for p in sorted((ROOT / "examples").glob("*.yaml"))
+                 if yaml.safe_load(p.read_text()).get("kind") == "AresTrainingJob"]
+    assert len(manifests) >= 2
+    for path in manifests:
+        proc = kubectl.run("apply", "--dry-run=server", "-f", str(path), check=False)
+        assert proc.returncode == 0, f"{path.name}: {proc.stderr}"
+
+
+def test_the_chart_claims_the_kubernetes_versions_the_tests_prove(kubectl):
+    server = json.loads(kubectl.run("version", "-o", "json").stdout)["serverVersion"]
+    tested = tuple(int(x) for x in re.findall(r"\d+", server["gitVersion"])[:2])
+    claim = yaml.safe_load((ROOT / "charts" / "ares" / "Chart.yaml").read_text())["kubeVersion"]
+    floor = tuple(int(x) for x in re.match(r">=\s*v?(\d+)\.(\d+)", claim).groups())
+    assert floor == tested, f"chart claims {claim!r}; the tests run Kubernetes {server['gitVersion']}"
+
+
+# --- 3. CEL rules, evaluated by the API server -----------------------------------------------
+
+INVALID = [
+    ({"devices__2__split": 7}, "vgg5 has 7 layers: a pinned split must be in 0..6"),
+    ({"split__mode": "fixed", "split__point": 9}, "split.point is beyond the model's last layer"),
+    ({"split__mode": "fixed"}, "split.mode fixed needs split.point or a pinned split on every device"),
+    ({"devices__1__name": "nano-maxn"}, "Duplicate value"),
+    ({"devices__2__powerMode": "MAXN"}, "powerMode is for Jetson device classes only"),
+    ({"server__resources": {"requests": {"cpu": "two"}}}, "spec.server.resources.requests.cpu"),
+    ({"devices__0__nodeSelector": {"a": "b"}}, "give nodeName or nodeSelector, not both"),
+]
+
+
+@pytest.mark.parametrize("changes, message", INVALID, ids=[
+    "split-beyond-model", "point-beyond-model", "fixed-without-point", "duplicate-device", "powermode-on-pi",
+    "bad-quantity", "node-name-and-selector"])
+def test_invalid_jobs_are_refused_with_the_rules_message(kubectl, changes, message):
+    proc = _apply(kubectl, _job("bad", **changes))
+    assert proc.returncode != 0 and message in proc.stderr, proc.stderr
+    assert kubectl.json("get", "aresjobs")["items"] == []
+
+
+@pytest.mark.parametrize("name", ["5g-demo", "demo.v2", "x" * 57])
+def test_job_names_that_make_invalid_service_names_are_refused(kubectl, name):
+    proc = _apply(kubectl, _job(name))
+    assert proc.returncode != 0 and "metadata.name must be a DNS-1035 label" in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"model": "resnet18"}, "model, dataset and training are fixed once the job exists"),
+    ({"training__rounds": 5}, "model, dataset and training are fixed once the job exists"),
+    ({"devices__2__name": "pi-2"}, "devices cannot be added, removed or renamed"),
+], ids=["model", "training", "device-name"])
+def test_immutable_fields_cannot_change(kubectl, changes, message):
+    _apply(kubectl, _job(), check=True)
+    proc = _apply(kubectl, _job(**changes))
+    assert proc.returncode != 0 and message in proc.stderr, proc.stderr
+    # What may change, changes.
+    _apply(kubectl, _job(devices__1__powerMode="MAXN", devices__2__bandwidth="5mbit"), check=True)
+
+
+# --- 2. exactly the chart's RBAC; a missing rule is reported on the job ----------------------
+
+def test_a_missing_rbac_rule_is_reported_on_the_job(kubectl, operator):
+    role = kubectl.json("get", "clusterrole", "ares")
+    original = json.dumps(role["rules"])
+    rules = [dict(r, resources=[x for x in r["resources"] if x != "secrets"]) for r in role["rules"]]
+    kubectl.run("patch", "clusterrole", "ares", "--type=merge", "-p", json.dumps({"rules": rules}))
+    try:
+        _apply(kubectl, _job(), check=True)
+        cond = wait_for("the refusal on the job", lambda: (c := _conditions(kubectl, "demo").get("ChildrenCreated"))
+                        and c["status"] == "False" and c, timeout=60)
+        assert cond["reason"] == "Forbidden"
+        assert "may not" in cond["message"] and "secrets" in cond["message"] and "RBAC" in cond["message"]
+        event = wait_for("a Warning event", lambda: [e for e in _events(kubectl, "demo") if e["reason"] == "Forbidden"])
+        assert event[0]["type"] == "Warning"
+        assert "Forbidden" in kubectl.run("describe", "aresjob", "demo").stdout
+        # Nothing half-made: the dry run was refused before anything was created.
+        assert all(not items for items in _children(kubectl).values()), _children(kubectl)
+    finally:
+        kubectl.run("patch", "clusterrole", "ares", "--type=merge", "-p", json.dumps({"rules": json.loads(original)}))
+    # With the rule back, the next tick creates the job's children.
+    wait_for("children once allowed", lambda: _conditions(kubectl, "demo").get("ChildrenCreated", {}).get("status")
+             == "True", timeout=60)
+    assert len(kubectl.json("get", "pods")["items"]) == 4
+    assert "403" not in operator.runner.output if operator.runner else True
+
+
+# --- 4. Pod Security admission -----------------------------------------------------------------
+
+@pytest.mark.parametrize("namespace", [{"pod-security.kubernetes.io/enforce": "baseline"}], indirect=True,
+                         ids=["baseline"])
+def test_a_baseline_namespace_is_reported_and_nothing_is_half_created(kubectl, operator, namespace):
+    _apply(kubectl, _job(), check=True)
+    cond = wait_for("the Pod Security refusal", lambda: (c := _conditions(kubectl, "demo").get("ChildrenCreated"))
+                    and c["status"] == "False" and c, timeout=60)
+    assert cond["reason"] == "PodSecurityForbidden"
+    assert "NET_ADMIN" in cond["message"] and "pod-security.kubernetes.io/enforce=privileged" in cond["message"]
+    assert [e for e in _events(kubectl, "demo") if e["reason"] == "PodSecurityForbidden"]
+    assert all(not items for items in _children(kubectl).values()), _children(kubectl)
+    # The administrator relabels the namespace: the job goes ahead.
+    kubectl.run("label", "namespace", namespace, "pod-security.kubernetes.io/enforce=privileged", "--overwrite")
+    wait_for("the pods", lambda: len(kubectl.json("get", "pods")["items"]) == 4, timeout=60)
+
+
+# --- 5. garbage collection and owner uids ------------------------------------------------------
+
+def test_deleting_a_job_collects_its_children_and_a_namesake_never_adopts_them(kubectl, operator):
+    _apply(kubectl, _job(), check=True)
+    wait_for("the children", lambda: len(kubectl.json("get", "pods")["items"]) == 4, timeout=60)
+    old_uid = kubectl.json("get", "aresjobs", "demo")["metadata"]["uid"]
+    # No kubelet runs here: pods bound to a node stay Terminating after deletion, as on a node that
+    # is slow to stop them. The job of the same name comes back meanwhile.
+    kubectl.run("delete", "aresjob", "demo", "--wait=true")
+    wait_for("the old Secret collected", lambda: not kubectl.json("get", "secrets")["items"], timeout=60)
+    _apply(kubectl, _job(), check=True)
+    new_uid = kubectl.json("get", "aresjobs", "demo")["metadata"]["uid"]
+    assert new_uid != old_uid
+    cond = wait_for("the name conflict", lambda: (c := _conditions(kubectl, "demo").get("ChildrenCreated"))
+                    and c["reason"] == "NameConflict" and c, timeout=60)
+    assert "another owner" in cond["message"]
+    # The old pods finish terminating (their node confirms); only then are new ones made.
+    for pod in kubectl.json("get", "pods")["items"]:
+        assert pod["metadata"]["ownerReferences"][0]["uid"] == old_uid
+    kubectl.run("delete", "pods", "--all", "--grace-period=0", "--force")
+    pods = wait_for("the new job's pods", lambda: len(p := kubectl.json("get", "pods")["items"]) == 4 and p,
+                    timeout=60)
+    for obj in [*pods, *kubectl.json("get", "secrets")["items"], *kubectl.json("get", "services")["items"]]:
+        (ref,) = obj["metadata"]["ownerReferences"]
+        assert ref["uid"] == new_uid and ref["controller"] is True and ref["blockOwnerDeletion"] is True
+    kubectl.run("delete", "aresjob", "demo", "--wait=true")
+    kubectl.run("delete", "pods", "--all", "--grace-period=0", "--force")
+    wait_for("every child collected", lambda: all(not items for items in _children(kubectl).values()), timeout=60)
+
+
+# --- 6. Events -----------------------------------------------------------------------------------
+
+def test_an_invalid_spec_is_an_event(kubectl, operator):
+    # vgg5 has 7 layers and a model the operator does not know passes the CRD (its pattern only).
+    _apply(kubectl, _job("unknown-model", model="vgg11"), check=True)
+    wait_for("phase Failed", lambda: (kubectl.json("get", "aresjobs", "unknown-model").get("status") or {})
+             .get("phase") == "Failed", timeout=60)
+    events = wait_for("an InvalidSpec event", lambda: [e for e in _events(kubectl, "unknown-model")
+                                                       if e["reason"] == "InvalidSpec"])
+    assert events[0]["type"] == "Warning" and "unknown model 'vgg11'" in events[0]["message"]
+    described = kubectl.run("describe", "aresjob", "unknown-model").stdout
+    assert "InvalidSpec" in described and "Events:" in described
