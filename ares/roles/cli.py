@@ -6,7 +6,10 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 from typing import Optional
+
+TERMINATION_LOG = "/dev/termination-log"  # Kubernetes' default terminationMessagePath
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -20,6 +23,8 @@ def _run(args: argparse.Namespace) -> int:
             updates[key] = getattr(args, key)
     if args.devices is not None:
         updates["devices"] = args.devices
+    if args.tls:
+        updates["tls"] = True
     training = {k: getattr(args, k) for k in ("rounds", "batch_size", "lr", "max_steps_per_round") if getattr(args, k) is not None}
     data = {k: v for k, v in (("name", args.dataset), ("path", args.data_dir), ("partition", args.partition)) if v is not None}
     merged = cfg.model_dump()
@@ -49,10 +54,40 @@ def _server(args: argparse.Namespace) -> int:
         with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
             yaml.safe_dump(cfg.model_dump(mode="json"), f)
             path = f.name
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise ValueError("--tls-cert and --tls-key go together")
+    for f in (args.tls_cert, args.tls_key):
+        if f is not None and not Path(f).is_file():
+            raise FileNotFoundError(f"TLS file {f} not found")
     from ares.runtime.server import serve
 
-    serve(cfg, path)
+    serve(cfg, path, tls_cert=args.tls_cert, tls_key=args.tls_key)
     return 0
+
+
+def _client_tls(args: argparse.Namespace):
+    """The device's TLS settings from its flags; None for plain h2c (an http:// URL)."""
+    from ares.runtime.tlsclient import ClientTls
+
+    https = args.server.startswith("https://")
+    if not https:
+        if args.ca or args.tls_server_name:
+            raise ValueError("--ca and --tls-server-name need an https:// server URL")
+        return None
+    if args.ca is not None and not Path(args.ca).is_file():
+        raise FileNotFoundError(f"CA file {args.ca} not found")
+    return ClientTls(ca_file=args.ca, server_name=args.tls_server_name)
+
+
+def _fatal(message: str) -> None:
+    """Log it, and leave it where Kubernetes shows it in the pod's status (terminated.message)."""
+    logging.error("%s", message)
+    try:
+        with open(TERMINATION_LOG, "r+") as f:  # r+: never create it outside a pod
+            f.truncate()
+            f.write(message[:4000])
+    except OSError:
+        pass  # not in a pod
 
 
 def _device(args: argparse.Namespace) -> int:
@@ -70,17 +105,22 @@ def _device(args: argparse.Namespace) -> int:
     from ares.core.profiles import ComputeProfile
     from ares.runtime.device import DeviceTrainer
     from ares.runtime.link import HttpLink, RateLimit
+    from ares.runtime.tlsclient import TlsError
 
     with open(settings.token_file) as f:
         token = f.read().strip()
     link = HttpLink(settings.server_url, settings.name, token, settings.request_timeout_s, http2=not args.http1,
-                    rate_limit=RateLimit(settings.rate_limit_file))
+                    rate_limit=RateLimit(settings.rate_limit_file), tls=_client_tls(args))
     deadline = time.monotonic() + args.wait_server
-    while not link.healthy():  # a device pod may start before the server is up
-        if time.monotonic() > deadline:
-            logging.error("server %s not reachable after %.0f s", settings.server_url, args.wait_server)
-            return 3
-        time.sleep(1.0)
+    try:
+        while not link.healthy():  # a device pod may start before the server is up
+            if time.monotonic() > deadline:
+                logging.error("server %s not reachable after %.0f s", settings.server_url, args.wait_server)
+                return 3
+            time.sleep(1.0)
+    except TlsError as exc:  # a wrong CA or name: waiting would not help
+        _fatal(f"TLS: {exc}")
+        return 4
     emulate = ComputeProfile.load(settings.profile_file) if settings.profile_file else None
     device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
     trainer = DeviceTrainer(settings, link, emulate=emulate, torch_device=device,
@@ -114,16 +154,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int)
     p.add_argument("--results-dir", help="default results/latest")
     p.add_argument("--quiet", action="store_true", help="no progress display")
+    p.add_argument("--tls", action="store_true", help="HTTPS between devices and server, with a throwaway CA")
     p.set_defaults(func=_run)
 
     p = sub.add_parser("server", help="the edge server (HTTP/2)")
     p.add_argument("--config", required=True, help="ServerConfig YAML/JSON")
     p.add_argument("--port", type=int, help="overrides the config's port")
     p.add_argument("--host", help="overrides the config's host")
+    p.add_argument("--tls-cert", help="serve HTTPS (ALPN h2, then http/1.1) with this PEM certificate (chain)")
+    p.add_argument("--tls-key", help="the certificate's PEM private key")
     p.set_defaults(func=_server)
 
     p = sub.add_parser("device", help="a device trainer")
-    p.add_argument("--server", required=True, help="e.g. http://job-server.ns.svc:43000")
+    p.add_argument("--server", required=True, help="e.g. https://job-server.ns.svc:43000 (http:// = plain h2c)")
+    p.add_argument("--ca", help="PEM CA certificate to trust for an https:// server (only it; default: the system's)")
+    p.add_argument("--tls-server-name", help="name the server's certificate must carry, when the URL dials an address")
     p.add_argument("--name", required=True)
     p.add_argument("--token-file", required=True)
     p.add_argument("--split-file", required=True, help="re-read at every round start")

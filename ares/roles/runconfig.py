@@ -48,6 +48,7 @@ class RunConfig(_Strict):
     round_deadline_s: float = Field(600.0, gt=0)
     schedule: list[LinkChange] = []
     threads_per_device: int = Field(1, ge=1)
+    tls: bool = Field(False, description="HTTPS (ALPN h2) with a throwaway CA instead of loopback h2c")
 
     @field_validator("mode")
     @classmethod

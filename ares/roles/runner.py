@@ -37,6 +37,7 @@ from ares.core.profiles import PUBLISHED, ComputeProfile
 from ares.roles.runconfig import DeviceSpec, RunConfig
 from ares.runtime.controller import Controller, FileSplitSink, fetch_status, fetch_telemetry
 from ares.runtime.splitfile import write_split
+from ares.runtime.tlsclient import ClientTls
 
 log = logging.getLogger("ares.run")
 
@@ -74,9 +75,10 @@ class Cluster:
     command: list[str] = field(default_factory=lambda: [sys.executable, "-m", "ares"])
     device_prefix: dict[str, list[str]] = field(default_factory=dict)  # e.g. ip netns exec NS
     server_host: dict[str, str] = field(default_factory=dict)           # device -> address of the server
+    client_tls: Optional[ClientTls] = None  # set by start() when cfg.tls: trust the run's throwaway CA
 
     def __post_init__(self) -> None:
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"{'https' if self.cfg.tls else 'http'}://127.0.0.1:{self.port}"
         self.layers = n_layers(build_model(self.cfg.model, seed=None))
         for sub in ("tokens", "splits", "links", "logs", "checkpoints", "profiles"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
@@ -112,7 +114,7 @@ class Cluster:
         config = self.root / "server.yaml"
         config.write_text(yaml.safe_dump(self.server_config(host).model_dump(mode="json"), sort_keys=False))
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        self.procs["server"] = self._spawn(["server", "--config", str(config)], "server", env)
+        self.procs["server"] = self._spawn(["server", "--config", str(config), *self._server_tls()], "server", env)
         self.wait_healthy()
         for spec in self.specs:
             self.start_device(spec, env)
@@ -121,7 +123,8 @@ class Cluster:
         env = dict(env or os.environ)
         env.update(OMP_NUM_THREADS=str(self.cfg.threads_per_device), PYTHONUNBUFFERED="1")
         host = self.server_host.get(spec.name, "127.0.0.1")
-        args = ["device", "--server", f"http://{host}:{self.port}", "--name", spec.name,
+        scheme, tls = ("https", ["--ca", self.client_tls.ca_file]) if self.client_tls else ("http", [])
+        args = ["device", "--server", f"{scheme}://{host}:{self.port}", *tls, "--name", spec.name,
                 "--token-file", str(self.root / "tokens" / spec.name),
                 "--split-file", str(self.root / "splits" / f"{spec.name}.split"),
                 "--rate-limit-file", str(self.root / "links" / f"{spec.name}.json"),
@@ -130,6 +133,25 @@ class Cluster:
         if spec.profile:
             args += ["--profile", str(resolve_profile(spec.profile, self.root / "profiles"))]
         self.procs[spec.name] = self._spawn(args, spec.name, env, self.device_prefix.get(spec.name, []))
+
+    def _server_tls(self) -> list[str]:
+        """With cfg.tls: a throwaway CA (its key never written), a server certificate for every
+        address a device dials, and the `ares server` flags that serve it."""
+        if not self.cfg.tls:
+            return []
+        from ares.core.pki import Authority
+
+        ca = Authority("ares run")
+        ips = sorted({"127.0.0.1", *self.server_host.values()})
+        leaf = ca.issue_server(["localhost"], ips)
+        tls = self.root / "tls"
+        tls.mkdir(exist_ok=True)
+        for name, data in (("ca.crt", ca.cert_pem), ("tls.crt", leaf.cert_pem), ("tls.key", leaf.key_pem)):
+            path = tls / name
+            path.touch(mode=0o600)
+            path.write_bytes(data)
+        self.client_tls = ClientTls(ca_file=str(tls / "ca.crt"))
+        return ["--tls-cert", str(tls / "tls.crt"), "--tls-key", str(tls / "tls.key")]
 
     def _spawn(self, args: list[str], name: str, env: dict, prefix: list[str] = ()) -> subprocess.Popen:
         logfile = open(self.root / "logs" / f"{name}.log", "ab")
@@ -151,7 +173,8 @@ class Cluster:
                 raise RuntimeError(f"server exited with code {self.procs['server'].returncode}; "
                                    f"see {self.root / 'logs' / 'server.log'}")
             try:
-                if httpx.get(f"{self.url}/healthz", timeout=2.0).status_code == 200:
+                verify = self.client_tls.context() if self.client_tls else True
+                if httpx.get(f"{self.url}/healthz", timeout=2.0, verify=verify).status_code == 200:
                     return
             except httpx.HTTPError:
                 pass
@@ -181,7 +204,8 @@ def run(cfg: RunConfig, progress: bool = True, cluster: Optional[Cluster] = None
     controller = None
     if cfg.mode == "adaptive":
         policy = parse_policy(cfg.policy, cfg.alpha)
-        controller = Controller(lambda: fetch_telemetry(cluster.url, cluster.controller_token), policy,
+        controller = Controller(lambda: fetch_telemetry(cluster.url, cluster.controller_token, tls=cluster.client_tls),
+                                policy,
                                 FileSplitSink(root / "splits"), pinned)
     view = _Progress(progress, cfg, specs)
     started = time.time()
@@ -191,7 +215,7 @@ def run(cfg: RunConfig, progress: bool = True, cluster: Optional[Cluster] = None
             controller.last = {s.name: cluster.initial_split(s) for s in specs.values()}
         seen_round = -1
         while True:
-            status = fetch_status(cluster.url, cluster.controller_token)
+            status = fetch_status(cluster.url, cluster.controller_token, tls=cluster.client_tls)
             view.update(status)
             if status.round != seen_round:
                 seen_round = status.round

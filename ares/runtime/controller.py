@@ -19,6 +19,7 @@ from ares.core.messages import ServerStatus, Telemetry
 from ares.core.optimiser import DeviceInput, Plan, Problem, SplitPolicy, model_costs
 from ares.core.profiles import ComputeProfile, ServerProfile
 from ares.runtime.splitfile import write_split
+from ares.runtime.tlsclient import ClientTls, transport
 
 log = logging.getLogger("ares.controller")
 
@@ -27,16 +28,20 @@ ASSUMED_POWER = PowerModel(compute_w=10.0, tx_w=2.0, rx_w=2.0, source="modelled"
 CODEC_BYTES = {"fp32": 4, "fp16": 2}
 
 
-def fetch_status(url: str, token: str, timeout_s: float = 10.0) -> ServerStatus:
-    r = httpx.get(f"{url.rstrip('/')}/v1/status", headers={"Authorization": f"Bearer {token}"}, timeout=timeout_s)
+def _get(url: str, token: str, timeout_s: float, tls: Optional[ClientTls]) -> httpx.Response:
+    """One GET with the controller's token; over HTTPS trusting only `tls`'s CA when given."""
+    with httpx.Client(transport=transport(tls), timeout=timeout_s) as client:
+        r = client.get(url, headers={"Authorization": f"Bearer {token}"})
     r.raise_for_status()
-    return ServerStatus.model_validate(r.json())
+    return r
 
 
-def fetch_telemetry(url: str, token: str, timeout_s: float = 10.0) -> Telemetry:
-    r = httpx.get(f"{url.rstrip('/')}/v1/telemetry", headers={"Authorization": f"Bearer {token}"}, timeout=timeout_s)
-    r.raise_for_status()
-    return Telemetry.model_validate(r.json())
+def fetch_status(url: str, token: str, timeout_s: float = 10.0, tls: Optional[ClientTls] = None) -> ServerStatus:
+    return ServerStatus.model_validate(_get(f"{url.rstrip('/')}/v1/status", token, timeout_s, tls).json())
+
+
+def fetch_telemetry(url: str, token: str, timeout_s: float = 10.0, tls: Optional[ClientTls] = None) -> Telemetry:
+    return Telemetry.model_validate(_get(f"{url.rstrip('/')}/v1/telemetry", token, timeout_s, tls).json())
 
 
 def _power(device_class: str, power_mode: str) -> PowerModel:

@@ -1,7 +1,7 @@
 """How a device talks to the server: one `ServerLink` interface, two implementations.
 
-`HttpLink` is the real one: one long-lived httpx client speaking HTTP/2 (prior knowledge, so
-no TLS is needed inside the cluster), bodies streamed in 256 KiB chunks with a Content-Length
+`HttpLink` is the real one: one long-lived httpx client speaking HTTP/2 (prior knowledge over
+plain TCP, or HTTPS with ALPN h2 when given a `ClientTls`: see tlsclient.py), bodies streamed in 256 KiB chunks with a Content-Length
 (httpx copies a large single `bytes` body quadratically under HTTP/2), transfer times measured
 for the throughput estimate. `InProcessLink` calls a `TrainingServer` directly, for tests and
 for the in-process baseline of the step-overhead benchmark. The training loop never sees HTTP
@@ -22,6 +22,7 @@ import torch
 from ares.core import wire
 from ares.core.config import ServerConfig
 from ares.core.messages import DeviceReport, JoinReply, JoinRequest, ServerStatus
+from ares.runtime.tlsclient import ClientTls, TlsError, explain, transport
 
 
 class LinkError(Exception):
@@ -108,10 +109,11 @@ def _server_seconds(header: Optional[str]) -> float:
 
 class HttpLink:
     def __init__(self, base_url: str, device: str, token: str, timeout_s: float = 120.0,
-                 http2: bool = True, rate_limit: Optional[RateLimit] = None):
+                 http2: bool = True, rate_limit: Optional[RateLimit] = None, tls: Optional[ClientTls] = None):
         self.device = device
         self.rate = rate_limit or RateLimit(None)
-        self.client = httpx.Client(base_url=base_url.rstrip("/"), http1=not http2, http2=http2,
+        self.base_url = base_url.rstrip("/")
+        self.client = httpx.Client(base_url=self.base_url, transport=transport(tls, http1=not http2, http2=http2),
                                    timeout=httpx.Timeout(timeout_s, connect=10.0),
                                    headers={"Authorization": f"Bearer {token}"})
 
@@ -125,9 +127,13 @@ class HttpLink:
         return response
 
     def healthy(self) -> bool:
+        """False while the server is not up yet; raises `TlsError` if it cannot be authenticated."""
         try:
             return self.client.get("/healthz", timeout=5.0).status_code == 200
-        except httpx.HTTPError:
+        except httpx.HTTPError as exc:
+            why = explain(exc)
+            if why is not None:  # no amount of waiting fixes a wrong CA or a wrong name
+                raise TlsError(f"refusing the server at {self.base_url}: {why}") from exc
             return False
 
     def config(self) -> ServerConfig:

@@ -158,14 +158,17 @@ def app_from_env() -> FastAPI:
     return create_app(load_yaml_model(ServerConfig, os.environ["ARES_SERVER_CONFIG"]))
 
 
-def serve(cfg: ServerConfig, config_path: str) -> None:
-    """Run the server in the foreground until interrupted."""
+def serve(cfg: ServerConfig, config_path: str, tls_cert: Optional[str] = None, tls_key: Optional[str] = None) -> None:
+    """Run the server in the foreground until interrupted; HTTPS (ALPN h2) when given a certificate."""
     os.environ["ARES_SERVER_CONFIG"] = str(config_path)
     if cfg.http_server == "uvicorn":
         import uvicorn  # HTTP/1.1 only: devices must use --http1 against it
 
-        uvicorn.run("ares.runtime.server:app_from_env", factory=True, host=cfg.host, port=cfg.port, log_level="warning")
+        uvicorn.run("ares.runtime.server:app_from_env", factory=True, host=cfg.host, port=cfg.port, log_level="warning",
+                    ssl_certfile=tls_cert, ssl_keyfile=tls_key)
         return
+    from pathlib import Path
+
     from granian import Granian
     from granian.constants import Interfaces
     from granian.http import HTTP2Settings
@@ -174,5 +177,7 @@ def serve(cfg: ServerConfig, config_path: str) -> None:
     Granian("ares.runtime.server:app_from_env", factory=True, address=cfg.host, port=cfg.port,
             interface=Interfaces.ASGI, http="auto",  # HTTP/2 (prior knowledge) for devices, HTTP/1.1 for probes
             workers=1, log_access=False,
+            # with a certificate: TLS only (plain h2c is refused), ALPN offers h2 then http/1.1
+            **({"ssl_cert": Path(tls_cert), "ssl_key": Path(tls_key)} if tls_cert and tls_key else {}),
             http2_settings=HTTP2Settings(initial_stream_window_size=window, initial_connection_window_size=window,
                                          max_frame_size=1 << 20)).serve()

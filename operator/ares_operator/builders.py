@@ -39,6 +39,10 @@ class JobRef:
         return f"{self.name}-tokens"
 
     @property
+    def tls_secret_name(self) -> str:
+        return f"{self.name}-tls"
+
+    @property
     def config_name(self) -> str:
         return f"{self.name}-config"
 
@@ -180,14 +184,16 @@ def server_pod(job: JobRef, spec: JobSpec, settings: OperatorSettings) -> Obj:
         "name": c.CONTAINER_SERVER,
         "image": spec.server.image or settings.images.server,
         "command": ["ares"],
-        "args": ["server", "--config", f"{c.SERVER_CONFIG_DIR}/{c.SERVER_CONFIG_KEY}"],
+        "args": ["server", "--config", f"{c.SERVER_CONFIG_DIR}/{c.SERVER_CONFIG_KEY}",
+                 "--tls-cert", f"{c.TLS_DIR}/{c.TLS_CERT_KEY}", "--tls-key", f"{c.TLS_DIR}/{c.TLS_KEY_KEY}"],
         "env": [{"name": "PYTHONUNBUFFERED", "value": "1"}],
         "ports": [{"name": c.SERVER_PORT_NAME, "containerPort": c.SERVER_PORT, "protocol": "TCP"}],
-        "readinessProbe": {"httpGet": {"path": "/healthz", "port": c.SERVER_PORT_NAME}, "periodSeconds": 5},
+        "readinessProbe": {"httpGet": {"path": "/healthz", "port": c.SERVER_PORT_NAME, "scheme": "HTTPS"}, "periodSeconds": 5},
         "resources": dict(spec.server.resources),
         "securityContext": _RESTRICTED,
         "volumeMounts": [
             {"name": "config", "mountPath": c.SERVER_CONFIG_DIR, "readOnly": True},
+            {"name": "tls", "mountPath": c.TLS_DIR, "readOnly": True},
             {"name": "tokens", "mountPath": c.TOKENS_DIR, "readOnly": True},
             {"name": "checkpoints", "mountPath": c.CHECKPOINT_DIR},
             {"name": "data", "mountPath": c.DATA_DIR},
@@ -199,6 +205,8 @@ def server_pod(job: JobRef, spec: JobSpec, settings: OperatorSettings) -> Obj:
         "containers": [container],
         "volumes": [
             {"name": "config", "configMap": {"name": job.config_name}},
+            {"name": "tls", "secret": {"secretName": job.tls_secret_name, "defaultMode": c.TLS_FILE_MODE, "items": [
+                {"key": c.TLS_CERT_KEY, "path": c.TLS_CERT_KEY}, {"key": c.TLS_KEY_KEY, "path": c.TLS_KEY_KEY}]}},
             {"name": "tokens", "secret": {"secretName": job.secret_name, "defaultMode": 0o400}},
             _checkpoint_volume(job, spec),
             _data_volume(spec),
@@ -258,7 +266,8 @@ def device_pod(job: JobRef, spec: JobSpec, device: DeviceSpec, settings: Operato
     image = device_image(device, settings)
     jetson = device.device_class in c.JETSON_CLASSES
     args = ["device",
-            "--server", f"http://{job.server_host()}:{c.SERVER_PORT}",
+            "--server", f"https://{job.server_host()}:{c.SERVER_PORT}",
+            "--ca", f"{c.CA_DIR}/{c.TLS_CA_KEY}",
             "--name", device.name,
             "--token-file", f"{c.DEVICE_TOKEN_DIR}/token",
             "--split-file", f"{c.PODINFO_DIR}/{c.PODINFO_SPLIT}",
@@ -274,6 +283,7 @@ def device_pod(job: JobRef, spec: JobSpec, device: DeviceSpec, settings: Operato
         "securityContext": _RESTRICTED,
         "volumeMounts": [
             {"name": "token", "mountPath": c.DEVICE_TOKEN_DIR, "readOnly": True},
+            {"name": "ca", "mountPath": c.CA_DIR, "readOnly": True},
             {"name": "podinfo", "mountPath": c.PODINFO_DIR, "readOnly": True},
             {"name": "state", "mountPath": c.STATE_DIR, "readOnly": True},
             {"name": "data", "mountPath": c.DATA_DIR},
@@ -287,6 +297,8 @@ def device_pod(job: JobRef, spec: JobSpec, device: DeviceSpec, settings: Operato
             {"path": c.PODINFO_ANNOTATIONS, "fieldRef": {"fieldPath": "metadata.annotations"}},
         ]}},
         {"name": "state", "emptyDir": {}},
+        {"name": "ca", "secret": {"secretName": job.tls_secret_name, "defaultMode": c.TLS_FILE_MODE,
+                                  "items": [{"key": c.TLS_CA_KEY, "path": c.TLS_CA_KEY}]}},
         _data_volume(spec),
     ]
     if jetson:

@@ -25,8 +25,9 @@ class ImageSettings:
 
 @dataclasses.dataclass(frozen=True)
 class ServerAccessSettings:
-    url_template: str = "http://{job}-server.{namespace}.svc:{port}"
-    """How the operator reaches a job's server; fields: job, namespace, port."""
+    url_template: str = "https://{job}-server.{namespace}.svc:{port}"
+    """How the operator reaches a job's server; fields: job, namespace, port. Whatever it dials,
+    the server's certificate must be the job's CA's and carry `<job>-server.<namespace>.svc`."""
     timeout_s: float = 5.0
     """Per request to a server; a slow server is retried on the next tick, never waited for."""
 

@@ -82,7 +82,7 @@ def test_device_pod(device, runtime, image, privileged):
     trainer, sidecar = pspec["containers"]
     assert trainer["image"] == sidecar["image"] == image
     args = trainer["args"]
-    assert args[args.index("--server") + 1] == "http://demo-server.lab.svc:43000"
+    assert args[args.index("--server") + 1] == "https://demo-server.lab.svc:43000"
     assert args[args.index("--split-file") + 1] == "/etc/podinfo/split-point"
     assert args[args.index("--token-file") + 1] == "/var/run/ares/token/token"
     volumes = {v["name"]: v for v in pspec["volumes"]}
@@ -99,7 +99,7 @@ def test_server_pod_mounts_and_placement():
     pod = builders.server_pod(JOB, spec(), SETTINGS)
     assert pod["spec"]["nodeName"] == "edge-server" and pod["spec"]["containers"][0]["image"] == "srv:1"
     mounts = {m["mountPath"]: m["name"] for m in pod["spec"]["containers"][0]["volumeMounts"]}
-    assert mounts == {"/etc/ares": "config", "/var/run/ares/tokens": "tokens",
+    assert mounts == {"/etc/ares": "config", "/var/run/ares/tokens": "tokens", "/var/run/ares/tls": "tls",
                       "/var/lib/ares/checkpoints": "checkpoints", "/data": "data"}
     volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
     assert volumes["checkpoints"]["hostPath"]["path"] == "/var/lib/ares/checkpoints/lab/demo"
@@ -126,7 +126,7 @@ def test_settings_from_env():
                      "ARES_LOG_LEVEL": "debug"})
     assert ours.images.server == "a" and ours.images.device == ImageSettings.device and ours.log_level == "DEBUG"
     assert ours.server.url("j", "ns") == "http://127.0.0.1:9/j"
-    assert ServerAccessSettings().url("j", "ns") == "http://j-server.ns.svc:43000"
+    assert ServerAccessSettings().url("j", "ns") == "https://j-server.ns.svc:43000"
 
 
 # --- reconcile decisions -------------------------------------------------------------------------
