@@ -191,7 +191,7 @@ def operator(kubectl: Kubectl, control_plane: ControlPlane, namespace: str) -> I
 def server_port(monkeypatch: pytest.MonkeyPatch) -> int:
     """The loopback port the kubelet gives the job's server; the operator is told to dial it."""
     port = free_port()
-    monkeypatch.setenv("ARES_SERVER_URL_TEMPLATE", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("ARES_SERVER_URL_TEMPLATE", f"https://127.0.0.1:{port}")  # checked for the Service's name
     return port
 
 

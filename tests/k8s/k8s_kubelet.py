@@ -166,6 +166,9 @@ class Kubelet:
                 argv = [self.python, "-m", "ares", *argv[1:]]
             if "server" in argv[3:4]:
                 argv += ["--host", "127.0.0.1", "--port", str(self.server_port)]
+            https = [a for a in container.get("args", []) if a.startswith("https://") and f".{pod.namespace}.svc" in a]
+            if https:  # dialled on loopback, the certificate is still checked for the Service's name
+                argv += ["--tls-server-name", https[0].removeprefix("https://").rsplit(":", 1)[0]]
             env = dict(os.environ, **{e["name"]: e.get("value", "") for e in container.get("env") or []})
             log = open(pod.dir / f"{container['name']}.log", "wb")
             pod.procs.append(subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env,
@@ -246,7 +249,7 @@ class Kubelet:
     def _map(self, arg: str, pod: _Pod, mounts: list[tuple[str, Path]]) -> str:
         ns = pod.namespace
         if ".svc" in arg and f".{ns}.svc" in arg:  # the job's server Service -> its loopback port
-            scheme = "http://" if arg.startswith("http://") else ""
+            scheme = next((s for s in ("http://", "https://") if arg.startswith(s)), "")
             return f"{scheme}127.0.0.1:{self.server_port}" if scheme else "127.0.0.1"
         for mount_path, host in mounts:
             if arg == mount_path or arg.startswith(mount_path + "/"):

@@ -32,13 +32,16 @@ def test_example_job_creates_its_children(kubectl, operator):
     assert service["spec"]["ports"][0]["port"] == 43000 and service["spec"]["ports"][0]["name"] == "http"
     config = yaml.safe_load(kubectl.json("get", "configmap", "vgg5-demo-config")["data"]["server.yaml"])
     assert config["devices"] == ["nano-maxn", "nano-5w", "pi"] and config["training"]["rounds"] == 20
-    for obj in [secret, service, *pods.values()]:
+    tls = kubectl.json("get", "secret", "vgg5-demo-tls")
+    assert tls["type"] == "kubernetes.io/tls" and set(tls["data"]) == {"ca.crt", "tls.crt", "tls.key"}
+    for obj in [secret, tls, service, *pods.values()]:
         (ref,) = obj["metadata"]["ownerReferences"]
         assert ref["uid"] == uid and ref["controller"] is True and ref["kind"] == "AresTrainingJob"
 
     server = pods["vgg5-demo-server"]["spec"]
     assert server["nodeName"] == "edge-server" and server["automountServiceAccountToken"] is False
-    assert server["containers"][0]["args"] == ["server", "--config", "/etc/ares/server.yaml"]
+    assert server["containers"][0]["args"] == ["server", "--config", "/etc/ares/server.yaml", "--tls-cert",
+                                               "/var/run/ares/tls/tls.crt", "--tls-key", "/var/run/ares/tls/tls.key"]
 
     nano, pi = pods["vgg5-demo-nano-5w"], pods["vgg5-demo-pi"]
     assert nano["spec"]["nodeName"] == "jetson-nano-2" and nano["spec"]["runtimeClassName"] == "nvidia"

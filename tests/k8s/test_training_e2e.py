@@ -1,21 +1,24 @@
-"""End to end without a cluster: kubectl applies a job, the operator runs it, the test kubelet trains it.
+"""End to end on a real API server: kubectl applies a job, the operator runs it, the test kubelet trains it.
 
 One job, one test (the processes take most of the time to start): it trains on synthetic data,
 the optimiser's splits reach the device processes, a killed device pod is replaced and its
 device rejoins while the rounds go on without it, a restarted operator duplicates nothing, a
-killed server is replaced and resumes from its checkpoint, and the job ends Succeeded.
+killed server is replaced and resumes from its checkpoint, and the job ends Succeeded. All of it
+over TLS: every device and the operator check the server against the job's own CA.
 """
 
 from __future__ import annotations
 
-import ast
 import base64
 import re
 
+import httpx
 import pytest
 import yaml
 
+from ares.core import pki
 from ares.runtime.controller import fetch_status
+from ares.runtime.tlsclient import ClientTls
 from conftest import ROOT, wait_for
 
 pytestmark = [pytest.mark.k8s, pytest.mark.slow]
@@ -32,25 +35,40 @@ def small_job() -> str:
     return yaml.safe_dump(job)
 
 
-def test_applied_job_trains_to_success(server_port, kubelet, operator, kubectl):
+def test_applied_job_trains_to_success(server_port, kubelet, operator, kubectl, namespace):
     kubectl.run("apply", "-f", "-", stdin=small_job())
     job = lambda: kubectl.json("get", "aresjobs", "vgg5-demo")
     status = lambda: job().get("status") or {}
     pods = lambda: {p["metadata"]["name"]: p for p in kubectl.json("get", "pods")["items"]}
     token = lambda: base64.b64decode(kubectl.json("get", "secret", "vgg5-demo-tokens")["data"]["controller.token"]).decode()
     conds = lambda: {c["type"]: c for c in status().get("conditions", [])}
-    server = lambda: fetch_status(f"http://127.0.0.1:{server_port}", token(), 5)
+    tls_secret = lambda: {k: base64.b64decode(v) for k, v in kubectl.json("get", "secret", "vgg5-demo-tls")["data"].items()}
+    service_name = f"vgg5-demo-server.{namespace}.svc"
+    server = lambda: fetch_status(f"https://127.0.0.1:{server_port}", token(), 5,
+                                  tls=ClientTls(ca_pem=tls_secret()["ca.crt"], server_name=service_name))
 
     # It trains: kubectl shows the round advancing and an accuracy.
     wait_for("round 1", lambda: status().get("round", 0) >= 1, timeout=180)
     row = kubectl.table("aresjobs")[0]
     assert row["PHASE"] == "Running" and row["ROUND"].endswith("/20") and float(row["ACCURACY"]) >= 0
 
+    # TLS: the job's own CA signed a certificate for the Service's names; devices got only the CA;
+    # plain h2c to the server is refused.
+    cert = pki.inspect(tls_secret()["tls.crt"])
+    assert service_name in cert.dns_names and cert.issuer == f"ares job {namespace}/vgg5-demo"
+    for name in DEVICES:
+        args = next(c for c in pods()[f"vgg5-demo-{name}"]["spec"]["containers"] if c["name"] == "device")["args"]
+        assert args[args.index("--server") + 1] == f"https://{service_name}:43000" and "--ca" in args
+    assert "Traceback" not in kubelet.log("vgg5-demo-pi")
+    with httpx.Client(http1=False, http2=True) as plain, pytest.raises(httpx.HTTPError):
+        plain.get(f"http://127.0.0.1:{server_port}/healthz", timeout=5)
+
     # The optimiser's plan is on the pods, and device processes train with it.
     wait_for("a split plan", lambda: {c["type"]: c["status"] for c in status().get("conditions", [])}
              .get("SplitsApplied") == "True")
     def picked_up():
-        plan = ast.literal_eval(conds()["SplitsApplied"]["message"].removeprefix("splits "))
+        message = conds()["SplitsApplied"]["message"]  # "splits nano-5w=2, nano-maxn=3, pi=1"
+        plan = {d: int(s) for d, s in (kv.split("=") for kv in message.removeprefix("splits ").split(", "))}
         annotated = {d: int(pods()[f"vgg5-demo-{d}"]["metadata"]["annotations"]["ares.io/split-point"]) for d in plan}
         reported = {d: s.split for d, s in server().devices.items()}
         return annotated == plan and [d for d in plan if reported[d] == plan[d]]
@@ -72,11 +90,13 @@ def test_applied_job_trains_to_success(server_port, kubelet, operator, kubectl):
     # The operator restarts mid-run: nothing is created twice, no token changes.
     before = {n: p["metadata"]["uid"] for n, p in pods().items()}
     secret = kubectl.json("get", "secret", "vgg5-demo-tokens")["data"]
+    certificates = tls_secret()
     operator.restart()
     round_now = status()["round"]
     wait_for("a round after the restart", lambda: status().get("round", 0) > round_now, timeout=60)
     assert {n: p["metadata"]["uid"] for n, p in pods().items()} == before
     assert kubectl.json("get", "secret", "vgg5-demo-tokens")["data"] == secret
+    assert tls_secret() == certificates  # made once: a resumed operator never re-issues
 
     # The server dies: its pod is replaced and the new one resumes from the checkpoint.
     old_server = pods()["vgg5-demo-server"]["metadata"]["uid"]
