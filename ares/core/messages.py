@@ -85,6 +85,8 @@ class ServerStatus(_Msg):
     accuracy: Optional[float] = None
     loss: Optional[float] = None
     devices: dict[str, DeviceStatus] = {}
+    failure: Optional[str] = None        # why phase is failed, in words
+    failure_reason: Optional[Literal["diverged"]] = None  # diverged: only non-finite losses, rounds in a row
 
 
 class DeviceTelemetry(_Msg):

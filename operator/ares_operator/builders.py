@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -17,7 +18,7 @@ import yaml
 from ares.core.config import CONTROLLER_TOKEN_NAME, DataConfig, ServerConfig, TrainingConfig
 from ares_operator import constants as c
 from ares_operator.settings import OperatorSettings
-from ares_operator.spec import DeviceSpec, JobSpec
+from ares_operator.spec import DeviceSpec, JobSpec, _Scheduling
 
 Obj = dict[str, Any]
 
@@ -53,6 +54,12 @@ class JobRef:
         """The Service's in-cluster DNS name (what device pods and sidecars dial)."""
         return f"{self.server_name}.{self.namespace}.svc"
 
+    @property
+    def checkpoint_key(self) -> str:
+        """Where this job's checkpoints live under the checkpoint root: keyed by uid, so a new job
+        that takes a deleted one's name never resumes the deleted job's state."""
+        return f"{self.namespace}/{self.name}-{self.uid}"
+
 
 # --- metadata --------------------------------------------------------------------------------
 
@@ -62,9 +69,11 @@ def owner_reference(job: JobRef) -> Obj:
 
 
 def labels(job: JobRef, role: str | None = None, device: str | None = None) -> dict[str, str]:
-    out = {c.LABEL_JOB: job.name, c.LABEL_MANAGED_BY: c.MANAGED_BY}
+    out = {c.LABEL_JOB: job.name, c.LABEL_MANAGED_BY: c.MANAGED_BY, c.LABEL_APP_NAME: c.APP_NAME,
+           c.LABEL_APP_INSTANCE: job.name, c.LABEL_APP_PART_OF: c.APP_NAME}
     if role:
         out[c.LABEL_ROLE] = role
+        out[c.LABEL_APP_COMPONENT] = role
     if device:
         out[c.LABEL_DEVICE] = device
     return out
@@ -163,55 +172,145 @@ def _data_volume(spec: JobSpec) -> Obj:
 
 
 def _checkpoint_volume(job: JobRef, spec: JobSpec) -> Obj:
-    """Outlives the server pod: a PVC when named, else a hostPath on the server's node."""
+    """Outlives the server pod: a PVC when named, else a hostPath on the server's node.
+
+    Either way the server mounts only this job's directory (`JobRef.checkpoint_key`): a sub-path
+    of the claim, or a hostPath directory of its own.
+    """
     if spec.server.checkpoint_claim:
         return {"name": "checkpoints", "persistentVolumeClaim": {"claimName": spec.server.checkpoint_claim}}
-    path = f"{c.CHECKPOINT_HOST_ROOT}/{job.namespace}/{job.name}"
+    path = f"{c.CHECKPOINT_HOST_ROOT}/{job.checkpoint_key}"
     return {"name": "checkpoints", "hostPath": {"path": path, "type": "DirectoryOrCreate"}}
 
 
-def _placement(node_name: str | None, node_selector: Mapping[str, str]) -> Obj:
-    if node_name:
-        return {"nodeName": node_name}
-    return {"nodeSelector": dict(node_selector)} if node_selector else {}
+def _checkpoint_mount(job: JobRef, spec: JobSpec) -> Obj:
+    mount: Obj = {"name": "checkpoints", "mountPath": c.CHECKPOINT_DIR}
+    if spec.server.checkpoint_claim:
+        mount["subPath"] = job.checkpoint_key
+    return mount
 
 
-_RESTRICTED = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+def _placement(where: _Scheduling) -> Obj:
+    """nodeName or nodeSelector, tolerations, affinity, imagePullSecrets, priorityClassName."""
+    out: Obj = {}
+    if where.node_name:
+        out["nodeName"] = where.node_name
+    elif where.node_selector:
+        out["nodeSelector"] = dict(where.node_selector)
+    if where.tolerations:
+        out["tolerations"] = [dict(t) for t in where.tolerations]
+    if where.affinity:
+        out["affinity"] = dict(where.affinity)
+    if where.image_pull_secrets:
+        out["imagePullSecrets"] = [dict(s) for s in where.image_pull_secrets]
+    if where.priority_class_name:
+        out["priorityClassName"] = where.priority_class_name
+    return out
+
+
+# Every container but the host-control sidecar and the checkpoint init step: no capabilities,
+# no privilege escalation, never root (the pod's securityContext sets the user and group).
+_RESTRICTED = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}, "runAsNonRoot": True}
+
+
+def pod_security() -> Obj:
+    """The pods' securityContext: uid/gid APP_UID, fsGroup (token files readable through the
+    group), the runtime's default seccomp profile."""
+    return {"runAsUser": c.APP_UID, "runAsGroup": c.APP_GID, "runAsNonRoot": True, "fsGroup": c.APP_GID,
+            "fsGroupChangePolicy": "OnRootMismatch", "seccompProfile": {"type": "RuntimeDefault"}}
+
+
+_QUANTITY = re.compile(r"^([0-9.]+)([a-zA-Z]*)$")
+_SUFFIX = {"": 1, "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15, "E": 1e18,
+           "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60}
+
+
+def quantity(value: Any) -> float | None:
+    """A Kubernetes quantity as a number ('500m' -> 0.5, '2Gi' -> 2**31); None if unreadable."""
+    m = _QUANTITY.match(str(value).strip())
+    if not m or m.group(2) not in _SUFFIX:
+        return None
+    try:
+        return float(m.group(1)) * _SUFFIX[m.group(2)]
+    except ValueError:
+        return None
+
+
+def resources(container: str, given: Mapping[str, Any]) -> Obj:
+    """The job's requests and limits, with defaults (`constants.DEFAULT_RESOURCES`) for the rest.
+
+    A default limit is raised to the job's own request when that is higher, and left out when
+    the request cannot be read (the API server refuses that quantity anyway); a default request
+    above the job's own limit is lowered to it. So the result is always a valid pair.
+    """
+    default = c.DEFAULT_RESOURCES[container]
+    asked_requests = dict(given.get("requests") or {})
+    asked_limits = dict(given.get("limits") or {})
+    requests = {**default["requests"], **asked_requests}
+    limits = dict(asked_limits)
+    for name, value in default["limits"].items():
+        if name in limits:
+            continue
+        want = quantity(requests[name]) if name in requests else 0.0
+        if want is not None:
+            limits[name] = value if (quantity(value) or 0.0) >= want else requests[name]
+    for name, cap in asked_limits.items():
+        if name in requests and name not in asked_requests:
+            want, most = quantity(requests[name]), quantity(cap)
+            if want is not None and most is not None and want > most:
+                requests[name] = cap
+    return {"requests": requests, "limits": limits}
+
+
+def _prepare_checkpoints(job: JobRef, spec: JobSpec, image: str) -> Obj:
+    """Init step: make the job's checkpoint directory the server's (a hostPath or a claim's sub-path
+    is created root-owned). Root with CHOWN only; it exits before the server starts."""
+    return {"name": c.CONTAINER_PREPARE, "image": image, "command": ["chown"],
+            "args": [f"{c.APP_UID}:{c.APP_GID}", c.CHECKPOINT_DIR],
+            "securityContext": {"runAsUser": 0, "runAsNonRoot": False, "allowPrivilegeEscalation": False,
+                                "capabilities": {"drop": ["ALL"], "add": ["CHOWN"]}},
+            "resources": resources(c.CONTAINER_PREPARE, {}),
+            "volumeMounts": [_checkpoint_mount(job, spec)]}
 
 
 def server_pod(job: JobRef, spec: JobSpec, settings: OperatorSettings) -> Obj:
+    image = spec.server.image or settings.images.server
     container = {
         "name": c.CONTAINER_SERVER,
-        "image": spec.server.image or settings.images.server,
+        "image": image,
         "command": ["ares"],
         "args": ["server", "--config", f"{c.SERVER_CONFIG_DIR}/{c.SERVER_CONFIG_KEY}",
                  "--tls-cert", f"{c.TLS_DIR}/{c.TLS_CERT_KEY}", "--tls-key", f"{c.TLS_DIR}/{c.TLS_KEY_KEY}"],
         "env": [{"name": "PYTHONUNBUFFERED", "value": "1"}],
         "ports": [{"name": c.SERVER_PORT_NAME, "containerPort": c.SERVER_PORT, "protocol": "TCP"}],
-        "readinessProbe": {"httpGet": {"path": "/healthz", "port": c.SERVER_PORT_NAME, "scheme": "HTTPS"}, "periodSeconds": 5},
-        "resources": dict(spec.server.resources),
+        # Ready once it serves HTTP (the model is built and the checkpoint read before that).
+        "readinessProbe": {"httpGet": {"path": "/healthz", "port": c.SERVER_PORT_NAME, "scheme": "HTTPS"},
+                           "periodSeconds": 5, "timeoutSeconds": 3, "failureThreshold": 3},
+        "resources": resources(c.CONTAINER_SERVER, spec.server.resources),
         "securityContext": _RESTRICTED,
         "volumeMounts": [
             {"name": "config", "mountPath": c.SERVER_CONFIG_DIR, "readOnly": True},
             {"name": "tls", "mountPath": c.TLS_DIR, "readOnly": True},
             {"name": "tokens", "mountPath": c.TOKENS_DIR, "readOnly": True},
-            {"name": "checkpoints", "mountPath": c.CHECKPOINT_DIR},
+            _checkpoint_mount(job, spec),
             {"name": "data", "mountPath": c.DATA_DIR},
         ],
     }
     pod_spec: Obj = {
         "restartPolicy": "Never",  # the operator replaces a failed server (and counts it)
         "automountServiceAccountToken": False,
+        "securityContext": pod_security(),
+        "initContainers": [_prepare_checkpoints(job, spec, image)],
         "containers": [container],
         "volumes": [
             {"name": "config", "configMap": {"name": job.config_name}},
             {"name": "tls", "secret": {"secretName": job.tls_secret_name, "defaultMode": c.TLS_FILE_MODE, "items": [
                 {"key": c.TLS_CERT_KEY, "path": c.TLS_CERT_KEY}, {"key": c.TLS_KEY_KEY, "path": c.TLS_KEY_KEY}]}},
-            {"name": "tokens", "secret": {"secretName": job.secret_name, "defaultMode": 0o400}},
+            {"name": "tokens", "secret": {"secretName": job.secret_name, "defaultMode": c.TOKEN_FILE_MODE}},
             _checkpoint_volume(job, spec),
             _data_volume(spec),
         ],
-        **_placement(spec.server.node_name, spec.server.node_selector),
+        **_placement(spec.server),
     }
     return {"apiVersion": "v1", "kind": "Pod", "metadata": _meta(job, job.server_name, c.ROLE_SERVER),
             "spec": pod_spec}
@@ -254,10 +353,13 @@ def _sidecar(job: JobRef, device: DeviceSpec, image: str) -> Obj:
     # The image's default user is unprivileged; capabilities only work for root, so this one
     # container (and only it) runs as uid 0.
     security = {**security, "runAsUser": 0, "runAsNonRoot": False}
+    # A native sidecar (Kubernetes 1.29+): an init container that keeps running beside the
+    # trainer, so the pod's phase follows the trainer alone and the sidecar stops with it.
     return {"name": c.CONTAINER_SIDECAR, "image": image, "command": ["ares"], "args": args,
+            "restartPolicy": "Always",
             "env": [{"name": "PYTHONUNBUFFERED", "value": "1"}],
             "securityContext": security, "volumeMounts": mounts,
-            "resources": {"requests": {"cpu": "10m", "memory": "32Mi"}}}
+            "resources": resources(c.CONTAINER_SIDECAR, {})}
 
 
 def device_pod(job: JobRef, spec: JobSpec, device: DeviceSpec, settings: OperatorSettings,
@@ -279,7 +381,7 @@ def device_pod(job: JobRef, spec: JobSpec, device: DeviceSpec, settings: Operato
     trainer = {
         "name": c.CONTAINER_DEVICE, "image": image, "command": ["ares"], "args": args,
         "env": [{"name": "PYTHONUNBUFFERED", "value": "1"}],
-        "resources": dict(device.resources),
+        "resources": resources(c.CONTAINER_DEVICE, device.resources),
         "securityContext": _RESTRICTED,
         "volumeMounts": [
             {"name": "token", "mountPath": c.DEVICE_TOKEN_DIR, "readOnly": True},
@@ -290,7 +392,7 @@ def device_pod(job: JobRef, spec: JobSpec, device: DeviceSpec, settings: Operato
         ],
     }
     volumes = [
-        {"name": "token", "secret": {"secretName": job.secret_name, "defaultMode": 0o400,
+        {"name": "token", "secret": {"secretName": job.secret_name, "defaultMode": c.TOKEN_FILE_MODE,
                                      "items": [{"key": device.name, "path": "token"}]}},
         {"name": "podinfo", "downwardAPI": {"items": [
             {"path": c.PODINFO_SPLIT, "fieldRef": {"fieldPath": f"metadata.annotations['{c.ANNOTATION_SPLIT}']"}},
@@ -309,9 +411,11 @@ def device_pod(job: JobRef, spec: JobSpec, device: DeviceSpec, settings: Operato
         "restartPolicy": "Never",  # the operator replaces a failed pod, up to runPolicy.backoffLimit
         "automountServiceAccountToken": False,
         "terminationGracePeriodSeconds": 10,
-        "containers": [trainer, _sidecar(job, device, image)],
+        "securityContext": pod_security(),
+        "initContainers": [_sidecar(job, device, image)],
+        "containers": [trainer],
         "volumes": volumes,
-        **_placement(device.node_name, device.node_selector),
+        **_placement(device),
     }
     if jetson:
         pod_spec["runtimeClassName"] = c.JETSON_RUNTIME_CLASS
@@ -319,3 +423,12 @@ def device_pod(job: JobRef, spec: JobSpec, device: DeviceSpec, settings: Operato
                    c.ANNOTATION_ATTEMPT: str(attempt)}
     meta = _meta(job, job.device_pod_name(device.name), c.ROLE_DEVICE, device.name, annotations)
     return {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": pod_spec}
+
+
+def children(job: JobRef, spec: JobSpec, settings: OperatorSettings) -> list[Obj]:
+    """Every object a job needs, in creation order: what the operator dry-runs before creating any
+    (the Secret with placeholder tokens: a dry run stores nothing)."""
+    layers = c.MODEL_LAYERS[spec.model]
+    placeholder = {name: "dry-run" for name in [*(d.name for d in spec.devices), CONTROLLER_TOKEN_NAME]}
+    return [tokens_secret(job, placeholder), config_map(job, spec), service(job), server_pod(job, spec, settings),
+            *(device_pod(job, spec, d, settings, initial_split(spec, d, layers)) for d in spec.devices)]

@@ -15,6 +15,12 @@ LABEL_ROLE = "ares.io/role"              # ROLE_SERVER or ROLE_DEVICE
 LABEL_DEVICE = "ares.io/device"          # device name (device pods only)
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 MANAGED_BY = "ares-operator"
+# The recommended app.kubernetes.io labels (kubectl, dashboards and cost tools group by them).
+LABEL_APP_NAME = "app.kubernetes.io/name"            # always APP_NAME
+LABEL_APP_INSTANCE = "app.kubernetes.io/instance"    # the job's name
+LABEL_APP_COMPONENT = "app.kubernetes.io/component"  # ROLE_SERVER or ROLE_DEVICE
+LABEL_APP_PART_OF = "app.kubernetes.io/part-of"      # always APP_NAME
+APP_NAME = "ares"
 ROLE_SERVER = "server"
 ROLE_DEVICE = "device"
 
@@ -66,7 +72,13 @@ NETWORK_INTERFACE = "eth0"                       # the pod interface the sidecar
 # --- Container names -----------------------------------------------------------------------
 CONTAINER_SERVER = "server"
 CONTAINER_DEVICE = "device"
-CONTAINER_SIDECAR = "host-control"
+CONTAINER_SIDECAR = "host-control"               # a native sidecar (init container, restartPolicy Always)
+CONTAINER_PREPARE = "prepare-checkpoints"        # server init step: the checkpoint dir owned by APP_UID
+
+# --- Pod security (restricted-minded: every container but the host-control sidecar) ----------
+APP_UID = 10001                                  # the images' user; trainer and server run as it
+APP_GID = 10001                                  # its group, also the pods' fsGroup
+TOKEN_FILE_MODE = 0o440                          # token files: readable through the fsGroup only
 
 # --- Environment of the operator (see settings.py) -----------------------------------------
 ENV_SERVER_IMAGE = "ARES_SERVER_IMAGE"
@@ -76,12 +88,15 @@ ENV_LOG_LEVEL = "ARES_LOG_LEVEL"
 ENV_SERVER_URL_TEMPLATE = "ARES_SERVER_URL_TEMPLATE"  # how the operator reaches a job's server
 ENV_TICK_SECONDS = "ARES_TICK_SECONDS"                # reconcile timer interval
 ENV_HTTP_TIMEOUT = "ARES_HTTP_TIMEOUT_SECONDS"         # per request to a job's server
+ENV_METRICS_PORT = "ARES_METRICS_PORT"                # the operator's own /metrics (0 = off)
+ENV_METRICS_ADDRESS = "ARES_METRICS_ADDRESS"          # address it listens on
 
 # --- Status: phases, condition types and reasons --------------------------------------------
 PHASE_PENDING = "Pending"      # children being created, server not serving yet
 PHASE_RUNNING = "Running"      # the server reports training
 PHASE_SUCCEEDED = "Succeeded"  # the server reported its last round
 PHASE_FAILED = "Failed"        # see the Failed condition's reason
+PHASE_SUSPENDED = "Suspended"  # runPolicy.suspend: no pods; resumes from the checkpoint
 TERMINAL_PHASES = frozenset({PHASE_SUCCEEDED, PHASE_FAILED})
 
 COND_SPEC_VALID = "SpecValid"    # False: the spec has an error no schema could catch
@@ -91,13 +106,21 @@ COND_DEVICES_READY = "DevicesReady"  # every device pod is running
 COND_SPLITS_APPLIED = "SplitsApplied"  # the optimiser's last plan is on the pods
 COND_SUCCEEDED = "Succeeded"
 COND_FAILED = "Failed"
+COND_SUSPENDED = "Suspended"     # True while runPolicy.suspend holds the job's pods away
 
 REASON_VALID = "Valid"
 REASON_INVALID_SPEC = "InvalidSpec"              # message lists every problem
 REASON_CREATED = "Created"
 REASON_SERVER_STARTING = "ServerStarting"
 REASON_SERVER_SERVING = "Serving"
-REASON_SERVER_UNREACHABLE = "ServerUnreachable"
+REASON_SERVER_UNREACHABLE = "ServerUnreachable"  # its pod runs, its status fails for a while
+SERVER_UNREACHABLE_AFTER_S = 60.0  # longer than a server takes to load torch and its data
+REASON_JOB_FINISHED = "JobFinished"              # Ready conditions of an ended job
+REASON_PODS_REPLACED = "PodReplaced"              # event: a failed pod was replaced (or removed)
+REASON_POD_SECURITY = "PodSecurityForbidden"      # the namespace's Pod Security level refuses device pods
+REASON_FORBIDDEN = "Forbidden"                    # RBAC refused one of the operator's calls
+REASON_REFUSED = "Refused"                        # any other refusal of the API server
+REASON_NAME_CONFLICT = "NameConflict"             # a child's name is held by another owner's object
 REASON_SERVER_REPLACED = "ServerReplaced"         # a failed server pod was replaced
 REASON_SERVER_FAILED = "ServerBackoffLimitExceeded"
 REASON_SERVER_REPORTED_FAILURE = "TrainingFailed"  # the server's own phase is failed
@@ -109,8 +132,27 @@ REASON_ALL_DEVICES_LOST = "AllDevicesFailed"
 REASON_PLAN_APPLIED = "PlanApplied"
 REASON_PLAN_PENDING = "AwaitingMeasurements"
 REASON_COMPLETED = "Completed"
+REASON_TRAINING_DIVERGED = "TrainingDiverged"    # the server saw a non-finite loss
+REASON_DEADLINE_EXCEEDED = "DeadlineExceeded"    # runPolicy.activeDeadlineSeconds passed
+REASON_SUSPENDED = "JobSuspended"
+REASON_RESUMED = "JobResumed"
+REASON_DEVICE_EXITED = "TrainerExited"           # the trainer container ended (exit code in the message)
+
+# --- Clean-pod policy: which pods go when the job ends (Kubeflow's runPolicy.cleanPodPolicy) --
+CLEAN_POD_NONE = "None"        # keep every pod (logs, debugging)
+CLEAN_POD_RUNNING = "Running"  # delete the ones still running or pending (default)
+CLEAN_POD_ALL = "All"          # delete every pod, failed ones too
 
 # --- Models the operator knows, by layer count (split points are 0..layers-1) ---------------
 # The operator image carries no torch, so it cannot build a model to count its layers; a unit
 # test checks this table against ares.core.models, so it cannot drift.
 MODEL_LAYERS = {"vgg5": 7, "resnet18": 6}
+
+# --- Resources every container gets unless the job says otherwise (see builders.resources) ---
+# A default limit never falls below the job's own request for that resource.
+DEFAULT_RESOURCES = {
+    CONTAINER_SERVER: {"requests": {"cpu": "500m", "memory": "1Gi"}, "limits": {"cpu": "4", "memory": "4Gi"}},
+    CONTAINER_DEVICE: {"requests": {"cpu": "500m", "memory": "512Mi"}, "limits": {"cpu": "4", "memory": "2Gi"}},
+    CONTAINER_SIDECAR: {"requests": {"cpu": "10m", "memory": "32Mi"}, "limits": {"cpu": "200m", "memory": "128Mi"}},
+    CONTAINER_PREPARE: {"requests": {"cpu": "10m", "memory": "16Mi"}, "limits": {"cpu": "100m", "memory": "64Mi"}},
+}

@@ -9,6 +9,7 @@ counts one failure twice.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 from collections.abc import Mapping, Sequence
 from typing import Any, Optional
 
@@ -31,6 +32,7 @@ class PodView:
     attempt: int
     terminating: bool
     annotations: Mapping[str, str]
+    exit_code: Optional[int] = None  # of the pod's main container (trainer or server), once it ended
 
     @classmethod
     def of(cls, pod: Mapping[str, Any]) -> "PodView":
@@ -41,10 +43,42 @@ class PodView:
             attempt = int(annotations.get(c.ANNOTATION_ATTEMPT, 0))
         except ValueError:
             attempt = 0
+        status = pod.get("status") or {}
         return cls(name=meta.get("name", ""), role=labels.get(c.LABEL_ROLE, ""),
                    device=labels.get(c.LABEL_DEVICE, ""),
-                   phase=(pod.get("status") or {}).get("phase") or "Pending", attempt=attempt,
-                   terminating=bool(meta.get("deletionTimestamp")), annotations=dict(annotations))
+                   phase=status.get("phase") or "Pending", attempt=attempt,
+                   terminating=bool(meta.get("deletionTimestamp")), annotations=dict(annotations),
+                   exit_code=main_exit_code(status.get("containerStatuses") or []))
+
+    @property
+    def ended(self) -> bool:
+        """The pod is done, or its main container is (the pod may still be stopping its sidecar)."""
+        return self.phase in ("Failed", "Succeeded") or self.exit_code is not None
+
+    @property
+    def failed(self) -> bool:
+        return self.phase == "Failed" or (self.exit_code is not None and self.exit_code != 0)
+
+    @property
+    def active(self) -> bool:
+        """Holds a node and may still run: what clean-up and suspend delete."""
+        return not self.terminating and not self.ended
+
+
+MAIN_CONTAINERS = (c.CONTAINER_DEVICE, c.CONTAINER_SERVER)
+
+
+def main_exit_code(container_statuses: Sequence[Mapping[str, Any]]) -> Optional[int]:
+    """The exit code of the trainer (or server) container if it has terminated, else None.
+
+    The pod's phase says Running as long as any container runs; the operator reads the
+    container's own state so a trainer that exited is noticed at the next tick."""
+    for cs in container_statuses:
+        if cs.get("name") in MAIN_CONTAINERS:
+            terminated = (cs.get("state") or {}).get("terminated")
+            if terminated is not None:
+                return int(terminated.get("exitCode", 1))
+    return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,8 +101,19 @@ class Actions:
 
 def plan_pods(job: JobRef, spec: JobSpec, settings: OperatorSettings, pods: Sequence[PodView],
               restarts: Mapping[str, int], server_restarts: int, splits: Mapping[str, int]) -> Actions:
-    """Create what is missing; replace what failed, within its backoff limit."""
+    """Create what is missing; replace what failed, within its backoff limit.
+
+    A suspended job (runPolicy.suspend) has no pods: every active one is deleted and nothing is
+    created; counters are kept, and the server resumes from its checkpoint when it comes back.
+    """
     by_name = {p.name: p for p in pods}
+    if spec.run_policy.suspend:
+        counts = {d.name: max(restarts.get(d.name, 0), _attempt(by_name, job.device_pod_name(d.name)))
+                  for d in spec.devices}
+        gone = tuple(p.name for p in pods if not p.terminating)
+        return Actions(delete=gone, restarts=counts,
+                       server_restarts=max(server_restarts, _attempt(by_name, job.server_name)),
+                       notes=(f"suspended: deleting pods {list(gone)}",) if gone else ())
     create: list[Obj] = []
     delete: list[str] = []
     notes: list[str] = []
@@ -82,7 +127,7 @@ def plan_pods(job: JobRef, spec: JobSpec, settings: OperatorSettings, pods: Sequ
     server = by_name.get(job.server_name)
     if server is None:
         create.append(_with_attempt(builders.server_pod(job, spec, settings), srv_count))
-    elif not server.terminating and server.phase in ("Failed", "Succeeded"):
+    elif not server.terminating and server.ended:
         if srv_count >= spec.run_policy.server_backoff_limit:
             return Actions(restarts=counts, server_restarts=srv_count, outcome=Outcome(
                 c.PHASE_FAILED, c.REASON_SERVER_FAILED,
@@ -102,14 +147,15 @@ def plan_pods(job: JobRef, spec: JobSpec, settings: OperatorSettings, pods: Sequ
                 gave_up.append(dev.name)
             else:
                 create.append(builders.device_pod(job, spec, dev, settings, split, counts[dev.name]))
-        elif not pod.terminating and pod.phase == "Failed":
+        elif not pod.terminating and pod.failed:
             if counts[dev.name] >= spec.run_policy.backoff_limit:
                 gave_up.append(dev.name)  # keep the failed pod for its logs
                 continue
             counts[dev.name] += 1
             delete.append(name)
             create.append(builders.device_pod(job, spec, dev, settings, split, counts[dev.name]))
-            notes.append(f"device {dev.name}: pod failed; replaced (restart {counts[dev.name]} "
+            why = f"trainer exited with code {pod.exit_code}" if pod.exit_code is not None else "pod failed"
+            notes.append(f"device {dev.name}: {why}; replaced (restart {counts[dev.name]} "
                          f"of {spec.run_policy.backoff_limit})")
 
     outcome = None
@@ -138,8 +184,46 @@ def training_outcome(server: Optional[ServerStatus]) -> Optional[Outcome]:
         acc = f", accuracy {server.accuracy:.4f}" if server.accuracy is not None else ""
         return Outcome(c.PHASE_SUCCEEDED, c.REASON_COMPLETED, f"trained {server.rounds} rounds{acc}")
     if server.phase == "failed":
-        return Outcome(c.PHASE_FAILED, c.REASON_SERVER_REPORTED_FAILURE, "the server reported a failed run")
+        if server.failure_reason == "diverged":
+            return Outcome(c.PHASE_FAILED, c.REASON_TRAINING_DIVERGED,
+                           server.failure or f"training diverged (non-finite loss) in round {server.round}")
+        return Outcome(c.PHASE_FAILED, c.REASON_SERVER_REPORTED_FAILURE, server.failure or "the server reported a failed run")
     return None
+
+
+def deadline_outcome(spec: JobSpec, started: Optional[str], now: datetime.datetime) -> Optional[Outcome]:
+    """runPolicy.activeDeadlineSeconds, counted from status.startTime (reset when a suspended
+    job resumes, as a Kubernetes Job does); a suspended job's clock does not run."""
+    limit = spec.run_policy.active_deadline_seconds
+    if limit is None or not started or spec.run_policy.suspend:
+        return None
+    begun = parse_time(started)
+    if begun is None or (now - begun).total_seconds() < limit:
+        return None
+    return Outcome(c.PHASE_FAILED, c.REASON_DEADLINE_EXCEEDED,
+                   f"the job ran longer than activeDeadlineSeconds ({limit} s)")
+
+
+def parse_time(value: str) -> Optional[datetime.datetime]:
+    try:
+        return datetime.datetime.strptime(value, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=datetime.timezone.utc)
+    except (TypeError, ValueError):
+        return None
+
+
+def pods_to_clean(spec: JobSpec, pods: Sequence[PodView], outcome: Outcome) -> tuple[str, ...]:
+    """Which pods go when the job ends: runPolicy.cleanPodPolicy (None, Running, All).
+
+    A job past its deadline stops every active pod whatever the policy (as a Kubernetes Job does):
+    nothing may keep training, or holding a node, after it."""
+    policy = spec.run_policy.clean_pod_policy
+    if outcome.reason == c.REASON_DEADLINE_EXCEEDED and policy == c.CLEAN_POD_NONE:
+        policy = c.CLEAN_POD_RUNNING
+    if policy == c.CLEAN_POD_ALL:
+        return tuple(p.name for p in pods if not p.terminating)
+    if policy == c.CLEAN_POD_RUNNING:
+        return tuple(p.name for p in pods if p.active)
+    return ()
 
 
 def desired_splits(spec: JobSpec, planned: Mapping[str, int]) -> dict[str, int]:
@@ -156,7 +240,7 @@ def annotation_patches(spec: JobSpec, job: JobRef, pods: Sequence[PodView],
     patches: dict[str, dict[str, str]] = {}
     for dev in spec.devices:
         pod = by_name.get(job.device_pod_name(dev.name))
-        if pod is None or pod.terminating or pod.phase in ("Failed", "Succeeded"):
+        if pod is None or not pod.active:
             continue
         want = _wanted(dev, splits.get(dev.name))
         diff = {k: v for k, v in want.items() if pod.annotations.get(k) != v}

@@ -36,9 +36,18 @@ class ServerAccessSettings:
 
 
 @dataclasses.dataclass(frozen=True)
+class MetricsSettings:
+    port: int = 8000
+    """Port of the operator's own Prometheus /metrics (0: not served)."""
+    address: str = "0.0.0.0"
+    """Address it listens on."""
+
+
+@dataclasses.dataclass(frozen=True)
 class OperatorSettings:
     images: ImageSettings = ImageSettings()
     server: ServerAccessSettings = ServerAccessSettings()
+    metrics: MetricsSettings = MetricsSettings()
     tick_s: float = 5.0
     """Interval of the per-job reconcile timer (pods, status, optimiser when due)."""
     log_level: str = "INFO"
@@ -60,5 +69,8 @@ def from_env(env: Mapping[str, str] = os.environ) -> OperatorSettings:
         url_template=env.get(c.ENV_SERVER_URL_TEMPLATE, ServerAccessSettings.url_template),
         timeout_s=float(env.get(c.ENV_HTTP_TIMEOUT, ServerAccessSettings.timeout_s)),
     )
+    metrics = MetricsSettings(port=int(env.get(c.ENV_METRICS_PORT, MetricsSettings.port)),
+                              address=env.get(c.ENV_METRICS_ADDRESS, MetricsSettings.address))
     level = env.get(c.ENV_LOG_LEVEL, OperatorSettings.log_level).upper()
-    return OperatorSettings(images=images, server=server, tick_s=tick_seconds(env), log_level=level)
+    return OperatorSettings(images=images, server=server, metrics=metrics, tick_s=tick_seconds(env),
+                            log_level=level)

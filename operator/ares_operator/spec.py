@@ -48,19 +48,26 @@ class SplitSpec(_Spec):
     reoptimise_interval_seconds: int = Field(30, ge=1, le=86_400)
 
 
-class ServerSpec(_Spec):
-    image: Optional[str] = None
+class _Scheduling(_Spec):
+    """Where and how a pod is scheduled: passed to the pod spec as given (core/v1 shapes)."""
+
     node_name: Optional[str] = None
     node_selector: dict[str, str] = {}
+    tolerations: tuple[dict[str, Any], ...] = ()
+    affinity: dict[str, Any] = {}
+    image_pull_secrets: tuple[dict[str, Any], ...] = ()
+    priority_class_name: Optional[str] = None
+
+
+class ServerSpec(_Scheduling):
+    image: Optional[str] = None
     resources: dict[str, Any] = {}
     checkpoint_claim: Optional[str] = None
 
 
-class DeviceSpec(_Spec):
+class DeviceSpec(_Scheduling):
     name: str
     device_class: Literal["jetson-nano", "jetson-orin", "raspberry-pi", "cpu"]
-    node_name: Optional[str] = None
-    node_selector: dict[str, str] = {}
     power_mode: Literal["MAXN", "5W", "custom1", "custom3", ""] = ""
     bandwidth: Optional[str] = None
     split: Optional[int] = Field(None, ge=0)
@@ -73,6 +80,9 @@ class RunPolicySpec(_Spec):
     server_backoff_limit: int = Field(3, ge=0, le=100)
     round_deadline_seconds: float = Field(600.0, gt=0)
     ttl_seconds_after_finished: Optional[int] = Field(None, ge=0)
+    active_deadline_seconds: Optional[int] = Field(None, ge=1)
+    clean_pod_policy: Literal["None", "Running", "All"] = "Running"
+    suspend: bool = False
 
 
 class JobSpec(_Spec):

@@ -6,6 +6,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Optional
 
 from ares.core.messages import ServerStatus
+from ares_operator import conditions
 from ares_operator import constants as c
 from ares_operator.builders import JobRef
 from ares_operator.reconcile import PodView
@@ -35,7 +36,23 @@ def summary(job: JobRef, spec: JobSpec, pods: Sequence[PodView], server: Optiona
 
 
 def _running(pod: Optional[PodView]) -> bool:
-    return bool(pod and pod.phase == "Running" and not pod.terminating)
+    return bool(pod and pod.phase == "Running" and pod.active)
+
+
+def suspension(spec: JobSpec, previous: Mapping[str, Any], conds: list[dict[str, Any]], now: str,
+               generation: Optional[int]) -> dict[str, Any]:
+    """What runPolicy.suspend changes in the status: phase Suspended and condition Suspended=True
+    while it holds; on resume the condition turns False and startTime restarts (the
+    activeDeadlineSeconds clock, as for a Kubernetes Job). Empty when suspend never held."""
+    if spec.run_policy.suspend:
+        return {"phase": c.PHASE_SUSPENDED, "conditions": conditions.set_condition(
+            conds, c.COND_SUSPENDED, True, c.REASON_SUSPENDED,
+            "runPolicy.suspend is true: the job's pods are deleted; it resumes from its checkpoint", now, generation)}
+    if conditions.is_true(previous.get("conditions") or [], c.COND_SUSPENDED):
+        return {"startTime": now, "conditions": conditions.set_condition(
+            conds, c.COND_SUSPENDED, False, c.REASON_RESUMED, "runPolicy.suspend is false: running again",
+            now, generation)}
+    return {}
 
 
 def _device(name: str, pod: Optional[PodView], server: Optional[ServerStatus], previous: Mapping[str, Any],
@@ -43,6 +60,8 @@ def _device(name: str, pod: Optional[PodView], server: Optional[ServerStatus], p
     out: dict[str, Any] = {k: v for k, v in previous.items()
                            if k in ("split", "phase", "upBps", "downBps", "energyJ", "energySource", "roundSeconds")}
     out["podPhase"] = (pod.phase if not pod.terminating else "Terminating") if pod else "Missing"
+    if pod and pod.exit_code is not None:
+        out["exitCode"] = pod.exit_code
     out["restarts"] = restarts
     if pod and c.ANNOTATION_SPLIT in pod.annotations:
         try:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
+import datetime
 import sys
 from pathlib import Path
 
@@ -43,7 +45,9 @@ def test_service_and_secret_are_whole_objects():
         "apiVersion": "v1", "kind": "Service",
         "metadata": {"name": "demo-server", "namespace": "lab", "ownerReferences": [OWNER],
                      "labels": {"ares.io/job": "demo", "app.kubernetes.io/managed-by": "ares-operator",
-                                "ares.io/role": "server"}},
+                                "ares.io/role": "server", "app.kubernetes.io/name": "ares",
+                                "app.kubernetes.io/instance": "demo", "app.kubernetes.io/component": "server",
+                                "app.kubernetes.io/part-of": "ares"}},
         "spec": {"selector": {"ares.io/job": "demo", "ares.io/role": "server"},
                  "ports": [{"name": "http", "port": 43000, "targetPort": "http", "protocol": "TCP"}]},
     }
@@ -79,14 +83,15 @@ def test_device_pod(device, runtime, image, privileged):
     assert meta["annotations"][c.ANNOTATION_SPLIT] == "2" and meta["annotations"][c.ANNOTATION_ATTEMPT] == "1"
     assert pspec.get("runtimeClassName") == runtime and pspec["automountServiceAccountToken"] is False
     assert pspec["restartPolicy"] == "Never"
-    trainer, sidecar = pspec["containers"]
+    (trainer,), (sidecar,) = pspec["containers"], pspec["initContainers"]
+    assert sidecar["restartPolicy"] == "Always"  # a native sidecar: the pod's phase follows the trainer
     assert trainer["image"] == sidecar["image"] == image
     args = trainer["args"]
     assert args[args.index("--server") + 1] == "https://demo-server.lab.svc:43000"
     assert args[args.index("--split-file") + 1] == "/etc/podinfo/split-point"
     assert args[args.index("--token-file") + 1] == "/var/run/ares/token/token"
     volumes = {v["name"]: v for v in pspec["volumes"]}
-    assert volumes["token"]["secret"] == {"secretName": "demo-tokens", "defaultMode": 0o400,
+    assert volumes["token"]["secret"] == {"secretName": "demo-tokens", "defaultMode": 0o440,
                                           "items": [{"key": device, "path": "token"}]}
     assert (sidecar["securityContext"].get("privileged") is True) == privileged
     if not privileged:
@@ -102,10 +107,17 @@ def test_server_pod_mounts_and_placement():
     assert mounts == {"/etc/ares": "config", "/var/run/ares/tokens": "tokens", "/var/run/ares/tls": "tls",
                       "/var/lib/ares/checkpoints": "checkpoints", "/data": "data"}
     volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
-    assert volumes["checkpoints"]["hostPath"]["path"] == "/var/lib/ares/checkpoints/lab/demo"
+    # keyed by the job's uid: a new job of the same name never resumes the old one's checkpoint
+    assert volumes["checkpoints"]["hostPath"]["path"] == "/var/lib/ares/checkpoints/lab/demo-uid-1"
     claimed = builders.server_pod(JOB, spec(server={"checkpointClaim": "ckpt"}), SETTINGS)
     assert {v["name"]: v for v in claimed["spec"]["volumes"]}["checkpoints"] == \
         {"name": "checkpoints", "persistentVolumeClaim": {"claimName": "ckpt"}}
+    mount = next(m for m in claimed["spec"]["containers"][0]["volumeMounts"] if m["name"] == "checkpoints")
+    assert mount == {"name": "checkpoints", "mountPath": "/var/lib/ares/checkpoints", "subPath": "lab/demo-uid-1"}
+    (prepare,) = claimed["spec"]["initContainers"]  # the same sub-path, made the server's before it starts
+    assert prepare["volumeMounts"] == [mount] and prepare["command"] == ["chown"]
+    assert prepare["args"] == ["10001:10001", "/var/lib/ares/checkpoints"]
+    assert prepare["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["CHOWN"]}
 
 
 @pytest.mark.parametrize("split_spec, device_split, expected", [
@@ -233,3 +245,202 @@ def test_condition_transition_time_changes_only_on_flip():
     assert conds[0]["lastTransitionTime"] == "t3" and conditions.is_true(conds, "Ready")
     conds = conditions.set_condition(conds, "Other", True, "X", "", "t4")
     assert [x["type"] for x in conds] == ["Other", "Ready"]
+
+
+# --- issue 10: pod security, scheduling, resources, lifecycle -----------------------------------
+
+RESTRICTED_POD = {"runAsUser": 10001, "runAsGroup": 10001, "runAsNonRoot": True, "fsGroup": 10001,
+                  "fsGroupChangePolicy": "OnRootMismatch", "seccompProfile": {"type": "RuntimeDefault"}}
+RESTRICTED_CONTAINER = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}, "runAsNonRoot": True}
+
+
+def _all_pods():
+    s = spec()
+    return {"server": builders.server_pod(JOB, s, SETTINGS),
+            **{d.name: builders.device_pod(JOB, s, d, SETTINGS, split=3) for d in s.devices}}
+
+
+@pytest.mark.parametrize("which", ["server", "nano-maxn", "nano-5w", "pi"])
+def test_pods_run_restricted_but_for_the_sidecar_and_the_init_step(which):
+    pod = _all_pods()[which]["spec"]
+    assert pod["securityContext"] == RESTRICTED_POD
+    for container in pod["containers"]:  # trainer, server: nothing of root
+        assert container["securityContext"] == RESTRICTED_CONTAINER
+    for init in pod.get("initContainers", []):
+        assert init["name"] in ("host-control", "prepare-checkpoints")
+        assert init["securityContext"]["runAsUser"] == 0  # the two that need root, and say why in builders
+    for vol in pod["volumes"]:
+        if "secret" in vol:
+            assert vol["secret"]["defaultMode"] == 0o440  # read through the fsGroup, never world-readable
+
+
+@pytest.mark.parametrize("which", ["server", "nano-maxn", "pi"])
+def test_every_container_has_requests_and_limits(which):
+    pod = _all_pods()[which]["spec"]
+    for container in pod["containers"] + pod.get("initContainers", []):
+        res = container["resources"]
+        assert set(res["requests"]) >= {"cpu", "memory"} and set(res["limits"]) >= {"cpu", "memory"}, container["name"]
+        for name, limit in res["limits"].items():
+            assert builders.quantity(limit) >= builders.quantity(res["requests"][name]), (container["name"], name)
+
+
+@pytest.mark.parametrize("given, want", [
+    ({}, {"requests": {"cpu": "500m", "memory": "512Mi"}, "limits": {"cpu": "4", "memory": "2Gi"}}),
+    ({"requests": {"memory": "1Gi"}}, {"requests": {"cpu": "500m", "memory": "1Gi"}, "limits": {"cpu": "4", "memory": "2Gi"}}),
+    ({"requests": {"cpu": "8", "memory": "3Gi"}}, {"requests": {"cpu": "8", "memory": "3Gi"}, "limits": {"cpu": "8", "memory": "3Gi"}}),
+    ({"limits": {"memory": "256Mi"}}, {"requests": {"cpu": "500m", "memory": "256Mi"}, "limits": {"cpu": "4", "memory": "256Mi"}}),
+    ({"requests": {"nvidia.com/gpu": 1}, "limits": {"nvidia.com/gpu": 1}},
+     {"requests": {"cpu": "500m", "memory": "512Mi", "nvidia.com/gpu": 1},
+      "limits": {"cpu": "4", "memory": "2Gi", "nvidia.com/gpu": 1}}),
+    ({"requests": {"memory": "lots"}}, {"requests": {"cpu": "500m", "memory": "lots"}, "limits": {"cpu": "4"}}),
+], ids=["defaults", "own-request", "request-above-default-limit", "own-limit-below-default-request", "extended",
+        "unreadable"])
+def test_resources_defaults(given, want):
+    assert builders.resources(c.CONTAINER_DEVICE, given) == want
+
+
+@pytest.mark.parametrize("text, value", [("500m", 0.5), ("2", 2.0), ("2Gi", 2 * 2**30), ("1.5G", 1.5e9),
+                                         (1, 1.0), ("two", None), ("3Zi", None)])
+def test_quantity(text, value):
+    assert builders.quantity(text) == value
+
+
+def test_scheduling_fields_reach_the_pods():
+    tolerations = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    affinity = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+        {"matchExpressions": [{"key": "ares.io/edge", "operator": "In", "values": ["true"]}]}]}}}
+    s = spec(server={"tolerations": tolerations, "affinity": affinity, "imagePullSecrets": [{"name": "reg"}],
+                     "priorityClassName": "edge-high"},
+             devices=[{"name": "pi", "deviceClass": "raspberry-pi", "nodeSelector": {"k": "v"},
+                       "tolerations": [{"key": "iot", "operator": "Exists"}], "priorityClassName": "iot"}])
+    server = builders.server_pod(JOB, s, SETTINGS)["spec"]
+    assert server["tolerations"] == tolerations and server["affinity"] == affinity
+    assert server["imagePullSecrets"] == [{"name": "reg"}] and server["priorityClassName"] == "edge-high"
+    pi = builders.device_pod(JOB, s, s.device("pi"), SETTINGS, split=1)["spec"]
+    assert pi["tolerations"] == [{"key": "iot", "operator": "Exists"}] and pi["priorityClassName"] == "iot"
+    assert pi["nodeSelector"] == {"k": "v"} and "affinity" not in pi and "imagePullSecrets" not in pi
+
+
+def test_labels_are_the_recommended_ones():
+    meta = _all_pods()["pi"]["metadata"]
+    assert meta["labels"] == {"ares.io/job": "demo", "ares.io/role": "device", "ares.io/device": "pi",
+                              "app.kubernetes.io/name": "ares", "app.kubernetes.io/instance": "demo",
+                              "app.kubernetes.io/component": "device", "app.kubernetes.io/part-of": "ares",
+                              "app.kubernetes.io/managed-by": "ares-operator"}
+
+
+def test_server_readiness_probe():
+    (server,) = _all_pods()["server"]["spec"]["containers"]
+    probe = server["readinessProbe"]["httpGet"]
+    assert (probe["path"], probe["port"]) == ("/healthz", "http")
+
+
+def test_checkpoints_are_keyed_by_uid():
+    s = spec()
+    old, new = JobRef("demo", "lab", "uid-old"), JobRef("demo", "lab", "uid-new")
+    path = lambda job: {v["name"]: v for v in builders.server_pod(job, s, SETTINGS)["spec"]["volumes"]}[
+        "checkpoints"]["hostPath"]["path"]
+    assert path(old) != path(new) and path(new).endswith("/lab/demo-uid-new")
+
+
+# --- container statuses, suspend, deadline, clean-up, divergence -----------------------------------
+
+def _terminated(name, code):
+    return {"name": name, "state": {"terminated": {"exitCode": code}}}
+
+
+@pytest.mark.parametrize("statuses, code", [
+    ([], None),
+    ([{"name": "device", "state": {"running": {}}}], None),
+    ([_terminated("device", 137)], 137),
+    ([_terminated("host-control", 1), {"name": "device", "state": {"running": {}}}], None),
+    ([_terminated("server", 0)], 0),
+], ids=["none", "running", "killed", "sidecar-only", "server-exit-0"])
+def test_main_exit_code(statuses, code):
+    assert reconcile.main_exit_code(statuses) == code
+
+
+def test_a_trainer_that_exited_is_replaced_while_its_pod_still_runs():
+    # The pod still says Running (its sidecar is stopping) but the trainer's container ended.
+    raw = {"metadata": {"name": "demo-pi", "labels": {c.LABEL_ROLE: "device", c.LABEL_DEVICE: "pi"},
+                        "annotations": {c.ANNOTATION_ATTEMPT: "0"}},
+           "status": {"phase": "Running", "containerStatuses": [_terminated("device", 137)]}}
+    view = reconcile.PodView.of(raw)
+    assert view.failed and view.ended and not view.active and view.exit_code == 137
+    actions = reconcile.plan_pods(JOB, spec(), SETTINGS, HEALTHY[:3] + [view], {}, 0, {})
+    assert actions.delete == ("demo-pi",) and names(actions.create) == ["demo-pi"] and actions.restarts["pi"] == 1
+    assert "exited with code 137" in actions.notes[0]
+
+
+def test_a_trainer_that_finished_is_left_alone():
+    view = dataclasses.replace(HEALTHY[3], exit_code=0)
+    assert reconcile.plan_pods(JOB, spec(), SETTINGS, HEALTHY[:3] + [view], {}, 0, {}).create == ()
+
+
+def test_suspend_deletes_every_pod_and_creates_none():
+    s = spec(runPolicy={"suspend": True})
+    pods = HEALTHY[:3] + [pod("demo-pi", "Failed", attempt=2)]
+    actions = reconcile.plan_pods(JOB, s, SETTINGS, pods, {}, 0, {})
+    assert actions.create == () and sorted(actions.delete) == names_of(pods)
+    assert actions.restarts["pi"] == 2 and actions.outcome is None  # counters are kept
+    assert reconcile.plan_pods(JOB, s, SETTINGS, [], {}, 0, {}) == reconcile.Actions(
+        restarts={"nano-maxn": 0, "nano-5w": 0, "pi": 0})
+
+
+def names_of(pods):
+    return sorted(p.name for p in pods)
+
+
+T0 = datetime.datetime(2026, 1, 1, tzinfo=datetime.timezone.utc)
+
+
+@pytest.mark.parametrize("run_policy, started, after, reason", [
+    ({}, "2026-01-01T00:00:00Z", 10**6, None),
+    ({"activeDeadlineSeconds": 60}, "2026-01-01T00:00:00Z", 59, None),
+    ({"activeDeadlineSeconds": 60}, "2026-01-01T00:00:00Z", 60, c.REASON_DEADLINE_EXCEEDED),
+    ({"activeDeadlineSeconds": 60}, None, 600, None),
+    ({"activeDeadlineSeconds": 60, "suspend": True}, "2026-01-01T00:00:00Z", 600, None),
+], ids=["no-deadline", "before", "at", "not-started", "suspended"])
+def test_deadline(run_policy, started, after, reason):
+    out = reconcile.deadline_outcome(spec(runPolicy=run_policy), started, T0 + datetime.timedelta(seconds=after))
+    assert (out.reason if out else None) == reason
+    if out:
+        assert out.phase == "Failed" and "activeDeadlineSeconds (60 s)" in out.message
+
+
+ENDED = reconcile.Outcome("Succeeded", c.REASON_COMPLETED, "")
+MIXED = [pod("demo-server", role="server"), pod("demo-nano-maxn", "Pending"), pod("demo-nano-5w", "Failed"),
+         pod("demo-pi", "Running", terminating=True)]
+
+
+@pytest.mark.parametrize("policy, outcome, cleaned", [
+    ("None", ENDED, []),
+    ("Running", ENDED, ["demo-nano-maxn", "demo-server"]),
+    ("All", ENDED, ["demo-nano-5w", "demo-nano-maxn", "demo-server"]),
+    ("None", reconcile.Outcome("Failed", c.REASON_DEADLINE_EXCEEDED, ""), ["demo-nano-maxn", "demo-server"]),
+], ids=["none", "running", "all", "deadline-stops-pods-anyway"])
+def test_clean_pod_policy(policy, outcome, cleaned):
+    s = spec(runPolicy={"cleanPodPolicy": policy})
+    assert sorted(reconcile.pods_to_clean(s, MIXED, outcome)) == cleaned
+
+
+@pytest.mark.parametrize("failure_reason, reason", [("diverged", c.REASON_TRAINING_DIVERGED),
+                                                    (None, c.REASON_SERVER_REPORTED_FAILURE)])
+def test_failed_server_reason(failure_reason, reason):
+    server = ServerStatus(round=2, rounds=4, phase="failed", failure="training diverged: ...",
+                          failure_reason=failure_reason)
+    assert reconcile.training_outcome(server).reason == reason
+
+
+@pytest.mark.parametrize("suspend, was_suspended, phase, cond, start", [
+    (True, False, "Suspended", ("True", c.REASON_SUSPENDED), None),
+    (False, True, None, ("False", c.REASON_RESUMED), "now"),
+    (False, False, None, None, None),
+], ids=["suspended", "resumed", "never"])
+def test_suspension_status(suspend, was_suspended, phase, cond, start):
+    previous = {"conditions": conditions.set_condition([], "Suspended", True, "JobSuspended", "", "t0")} \
+        if was_suspended else {}
+    out = status.suspension(spec(runPolicy={"suspend": suspend}), previous, previous.get("conditions", []), "now", 3)
+    assert out.get("phase") == phase and out.get("startTime") == start
+    got = conditions.find(out.get("conditions", []), "Suspended")
+    assert (got["status"], got["reason"]) == cond if cond else got is None
