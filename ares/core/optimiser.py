@@ -6,13 +6,35 @@ The cost model (per device i at split s; one "iteration" is one batch):
     server_s(s)    = server.fwd[s] + server.bwd[s]          (server part; 0 at s = L-1)
     up_s(s)        = up_bytes[s] / up_bps                   (activations + labels, device -> server)
     down_s(s)      = down_bytes[s] / down_bps               (their gradient, server -> device)
-    iteration_s(s) = device_s + server_s + up_s + down_s
+    iteration_s(s) = device_s + server_s + up_s + down_s + latency     (k = 1: one request per batch)
     round_s(s)     = iterations * iteration_s(s) + weight_bytes[s] / down_bps + weight_bytes[s] / up_bps
+                     + 2 * latency                                       (join and upload requests)
     E_iteration(s) = P_compute * device_s + P_tx * up_s + P_rx * down_s
     E_round(s)     = iterations * E_iteration(s) + P_rx * weight_bytes[s] / down_bps + P_tx * weight_bytes[s] / up_bps
 
-Byte counts are true: 4 bytes per fp32 value (2 for fp16), labels included (`model_costs`).
+Byte counts are true: 4 bytes per fp32 value (2 for fp16, 1 for int8), labels included
+(`model_costs`). `latency` is a device's per-request overhead in seconds (`DeviceInput.latency_s`).
 The round of the whole fleet lasts as long as its slowest device; its energy is the sum.
+
+Pipelined steps (k micro-batches per batch, `Option.micro_batches`). Per micro-batch the stages
+take f = fwd/k, u = up/k + latency, v = server/k, d = down/k, b = bwd/k. The device runs all k
+forwards first (each sent as soon as it exists), then each backward as its gradient arrives.
+Forward, uplink, server and downlink form a flow shop of k identical jobs, so micro-batch j
+leaves the downlink at A + (j-1) M with A = f + u + v + d and M the slowest of those stages
+(full duplex: max(f, u, v, d); half duplex, where up and down share one rate: max(f, u + d, v)).
+The backwards then end at
+
+    iteration_s = max(k (f + b),  A + k b,  A + (k-1) M + b)
+
+(exact for full duplex: `tests/unit/test_pipeline_model.py` checks it against an event-driven
+simulation of the same schedule; for half duplex it is the flow-shop approximation, checked
+against the simulation within a stated bound). k = 1 gives the sequential step above. Energy
+does not depend on k: the same compute, the same bytes.
+
+Options. A problem may offer several (codec, k) `Option`s, each with its own byte counts; the
+policies then choose a split *and* an option per device (a column of the (devices x options
+x splits) cost matrix), restricted per device by `DeviceInput.codecs` / `.micro_batches`.
+At the last split nothing travels, so only the first option is offered there.
 
 Policies (all respect a device's `pinned_split`):
 - `ares`: the published rule, per device, over all splits and per iteration:
@@ -37,7 +59,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar, Mapping, Protocol, Sequence
 
 import numpy as np
@@ -69,6 +91,36 @@ class ModelCosts:
     @property
     def n_splits(self) -> int:
         return len(self.weight_bytes)
+
+
+CODEC_BYTES = {"fp32": 4, "fp16": 2, "int8": 1}  # bytes per value on the wire (int8's per-channel scale is negligible)
+DUPLEX = ("full", "half")
+
+
+@dataclass(frozen=True)
+class Option:
+    """One way to run a split step: the wire codec, micro-batches per batch, and the bytes that follow."""
+
+    codec: str
+    micro_batches: int
+    model: "ModelCosts"
+
+    def __post_init__(self) -> None:
+        if self.codec not in CODEC_BYTES:
+            raise ValueError(f"unknown codec {self.codec!r}; accepted: {', '.join(CODEC_BYTES)}")
+        if isinstance(self.micro_batches, bool) or not isinstance(self.micro_batches, int) or self.micro_batches < 1:
+            raise ValueError(f"micro_batches must be an integer >= 1, got {self.micro_batches!r}")
+
+    @property
+    def label(self) -> str:
+        return self.codec + (f"/k{self.micro_batches}" if self.micro_batches > 1 else "")
+
+
+def options_for(activation_numel: Sequence[int], weight_bytes: Sequence[int], batch_size: int,
+                codecs: Sequence[str] = ("fp32",), micro_batches: Sequence[int] = (1,)) -> tuple[Option, ...]:
+    """Every (codec, k) pair the job allows, each with its byte counts; the first is the default."""
+    return tuple(Option(c, k, model_costs(activation_numel, weight_bytes, batch_size, CODEC_BYTES[c]))
+                 for c in codecs for k in micro_batches)
 
 
 def model_costs(activation_numel: Sequence[int], weight_bytes: Sequence[int], batch_size: int,
@@ -104,8 +156,16 @@ class DeviceInput:
     iterations: int  # batches per round
     alpha: float | None = None  # this device's time weight (energy sensitivity = 1 - alpha); None -> policy's
     pinned_split: int | None = None
+    duplex: str = "full"  # "half": up and down share one rate (Wi-Fi); up_bps is that rate
+    latency_s: float = 0.0  # per request (one per micro-batch, plus join and upload)
+    codecs: tuple[str, ...] | None = None  # options this device may take (None: every option of the problem)
+    micro_batches: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
+        if self.duplex not in DUPLEX:
+            raise ValueError(f"device {self.name!r}: duplex must be one of {DUPLEX}, got {self.duplex!r}")
+        if not math.isfinite(self.latency_s) or self.latency_s < 0:
+            raise ValueError(f"device {self.name!r}: latency_s must be >= 0 seconds, got {self.latency_s!r}")
         for name in ("up_bps", "down_bps"):
             value = getattr(self, name)
             if not math.isfinite(value) or value <= 0:
@@ -123,12 +183,22 @@ class Problem:
     devices: tuple[DeviceInput, ...]
     server: ServerProfile
     model: ModelCosts
+    options: tuple[Option, ...] = ()  # (codec, k) choices; empty: one, (codec, 1) with `model`
+    codec: str = "fp32"  # the codec `model`'s byte counts are for
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "devices", tuple(self.devices))
         if not self.devices:
             raise ValueError("a problem needs at least one device")
+        if not self.options:
+            object.__setattr__(self, "options", (Option(self.codec, 1, self.model),))
+        object.__setattr__(self, "options", tuple(self.options))
         n = self.model.n_splits
+        if any(o.model.n_splits != n for o in self.options):
+            raise ValueError(f"every option's byte counts need {n} splits")
+        labels = [(o.codec, o.micro_batches) for o in self.options]
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"options repeat a (codec, micro_batches) pair: {labels}")
         if self.server.n_splits != n:
             raise ValueError(f"server profile has {self.server.n_splits} splits, the model {n}")
         names = [d.name for d in self.devices]
@@ -164,6 +234,8 @@ class DevicePlan:
     up_s: float
     down_s: float
     energy_source: str = "modelled"  # "measured" when the power model came from a sensor
+    codec: str = "fp32"
+    micro_batches: int = 1
 
 
 @dataclass(frozen=True)
@@ -213,21 +285,26 @@ def _check_split(split: int, n: int, what: str) -> int:
     return int(split)
 
 
-# ---- the cost model, vectorised over devices (rows) and splits (columns) ----------------------
+# ---- the cost model, vectorised over devices (rows) and columns (options x splits) -----------
+# Column c is option c // S at split c % S; with one option the columns are the splits.
 
 @dataclass(frozen=True)
 class _Inputs:
-    """The problem as arrays: one row per device, one column per split."""
+    """The problem as arrays: one row per device; per option, one column per split."""
 
-    device_s: np.ndarray  # (N, S)
+    fwd: np.ndarray  # (N, S)
+    bwd: np.ndarray  # (N, S)
     server_s: np.ndarray  # (S,)
-    up_bytes: np.ndarray  # (S,)
-    down_bytes: np.ndarray  # (S,)
+    up_bytes: np.ndarray  # (O, S)
+    down_bytes: np.ndarray  # (O, S)
+    micro: np.ndarray  # (O,)
     weight_bytes: np.ndarray  # (S,)
     up_bps: np.ndarray  # (N, 1)
     down_bps: np.ndarray  # (N, 1)
     iterations: np.ndarray  # (N, 1)
     power: np.ndarray  # (N, 3): compute, tx, rx watts
+    latency: np.ndarray  # (N, 1)
+    half: np.ndarray  # (N, 1) bool
 
     @classmethod
     def of(cls, problem: Problem) -> "_Inputs":
@@ -240,18 +317,24 @@ class _Inputs:
         def column(values: Any) -> np.ndarray:
             return np.fromiter(values, float, n)[:, None]
 
+        opts = problem.options
         return cls(
-            device_s=matrix((x.compute.fwd for x in d), s) + matrix((x.compute.bwd for x in d), s),
+            fwd=matrix((x.compute.fwd for x in d), s), bwd=matrix((x.compute.bwd for x in d), s),
             server_s=np.array(problem.server.fwd) + np.array(problem.server.bwd),
-            up_bytes=np.array(m.up_bytes, dtype=float), down_bytes=np.array(m.down_bytes, dtype=float),
+            up_bytes=np.array([o.model.up_bytes for o in opts], dtype=float),
+            down_bytes=np.array([o.model.down_bytes for o in opts], dtype=float),
+            micro=np.array([o.micro_batches for o in opts], dtype=float),
             weight_bytes=np.array(m.weight_bytes, dtype=float),
             up_bps=column(x.up_bps for x in d), down_bps=column(x.down_bps for x in d),
             iterations=column(x.iterations for x in d),
-            power=matrix(((x.power.compute_w, x.power.tx_w, x.power.rx_w) for x in d), 3))
+            power=matrix(((x.power.compute_w, x.power.tx_w, x.power.rx_w) for x in d), 3),
+            latency=column(x.latency_s for x in d),
+            half=np.fromiter((x.duplex == "half" for x in d), bool, n)[:, None])
 
     def rows(self, idx: np.ndarray) -> "_Inputs":
-        return _Inputs(self.device_s[idx], self.server_s, self.up_bytes, self.down_bytes, self.weight_bytes,
-                       self.up_bps[idx], self.down_bps[idx], self.iterations[idx], self.power[idx])
+        return replace(self, fwd=self.fwd[idx], bwd=self.bwd[idx], up_bps=self.up_bps[idx],
+                       down_bps=self.down_bps[idx], iterations=self.iterations[idx], power=self.power[idx],
+                       latency=self.latency[idx], half=self.half[idx])
 
 
 @dataclass(frozen=True)
@@ -266,42 +349,77 @@ class _Costs:
     energy_round_j: np.ndarray
 
 
+def pipelined_iteration(f: Any, u: Any, v: Any, d: Any, b: Any, k: Any, half: Any = False) -> Any:
+    """Seconds per batch for k micro-batches with per-micro-batch stage times f, u, v, d, b (see the
+    module docstring). Works elementwise on numpy arrays; k = 1 is f + u + v + d + b."""
+    a = f + u + v + d
+    m = np.where(half, np.maximum(np.maximum(f, u + d), v), np.maximum(np.maximum(f, u), np.maximum(v, d)))
+    flow = np.maximum(np.maximum(k * (f + b), a + k * b), a + (k - 1) * m + b)
+    # half duplex: the one link carries every upload and download, after the first forward
+    return np.where(half, np.maximum(flow, f + k * (u + d) + b), flow)
+
+
 def _costs(x: _Inputs, server_share: float = 1.0) -> _Costs:
-    """Every device's costs at every split; server time multiplied by `server_share` (>= 1 when shared)."""
-    device = x.device_s
-    server = np.broadcast_to(x.server_s * server_share, device.shape)
-    up = x.up_bytes / x.up_bps
-    down = x.down_bytes / x.down_bps
+    """Every device's costs in every column; server time multiplied by `server_share` (>= 1 when shared)."""
+    n_opt, s = x.up_bytes.shape
+    last = np.zeros(s, dtype=bool)
+    last[-1] = True
+    device = np.tile(x.fwd + x.bwd, n_opt)
+    server = np.broadcast_to(np.tile(x.server_s * server_share, n_opt), device.shape)
+    up_bytes, down_bytes = x.up_bytes.reshape(-1), x.down_bytes.reshape(-1)
+    up = up_bytes / x.up_bps
+    down = down_bytes / x.down_bps
+    k = np.repeat(x.micro, s)
+    lat = np.where(np.tile(last, n_opt), 0.0, x.latency)  # one request per micro-batch; none at the last split
+    f, b = np.tile(x.fwd, n_opt) / k, np.tile(x.bwd, n_opt) / k
+    iteration = pipelined_iteration(f, up / k + lat, server / k, down / k, b, k, x.half)
     weights_down = x.weight_bytes / x.down_bps
     weights_up = x.weight_bytes / x.up_bps
-    iteration = device + server + up + down
     pc, ptx, prx = (x.power[:, i:i + 1] for i in range(3))
     energy = pc * device + ptx * up + prx * down
     return _Costs(
         device_s=device, server_s=server, up_s=up, down_s=down, iteration_s=iteration,
-        round_s=x.iterations * iteration + weights_down + weights_up,
+        round_s=x.iterations * iteration + np.tile(weights_down + weights_up, n_opt) + 2 * x.latency,
         energy_iteration_j=energy,
-        energy_round_j=x.iterations * energy + prx * weights_down + ptx * weights_up,
+        energy_round_j=x.iterations * energy + np.tile(prx * weights_down + ptx * weights_up, n_opt),
     )
 
 
-def weighted_cost(time: np.ndarray, energy: np.ndarray, alpha: np.ndarray) -> np.ndarray:
-    """Row by row: alpha * T/||T||2 + (1 - alpha) * E/||E||2 (norms over the row); a zero row adds 0."""
+def weighted_cost(time: np.ndarray, energy: np.ndarray, alpha: np.ndarray,
+                  valid: np.ndarray | None = None) -> np.ndarray:
+    """Row by row: alpha * T/||T||2 + (1 - alpha) * E/||E||2 (norms over the row's valid columns);
+    a zero row adds 0. Norms are taken on values scaled by the row's maximum, so no square overflows."""
     def normalised(v: np.ndarray) -> np.ndarray:
-        norm = np.linalg.norm(v, axis=1, keepdims=True)
-        return np.divide(v, norm, out=np.zeros_like(v), where=norm > 0)
+        v = np.where(valid, v, 0.0) if valid is not None else v
+        top = np.abs(v).max(axis=1, keepdims=True)
+        scaled = np.divide(v, top, out=np.zeros_like(v, dtype=float), where=top > 0)
+        norm = np.linalg.norm(scaled, axis=1, keepdims=True)
+        return np.divide(scaled, norm, out=np.zeros_like(scaled), where=norm > 0)
 
     a = np.asarray(alpha, dtype=float).reshape(-1, 1)
     return a * normalised(time) + (1 - a) * normalised(energy)
 
 
+def _valid(problem: Problem) -> np.ndarray:
+    """(N, C): the options each device may take; at the last split only the first option (nothing travels)."""
+    s, opts = problem.n_splits, problem.options
+    valid = np.ones((len(problem.devices), len(opts) * s), dtype=bool)
+    valid[:, [o * s + s - 1 for o in range(1, len(opts))]] = False
+    for i, d in enumerate(problem.devices):
+        for o, opt in enumerate(opts):
+            if ((d.codecs is not None and opt.codec not in d.codecs)
+                    or (d.micro_batches is not None and opt.micro_batches not in d.micro_batches)):
+                valid[i, o * s:o * s + s - 1] = False
+    return valid
+
+
 def _allowed(problem: Problem) -> np.ndarray:
-    """(N, S) mask of the splits each device may take: all of them, or just its pinned one."""
-    allowed = np.ones((len(problem.devices), problem.n_splits), dtype=bool)
+    """(N, C) mask of the columns each device may take: valid options, at its pinned split if it has one."""
+    allowed = _valid(problem)
+    s = problem.n_splits
     for i, d in enumerate(problem.devices):
         if d.pinned_split is not None:
-            allowed[i] = False
-            allowed[i, d.pinned_split] = True
+            allowed[i, np.arange(allowed.shape[1]) % s != d.pinned_split] = False
     return allowed
 
 
@@ -310,38 +428,53 @@ def _alphas(problem: Problem, default: float) -> np.ndarray:
 
 
 def _argmin_where(cost: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Column of the smallest cost among the allowed ones, per row (ties: the lowest split)."""
+    """Column of the smallest cost among the allowed ones, per row (ties: the lowest column)."""
     return np.where(mask, cost, np.inf).argmin(axis=1)
 
 
-def _plan(policy: str, problem: Problem, c: _Costs, splits: np.ndarray, shared: bool) -> Plan:
-    rows = np.arange(len(splits))
-    pick = [getattr(c, f)[rows, splits].tolist() for f in
+def _plan(policy: str, problem: Problem, c: _Costs, cols: np.ndarray, shared: bool) -> Plan:
+    rows = np.arange(len(cols))
+    s = problem.n_splits
+    pick = [getattr(c, f)[rows, cols].tolist() for f in
             ("iteration_s", "round_s", "energy_iteration_j", "energy_round_j", "device_s", "server_s", "up_s", "down_s")]
     sources = [d.power.source for d in problem.devices]
     names = [d.name for d in problem.devices]
-    devices = tuple(map(DevicePlan, names, splits.tolist(), *pick, sources))
+    opts = [problem.options[o] for o in (cols // s).tolist()]
+    devices = tuple(map(DevicePlan, names, (cols % s).tolist(), *pick, sources,
+                        [o.codec for o in opts], [o.micro_batches for o in opts]))
     return Plan(policy, devices, round_s=max(pick[1]), energy_round_j=math.fsum(pick[3]), server_shared=shared)
 
 
-def _evaluate_array(problem: Problem, x: _Inputs, splits: np.ndarray, policy: str, share_server: bool) -> Plan:
-    """The one way every plan is made: the cost model at the given splits."""
-    share = float(np.count_nonzero(splits < problem.n_splits - 1)) if share_server else 1.0
-    return _plan(policy, problem, _costs(x, share), splits, share_server)
+def _evaluate_array(problem: Problem, x: _Inputs, cols: np.ndarray, policy: str, share_server: bool) -> Plan:
+    """The one way every plan is made: the cost model at the given columns."""
+    share = float(np.count_nonzero(cols % problem.n_splits < problem.n_splits - 1)) if share_server else 1.0
+    return _plan(policy, problem, _costs(x, share), cols, share_server)
+
+
+def _option_index(problem: Problem, codec: str, micro_batches: int) -> int:
+    for o, opt in enumerate(problem.options):
+        if (opt.codec, opt.micro_batches) == (codec, micro_batches):
+            return o
+    raise ValueError(f"no option {codec}/k={micro_batches} in this problem; options: "
+                     f"{[o.label for o in problem.options]}")
 
 
 def evaluate(problem: Problem, splits: Mapping[str, int], share_server: bool = False,
-             policy: str = "given") -> Plan:
-    """Predicted costs of any assignment of splits (every device named exactly once)."""
+             policy: str = "given", options: Mapping[str, tuple[str, int]] | None = None) -> Plan:
+    """Predicted costs of any assignment of splits (every device named exactly once), each device
+    with its (codec, micro_batches) from `options` (default: the problem's first option)."""
     names = [d.name for d in problem.devices]
     missing, extra = sorted(set(names) - set(splits)), sorted(set(splits) - set(names))
     if missing or extra:
         raise ValueError(f"splits must name every device once; missing {missing}, unknown {extra}")
-    arr = np.array([_check_split(splits[n], problem.n_splits, f"device {n!r}: split") for n in names])
-    return _evaluate_array(problem, _Inputs.of(problem), arr, policy, share_server)
+    s = problem.n_splits
+    arr = np.array([_check_split(splits[n], s, f"device {n!r}: split") for n in names])
+    opt = np.array([_option_index(problem, *options[n]) if options and n in options else 0 for n in names])
+    opt = np.where(arr == s - 1, 0, opt)
+    return _evaluate_array(problem, _Inputs.of(problem), opt * s + arr, policy, share_server)
 
 
-# ---- policies: each only chooses splits; `_Chooser.decide` turns them into a plan --------------
+# ---- policies: each only chooses columns; `_Chooser.decide` turns them into a plan -------------
 
 class _Chooser:
     """Shared `decide` and `choose` for policies that implement `_choose(problem, inputs)`."""
@@ -352,9 +485,13 @@ class _Chooser:
     def _choose(self, problem: Problem, x: _Inputs) -> np.ndarray:
         raise NotImplementedError
 
+    def choose_columns(self, problem: Problem) -> np.ndarray:
+        """The column (option * S + split) of every device, in the problem's order."""
+        return self._choose(problem, _Inputs.of(problem))
+
     def choose(self, problem: Problem) -> np.ndarray:
         """Just the split of every device, in the problem's order (no plan objects built)."""
-        return self._choose(problem, _Inputs.of(problem))
+        return self.choose_columns(problem) % problem.n_splits
 
     def decide(self, problem: Problem) -> Plan:
         x = _Inputs.of(problem)
@@ -373,7 +510,7 @@ class AresPolicy(_Chooser):
 
     def _choose(self, problem: Problem, x: _Inputs) -> np.ndarray:
         c = _costs(x)
-        cost = weighted_cost(c.iteration_s, c.energy_iteration_j, _alphas(problem, self.alpha))
+        cost = weighted_cost(c.iteration_s, c.energy_iteration_j, _alphas(problem, self.alpha), _valid(problem))
         return _argmin_where(cost, _allowed(problem))
 
 
@@ -394,19 +531,21 @@ class StragglerPolicy(_Chooser):
 
     def _choose(self, problem: Problem, x: _Inputs) -> np.ndarray:
         allowed = _allowed(problem)
+        s = problem.n_splits
         if self.share_server:
-            target, offloaders = _shared_target(x, allowed)
+            target, offloaders = _shared_target(x, allowed, s)
             c = _costs(x, float(offloaders.sum()))
-            allowed[~offloaders, :-1] = False  # outsiders stay on the device: the sharing never grows
+            offload_cols = np.arange(allowed.shape[1]) % s < s - 1
+            allowed[np.ix_(~offloaders, offload_cols)] = False  # outsiders stay on the device: sharing never grows
         else:
             c = _costs(x)
             target = np.where(allowed, c.round_s, np.inf).min(axis=1).max()
         feasible = allowed & (c.round_s <= target)
-        cost = weighted_cost(c.round_s, c.energy_round_j, _alphas(problem, self.alpha))
+        cost = weighted_cost(c.round_s, c.energy_round_j, _alphas(problem, self.alpha), _valid(problem))
         return _argmin_where(cost, feasible)
 
 
-def _shared_target(x: _Inputs, allowed: np.ndarray) -> tuple[float, np.ndarray]:
+def _shared_target(x: _Inputs, allowed: np.ndarray, s: int) -> tuple[float, np.ndarray]:
     """Best round time when the server is shared, and the devices that offload to reach it.
 
     Any optimal vector with round time t must offload every device whose on-device round exceeds
@@ -414,9 +553,10 @@ def _shared_target(x: _Inputs, allowed: np.ndarray) -> tuple[float, np.ndarray]:
     prefixes of the devices sorted by on-device round time, slowest first; try each prefix size m
     with the server shared m ways. Offload times only grow with m, which allows stopping early.
     """
-    n, local = allowed.shape[0], allowed.shape[1] - 1
+    n, local = allowed.shape[0], s - 1  # column s-1: option 0 at the last split
+    off = np.arange(allowed.shape[1]) % s < local
     on_device = np.where(allowed[:, local], _costs(x).round_s[:, local], np.inf)
-    can_offload = allowed[:, :local].any(axis=1)
+    can_offload = (allowed & off).any(axis=1)
     order = np.argsort(-on_device, kind="stable")
     best_t, best_m = math.inf, 0
     for m in range(n + 1):
@@ -426,8 +566,8 @@ def _shared_target(x: _Inputs, allowed: np.ndarray) -> tuple[float, np.ndarray]:
             rows = order[:m]
             if not can_offload[rows[-1]]:
                 break
-            r = _costs(x.rows(rows), float(m)).round_s[:, :local]
-            slowest_offloader = np.where(allowed[rows, :local], r, np.inf).min(axis=1).max()
+            r = _costs(x.rows(rows), float(m)).round_s
+            slowest_offloader = np.where(allowed[rows] & off, r, np.inf).min(axis=1).max()
             if slowest_offloader >= best_t:
                 break
         t = max(rest, slowest_offloader)
@@ -440,7 +580,7 @@ def _shared_target(x: _Inputs, allowed: np.ndarray) -> tuple[float, np.ndarray]:
 
 @dataclass(frozen=True)
 class FixedPolicy(_Chooser):
-    """The same split for every device that is not pinned (a baseline)."""
+    """The same split for every device that is not pinned (a baseline), with the first option."""
 
     split: int
 
@@ -481,10 +621,10 @@ def parse_policy(text: str, alpha: float | None = None, share_server: bool = Fal
 
 
 def oracle_round_time(problem: Problem, share_server: bool = False, max_vectors: int = 1_000_000) -> float:
-    """Best round time over all joint split vectors (pins respected).
+    """Best round time over all joint choices of split and option (pins and options respected).
 
-    Without server sharing each device's round time depends only on its own split, so the
-    optimum is exactly max over devices of min over splits. With sharing it is found by
+    Without server sharing each device's round time depends only on its own choice, so the
+    optimum is exactly max over devices of min over its columns. With sharing it is found by
     enumerating every joint vector (refused beyond `max_vectors`).
     """
     x = _Inputs.of(problem)
@@ -494,5 +634,5 @@ def oracle_round_time(problem: Problem, share_server: bool = False, max_vectors:
     choices = [np.flatnonzero(row).tolist() for row in allowed]
     count = math.prod(len(c) for c in choices)
     if count > max_vectors:
-        raise ValueError(f"{count} joint split vectors exceed max_vectors={max_vectors}")
+        raise ValueError(f"{count} joint choices exceed max_vectors={max_vectors}")
     return min(_evaluate_array(problem, x, np.array(v), "oracle", True).round_s for v in itertools.product(*choices))

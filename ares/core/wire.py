@@ -38,6 +38,7 @@ DTYPES: dict[str, torch.dtype] = {
 }
 _NAMES = {v: k for k, v in DTYPES.items()}
 FLOATS = (torch.float32, torch.float16)
+    "int8": torch.int8,  # the 8-bit codec's values (ares.core.codec); their scale travels as float32
 CODECS = {"fp32": torch.float32, "fp16": torch.float16}
 
 
