@@ -1,0 +1,198 @@
+"""The container images, built with scripts/build-images and run with podman.
+
+1. operator, server and device images build (from this tree) and declare uid 10001 and their
+   entrypoints; server and device share the torch layers;
+2. the operator image runs kopf as uid 10001;
+3. a server container and a device container (host network, loopback only) train one round
+   of a tiny synthetic job over HTTP/2, both as uid 10001, the split file mounted read-only;
+4. the device image carries what the host-control sidecar needs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from ares.core.config import CONTROLLER_TOKEN_NAME, DataConfig, ServerConfig, TrainingConfig
+
+# The first run builds the images (a cold build is minutes: torch); later runs only hash inputs.
+pytestmark = [pytest.mark.images, pytest.mark.timeout(3600)]
+
+ROOT = Path(__file__).resolve().parents[2]
+UID = 10001
+ENTRYPOINTS = {
+    "operator": ["kopf", "run", "--standalone", "-m", "ares_operator.handlers"],
+    "server": ["ares"],
+    "device": ["ares"],
+}
+
+
+def inspect(podman, ref: str) -> dict:
+    return json.loads(podman("image", "inspect", ref).stdout)[0]
+
+
+def wait_for(what: str, probe, timeout: float, every: float = 0.25, on_fail=lambda: ""):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = probe()
+        if last:
+            return last
+        time.sleep(every)
+    raise AssertionError(f"not within {timeout:.0f}s: {what}; last: {last!r}\n{on_fail()}")
+
+
+def process_ids(podman, container: str) -> tuple[int, int]:
+    """Real uid and gid (on this host: rootful podman, no user namespace) of the container's process."""
+    pid = int(podman("inspect", "--format", "{{.State.Pid}}", container).stdout.strip())
+    assert pid > 0, f"{container} is not running:\n{podman.logs(container)}"
+    status = Path(f"/proc/{pid}/status").read_text()
+    return tuple(int(re.search(rf"^{key}:\s+(\d+)", status, re.M).group(1)) for key in ("Uid", "Gid"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _shared_torch_block(dockerfile: Path) -> str:
+    text = dockerfile.read_text()
+    start = text.index("\n", text.index("# ---- shared torch layers"))
+    return text[start:text.index("# ---- end of the shared torch layers ----")]
+
+
+def test_server_and_device_dockerfiles_share_the_torch_stage():
+    """Byte for byte, so both builds (podman or buildx) reuse one torch layer."""
+    server = _shared_torch_block(ROOT / "images" / "server" / "Dockerfile")
+    device = _shared_torch_block(ROOT / "images" / "device" / "Dockerfile")
+    assert "torch==${TORCH_VERSION}" in server
+    assert server == device
+
+
+# --- 1. built, as expected -------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", sorted(ENTRYPOINTS))
+def test_image_built_with_user_and_entrypoint(images, name):
+    config = inspect(images, images.ref(name))["Config"]
+    assert config["User"] == str(UID)
+    assert config["Entrypoint"] == ENTRYPOINTS[name]
+    assert config["Labels"].get("io.ares.inputs"), "built without the input-hash label"
+
+
+def test_server_and_device_share_the_torch_layers(images):
+    server = inspect(images, images.ref("server"))["RootFS"]["Layers"]
+    device = inspect(images, images.ref("device"))["RootFS"]["Layers"]
+    shared = [a for a, b in zip(server, device) if a == b]
+    # base image, torch, user: the big torch layer is stored (and pushed) once
+    assert len(shared) >= 3, f"server and device share only {len(shared)} layers"
+
+
+def test_build_is_cached(images):
+    """A second scripts/build-images finds every image up to date and builds nothing."""
+    proc = subprocess.run([str(ROOT / "scripts" / "build-images")], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert "building" not in proc.stderr, proc.stderr
+    for name in ENTRYPOINTS:
+        assert f"{images.ref(name)} is up to date" in proc.stderr
+
+
+# --- 2. operator ---------------------------------------------------------------------------------
+
+def test_operator_image_runs_kopf_as_uid_10001(podman):
+    ref = podman.ref("operator")
+    help_text = podman("run", "--rm", "--network", "none", "--entrypoint", "kopf", ref, "run", "--help").stdout
+    assert "--standalone" in help_text and "--liveness" in help_text
+    check = ("import os, kopf, kubernetes, ares_operator.handlers; import importlib.util as u; "
+             "print(os.getuid(), os.getgid(), u.find_spec('torch') is None)")
+    out = podman("run", "--rm", "--network", "none", "--entrypoint", "python3", ref, "-c", check).stdout.split()
+    assert out == [str(UID), str(UID), "True"], out  # uid/gid 10001, and no torch in the operator image
+
+
+# --- 3. server and device train one round --------------------------------------------------------
+
+def test_server_and_device_containers_train_one_round(podman, tmp_path):
+    port = free_port()
+    job = tmp_path / "job"
+    (job / "tokens").mkdir(parents=True)
+    device_token = secrets.token_urlsafe(24)
+    controller_token = secrets.token_urlsafe(24)
+    (job / "tokens" / "dev-a").write_text(device_token)
+    (job / "tokens" / CONTROLLER_TOKEN_NAME).write_text(controller_token)
+    cfg = ServerConfig(devices=("dev-a",), tokens_dir="/job/tokens", checkpoint_dir="/ckpt",
+                       data=DataConfig(name="synthetic", synthetic_train=200, synthetic_test=100, seed=1),
+                       training=TrainingConfig(rounds=1, batch_size=20, seed=1),
+                       host="127.0.0.1", port=port, round_deadline_s=120)
+    (job / "server.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    os.chown(ckpt, UID, UID)
+    podinfo = tmp_path / "podinfo"
+    podinfo.mkdir()
+    (podinfo / "split-point").write_text("2\n")
+    secret = tmp_path / "secret"
+    secret.mkdir()
+    (secret / "token").write_text(device_token)
+    for d in (job, job / "tokens", podinfo, secret):
+        d.chmod(0o755)
+    for f in [*job.rglob("*"), podinfo / "split-point", secret / "token"]:
+        if f.is_file():
+            f.chmod(0o644)
+    limits = ("--network", "host", "--env", "OMP_NUM_THREADS=1")
+
+    # The device first: it waits for the server, so its uid is checked while it surely runs.
+    device = podman.start("device", "device", "--server", f"http://127.0.0.1:{port}", "--name", "dev-a",
+                          "--token-file", "/run/ares/token", "--split-file", "/etc/podinfo/split-point", "--cpu",
+                          opts=(*limits, "-v", f"{secret}:/run/ares:ro", "-v", f"{podinfo}:/etc/podinfo:ro"))
+    assert process_ids(podman, device) == (UID, UID)
+    server = podman.start("server", "server", "--config", "/job/server.yaml",
+                          opts=(*limits, "-v", f"{job}:/job:ro", "-v", f"{ckpt}:/ckpt"))
+    assert process_ids(podman, server) == (UID, UID)
+
+    def logs() -> str:
+        return f"--- server\n{podman.logs(server)[-4000:]}\n--- device\n{podman.logs(device)[-4000:]}"
+
+    url = f"http://127.0.0.1:{port}"
+    with httpx.Client(base_url=url, http1=False, http2=True, timeout=5,
+                      headers={"Authorization": f"Bearer {controller_token}"}) as client:
+        def status():
+            try:
+                reply = client.get("/v1/status")
+            except httpx.HTTPError:
+                return None
+            return reply if reply.status_code == 200 and reply.json()["round"] >= 1 else None
+
+        reply = wait_for("round 0 closed", status, timeout=240, on_fail=logs)
+        assert reply.http_version == "HTTP/2"  # prior knowledge: the server speaks h2c
+        body = reply.json()
+        assert body["rounds"] == 1
+        assert body["accuracy"] is not None and 0.0 <= body["accuracy"] <= 1.0, body
+        dev = body["devices"]["dev-a"]
+        assert dev["last_round"] == 0 and dev["split"] == 2, body  # trained, at the split from the file
+    assert (ckpt / "global.safetensors").is_file(), "the server (uid 10001) wrote no checkpoint"
+    server_log = podman.logs(server)
+    assert re.search(r"round 0 closed .*accuracy \d", server_log), logs()
+
+
+# --- 4. device image and the sidecar -------------------------------------------------------------
+
+def test_device_image_has_what_the_sidecar_needs(podman):
+    script = ("set -e; ip -V; tc -V; for s in ares-shape ares-unshape ares-power; do "
+              "test -x \"$(command -v $s)\"; done; test -f /usr/share/ares/nvpmodel.conf; "
+              "python3 -c 'from ares.runtime.hostscripts import hostscript as h; print(h(\"ares-shape\"))'; "
+              "ares sidecar --help")
+    out = podman("run", "--rm", "--network", "none", "--entrypoint", "/bin/sh", podman.ref("device"),
+                 "-c", script).stdout
+    assert "iproute2" in out
+    assert "/usr/local/bin/ares-shape" in out
+    assert "usage: ares sidecar" in out
