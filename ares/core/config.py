@@ -54,6 +54,31 @@ class DataConfig(_Strict):
     seed: int = 0
 
 
+class AggregationConfig(_Strict):
+    """How uploads are bounded and merged (issue 12). Costs in time and accuracy: README "Robustness"."""
+
+    method: Literal["fedavg", "norm_clip", "median", "trimmed_mean"] = Field(
+        "fedavg", description="fedavg: weighted by samples; norm_clip: every update scaled to at most clip_norm, "
+        "then fedavg; median: coordinate-wise median; trimmed_mean: coordinate-wise mean without the "
+        "trim_fraction highest and lowest values")
+    max_update_norm: float = Field(100.0, gt=0, description="an upload (device part + its server-side replica) "
+                                   "farther than this L2 distance from the global model is refused or clipped")
+    on_large_update: Literal["refuse", "clip"] = "refuse"
+    clip_norm: float = Field(10.0, gt=0, description="norm_clip: the largest update norm merged unscaled")
+    trim_fraction: float = Field(0.2, ge=0, lt=0.5, description="trimmed_mean: share cut from each end")
+
+
+class LimitsConfig(_Strict):
+    """What one device may hold of the server at once (issue 12)."""
+
+    requests_per_device: int = Field(16, ge=1, description="concurrent requests per device (pipelined micro-batch "
+                                     "steps are concurrent too); more get 429")
+    buffered_mib_per_device: int = Field(512, ge=1, description="body bytes one device may have in flight")
+    body_read_timeout_s: float = Field(30.0, gt=0, description="longest wait for the next piece of a body")
+    join_wait_s: float = Field(20.0, ge=0, description="a join for a round not yet open waits this long "
+                               "(on the event loop, holding no worker thread)")
+
+
 class ServerConfig(_Strict):
     """Everything the edge server needs. Written by `ares run` or by the operator (a ConfigMap)."""
 
@@ -70,6 +95,8 @@ class ServerConfig(_Strict):
     http_server: Literal["granian", "uvicorn"] = "granian"
     max_body_mib: int = Field(256, ge=1, le=4096)
     eval_batch_size: int = Field(500, ge=1)
+    aggregation: AggregationConfig = AggregationConfig()
+    limits: LimitsConfig = LimitsConfig()
     round_gap_s: float = Field(0.5, ge=0, le=600, description="joins for the next round wait this long after a "
                                "round closes, so the controller's new splits are in place before devices read them")
 

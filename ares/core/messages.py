@@ -7,18 +7,26 @@ weights at the end of a round.
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from ares.core.config import ServerConfig
 
+# What a device may report is bounded, so no product of its figures (telemetry scales profiles)
+# can overflow to Infinity and break /v1/status or /v1/telemetry for everyone.
+Seconds = Annotated[float, Field(ge=0, le=1e6)]
+BytesPerSecond = Annotated[float, Field(gt=0, le=1e12)]
+Label = Annotated[str, Field(max_length=64)]
+
 RoundPhase = Literal["waiting", "training", "finished", "failed"]
-DevicePhase = Literal["idle", "training", "uploaded", "missed"]
+DevicePhase = Literal["idle", "training", "uploaded", "missed", "refused"]
 
 
 class _Msg(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Non-finite numbers are refused at the boundary of every message: one Infinity in a report
+    # would otherwise reach /v1/status, which JSON cannot carry (issue 12).
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class JoinRequest(_Msg):
@@ -41,13 +49,13 @@ class JoinReply(_Msg):
 class StepTimings(_Msg):
     """What a device measured during a round, uploaded with its weights."""
 
-    steps: int = Field(0, ge=0)
-    device_fwd_s: float = Field(0.0, ge=0)   # mean per step, device part
-    device_bwd_s: float = Field(0.0, ge=0)
-    up_bps: Optional[float] = Field(None, gt=0)    # EWMA bytes/s device -> server
-    down_bps: Optional[float] = Field(None, gt=0)  # EWMA bytes/s server -> device
-    round_s: float = Field(0.0, ge=0)
-    energy_j: Optional[float] = Field(None, ge=0)
+    steps: int = Field(0, ge=0, le=10**9)
+    device_fwd_s: Seconds = 0.0   # mean per step, device part
+    device_bwd_s: Seconds = 0.0
+    up_bps: Optional[BytesPerSecond] = None    # EWMA bytes/s device -> server
+    down_bps: Optional[BytesPerSecond] = None  # EWMA bytes/s server -> device
+    round_s: Seconds = 0.0
+    energy_j: Optional[float] = Field(None, ge=0, le=1e9)
     energy_source: Literal["measured", "modelled", "none"] = "none"
 
 
@@ -56,14 +64,14 @@ class DeviceReport(_Msg):
 
     round: int = Field(..., ge=0)
     split: int = Field(..., ge=0)
-    samples: int = Field(..., ge=1)
+    samples: int = Field(..., ge=1)   # at most what the server assigned the device (checked there)
     timings: StepTimings = StepTimings()
-    device_class: str = "cpu"
-    power_mode: str = ""
+    device_class: Label = "cpu"
+    power_mode: Label = ""
     # the device's measured compute profile for every split (per batch), from its profiler
-    profile_fwd: Optional[list[float]] = None
-    profile_bwd: Optional[list[float]] = None
-    profile_batch: Optional[int] = None
+    profile_fwd: Optional[list[Seconds]] = Field(None, max_length=256)
+    profile_bwd: Optional[list[Seconds]] = Field(None, max_length=256)
+    profile_batch: Optional[int] = Field(None, ge=1, le=1 << 20)
 
 
 class DeviceStatus(_Msg):
@@ -85,6 +93,8 @@ class ServerStatus(_Msg):
     accuracy: Optional[float] = None
     loss: Optional[float] = None
     devices: dict[str, DeviceStatus] = {}
+    model_sha256: Optional[str] = None  # of the global model's state dict; changes only when a round closes
+    counters: dict[str, int] = {}        # refusals and errors since start (Prometheus: ares_<name>_total)
     failure: Optional[str] = None        # why phase is failed, in words
     failure_reason: Optional[Literal["diverged"]] = None  # diverged: only non-finite losses, rounds in a row
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import struct
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping
@@ -27,6 +28,9 @@ import torch
 MAGIC = b"ARW1"
 MAX_HEADER = 1 << 20
 MAX_RANK = 8
+MAX_TENSORS = 4096    # a bundle of VGG5 or ResNet-18 weights holds well under 200
+MAX_JSON_DEPTH = 32   # header nesting; the format itself needs 4
+MAX_INT_DIGITS = 20   # a header integer fits in 64 bits; Python refuses > 4300 digits with a ValueError
 DEFAULT_MAX_BYTES = 256 << 20
 CHUNK = 256 << 10  # streamed body chunk: httpx copies large single bodies quadratically under HTTP/2
 
@@ -34,11 +38,11 @@ CHUNK = 256 << 10  # streamed body chunk: httpx copies large single bodies quadr
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
     "float16": torch.float16,
+    "int8": torch.int8,  # the 8-bit codec's values (ares.core.codec); their scale travels as float32
     "int64": torch.int64,
 }
 _NAMES = {v: k for k, v in DTYPES.items()}
 FLOATS = (torch.float32, torch.float16)
-    "int8": torch.int8,  # the 8-bit codec's values (ares.core.codec); their scale travels as float32
 CODECS = {"fp32": torch.float32, "fp16": torch.float16}
 
 
@@ -98,22 +102,27 @@ def decode(body: bytes | bytearray | memoryview, max_bytes: int = DEFAULT_MAX_BY
     (hlen,) = struct.unpack("<I", view[4:8])
     if hlen > MAX_HEADER or 8 + hlen > view.nbytes:
         raise WireError(f"header length {hlen} is larger than the limit or the body (truncated?)")
-    try:
-        header = json.loads(bytes(view[8:8 + hlen]))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise WireError(f"header is not valid JSON: {exc}") from None
+    header = parse_json(bytes(view[8:8 + hlen]), "header")
     if not isinstance(header, dict) or not isinstance(header.get("tensors"), list):
         raise WireError("header must be an object with a 'tensors' list")
     meta = header.get("meta", {})
     if not isinstance(meta, dict):
         raise WireError("header 'meta' must be an object")
 
+    if len(header["tensors"]) > MAX_TENSORS:
+        raise WireError(f"header lists {len(header['tensors'])} tensors; at most {MAX_TENSORS} are allowed")
     specs = []
+    seen: set[str] = set()  # a set, not a scan of `specs`: the check stays linear in the header
     offset = 8 + hlen
     for i, entry in enumerate(header["tensors"]):
         name, dtype, shape = _check_entry(i, entry)
-        if any(name == s[0] for s in specs):
+        if name in seen:
             raise WireError(f"tensor name {name!r} appears twice")
+        seen.add(name)
+        # Dimensions must fit the cap even where another one is 0: torch computes strides from
+        # every dimension, and [0, 2**31-1, 2**31-1, ...] overflows them.
+        if math.prod(max(d, 1) for d in shape) * DTYPES[dtype].itemsize > max_bytes:
+            raise WireError(f"tensor {name!r}: shape {shape} is larger than the {max_bytes}-byte limit", 413)
         nbytes = math.prod(shape) * DTYPES[dtype].itemsize
         specs.append((name, dtype, shape, offset, nbytes))
         offset += nbytes
@@ -131,6 +140,67 @@ def decode(body: bytes | bytearray | memoryview, max_bytes: int = DEFAULT_MAX_BY
             raise WireError(f"tensor {name!r} contains NaN or Inf", 422)
         tensors[name] = t
     return Bundle(tensors, meta)
+
+
+def _refuse_constant(name: str) -> Any:
+    raise WireError(f"JSON constant {name} is not allowed (numbers must be finite)", 422)
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise WireError(f"JSON number {text[:40]} is not finite in float64", 422)
+    return value
+
+
+def _bounded_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise WireError(f"JSON integer with {len(text)} digits; at most {MAX_INT_DIGITS} are allowed", 422)
+    return int(text)
+
+
+_SPECIAL = re.compile(rb'[\[\]{}"\\]')  # one character class: no backtracking
+
+
+def _json_depth(raw: bytes) -> int:
+    """Deepest nesting of [ and { outside strings, in one linear pass and without recursion."""
+    if raw.count(b"[") + raw.count(b"{") <= MAX_JSON_DEPTH:
+        return 0  # cannot be too deep: skip the scan
+    depth = deepest = 0
+    in_string = False
+    skip = -1  # position of a character escaped by a backslash
+    for m in _SPECIAL.finditer(raw):
+        pos, ch = m.start(), m.group()
+        if pos == skip:
+            continue
+        if in_string:
+            if ch == b"\\":
+                skip = pos + 1
+            elif ch == b'"':
+                in_string = False
+        elif ch == b'"':
+            in_string = True
+        elif ch in (b"[", b"{"):
+            depth += 1
+            deepest = max(deepest, depth)
+            if deepest > MAX_JSON_DEPTH:
+                break
+        elif ch in (b"]", b"}"):
+            depth -= 1
+    return deepest
+
+
+def parse_json(raw: bytes, what: str = "body", status: int = 400) -> Any:
+    """Strict JSON for anything a device sends: bounded nesting, integers of at most 20 digits,
+    finite numbers only (no NaN, Infinity or 1e999). Every failure is a WireError."""
+    if _json_depth(raw) > MAX_JSON_DEPTH:
+        raise WireError(f"{what} JSON is nested deeper than {MAX_JSON_DEPTH} levels")
+    try:
+        return json.loads(raw, parse_constant=_refuse_constant, parse_float=_finite_float, parse_int=_bounded_int)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise WireError(f"invalid {what}: not valid JSON: {exc}", status) from None
+    except RecursionError:  # not reachable after the depth check; kept as a last guard
+        raise WireError(f"{what} JSON is nested too deeply") from None
 
 
 def _check_entry(i: int, entry: Any) -> tuple[str, str, list[int]]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Gauge, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
 from ares.core.messages import ServerStatus, Telemetry
 
@@ -34,4 +34,8 @@ def render(status: ServerStatus, telemetry: Telemetry) -> str:
     server = Gauge("ares_server_seconds_per_batch", "Server-part compute per batch", ["split"], registry=reg)
     for s, (f, b) in enumerate(zip(telemetry.server_fwd, telemetry.server_bwd)):
         server.labels(str(s)).set(f + b)
+    events = Counter("ares_refused", "Requests and rounds the server refused or recovered from, by kind "
+                     "(uploads_refused, steps_refused, tick_errors, ...)", ["kind"], registry=reg)
+    for kind, count in status.counters.items():
+        events.labels(kind).inc(count)
     return generate_latest(reg).decode()

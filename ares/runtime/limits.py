@@ -1,0 +1,80 @@
+"""What one device may hold of the server at once (issue 12).
+
+A device with a valid token, buggy or hostile, must not be able to starve the others. Per
+device (after its token is checked, so names cannot be made up to get fresh budgets):
+
+- at most `requests_per_device` requests in flight; more are answered 429 at once;
+- at most `buffered_mib_per_device` of body bytes held, over all its requests in flight (413);
+- a body that stalls gets `body_read_timeout_s` for its next piece, then 408.
+
+Everything here runs on the event loop and holds no worker thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import AsyncIterator
+
+from starlette.requests import ClientDisconnect, Request
+
+from ares.core.config import LimitsConfig
+from ares.core.wire import WireError
+
+
+class DeviceBudget:
+    """One request's share of its device's budget; reads the body within it."""
+
+    def __init__(self, gate: "DeviceGate", device: str):
+        self.gate, self.device, self.held = gate, device, 0
+
+    async def read_body(self, request: Request, limit: int) -> bytearray:
+        """The whole body, at most `limit` bytes, each piece within the read timeout."""
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise WireError(f"body of {declared} bytes exceeds the {limit}-byte limit", 413)
+        timeout = self.gate.limits.body_read_timeout_s
+        body = bytearray()
+        stream = request.stream().__aiter__()
+        while True:
+            try:
+                chunk = await asyncio.wait_for(stream.__anext__(), timeout)
+            except StopAsyncIteration:
+                return body
+            except asyncio.TimeoutError:
+                raise WireError(f"no body data for {timeout:g} s (limits.body_read_timeout_s)", 408) from None
+            except ClientDisconnect:
+                raise WireError("the client went away before the body was complete", 400) from None
+            self._take(len(chunk))
+            body += chunk
+            if len(body) > limit:
+                raise WireError(f"body exceeds the {limit}-byte limit", 413)
+
+    def _take(self, n: int) -> None:
+        cap = self.gate.limits.buffered_mib_per_device << 20
+        if self.gate.buffered.get(self.device, 0) + n > cap:
+            raise WireError(f"device {self.device} already has {cap >> 20} MiB of bodies in flight "
+                            "(limits.buffered_mib_per_device)", 413)
+        self.gate.buffered[self.device] = self.gate.buffered.get(self.device, 0) + n
+        self.held += n
+
+
+class DeviceGate:
+    def __init__(self, limits: LimitsConfig):
+        self.limits = limits
+        self.in_flight: dict[str, int] = {}
+        self.buffered: dict[str, int] = {}
+
+    @contextlib.asynccontextmanager
+    async def hold(self, device: str) -> AsyncIterator[DeviceBudget]:
+        """One request of `device`: refused with 429 when it already has the most allowed."""
+        if self.in_flight.get(device, 0) >= self.limits.requests_per_device:
+            raise WireError(f"device {device} already has {self.limits.requests_per_device} requests in "
+                            "flight (limits.requests_per_device)", 429)
+        self.in_flight[device] = self.in_flight.get(device, 0) + 1
+        budget = DeviceBudget(self, device)
+        try:
+            yield budget
+        finally:
+            self.in_flight[device] -= 1
+            self.buffered[device] = self.buffered.get(device, 0) - budget.held
