@@ -4,6 +4,8 @@
     process, the real httpx client) vs the same step in-process (`InProcessLink`). Goal <= 1.3x.
 (b) an 8 MiB round trip (8 MiB up, 8 MiB back) over HTTP/2 (granian, our window settings) vs a
     raw TCP socket.
+(c) what TLS costs: (a) and (b) again over HTTPS (ALPN h2, a job CA's EC P-256 certificate,
+    the client verifying it) against plain h2c, interleaved in the same run.
 
     python bench/step_overhead.py [--steps 30]
 """
@@ -27,10 +29,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from ares.core import pki  # noqa: E402
 from ares.core.models import build_model, split_model  # noqa: E402
 from ares.runtime.link import HttpLink, InProcessLink  # noqa: E402
+from ares.runtime.tlsclient import ClientTls  # noqa: E402
 from ares.runtime.training import TrainingServer, read_tokens  # noqa: E402
-from tests.conftest import ServerProcess, small_config, token  # noqa: E402
+from ares.runtime.tlsclient import transport  # noqa: E402
+from tests.conftest import ServerProcess, free_port, small_config, token  # noqa: E402
 
 MIB8 = 8 << 20
 
@@ -57,22 +62,58 @@ class Stepper:
         return time.perf_counter() - t0
 
 
-def bench_step(steps: int) -> tuple[float, float]:
-    """Steps alternate between the two links, so drifting machine load hits both alike."""
+def make_tls(tmp: Path) -> ClientTls:
+    """A job CA and a server certificate for 127.0.0.1, as files; the client's view of them."""
+    ca = pki.Authority("bench-ca")
+    leaf = ca.issue_server(["localhost"], ["127.0.0.1"])
+    for name, data in (("ca.crt", ca.cert_pem), ("tls.crt", leaf.cert_pem), ("tls.key", leaf.key_pem)):
+        (tmp / name).write_bytes(data)
+    return ClientTls(ca_file=str(tmp / "ca.crt"))
+
+
+def start_tls_server(cfg, tmp: Path) -> tuple[subprocess.Popen, str]:
+    """`ares server --tls-cert/--tls-key` on loopback; returns (process, https URL) once healthy."""
+    import yaml
+
+    (tmp / "tls-server.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    proc = subprocess.Popen([sys.executable, "-m", "ares", "server", "--config", str(tmp / "tls-server.yaml"),
+                             "--tls-cert", str(tmp / "tls.crt"), "--tls-key", str(tmp / "tls.key")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    url = f"https://127.0.0.1:{cfg.port}"
+    probe = HttpLink(url, "dev-a", "x", tls=ClientTls(ca_file=str(tmp / "ca.crt")))
+    for _ in range(600):
+        if probe.healthy():
+            break
+        time.sleep(0.2)
+    probe.close()
+    return proc, url
+
+
+def bench_step(steps: int) -> tuple[float, float, float]:
+    """Steps rotate between the three links, so drifting machine load hits all alike.
+    Returns medians: in-process, HTTP/2 h2c, HTTPS (h2 over TLS)."""
     tmp = Path(tempfile.mkdtemp())
     cfg = small_config(tmp, rounds=2, batch_size=100)
     inproc = TrainingServer(cfg, *read_tokens(cfg), profile=False)
     server = ServerProcess(cfg.model_copy(update={"checkpoint_dir": str(tmp / "ck2")}), tmp)
+    tls = make_tls(tmp)
+    tls_proc, tls_url = start_tls_server(cfg.model_copy(update={"checkpoint_dir": str(tmp / "ck3"),
+                                                                "port": free_port()}), tmp)
     try:
         link = HttpLink(server.url, "dev-a", token(cfg, "dev-a"))
-        local, remote = Stepper(InProcessLink(inproc, "dev-a"), 1, 100), Stepper(link, 1, 100)
+        secure = HttpLink(tls_url, "dev-a", token(cfg, "dev-a"), tls=tls)
+        local, remote, https = (Stepper(InProcessLink(inproc, "dev-a"), 1, 100), Stepper(link, 1, 100),
+                                Stepper(secure, 1, 100))
         for _ in range(3):  # warm-up
-            local.step(), remote.step()
-        pairs = [(local.step(), remote.step()) for _ in range(steps)]
-        link.close()
+            local.step(), remote.step(), https.step()
+        triples = [(local.step(), remote.step(), https.step()) for _ in range(steps)]
+        link.close(), secure.close()
     finally:
         server.stop()
-    return statistics.median(p[0] for p in pairs), statistics.median(p[1] for p in pairs)
+        tls_proc.terminate()
+        tls_proc.wait()
+    return tuple(statistics.median(t[i] for t in triples) for i in range(3))
 
 
 ECHO_APP = '''
@@ -88,7 +129,7 @@ async def echo(request: Request):
 '''
 
 
-def bench_transfer(repeats: int) -> tuple[float, float]:
+def bench_transfer(repeats: int) -> tuple[float, float, float]:
     payload = os.urandom(MIB8)
     # raw TCP echo
     srv = socket.socket()
@@ -117,39 +158,46 @@ def bench_transfer(repeats: int) -> tuple[float, float]:
             if i:
                 tcp_times.append(time.perf_counter() - t0)
     srv.close()
-    # HTTP/2 echo through granian with the server's settings
+    # HTTP/2 echo through granian with the server's settings: h2c and TLS, alternating
     tmp = Path(tempfile.mkdtemp())
     (tmp / "echo_app.py").write_text(ECHO_APP)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        hport = s.getsockname()[1]
-    script = ("from granian import Granian\nfrom granian.http import HTTP2Settings\n"
-              f"Granian('echo_app:app', address='127.0.0.1', port={hport}, interface='asgi', http='auto',"
-              "http2_settings=HTTP2Settings(initial_stream_window_size=16<<20, initial_connection_window_size=16<<20,"
-              " max_frame_size=1<<20)).serve()\n")
-    proc = subprocess.Popen([sys.executable, "-c", script], cwd=tmp, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    tls = make_tls(tmp)
+    procs, clients, urls = [], [], []
+    for secure in (False, True):
+        hport = free_port()
+        ssl_args = f", ssl_cert=Path('{tmp / 'tls.crt'}'), ssl_key=Path('{tmp / 'tls.key'}')" if secure else ""
+        script = ("from pathlib import Path\nfrom granian import Granian\nfrom granian.http import HTTP2Settings\n"
+                  f"Granian('echo_app:app', address='127.0.0.1', port={hport}, interface='asgi', http='auto'{ssl_args},"
+                  "http2_settings=HTTP2Settings(initial_stream_window_size=16<<20, initial_connection_window_size=16<<20,"
+                  " max_frame_size=1<<20)).serve()\n")
+        procs.append(subprocess.Popen([sys.executable, "-c", script], cwd=tmp, stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.DEVNULL))
+        clients.append(httpx.Client(transport=transport(tls if secure else None, http1=False, http2=True), timeout=60))
+        urls.append(f"{'https' if secure else 'http'}://127.0.0.1:{hport}/echo")
     try:
-        client = httpx.Client(http1=False, http2=True, timeout=60)
-        url = f"http://127.0.0.1:{hport}/echo"
-        for _ in range(100):
-            try:
-                client.get(url)
-                break
-            except httpx.HTTPError:
-                time.sleep(0.1)
+        for client, url in zip(clients, urls):
+            for _ in range(100):
+                try:
+                    client.get(url)
+                    break
+                except httpx.HTTPError:
+                    time.sleep(0.1)
         chunks = lambda: (payload[i:i + (256 << 10)] for i in range(0, MIB8, 256 << 10))  # noqa: E731
-        h2_times = []
+        times: list[list[float]] = [[], []]
         for i in range(repeats + 1):
-            t0 = time.perf_counter()
-            r = client.post(url, content=chunks(), headers={"Content-Length": str(MIB8)})
-            assert len(r.content) == MIB8 and r.http_version == "HTTP/2"
-            if i:
-                h2_times.append(time.perf_counter() - t0)
-        client.close()
+            for k, (client, url) in enumerate(zip(clients, urls)):
+                t0 = time.perf_counter()
+                r = client.post(url, content=chunks(), headers={"Content-Length": str(MIB8)})
+                assert len(r.content) == MIB8 and r.http_version == "HTTP/2"
+                if i:
+                    times[k].append(time.perf_counter() - t0)
+        for client in clients:
+            client.close()
     finally:
-        proc.terminate()
-        proc.wait()
-    return statistics.median(tcp_times), statistics.median(h2_times)
+        for proc in procs:
+            proc.terminate()
+            proc.wait()
+    return statistics.median(tcp_times), statistics.median(times[0]), statistics.median(times[1])
 
 
 def main() -> None:
@@ -158,12 +206,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    local, remote = bench_step(args.steps)
+    local, remote, https = bench_step(args.steps)
     print(f"(a) VGG5 step, split 1, batch 100:  in-process {local * 1000:7.1f} ms   HTTP/2 loopback "
           f"{remote * 1000:7.1f} ms   ratio {remote / local:.2f}x  (goal <= 1.30x)")
-    tcp, h2 = bench_transfer(args.repeats)
+    tcp, h2, h2_tls = bench_transfer(args.repeats)
     print(f"(b) 8 MiB round trip:               raw TCP    {tcp * 1000:7.1f} ms   HTTP/2          "
           f"{h2 * 1000:7.1f} ms   ratio {h2 / tcp:.2f}x")
+    print(f"(c) TLS vs h2c, VGG5 step:          h2c        {remote * 1000:7.1f} ms   HTTPS (h2)      "
+          f"{https * 1000:7.1f} ms   ratio {https / remote:.2f}x")
+    print(f"    TLS vs h2c, 8 MiB round trip:   h2c        {h2 * 1000:7.1f} ms   HTTPS (h2)      "
+          f"{h2_tls * 1000:7.1f} ms   ratio {h2_tls / h2:.2f}x")
 
 
 if __name__ == "__main__":
