@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 DEFAULT_PORT = 43000  # the published prototype's port
 CONTROLLER_TOKEN_NAME = "controller.token"  # cannot clash with a device name (DNS labels have no dots)
+MAX_MICRO_BATCHES = 8  # concurrent step streams per device; the server's per-device request limit must exceed it
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 
 
@@ -87,7 +88,10 @@ class ServerConfig(_Strict):
     training: TrainingConfig = TrainingConfig()
     devices: tuple[str, ...] = Field(..., min_length=1, description="device names, DNS labels")
     tokens_dir: str = Field(..., description="one file per device, named after it, holding its bearer token")
-    codec: Literal["fp32", "fp16"] = "fp32"
+    codec: Literal["fp32", "fp16", "int8"] = Field("fp32", description="activations and gradients on the wire "
+                                                   "(ares.core.codec); a device may override it")
+    micro_batches: int = Field(1, ge=1, le=MAX_MICRO_BATCHES, description="pipelined split steps: each batch "
+                               "goes as this many micro-batches on concurrent HTTP/2 streams; 1 = one request per batch")
     round_deadline_s: float = Field(600.0, gt=0, description="devices not done by then are left out of the round")
     checkpoint_dir: str = "checkpoints"
     host: str = "0.0.0.0"
@@ -131,6 +135,8 @@ class DeviceSettings(_Strict):
     initial_split: Optional[int] = None
 
     @model_validator(mode="after")
+    micro_batches: Optional[int] = Field(None, ge=1, le=MAX_MICRO_BATCHES, description="overrides the server's")
+    codec: Optional[Literal["fp32", "fp16", "int8"]] = None  # overrides the server's; its gradients come back in it
     def _label(self) -> "DeviceSettings":
         if not _DNS_LABEL.match(self.name):
             raise ValueError(f"device name {self.name!r} must be a DNS label (a-z, 0-9, '-')")

@@ -18,7 +18,7 @@ def _run(args: argparse.Namespace) -> int:
 
     cfg = load_yaml_model(RunConfig, args.config) if args.config else RunConfig()
     updates: dict = {}
-    for key in ("mode", "policy", "alpha", "results_dir", "port", "codec", "model"):
+    for key in ("mode", "policy", "alpha", "results_dir", "port", "codec", "model", "micro_batches"):
         if getattr(args, key) is not None:
             updates[key] = getattr(args, key)
     if args.devices is not None:
@@ -99,7 +99,7 @@ def _device(args: argparse.Namespace) -> int:
                               split_file=args.split_file, data_dir=args.data_dir, power_file=args.power_file,
                               device_class=args.device_class, power_mode=args.power_mode,
                               profile_file=args.profile, rate_limit_file=args.rate_limit_file,
-                              request_timeout_s=args.timeout)
+                              request_timeout_s=args.timeout, micro_batches=args.micro_batches, codec=args.codec)
     import torch
 
     from ares.core.profiles import ComputeProfile
@@ -150,7 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)
     p.add_argument("--max-steps-per-round", type=int)
-    p.add_argument("--codec", choices=["fp32", "fp16"])
+    p.add_argument("--codec", choices=["fp32", "fp16", "int8"], help="activations and gradients on the wire")
+    p.add_argument("--micro-batches", type=int, help="pipelined split steps: micro-batches per batch (1..8)")
     p.add_argument("--port", type=int)
     p.add_argument("--results-dir", help="default results/latest")
     p.add_argument("--quiet", action="store_true", help="no progress display")
@@ -179,6 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", help="emulate this compute profile (JSON) by padding compute time")
     p.add_argument("--rate-limit-file", help="in-process link cap, JSON {up_bps, down_bps}")
     p.add_argument("--timeout", type=float, default=120.0)
+    p.add_argument("--micro-batches", type=int, help="pipelined split steps (1..8); default: the server's")
+    p.add_argument("--codec", choices=["fp32", "fp16", "int8"], help="wire codec; default: the server's")
     p.add_argument("--wait-server", type=float, default=600.0, help="seconds to wait for the server")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--http1", action="store_true", help="HTTP/1.1 (for the uvicorn server option)")

@@ -41,7 +41,8 @@ class RunConfig(_Strict):
     alpha: Optional[float] = Field(None, ge=0, le=1, description="time weight of the policy")
     data: DataConfig = DataConfig()
     training: TrainingConfig = TrainingConfig(rounds=10)
-    codec: Literal["fp32", "fp16"] = "fp32"
+    codec: Literal["fp32", "fp16", "int8"] = "fp32"
+    micro_batches: int = Field(1, ge=1, le=8, description="pipelined split steps: micro-batches per batch")
     results_dir: str = "results/latest"
     port: int = Field(0, ge=0, le=65535, description="0 picks a free port")
     http_server: Literal["granian", "uvicorn"] = "granian"

@@ -90,7 +90,7 @@ class Cluster:
     def server_config(self, host: str = "127.0.0.1") -> ServerConfig:
         c = self.cfg
         return ServerConfig(model=c.model, data=c.data, training=c.training, devices=tuple(s.name for s in self.specs),
-                            tokens_dir=str(self.root / "tokens"), codec=c.codec, round_deadline_s=c.round_deadline_s,
+                            tokens_dir=str(self.root / "tokens"), codec=c.codec, micro_batches=c.micro_batches, round_deadline_s=c.round_deadline_s,
                             checkpoint_dir=str(self.root / "checkpoints"), host=host, port=self.port,
                             http_server=c.http_server)
 

@@ -15,13 +15,13 @@ from __future__ import annotations
 import logging
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
 from torch import nn
 
-from ares.core import wire
 from ares.core.config import DeviceSettings, ServerConfig
 from ares.core.data import load_data, shard
 from ares.core.energy import energy_j, power_model
@@ -57,6 +57,16 @@ class RoundLog:
     uploaded: bool = False
 
 
+def _union(spans: list[tuple[float, float]]) -> float:
+    """Seconds covered by at least one of the intervals: the link's busy time for overlapping streams."""
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(spans):
+        if b > end:
+            total += b - max(a, end)
+            end = b
+    return total
+
+
 def _pad_until(start: float, seconds: float) -> None:
     remaining = start + seconds - time.perf_counter()
     if remaining > 0:
@@ -86,6 +96,7 @@ class DeviceTrainer:
         self.set_emulation(self.emulate)
         self._profile_mtime: Optional[float] = None
 
+        self._pool: Optional[ThreadPoolExecutor] = None  # pipelined micro-batches: one thread per stream
     def _startup_profile(self) -> ComputeProfile:
         """Measured at start-up on this device; an emulated profile is the floor it is padded to."""
         times = time_layers(self.model, self.spec.input_shape, self.cfg.training.batch_size, self.torch_device, repeats=2)
@@ -222,7 +233,7 @@ class DeviceTrainer:
         x, y = x.to(self.torch_device), y.to(self.torch_device)
         optimizer.zero_grad(set_to_none=True)
         t0 = time.perf_counter()
-        out = part(x)
+        out = part(x) if whole or self.micro_batches == 1 or len(y) == 1 else None
         if whole:
             loss = nn.functional.cross_entropy(out, y)
             self._pad(t0, self.emulate.fwd[split] * scale if self.emulate else 0)
@@ -235,7 +246,7 @@ class DeviceTrainer:
         else:
             self._pad(t0, self.emulate.fwd[split] * scale if self.emulate else 0)
             t_fwd = time.perf_counter() - t0
-            result = self.link.step(round_index, split, wire.to_codec(out.detach().cpu(), self.cfg.codec), y.cpu())
+            result = self.link.step(round_index, split, out.detach().cpu(), y.cpu(), self.codec)
             t1 = time.perf_counter()
             out.backward(result.grad.to(self.torch_device))
             self._pad(t1, self.emulate.bwd[split] * scale if self.emulate else 0)
@@ -249,6 +260,9 @@ class DeviceTrainer:
             device_s = t_fwd + time.perf_counter() - t1  # compute only: the transfer is excluded
         entry.device_s += device_s
         self.live.update(self.profile.total(split) * scale, device_s)
+        elif self.micro_batches > 1 and len(y) > 1:
+            value, device_s = self._pipelined_step(round_index, split, part, x, y, entry)  # its own forwards
+            optimizer.step()
         return value
 
     def _pad(self, start: float, seconds: float) -> None:
@@ -268,6 +282,61 @@ class DeviceTrainer:
         if start is not None and end is not None and end >= start:
             entry.energy_j, entry.energy_source = end - start, "measured"
             return
+    @property
+    def codec(self) -> str:
+        return self.settings.codec or self.cfg.codec
+
+    @property
+    def micro_batches(self) -> int:
+        return self.settings.micro_batches or self.cfg.micro_batches
+
+    def _pipelined_step(self, round_index: int, split: int, part: nn.Module, x, y, entry: RoundLog) -> tuple[float, float]:
+        """One batch as k micro-batches: forward i+1 runs while i is on the wire or at the server.
+
+        All forwards first, each sent on its own HTTP/2 stream as soon as it exists; then the
+        gradients are taken in order and back-propagated as they arrive (accumulating); one
+        optimiser step for the batch (the caller's). The server weights each part's loss by its
+        share, so the update is the whole batch's, except that BatchNorm normalises each
+        micro-batch with its own statistics. Returns (batch loss, device compute seconds).
+        """
+        k = min(self.micro_batches, len(y))
+        if self._pool is None or self._pool._max_workers < k:
+            self._pool = ThreadPoolExecutor(max_workers=k, thread_name_prefix="ares-step")
+        xs, ys = torch.tensor_split(x, k), torch.tensor_split(y, k)
+        outs, futures, compute = [], [], 0.0
+        emulate = self.emulate
+        try:
+            for i, (xi, yi) in enumerate(zip(xs, ys)):
+                t0 = time.perf_counter()
+                out = part(xi)
+                self._pad(t0, emulate.fwd[split] * len(yi) / self.profile.batch_size if emulate else 0)
+                compute += time.perf_counter() - t0
+                outs.append(out)
+                futures.append(self._pool.submit(self.link.step, round_index, split, out.detach().cpu(), yi.cpu(),
+                                                 self.codec, i, k, len(y)))
+            results = []
+            for i, future in enumerate(futures):
+                result = future.result()
+                t1 = time.perf_counter()
+                outs[i].backward(result.grad.to(self.torch_device))
+                self._pad(t1, emulate.bwd[split] * len(ys[i]) / self.profile.batch_size if emulate else 0)
+                compute += time.perf_counter() - t1
+                results.append(result)
+        finally:
+            for future in futures:  # never leave a stream behind (a refused part ends the step)
+                future.exception()
+        loss = sum(r.loss * len(yi) for r, yi in zip(results, ys)) / len(y)
+        up_s = _union([r.up_span for r in results])
+        down_s = _union([r.down_span for r in results])
+        entry.server_s += sum(r.server_s for r in results)
+        entry.up_s += up_s
+        entry.down_s += down_s
+        up_bytes, down_bytes = sum(r.up_bytes for r in results), sum(r.down_bytes for r in results)
+        if up_bytes and down_bytes:  # in-process links move no bytes
+            self.up.update(up_bytes, max(up_s, 1e-6))
+            self.down.update(down_bytes, max(down_s, 1e-6))
+        return loss, compute
+
         try:
             power = power_model(self.settings.device_class, self.settings.power_mode)
         except ValueError:

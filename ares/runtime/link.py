@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import time
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional, Protocol
@@ -20,6 +21,7 @@ import httpx
 import torch
 
 from ares.core import wire
+from ares.core import codec as codecs
 from ares.core.config import ServerConfig
 from ares.core.messages import DeviceReport, JoinReply, JoinRequest, ServerStatus
 from ares.runtime.tlsclient import ClientTls, TlsError, explain, transport
@@ -44,12 +46,15 @@ class StepResult:
     up_bytes: int
     down_bytes: int
 
+    up_span: tuple[float, float] = (0.0, 0.0)    # perf_counter: request start .. its body handed over
+    down_span: tuple[float, float] = (0.0, 0.0)  # response headers .. its body read
 
 class ServerLink(Protocol):
     def config(self) -> ServerConfig: ...
     def status(self) -> ServerStatus: ...
     def join(self, round_index: int, split: int) -> tuple[JoinReply, dict[str, torch.Tensor]]: ...
-    def step(self, round_index: int, split: int, x: torch.Tensor, y: torch.Tensor) -> StepResult: ...
+    def step(self, round_index: int, split: int, x: torch.Tensor, y: torch.Tensor, codec: str = "fp32",
+             micro: int = 0, micros: int = 1, total: Optional[int] = None) -> StepResult: ...
     def upload(self, report: DeviceReport, weights: dict[str, torch.Tensor]) -> None: ...
     def close(self) -> None: ...
 
@@ -58,7 +63,10 @@ class RateLimit:
     """An in-process link cap (bytes/s each way), re-read from a JSON file when it changes.
 
     Used where tc is not available: it paces the real transfers, so measured throughput and
-    the optimiser see the cap. File: {"up_bps": 625000, "down_bps": 625000}; absent = no cap.
+    the optimiser see the cap. File: {"up_bps": 625000, "down_bps": 625000, "duplex": "full"};
+    absent = no cap. Concurrent streams (pipelined micro-batches) share the cap: each chunk
+    books the next free slot of its direction's clock. `"duplex": "half"` books both
+    directions on one clock (Wi-Fi: up and down share the air time, at `up_bps`).
     """
 
     def __init__(self, path: Optional[str]):
@@ -66,7 +74,10 @@ class RateLimit:
         self.up_bps: Optional[float] = None
         self.down_bps: Optional[float] = None
         self._mtime: Optional[float] = None
+        self.half_duplex = False
 
+        self._lock = threading.Lock()
+        self._free = {"up": 0.0, "down": 0.0}  # perf_counter time each direction's link is next free
     def refresh(self) -> None:
         if self.path is None:
             return
@@ -78,18 +89,26 @@ class RateLimit:
             self.up_bps = float(data["up_bps"]) if data.get("up_bps") else None
             self.down_bps = float(data["down_bps"]) if data.get("down_bps") else None
             self._mtime = mtime
+            self.half_duplex = data.get("duplex", "full") == "half"
         except (OSError, ValueError, KeyError, TypeError):
             self.up_bps = self.down_bps = None
 
-    @staticmethod
-    def pace(chunks: Iterator[bytes], rate: Optional[float]) -> Iterator[bytes]:
-        start, sent = time.perf_counter(), 0
+            self.half_duplex = False
+    def paced(self, chunks: Iterator[bytes], direction: str) -> Iterator[bytes]:
+        """Pace one stream's chunks through this direction's shared link clock."""
+        rate = self.up_bps if direction == "up" or self.half_duplex else self.down_bps
+        if not rate:
+            yield from chunks
+            return
+        key = "up" if self.half_duplex else direction
         for chunk in chunks:
-            sent += len(chunk)
-            if rate:
-                wait = sent / rate - (time.perf_counter() - start)
-                if wait > 0:
-                    time.sleep(wait)
+            with self._lock:
+                now = time.perf_counter()
+                start = max(now, self._free[key])
+                self._free[key] = done = start + len(chunk) / rate
+            wait = done - time.perf_counter()
+            if wait > 0:
+                time.sleep(wait)
             yield chunk
 
 
@@ -150,18 +169,25 @@ class HttpLink:
         return JoinReply.model_validate(bundle.meta), bundle.tensors
 
     def _send(self, path: str, tensors: dict[str, torch.Tensor], meta: dict,
-              params: Optional[dict] = None) -> tuple[httpx.Response, bytearray, float, float, int]:
-        """Stream a bundle up, read the reply; returns (response, body, t_headers, t_body, bytes up)."""
+              params: Optional[dict] = None, sent_at: Optional[list[float]] = None,
+              ) -> tuple[httpx.Response, bytearray, float, float, int]:
+        """Stream a bundle up, read the reply; returns (response, body, t_headers, t_body, bytes up).
+        `sent_at` receives the perf_counter time at which the whole body was handed over."""
         self.rate.refresh()
         total, chunks = wire.encode_chunks(tensors, meta)
-        request = self.client.build_request("POST", path, params=params, content=self.rate.pace(chunks, self.rate.up_bps),
+        def upload() -> Iterator[bytes]:
+            yield from self.rate.paced(chunks, "up")
+            if sent_at is not None:
+                sent_at.append(time.perf_counter())  # the whole body is with the transport
+
+        request = self.client.build_request("POST", path, params=params, content=upload(),
                                             headers={"Content-Length": str(total), "Content-Type": "application/x-ares-bundle"})
         t0 = time.perf_counter()
         response = self.client.send(request, stream=True)
         t1 = time.perf_counter()
         try:
             body = bytearray()
-            for piece in self.rate.pace(response.iter_bytes(), self.rate.down_bps):
+            for piece in self.rate.paced(response.iter_bytes(), "down"):
                 body += piece
         finally:
             response.close()
@@ -174,14 +200,28 @@ class HttpLink:
             raise LinkError(response.status_code, str(message))
         return response, body, t1 - t0, t2 - t1, total
 
-    def step(self, round_index: int, split: int, x: torch.Tensor, y: torch.Tensor) -> StepResult:
+    def step(self, round_index: int, split: int, x: torch.Tensor, y: torch.Tensor, codec: str = "fp32",
+             micro: int = 0, micros: int = 1, total: Optional[int] = None) -> StepResult:
+        """One step (or one micro-batch of a pipelined step: safe to call from several threads at
+        once, each call one HTTP/2 stream on the one connection). `x` is packed with `codec`."""
+        params = {"round": round_index, "split": split}
+        if micros > 1:
+            params.update(micro=micro, micros=micros, total=len(y) if total is None else total)
+        t_start = time.perf_counter()
+        sent_holder: list[float] = []
         response, body, t_head, t_body, up_bytes = self._send(
-            f"/v1/devices/{self.device}/step", {"x": x, "y": y}, {}, params={"round": round_index, "split": split})
+            f"/v1/devices/{self.device}/step", {**codecs.pack("x", x, codec), "y": y}, {}, params=params,
+            sent_at=sent_holder)
         server_s = _server_seconds(response.headers.get("server-timing"))
         bundle = wire.decode(body)
-        wire.expect(bundle, {"grad": (wire.FLOATS, tuple(x.shape))})
-        return StepResult(wire.from_codec(bundle.tensors["grad"]), float(bundle.meta.get("loss", float("nan"))),
-                          server_s, max(t_head - server_s, 1e-6), max(t_body, 1e-6), up_bytes, len(body))
+        names = codecs.names(bundle.tensors, "grad")
+        if set(bundle.tensors) != names:
+            raise LinkError(502, f"step reply holds {sorted(bundle.tensors)}, expected {sorted(names)}")
+        grad = codecs.unpack(bundle.tensors, "grad", tuple(x.shape))
+        t_end = t_start + t_head + t_body
+        return StepResult(grad, float(bundle.meta.get("loss", float("nan"))),
+                          server_s, max(t_head - server_s, 1e-6), max(t_body, 1e-6), up_bytes, len(body),
+                          (t_start, sent_holder[0] if sent_holder else t_start), (t_start + t_head, t_end))
 
     def upload(self, report: DeviceReport, weights: dict[str, torch.Tensor]) -> None:
         self._send(f"/v1/devices/{self.device}/update", weights, report.model_dump(mode="json"))
@@ -213,8 +253,14 @@ class InProcessLink:
     def join(self, round_index: int, split: int):
         return self._call(self.server.join, self.device, round_index, split, 20.0)
 
-    def step(self, round_index: int, split: int, x: torch.Tensor, y: torch.Tensor) -> StepResult:
-        grad, loss, server_s = self._call(self.server.step, self.device, round_index, split, x.detach(), y)
+    def step(self, round_index: int, split: int, x: torch.Tensor, y: torch.Tensor, codec: str = "fp32",
+             micro: int = 0, micros: int = 1, total: Optional[int] = None) -> StepResult:
+        """The codec's rounding is applied both ways, as on the wire (fp32: untouched)."""
+        x = codecs.unpack(codecs.pack("x", x, codec), "x") if codec != "fp32" else x.detach()
+        grad, loss, server_s = self._call(self.server.step, self.device, round_index, split, x, y,
+                                          micro, micros, total)
+        if codec != "fp32":
+            grad = codecs.unpack(codecs.pack("grad", grad, codec, stochastic=True), "grad")
         return StepResult(grad, loss, server_s, 0.0, 0.0, 0, 0)
 
     def upload(self, report: DeviceReport, weights: dict[str, torch.Tensor]) -> None:

@@ -9,7 +9,7 @@ Routes are thin: authenticate, read and validate the body, run the torch work in
     GET  /v1/telemetry                    what the optimiser needs (controller token)
     GET  /metrics                         Prometheus text (controller token)
     POST /v1/devices/{name}/join          JSON JoinRequest -> bundle of device-side weights
-    POST /v1/devices/{name}/step          bundle {x, y}, ?round=&split= -> bundle {grad}, Server-Timing
+    POST /v1/devices/{name}/step          bundle {x, y}, ?round=&split=[&micro=&micros=&total=] -> bundle {grad}, Server-Timing
     POST /v1/devices/{name}/update        bundle of weights + DeviceReport meta -> JSON
 """
 
@@ -26,7 +26,7 @@ from fastapi import Depends, FastAPI, Header, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import ValidationError
 
-from ares.core import wire
+from ares.core import codec, wire
 from ares.core.config import ServerConfig, load_yaml_model
 from ares.core.messages import DeviceReport, JoinRequest
 from ares.runtime.training import RoundError, TrainingServer, read_tokens
@@ -127,13 +127,20 @@ def create_app(cfg: ServerConfig, trainer: Optional[TrainingServer] = None, tick
         return Response(wire.encode(weights, reply.model_dump(mode="json")), media_type=BUNDLE)
 
     @app.post("/v1/devices/{name}/step")
-    async def step(name: str, round: int, split: int, request: Request, token: Token) -> Response:
+    async def step(name: str, round: int, split: int, request: Request, token: Token,
+                   micro: int = 0, micros: int = 1, total: Optional[int] = None) -> Response:
         srv().check_device_token(name, token)
         bundle = wire.decode(await _read_body(request, limit), limit)
-        wire.expect(bundle, {"x": (wire.FLOATS, None), "y": (wire.DTYPES["int64"], (None,))})
-        x = wire.from_codec(bundle.tensors["x"])
-        grad, loss, seconds = await to_thread.run_sync(lambda: srv().step(name, round, split, x, bundle.tensors["y"]))
-        body = wire.encode({"grad": wire.to_codec(grad, cfg.codec)}, {"loss": loss})
+        # x in any codec (int8 brings its scale); the gradient goes back in the codec x came in
+        allowed = {"x": (wire.FLOATS + (wire.DTYPES["int8"],), None), "y": (wire.DTYPES["int64"], (None,))}
+        if "x" + codec.SCALE_SUFFIX in codec.names(bundle.tensors, "x"):
+            allowed["x" + codec.SCALE_SUFFIX] = (wire.DTYPES["float32"], None)
+        wire.expect(bundle, allowed)
+        x = codec.unpack(bundle.tensors, "x")
+        reply_codec = codec.codec_of(bundle.tensors, "x")
+        grad, loss, seconds = await to_thread.run_sync(
+            lambda: srv().step(name, round, split, x, bundle.tensors["y"], micro, micros, total))
+        body = wire.encode(codec.pack("grad", grad, reply_codec, stochastic=True), {"loss": loss})
         return Response(body, media_type=BUNDLE, headers={"Server-Timing": f"compute;dur={seconds * 1000:.3f}"})
 
     @app.post("/v1/devices/{name}/update")

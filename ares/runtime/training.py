@@ -63,6 +63,11 @@ class DeviceSlot:
     last_report: Optional[DeviceReport] = None
     phase: str = "idle"
     steps: int = 0
+    micro_next: int = 0                 # the micro-batch of the current batch the server takes next
+    micro_turn: threading.Condition = field(init=False)  # waits for micro_next, on `lock`
+
+    def __post_init__(self) -> None:
+        self.micro_turn = threading.Condition(self.lock)
 
 
 class TrainingServer:
@@ -146,6 +151,7 @@ class TrainingServer:
             device_part, server_part = split_model(self.model, split)
             slot.round, slot.split, slot.uploaded, slot.report, slot.phase, slot.steps = (
                 round_index, split, None, None, "training", 0)
+            slot.micro_next = 0
             slot.replica = copy.deepcopy(server_part).train()
             params = list(slot.replica.parameters())
             slot.optimizer = torch.optim.SGD(params, lr=lr, momentum=self.cfg.training.momentum) if params else None
@@ -179,9 +185,23 @@ class TrainingServer:
                 raise RoundError(f"step carries split {split} but the device joined with split {slot.split}", 422)
             return slot
 
-    def step(self, device: str, round_index: int, split: int, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, float, float]:
-        """One server-side training step: returns (gradient of x, loss, server compute seconds)."""
+    def step(self, device: str, round_index: int, split: int, x: torch.Tensor, y: torch.Tensor,
+             micro: int = 0, micros: int = 1, total: Optional[int] = None,
+             wait_s: float = 60.0) -> tuple[torch.Tensor, float, float]:
+        """One server-side training step: returns (gradient of x, loss, server compute seconds).
+
+        A batch may come as `micros` micro-batches (index `micro`, `total` samples in the whole
+        batch), sent concurrently: they are taken strictly in order (a later one waits up to
+        `wait_s` for its turn), gradients accumulate with each loss weighted by its share of the
+        batch, and the optimiser steps once, after the last. `micros = 1` is the plain step.
+        """
         check_split_http(split, self.layers)
+        total = x.shape[0] if total is None else total
+        if not (1 <= micros <= 64 and 0 <= micro < micros and micros <= total <= self.cfg.training.batch_size):
+            raise RoundError(f"micro-batch {micro} of {micros} with {total} samples in the batch: need "
+                             f"1 <= micros <= 64, 0 <= micro < micros <= total <= {self.cfg.training.batch_size}", 422)
+        if micros == 1 and total != x.shape[0]:
+            raise RoundError(f"a single-part batch has {x.shape[0]} samples, not total={total}", 422)
         if split == self.layers - 1:
             raise RoundError("split point L-1 keeps every layer on the device: there is no server step", 422)
         expected = self.shapes[split]
@@ -192,22 +212,34 @@ class TrainingServer:
             raise RoundError(f"labels must be int64 of shape [{x.shape[0]}]", 422)
         if int(y.min()) < 0 or int(y.max()) >= self.spec.num_classes:
             raise RoundError(f"labels must lie in 0..{self.spec.num_classes - 1}", 422)
+        if x.shape[0] > total - (micros - 1):
+            raise RoundError(f"micro-batch of {x.shape[0]} samples cannot be one of {micros} parts of {total}", 422)
         slot = self._active_slot(device, round_index, split)
-        with slot.lock:
+        with slot.micro_turn:
+            if micros > 1 and not slot.micro_turn.wait_for(lambda: slot.micro_next >= micro, timeout=wait_s):
+                raise RoundError(f"micro-batch {micro} waited {wait_s:.0f} s for micro-batch {slot.micro_next}", 408)
+            if slot.micro_next != micro:
+                raise RoundError(f"micro-batch {micro} arrived but the server expects micro-batch {slot.micro_next}")
+            if slot.replica is None or slot.round != round_index:
+                raise RoundError(f"round {round_index} closed while micro-batch {micro} waited")
             t0 = time.perf_counter()
             x = x.to(self.torch_device, torch.float32).detach().requires_grad_(True)
             out = slot.replica(x)
             loss = nn.functional.cross_entropy(out, y.to(self.torch_device))
-            if slot.optimizer is not None:
+            if slot.optimizer is not None and micro == 0:
                 slot.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if slot.optimizer is not None:
+            # each part's mean loss weighted by its share: the accumulated gradient is the batch's
+            (loss * (x.shape[0] / total) if micros > 1 else loss).backward()
+            last = micro == micros - 1
+            if slot.optimizer is not None and last:
                 slot.optimizer.step()
             grad = x.grad.detach()
             if self.torch_device.type == "cuda":
                 torch.cuda.synchronize(self.torch_device)
             elapsed = time.perf_counter() - t0
-            slot.steps += 1
+            slot.micro_next = 0 if last else micro + 1
+            slot.steps += int(last)
+            slot.micro_turn.notify_all()
         if self.server_prof is not None:
             profiled = self.server_prof.fwd[split] + self.server_prof.bwd[split]
             self.server_scale.update(profiled * x.shape[0] / self.server_prof.batch_size, elapsed)
