@@ -95,8 +95,8 @@ class DeviceTrainer:
         self.live = LiveScale()
         self.set_emulation(self.emulate)
         self._profile_mtime: Optional[float] = None
-
         self._pool: Optional[ThreadPoolExecutor] = None  # pipelined micro-batches: one thread per stream
+
     def _startup_profile(self) -> ComputeProfile:
         """Measured at start-up on this device; an emulated profile is the floor it is padded to."""
         times = time_layers(self.model, self.spec.input_shape, self.cfg.training.batch_size, self.torch_device, repeats=2)
@@ -243,6 +243,9 @@ class DeviceTrainer:
             optimizer.step()
             value = float(loss.detach())
             device_s = time.perf_counter() - t0
+        elif self.micro_batches > 1 and len(y) > 1:
+            value, device_s = self._pipelined_step(round_index, split, part, x, y, entry)  # its own forwards
+            optimizer.step()
         else:
             self._pad(t0, self.emulate.fwd[split] * scale if self.emulate else 0)
             t_fwd = time.perf_counter() - t0
@@ -260,28 +263,8 @@ class DeviceTrainer:
             device_s = t_fwd + time.perf_counter() - t1  # compute only: the transfer is excluded
         entry.device_s += device_s
         self.live.update(self.profile.total(split) * scale, device_s)
-        elif self.micro_batches > 1 and len(y) > 1:
-            value, device_s = self._pipelined_step(round_index, split, part, x, y, entry)  # its own forwards
-            optimizer.step()
         return value
 
-    def _pad(self, start: float, seconds: float) -> None:
-        if self.torch_device != "cpu":
-            torch.cuda.synchronize()
-        _pad_until(start, seconds)
-
-    def _energy_counter(self) -> Optional[float]:
-        if not self.settings.power_file:
-            return None
-        reading = read_power_file(self.settings.power_file)
-        return reading.energy_j if reading else None
-
-    def _energy(self, entry: RoundLog, start: Optional[float]) -> None:
-        """Measured from the sidecar's INA3221 counter when there is one, else from the power model."""
-        end = self._energy_counter()
-        if start is not None and end is not None and end >= start:
-            entry.energy_j, entry.energy_source = end - start, "measured"
-            return
     @property
     def codec(self) -> str:
         return self.settings.codec or self.cfg.codec
@@ -337,6 +320,23 @@ class DeviceTrainer:
             self.down.update(down_bytes, max(down_s, 1e-6))
         return loss, compute
 
+    def _pad(self, start: float, seconds: float) -> None:
+        if self.torch_device != "cpu":
+            torch.cuda.synchronize()
+        _pad_until(start, seconds)
+
+    def _energy_counter(self) -> Optional[float]:
+        if not self.settings.power_file:
+            return None
+        reading = read_power_file(self.settings.power_file)
+        return reading.energy_j if reading else None
+
+    def _energy(self, entry: RoundLog, start: Optional[float]) -> None:
+        """Measured from the sidecar's INA3221 counter when there is one, else from the power model."""
+        end = self._energy_counter()
+        if start is not None and end is not None and end >= start:
+            entry.energy_j, entry.energy_source = end - start, "measured"
+            return
         try:
             power = power_model(self.settings.device_class, self.settings.power_mode)
         except ValueError:

@@ -11,8 +11,8 @@ for the in-process baseline of the step-overhead benchmark. The training loop ne
 from __future__ import annotations
 
 import json
-import time
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional, Protocol
@@ -20,8 +20,8 @@ from typing import Iterator, Optional, Protocol
 import httpx
 import torch
 
-from ares.core import wire
 from ares.core import codec as codecs
+from ares.core import wire
 from ares.core.config import ServerConfig
 from ares.core.messages import DeviceReport, JoinReply, JoinRequest, ServerStatus
 from ares.runtime.tlsclient import ClientTls, TlsError, explain, transport
@@ -45,9 +45,9 @@ class StepResult:
     down_s: float        # time to move the gradient
     up_bytes: int
     down_bytes: int
-
     up_span: tuple[float, float] = (0.0, 0.0)    # perf_counter: request start .. its body handed over
     down_span: tuple[float, float] = (0.0, 0.0)  # response headers .. its body read
+
 
 class ServerLink(Protocol):
     def config(self) -> ServerConfig: ...
@@ -73,11 +73,11 @@ class RateLimit:
         self.path = Path(path) if path else None
         self.up_bps: Optional[float] = None
         self.down_bps: Optional[float] = None
-        self._mtime: Optional[float] = None
         self.half_duplex = False
-
+        self._mtime: Optional[float] = None
         self._lock = threading.Lock()
         self._free = {"up": 0.0, "down": 0.0}  # perf_counter time each direction's link is next free
+
     def refresh(self) -> None:
         if self.path is None:
             return
@@ -88,12 +88,12 @@ class RateLimit:
             data = json.loads(self.path.read_text())
             self.up_bps = float(data["up_bps"]) if data.get("up_bps") else None
             self.down_bps = float(data["down_bps"]) if data.get("down_bps") else None
-            self._mtime = mtime
             self.half_duplex = data.get("duplex", "full") == "half"
+            self._mtime = mtime
         except (OSError, ValueError, KeyError, TypeError):
             self.up_bps = self.down_bps = None
-
             self.half_duplex = False
+
     def paced(self, chunks: Iterator[bytes], direction: str) -> Iterator[bytes]:
         """Pace one stream's chunks through this direction's shared link clock."""
         rate = self.up_bps if direction == "up" or self.half_duplex else self.down_bps
