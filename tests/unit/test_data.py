@@ -54,3 +54,14 @@ def test_synthetic_set_is_learnable_by_a_small_cnn():
 def test_auto_falls_back_to_synthetic_and_says_why(tmp_path):
     split = load_data(DataConfig(name="auto", path=str(tmp_path), synthetic_train=50, synthetic_test=20))
     assert split.source == "synthetic" and "CIFAR-10 not found" in split.note and len(split.train) == 50
+
+
+def test_default_synthetic_set_is_the_harder_one_and_the_easy_one_stays_by_name():
+    hard = load_data(DataConfig(name="synthetic", synthetic_train=40, synthetic_test=10))
+    easy = load_data(DataConfig(name="synthetic-easy", synthetic_train=40, synthetic_test=10))
+    assert hard.source == easy.source == "synthetic"
+    assert not torch.equal(hard.train.tensors[0], easy.train.tensors[0])
+    ref = make_synthetic(40, 10, seed=0)
+    assert torch.equal(easy.train.tensors[0], ref.train.tensors[0])  # unchanged, for tests that rely on it
+    auto = load_data(DataConfig(name="auto", path="/nonexistent", synthetic_train=40, synthetic_test=10))
+    assert torch.equal(auto.train.tensors[0], hard.train.tensors[0])  # the offline fallback is the harder set
