@@ -45,7 +45,9 @@ class TrainingConfig(_Strict):
 class DataConfig(_Strict):
     """Which data set, where it lives, and how it is cut into disjoint device shards."""
 
-    name: Literal["cifar10", "synthetic", "auto"] = "auto"
+    name: Literal["cifar10", "synthetic", "synthetic-easy", "auto"] = Field(
+        "auto", description="synthetic: the harder offline set (the default fallback); synthetic-easy: the "
+        "saturating one (tests that only check that training works)")
     path: str = "datasets/CIFAR10"
     download: bool = False
     partition: Literal["iid", "dirichlet"] = "iid"
@@ -133,10 +135,10 @@ class DeviceSettings(_Strict):
     rate_limit_file: Optional[str] = None  # in-process link cap (bytes/s, JSON), re-read every step
     request_timeout_s: float = Field(120.0, gt=0)
     initial_split: Optional[int] = None
-
-    @model_validator(mode="after")
     micro_batches: Optional[int] = Field(None, ge=1, le=MAX_MICRO_BATCHES, description="overrides the server's")
     codec: Optional[Literal["fp32", "fp16", "int8"]] = None  # overrides the server's; its gradients come back in it
+
+    @model_validator(mode="after")
     def _label(self) -> "DeviceSettings":
         if not _DNS_LABEL.match(self.name):
             raise ValueError(f"device name {self.name!r} must be a DNS label (a-z, 0-9, '-')")
