@@ -4,9 +4,28 @@ It lists pods over HTTP, materialises their volumes (Secret, ConfigMap, downward
 as annotations change, emptyDir, hostPath and PVC as directories that outlive the pod), starts the
 containers' command and args with container paths mapped to those directories (in args and in
 ConfigMap files), maps the job's server Service to one loopback port, and writes the pod's phase
-back through `pods/<name>/status` when the process starts and exits. Deleting a pod kills its
-processes. The host-control sidecar is not run (it needs root and tc on a real node; its own tests
-live in tests/host): a pod counts as Running while its trainer runs.
+and container statuses back through `pods/<name>/status`. Deleting a pod kills its processes.
+
+Faithful to a real kubelet where it matters (issue 10):
+- each container runs as its security context's user and group (pod level, overridden per
+  container), with the pod's fsGroup and supplementalGroups as extra groups; `runAsNonRoot`
+  with uid 0 is refused (CreateContainerConfigError). The interpreter under a private home
+  (/root is 0700) is reached through a private mount namespace of the process, nothing else.
+- Secret, ConfigMap and downwardAPI files are owned by root, with `mode`/`defaultMode` (0644 by
+  default); with an fsGroup they belong to that group and gain group read (as the kubelet's
+  SetVolumeOwnership does); emptyDir is 0777 (+ setgid, fsGroup); a hostPath directory it creates
+  is root's, 0755, and never gets the fsGroup; a PVC gets the fsGroup and its subPath directories
+  are made like the volume's root.
+- downwardAPI files change `downward_delay_s` after the annotation did (a real kubelet: seconds
+  to a minute, its sync period).
+- init containers run in order to completion before the main containers; an init container
+  with `restartPolicy: Always` is a native sidecar: started before the main containers, kept
+  running (restarted) while they run, stopped when they have all ended. The pod's
+  `restartPolicy` (Never, OnFailure, Always) decides whether an ended main container is
+  restarted; the pod's phase is Succeeded/Failed once every main container has ended for good.
+  Container statuses (running, terminated with exit code, restartCount) are reported.
+- The host-control sidecar's process is a stand-in that only sleeps: the real one would shape the
+  host's eth0 with tc (its own tests live in tests/host).
 """
 
 from __future__ import annotations
@@ -14,9 +33,12 @@ from __future__ import annotations
 import base64
 import json
 import os
+import shutil
 import signal
+import stat
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -25,7 +47,52 @@ from typing import Any, Optional
 import httpx
 
 Obj = dict[str, Any]
-SKIPPED_CONTAINERS = {"host-control"}
+# Containers whose process is replaced by a stand-in that only sleeps (see the module docstring).
+STAND_INS = {"host-control": ["sleep", "infinity"]}
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+class _Container:
+    """One container of a pod: its spec, its process (if started) and what the kubelet reports."""
+
+    def __init__(self, spec: Obj, kind: str):
+        self.spec, self.kind, self.name = spec, kind, spec["name"]  # kind: init, sidecar or main
+        self.proc: Optional[subprocess.Popen] = None
+        self.restarts = 0
+        self.exit_code: Optional[int] = None   # of the last run, once it ended
+        self.done = False                      # ended for good (not to be restarted)
+        self.started_at: Optional[str] = None
+        self.finished_at: Optional[str] = None
+        self.waiting: Optional[tuple[str, str]] = None  # (reason, message) when it cannot start
+
+    def poll(self) -> Optional[int]:
+        """The exit code if the process has just ended (kernel signals as 128 + signal)."""
+        if self.proc is None or self.exit_code is not None:
+            return None
+        code = self.proc.poll()
+        if code is None:
+            return None
+        self.exit_code = 128 - code if code < 0 else code
+        self.finished_at = _now()
+        return self.exit_code
+
+    def status(self) -> Obj:
+        out: Obj = {"name": self.name, "image": self.spec.get("image", ""), "imageID": "",
+                    "restartCount": self.restarts, "started": False, "ready": False}
+        if self.waiting is not None:
+            out["state"] = {"waiting": {"reason": self.waiting[0], "message": self.waiting[1]}}
+        elif self.proc is None:
+            out["state"] = {"waiting": {"reason": "PodInitializing"}}
+        elif self.exit_code is None:
+            out.update(started=True, ready=True, state={"running": {"startedAt": self.started_at}})
+        else:
+            out["state"] = {"terminated": {"exitCode": self.exit_code, "startedAt": self.started_at,
+                                           "finishedAt": self.finished_at,
+                                           "reason": "Completed" if self.exit_code == 0 else "Error"}}
+        return out
 
 
 class _Pod:
@@ -34,9 +101,25 @@ class _Pod:
         meta = obj["metadata"]
         self.name, self.namespace, self.uid = meta["name"], meta["namespace"], meta["uid"]
         self.dir = root / "pods" / f"{self.name}-{self.uid[:8]}"
-        self.procs: list[subprocess.Popen] = []
+        spec = obj["spec"]
+        self.init = [_Container(c, "sidecar" if c.get("restartPolicy") == "Always" else "init")
+                     for c in spec.get("initContainers") or []]
+        self.main = [_Container(c, "main") for c in spec["containers"]]
+        self.restart_policy = spec.get("restartPolicy", "Always")
         self.phase = "Pending"
         self.annotations: Optional[dict] = None
+        self.pending_annotations: Optional[dict] = None  # seen on the API, not yet in the files
+        self.pending_since = 0.0
+        self.volumes: dict[str, Path] = {}
+        self.reported: Optional[Obj] = None
+
+    @property
+    def containers(self) -> list[_Container]:
+        return self.init + self.main
+
+    @property
+    def procs(self) -> list[subprocess.Popen]:
+        return [c.proc for c in self.containers if c.proc is not None]
 
 
 def _killpg(proc: subprocess.Popen) -> None:
@@ -47,6 +130,17 @@ def _killpg(proc: subprocess.Popen) -> None:
     proc.wait(10)
 
 
+def _private_ancestor(path: Path) -> Optional[tuple[Path, Path]]:
+    """(dir, child): the first ancestor of `path` that others cannot traverse (such as /root,
+    0700) and its child on the way to `path`; None when every ancestor is open."""
+    parts = path.parts
+    for i in range(1, len(parts) - 1):
+        here = Path(*parts[: i + 1])
+        if not os.stat(here).st_mode & stat.S_IXOTH:
+            return here, here / parts[i + 1]
+    return None
+
+
 class Kubelet:
     """Serves the pods of one namespace on a set of nodes it registers (there is no scheduler:
     a pod without a nodeName is bound here to the first node whose labels match its nodeSelector)."""
@@ -55,8 +149,18 @@ class Kubelet:
                  nodes: tuple[str, ...] = ("edge-server", "jetson-nano-1", "jetson-nano-2", "raspberry-pi-1"),
                  python: str = sys.executable):
         self.http = http
-        self.root, self.server_port, self.python = root, server_port, python
+        # The node's directories must be reachable by the pods' users (pytest's tmp_path is 0700):
+        # a fresh directory under the system's temp dir, linked from `root` for whoever looks.
+        self.root = Path(tempfile.mkdtemp(prefix="ares-node-"))
+        self.root.chmod(0o755)
+        root.parent.mkdir(parents=True, exist_ok=True)
+        if not root.exists():
+            root.symlink_to(self.root)
+        self.server_port, self.python = server_port, python
         self.namespace, self.nodes = namespace, nodes
+        self.downward_delay_s = 0.0  # how long a changed annotation takes to reach downwardAPI files
+        # The interpreter may live under a home others cannot enter: reach it in a mount namespace.
+        self._private = _private_ancestor(Path(os.path.realpath(python)))
         self.pods: dict[str, _Pod] = {}  # by uid
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="kubelet", daemon=True)
@@ -72,15 +176,33 @@ class Kubelet:
         self._thread.join(10)
         for pod in self.pods.values():
             self._kill(pod)
+        shutil.rmtree(self.root, ignore_errors=True)
 
     # --- what tests use ----------------------------------------------------------------------------
 
-    def kill(self, pod_name: str) -> None:
-        """SIGKILL a running pod's processes, as if its device lost power."""
-        for pod in self.pods.values():
+    def kill(self, pod_name: str, container: Optional[str] = None) -> None:
+        """SIGKILL a running pod's processes, as if its device lost power; or only one container's
+        (its process group: granian's worker dies with its master)."""
+        for pod in list(self.pods.values()):
             if pod.name == pod_name and pod.phase == "Running":
-                for proc in pod.procs:
-                    _killpg(proc)  # the whole process group: granian's worker dies with its master
+                for c in pod.containers:
+                    if c.proc is not None and container in (None, c.name):
+                        _killpg(c.proc)
+
+    def processes(self, pod_name: str) -> dict[str, list[tuple[int, int, int]]]:
+        """Per running container of the pod: (pid, uid, gid) of every process in its group."""
+        out: dict[str, list[tuple[int, int, int]]] = {}
+        for pod in list(self.pods.values()):
+            if pod.name != pod_name:
+                continue
+            for c in pod.containers:
+                if c.proc is not None and c.exit_code is None:
+                    out[c.name] = _group_ids(c.proc.pid)
+        return out
+
+    def volume_dir(self, pod_name: str, volume: str) -> Optional[Path]:
+        pod = next((p for p in list(self.pods.values()) if p.name == pod_name), None)
+        return pod.volumes.get(volume) if pod else None
 
     def log(self, pod_name: str) -> str:
         return "\n".join(p.read_text(errors="replace") for pod in self.pods.values() if pod.name == pod_name
@@ -153,37 +275,137 @@ class Kubelet:
             "preconditions": {"uid": meta["uid"]}})
 
     def _start(self, pod: _Pod) -> None:
+        """Volumes, then init containers in order (a native sidecar starts and stays), then the
+        main containers. An init container that fails fails the pod (restartPolicy Never)."""
         spec = pod.obj["spec"]
-        volumes = {v["name"]: self._volume(pod, v) for v in spec.get("volumes") or []}
-        for container in spec["containers"]:
-            if container["name"] in SKIPPED_CONTAINERS:
-                continue
-            mounts = sorted(((m["mountPath"], volumes[m["name"]]) for m in container.get("volumeMounts") or []),
-                            key=lambda kv: -len(kv[0]))
-            self._rewrite_files(pod, mounts)
-            argv = [self._map(a, pod, mounts) for a in container.get("command", []) + container.get("args", [])]
-            if argv[:1] == ["ares"]:
-                argv = [self.python, "-m", "ares", *argv[1:]]
-            if "server" in argv[3:4]:
-                argv += ["--host", "127.0.0.1", "--port", str(self.server_port)]
-            https = [a for a in container.get("args", []) if a.startswith("https://") and f".{pod.namespace}.svc" in a]
-            if https:  # dialled on loopback, the certificate is still checked for the Service's name
-                argv += ["--tls-server-name", https[0].removeprefix("https://").rsplit(":", 1)[0]]
-            env = dict(os.environ, **{e["name"]: e.get("value", "") for e in container.get("env") or []})
-            log = open(pod.dir / f"{container['name']}.log", "wb")
-            pod.procs.append(subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                              cwd=pod.dir, start_new_session=True))
+        pod.dir.mkdir(parents=True, exist_ok=True)
+        pod.volumes = {v["name"]: self._volume(pod, v) for v in spec.get("volumes") or []}
+        pod.phase = "Pending"
+        self._status(pod, {"phase": "Pending", "podIP": "127.0.0.1", "startTime": _now()})
+        for c in pod.init:
+            if not self._launch(pod, c):
+                return self._end(pod, "Failed")
+            if c.kind == "init":
+                try:
+                    c.proc.wait(120)
+                except subprocess.TimeoutExpired:
+                    _killpg(c.proc)
+                c.poll()
+                c.done = True
+                if c.exit_code != 0:
+                    return self._end(pod, "Failed")
+        for c in pod.main:
+            if not self._launch(pod, c):
+                return self._end(pod, "Failed")
         pod.phase = "Running"
-        self._status(pod, {"phase": "Running", "podIP": "127.0.0.1",
-                           "startTime": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+        self._report(pod)
+
+    def _launch(self, pod: _Pod, c: _Container) -> bool:
+        """Start the container's process as its user; False (and a waiting reason) if refused."""
+        spec = c.spec
+        pod_sc = pod.obj["spec"].get("securityContext") or {}
+        sc = {**pod_sc, **(spec.get("securityContext") or {})}
+        uid, gid = int(sc.get("runAsUser", 0)), int(sc.get("runAsGroup", 0))
+        if sc.get("runAsNonRoot") and uid == 0:
+            c.waiting = ("CreateContainerConfigError", "container has runAsNonRoot and image will run as root")
+            return False
+        groups = sorted({gid, *(int(g) for g in pod_sc.get("supplementalGroups") or []),
+                         *([int(pod_sc["fsGroup"])] if "fsGroup" in pod_sc else [])})
+        mounts = []
+        for m in spec.get("volumeMounts") or []:
+            host = pod.volumes[m["name"]]
+            if m.get("subPath"):
+                host = self._sub_path(host, m["subPath"])
+            mounts.append((m["mountPath"], host))
+        mounts.sort(key=lambda kv: -len(kv[0]))
+        self._rewrite_files(pod, mounts)
+        argv = [self._map(a, pod, mounts) for a in spec.get("command", []) + spec.get("args", [])]
+        if c.name in STAND_INS:
+            argv = list(STAND_INS[c.name])
+        elif argv[:1] == ["ares"]:
+            argv = [self.python, "-m", "ares", *argv[1:]]
+        if "server" in argv[3:4]:
+            argv += ["--host", "127.0.0.1", "--port", str(self.server_port)]
+        https = [a for a in spec.get("args", []) if a.startswith("https://") and f".{pod.namespace}.svc" in a]
+        if https:  # dialled on loopback, the certificate is still checked for the Service's name
+            argv += ["--tls-server-name", https[0].removeprefix("https://").rsplit(":", 1)[0]]
+        home = pod.dir / "home" / c.name  # the container's own writable working directory
+        home.mkdir(parents=True, exist_ok=True)
+        os.chown(home, uid, gid)
+        env = dict(os.environ, HOME=str(home), **{e["name"]: e.get("value", "") for e in spec.get("env") or []})
+        if uid != 0 or gid != 0:
+            argv = self._as_user(argv, uid, gid, groups)
+        log = open(pod.dir / f"{c.name}.log", "ab")
+        c.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=home,
+                                  start_new_session=True)
+        log.close()
+        c.exit_code, c.waiting, c.started_at, c.finished_at = None, None, _now(), None
+        return True
+
+    def _as_user(self, argv: list[str], uid: int, gid: int, groups: list[int]) -> list[str]:
+        """setpriv drops to uid/gid/groups just before exec (no capabilities are kept). Where the
+        interpreter sits under a private home, a mount namespace of this process alone shows that
+        one path: the home becomes a tmpfs holding a bind mount of the interpreter's tree."""
+        drop = ["setpriv", f"--reuid={uid}", f"--regid={gid}", f"--groups={','.join(map(str, groups))}",
+                "--inh-caps=-all", "--", *argv]
+        if self._private is None:
+            return drop
+        home, child = self._private
+        stage = self.root / "stage"
+        stage.mkdir(exist_ok=True)
+        script = ('set -e; mount --bind "$1" "$2"; mount -t tmpfs -o mode=0755 tmpfs "$3"; '
+                  'mkdir -p "$1"; mount --bind "$2" "$1"; shift 3; exec "$@"')
+        return ["unshare", "--mount", "--propagation", "private", "--", "/bin/sh", "-c", script, "sh",
+                str(child), str(stage), str(home), *drop]
 
     def _watch_exit(self, pod: _Pod) -> None:
-        if pod.phase != "Running" or any(p.poll() is None for p in pod.procs):
+        """Restart what the policy restarts; end the pod when every main container has ended."""
+        if pod.phase != "Running":
             return
-        codes = [p.returncode for p in pod.procs]
-        pod.phase = "Succeeded" if all(c == 0 for c in codes) else "Failed"
-        self._status(pod, {"phase": pod.phase, "containerStatuses": [
-            {"name": str(i), "state": {"terminated": {"exitCode": c}}} for i, c in enumerate(codes)]})
+        for c in pod.main:
+            code = c.poll()
+            if code is None or c.done:
+                continue
+            if self.restart_again(pod.restart_policy, code):
+                c.restarts += 1
+                self._launch(pod, c)
+            else:
+                c.done = True
+        for c in pod.init:
+            if c.kind == "sidecar" and c.poll() is not None:  # a native sidecar is always restarted
+                c.restarts += 1
+                self._launch(pod, c)
+        if all(c.done for c in pod.main):
+            self._end(pod, "Succeeded" if all(c.exit_code == 0 for c in pod.main) else "Failed")
+        else:
+            self._report(pod)
+
+    @staticmethod
+    def restart_again(policy: str, code: int) -> bool:
+        return policy == "Always" or (policy == "OnFailure" and code != 0)
+
+    def _end(self, pod: _Pod, phase: str) -> None:
+        """Stop the sidecars (after the main containers, as the kubelet does) and report the end."""
+        for c in pod.containers:
+            if c.proc is not None and c.exit_code is None:
+                c.proc.send_signal(signal.SIGTERM)
+                try:
+                    c.proc.wait(5)
+                except subprocess.TimeoutExpired:
+                    pass
+                _killpg(c.proc)
+                c.poll()
+            c.done = True
+        pod.phase = phase
+        self._report(pod)
+
+    def _report(self, pod: _Pod) -> None:
+        status = {"phase": pod.phase,
+                  "initContainerStatuses": [c.status() for c in pod.init],
+                  "containerStatuses": [c.status() for c in pod.main]}
+        if status != pod.reported:
+            self._status(pod, status)
+            pod.reported = status
 
     def _kill(self, pod: _Pod) -> None:
         for proc in pod.procs:
@@ -196,6 +418,7 @@ class Kubelet:
     # --- volumes and paths ---------------------------------------------------------------------
 
     def _volume(self, pod: _Pod, vol: Obj) -> Path:
+        fs_group = (pod.obj["spec"].get("securityContext") or {}).get("fsGroup")
         if "hostPath" in vol:  # shared by every pod on this "node", like a real host directory
             path = self.root / "host" / vol["hostPath"]["path"].lstrip("/")
         elif "persistentVolumeClaim" in vol:
@@ -206,14 +429,31 @@ class Kubelet:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.touch()
             return path
+        if "hostPath" in vol:  # made by the kubelet as root, 0755; fsGroup never applies to hostPath
+            _make_dirs(path, 0o755)
+            return path
         path.mkdir(parents=True, exist_ok=True)
-        if "secret" in vol:
+        if "emptyDir" in vol or "persistentVolumeClaim" in vol:
+            path.chmod(0o777)
+            _own(path, fs_group, read_only=False)
+        elif "secret" in vol:
             secret = self._get(f"/api/v1/namespaces/{pod.namespace}/secrets/{vol['secret']['secretName']}")
             data = {k: base64.b64decode(v) for k, v in (secret.get("data") or {}).items()}
-            self._files(path, data, vol["secret"].get("items"))
+            self._files(path, data, vol["secret"], fs_group)
         elif "configMap" in vol:
             cm = self._get(f"/api/v1/namespaces/{pod.namespace}/configmaps/{vol['configMap']['name']}")
-            self._files(path, {k: v.encode() for k, v in (cm.get("data") or {}).items()}, vol["configMap"].get("items"))
+            self._files(path, {k: v.encode() for k, v in (cm.get("data") or {}).items()}, vol["configMap"], fs_group)
+        elif "downwardAPI" in vol:
+            self._downward_files(pod, vol, pod.obj["metadata"].get("annotations") or {}, path, fs_group)
+        return path
+
+    @staticmethod
+    def _sub_path(volume: Path, sub: str) -> Path:
+        """A subPath directory is made like its volume's root (its mode and group)."""
+        path = volume / sub
+        if not path.exists():
+            info = volume.stat()
+            _make_dirs(path, stat.S_IMODE(info.st_mode), info.st_gid)
         return path
 
     def _get(self, url: str) -> Obj:
@@ -222,29 +462,54 @@ class Kubelet:
         return resp.json()
 
     @staticmethod
-    def _files(path: Path, data: dict[str, bytes], items: Optional[list[Obj]]) -> None:
-        pairs = [(i["path"], data[i["key"]]) for i in items] if items else list(data.items())
-        for name, content in pairs:
-            (path / name).write_bytes(content)
+    def _files(path: Path, data: dict[str, bytes], source: Obj, fs_group: Optional[int]) -> None:
+        """Projected files: owner root, `mode` or `defaultMode` (0644), the fsGroup's with group read."""
+        items = source.get("items")
+        default = source.get("defaultMode", 0o644)
+        pairs = [(i["path"], data[i["key"]], i.get("mode", default)) for i in items] if items else \
+            [(k, v, default) for k, v in data.items()]
+        path.chmod(0o755)
+        for name, content, mode in pairs:
+            target = path / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.parent / f".{target.name}.tmp"
+            tmp.write_bytes(content)
+            tmp.chmod(mode)
+            _own(tmp, fs_group, read_only=True)
+            tmp.replace(target)
+        _own(path, fs_group, read_only=True)
 
     def _downward(self, pod: _Pod) -> None:
-        """Rewrite downwardAPI files when the annotations change (atomically, as the kubelet does)."""
+        """Rewrite downwardAPI files when the annotations change, `downward_delay_s` later."""
         annotations = pod.obj["metadata"].get("annotations") or {}
+        if pod.annotations is None:
+            pod.annotations = dict(annotations)  # written when the pod's volumes were made
         if annotations == pod.annotations:
+            pod.pending_annotations = None
             return
-        pod.annotations = dict(annotations)
+        if pod.pending_annotations is None:
+            pod.pending_since = time.monotonic()
+        pod.pending_annotations = dict(annotations)
+        if time.monotonic() - pod.pending_since < self.downward_delay_s:
+            return
+        pod.annotations, pod.pending_annotations = pod.pending_annotations, None
+        fs_group = (pod.obj["spec"].get("securityContext") or {}).get("fsGroup")
         for vol in pod.obj["spec"].get("volumes") or []:
-            for item in (vol.get("downwardAPI") or {}).get("items") or []:
-                field = item["fieldRef"]["fieldPath"]
-                if field == "metadata.annotations":
-                    text = "\n".join(f"{k}={json.dumps(v)}" for k, v in sorted(annotations.items()))
-                else:  # metadata.annotations['key']
-                    text = annotations.get(field.split("['", 1)[1].rstrip("']"), "")
-                target = pod.dir / "volumes" / vol["name"] / item["path"]
-                target.parent.mkdir(parents=True, exist_ok=True)
-                tmp = target.with_suffix(".tmp")
-                tmp.write_text(text)
-                tmp.replace(target)
+            if "downwardAPI" in vol and vol["name"] in pod.volumes:
+                self._downward_files(pod, vol, pod.annotations, pod.volumes[vol["name"]], fs_group)
+
+    def _downward_files(self, pod: _Pod, vol: Obj, annotations: Obj, path: Path, fs_group: Optional[int]) -> None:
+        data = {}
+        for item in vol["downwardAPI"].get("items") or []:
+            field = item["fieldRef"]["fieldPath"]
+            if field == "metadata.annotations":
+                text = "\n".join(f"{k}={json.dumps(v)}" for k, v in sorted(annotations.items()))
+            else:  # metadata.annotations['key']
+                text = annotations.get(field.split("['", 1)[1].rstrip("']"), "")
+            data[item["path"]] = text.encode()
+        items = [{"key": i["path"], "path": i["path"], **({"mode": i["mode"]} if "mode" in i else {})}
+                 for i in vol["downwardAPI"].get("items") or []]
+        self._files(path, data, {"items": items, "defaultMode": vol["downwardAPI"].get("defaultMode", 0o644)}, fs_group)
 
     def _map(self, arg: str, pod: _Pod, mounts: list[tuple[str, Path]]) -> str:
         ns = pod.namespace
@@ -264,4 +529,46 @@ class Kubelet:
                     text = f.read_text()
                     for mount_path, target in mounts:
                         text = text.replace(f": {mount_path}\n", f": {target}\n")
-                    f.write_text(text)
+                    f.write_text(text)  # in place: mode and owner stay the kubelet's
+
+
+def _own(path: Path, fs_group: Optional[int], read_only: bool) -> None:
+    """What the kubelet's SetVolumeOwnership does with an fsGroup: the group's, g+r (read-only
+    volumes) or g+rw, and setgid plus g+x on directories."""
+    if fs_group is None:
+        return
+    os.chown(path, -1, int(fs_group))
+    mode = stat.S_IMODE(path.stat().st_mode) | (0o440 if read_only else 0o660)
+    if path.is_dir():
+        mode |= stat.S_ISGID | 0o110
+    path.chmod(mode)
+
+
+def _make_dirs(path: Path, mode: int, gid: int = 0) -> None:
+    missing = []
+    here = path
+    while not here.exists():
+        missing.append(here)
+        here = here.parent
+    for d in reversed(missing):
+        d.mkdir()
+        d.chmod(mode)
+        os.chown(d, 0, gid)
+
+
+def _group_ids(pgid: int) -> list[tuple[int, int, int]]:
+    """(pid, real uid, real gid) of every live process in a process group, from /proc."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            if int(fields[2]) != pgid or fields[0] == "Z":
+                continue
+            lines = {k: v.split() for k, v in (line.split(":", 1) for line in
+                                               (entry / "status").read_text().splitlines() if ":" in line)}
+            out.append((int(entry.name), int(lines["Uid"][0]), int(lines["Gid"][0])))
+        except (OSError, IndexError, KeyError, ValueError):
+            continue
+    return out

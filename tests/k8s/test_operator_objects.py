@@ -58,10 +58,10 @@ def test_example_job_creates_its_children(kubectl, operator):
         projected = {i["path"]: i["fieldRef"]["fieldPath"] for i in volumes["podinfo"]["downwardAPI"]["items"]}
         assert projected == {"split-point": "metadata.annotations['ares.io/split-point']",
                              "annotations": "metadata.annotations"}
-        sidecar = next(c for c in spec["containers"] if c["name"] == "host-control")
+        sidecar = next(c for c in spec["initContainers"] if c["name"] == "host-control")
         assert sidecar["args"][:2] == ["sidecar", "--annotations"]
-    nano_sidecar = next(c for c in nano["spec"]["containers"] if c["name"] == "host-control")
-    pi_sidecar = next(c for c in pi["spec"]["containers"] if c["name"] == "host-control")
+    nano_sidecar = next(c for c in nano["spec"]["initContainers"] if c["name"] == "host-control")
+    pi_sidecar = next(c for c in pi["spec"]["initContainers"] if c["name"] == "host-control")
     assert nano_sidecar["securityContext"] == {"privileged": True, "runAsUser": 0, "runAsNonRoot": False}
     assert pi_sidecar["securityContext"]["runAsUser"] == 0  # tc needs root even with NET_ADMIN
     assert "--nvpmodel-conf" in nano_sidecar["args"] and "--nvpmodel" in nano_sidecar["args"]

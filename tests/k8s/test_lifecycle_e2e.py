@@ -1,0 +1,187 @@
+"""Issue 10 end to end: pods as a real kubelet runs them, and the job lifecycle cluster users expect.
+
+Three runs of a two-device job on tiny synthetic data, each checking several things at once:
+1. `test_restricted_pods_kill_delayed_split_metrics`: every trainer and server process runs as
+   uid/gid 10001 (token files 0440 through the fsGroup); a killed trainer's pod is replaced
+   within a tick or two and the job still succeeds; with downwardAPI updates delayed by 30 s a
+   split decision still reaches the device; the operator's /metrics shows the job's phase and
+   its optimiser runs.
+2. `test_suspend_resume_deadline_and_a_namesake`: suspend removes the pods and keeps the
+   checkpoint, resume continues from it, activeDeadlineSeconds fails the job (DeadlineExceeded);
+   deleted and re-created under the same name, the job starts from round 0.
+3. `test_lr_10_diverges`: lr 10 ends the job Failed, reason TrainingDiverged.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+
+import httpx
+import pytest
+import yaml
+
+from conftest import free_port, wait_for
+
+pytestmark = [pytest.mark.k8s, pytest.mark.slow]
+APP_UID = 10001
+
+
+def job(name: str, rounds: int, *, lr: float = 0.01, steps: int = 2, train: int = 200, **run_policy) -> str:
+    """Two cpu devices and a server on the kubelet's nodes; each round a couple of tiny batches."""
+    return yaml.safe_dump({
+        "apiVersion": "ares.io/v1alpha1", "kind": "AresTrainingJob", "metadata": {"name": name},
+        "spec": {
+            "dataset": {"name": "synthetic", "syntheticTrain": train, "syntheticTest": 100},
+            "training": {"rounds": rounds, "batchSize": 50, "maxStepsPerRound": steps, "lr": lr},
+            "split": {"mode": "adaptive", "policy": "straggler", "reoptimiseIntervalSeconds": 1},
+            "server": {"nodeName": "edge-server"},
+            "devices": [{"name": "a", "deviceClass": "cpu", "nodeName": "raspberry-pi-1"},
+                        {"name": "b", "deviceClass": "cpu", "nodeName": "jetson-nano-1"}],
+            "runPolicy": {"roundDeadlineSeconds": 5, "backoffLimit": 3, **run_policy},
+        }})
+
+
+class Job:
+    """Reads of one job through kubectl."""
+
+    def __init__(self, kubectl, name: str):
+        self.kubectl, self.name = kubectl, name
+
+    def status(self) -> dict:
+        return (self.kubectl.json("get", "aresjobs", self.name).get("status")) or {}
+
+    def condition(self, kind: str) -> dict:
+        return next((c for c in self.status().get("conditions", []) if c["type"] == kind), {})
+
+    def pods(self) -> dict[str, dict]:
+        return {p["metadata"]["name"]: p for p in self.kubectl.json("get", "pods", "-l", f"ares.io/job={self.name}")["items"]}
+
+    def running(self, pod: str) -> dict | None:
+        p = self.pods().get(pod)
+        return p if p and p.get("status", {}).get("phase") == "Running" and not p["metadata"].get("deletionTimestamp") else None
+
+    def ended(self, timeout: float) -> dict:
+        return wait_for(f"{self.name} to end", lambda: (s := self.status()).get("phase") in ("Succeeded", "Failed") and s,
+                        timeout=timeout)
+
+
+@pytest.fixture
+def metrics_port(monkeypatch: pytest.MonkeyPatch) -> int:
+    """The operator's own /metrics port (read at its start: list this before `operator`)."""
+    port = free_port()
+    monkeypatch.setenv("ARES_METRICS_PORT", str(port))
+    monkeypatch.setenv("ARES_METRICS_ADDRESS", "127.0.0.1")
+    return port
+
+
+def _sample(text: str, name: str, **labels: str) -> float | None:
+    for line in text.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+def test_restricted_pods_kill_delayed_split_metrics(metrics_port, server_port, kubelet, operator, kubectl):
+    kubelet.downward_delay_s = 30.0  # a changed annotation reaches the files 30 s later
+    kubectl.run("apply", "-f", "-", stdin=job("life", rounds=60))
+    j = Job(kubectl, "life")
+    wait_for("round 1", lambda: j.status().get("round", 0) >= 1, timeout=180)
+
+    # 1. Nothing of the trainers or the server runs as root; the token reaches them through the group.
+    for pod, container in (("life-server", "server"), ("life-a", "device"), ("life-b", "device")):
+        procs = kubelet.processes(pod)
+        assert procs.get(container), (pod, procs)
+        assert {(uid, gid) for _, uid, gid in procs[container]} == {(APP_UID, APP_UID)}, (pod, procs)
+    token = kubelet.volume_dir("life-a", "token") / "token"
+    info = token.stat()
+    assert (info.st_mode & 0o777, info.st_uid, info.st_gid) == (0o440, 0, APP_UID)
+
+    # 3. A split decision with the downwardAPI 30 s late: pin b elsewhere; the annotation moves at
+    # once, the file (and so the device) only after the delay, and then it trains with it.
+    old = int(j.pods()["life-b"]["metadata"]["annotations"]["ares.io/split-point"])
+    new = 1 if old != 1 else 2
+    kubectl.run("patch", "aresjobs", "life", "--type=json", "-p",
+                f'[{{"op": "add", "path": "/spec/devices/1/split", "value": {new}}}]')
+    wait_for("b's annotation", lambda: j.pods()["life-b"]["metadata"]["annotations"]["ares.io/split-point"] == str(new))
+    annotated = time.monotonic()
+    rounds_with_new = kubelet.log("life-b").count(f" split {new}:")  # the device logs "round N split S: ..."
+
+    # 2. Meanwhile a trainer dies: its pod is replaced within a tick (1 s) or two and it trains on.
+    old_a = j.pods()["life-a"]["metadata"]["uid"]
+    killed = time.monotonic()
+    kubelet.kill("life-a", container="device")
+    wait_for("a's replacement", lambda: (p := j.running("life-a")) and p["metadata"]["uid"] != old_a, timeout=20)
+    replaced_s = time.monotonic() - killed
+    print(f"trainer killed -> replacement pod running: {replaced_s:.1f} s")
+    assert replaced_s < 5.0, replaced_s
+    assert j.status()["devices"]["a"]["restarts"] == 1
+
+    split_file = kubelet.volume_dir("life-b", "podinfo") / "split-point"
+    assert split_file.read_text() == str(old) or time.monotonic() - annotated >= 29  # not yet
+    wait_for("b's file", lambda: split_file.read_text() == str(new), timeout=60)
+    landed = time.monotonic() - annotated
+    assert landed >= 29, landed
+    wait_for("b training with the new split", lambda: j.status()["devices"]["b"].get("split") == new
+             and kubelet.log("life-b").count(f" split {new}:") > rounds_with_new, timeout=60)
+    print(f"annotation -> file {landed:.1f} s")
+
+    # 6. The operator's own metrics: the job's phase and its optimiser runs.
+    text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).text
+    ns = kubectl.json("get", "aresjobs", "life")["metadata"]["namespace"]
+    assert _sample(text, "ares_operator_job_phase", namespace=ns, job="life", phase="Running") == 1.0
+    assert (_sample(text, "ares_operator_optimiser_runs_total", namespace=ns, job="life") or 0) >= 1
+    assert _sample(text, "ares_operator_jobs", phase="Running") >= 1
+
+    final = j.ended(timeout=240)
+    assert final["phase"] == "Succeeded", final.get("conditions")
+    text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).text
+    assert _sample(text, "ares_operator_job_phase", namespace=ns, job="life", phase="Succeeded") == 1.0
+
+
+def test_suspend_resume_deadline_and_a_namesake(server_port, kubelet, operator, kubectl):
+    kubectl.run("apply", "-f", "-", stdin=job("pause", rounds=200))
+    j = Job(kubectl, "pause")
+    wait_for("round 2", lambda: j.status().get("round", 0) >= 2, timeout=180)
+
+    # suspend: no pods, the checkpoint stays; phase Suspended, condition Suspended=True
+    kubectl.run("patch", "aresjobs", "pause", "--type=merge", "-p", '{"spec": {"runPolicy": {"suspend": true}}}')
+    wait_for("no pods", lambda: not j.pods(), timeout=30)
+    status = wait_for("Suspended", lambda: (s := j.status()).get("phase") == "Suspended" and s)
+    assert j.condition("Suspended")["status"] == "True"
+    uid = kubectl.json("get", "aresjobs", "pause")["metadata"]["uid"]
+    ckpt = kubelet.root / "host" / "var/lib/ares/checkpoints" / kubectl.json("get", "aresjobs", "pause")["metadata"]["namespace"] / f"pause-{uid}"
+    saved = __import__("json").loads((ckpt / "state.json").read_text())["round"]
+    assert saved >= 2 and (ckpt / "global.safetensors").exists()
+    assert ckpt.stat().st_uid == 10001  # made the server's by the init step, not root's
+
+    # resume: the new server continues from the checkpoint
+    kubectl.run("patch", "aresjobs", "pause", "--type=merge", "-p", '{"spec": {"runPolicy": {"suspend": false}}}')
+    resumed = wait_for("resumed from the checkpoint", lambda: re.findall(
+        r"resumed from checkpoint at round (\d+)", kubelet.log("pause-server")), timeout=90)
+    assert int(resumed[-1]) == saved
+    assert j.condition("Suspended")["status"] == "False" and j.condition("Suspended")["reason"] == "JobResumed"
+
+    # activeDeadlineSeconds (counted from the resume) ends it
+    kubectl.run("patch", "aresjobs", "pause", "--type=merge", "-p", '{"spec": {"runPolicy": {"activeDeadlineSeconds": 2}}}')
+    final = j.ended(timeout=30)
+    assert final["phase"] == "Failed" and j.condition("Failed")["reason"] == "DeadlineExceeded"
+    wait_for("no running pods", lambda: not [p for p in j.pods().values() if p["status"].get("phase") == "Running"])
+
+    # deleted and re-created under the same name: round 0, nothing resumed
+    kubectl.run("delete", "aresjobs", "pause")
+    kubectl.run("apply", "-f", "-", stdin=job("pause", rounds=200))
+    wait_for("the new job's server", lambda: j.running("pause-server"), timeout=120)
+    wait_for("its first status", lambda: "round" in j.status() and j.status().get("phase") == "Running", timeout=120)
+    assert j.status()["round"] <= 1
+    assert "resumed from checkpoint" not in kubelet.log("pause-server")
+
+
+def test_lr_10_diverges(server_port, kubelet, operator, kubectl):
+    # lr stays 10 for rounds 0..9 (lrDecayRound defaults to rounds/2); 10 steps blow the loss up
+    kubectl.run("apply", "-f", "-", stdin=job("hot", rounds=20, lr=10, steps=10, train=1000))
+    j = Job(kubectl, "hot")
+    final = j.ended(timeout=240)
+    failed = j.condition("Failed")
+    assert final["phase"] == "Failed" and failed["reason"] == "TrainingDiverged", final.get("conditions")
+    assert "diverged" in failed["message"]
