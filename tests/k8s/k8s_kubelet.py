@@ -47,6 +47,7 @@ from typing import Any, Optional
 import httpx
 
 Obj = dict[str, Any]
+AS_ROOT = os.geteuid() == 0  # without root no user is switched and no file changes hands
 # Containers whose process is replaced by a stand-in that only sleeps (see the module docstring).
 STAND_INS = {"host-control": ["sleep", "infinity"]}
 
@@ -331,9 +332,10 @@ class Kubelet:
             argv += ["--tls-server-name", https[0].removeprefix("https://").rsplit(":", 1)[0]]
         home = pod.dir / "home" / c.name  # the container's own writable working directory
         home.mkdir(parents=True, exist_ok=True)
-        os.chown(home, uid, gid)
+        if AS_ROOT:
+            os.chown(home, uid, gid)
         env = dict(os.environ, HOME=str(home), **{e["name"]: e.get("value", "") for e in spec.get("env") or []})
-        if uid != 0 or gid != 0:
+        if (uid != 0 or gid != 0) and AS_ROOT:
             argv = self._as_user(argv, uid, gid, groups)
         log = open(pod.dir / f"{c.name}.log", "ab")
         c.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=home,
@@ -535,7 +537,7 @@ class Kubelet:
 def _own(path: Path, fs_group: Optional[int], read_only: bool) -> None:
     """What the kubelet's SetVolumeOwnership does with an fsGroup: the group's, g+r (read-only
     volumes) or g+rw, and setgid plus g+x on directories."""
-    if fs_group is None:
+    if fs_group is None or not AS_ROOT:
         return
     os.chown(path, -1, int(fs_group))
     mode = stat.S_IMODE(path.stat().st_mode) | (0o440 if read_only else 0o660)
@@ -553,7 +555,8 @@ def _make_dirs(path: Path, mode: int, gid: int = 0) -> None:
     for d in reversed(missing):
         d.mkdir()
         d.chmod(mode)
-        os.chown(d, 0, gid)
+        if AS_ROOT:
+            os.chown(d, 0, gid)
 
 
 def _group_ids(pgid: int) -> list[tuple[int, int, int]]:
