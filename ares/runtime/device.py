@@ -81,6 +81,7 @@ class DeviceTrainer:
     torch_device: str = "cpu"
     on_round: Callable[[RoundLog], None] = lambda _: None
     cfg: ServerConfig = field(init=False)
+    reconnect_s: float = 600.0  # how long an unreachable server is waited for between rounds
 
     def __post_init__(self) -> None:
         self.cfg = self.link.config()
@@ -159,6 +160,8 @@ class DeviceTrainer:
             except LinkError as exc:
                 if exc.status == 410:
                     break
+                if exc.status == 503:  # server gone: wait for it in _wait_for_round
+                    continue
                 if exc.status == 409:
                     status = self.link.status()
                     if status.phase == "finished":
@@ -174,11 +177,25 @@ class DeviceTrainer:
 
     def _wait_for_round(self, round_index: int, poll_s: float = 0.1) -> Optional[int]:
         """Wait until the round takes joins, then read the split: the controller decides in the gap."""
+        give_up = None
         while True:
-            status = self.link.status()
+            try:
+                status = self.link.status()
+            except LinkError as exc:
+                if exc.status != 503:
+                    raise
+                give_up = give_up or time.monotonic() + self.reconnect_s
+                if time.monotonic() > give_up:
+                    raise
+                log.warning("server unreachable (%s); retrying", exc.message)
+                time.sleep(1.0)
+                continue
+            give_up = None
             if status.phase == "finished":
                 return None
-            if status.round >= round_index and status.accepting:
+            # a restarted server resumes behind us (its checkpoint is the last closed round) and
+            # waits for joins: rejoin its round instead of waiting for ours
+            if status.accepting and (status.round >= round_index or status.phase == "waiting"):
                 return status.round
             time.sleep(poll_s)
 

@@ -10,6 +10,7 @@ for the in-process baseline of the step-overhead benchmark. The training loop ne
 
 from __future__ import annotations
 
+import functools
 import json
 import threading
 import time
@@ -112,6 +113,18 @@ class RateLimit:
             yield chunk
 
 
+def _unreachable_is_503(method):
+    """A dropped connection, a timeout or a refused connect is a LinkError(503), which the
+    trainer survives (it leaves the round and waits for the server), not a crash."""
+    @functools.wraps(method)
+    def wrapper(*args, **kwargs):
+        try:
+            return method(*args, **kwargs)
+        except httpx.TransportError as exc:
+            raise LinkError(503, f"server unreachable: {exc.__class__.__name__}: {exc}") from None
+    return wrapper
+
+
 def _server_seconds(header: Optional[str]) -> float:
     """Parse `Server-Timing: compute;dur=12.3` (milliseconds)."""
     if not header:
@@ -158,9 +171,11 @@ class HttpLink:
     def config(self) -> ServerConfig:
         return ServerConfig.model_validate(self._check(self.client.get("/v1/config")).json())
 
+    @_unreachable_is_503
     def status(self) -> ServerStatus:
         return ServerStatus.model_validate(self._check(self.client.get("/v1/status")).json())
 
+    @_unreachable_is_503
     def join(self, round_index: int, split: int) -> tuple[JoinReply, dict[str, torch.Tensor]]:
         body = JoinRequest(round=round_index, split=split).model_dump_json()
         r = self._check(self.client.post(f"/v1/devices/{self.device}/join", content=body,
@@ -168,6 +183,7 @@ class HttpLink:
         bundle = wire.decode(bytearray(r.content))
         return JoinReply.model_validate(bundle.meta), bundle.tensors
 
+    @_unreachable_is_503
     def _send(self, path: str, tensors: dict[str, torch.Tensor], meta: dict,
               params: Optional[dict] = None, sent_at: Optional[list[float]] = None,
               ) -> tuple[httpx.Response, bytearray, float, float, int]:

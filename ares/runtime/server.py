@@ -29,6 +29,7 @@ from pydantic import ValidationError
 from ares.core import codec, wire
 from ares.core.config import ServerConfig, load_yaml_model
 from ares.core.messages import DeviceReport, JoinRequest
+from ares.runtime.limits import DeviceBudget, DeviceGate
 from ares.runtime.training import RoundError, TrainingServer, read_tokens
 
 log = logging.getLogger("ares.server")
@@ -44,17 +45,26 @@ def _bearer(authorization: Annotated[Optional[str], Header()] = None) -> Optiona
 Token = Annotated[Optional[str], Depends(_bearer)]
 
 
-async def _read_body(request: Request, limit: int) -> bytearray:
-    """Read a body up to `limit` bytes; refuse early on a Content-Length that says more."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise wire.WireError(f"body of {declared} bytes exceeds the {limit}-byte limit", 413)
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise wire.WireError(f"body exceeds the {limit}-byte limit", 413)
-    return body
+async def _device_budget(name: str, request: Request, token: Token):
+    """The device's token, then its share of the server (ares.runtime.limits)."""
+    request.app.state.trainer.check_device_token(name, token)
+    async with request.app.state.gate.hold(name) as budget:
+        yield budget
+
+
+Budget = Annotated[DeviceBudget, Depends(_device_budget)]
+
+
+async def _decode(body: bytearray, limit: int) -> wire.Bundle:
+    """Decoding runs off the event loop (a 1 MiB header must not stall every other device)."""
+    return await to_thread.run_sync(wire.decode, body, limit)
+
+
+async def _wait_for_round(trainer: TrainingServer, round_index: int, wait_s: float) -> None:
+    """Wait on the event loop, holding no worker thread, until `join` would not wait."""
+    deadline = asyncio.get_running_loop().time() + wait_s
+    while trainer.join_would_wait(round_index) and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.02)
 
 
 def create_app(cfg: ServerConfig, trainer: Optional[TrainingServer] = None, tick_s: float = 0.5) -> FastAPI:
@@ -77,6 +87,7 @@ def create_app(cfg: ServerConfig, trainer: Optional[TrainingServer] = None, tick
 
     app = FastAPI(title="ARES edge server", lifespan=lifespan)
     app.state.trainer = trainer
+    app.state.gate = DeviceGate(cfg.limits)
 
     def srv() -> TrainingServer:
         return app.state.trainer
@@ -102,35 +113,37 @@ def create_app(cfg: ServerConfig, trainer: Optional[TrainingServer] = None, tick
         srv().check_any_token(token)
         return JSONResponse(cfg.model_dump(mode="json"))
 
+    # status, telemetry and metrics take the round lock, which a closing round holds while it
+    # evaluates: they run in a worker thread so the event loop never waits for it
     @app.get("/v1/status")
     async def status(token: Token) -> JSONResponse:
         srv().check_any_token(token)
-        return JSONResponse(srv().status().model_dump(mode="json"))
+        return JSONResponse((await to_thread.run_sync(srv().status)).model_dump(mode="json"))
 
     @app.get("/v1/telemetry")
     async def telemetry(token: Token) -> JSONResponse:
         srv().check_controller_token(token)
-        return JSONResponse(srv().telemetry().model_dump(mode="json"))
+        return JSONResponse((await to_thread.run_sync(srv().telemetry)).model_dump(mode="json"))
 
     @app.get("/metrics")
     async def metrics(token: Token) -> PlainTextResponse:
         srv().check_controller_token(token)
         from ares.runtime.metrics import render
 
-        return PlainTextResponse(render(srv().status(), srv().telemetry()))
+        text = await to_thread.run_sync(lambda: render(srv().status(), srv().telemetry()))
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     @app.post("/v1/devices/{name}/join")
-    async def join(name: str, request: Request, token: Token) -> Response:
-        srv().check_device_token(name, token)
-        msg = JoinRequest.model_validate_json(await _read_body(request, 64 << 10))
-        reply, weights = await to_thread.run_sync(lambda: srv().join(name, msg.round, msg.split, wait_s=20.0))
+    async def join(name: str, request: Request, budget: Budget) -> Response:
+        msg = JoinRequest.model_validate(wire.parse_json(bytes(await budget.read_body(request, 64 << 10)), "join request", 422))
+        await _wait_for_round(srv(), msg.round, cfg.limits.join_wait_s)
+        reply, weights = await to_thread.run_sync(lambda: srv().join(name, msg.round, msg.split))
         return Response(wire.encode(weights, reply.model_dump(mode="json")), media_type=BUNDLE)
 
     @app.post("/v1/devices/{name}/step")
-    async def step(name: str, round: int, split: int, request: Request, token: Token,
+    async def step(name: str, round: int, split: int, request: Request, budget: Budget,
                    micro: int = 0, micros: int = 1, total: Optional[int] = None) -> Response:
-        srv().check_device_token(name, token)
-        bundle = wire.decode(await _read_body(request, limit), limit)
+        bundle = await _decode(await budget.read_body(request, limit), limit)
         # x in any codec (int8 brings its scale); the gradient goes back in the codec x came in
         allowed = {"x": (wire.FLOATS + (wire.DTYPES["int8"],), None), "y": (wire.DTYPES["int64"], (None,))}
         if "x" + codec.SCALE_SUFFIX in codec.names(bundle.tensors, "x"):
@@ -144,9 +157,8 @@ def create_app(cfg: ServerConfig, trainer: Optional[TrainingServer] = None, tick
         return Response(body, media_type=BUNDLE, headers={"Server-Timing": f"compute;dur={seconds * 1000:.3f}"})
 
     @app.post("/v1/devices/{name}/update")
-    async def update(name: str, request: Request, token: Token) -> JSONResponse:
-        srv().check_device_token(name, token)
-        bundle = wire.decode(await _read_body(request, limit), limit)
+    async def update(name: str, request: Request, budget: Budget) -> JSONResponse:
+        bundle = await _decode(await budget.read_body(request, limit), limit)
         report = DeviceReport.model_validate(bundle.meta)
         await to_thread.run_sync(lambda: srv().upload(name, report, bundle.tensors))
         return JSONResponse({"ok": True, "round": report.round})
@@ -155,9 +167,14 @@ def create_app(cfg: ServerConfig, trainer: Optional[TrainingServer] = None, tick
 
 
 async def _tick(trainer: TrainingServer, period: float) -> None:
+    """Closes rounds at their deadline. An error is logged and counted, never the end of the ticker."""
     while True:
         await asyncio.sleep(period)
-        await to_thread.run_sync(trainer.tick)
+        try:
+            await to_thread.run_sync(trainer.tick)
+        except Exception:
+            trainer._count("tick_errors")
+            log.exception("round ticker failed; it keeps going")
 
 
 def app_from_env() -> FastAPI:

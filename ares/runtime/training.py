@@ -16,9 +16,11 @@ and round r+1 opens.
 from __future__ import annotations
 
 import copy
+import hashlib
 import hmac
 import json
 import logging
+import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -29,8 +31,8 @@ import torch
 from torch import nn
 
 from ares.core.config import ServerConfig
-from ares.core.data import DataSplit, load_data
-from ares.core.fedavg import fedavg
+from ares.core.data import DataSplit, load_data, partition
+from ares.core.fedavg import aggregate, clip_update, update_norm
 from ares.core.messages import (DeviceReport, DeviceStatus, DeviceTelemetry, JoinReply, ServerStatus,
                                 Telemetry)
 from ares.core.models import (LayerStack, activation_numel, activation_shapes, build_model, check_split,
@@ -63,6 +65,8 @@ class DeviceSlot:
     last_report: Optional[DeviceReport] = None
     phase: str = "idle"
     steps: int = 0
+    samples_seen: int = 0               # samples the server stepped on for this device this round
+    weight: float = 0.0                 # its weight in the merge, set when its upload is accepted
     micro_next: int = 0                 # the micro-batch of the current batch the server takes next
     micro_turn: threading.Condition = field(init=False)  # waits for micro_next, on `lock`
 
@@ -97,7 +101,11 @@ class TrainingServer:
         self.history: list[dict] = []
         self.server_scale = LiveScale()
         self.server_prof = None
+        self.counters: dict[str, int] = {}  # refusals and errors (issue 12): status, metrics
+        self._counter_lock = threading.Lock()
+        self.assigned = self._assigned_samples()
         self._resume()
+        self._refresh_global()
         if profile:
             times = time_layers(self.model, self.spec.input_shape, cfg.training.batch_size, self.torch_device, repeats=2)
             self.server_prof = server_profile(times)
@@ -107,7 +115,7 @@ class TrainingServer:
     # ----- authentication -------------------------------------------------------------------
     def check_device_token(self, device: str, token: Optional[str]) -> None:
         if device not in self.slots:
-            raise RoundError(f"unknown device {device!r}; this job's devices: {list(self.slots)}", 404)
+            raise RoundError(f"unknown device {device[:64]!r}", 404)  # never list the job's devices
         if token is None or not hmac.compare_digest(token.encode(), self.tokens[device].encode()):
             raise RoundError("missing or wrong bearer token for this device", 401)
 
@@ -142,7 +150,7 @@ class TrainingServer:
             if not self._accepting():
                 raise RoundError(f"round {round_index} opens in {self.opens_at - self.clock():.1f} s")
             slot = self.slots[device]
-            if slot.round == round_index and slot.uploaded is not None:
+            if slot.round == round_index and (slot.uploaded is not None or slot.phase == "refused"):
                 raise RoundError(f"device {device} already finished round {round_index}")
             if self.round_started is None:
                 self.round_started = self.clock()
@@ -152,6 +160,7 @@ class TrainingServer:
             slot.round, slot.split, slot.uploaded, slot.report, slot.phase, slot.steps = (
                 round_index, split, None, None, "training", 0)
             slot.micro_next = 0
+            slot.samples_seen, slot.weight = 0, 0.0
             slot.replica = copy.deepcopy(server_part).train()
             params = list(slot.replica.parameters())
             slot.optimizer = torch.optim.SGD(params, lr=lr, momentum=self.cfg.training.momentum) if params else None
@@ -161,6 +170,12 @@ class TrainingServer:
                               deadline_unix=self.round_started + self.cfg.round_deadline_s)
             self.changed.notify_all()
             return reply, weights
+
+    def join_would_wait(self, round_index: int) -> bool:
+        """Whether `join` would wait for this round to open (read without the lock: the server's
+        route polls it on the event loop, and `join` checks again under the lock)."""
+        return self.phase != "finished" and (
+            round_index > self.round or (round_index == self.round and not self._accepting()))
 
     def _accepting(self) -> bool:
         return self.phase != "finished" and self.clock() >= self.opens_at
@@ -181,6 +196,8 @@ class TrainingServer:
                 raise RoundError(f"device {device} has not joined round {round_index}")
             if slot.uploaded is not None:
                 raise RoundError(f"device {device} already uploaded its weights for round {round_index}")
+            if slot.phase == "refused":
+                raise RoundError(f"device {device}'s upload for round {round_index} was refused; it sits the round out")
             if split != slot.split:
                 raise RoundError(f"step carries split {split} but the device joined with split {slot.split}", 422)
             return slot
@@ -222,10 +239,14 @@ class TrainingServer:
                 raise RoundError(f"micro-batch {micro} arrived but the server expects micro-batch {slot.micro_next}")
             if slot.replica is None or slot.round != round_index:
                 raise RoundError(f"round {round_index} closed while micro-batch {micro} waited")
+            saved = _snapshot(slot.replica, slot.optimizer)  # a refused step leaves the replica as it was
             t0 = time.perf_counter()
             x = x.to(self.torch_device, torch.float32).detach().requires_grad_(True)
             out = slot.replica(x)
             loss = nn.functional.cross_entropy(out, y.to(self.torch_device))
+            if not bool(torch.isfinite(loss)):
+                _restore(slot.replica, slot.optimizer, saved)
+                raise self._refused("steps_refused", device, "the loss on these activations is not finite")
             if slot.optimizer is not None and micro == 0:
                 slot.optimizer.zero_grad(set_to_none=True)
             # each part's mean loss weighted by its share: the accumulated gradient is the batch's
@@ -234,11 +255,16 @@ class TrainingServer:
             if slot.optimizer is not None and last:
                 slot.optimizer.step()
             grad = x.grad.detach()
+            if not (bool(torch.isfinite(grad).all()) and _finite(slot.replica)):
+                _restore(slot.replica, slot.optimizer, saved)
+                raise self._refused("steps_refused", device, "this step would make the server-side model "
+                                    "non-finite (activations too large?)")
             if self.torch_device.type == "cuda":
                 torch.cuda.synchronize(self.torch_device)
             elapsed = time.perf_counter() - t0
             slot.micro_next = 0 if last else micro + 1
             slot.steps += int(last)
+            slot.samples_seen += x.shape[0]
             slot.micro_turn.notify_all()
         if self.server_prof is not None:
             profiled = self.server_prof.fwd[split] + self.server_prof.bwd[split]
@@ -250,7 +276,13 @@ class TrainingServer:
         return {f"layers.{k}": v for k, v in device_part.layers.state_dict().items()}
 
     def upload(self, device: str, report: DeviceReport, weights: dict[str, torch.Tensor]) -> None:
-        """A device's trained device-side weights for the round; validated against the model."""
+        """A device's trained device-side weights for the round; validated against the model.
+
+        Bounded before it can be merged (issue 12): the sample count may not exceed what the
+        server assigned the device, and the whole model it brings (its weights + its server-side
+        replica) must lie within `aggregation.max_update_norm` of the global model, else it is
+        refused (the device sits the round out) or clipped, as the job chose.
+        """
         check_split_http(report.split, self.layers)
         slot = self._active_slot(device, report.round, report.split)
         expected = self.expected_weights(report.split)
@@ -263,35 +295,94 @@ class TrainingServer:
             if tuple(got.shape) != tuple(want.shape) or got.dtype != want.dtype:
                 raise RoundError(f"weight {key} has shape {list(got.shape)} {got.dtype}, "
                                  f"expected {list(want.shape)} {want.dtype}", 422)
+            if got.is_floating_point() and not bool(torch.isfinite(got).all()):
+                raise self._refused("uploads_refused", device, f"weight {key} holds NaN or Inf")
+        if report.samples > self.assigned[device]:
+            raise self._refused("uploads_refused", device, f"claims {report.samples} samples; this device "
+                                f"was assigned {self.assigned[device]} per round")
+        with slot.lock:  # waits for a step in flight; the replica is final once the upload is in
+            replica = slot.replica
+            if replica is None:
+                raise RoundError(f"round {report.round} closed before this upload", 409)
+            whole = {k: v.detach().clone() for k, v in weights.items()}
+            whole.update({f"layers.{k}": v.detach().cpu().clone() for k, v in replica.layers.state_dict().items()})
+        agg = self.cfg.aggregation
+        norm = update_norm(whole, self._global_cpu)
+        clipped = False
+        if norm > agg.max_update_norm and agg.on_large_update == "clip":
+            whole, clipped = clip_update(whole, self._global_cpu, agg.max_update_norm), True
+            self._count("uploads_clipped")
+            log.warning("device %s: update of norm %.3g clipped to %.3g", device, norm, agg.max_update_norm)
         with self.changed:
-            slot.uploaded = {k: v.clone() for k, v in weights.items()}
+            slot = self._active_slot(device, report.round, report.split)  # again, now atomic with the write
             slot.report = report
             slot.last_report = report
+            if norm > agg.max_update_norm and not clipped:
+                slot.phase = "refused"
+                self._close_if_all_done()
+                raise self._refused("uploads_refused", device, f"update norm {norm:.3g} exceeds the bound "
+                                    f"{agg.max_update_norm:.3g} (aggregation.max_update_norm); the device sits "
+                                    "this round out")
+            slot.uploaded = whole
+            # the server saw every sample of a split step: a device cannot weigh more than those
+            seen = slot.samples_seen if report.split < self.layers - 1 else report.samples
+            slot.weight = float(max(1, min(report.samples, seen)))
             slot.phase = "uploaded"
-            if all(s.round == self.round and s.uploaded is not None for s in self.slots.values()):
-                self._close_round("all devices done")
+            self._close_if_all_done()
+
+    def _close_if_all_done(self) -> None:
+        if all(s.round == self.round and (s.uploaded is not None or s.phase == "refused")
+               for s in self.slots.values()):
+            self._close_round("all devices done")
+
+    def _count(self, name: str) -> None:
+        with self._counter_lock:
+            self.counters[name] = self.counters.get(name, 0) + 1
+
+    def _refused(self, counter: str, device: str, why: str) -> RoundError:
+        """Log and count a refusal; returns the 422 to raise."""
+        self._count(counter)
+        log.warning("device %s: %s", device, why)
+        return RoundError(why, 422)
 
     def tick(self) -> None:
-        """Called periodically: closes a round whose deadline has passed."""
-        with self.changed:
-            if (self.phase == "training" and self.round_started is not None
-                    and self.clock() >= self.round_started + self.cfg.round_deadline_s):
-                self._close_round("deadline")
+        """Called periodically: closes a round whose deadline has passed. Never raises: an error
+        is logged and counted, and the round still closes (issue 12)."""
+        try:
+            with self.changed:
+                if (self.phase == "training" and self.round_started is not None
+                        and self.clock() >= self.round_started + self.cfg.round_deadline_s):
+                    self._close_round("deadline")
+        except Exception:
+            self._count("tick_errors")
+            log.exception("round ticker: error while closing round %d", self.round)
 
     def _close_round(self, why: str) -> None:
+        """Merge, evaluate, checkpoint and open the next round. Each of these may fail without
+        stopping the round from closing: the model is then kept as it was."""
         done = [s for s in self.slots.values() if s.round == self.round and s.uploaded is not None]
         for s in self.slots.values():
-            if s not in done:
+            if s not in done and s.phase != "refused":
                 s.phase = "missed" if s.round == self.round else s.phase
         if done:
-            states = []
-            for s in done:
-                whole = dict(s.uploaded)
-                whole.update({f"layers.{k}": v.detach().cpu() for k, v in s.replica.layers.state_dict().items()})
-                states.append(whole)
-            merged = fedavg(states, [s.report.samples for s in done])
-            self.model.load_state_dict({k: v.to(self.torch_device) for k, v in merged.items()})
-        accuracy, loss = self.evaluate()
+            try:
+                agg = self.cfg.aggregation
+                merged = aggregate(agg.method, [s.uploaded for s in done], [s.weight for s in done],
+                                   self._global_cpu, clip_norm=agg.clip_norm, trim_fraction=agg.trim_fraction)
+                if all(bool(torch.isfinite(v).all()) for v in merged.values() if v.is_floating_point()):
+                    self.model.load_state_dict({k: v.to(self.torch_device) for k, v in merged.items()})
+                else:
+                    self._count("merges_refused")
+                    log.error("round %d: the merged model is not finite; keeping the previous one", self.round)
+            except Exception:
+                self._count("merge_errors")
+                log.exception("round %d: merge failed; keeping the previous model", self.round)
+        try:
+            accuracy, loss = self.evaluate()
+        except Exception:
+            self._count("eval_errors")
+            log.exception("round %d: evaluation failed", self.round)
+            accuracy, loss = float("nan"), float("nan")
         record = {"round": self.round, "accuracy": accuracy, "loss": loss, "closed_by": why,
                   "duration_s": self.clock() - (self.round_started or self.clock()),
                   "devices": {s.name: {"split": s.split, "samples": s.report.samples,
@@ -301,15 +392,37 @@ class TrainingServer:
         log.info("round %d closed (%s): accuracy %.4f, %d/%d devices", self.round, why, accuracy,
                  len(done), len(self.slots))
         for s in self.slots.values():
-            s.replica, s.optimizer, s.uploaded = None, None, None
-            if s.phase == "uploaded":
+            with s.lock:  # a step in flight finishes first; later ones find no replica (409)
+                s.replica, s.optimizer, s.uploaded = None, None, None
+            if s.phase in ("uploaded", "refused"):
                 s.phase = "idle"
         self.round += 1
         self.round_started = None
         self.opens_at = self.clock() + self.cfg.round_gap_s
         self.phase = "finished" if self.round >= self.cfg.training.rounds else "waiting"
-        self._checkpoint()
+        self._refresh_global()
+        try:
+            self._checkpoint()
+        except Exception:
+            self._count("checkpoint_errors")
+            log.exception("round %d: checkpoint failed", self.round - 1)
         self.changed.notify_all()
+
+    def _refresh_global(self) -> None:
+        """The global model on the CPU (the reference for update norms) and its hash."""
+        self._global_cpu = self.global_state()
+        h = hashlib.sha256()
+        for k, v in sorted(self._global_cpu.items()):
+            h.update(k.encode())
+            h.update(v.reshape(-1).contiguous().view(torch.uint8).numpy().tobytes() if v.numel() else b"")
+        self.model_sha256 = h.hexdigest()
+
+    def _assigned_samples(self) -> dict[str, int]:
+        """Samples each device trains on per round: its shard, capped by max_steps_per_round."""
+        d, t = self.cfg.data, self.cfg.training
+        sizes = [len(p) for p in partition(self.data.labels, len(self.cfg.devices), d.partition, d.beta, d.seed)]
+        cap = t.max_steps_per_round * t.batch_size if t.max_steps_per_round else None
+        return {name: min(size, cap) if cap else size for name, size in zip(self.cfg.devices, sizes)}
 
     @torch.no_grad()
     def evaluate(self) -> tuple[float, float]:
@@ -369,9 +482,12 @@ class TrainingServer:
                     up_bps=t.up_bps if t else None, down_bps=t.down_bps if t else None,
                     energy_j=t.energy_j if t else None, energy_source=t.energy_source if t else "none",
                     round_s=t.round_s if t else None)
+            with self._counter_lock:
+                counters = dict(self.counters)
             return ServerStatus(round=self.round, rounds=self.cfg.training.rounds, phase=self.phase,
-                                accepting=self._accepting(),
-                                accuracy=last.get("accuracy"), loss=last.get("loss"), devices=devices)
+                                accepting=self._accepting(), accuracy=_finite_or_none(last.get("accuracy")),
+                                loss=_finite_or_none(last.get("loss")), devices=devices,
+                                model_sha256=self.model_sha256, counters=counters)
 
     def telemetry(self) -> Telemetry:
         with self.lock:
@@ -400,6 +516,40 @@ class TrainingServer:
 
     def global_state(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+
+
+def _finite_or_none(value: Optional[float]) -> Optional[float]:
+    """Status must stay servable: JSON has no NaN or Infinity (a diverged model's test loss)."""
+    return value if value is not None and math.isfinite(value) else None
+
+
+def _snapshot(replica: nn.Module, optimizer: Optional[torch.optim.Optimizer]) -> tuple[list, dict]:
+    """Copies of a replica's parameters, buffers and momentum, to undo a refused step."""
+    tensors = [t.detach().clone() for t in (*replica.parameters(), *replica.buffers())]
+    momentum = {}
+    if optimizer is not None:
+        for p, state in optimizer.state.items():
+            if "momentum_buffer" in state and state["momentum_buffer"] is not None:
+                momentum[p] = state["momentum_buffer"].clone()
+    return tensors, momentum
+
+
+@torch.no_grad()
+def _restore(replica: nn.Module, optimizer: Optional[torch.optim.Optimizer], saved: tuple[list, dict]) -> None:
+    tensors, momentum = saved
+    for t, copy_ in zip((*replica.parameters(), *replica.buffers()), tensors):
+        t.copy_(copy_)
+    if optimizer is not None:
+        for p in list(optimizer.state):
+            if p in momentum:
+                optimizer.state[p]["momentum_buffer"].copy_(momentum[p])
+            else:
+                optimizer.state.pop(p)
+
+
+def _finite(module: nn.Module) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in (*module.parameters(), *module.buffers())
+               if t.is_floating_point())
 
 
 def check_split_http(split: int, layers: int) -> None:
