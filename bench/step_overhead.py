@@ -94,7 +94,7 @@ def bench_step(steps: int) -> tuple[float, float, float]:
     """Steps rotate between the three links, so drifting machine load hits all alike.
     Returns medians: in-process, HTTP/2 h2c, HTTPS (h2 over TLS)."""
     tmp = Path(tempfile.mkdtemp())
-    cfg = small_config(tmp, rounds=2, batch_size=100)
+    cfg = small_config(tmp, rounds=2, batch_size=100).model_copy(update={"round_deadline_s": 86400})
     inproc = TrainingServer(cfg, *read_tokens(cfg), profile=False)
     server = ServerProcess(cfg.model_copy(update={"checkpoint_dir": str(tmp / "ck2")}), tmp)
     tls = make_tls(tmp)
@@ -112,7 +112,10 @@ def bench_step(steps: int) -> tuple[float, float, float]:
     finally:
         server.stop()
         tls_proc.terminate()
-        tls_proc.wait()
+        try:
+            tls_proc.wait(10)
+        except subprocess.TimeoutExpired:
+            tls_proc.kill()
     return tuple(statistics.median(t[i] for t in triples) for i in range(3))
 
 
