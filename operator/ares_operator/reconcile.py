@@ -33,6 +33,7 @@ class PodView:
     terminating: bool
     annotations: Mapping[str, str]
     exit_code: Optional[int] = None  # of the pod's main container (trainer or server), once it ended
+    exit_message: str = ""           # what it left in its termination log (e.g. why TLS refused the server)
 
     @classmethod
     def of(cls, pod: Mapping[str, Any]) -> "PodView":
@@ -48,7 +49,8 @@ class PodView:
                    device=labels.get(c.LABEL_DEVICE, ""),
                    phase=status.get("phase") or "Pending", attempt=attempt,
                    terminating=bool(meta.get("deletionTimestamp")), annotations=dict(annotations),
-                   exit_code=main_exit_code(status.get("containerStatuses") or []))
+                   exit_code=main_exit_code(status.get("containerStatuses") or []),
+                   exit_message=main_exit_message(status.get("containerStatuses") or []))
 
     @property
     def ended(self) -> bool:
@@ -79,6 +81,15 @@ def main_exit_code(container_statuses: Sequence[Mapping[str, Any]]) -> Optional[
             if terminated is not None:
                 return int(terminated.get("exitCode", 1))
     return None
+
+
+def main_exit_message(container_statuses: Sequence[Mapping[str, Any]]) -> str:
+    """The terminated main container's message (its /dev/termination-log), one line, capped."""
+    for cs in container_statuses:
+        if cs.get("name") in MAIN_CONTAINERS:
+            message = ((cs.get("state") or {}).get("terminated") or {}).get("message") or ""
+            return " ".join(message.split())[:300]
+    return ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,6 +166,7 @@ def plan_pods(job: JobRef, spec: JobSpec, settings: OperatorSettings, pods: Sequ
             delete.append(name)
             create.append(builders.device_pod(job, spec, dev, settings, split, counts[dev.name]))
             why = f"trainer exited with code {pod.exit_code}" if pod.exit_code is not None else "pod failed"
+            why += f" ({pod.exit_message})" if pod.exit_message else ""
             notes.append(f"device {dev.name}: {why}; replaced (restart {counts[dev.name]} "
                          f"of {spec.run_policy.backoff_limit})")
 

@@ -166,3 +166,24 @@ def test_ares_run_tls_makes_a_throwaway_ca_and_points_everyone_at_it(tmp_path):
     assert b"PRIVATE" not in (tmp_path / "tls" / "ca.crt").read_bytes()
     assert cluster.client_tls == ClientTls(ca_file=str(tmp_path / "tls" / "ca.crt"))
     assert Cluster(RunConfig(devices=1), tmp_path / "plain", 43998)._server_tls() == []
+
+
+def test_a_device_refusing_the_server_is_reported_on_the_job():
+    """The trainer's termination message (what `ares device` writes to /dev/termination-log on a
+    TLS refusal) reaches the operator's note for the replacement, which it posts as an event."""
+    from ares_operator import reconcile
+
+    message = ("TLS: refusing the server at https://demo-server.lab.svc:43000: certificate verify failed: "
+               "unable to get local issuer certificate")
+    failed = reconcile.PodView.of({
+        "metadata": {"name": "demo-pi", "labels": {c.LABEL_ROLE: "device", c.LABEL_DEVICE: "pi"}},
+        "status": {"phase": "Failed", "containerStatuses": [
+            {"name": c.CONTAINER_SIDECAR, "state": {"terminated": {"exitCode": 0, "message": "not this one"}}},
+            {"name": c.CONTAINER_DEVICE, "state": {"terminated": {"exitCode": 4, "message": message + "\n"}}}]}})
+    assert failed.exit_code == 4 and failed.exit_message == message
+    healthy = [reconcile.PodView.of({"metadata": {"name": n, "labels": {c.LABEL_ROLE: r, c.LABEL_DEVICE: d}},
+                                     "status": {"phase": "Running"}})
+               for n, r, d in (("demo-server", "server", ""), ("demo-nano-maxn", "device", "nano-maxn"),
+                               ("demo-nano-5w", "device", "nano-5w"))]
+    actions = reconcile.plan_pods(JOB, spec(), SETTINGS, healthy + [failed], {}, 0, {})
+    assert actions.notes == (f"device pi: trainer exited with code 4 ({message}); replaced (restart 1 of 3)",)
