@@ -118,7 +118,12 @@ def test_operator_deployment_defaults(helm, tmp_path):
         "ARES_DEVICE_IMAGE": f"ghcr.io/ares-split/ares-device:{app_version}",
         "ARES_DEVICE_JETSON_IMAGE": f"ghcr.io/ares-split/ares-device-jetson:{app_version}",
         "ARES_LOG_LEVEL": "INFO",
+        "ARES_METRICS_PORT": "8000",
     }
+    # the operator's own /metrics: a named port, and the annotations Prometheus' pod discovery reads
+    assert {"name": "metrics", "containerPort": 8000, "protocol": "TCP"} in container["ports"]
+    annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true" and annotations["prometheus.io/port"] == "8000"
     assert container["image"] == f"ghcr.io/ares-split/ares-operator:{app_version}"
     assert container["securityContext"]["allowPrivilegeEscalation"] is False
 
@@ -238,6 +243,7 @@ BAD_VALUES = {
                                           "deviceJetson": {"repository": "a/c", "tag": ""}}},
     "unknown key": {"replicas": 2},
     "privileged port": {"healthPort": 80},
+    "metrics port": {"metrics": {"enabled": True, "port": 80}},
     "env name": {"extraEnv": [{"name": "1BAD", "value": "x"}]},
 }
 

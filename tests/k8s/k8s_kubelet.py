@@ -373,14 +373,13 @@ class Kubelet:
                 self._launch(pod, c)
             else:
                 c.done = True
+        if all(c.done for c in pod.main):
+            return self._end(pod, "Succeeded" if all(c.exit_code == 0 for c in pod.main) else "Failed")
         for c in pod.init:
             if c.kind == "sidecar" and c.poll() is not None:  # a native sidecar is always restarted
                 c.restarts += 1
                 self._launch(pod, c)
-        if all(c.done for c in pod.main):
-            self._end(pod, "Succeeded" if all(c.exit_code == 0 for c in pod.main) else "Failed")
-        else:
-            self._report(pod)
+        self._report(pod)
 
     @staticmethod
     def restart_again(policy: str, code: int) -> bool:
