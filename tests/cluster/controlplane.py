@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import socket
+import ssl
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -110,8 +111,10 @@ class ControlPlane:
 
     def http(self, **kw) -> httpx.Client:
         """An admin client for the API (as the test kubelet and fixtures use)."""
-        return httpx.Client(base_url=self.url, verify=str(self.pki / "ca.crt"),
-                            cert=(str(self.pki / "admin.crt"), str(self.pki / "admin.key")), timeout=30, **kw)
+        # One SSL context with both: httpx 0.28 drops `cert=` when `verify` is a path.
+        ctx = ssl.create_default_context(cafile=str(self.pki / "ca.crt"))
+        ctx.load_cert_chain(str(self.pki / "admin.crt"), str(self.pki / "admin.key"))
+        return httpx.Client(base_url=self.url, verify=ctx, timeout=30, **kw)
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -149,6 +152,9 @@ class ControlPlane:
             "--service-account-signing-key-file", str(p / "sa.key"),
             "--service-cluster-ip-range", "10.96.0.0/16", "--allow-privileged=true",
             "--authorization-mode", "RBAC",
+            # On top of the defaults (PodSecurity among them): what stricter clusters enforce, so
+            # that children with blockOwnerDeletion need `update` on aresjobs/finalizers.
+            "--enable-admission-plugins", "OwnerReferencesPermissionEnforcement",
             "--profiling=false", "--v", "1"])
         self.admin_kubeconfig.write_text(json.dumps(self.kubeconfig(self.admin_user())))
         self._wait_ready(timeout)
