@@ -42,6 +42,9 @@ from ares.runtime.profiler import LiveScale, server_profile, time_layers
 log = logging.getLogger("ares.server")
 
 
+DIVERGED_ROUNDS = 2  # rounds in a row with only non-finite losses before a run is called diverged
+
+
 class RoundError(Exception):
     """A request that does not fit the round state. `status` is the HTTP status to answer."""
 
@@ -99,6 +102,12 @@ class TrainingServer:
         self.round_started: Optional[float] = None
         self.opens_at = 0.0  # clock time from which the current round takes joins
         self.history: list[dict] = []
+        # Divergence (issue 10): devices whose steps were refused this round for a non-finite
+        # loss or gradient; DIVERGED_ROUNDS rounds in a row in which every device that joined
+        # was among them end the run: phase failed, failure_reason diverged.
+        self._nonfinite: set[str] = set()
+        self._diverging = 0
+        self.failure: Optional[str] = None
         self.server_scale = LiveScale()
         self.server_prof = None
         self.counters: dict[str, int] = {}  # refusals and errors (issue 12): status, metrics
@@ -180,7 +189,24 @@ class TrainingServer:
     def _accepting(self) -> bool:
         return self.phase != "finished" and self.clock() >= self.opens_at
 
+    def note_nonfinite(self, device: str) -> None:
+        """A device's step carried non-finite activations: its side of the model diverged."""
+        if device in self.slots:
+            self._nonfinite.add(device)
+
+    def _judge_divergence(self) -> None:
+        """At the close of a round: did every device that joined it see a non-finite loss?"""
+        joined = {s.name for s in self.slots.values() if s.round == self.round}
+        self._diverging = self._diverging + 1 if joined and joined <= self._nonfinite else 0
+        self._nonfinite = set()
+        if self._diverging >= DIVERGED_ROUNDS and self.failure is None:
+            self.failure = (f"training diverged: every device's loss was non-finite in rounds "
+                            f"{self.round - DIVERGED_ROUNDS + 1}..{self.round} (lr {self.cfg.training.lr} too high?)")
+            log.error("%s; stopping", self.failure)
+
     def _check_round_open(self, round_index: int) -> None:
+        if self.failure is not None:
+            raise RoundError(self.failure, 410)
         if self.phase == "finished":
             raise RoundError(f"training finished after {self.cfg.training.rounds} rounds", 410)
         if round_index < self.round:
@@ -246,6 +272,7 @@ class TrainingServer:
             loss = nn.functional.cross_entropy(out, y.to(self.torch_device))
             if not bool(torch.isfinite(loss)):
                 _restore(slot.replica, slot.optimizer, saved)
+                self._nonfinite.add(device)
                 raise self._refused("steps_refused", device, "the loss on these activations is not finite")
             if slot.optimizer is not None and micro == 0:
                 slot.optimizer.zero_grad(set_to_none=True)
@@ -257,6 +284,7 @@ class TrainingServer:
             grad = x.grad.detach()
             if not (bool(torch.isfinite(grad).all()) and _finite(slot.replica)):
                 _restore(slot.replica, slot.optimizer, saved)
+                self._nonfinite.add(device)
                 raise self._refused("steps_refused", device, "this step would make the server-side model "
                                     "non-finite (activations too large?)")
             if self.torch_device.type == "cuda":
@@ -396,10 +424,13 @@ class TrainingServer:
                 s.replica, s.optimizer, s.uploaded = None, None, None
             if s.phase in ("uploaded", "refused"):
                 s.phase = "idle"
+        self._judge_divergence()
         self.round += 1
         self.round_started = None
         self.opens_at = self.clock() + self.cfg.round_gap_s
         self.phase = "finished" if self.round >= self.cfg.training.rounds else "waiting"
+        if self.failure is not None:
+            self.phase = "failed"
         self._refresh_global()
         try:
             self._checkpoint()
@@ -487,7 +518,8 @@ class TrainingServer:
             return ServerStatus(round=self.round, rounds=self.cfg.training.rounds, phase=self.phase,
                                 accepting=self._accepting(), accuracy=_finite_or_none(last.get("accuracy")),
                                 loss=_finite_or_none(last.get("loss")), devices=devices,
-                                model_sha256=self.model_sha256, counters=counters)
+                                model_sha256=self.model_sha256, counters=counters,
+                                failure=self.failure, failure_reason="diverged" if self.failure else None)
 
     def telemetry(self) -> Telemetry:
         with self.lock:
