@@ -64,7 +64,7 @@ async def _wait_for_round(trainer: TrainingServer, round_index: int, wait_s: flo
     """Wait on the event loop, holding no worker thread, until `join` would not wait."""
     deadline = asyncio.get_running_loop().time() + wait_s
     while trainer.join_would_wait(round_index) and asyncio.get_running_loop().time() < deadline:
-        await asyncio.sleep(0.02)
+        await asyncio.sleep(0.05)
 
 
 def create_app(cfg: ServerConfig, trainer: Optional[TrainingServer] = None, tick_s: float = 0.5) -> FastAPI:
@@ -117,8 +117,8 @@ def create_app(cfg: ServerConfig, trainer: Optional[TrainingServer] = None, tick
     # evaluates: they run in a worker thread so the event loop never waits for it
     @app.get("/v1/status")
     async def status(token: Token) -> JSONResponse:
-        srv().check_any_token(token)
-        return JSONResponse((await to_thread.run_sync(srv().status)).model_dump(mode="json"))
+        async with app.state.gate.hold(srv().check_any_token(token)):  # its worker threads are shared
+            return JSONResponse((await to_thread.run_sync(srv().status)).model_dump(mode="json"))
 
     @app.get("/v1/telemetry")
     async def telemetry(token: Token) -> JSONResponse:
@@ -143,12 +143,7 @@ def create_app(cfg: ServerConfig, trainer: Optional[TrainingServer] = None, tick
     @app.post("/v1/devices/{name}/step")
     async def step(name: str, round: int, split: int, request: Request, budget: Budget,
                    micro: int = 0, micros: int = 1, total: Optional[int] = None) -> Response:
-        try:
-            bundle = await _decode(await budget.read_body(request, limit), limit)
-        except wire.WireError as exc:
-            if "NaN or Inf" in str(exc):  # the device's side of the model diverged (issue 10)
-                srv().note_nonfinite(name)
-            raise
+        bundle = await _decode(await budget.read_body(request, limit), limit)
         # x in any codec (int8 brings its scale); the gradient goes back in the codec x came in
         allowed = {"x": (wire.FLOATS + (wire.DTYPES["int8"],), None), "y": (wire.DTYPES["int64"], (None,))}
         if "x" + codec.SCALE_SUFFIX in codec.names(bundle.tensors, "x"):
