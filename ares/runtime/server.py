@@ -143,7 +143,12 @@ def create_app(cfg: ServerConfig, trainer: Optional[TrainingServer] = None, tick
     @app.post("/v1/devices/{name}/step")
     async def step(name: str, round: int, split: int, request: Request, budget: Budget,
                    micro: int = 0, micros: int = 1, total: Optional[int] = None) -> Response:
-        bundle = await _decode(await budget.read_body(request, limit), limit)
+        try:
+            bundle = await _decode(await budget.read_body(request, limit), limit)
+        except wire.WireError as exc:
+            if "NaN or Inf" in str(exc):  # the device's side of the model diverged (issue 10)
+                srv().note_nonfinite(name)
+            raise
         # x in any codec (int8 brings its scale); the gradient goes back in the codec x came in
         allowed = {"x": (wire.FLOATS + (wire.DTYPES["int8"],), None), "y": (wire.DTYPES["int64"], (None,))}
         if "x" + codec.SCALE_SUFFIX in codec.names(bundle.tensors, "x"):
