@@ -1,15 +1,17 @@
 """Issue 10 end to end: pods as a real kubelet runs them, and the job lifecycle cluster users expect.
 
 Three runs of a two-device job on tiny synthetic data, each checking several things at once:
-1. `test_restricted_pods_kill_delayed_split_metrics`: every trainer and server process runs as
-   uid/gid 10001 (token files 0440 through the fsGroup); a killed trainer's pod is replaced
-   within a tick or two and the job still succeeds; with downwardAPI updates delayed by 30 s a
-   split decision still reaches the device; the operator's /metrics shows the job's phase and
-   its optimiser runs.
-2. `test_suspend_resume_deadline_and_a_namesake`: suspend removes the pods and keeps the
+1. `test_restricted_pods_kill_and_metrics`: every trainer and server process runs as uid/gid
+   10001 (token files 0440 through the fsGroup); a killed trainer's pod is replaced within a
+   tick or two and the job still succeeds; the operator's /metrics shows the job's phase and its
+   optimiser runs.
+2. `test_delayed_split_suspend_resume_deadline_namesake`: with downwardAPI updates delayed by
+   30 s a split decision still reaches the device; suspend removes the pods and keeps the
    checkpoint, resume continues from it, activeDeadlineSeconds fails the job (DeadlineExceeded);
    deleted and re-created under the same name, the job starts from round 0.
 3. `test_lr_10_diverges`: lr 10 ends the job Failed, reason TrainingDiverged.
+Jobs that must outlive a wait have many rounds and are ended by the test, so no assertion
+depends on how fast this machine trains.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 import time
 
 import httpx
@@ -85,9 +88,8 @@ def _sample(text: str, name: str, **labels: str) -> float | None:
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="the test kubelet switches users only as root")
-def test_restricted_pods_kill_delayed_split_metrics(metrics_port, server_port, kubelet, operator, kubectl):
-    kubelet.downward_delay_s = 30.0  # a changed annotation reaches the files 30 s later
-    kubectl.run("apply", "-f", "-", stdin=job("life", rounds=60))
+def test_restricted_pods_kill_and_metrics(metrics_port, server_port, kubelet, operator, kubectl):
+    kubectl.run("apply", "-f", "-", stdin=job("life", rounds=12))
     j = Job(kubectl, "life")
     wait_for("round 1", lambda: j.status().get("round", 0) >= 1, timeout=180)
 
@@ -100,52 +102,53 @@ def test_restricted_pods_kill_delayed_split_metrics(metrics_port, server_port, k
     info = token.stat()
     assert (info.st_mode & 0o777, info.st_uid, info.st_gid) == (0o440, 0, APP_UID)
 
-    # 3. A split decision with the downwardAPI 30 s late: pin b elsewhere; the annotation moves at
-    # once, the file (and so the device) only after the delay, and then it trains with it.
-    old = int(j.pods()["life-b"]["metadata"]["annotations"]["ares.io/split-point"])
-    new = 1 if old != 1 else 2
-    kubectl.run("patch", "aresjobs", "life", "--type=json", "-p",
-                f'[{{"op": "add", "path": "/spec/devices/1/split", "value": {new}}}]')
-    wait_for("b's annotation", lambda: j.pods()["life-b"]["metadata"]["annotations"]["ares.io/split-point"] == str(new))
-    annotated = time.monotonic()
-    rounds_with_new = kubelet.log("life-b").count(f" split {new}:")  # the device logs "round N split S: ..."
-
-    # 2. Meanwhile a trainer dies: its pod is replaced within a tick (1 s) or two and it trains on.
+    # 2. A trainer dies: its pod is replaced within a tick (1 s) or two, and the job goes on.
     old_a = j.pods()["life-a"]["metadata"]["uid"]
     killed = time.monotonic()
     kubelet.kill("life-a", container="device")
     wait_for("a's replacement", lambda: (p := j.running("life-a")) and p["metadata"]["uid"] != old_a, timeout=20)
     replaced_s = time.monotonic() - killed
-    print(f"trainer killed -> replacement pod running: {replaced_s:.1f} s")
+    sys.__stdout__.write(f"\ntrainer killed -> replacement pod running: {replaced_s:.1f} s\n")  # kopf captures sys.stdout
     assert replaced_s < 5.0, replaced_s
     assert j.status()["devices"]["a"]["restarts"] == 1
 
-    split_file = kubelet.volume_dir("life-b", "podinfo") / "split-point"
-    assert split_file.read_text() == str(old) or time.monotonic() - annotated >= 29  # not yet
-    wait_for("b's file", lambda: split_file.read_text() == str(new), timeout=60)
-    landed = time.monotonic() - annotated
-    assert landed >= 29, landed
-    wait_for("b training with the new split", lambda: j.status()["devices"]["b"].get("split") == new
-             and kubelet.log("life-b").count(f" split {new}:") > rounds_with_new, timeout=60)
-    print(f"annotation -> file {landed:.1f} s")
-
     # 6. The operator's own metrics: the job's phase and its optimiser runs.
-    text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).text
     ns = kubectl.json("get", "aresjobs", "life")["metadata"]["namespace"]
-    assert _sample(text, "ares_operator_job_phase", namespace=ns, job="life", phase="Running") == 1.0
-    assert (_sample(text, "ares_operator_optimiser_runs_total", namespace=ns, job="life") or 0) >= 1
-    assert _sample(text, "ares_operator_jobs", phase="Running") >= 1
+    metrics = lambda: httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).text
+    assert _sample(metrics(), "ares_operator_job_phase", namespace=ns, job="life", phase="Running") == 1.0
+    assert _sample(metrics(), "ares_operator_jobs", phase="Running") >= 1
 
     final = j.ended(timeout=240)
     assert final["phase"] == "Succeeded", final.get("conditions")
-    text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).text
-    assert _sample(text, "ares_operator_job_phase", namespace=ns, job="life", phase="Succeeded") == 1.0
+    assert final["devices"]["a"]["restarts"] == 1
+    text = wait_for("the final phase in /metrics", lambda: (t := metrics()) and _sample(
+        t, "ares_operator_job_phase", namespace=ns, job="life", phase="Succeeded") == 1.0 and t)
+    assert (_sample(text, "ares_operator_optimiser_runs_total", namespace=ns, job="life") or 0) >= 1
+    assert _sample(text, "ares_operator_optimiser_duration_seconds_count", namespace=ns, job="life") >= 1
 
 
-def test_suspend_resume_deadline_and_a_namesake(server_port, kubelet, operator, kubectl):
-    kubectl.run("apply", "-f", "-", stdin=job("pause", rounds=200))
+def test_delayed_split_suspend_resume_deadline_namesake(server_port, kubelet, operator, kubectl):
+    kubelet.downward_delay_s = 30.0  # a changed annotation reaches the files 30 s later
+    kubectl.run("apply", "-f", "-", stdin=job("pause", rounds=500))
     j = Job(kubectl, "pause")
     wait_for("round 2", lambda: j.status().get("round", 0) >= 2, timeout=180)
+
+    # 3. A split decision with the downwardAPI 30 s late: pin b elsewhere; the annotation moves at
+    # once, the file (and so the device) only after the delay, and then it trains with it.
+    old = int(j.pods()["pause-b"]["metadata"]["annotations"]["ares.io/split-point"])
+    new = 1 if old != 1 else 2
+    rounds_with_new = kubelet.log("pause-b").count(f" split {new}:")  # the device logs "round N split S: ..."
+    annotated = time.monotonic()  # no earlier than the annotation changes
+    kubectl.run("patch", "aresjobs", "pause", "--type=json", "-p",
+                f'[{{"op": "add", "path": "/spec/devices/1/split", "value": {new}}}]')
+    wait_for("b's annotation", lambda: j.pods()["pause-b"]["metadata"]["annotations"]["ares.io/split-point"] == str(new))
+    split_file = kubelet.volume_dir("pause-b", "podinfo") / "split-point"
+    wait_for("b's file", lambda: split_file.read_text() == str(new), timeout=60)
+    landed = time.monotonic() - annotated
+    assert landed >= 30, landed  # the file did not change before the delay
+    wait_for("b training with the new split", lambda: j.status()["devices"]["b"].get("split") == new
+             and kubelet.log("pause-b").count(f" split {new}:") > rounds_with_new, timeout=60)
+    sys.__stdout__.write(f"\nannotation -> file {landed:.1f} s -> device trains with it {time.monotonic() - annotated:.1f} s\n")
 
     # suspend: no pods, the checkpoint stays; phase Suspended, condition Suspended=True
     kubectl.run("patch", "aresjobs", "pause", "--type=merge", "-p", '{"spec": {"runPolicy": {"suspend": true}}}')
