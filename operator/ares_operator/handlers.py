@@ -122,6 +122,8 @@ def _ensure_children(job: JobRef, spec: JobSpec, status: Mapping[str, Any], meta
 
 def _guarded_reconcile(job: JobRef, spec: JobSpec, status: Mapping[str, Any], meta: Mapping[str, Any],
                        body: kopf.Body, memo: kopf.Memo, patch: kopf.Patch, logger: logging.Logger) -> None:
+    if "conditions" in (patch.status or {}):  # set earlier in this handler: build on them, not on the old ones
+        status = {**status, "conditions": patch.status["conditions"]}
     try:
         _reconcile(job, spec, status, meta, body, memo, patch, logger)
     except (Refused, NotOurs) as exc:
@@ -207,6 +209,9 @@ def _tls(kube: Kube, job: JobRef, spec: JobSpec, memo: kopf.Memo, reread: bool =
     if getattr(memo, "tls", None) is not None and not reread:
         return
     existing = kube.read_secret(job.namespace, job.tls_secret_name)
+    if existing is not None and kube_controller_uid(existing) != job.uid:
+        raise NotOurs(f"Secret {job.tls_secret_name} belongs to another owner (a deleted job of the same name?); "
+                      "waiting for the garbage collector to remove it")
     if existing is None:
         made = tls.secret(job, spec)
         existing = made if kube.create(made) else kube.read_secret(job.namespace, job.tls_secret_name) or made
