@@ -20,7 +20,7 @@ from ares.core.config import DataConfig, ServerConfig
 from ares.core.messages import DeviceReport
 from ares.core.profiles import PUBLISHED
 from ares.runtime.link import HttpLink, LinkError
-from tests.conftest import ROOT, ServerProcess, small_config, token, wait_for
+from tests.conftest import ROOT, small_config, token, wait_for
 
 pytestmark = pytest.mark.slow
 

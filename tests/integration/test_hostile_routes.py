@@ -20,7 +20,6 @@ from hypothesis import strategies as st
 
 from ares.core import wire
 from ares.core.config import LimitsConfig
-from ares.core.messages import DeviceReport
 from ares.runtime.server import create_app
 from ares.runtime.training import TrainingServer, read_tokens
 from tests.conftest import ROOT, small_config
