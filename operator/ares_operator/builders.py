@@ -213,11 +213,15 @@ def _placement(where: _Scheduling) -> Obj:
 _RESTRICTED = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}, "runAsNonRoot": True}
 
 
-def pod_security() -> Obj:
+def pod_security(jetson: bool = False) -> Obj:
     """The pods' securityContext: uid/gid APP_UID, fsGroup (token files readable through the
-    group), the runtime's default seccomp profile."""
-    return {"runAsUser": c.APP_UID, "runAsGroup": c.APP_GID, "runAsNonRoot": True, "fsGroup": c.APP_GID,
-            "fsGroupChangePolicy": "OnRootMismatch", "seccompProfile": {"type": "RuntimeDefault"}}
+    group), the runtime's default seccomp profile. On Jetson the trainer also joins the `video`
+    group, which owns the GPU's device nodes (/dev/nvhost-*, 0660) that the NVIDIA runtime mounts."""
+    out: Obj = {"runAsUser": c.APP_UID, "runAsGroup": c.APP_GID, "runAsNonRoot": True, "fsGroup": c.APP_GID,
+                "fsGroupChangePolicy": "OnRootMismatch", "seccompProfile": {"type": "RuntimeDefault"}}
+    if jetson:
+        out["supplementalGroups"] = [c.JETSON_VIDEO_GID]
+    return out
 
 
 _QUANTITY = re.compile(r"^([0-9.]+)([a-zA-Z]*)$")
@@ -411,7 +415,7 @@ def device_pod(job: JobRef, spec: JobSpec, device: DeviceSpec, settings: Operato
         "restartPolicy": "Never",  # the operator replaces a failed pod, up to runPolicy.backoffLimit
         "automountServiceAccountToken": False,
         "terminationGracePeriodSeconds": 10,
-        "securityContext": pod_security(),
+        "securityContext": pod_security(jetson),
         "initContainers": [_sidecar(job, device, image)],
         "containers": [trainer],
         "volumes": volumes,

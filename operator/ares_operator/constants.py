@@ -41,6 +41,7 @@ JETSON_CLASSES = frozenset({"jetson-nano", "jetson-orin"})
 DEVICE_CLASSES = ("jetson-nano", "jetson-orin", "raspberry-pi", "cpu")
 POWER_MODES = ("MAXN", "5W", "custom1", "custom3")
 JETSON_RUNTIME_CLASS = "nvidia"  # runtimeClassName for Jetson pods (NVIDIA container runtime)
+JETSON_VIDEO_GID = 44            # L4T's `video` group: owns the GPU device nodes; the trainer joins it
 # Board power on a Jetson Nano (INA3221 monitor), read by the sidecar.
 JETSON_POWER_PATH = "/sys/bus/i2c/drivers/ina3221x/6-0040/iio:device0/in_power0_input"
 NVPMODEL_CONF = "/etc/nvpmodel.conf"
