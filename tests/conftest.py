@@ -1,4 +1,4 @@
-"""Shared fixtures: small configs and real server processes."""
+"""Shared fixtures: small configs and real server processes; the control-plane plugin."""
 
 from __future__ import annotations
 
@@ -17,6 +17,10 @@ import yaml
 from ares.core.config import CONTROLLER_TOKEN_NAME, DataConfig, ServerConfig, TrainingConfig
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# The real control plane, namespace and kubectl fixtures (tests/cluster/fixtures.py), here so
+# that tests/k8s and tests/images share one session control plane.
+pytest_plugins = ["cluster.fixtures"]
 
 
 def free_port() -> int:

@@ -1,11 +1,8 @@
-"""Fixtures for the operator tests: a real control plane, kubectl and helm, the operator, a kubelet.
+"""Fixtures for the operator tests: the operator and a kubelet, on the real control plane.
 
-- `control_plane` (session): etcd + kube-apiserver + kube-controller-manager built by
-  scripts/build-control-plane (tests/cluster/controlplane.py); the chart is helm-installed once
-  into `ares-system` (CRD, RBAC, ServiceAccount, Deployment; nothing runs that Deployment).
-- `namespace`: a fresh namespace per test (labelled for privileged Pod Security, as the
-  README tells users), deleted afterwards.
-- `kubectl`: the real kubectl, as cluster admin, in that namespace.
+`control_plane`, `namespace` and `kubectl` come from tests/cluster/fixtures.py (a plugin
+tests/conftest.py loads, so tests/images shares the session's control plane).
+
 - `operator`: the real operator (`kopf run --standalone -m ares_operator.handlers`) in a
   KopfRunner thread, authenticated as the chart's ServiceAccount with a TokenRequest token,
   so every call it makes is checked against exactly the chart's RBAC.
@@ -14,17 +11,15 @@
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import socket
-import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import pytest
 
@@ -39,7 +34,8 @@ os.environ.setdefault("ARES_TICK_SECONDS", "1")
 KUBECONFIG = Path(tempfile.mkdtemp(prefix="ares-k8s-")) / "kubeconfig"
 os.environ["KUBECONFIG"] = str(KUBECONFIG)
 
-from cluster.controlplane import ControlPlane, ControlPlaneUnavailable, bin_dir, tool_env  # noqa: E402
+from cluster.controlplane import ControlPlane  # noqa: E402
+from cluster.fixtures import OPERATOR_NS, OPERATOR_SA, Kubectl  # noqa: E402
 from k8s_kubelet import Kubelet  # noqa: E402
 
 CRD = ROOT / "crds" / "aresjobs.ares.io.yaml"
@@ -61,85 +57,6 @@ def wait_for(what: str, probe: Callable[[], Any], timeout: float = 30.0, every: 
             return last
         time.sleep(every)
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}; last: {last!r}")
-
-
-class Kubectl:
-    def __init__(self, kubeconfig: Path, control_plane: Optional[ControlPlane] = None):
-        self.kubeconfig = kubeconfig
-        self.env = tool_env(control_plane.bin, kubeconfig) if control_plane else dict(os.environ, KUBECONFIG=str(kubeconfig))
-
-    def run(self, *args: str, check: bool = True, stdin: Optional[str] = None) -> subprocess.CompletedProcess:
-        proc = subprocess.run(["kubectl", *args], env=self.env, capture_output=True, text=True,
-                              input=stdin, timeout=60)
-        if check and proc.returncode != 0:
-            raise AssertionError(f"kubectl {' '.join(args)} failed ({proc.returncode}): {proc.stderr}")
-        return proc
-
-    def json(self, *args: str) -> Any:
-        return json.loads(self.run(*args, "-o", "json").stdout)
-
-    def table(self, *args: str) -> list[dict[str, str]]:
-        """`kubectl get` output as rows of {COLUMN: value}."""
-        lines = [line for line in self.run("get", *args).stdout.splitlines() if line.strip()]
-        if not lines:
-            return []
-        header = lines[0]
-        starts = [i for i, ch in enumerate(header) if ch != " " and (i == 0 or header[i - 1] == " ")]
-        names = header.split()
-        rows = []
-        for line in lines[1:]:
-            cells = [line[a:b].strip() for a, b in zip(starts, starts[1:] + [None])]
-            rows.append(dict(zip(names, cells)))
-        return rows
-
-
-OPERATOR_NS = "ares-system"
-OPERATOR_SA = "ares"  # the chart's ServiceAccount for release "ares"
-_counter = itertools.count()
-
-
-@pytest.fixture(scope="session")
-def control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
-    try:
-        binaries = bin_dir()
-    except ControlPlaneUnavailable as exc:
-        if os.environ.get("CI"):
-            raise  # .ci/run builds it: in CI a missing control plane is a failure, not a skip
-        pytest.skip(str(exc))
-    cp = ControlPlane(tmp_path_factory.mktemp("control-plane"), bin=binaries)
-    with cp:
-        env = tool_env(cp.bin, cp.admin_kubeconfig)
-        # The chart, as a user installs it; `--wait` is not used: no controller runs Deployments here.
-        proc = subprocess.run(["helm", "install", "ares", str(ROOT / "charts" / "ares"), "-n", OPERATOR_NS,
-                               "--create-namespace"], env=env, capture_output=True, text=True, timeout=120)
-        assert proc.returncode == 0, proc.stderr
-        subprocess.run(["kubectl", "wait", "--for=condition=Established", "--timeout=60s",
-                        "crd/aresjobs.ares.io"], env=env, check=True, capture_output=True, timeout=90)
-        # What a k3s cluster with the NVIDIA container toolkit has: the runtime class Jetson pods name.
-        subprocess.run(["kubectl", "apply", "-f", "-"], env=env, check=True, capture_output=True, timeout=60,
-                       input="apiVersion: node.k8s.io/v1\nkind: RuntimeClass\nmetadata: {name: nvidia}\nhandler: nvidia\n",
-                       text=True)
-        yield cp
-
-
-@pytest.fixture
-def namespace(control_plane: ControlPlane, request: pytest.FixtureRequest) -> Iterator[str]:
-    name = f"t{next(_counter)}-{os.getpid() % 10000}"
-    labels = getattr(request, "param", None) or {"pod-security.kubernetes.io/enforce": "privileged"}
-    with control_plane.http() as http:
-        resp = http.post("/api/v1/namespaces", json={"apiVersion": "v1", "kind": "Namespace",
-                                                     "metadata": {"name": name, "labels": labels}})
-        resp.raise_for_status()
-        control_plane.wait_service_account(name)
-        yield name
-        http.delete(f"/api/v1/namespaces/{name}")
-
-
-@pytest.fixture
-def kubectl(control_plane: ControlPlane, namespace: str, tmp_path: Path) -> "Kubectl":
-    config = tmp_path / "admin.kubeconfig"
-    config.write_text(json.dumps(control_plane.kubeconfig(control_plane.admin_user(), namespace)))
-    return Kubectl(config, control_plane)
 
 
 class Operator:
