@@ -122,6 +122,7 @@ class Telemetry(_Msg):
     model: str
     batch_size: int
     codec: str
+    micro_batches: int = Field(1, ge=1)  # the job's default micro-batches per batch (pipelined steps)
     activation_numel: list[int]        # per sample, after each layer
     weight_bytes: list[int]            # device-side params+buffers per split
     server_fwd: list[float]            # per-batch seconds of the server part, per split

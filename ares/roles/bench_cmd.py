@@ -1,10 +1,16 @@
 """`ares bench SCENARIO`: one scenario under every policy, side by side, on the emulated testbed.
 
 Runs FL (`none`), classic split learning (one fixed split), the published `ares` policy,
-`straggler` and `straggler` with fp16 activations, one after another with the same seed and
-rounds (`ares.roles.testbed`), then prints one table: mean round time, device energy per round
-and final accuracy, each as a ratio to FL; the oracle round time (best over all split vectors)
-and each policy's ratio to it once adapted; the controller's predicted vs measured round time.
+`straggler`, `straggler` with fp16 activations and `straggler` with pipelined steps (fp32 and
+int8), one after another with the same seed and rounds (`ares.roles.testbed`), then prints one
+table: mean round time and device energy per round as ratios to FL, final accuracy and its
+difference to FL in points; the oracle round time (best over all split vectors, with the same
+codec and micro-batches as the variant) and each policy's ratio to it once adapted; the
+controller's predicted vs measured round time.
+
+A policy is `none`, `fixed:N`, `ares` or `straggler`, optionally followed by `+fp16` or `+int8`
+(activations and gradients on the wire) and `+pipeK` (K micro-batches per batch, 1..8), in any
+order: `straggler+int8+pipe4`.
 Writes comparison.json, round_time.png and split_timeline.png next to each run's own folder.
 """
 
@@ -67,11 +73,12 @@ def _f(value: Optional[float], fmt: str) -> str:
 def table(report: dict) -> str:
     """The comparison as plain text (one row per policy; ratios are measured side by side)."""
     links = {"tc": "tc htb in network namespaces", "inprocess": "IN-PROCESS rate limit (no root: not tc)"}[report["links"]]
-    head = ["policy", "round s", "x FL", "J/round", "x FL", "model J x FL", "accuracy", "x FL",
+    head = ["policy", "round s", "x FL", "J/round", "x FL", "model J x FL", "accuracy", "pts vs FL",
             "oracle s", "x oracle", "choice x oracle", "pred err"]
     rows = [[v["label"], _f(v["mean_round_s"], ".2f"), _f(v["time_vs_fl"], ".3f"), _f(v["energy_per_round_j"], ".1f"),
-             _f(v["energy_vs_fl"], ".3f"), _f(v["model_energy_vs_fl"], ".3f"), _f(v["final_accuracy"], ".4f"),
-             _f(v["accuracy_vs_fl"], ".3f"), _f(v["adapted_oracle_s"], ".2f"), _f(v["vs_oracle"], ".3f"),
+             _f(v["energy_vs_fl"], ".3f"), _f(v["model_energy_vs_fl"], ".3f"),
+             "-" if v["final_accuracy"] is None else f"{v['final_accuracy'] * 100:.1f}%",
+             _f(v.get("accuracy_points_vs_fl"), "+.1f"), _f(v["adapted_oracle_s"], ".2f"), _f(v["vs_oracle"], ".3f"),
              _f(v["choice_vs_oracle"], ".3f"),
              "-" if v["prediction_error"] is None else f"{v['prediction_error'] * 100:.1f}%"]
             for v in report["variants"]]
@@ -84,9 +91,15 @@ def table(report: dict) -> str:
          "device's power model x its measured compute and transfer times"),
         "model J: the same power models x the emulated profiles and link rates, for the splits each policy used",
         (f"oracle s, x oracle: over the adapted rounds {adapted}; oracle = best split vector from the emulated "
-         "profiles and link rates (server as measured, same codec); choice x oracle: the splits used, in that model"),
+         "profiles and link rates (server as measured, same codec and micro-batches as the variant); "
+         "choice x oracle: the splits used, in that model"),
+        "accuracy: the global model's test accuracy after the last round; pts vs FL: minus FL's, in points",
         "pred err: the controller's predicted vs measured round time (telemetry at the round's start), mean |error|",
     ]
+    best = [v["adapted_oracle_any_s"] for v in report["variants"] if v.get("adapted_oracle_any_s")]
+    if best:
+        lines.append(f"oracle over every codec (fp32, fp16, int8) and k in 1, 2, 4, 8 per device: {best[0]:.2f} s "
+                     "per round (the best any variant could reach in this model; server as the first run measured it)")
     for v in report["variants"]:
         if v["slower_than_profile"]:
             lines.append(f"warning: {v['label']}: this machine was slower than the emulated profile of "
@@ -105,7 +118,7 @@ def plot(report: dict, out: Path) -> None:
     fig, ax = plt.subplots(figsize=(9, 4.5))
     for v in variants:
         ax.plot([r["round"] for r in v["rounds"]], [r["measured_s"] for r in v["rounds"]], marker="o", label=v["label"])
-    ref = next((v for v in variants if v["codec"] == "fp32" and all(r["oracle_s"] for r in v["rounds"])), None)
+    ref = next((v for v in variants if v["codec"] == "fp32" and v.get("micro_batches", 1) == 1 and all(r["oracle_s"] for r in v["rounds"])), None)
     if ref:
         ax.plot([r["round"] for r in ref["rounds"]], [r["oracle_s"] for r in ref["rounds"]], "k--", label="oracle (fp32)")
     ax.set(xlabel="round", ylabel="seconds", title=f"Round time, scenario {report['scenario']['name']} ({report['links']} links)")
@@ -135,7 +148,8 @@ def register(subparsers: Any) -> None:
     p = subparsers.add_parser("bench", help="run a testbed scenario under every policy and compare",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("scenario", help="paper5 | bandwidth-drop | power-mode-change (bench/scenarios/) or a YAML file")
-    p.add_argument("--policies", help="comma-separated, overrides the scenario's: none,fixed:1,ares,straggler,straggler+fp16")
+    p.add_argument("--policies", help="comma-separated, overrides the scenario's: none,fixed:1,ares,straggler,"
+                                      "straggler+fp16,straggler+pipe4,straggler+int8+pipe4 (+fp16|+int8, +pipeK)")
     p.add_argument("--rounds", type=int, help="override the scenario's rounds")
     p.add_argument("--max-steps", type=int, help="override the scenario's max_steps_per_round")
     p.add_argument("--links", choices=["auto", "tc", "inprocess"], default="auto",

@@ -43,6 +43,10 @@ class RunConfig(_Strict):
     training: TrainingConfig = TrainingConfig(rounds=10)
     codec: Literal["fp32", "fp16", "int8"] = "fp32"
     micro_batches: int = Field(1, ge=1, le=8, description="pipelined split steps: micro-batches per batch")
+    offer_codecs: list[Literal["fp32", "fp16", "int8"]] = Field(
+        [], description="adaptive: the policy also chooses each device's codec among these (and `codec`)")
+    offer_micro_batches: list[int] = Field(
+        [], description="adaptive: the policy also chooses each device's micro-batches among these (and `micro_batches`)")
     results_dir: str = "results/latest"
     port: int = Field(0, ge=0, le=65535, description="0 picks a free port")
     http_server: Literal["granian", "uvicorn"] = "granian"
@@ -57,6 +61,21 @@ class RunConfig(_Strict):
         if mode in ("adaptive", "none") or (mode.startswith("fixed:") and mode[6:].isdigit()):
             return mode
         raise ValueError(f"mode {mode!r} not understood; accepted: adaptive, fixed:N (e.g. fixed:2), none")
+
+    @field_validator("offer_micro_batches")
+    @classmethod
+    def _ks(cls, ks: list[int]) -> list[int]:
+        if any(not 1 <= k <= 8 for k in ks):
+            raise ValueError(f"offer_micro_batches {ks}: each must be within 1..8")
+        return ks
+
+    def offer(self) -> tuple[tuple[str, int], ...]:
+        """The (codec, micro-batches) pairs the controller may hand devices; () when none is offered."""
+        if not (self.offer_codecs or self.offer_micro_batches):
+            return ()
+        codecs = dict.fromkeys([self.codec, *self.offer_codecs])
+        ks = dict.fromkeys([self.micro_batches, *self.offer_micro_batches])
+        return tuple((c, k) for c in codecs for k in ks)
 
     def device_specs(self) -> list[DeviceSpec]:
         if isinstance(self.devices, int):

@@ -206,7 +206,7 @@ def run(cfg: RunConfig, progress: bool = True, cluster: Optional[Cluster] = None
         policy = parse_policy(cfg.policy, cfg.alpha)
         controller = Controller(lambda: fetch_telemetry(cluster.url, cluster.controller_token, tls=cluster.client_tls),
                                 policy,
-                                FileSplitSink(root / "splits"), pinned)
+                                FileSplitSink(root / "splits"), pinned, offer=cfg.offer())
     view = _Progress(progress, cfg, specs)
     started = time.time()
     try:
@@ -226,7 +226,8 @@ def run(cfg: RunConfig, progress: bool = True, cluster: Optional[Cluster] = None
                         for p in plan.devices:
                             splits_log.append({"time": round(time.time() - started, 3), "round": status.round,
                                                "device": p.name, "split": p.split, "predicted_round_s": p.round_s,
-                                               "predicted_iteration_s": p.iteration_s, "policy": plan.policy})
+                                               "predicted_iteration_s": p.iteration_s, "policy": plan.policy,
+                                               "codec": p.codec, "micro_batches": p.micro_batches})
                 if on_round:
                     on_round(cluster, status)
             if status.phase in ("finished", "failed"):
@@ -273,7 +274,7 @@ def write_results(cfg: RunConfig, root: Path, splits_log: list[dict], wall_s: fl
                 w.writerow({"round": r["round"], "device": name, **d})
     with open(root / "splits.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=["time", "round", "device", "split", "predicted_round_s",
-                                          "predicted_iteration_s", "policy"])
+                                          "predicted_iteration_s", "policy", "codec", "micro_batches"])
         w.writeheader()
         w.writerows(splits_log)
     energy: dict[str, float] = {}

@@ -26,13 +26,14 @@ are left out of a policy's "adapted" ratio to the oracle.
 from __future__ import annotations
 
 import contextlib
+import csv
 import json
 import logging
 import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Literal, Optional
+from typing import Iterator, Literal, Optional, Sequence
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -40,10 +41,11 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ares.core.config import DataConfig, TrainingConfig
 from ares.core.energy import power_model
 from ares.core.optimiser import (
+    CODEC_BYTES,
     DeviceInput,
     Problem,
     evaluate,
-    model_costs,
+    options_for,
     oracle_round_time,
     parse_policy,
 )
@@ -58,7 +60,6 @@ from ares.roles.runconfig import DeviceSpec, LinkChange, RunConfig
 from ares.roles.runner import Cluster, free_port, run
 from ares.runtime.controller import (
     ASSUMED_POWER,
-    CODEC_BYTES,
     fetch_status,
     fetch_telemetry,
     problem_from_telemetry,
@@ -69,7 +70,10 @@ log = logging.getLogger("ares.testbed")
 SCENARIO_DIR = Path(__file__).resolve().parents[2] / "bench" / "scenarios"
 LinkMode = Literal["tc", "inprocess"]
 SLOW_MACHINE_MARK = "slower than the emulated"  # what ares.runtime.device logs when it cannot keep up
-DEFAULT_POLICIES = ("none", "fixed:1", "ares", "straggler", "straggler+fp16")
+DEFAULT_POLICIES = ("none", "fixed:1", "ares", "straggler", "straggler+fp16", "straggler+pipe4", "straggler+int8+pipe4")
+CODECS = ("fp32", "fp16", "int8")
+MAX_MICRO_BATCHES = 8
+EVERY_OPTION = tuple((c, k) for c in CODECS for k in (1, 2, 4, 8))  # the reference oracle's choices
 MBIT = 125_000.0  # bytes per second in one Mbit/s
 WARMUP_ROUNDS = 1  # round 0 includes process start-up (imports, self-profiling): left out of the means
 
@@ -183,35 +187,66 @@ def adapted_rounds(scenario: Scenario) -> list[int]:
 
 @dataclass(frozen=True)
 class Variant:
-    """One way to run the scenario: a split mode, a policy and a wire codec."""
+    """One way to run the scenario: a split mode, a policy, a wire codec and micro-batches per batch."""
 
-    key: str  # as written in the scenario: none, fixed:1, ares, straggler, straggler+fp16
+    key: str  # as written in the scenario: none, fixed:1, ares, straggler, straggler+fp16, straggler+int8+pipe4
     mode: str
     policy: str
-    codec: Literal["fp32", "fp16"]
+    codec: Literal["fp32", "fp16", "int8"]
+    micro_batches: int = 1
+    auto: bool = False  # the policy chooses each device's codec and micro-batches (EVERY_OPTION)
 
     @property
     def label(self) -> str:
         base = {"none": "FL (none)"}.get(self.key.split("+")[0], self.key.split("+")[0])
         if self.mode.startswith("fixed:"):
             base = f"split learning ({self.mode})"
-        return base + (" + fp16" if self.codec == "fp16" else "")
+        if self.auto:
+            return base + " + auto (codec, k)"
+        return base + (f" + {self.codec}" if self.codec != "fp32" else "") + (
+            f" + pipe{self.micro_batches}" if self.micro_batches > 1 else "")
 
     @property
     def folder(self) -> str:
         return self.key.replace(":", "-").replace("+", "-")
 
+    @property
+    def options(self) -> tuple[tuple[str, int], ...]:
+        """The (codec, micro-batches) choices this variant's devices have, which its oracle gets too."""
+        return EVERY_OPTION if self.auto else ((self.codec, self.micro_batches),)
+
 
 def variant_of(key: str) -> Variant:
-    """`none`, `fixed:N`, `ares`, `straggler`, each optionally with `+fp16` (activations in fp16)."""
-    base, plus, codec = key.partition("+")
-    if plus and codec != "fp16":
-        raise ValueError(f"policy {key!r}: only '+fp16' may follow a policy")
-    if base == "none" or base.startswith("fixed:"):
+    """A policy (`none`, `fixed:N`, `ares`, `straggler`) and optional modifiers joined by `+`:
+    a codec (`fp16` or `int8`; default fp32) and `pipeK` (K micro-batches per batch, 1..8); or
+    `auto` alone (adaptive policies only): the policy chooses each device's codec and K."""
+    base, *mods = key.split("+")
+    if "auto" in mods:
+        if mods != ["auto"] or base == "none" or base.startswith("fixed:"):
+            raise ValueError(f"policy {key!r}: +auto goes alone after an adaptive policy (ares+auto, straggler+auto)")
         parse_policy(base)
-        return Variant(key, base, "straggler", "fp16" if plus else "fp32")
+        return Variant(key, "adaptive", base, "fp32", 1, auto=True)
+    codec, k = None, None
+    for m in mods:
+        if m in CODECS:
+            if codec is not None:
+                raise ValueError(f"policy {key!r}: two codecs ({codec}, {m}); give at most one")
+            codec = m
+        elif m.startswith("pipe") and m[4:].isdigit():
+            if k is not None:
+                raise ValueError(f"policy {key!r}: two pipe modifiers; give at most one")
+            k = int(m[4:])
+            if not 1 <= k <= MAX_MICRO_BATCHES:
+                raise ValueError(f"policy {key!r}: pipe{k}: micro-batches must be within 1..{MAX_MICRO_BATCHES}")
+        else:
+            raise ValueError(f"policy {key!r}: modifier {m!r} not understood; after a policy may follow "
+                             f"+fp16 or +int8 (the codec) and +pipeK (K micro-batches, 1..{MAX_MICRO_BATCHES}), "
+                             "e.g. straggler+int8+pipe4; or +auto alone")
     parse_policy(base)
-    return Variant(key, "adaptive", base, "fp16" if plus else "fp32")
+    codec, k = codec or "fp32", k or 1
+    if base == "none" or base.startswith("fixed:"):
+        return Variant(key, base, "straggler", codec, k)
+    return Variant(key, "adaptive", base, codec, k)
 
 
 # ---- links: network namespaces with tc, or the in-process limit ------------------------------
@@ -283,7 +318,10 @@ def run_config(scenario: Scenario, variant: Variant, results: Path, port: int = 
                 for r, (before, now) in enumerate(zip(timeline(scenario), timeline(scenario)[1:]), start=1)
                 for name, s in now.items() if (s.up_mbps, s.down_mbps) != (before[name].up_mbps, before[name].down_mbps)]
     return RunConfig(model=scenario.model, devices=devices, mode=variant.mode, policy=variant.policy,
-                     data=scenario.data, training=scenario.training, codec=variant.codec, results_dir=str(results),
+                     data=scenario.data, training=scenario.training, codec=variant.codec,
+                     micro_batches=variant.micro_batches, results_dir=str(results),
+                     offer_codecs=list(CODECS) if variant.auto else [],
+                     offer_micro_batches=sorted({k for _, k in EVERY_OPTION}) if variant.auto else [],
                      port=port, round_deadline_s=scenario.round_deadline_s, schedule=schedule)
 
 
@@ -362,7 +400,11 @@ def analyse_folder(scenario: Scenario, variant: Variant, results: Path, links: L
     history = json.loads((results / "checkpoints" / "state.json").read_text())["history"]
     raw = json.loads((results / "telemetry.json").read_text())
     telemetry = {int(r): Telemetry.model_validate(t) for r, t in raw.items()}
-    out = analyse(scenario, variant, history, telemetry, links)
+    decisions = []
+    if (results / "splits.csv").exists():
+        with open(results / "splits.csv", newline="") as f:
+            decisions = list(csv.DictReader(f))
+    out = analyse(scenario, variant, history, telemetry, links, decisions)
     out.update(wall_s=wall_s, results_dir=str(results),
                slower_than_profile=_slow_devices(results / "logs", [d.name for d in scenario.devices]))
     (results / "variant.json").write_text(json.dumps(out, indent=2))
@@ -375,16 +417,21 @@ def _slow_devices(logs: Path, names: list[str]) -> list[str]:
 
 # ---- what a run means: oracle, prediction, ratios -------------------------------------------
 
-def oracle_problem(states: dict[str, DeviceState], telemetry, iterations: dict[str, int]) -> Problem:
-    """The scenario's truth for one round: emulated profiles and link rates, the measured server."""
+def oracle_problem(states: dict[str, DeviceState], telemetry, iterations: dict[str, int],
+                   options: Optional[Sequence[tuple[str, int]]] = None) -> Problem:
+    """The scenario's truth for one round: emulated profiles and link rates, the measured server,
+    and the (codec, micro-batches) `options` the devices may take (default: the run's own)."""
     batch = telemetry.batch_size
     server = ServerProfile(fwd=tuple(telemetry.server_fwd), bwd=tuple(telemetry.server_bwd), batch_size=batch)
-    costs = model_costs(telemetry.activation_numel, telemetry.weight_bytes, batch,
-                        codec_bytes=CODEC_BYTES.get(telemetry.codec, 4))
+    if options is None:
+        codec = telemetry.codec if telemetry.codec in CODEC_BYTES else "fp32"
+        options = ((codec, getattr(telemetry, "micro_batches", 1)),)
+    opts = tuple(o for c, k in options for o in options_for(telemetry.activation_numel, telemetry.weight_bytes,
+                                                              batch, (c,), (k,)))
     devices = tuple(DeviceInput(name=n, compute=s.profile.rescaled(batch), up_bps=s.up_mbps * MBIT,
                                 down_bps=s.down_mbps * MBIT, power=_power(s.profile), iterations=iterations[n])
                     for n, s in states.items())
-    return Problem(devices, server, costs)
+    return Problem(devices, server, opts[0].model, options=opts, codec=opts[0].codec)
 
 
 def _power(profile: ComputeProfile):
@@ -395,27 +442,44 @@ def _power(profile: ComputeProfile):
         return ASSUMED_POWER
 
 
+def options_used(decisions: Sequence[dict], round_index: int) -> dict[str, tuple[str, int]]:
+    """Each device's (codec, micro-batches) in a round: the controller's last decision made at or
+    before it (splits.csv; a decision made as round r opens holds in round r), else the run's own."""
+    used: dict[str, tuple[str, int]] = {}
+    for d in decisions:
+        if int(d["round"]) <= round_index and d.get("codec"):
+            used[d["device"]] = (d["codec"], int(d["micro_batches"]))
+    return used
+
+
 def analyse(scenario: Scenario, variant: Variant, history: list[dict], telemetry: dict[int, object],
-            links: LinkMode) -> dict:
+            links: LinkMode, decisions: Sequence[dict] = ()) -> dict:
     """Per round: measured time and energy, the oracle, the emulated truth and the controller's
-    prediction for the splits used; then their means (`steady`: from round WARMUP_ROUNDS on)."""
+    prediction for the splits (and codec, micro-batches) used; then their means (`steady`: from
+    round WARMUP_ROUNDS on)."""
     states = timeline(scenario)
     server = telemetry.get(max(telemetry)) if telemetry else None
+    own = (variant.codec, variant.micro_batches)
     rounds = []
     for h in history:
         r = h["round"]
         splits = {n: d["split"] for n, d in h["devices"].items()}
+        decided = options_used(decisions, r)
+        options = {n: decided.get(n, own) for n in splits}
         steps = {n: h["devices"].get(n, {}).get("steps") or scenario.training.max_steps_per_round or 1
                  for n in states[r]}
         energy = [d["energy_j"] for d in h["devices"].values() if d.get("energy_j") is not None]
         row = {"round": r, "measured_s": h["duration_s"], "accuracy": h["accuracy"], "missed": h["missed"],
                "splits": splits, "energy_j": math.fsum(energy) if energy else None,
-               "oracle_s": None, "model_s": None, "model_energy_j": None,
-               "predicted_s": _predicted(telemetry.get(r), splits) if r > 0 else None}
+               "oracle_s": None, "oracle_any_s": None, "model_s": None, "model_energy_j": None,
+               "options": {n: f"{c}/k{k}" for n, (c, k) in options.items()},
+               "predicted_s": _predicted(telemetry.get(r), splits, variant, options) if r > 0 else None}
         if server is not None:
-            row["oracle_s"] = oracle_round_time(oracle_problem(states[r], server, steps))
+            row["oracle_s"] = oracle_round_time(oracle_problem(states[r], server, steps, variant.options))
+            row["oracle_any_s"] = oracle_round_time(oracle_problem(states[r], server, steps, EVERY_OPTION))
             if splits:
-                used = evaluate(oracle_problem({n: states[r][n] for n in splits}, server, steps), splits)
+                used = evaluate(oracle_problem({n: states[r][n] for n in splits}, server, steps, variant.options), splits,
+                                options=options)
                 row["model_s"], row["model_energy_j"] = used.round_s, used.energy_round_j
         rounds.append(row)
     adapted = [x for x in rounds if x["round"] in adapted_rounds(scenario)]
@@ -424,7 +488,8 @@ def analyse(scenario: Scenario, variant: Variant, history: list[dict], telemetry
     predicted = [x for x in steady if x["predicted_s"] and x["round"] not in changes]
     return {
         "scenario": scenario.name, "variant": variant.key, "label": variant.label, "mode": variant.mode,
-        "policy": variant.policy if variant.mode == "adaptive" else None, "codec": variant.codec, "links": links,
+        "policy": variant.policy if variant.mode == "adaptive" else None, "codec": variant.codec,
+        "micro_batches": variant.micro_batches, "links": links,
         "rounds": rounds,
         "mean_round_s": _mean_of(steady, "measured_s"),
         "energy_per_round_j": _mean_of(steady, "energy_j"),
@@ -435,6 +500,7 @@ def analyse(scenario: Scenario, variant: Variant, history: list[dict], telemetry
         "adapted_rounds": [x["round"] for x in adapted],
         "adapted_round_s": _mean_of(adapted, "measured_s"),
         "adapted_oracle_s": _mean_of(adapted, "oracle_s"),
+        "adapted_oracle_any_s": _mean_of(adapted, "oracle_any_s"),
         "vs_oracle": _ratio(_mean_of(adapted, "measured_s"), _mean_of(adapted, "oracle_s")),
         "choice_vs_oracle": _ratio(_mean_of(adapted, "model_s"), _mean_of(adapted, "oracle_s")),
         "overhead_s": _diff(_mean_of(steady, "measured_s"), _mean_of(steady, "model_s")),
@@ -457,14 +523,15 @@ def _diff(a: Optional[float], b: Optional[float]) -> Optional[float]:
     return a - b if a is not None and b is not None else None
 
 
-def _predicted(telemetry, splits: dict[str, int]) -> Optional[float]:
-    """The controller's model of the splits used in a round, from the telemetry at its start."""
+def _predicted(telemetry, splits: dict[str, int], variant: Variant,
+               options: dict[str, tuple[str, int]]) -> Optional[float]:
+    """The controller's model of the splits (and options) used in a round, from the telemetry at its start."""
     if telemetry is None:
         return None
-    problem = problem_from_telemetry(telemetry)
+    problem = problem_from_telemetry(telemetry, offer=variant.options)
     if problem is None or {d.name for d in problem.devices} != set(splits):
         return None  # a device not measured yet (no transfer seen): no prediction
-    return evaluate(problem, splits).round_s
+    return evaluate(problem, splits, options=options).round_s
 
 
 def _mean(values) -> float:
@@ -526,4 +593,10 @@ def ratios(results: list[dict]) -> list[dict]:
     return [{**r, "time_vs_fl": _ratio(r["mean_round_s"], fl.get("mean_round_s")),
              "energy_vs_fl": _ratio(r["energy_per_round_j"], fl.get("energy_per_round_j")),
              "model_energy_vs_fl": _ratio(r["model_energy_per_round_j"], fl.get("model_energy_per_round_j")),
-             "accuracy_vs_fl": _ratio(r["final_accuracy"], fl.get("final_accuracy"))} for r in results]
+             "accuracy_vs_fl": _ratio(r["final_accuracy"], fl.get("final_accuracy")),
+             "accuracy_points_vs_fl": _points(r["final_accuracy"], fl.get("final_accuracy"))} for r in results]
+
+
+def _points(a: Optional[float], b: Optional[float]) -> Optional[float]:
+    """Accuracy difference in percentage points (a - b) x 100."""
+    return (a - b) * 100 if a is not None and b is not None else None

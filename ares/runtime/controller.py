@@ -10,22 +10,21 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping, Optional, Protocol
+from typing import Callable, Mapping, Optional, Protocol, Sequence, runtime_checkable
 
 import httpx
 
 from ares.core.energy import PowerModel, power_model
 from ares.core.messages import ServerStatus, Telemetry
-from ares.core.optimiser import DeviceInput, Plan, Problem, SplitPolicy, model_costs
+from ares.core.optimiser import CODEC_BYTES, DeviceInput, Option, Plan, Problem, SplitPolicy, model_costs, options_for
 from ares.core.profiles import ComputeProfile, ServerProfile
-from ares.runtime.splitfile import write_split
+from ares.runtime.splitfile import write_options, write_split
 from ares.runtime.tlsclient import ClientTls, transport
 
 log = logging.getLogger("ares.controller")
 
 # Where no table entry fits (a laptop or x86 box in a local run): a plainly labelled guess.
 ASSUMED_POWER = PowerModel(compute_w=10.0, tx_w=2.0, rx_w=2.0, source="modelled")
-CODEC_BYTES = {"fp32": 4, "fp16": 2}
 
 
 def _get(url: str, token: str, timeout_s: float, tls: Optional[ClientTls]) -> httpx.Response:
@@ -51,8 +50,12 @@ def _power(device_class: str, power_mode: str) -> PowerModel:
         return ASSUMED_POWER
 
 
-def problem_from_telemetry(telemetry: Telemetry, pinned: Mapping[str, int] | None = None) -> Optional[Problem]:
-    """The optimiser's input from measurements. Devices not yet measured are left out."""
+def problem_from_telemetry(telemetry: Telemetry, pinned: Mapping[str, int] | None = None,
+                           offer: Sequence[tuple[str, int]] = ()) -> Optional[Problem]:
+    """The optimiser's input from measurements. Devices not yet measured are left out.
+
+    The problem's options are the job's own (codec, micro-batches), then every pair in `offer`
+    (the choices the controller may hand each device beside its split)."""
     pinned = pinned or {}
     layers = len(telemetry.activation_numel)
     devices = []
@@ -71,17 +74,30 @@ def problem_from_telemetry(telemetry: Telemetry, pinned: Mapping[str, int] | Non
     server = ServerProfile(fwd=tuple(telemetry.server_fwd), bwd=tuple(telemetry.server_bwd), batch_size=telemetry.batch_size)
     costs = model_costs(telemetry.activation_numel, telemetry.weight_bytes, telemetry.batch_size,
                         codec_bytes=CODEC_BYTES.get(telemetry.codec, 4))
-    return Problem(devices=tuple(devices), server=server, model=costs)
+    codec = telemetry.codec if telemetry.codec in CODEC_BYTES else "fp32"
+    own = Option(codec, telemetry.micro_batches, costs)
+    extra = [pair for pair in dict.fromkeys(offer) if pair != (own.codec, own.micro_batches)]
+    options = (own, *(o for c, k in extra for o in options_for(telemetry.activation_numel, telemetry.weight_bytes,
+                                                                telemetry.batch_size, (c,), (k,))))
+    return Problem(devices=tuple(devices), server=server, model=costs, codec=codec, options=options)
 
 
-def decide(telemetry: Telemetry, policy: SplitPolicy, pinned: Mapping[str, int] | None = None) -> Optional[Plan]:
+def decide(telemetry: Telemetry, policy: SplitPolicy, pinned: Mapping[str, int] | None = None,
+           offer: Sequence[tuple[str, int]] = ()) -> Optional[Plan]:
     """A plan for the measured devices, or None when nothing has been measured yet."""
-    problem = problem_from_telemetry(telemetry, pinned)
+    problem = problem_from_telemetry(telemetry, pinned, offer)
     return policy.decide(problem) if problem is not None else None
 
 
 class SplitSink(Protocol):
     def write(self, splits: Mapping[str, int]) -> None: ...
+
+
+@runtime_checkable
+class OptionSink(Protocol):
+    """A sink that can also hand a device its (codec, micro-batches); called before `write`."""
+
+    def write_options(self, options: Mapping[str, tuple[str, int]]) -> None: ...
 
 
 @dataclass
@@ -97,21 +113,40 @@ class FileSplitSink:
         for device, split in splits.items():
             write_split(self.path(device), split)
 
+    def write_options(self, options: Mapping[str, tuple[str, int]]) -> None:
+        """`<device>.split.options` beside each split file (ares.runtime.splitfile)."""
+        for device, (codec, micro_batches) in options.items():
+            write_options(self.path(device), codec, micro_batches)
+
 
 @dataclass
 class Controller:
-    """One decision per call: telemetry -> policy -> sink. The caller decides how often."""
+    """One decision per call: telemetry -> policy -> sink. The caller decides how often.
+
+    With `offer` (pairs of codec and micro-batches) the policy also chooses each device's pair
+    among the job's own and those; where the sink can (`OptionSink`), the pairs that changed
+    are written before the splits, so a device that reads a new split finds its options too.
+    """
 
     telemetry: Callable[[], Telemetry]
     policy: SplitPolicy
     sink: SplitSink
     pinned: Mapping[str, int] = field(default_factory=dict)
     last: dict[str, int] = field(default_factory=dict)
+    offer: tuple[tuple[str, int], ...] = ()
+    last_options: dict[str, tuple[str, int]] = field(default_factory=dict)
 
     def run_once(self) -> Optional[Plan]:
-        plan = decide(self.telemetry(), self.policy, self.pinned)
+        plan = decide(self.telemetry(), self.policy, self.pinned, self.offer)
         if plan is None:
             return None
+        if self.offer and isinstance(self.sink, OptionSink):
+            chosen = {p.name: (p.codec, p.micro_batches) for p in plan.devices}
+            moved = {k: v for k, v in chosen.items() if self.last_options.get(k) != v}
+            if moved:
+                log.info("%s policy: new step options %s", plan.policy, moved)
+                self.sink.write_options(moved)
+                self.last_options.update(moved)
         splits = {p.name: p.split for p in plan.devices}
         changed = {k: v for k, v in splits.items() if self.last.get(k) != v}
         if changed:

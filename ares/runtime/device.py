@@ -31,7 +31,7 @@ from ares.core.profiles import ComputeProfile
 from ares.runtime.link import LinkError, ServerLink
 from ares.runtime.power import read_power_file
 from ares.runtime.profiler import LiveScale, Throughput, device_profile, time_layers
-from ares.runtime.splitfile import read_split
+from ares.runtime.splitfile import StepOptions, read_options, read_split
 
 log = logging.getLogger("ares.device")
 
@@ -92,6 +92,7 @@ class DeviceTrainer:
         d = self.cfg.data
         self.shard = shard(data, self.cfg.shard_of(self.settings.name), len(self.cfg.devices), d.partition, d.beta, d.seed)
         self.split: Optional[int] = self.settings.initial_split
+        self.chosen: Optional[StepOptions] = None  # the controller's (codec, k), from beside the split file
         self.up, self.down = Throughput(smoothing=0.5), Throughput(smoothing=0.5)
         self.live = LiveScale()
         self.set_emulation(self.emulate)
@@ -155,6 +156,10 @@ class DeviceTrainer:
                 split = self.layers - 1
                 log.warning("no split file yet at %s; training every layer on the device", self.settings.split_file)
             self.split = split
+            chosen = read_options(self.settings.split_file, self.chosen)
+            if chosen != self.chosen:
+                log.info("round %d: step options %s (were %s)", round_index, chosen, self.chosen)
+            self.chosen = chosen
             try:
                 reply, weights = self.link.join(round_index, split)
             except LinkError as exc:
@@ -284,11 +289,12 @@ class DeviceTrainer:
 
     @property
     def codec(self) -> str:
-        return self.settings.codec or self.cfg.codec
+        """The controller's choice (options file), else this device's setting, else the server's."""
+        return (self.chosen and self.chosen.codec) or self.settings.codec or self.cfg.codec
 
     @property
     def micro_batches(self) -> int:
-        return self.settings.micro_batches or self.cfg.micro_batches
+        return (self.chosen and self.chosen.micro_batches) or self.settings.micro_batches or self.cfg.micro_batches
 
     def _pipelined_step(self, round_index: int, split: int, part: nn.Module, x, y, entry: RoundLog) -> tuple[float, float]:
         """One batch as k micro-batches: forward i+1 runs while i is on the wire or at the server.

@@ -1,13 +1,71 @@
-"""The split-point file: how a device learns its split (a downwardAPI projection or a local file)."""
+"""The split-point file: how a device learns its split (a downwardAPI projection or a local file).
+
+The split file holds one integer and nothing else, as it always has. Where the controller also
+chooses how a device runs its split steps (wire codec, micro-batches per batch), it writes them
+beside it, in `<split file>.options`: JSON such as `{"codec": "int8", "micro_batches": 4}`.
+A device without that file (an old controller, or a job that offers no options) runs as its
+settings and the server say; a device too old to know the file ignores it and keeps working.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 log = logging.getLogger("ares.device")
+OPTIONS_SUFFIX = ".options"
+MAX_OPTIONS_BYTES = 4096
+
+
+class StepOptions(BaseModel):
+    """How a device runs its split steps, as the controller chose; a field left out keeps the device's own."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)  # ignore: a newer controller may say more
+
+    codec: Optional[Literal["fp32", "fp16", "int8"]] = None
+    micro_batches: Optional[int] = Field(None, ge=1, le=8)
+
+
+def options_path(split_file: str | Path) -> Path:
+    """Where the options for a split file live: beside it."""
+    path = Path(split_file)
+    return path.with_name(path.name + OPTIONS_SUFFIX)
+
+
+def read_options(split_file: str | Path, last_good: Optional[StepOptions]) -> Optional[StepOptions]:
+    """The options beside a split file; None when there is no such file (the device's own settings
+    hold); `last_good` (with a log line saying why) when it is unreadable or malformed."""
+    path = options_path(split_file)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_OPTIONS_BYTES + 1)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        log.warning("options file %s unreadable (%s); keeping %s", path, exc.strerror, last_good)
+        return last_good
+    try:
+        if len(raw) > MAX_OPTIONS_BYTES:
+            raise ValueError(f"over {MAX_OPTIONS_BYTES} bytes")
+        return StepOptions.model_validate(json.loads(raw))
+    except (ValueError, ValidationError) as exc:  # JSONDecodeError is a ValueError
+        log.warning("options file %s malformed (%s); keeping %s", path, str(exc).splitlines()[0][:120], last_good)
+        return last_good
+
+
+def write_options(split_file: str | Path, codec: str, micro_batches: int) -> None:
+    """Atomic write of the options beside a split file (write them before the split they go with)."""
+    path = options_path(split_file)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = StepOptions(codec=codec, micro_batches=micro_batches).model_dump_json()
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text + "\n")
+    tmp.replace(path)
 
 
 def read_split(path: str | Path, layers: int, last_good: Optional[int]) -> Optional[int]:

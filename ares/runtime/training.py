@@ -541,6 +541,7 @@ class TrainingServer:
                     round_s=t.round_s if t else None))
             zeros = [0.0] * self.layers
             return Telemetry(round=self.round, model=self.cfg.model, batch_size=batch, codec=self.cfg.codec,
+                             micro_batches=self.cfg.micro_batches,
                              activation_numel=activation_numel(self.cfg.model), weight_bytes=weight_bytes(self.cfg.model),
                              server_fwd=[v * scale for v in prof.fwd] if prof else zeros,
                              server_bwd=[v * scale for v in prof.bwd] if prof else zeros,

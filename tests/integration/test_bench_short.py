@@ -24,7 +24,7 @@ from ares.roles import testbed
 
 ROOT = Path(__file__).resolve().parents[2]
 ROUNDS = 3
-POLICIES = ["none", "fixed:1", "straggler+fp16"]  # one of each mode; ares/straggler differ only in the policy
+POLICIES = ["none", "fixed:1", "straggler+int8+pipe2"]  # one of each mode; ares/straggler differ only in the policy
 SCENARIO = {
     "name": "short",
     "training": {"rounds": ROUNDS, "batch_size": 20, "max_steps_per_round": 2, "seed": 1},
@@ -68,10 +68,13 @@ def test_modes_keep_their_splits_and_codecs(bench):
     fl, classic, adaptive = report["variants"]
     assert {s for r in fl["rounds"] for s in r["splits"].values()} == {6}
     assert {s for r in classic["rounds"] for s in r["splits"].values()} == {1}
-    assert (fl["codec"], classic["codec"], adaptive["codec"]) == ("fp32", "fp32", "fp16")
+    assert (fl["codec"], classic["codec"], adaptive["codec"]) == ("fp32", "fp32", "int8")
+    assert (fl["micro_batches"], adaptive["micro_batches"]) == (1, 2)
     assert adaptive["policy"] == "straggler" and adaptive["mode"] == "adaptive"
     server = yaml.safe_load((Path(adaptive["results_dir"]) / "server.yaml").read_text())
-    assert server["codec"] == "fp16"
+    assert (server["codec"], server["micro_batches"]) == ("int8", 2)
+    telemetry = json.loads((Path(adaptive["results_dir"]) / "telemetry.json").read_text())
+    assert {(t["codec"], t["micro_batches"]) for t in telemetry.values()} == {("int8", 2)}  # the controller's model
 
 
 @pytest.mark.slow
@@ -98,7 +101,7 @@ def test_oracle_is_no_slower_than_any_split_vector_including_the_ones_used(bench
         telemetry = json.loads((Path(v["results_dir"]) / "telemetry.json").read_text())
         last = Telemetry.model_validate(telemetry[max(telemetry, key=int)])
         for r in v["rounds"]:
-            problem = testbed.oracle_problem(states[r["round"]], last, {"pi": 2, "nano": 2})
+            problem = testbed.oracle_problem(states[r["round"]], last, {"pi": 2, "nano": 2})  # the run's (codec, k)
             assert r["oracle_s"] <= evaluate(problem, r["splits"]).round_s + 1e-9
             others = [evaluate(problem, {"pi": a, "nano": b}).round_s for a in range(7) for b in range(7)]
             assert r["oracle_s"] == pytest.approx(min(others))
@@ -157,16 +160,88 @@ def test_adapted_rounds_skip_settling_after_each_change(changes, settle, expecte
     assert testbed.adapted_rounds(scenario) == expected
 
 
-@pytest.mark.parametrize("key, mode, policy, codec", [
-    ("none", "none", "straggler", "fp32"), ("fixed:1", "fixed:1", "straggler", "fp32"),
-    ("ares", "adaptive", "ares", "fp32"), ("straggler+fp16", "adaptive", "straggler", "fp16")])
-def test_variants(key, mode, policy, codec):
+@pytest.mark.parametrize("key, mode, policy, codec, k, label", [
+    ("none", "none", "straggler", "fp32", 1, "FL (none)"),
+    ("fixed:1", "fixed:1", "straggler", "fp32", 1, "split learning (fixed:1)"),
+    ("ares", "adaptive", "ares", "fp32", 1, "ares"),
+    ("straggler+fp16", "adaptive", "straggler", "fp16", 1, "straggler + fp16"),
+    ("straggler+pipe4", "adaptive", "straggler", "fp32", 4, "straggler + pipe4"),
+    ("straggler+int8+pipe4", "adaptive", "straggler", "int8", 4, "straggler + int8 + pipe4"),
+    ("ares+pipe2+fp16", "adaptive", "ares", "fp16", 2, "ares + fp16 + pipe2"),
+    ("fixed:1+int8", "fixed:1", "straggler", "int8", 1, "split learning (fixed:1) + int8")])
+def test_variants(key, mode, policy, codec, k, label):
     v = testbed.variant_of(key)
-    assert (v.mode, v.codec) == (mode, codec) and (v.policy == policy or mode != "adaptive")
+    assert (v.mode, v.codec, v.micro_batches, v.label) == (mode, codec, k, label)
+    assert v.policy == policy or mode != "adaptive"
+    assert v.options == ((codec, k),) and "+" not in v.folder and ":" not in v.folder
+
+
+def test_run_config_carries_codec_and_micro_batches(tmp_path):
+    cfg = testbed.run_config(testbed.Scenario.model_validate(SCENARIO), testbed.variant_of("straggler+int8+pipe4"), tmp_path)
+    assert (cfg.mode, cfg.policy, cfg.codec, cfg.micro_batches) == ("adaptive", "straggler", "int8", 4)
+    assert cfg.offer() == ()
+    auto = testbed.variant_of("straggler+auto")
+    assert auto.auto and auto.options == testbed.EVERY_OPTION and auto.label == "straggler + auto (codec, k)"
+    cfg = testbed.run_config(testbed.Scenario.model_validate(SCENARIO), auto, tmp_path)
+    assert set(cfg.offer()) == set(testbed.EVERY_OPTION) and cfg.offer()[0] == ("fp32", 1)
+    for bad in ("none+auto", "straggler+auto+int8", "fixed:1+auto"):
+        with pytest.raises(ValueError, match="alone"):
+            testbed.variant_of(bad)
+
+
+def test_options_used_follow_the_controllers_decisions():
+    decisions = [{"round": "1", "device": "pi", "codec": "int8", "micro_batches": "4"},
+                 {"round": "1", "device": "nano", "codec": "fp32", "micro_batches": "1"},
+                 {"round": "3", "device": "pi", "codec": "fp16", "micro_batches": "2"},
+                 {"round": "1", "device": "old", "codec": "", "micro_batches": ""}]  # a splits.csv before options
+    assert testbed.options_used(decisions, 0) == {}
+    assert testbed.options_used(decisions, 2) == {"pi": ("int8", 4), "nano": ("fp32", 1)}
+    assert testbed.options_used(decisions, 3)["pi"] == ("fp16", 2)
+
+
+def test_the_oracle_knows_the_variants_choices():
+    """Each variant's oracle gets the variant's (codec, k); the reference oracle every option."""
+    from ares.core.models import activation_numel, weight_bytes
+    from ares.core.optimiser import oracle_round_time
+
+    scenario = testbed.Scenario.model_validate(SCENARIO)
+    server = [0.001 * (6 - i) for i in range(7)]
+    tele = Telemetry(round=1, model="vgg5", batch_size=20, codec="fp32", activation_numel=activation_numel("vgg5"),
+                     weight_bytes=weight_bytes("vgg5"), server_fwd=server, server_bwd=server, devices=[])
+    states, steps = testbed.timeline(scenario)[0], {"pi": 2, "nano": 2}
+    oracle = {key: oracle_round_time(testbed.oracle_problem(states, tele, steps, testbed.variant_of(key).options))
+              for key in ("straggler", "straggler+int8", "straggler+pipe4", "straggler+int8+pipe4")}
+    assert oracle["straggler"] == oracle_round_time(testbed.oracle_problem(states, tele, steps))  # the run's own
+    assert oracle["straggler+int8"] < oracle["straggler"] and oracle["straggler+pipe4"] < oracle["straggler"]
+    assert oracle["straggler+int8+pipe4"] < min(oracle["straggler+int8"], oracle["straggler+pipe4"])
+    every = oracle_round_time(testbed.oracle_problem(states, tele, steps, testbed.EVERY_OPTION))
+    assert every <= min(oracle.values())
+    int8_k4 = tele.model_copy(update={"codec": "int8", "micro_batches": 4})  # default: the telemetry's own option
+    assert oracle_round_time(testbed.oracle_problem(states, int8_k4, steps)) == oracle["straggler+int8+pipe4"]
+
+
+def test_table_shows_accuracy_in_points_and_the_reference_oracle():
+    from ares.roles.bench_cmd import table
+
+    def variant(key, time_s, acc):
+        v = testbed.variant_of(key)
+        return {"label": v.label, "variant": key, "mode": v.mode, "codec": v.codec, "micro_batches": v.micro_batches,
+                "mean_round_s": time_s, "energy_per_round_j": 10.0, "model_energy_per_round_j": 9.0,
+                "final_accuracy": acc, "adapted_oracle_s": 2.0, "adapted_oracle_any_s": 1.5, "vs_oracle": time_s / 2,
+                "choice_vs_oracle": 1.0, "prediction_error": 0.05, "adapted_rounds": [2, 3],
+                "slower_than_profile": []}
+
+    report = {"scenario": {"name": "t"}, "links": "tc",
+              "variants": testbed.ratios([variant("none", 4.0, 0.5), variant("straggler+int8+pipe4", 2.0, 0.489)])}
+    text = table(report)
+    row = next(line for line in text.splitlines() if line.startswith("straggler + int8 + pipe4"))
+    assert "50.0%" in text and "48.9%" in row and "-1.1" in row and "0.500" in row
+    assert "every codec (fp32, fp16, int8)" in text and "1.50 s" in text
 
 
 @pytest.mark.parametrize("bad, message", [
-    ({"policies": ["fastest"]}, "unknown policy"), ({"policies": ["ares+int8"]}, r"\+fp16"),
+    ({"policies": ["fastest"]}, "unknown policy"), ({"policies": ["ares+int4"]}, "not understood"),
+    ({"policies": ["straggler+pipe9"]}, r"1\.\.8"), ({"policies": ["straggler+fp16+int8"]}, "two codecs"),
     ({"schedule": [{"round": 1, "device": "pi", "power_mode": "5W"}]}, "can only derive"),
     ({"schedule": [{"round": 1, "device": "ghost", "up_mbps": 5}]}, "ghost"),
     ({"schedule": [{"round": 9, "device": "pi", "up_mbps": 5}]}, "never happens"),

@@ -47,3 +47,34 @@ def test_controller_writes_changed_splits_and_respects_pins(tmp_path):
     slow = ctl.run_once().split_of("a")
     assert slow != fast and activation_numel("vgg5")[slow] < activation_numel("vgg5")[fast]
     assert read_split(sink.path("a"), 7, None) == slow
+
+
+def test_controller_offers_codec_and_micro_batches_beside_the_split(tmp_path):
+    """With an offer, the policy picks (codec, k) per device; they go beside the split file, before it."""
+    from ares.runtime.splitfile import StepOptions, options_path, read_options
+
+    sink = FileSplitSink(tmp_path)
+    slow = telemetry(2.5e6)  # 20 Mbit/s: the wire dominates, so a smaller codec and a pipeline pay
+    plain = Controller(lambda: slow, parse_policy("straggler"), FileSplitSink(tmp_path / "plain")).run_once()
+    assert {(p.codec, p.micro_batches) for p in plain.devices} == {("fp32", 1)}
+    assert not options_path(FileSplitSink(tmp_path / "plain").path("a")).exists()  # no offer, no file
+    offer = tuple((c, k) for c in ("fp32", "int8") for k in (1, 4))
+    ctl = Controller(lambda: slow, parse_policy("straggler"), sink, offer=offer)
+    plan = ctl.run_once()
+    assert plan.round_s < plain.round_s
+    for p in plan.devices:
+        if p.split < 6:
+            assert (p.codec, p.micro_batches) in offer and (p.codec, p.micro_batches) != ("fp32", 1)
+        assert read_options(sink.path(p.name), None) == StepOptions(codec=p.codec, micro_batches=p.micro_batches)
+    assert problem_from_telemetry(slow, offer=offer).options[0].label == "fp32"  # the job's own comes first
+    options_path(sink.path("a")).unlink()
+    ctl.run_once()  # nothing changed: nothing rewritten
+    assert not options_path(sink.path("a")).exists()
+
+
+def test_int8_and_micro_batches_of_the_job_reach_the_model():
+    t = telemetry(2.5e6).model_copy(update={"codec": "int8", "micro_batches": 4})
+    problem = problem_from_telemetry(t)
+    assert [(o.codec, o.micro_batches) for o in problem.options] == [("int8", 4)]
+    fp32 = problem_from_telemetry(telemetry(2.5e6))
+    assert problem.model.down_bytes[1] * 4 == fp32.model.down_bytes[1]  # 1 byte a value, not 4

@@ -36,3 +36,26 @@ def test_split_file_round_trip_and_fallbacks(tmp_path, caplog):
     assert "keeping split 4" in caplog.text
     path.unlink()
     assert read_split(path, 7, 2) == 2
+
+
+def test_options_beside_the_split_file_are_optional_and_validated(tmp_path, caplog):
+    from ares.runtime.splitfile import StepOptions, options_path, read_options, write_options
+
+    split = tmp_path / "dev.split"
+    write_split(split, 2)
+    assert read_options(split, None) is None  # an old-style job: no options file, the device's own settings
+    assert read_split(split, 7, None) == 2
+    write_options(split, "int8", 4)
+    assert options_path(split).name == "dev.split.options"
+    assert read_split(split, 7, None) == 2  # the split file itself is still one integer (old devices read it)
+    good = read_options(split, None)
+    assert good == StepOptions(codec="int8", micro_batches=4)
+    options_path(split).write_text('{"codec": "int8", "micro_batches": 4, "future": true}')
+    assert read_options(split, None) == good  # a newer controller may say more
+    for bad in ('{"codec": "int4"}', '{"micro_batches": 0}', "not json", "x" * 5000):
+        options_path(split).write_text(bad)
+        with caplog.at_level(logging.WARNING):
+            assert read_options(split, good) == good
+        assert "malformed" in caplog.text
+    options_path(split).write_text('{"codec": "fp16"}')
+    assert read_options(split, good) == StepOptions(codec="fp16")  # k left to the device
