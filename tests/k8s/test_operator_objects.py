@@ -119,16 +119,15 @@ def test_schema_rejects_invalid_jobs(kubectl, changes, error):
 
 
 def test_operator_fails_what_a_schema_cannot_say(kubectl, operator):
-    # vgg5 has 7 layers: split 9 passes the schema's 0..63 (the CRD's CEL rule catches it on a
-    # real API server; the emulator evaluates no CEL) and the operator refuses it.
-    job = _job("too-deep", devices__2__split=9)
+    # The CRD knows model names only by pattern; the operator's registry refuses one it lacks.
+    job = _job("too-deep", model="vgg11")
     job["spec"]["runPolicy"]["ttlSecondsAfterFinished"] = 2
     kubectl.run("apply", "-f", "-", stdin=yaml.safe_dump(job))
     job = wait_for("phase Failed", lambda: (j := kubectl.json("get", "aresjobs", "too-deep"))
                    .get("status", {}).get("phase") == "Failed" and j)
     failed = {c["type"]: c for c in job["status"]["conditions"]}
     assert failed["SpecValid"]["status"] == "False" and failed["SpecValid"]["reason"] == "InvalidSpec"
-    assert "pinned split 9 is out of range for vgg5 (valid: 0..6)" in failed["SpecValid"]["message"]
+    assert "unknown model 'vgg11'; known models: resnet18, vgg5" in failed["SpecValid"]["message"]
     assert kubectl.json("get", "pods")["items"] == [] and kubectl.json("get", "secrets")["items"] == []
     # runPolicy.ttlSecondsAfterFinished: the finished job is deleted.
     wait_for("the job to expire", lambda: kubectl.json("get", "aresjobs")["items"] == [], timeout=30)
