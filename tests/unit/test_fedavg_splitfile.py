@@ -59,3 +59,20 @@ def test_options_beside_the_split_file_are_optional_and_validated(tmp_path, capl
         assert "malformed" in caplog.text
     options_path(split).write_text('{"codec": "fp16"}')
     assert read_options(split, good) == StepOptions(codec="fp16")  # k left to the device
+
+
+def test_a_device_takes_the_controllers_options_over_its_own_and_the_servers():
+    from types import SimpleNamespace
+
+    from ares.runtime.device import DeviceTrainer
+    from ares.runtime.splitfile import StepOptions
+
+    server = SimpleNamespace(codec="fp32", micro_batches=1)
+    own = SimpleNamespace(codec="fp16", micro_batches=None)
+    dev = SimpleNamespace(cfg=server, settings=own, chosen=None)
+    codec, k = (lambda d: DeviceTrainer.codec.fget(d)), (lambda d: DeviceTrainer.micro_batches.fget(d))
+    assert (codec(dev), k(dev)) == ("fp16", 1)  # no options file: its own flag, else the server's
+    dev.chosen = StepOptions(codec="int8", micro_batches=4)
+    assert (codec(dev), k(dev)) == ("int8", 4)
+    dev.chosen = StepOptions(micro_batches=2)  # a field left out keeps the device's own
+    assert (codec(dev), k(dev)) == ("fp16", 2)
