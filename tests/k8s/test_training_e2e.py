@@ -113,3 +113,20 @@ def test_applied_job_trains_to_success(server_port, kubelet, operator, kubectl, 
     row = kubectl.table("aresjobs")[0]
     assert row["PHASE"] == "Succeeded" and row["ROUND"] == "20/20" and 0 <= float(row["ACCURACY"]) <= 1
     assert final["devices"]["pi"]["restarts"] >= 1 and final["serverRestarts"] == 1
+
+    # An ended job is not "ready"; its Events tell the story in `kubectl describe`.
+    ended = {c["type"]: c for c in final["conditions"]}
+    assert ended["DevicesReady"]["status"] == "False" and ended["DevicesReady"]["reason"] == "JobFinished"
+    assert final["ready"] == "0/3"
+    events = {e["reason"] for e in kubectl.json("get", "events")["items"]
+              if e["involvedObject"].get("kind") == "AresTrainingJob"}
+    assert {"Running", "Completed", "PodReplaced"} <= events, events
+    described = kubectl.run("describe", "aresjob", "vgg5-demo").stdout
+    assert "PodReplaced" in described and "Completed" in described
+    # A spec edit after the end is still observed.
+    kubectl.run("patch", "aresjob", "vgg5-demo", "--type=json", "-p",
+                '[{"op": "replace", "path": "/spec/devices/1/powerMode", "value": "MAXN"}]')
+    wait_for("observedGeneration to follow", lambda: status().get("observedGeneration") == job()["metadata"]["generation"])
+    # Every call the operator made was allowed by the chart's RBAC.
+    operator.stop()
+    assert "forbidden" not in operator.output.lower()
