@@ -108,9 +108,8 @@ class _Pod:
         self.main = [_Container(c, "main") for c in spec["containers"]]
         self.restart_policy = spec.get("restartPolicy", "Always")
         self.phase = "Pending"
-        self.annotations: Optional[dict] = None
-        self.pending_annotations: Optional[dict] = None  # seen on the API, not yet in the files
-        self.pending_since = 0.0
+        self.annotations: Optional[dict] = None  # what the downwardAPI files show
+        self.seen: list[tuple[float, dict]] = []  # (when seen on the API, annotations), oldest first
         self.volumes: dict[str, Path] = {}
         self.reported: Optional[Obj] = None
 
@@ -481,19 +480,22 @@ class Kubelet:
         _own(path, fs_group, read_only=True)
 
     def _downward(self, pod: _Pod) -> None:
-        """Rewrite downwardAPI files when the annotations change, `downward_delay_s` later."""
+        """Rewrite downwardAPI files to show the annotations as they were `downward_delay_s` ago:
+        every change reaches the files that long after this kubelet saw it."""
         annotations = pod.obj["metadata"].get("annotations") or {}
+        now = time.monotonic()
         if pod.annotations is None:
             pod.annotations = dict(annotations)  # written when the pod's volumes were made
-        if annotations == pod.annotations:
-            pod.pending_annotations = None
+            pod.seen = [(now - self.downward_delay_s, dict(annotations))]
+        if annotations != pod.seen[-1][1]:
+            pod.seen.append((now, dict(annotations)))
+        due = [i for i, (t, _) in enumerate(pod.seen) if now - t >= self.downward_delay_s]
+        if not due:
             return
-        if pod.pending_annotations is None:
-            pod.pending_since = time.monotonic()
-        pod.pending_annotations = dict(annotations)
-        if time.monotonic() - pod.pending_since < self.downward_delay_s:
+        pod.seen = pod.seen[due[-1]:]  # the newest due state and what came after it
+        if pod.seen[0][1] == pod.annotations:
             return
-        pod.annotations, pod.pending_annotations = pod.pending_annotations, None
+        pod.annotations = dict(pod.seen[0][1])
         fs_group = (pod.obj["spec"].get("securityContext") or {}).get("fsGroup")
         for vol in pod.obj["spec"].get("volumes") or []:
             if "downwardAPI" in vol and vol["name"] in pod.volumes:
