@@ -293,10 +293,14 @@ def test_documentation_check_notices_a_missing_comment():
     assert undocumented_values("# -- all of it\nr:\n  x: 1\n") == []
 
 
-def test_notes_tell_what_to_do_next(helm):
-    result = subprocess.run([str(helm), "install", "demo", str(CHART), "--dry-run=client",
+def test_notes_tell_what_to_do_next(helm, control_plane):
+    # helm install checks the chart's kubeVersion against a cluster: the real API server's.
+    from cluster.controlplane import tool_env
+
+    result = subprocess.run([str(helm), "install", "demo", str(CHART), "--dry-run=server",
                              "--namespace", "ares-system", "--set", "watchNamespaces={team-a}"],
-                            capture_output=True, text=True, timeout=60)
+                            capture_output=True, text=True, timeout=60,
+                            env=tool_env(control_plane.bin, control_plane.admin_kubeconfig))
     assert result.returncode == 0, result.stderr
     notes = result.stdout.split("NOTES:", 1)[1]
     assert "rollout status deployment/demo-ares" in notes
