@@ -57,7 +57,8 @@ def _nodes(schema: dict, path: str = ""):
 def test_schema_is_structural():
     """Every node has a type (or explicitly keeps unknown fields), as the API server demands."""
     untyped = [p for p, node in _nodes(SCHEMA) if "type" not in node
-               and not node.get("x-kubernetes-preserve-unknown-fields")]
+               and not node.get("x-kubernetes-preserve-unknown-fields")
+               and not node.get("x-kubernetes-int-or-string")]  # quantities: int or string
     assert untyped == []
     assert not [p for p, node in _nodes(SCHEMA) if "uniqueItems" in node]  # forbidden in CRDs
 
