@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from ares.core.config import CONTROLLER_TOKEN_NAME, DataConfig, ServerConfig, TrainingConfig
+from ares.core.config import CONTROLLER_TOKEN_NAME, AggregationConfig, DataConfig, ServerConfig, TrainingConfig
 from ares_operator import constants as c
 from ares_operator.settings import OperatorSettings
 from ares_operator.spec import DeviceSpec, JobSpec, _Scheduling
@@ -150,6 +150,8 @@ def server_config(spec: JobSpec) -> ServerConfig:
         devices=tuple(d.name for d in spec.devices),
         tokens_dir=c.TOKENS_DIR,
         codec=tr.codec,
+        micro_batches=tr.micro_batches,
+        aggregation=AggregationConfig(**tr.aggregation.model_dump()),
         round_deadline_s=spec.run_policy.round_deadline_seconds,
         checkpoint_dir=c.CHECKPOINT_DIR,
         port=c.SERVER_PORT,

@@ -19,7 +19,7 @@ class _Spec(BaseModel):
 
 
 class DatasetSpec(_Spec):
-    name: Literal["cifar10", "synthetic", "auto"] = "auto"
+    name: Literal["cifar10", "synthetic", "synthetic-easy", "auto"] = "auto"
     path: str = "/var/lib/ares/datasets/CIFAR10"
     partition: Literal["iid", "dirichlet"] = "iid"
     beta: float = Field(0.5, gt=0)
@@ -37,7 +37,17 @@ class TrainingSpec(_Spec):
     lr_decay: float = Field(0.1, gt=0, le=1)
     max_steps_per_round: Optional[int] = Field(None, ge=1)
     seed: int = 0
-    codec: Literal["fp32", "fp16"] = "fp32"
+    codec: Literal["fp32", "fp16", "int8"] = "fp32"
+    micro_batches: int = Field(1, ge=1, le=8)
+    aggregation: "AggregationSpec" = Field(default_factory=lambda: AggregationSpec())
+
+
+class AggregationSpec(_Spec):
+    method: Literal["fedavg", "norm_clip", "median", "trimmed_mean"] = "fedavg"
+    max_update_norm: float = Field(1000.0, gt=0)
+    on_large_update: Literal["refuse", "clip"] = "refuse"
+    clip_norm: float = Field(10.0, gt=0)
+    trim_fraction: float = Field(0.2, ge=0, lt=0.5)
 
 
 class SplitSpec(_Spec):

@@ -71,3 +71,20 @@ def test_children_are_everything_in_creation_order_and_all_owned():
     assert kinds[:3] == ["Secret", "ConfigMap", "Service"] and kinds[3:] == ["Pod"] * 4
     assert [o["metadata"]["name"] for o in objs[3:]] == ["demo-server", "demo-nano-maxn", "demo-nano-5w", "demo-pi"]
     assert all(controller_uid(o) == "uid-1" for o in objs)
+
+
+def test_codec_pipelining_and_aggregation_reach_the_server_config():
+    job = yaml.safe_load((ROOT / "examples" / "job.yaml").read_text())
+    job["spec"]["training"].update(codec="int8", microBatches=4,
+                                   aggregation={"method": "trimmed_mean", "maxUpdateNorm": 50, "trimFraction": 0.1})
+    job["spec"]["dataset"]["name"] = "synthetic-easy"
+    cfg = builders.server_config(parse_spec(job["spec"]))
+    assert (cfg.codec, cfg.micro_batches, cfg.data.name) == ("int8", 4, "synthetic-easy")
+    assert (cfg.aggregation.method, cfg.aggregation.max_update_norm, cfg.aggregation.trim_fraction) == \
+        ("trimmed_mean", 50.0, 0.1)
+    # The CRD offers exactly what the server accepts.
+    crd = yaml.safe_load((ROOT / "crds" / "aresjobs.ares.io.yaml").read_text())
+    training = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]["training"]
+    assert training["properties"]["codec"]["enum"] == ["fp32", "fp16", "int8"]
+    assert training["properties"]["aggregation"]["properties"]["method"]["enum"] == \
+        ["fedavg", "norm_clip", "median", "trimmed_mean"]
