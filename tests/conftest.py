@@ -8,7 +8,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Optional
 
 import httpx
 import pytest
@@ -59,25 +61,31 @@ def token(cfg: ServerConfig, name: str) -> str:
 class ServerProcess:
     """`ares server` as a real process on loopback; stopped when the test ends."""
 
-    def __init__(self, cfg: ServerConfig, tmp: Path):
+    def __init__(self, cfg: ServerConfig, tmp: Path, extra_args: tuple[str, ...] = (),
+                 healthy: Optional[Callable[[], bool]] = None):
         self.cfg = cfg
-        self.url = f"http://127.0.0.1:{cfg.port}"
+        self.url = getattr(self, "url", f"http://127.0.0.1:{cfg.port}")
         path = tmp / "server.yaml"
         path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
         self.log = open(tmp / "server.log", "wb")
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        self.proc = subprocess.Popen([sys.executable, "-m", "ares", "server", "--config", str(path)],
+        self.proc = subprocess.Popen([sys.executable, "-m", "ares", "server", "--config", str(path), *extra_args],
                                      stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
         self.tmp = tmp
+        healthy = healthy or self._plain_healthy
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, (tmp / "server.log").read_text()
-            try:
-                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                time.sleep(0.2)
+            if healthy():
+                return
+            time.sleep(0.2)
         raise TimeoutError((tmp / "server.log").read_text())
+
+    def _plain_healthy(self) -> bool:
+        try:
+            return httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
 
     def stop(self) -> None:
         self.proc.terminate()

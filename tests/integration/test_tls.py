@@ -9,56 +9,41 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 import torch
-import yaml
 
 from ares.core import pki
 from ares.core.models import build_model
 from ares.runtime.controller import fetch_status
 from ares.runtime.link import HttpLink
 from ares.runtime.tlsclient import ClientTls, TlsError
-from tests.conftest import ROOT, small_config, token
+from tests.conftest import ROOT, ServerProcess, small_config, token
 
 NAME = "ares-server.lab.svc"
 
 
-class TlsServer:
+class TlsServer(ServerProcess):
+    """`ares server --tls-cert/--tls-key` with a CA of its own (and a second CA of the same name)."""
+
     def __init__(self, tmp: Path):
-        self.tmp = tmp
-        self.cfg = small_config(tmp, devices=("dev-a", "dev-b"), rounds=2)
+        cfg = small_config(tmp, devices=("dev-a", "dev-b"), rounds=2)
         ca = pki.Authority("job-ca")
         leaf = ca.issue_server([NAME])
         for name, data in (("ca.crt", ca.cert_pem), ("tls.crt", leaf.cert_pem), ("tls.key", leaf.key_pem),
                            ("other-ca.crt", pki.Authority("job-ca").cert_pem)):  # same name, another key
             (tmp / name).write_bytes(data)
-        (tmp / "server.yaml").write_text(yaml.safe_dump(self.cfg.model_dump(mode="json")))
-        self.url = f"https://127.0.0.1:{self.cfg.port}"
-        self.plain_url = f"http://127.0.0.1:{self.cfg.port}"
+        self.url = f"https://127.0.0.1:{cfg.port}"
+        self.plain_url = f"http://127.0.0.1:{cfg.port}"
         self.tls = ClientTls(ca_file=str(tmp / "ca.crt"), server_name=NAME)
-        self.log = open(tmp / "server.log", "wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "ares", "server", "--config", str(tmp / "server.yaml"),
-             "--tls-cert", str(tmp / "tls.crt"), "--tls-key", str(tmp / "tls.key")],
-            stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=ROOT)
         link = HttpLink(self.url, "dev-a", "x", tls=self.tls)
-        deadline = time.monotonic() + 90
-        while not link.healthy():
-            assert self.proc.poll() is None and time.monotonic() < deadline, (tmp / "server.log").read_text()
-            time.sleep(0.2)
-        link.close()
-
-    def stop(self) -> None:
-        self.proc.terminate()
         try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-        self.log.close()
+            super().__init__(cfg, tmp, ("--tls-cert", str(tmp / "tls.crt"), "--tls-key", str(tmp / "tls.key")),
+                             healthy=link.healthy)
+        finally:
+            link.close()
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 for extra in (ROOT, ROOT / "operator", ROOT / "tests"):
@@ -45,6 +46,19 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def example_job(name: str = "demo", **spec_changes: Any) -> dict:
+    """examples/job.yaml under another name, with changes given as `devices__2__split=7`."""
+    job = yaml.safe_load((ROOT / "examples" / "job.yaml").read_text())
+    job["metadata"]["name"] = name
+    for path, value in spec_changes.items():
+        node = job["spec"]
+        *parents, leaf = path.split("__")
+        for p in parents:
+            node = node[int(p)] if p.isdigit() else node[p]
+        node[int(leaf) if leaf.isdigit() else leaf] = value
+    return job
 
 
 def wait_for(what: str, probe: Callable[[], Any], timeout: float = 30.0, every: float = 0.2) -> Any:

@@ -15,21 +15,9 @@ import pytest
 import yaml
 
 from conftest import OPERATOR_NS, ROOT, wait_for
+from conftest import example_job as _job
 
 pytestmark = pytest.mark.k8s
-JOB = ROOT / "examples" / "job.yaml"
-
-
-def _job(name: str = "demo", **spec_changes) -> dict:
-    job = yaml.safe_load(JOB.read_text())
-    job["metadata"]["name"] = name
-    for path, value in spec_changes.items():
-        node = job["spec"]
-        *parents, leaf = path.split("__")
-        for p in parents:
-            node = node[int(p)] if p.isdigit() else node[p]
-        node[int(leaf) if leaf.isdigit() else leaf] = value
-    return job
 
 
 def _apply(kubectl, job: dict, check: bool = False) -> subprocess.CompletedProcess:

@@ -7,7 +7,7 @@ import base64
 import pytest
 import yaml
 
-from conftest import ROOT, wait_for
+from conftest import ROOT, example_job as _job, wait_for
 
 pytestmark = pytest.mark.k8s
 JOB = ROOT / "examples" / "job.yaml"
@@ -92,18 +92,6 @@ def test_example_job_creates_its_children(kubectl, operator):
     kubectl.run("delete", "aresjobs", "vgg5-demo")
     wait_for("the children to go", lambda: not kubectl.json("get", "secrets")["items"]
              and all(p["metadata"].get("deletionTimestamp") for p in _pods(kubectl).values()), timeout=60)
-
-
-def _job(name: str, **spec_changes) -> dict:
-    job = yaml.safe_load(JOB.read_text())
-    job["metadata"]["name"] = name
-    for path, value in spec_changes.items():
-        node = job["spec"]
-        *parents, leaf = path.split("__")
-        for p in parents:
-            node = node[int(p)] if p.isdigit() else node[p]
-        node[int(leaf) if leaf.isdigit() else leaf] = value
-    return job
 
 
 @pytest.mark.parametrize("changes, error", [
