@@ -103,6 +103,11 @@ def _ensure_children(job: JobRef, spec: JobSpec, status: Mapping[str, Any], meta
     """Every child is first created as a dry run, so that a refusal (RBAC, Pod Security, a
     leftover namesake) is reported on the job and nothing is left half-created; then for real."""
     if getattr(memo, "children_ok", False):
+        # A tick that read the job before this condition was stored rewrites the conditions
+        # without it (timers run beside the create handler): put it back rather than lose it.
+        # (A False one, a refusal by the reconcile, stays as _blocked wrote it.)
+        if conditions.find(status.get("conditions") or [], c.COND_CREATED) is None:
+            _set_condition(patch, status, meta, c.COND_CREATED, True, c.REASON_CREATED, _CREATED)
         return True
     kube: Kube = memo.kube
     try:
@@ -115,9 +120,11 @@ def _ensure_children(job: JobRef, spec: JobSpec, status: Mapping[str, Any], meta
         _blocked(exc, job, status, meta, body, patch, logger)
         return False
     memo.children_ok = True
-    _set_condition(patch, status, meta, c.COND_CREATED, True, c.REASON_CREATED,
-                   "Secret, ConfigMap and Service exist; pods are created and kept by every tick")
+    _set_condition(patch, status, meta, c.COND_CREATED, True, c.REASON_CREATED, _CREATED)
     return True
+
+
+_CREATED = "Secret, ConfigMap and Service exist; pods are created and kept by every tick"
 
 
 def _guarded_reconcile(job: JobRef, spec: JobSpec, status: Mapping[str, Any], meta: Mapping[str, Any],

@@ -88,3 +88,27 @@ def test_codec_pipelining_and_aggregation_reach_the_server_config():
     assert training["properties"]["codec"]["enum"] == ["fp32", "fp16", "int8"]
     assert training["properties"]["aggregation"]["properties"]["method"]["enum"] == \
         ["fedavg", "norm_clip", "median", "trimmed_mean"]
+
+
+def test_a_lost_children_created_condition_is_put_back():
+    """A tick that read the job before the create handler's status landed rewrites the
+    conditions without ChildrenCreated; the next call finds it missing and sets it again."""
+    import logging
+
+    import kopf
+
+    spec = parse_spec(yaml.safe_load((ROOT / "examples" / "job.yaml").read_text())["spec"])
+    memo = kopf.Memo(children_ok=True)  # created earlier: nothing is created again (no `memo.kube`)
+    args = dict(meta={"generation": 1}, body=None, memo=memo, logger=logging.getLogger("test"))
+    lost = {"conditions": [{"type": c.COND_SPEC_VALID, "status": "True"}]}
+    patch = kopf.Patch()
+    assert handlers._ensure_children(JOB, spec, lost, patch=patch, **args)
+    created = [cond for cond in patch.status["conditions"] if cond["type"] == c.COND_CREATED]
+    assert [cond["status"] for cond in created] == ["True"] and created[0]["reason"] == c.REASON_CREATED
+    assert {cond["type"] for cond in patch.status["conditions"]} == {c.COND_SPEC_VALID, c.COND_CREATED}
+    # Present (True, or False with a refusal's reason): left alone, no patch.
+    for value in ("True", "False"):
+        kept = {"conditions": [{"type": c.COND_CREATED, "status": value, "reason": "x"}]}
+        patch = kopf.Patch()
+        assert handlers._ensure_children(JOB, spec, kept, patch=patch, **args)
+        assert not patch
