@@ -135,6 +135,11 @@ def _guarded_reconcile(job: JobRef, spec: JobSpec, status: Mapping[str, Any], me
         _reconcile(job, spec, status, meta, body, memo, patch, logger)
     except (Refused, NotOurs) as exc:
         _blocked(exc, job, status, meta, body, patch, logger)
+        return
+    # A refusal of an earlier tick (say, a pod's namesake still terminating) has cleared.
+    created = conditions.find(patch.status.get("conditions") or status.get("conditions") or [], c.COND_CREATED)
+    if created is not None and created.get("status") == "False":
+        _set_condition(patch, status, meta, c.COND_CREATED, True, c.REASON_CREATED, _CREATED)
 
 
 def _blocked(exc: Exception, job: JobRef, status: Mapping[str, Any], meta: Mapping[str, Any], body: kopf.Body,

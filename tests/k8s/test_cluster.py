@@ -201,3 +201,29 @@ def test_an_invalid_spec_is_an_event(kubectl, operator):
     assert events[0]["type"] == "Warning" and "unknown model 'vgg11'" in events[0]["message"]
     described = kubectl.run("describe", "aresjob", "unknown-model").stdout
     assert "InvalidSpec" in described and "Events:" in described
+
+
+def test_a_squatted_pod_name_is_reported_and_the_job_recovers(kubectl, operator):
+    """Someone else's pod under a name the job needs is never adopted, and never deleted by us."""
+    kubectl.run("apply", "-f", "-", stdin=yaml.safe_dump(_job()))
+    wait_for("the children", lambda: len(kubectl.json("get", "pods")["items"]) == 4, timeout=60)
+    squatter = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "demo-pi", "labels": {"ares.io/job": "demo"}},
+                "spec": {"containers": [{"name": "c", "image": "busybox"}]}}
+
+    def squat() -> bool:  # the unbound pi pod goes at once; the operator races us to recreate it
+        kubectl.run("delete", "pod", "demo-pi", "--ignore-not-found", "--wait=false")
+        kubectl.run("apply", "-f", "-", stdin=yaml.safe_dump(squatter), check=False)
+        got = kubectl.run("get", "pod", "demo-pi", "-o", "json", check=False)
+        return got.returncode == 0 and not json.loads(got.stdout)["metadata"].get("ownerReferences")
+    wait_for("our pod under the job's name", squat, timeout=60, every=0.05)
+    cond = wait_for("the conflict", lambda: (c := _conditions(kubectl, "demo").get("ChildrenCreated"))
+                    and c["status"] == "False" and c, timeout=60)
+    assert cond["reason"] == "NameConflict" and "demo-pi" in cond["message"]
+    assert not kubectl.json("get", "pod", "demo-pi")["metadata"].get("ownerReferences")  # not adopted
+    kubectl.run("delete", "pod", "demo-pi", "--wait=false")
+    def owned() -> bool:
+        got = kubectl.run("get", "pod", "demo-pi", "-o", "json", check=False)
+        return got.returncode == 0 and bool(json.loads(got.stdout)["metadata"].get("ownerReferences"))
+    wait_for("the job's own pi pod", owned, timeout=60)
+    wait_for("ChildrenCreated again", lambda: _conditions(kubectl, "demo")["ChildrenCreated"]["status"] == "True",
+             timeout=60)
