@@ -19,10 +19,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ares.core.energy import PowerModel, power_model
-from ares.core.optimiser import POLICY_NAMES, DeviceInput, NonePolicy, Plan, Problem, model_costs, parse_policy
+from ares.core.optimiser import (CODEC_BYTES, POLICY_NAMES, DeviceInput, NonePolicy, Plan, Problem, model_costs,
+                                 parse_policy)
 from ares.core.profiles import ComputeProfile, ServerProfile
 
-CODEC_BYTES = {"fp32": 4, "fp16": 2}
 
 
 class _Strict(BaseModel):
@@ -58,7 +58,7 @@ class FleetSpec(_Strict):
     activation_numel: Optional[list[int]] = None
     weight_bytes: Optional[list[int]] = None
     batch_size: int = Field(100, ge=1)
-    codec: Literal["fp32", "fp16"] = "fp32"
+    codec: Literal["fp32", "fp16", "int8"] = "fp32"
     server: Union[str, dict[str, Any]]
     devices: list[DeviceSpec] = Field(min_length=1)
 

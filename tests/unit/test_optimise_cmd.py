@@ -83,6 +83,9 @@ def test_fp16_codec_halves_the_activation_bytes(tmp_path, capsys):
     assert fp32["devices"][0]["up_s"] == pytest.approx(408 / 200)
     assert fp16["devices"][0]["up_s"] == pytest.approx(208 / 200)
     assert fp16["devices"][0]["down_s"] == pytest.approx(fp32["devices"][0]["down_s"] / 2)
+    int8 = run_json(capsys, write(tmp_path, hand_fleet(codec="int8")), "--policy", "fixed:0")
+    assert int8["devices"][0]["up_s"] == pytest.approx(108 / 200)  # 1 byte a value, labels still 8
+    assert int8["devices"][0]["down_s"] == pytest.approx(fp32["devices"][0]["down_s"] / 4)
 
 
 @pytest.mark.parametrize("fleet, argv, error", [
