@@ -116,6 +116,7 @@ REASON_SERVER_STARTING = "ServerStarting"
 REASON_SERVER_SERVING = "Serving"
 REASON_SERVER_UNREACHABLE = "ServerUnreachable"  # its pod runs, its status fails for a while
 SERVER_UNREACHABLE_AFTER_S = 60.0  # longer than a server takes to load torch and its data
+EVENT_COMPONENT = "ares-operator"                  # source.component of the operator's Events
 REASON_JOB_FINISHED = "JobFinished"              # Ready conditions of an ended job
 REASON_PODS_REPLACED = "PodReplaced"              # event: a failed pod was replaced (or removed)
 REASON_POD_SECURITY = "PodSecurityForbidden"      # the namespace's Pod Security level refuses device pods

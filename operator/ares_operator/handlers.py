@@ -52,7 +52,9 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=c.KOPF_PREFIX)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix=c.KOPF_PREFIX, key="last-handled-configuration")
-    settings.posting.level = logging.WARNING        # events only for what an operator should see
+    # Our Events are posted by us (Kube.post_event: phases, replacements, refusals); kopf's posting
+    # of log records is kept for its own handler failures only, so nothing is said twice.
+    settings.posting.level = logging.ERROR
     settings.networking.request_timeout = 60
     settings.watching.server_timeout = 300          # re-list now and then; never trust one stream forever
     settings.execution.max_workers = 8
@@ -90,7 +92,7 @@ def start(name: str, namespace: str, uid: str, spec: Mapping[str, Any], status: 
     if status.get("phase") in c.TERMINAL_PHASES:
         return  # a finished job keeps what it has; nothing is recreated on resume
     job = JobRef(name, namespace, uid)
-    parsed = _valid_spec(job, spec, status, meta, body, patch, logger)
+    parsed = _valid_spec(job, spec, status, meta, body, memo, patch, logger)
     if parsed is None:
         return
     if _ensure_children(job, parsed, status, meta, body, memo, patch, logger):
@@ -117,7 +119,7 @@ def _ensure_children(job: JobRef, spec: JobSpec, status: Mapping[str, Any], meta
         kube.create(builders.config_map(job, spec))
         kube.create(builders.service(job))
     except (Refused, NotOurs) as exc:
-        _blocked(exc, job, status, meta, body, patch, logger)
+        _blocked(exc, job, status, meta, body, memo, patch, logger)
         return False
     memo.children_ok = True
     _set_condition(patch, status, meta, c.COND_CREATED, True, c.REASON_CREATED, _CREATED)
@@ -134,7 +136,7 @@ def _guarded_reconcile(job: JobRef, spec: JobSpec, status: Mapping[str, Any], me
     try:
         _reconcile(job, spec, status, meta, body, memo, patch, logger)
     except (Refused, NotOurs) as exc:
-        _blocked(exc, job, status, meta, body, patch, logger)
+        _blocked(exc, job, status, meta, body, memo, patch, logger)
         return
     # A refusal of an earlier tick (say, a pod's namesake still terminating) has cleared.
     created = conditions.find(patch.status.get("conditions") or status.get("conditions") or [], c.COND_CREATED)
@@ -143,13 +145,13 @@ def _guarded_reconcile(job: JobRef, spec: JobSpec, status: Mapping[str, Any], me
 
 
 def _blocked(exc: Exception, job: JobRef, status: Mapping[str, Any], meta: Mapping[str, Any], body: kopf.Body,
-             patch: kopf.Patch, logger: logging.Logger) -> None:
+             memo: kopf.Memo, patch: kopf.Patch, logger: logging.Logger) -> None:
     """A refusal becomes a condition and a Warning event (once per change), and is retried next tick."""
     reason, message = refusal_message(exc, job)
-    logger.error("%s", message)
+    logger.warning("%s", message)
     old = conditions.find(status.get("conditions") or [], c.COND_CREATED)
     if old is None or old.get("reason") != reason or old.get("message") != message:
-        kopf.warn(body, reason=reason, message=message)
+        _event(memo, body, "Warning", reason, message)
     _set_condition(patch, status, meta, c.COND_CREATED, False, reason, message)
     patch.status.setdefault("phase", status.get("phase") or c.PHASE_PENDING)
 
@@ -180,16 +182,16 @@ def _set_condition(patch: kopf.Patch, status: Mapping[str, Any], meta: Mapping[s
 
 
 def _valid_spec(job: JobRef, spec: Mapping[str, Any], status: Mapping[str, Any], meta: Mapping[str, Any],
-                body: kopf.Body, patch: kopf.Patch, logger: logging.Logger) -> Optional[JobSpec]:
+                body: kopf.Body, memo: kopf.Memo, patch: kopf.Patch, logger: logging.Logger) -> Optional[JobSpec]:
     """The typed spec; or None after marking the job Failed with every problem found."""
     parsed, problems = validation.validate(job.name, spec)
     gen = meta.get("generation")
     if parsed is not None and not problems:
         return parsed
     message = "; ".join(problems)
-    logger.error("invalid spec, nothing created: %s", message)
+    logger.warning("invalid spec, nothing created: %s", message)
     if status.get("phase") != c.PHASE_FAILED:
-        kopf.warn(body, reason=c.REASON_INVALID_SPEC, message=f"invalid spec, nothing created: {message}"[:1024])
+        _event(memo, body, "Warning", c.REASON_INVALID_SPEC, f"invalid spec, nothing created: {message}")
     conds = conditions.set_condition(status.get("conditions") or [], c.COND_SPEC_VALID, False,
                                      c.REASON_INVALID_SPEC, message, _now(), gen)
     conds = conditions.set_condition(conds, c.COND_FAILED, True, c.REASON_INVALID_SPEC, message, _now(), gen)
@@ -243,7 +245,7 @@ def tick(name: str, namespace: str, uid: str, spec: Mapping[str, Any], status: M
         return
     parsed, problems = validation.validate(name, spec)
     if parsed is None or problems:
-        _valid_spec(job, spec, status, meta, body, patch, logger)
+        _valid_spec(job, spec, status, meta, body, memo, patch, logger)
         return
     try:
         if _ensure_children(job, parsed, status, meta, body, memo, patch, logger):
@@ -286,7 +288,7 @@ def _reconcile(job: JobRef, spec: JobSpec, status: Mapping[str, Any], meta: Mapp
     memo.restarts, memo.server_restarts = dict(actions.restarts), actions.server_restarts
     for note in actions.notes:
         logger.info(note)
-        kopf.warn(body, reason=c.REASON_PODS_REPLACED, message=note[:1024])
+        _event(memo, body, "Warning", c.REASON_PODS_REPLACED, note)
     for pod_name in actions.delete:
         kube.delete_pod(job.namespace, pod_name)
     for obj in actions.create:
@@ -308,20 +310,21 @@ def _reconcile(job: JobRef, spec: JobSpec, status: Mapping[str, Any], meta: Mapp
             kube.delete_pod(job.namespace, pod_name)
         logger.info("job %s: %s (%s)", outcome.phase, outcome.reason, outcome.message)
     if new.get("phase") != status.get("phase"):
-        _phase_event(body, new, outcome)
+        _phase_event(memo, body, new, outcome)
     changed = {k: v for k, v in new.items() if status.get(k) != v}
     if changed:
         patch.status.update(changed)
 
 
-def _phase_event(body: kopf.Body, new: Mapping[str, Any], outcome: Optional[reconcile.Outcome]) -> None:
+def _phase_event(memo: kopf.Memo, body: kopf.Body, new: Mapping[str, Any],
+                 outcome: Optional[reconcile.Outcome]) -> None:
     """Every phase transition is an Event on the job (`kubectl describe aresjob` shows them)."""
     phase = new.get("phase")
     if outcome is not None:
-        post = kopf.info if phase == c.PHASE_SUCCEEDED else kopf.warn
-        post(body, reason=outcome.reason, message=f"{phase}: {outcome.message}"[:1024])
+        _event(memo, body, "Normal" if phase == c.PHASE_SUCCEEDED else "Warning", outcome.reason,
+               f"{phase}: {outcome.message}")
     else:
-        kopf.info(body, reason=str(phase), message=f"job is {phase}: round {new.get('progress', '?')}")
+        _event(memo, body, "Normal", str(phase), f"job is {phase}: round {new.get('progress', '?')}")
 
 
 def _server_status(job: JobRef, pods: list[reconcile.PodView], memo: kopf.Memo,
@@ -468,6 +471,10 @@ def _status(job: JobRef, spec: JobSpec, status: Mapping[str, Any], meta: Mapping
     if outcome is None:  # runPolicy.suspend: phase Suspended, or resumed (startTime restarts)
         new.update(job_status.suspension(spec, status, conds, now, gen))
     return new
+
+
+def _event(memo: kopf.Memo, body: kopf.Body, type_: str, reason: str, message: str) -> None:
+    memo.kube.post_event(body, type_, reason, message)
 
 
 def split_message(planned: Mapping[str, int]) -> str:

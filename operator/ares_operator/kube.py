@@ -6,7 +6,10 @@ create treats 409 AlreadyExists as success, so re-running any handler is harmles
 
 from __future__ import annotations
 
+import datetime
 import json
+import logging
+import socket
 from collections.abc import Mapping
 from typing import Any, Optional
 
@@ -16,6 +19,7 @@ from kubernetes.client.rest import ApiException
 from ares_operator import constants as c
 
 Obj = dict[str, Any]
+log = logging.getLogger(__name__)
 
 
 def load_config() -> None:
@@ -81,6 +85,25 @@ class Kube:
                               f"(uid {controller_uid(existing)}); waiting for it to go away") from exc
             return False
         return True
+
+    def post_event(self, body: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
+        """A core/v1 Event on the job, as `kubectl describe` shows them. Ours, not kopf's posting
+        (which filters by log level): a Normal event must reach the cluster as surely as a Warning."""
+        meta = body.get("metadata", {})
+        now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        event = {
+            "apiVersion": "v1", "kind": "Event",
+            "metadata": {"generateName": f"{meta.get('name')}.", "namespace": meta.get("namespace")},
+            "involvedObject": {"apiVersion": body.get("apiVersion"), "kind": body.get("kind"),
+                               "name": meta.get("name"), "namespace": meta.get("namespace"), "uid": meta.get("uid")},
+            "type": type_, "reason": reason, "message": message[:1024],
+            "source": {"component": c.EVENT_COMPONENT}, "reportingComponent": c.EVENT_COMPONENT,
+            "reportingInstance": socket.gethostname(), "firstTimestamp": now, "lastTimestamp": now, "count": 1,
+        }
+        try:
+            self.core.create_namespaced_event(meta.get("namespace"), event, _preload_content=False)
+        except ApiException as exc:  # an event is a courtesy: never let it stop a reconcile
+            log.warning("could not post event %s on %s: %s", reason, meta.get("name"), exc.reason)
 
     def read(self, kind: str, namespace: str, name: str) -> Optional[Obj]:
         read = {"Pod": self.core.read_namespaced_pod, "Service": self.core.read_namespaced_service,
