@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, model_validator
 
 from ares.core.energy import PowerModel, power_model
 from ares.core.optimiser import (CODEC_BYTES, POLICY_NAMES, DeviceInput, NonePolicy, Plan, Problem, model_costs,
@@ -48,7 +48,7 @@ class DeviceSpec(_Strict):
     down_mbps: float = Field(gt=0)
     iterations: int = Field(ge=0)
     alpha: Optional[float] = Field(None, ge=0, le=1)
-    pinned_split: Optional[int] = Field(None, ge=0)
+    pinned_split: Optional[StrictInt] = Field(None, ge=0)  # strict: YAML `true` is not split 1
 
 
 class FleetSpec(_Strict):

@@ -13,7 +13,7 @@ from ares.core.energy import POWER_TABLE, PowerModel, energy_j, power_model
     ("jetson-nano", "custom1", (2.396, 1.755, 1.754)),
     ("jetson-nano", "custom3", (2.396, 1.755, 1.754)),
     ("jetson-nano", "maxn", (7.253, 2.320, 2.260)),  # mode names match case-insensitively
-    ("raspberry-pi", "", (6.4, 3.4, 3.3)),
+    ("raspberry-pi", "", (6.4, 3.8, 3.1)),
 ])
 def test_power_table_holds_the_published_nano_figures_and_the_pi_estimate(cls, mode, watts):
     model = power_model(cls, mode)

@@ -99,8 +99,9 @@ def test_fp16_codec_halves_the_activation_bytes(tmp_path, capsys):
     (hand_fleet(server="missing.json"), [], "missing.json"),
     (hand_fleet(devices=[{**hand_fleet()["devices"][0], "power": None, "device_class": "toaster"}]), [],
      "no power model for device class 'toaster'"),
+    (hand_fleet(devices=[{**hand_fleet()["devices"][0], "pinned_split": True}]), [], "pinned_split"),
 ], ids=["policy", "fixed-range", "override-name", "override-value", "no-devices", "two-models",
-        "no-model", "server-file", "power"])
+        "no-model", "server-file", "power", "pinned-true"])
 def test_bad_input_exits_2_with_a_reason(tmp_path, capsys, fleet, argv, error):
     assert optimise_cmd.main([write(tmp_path, fleet), *argv]) == 2
     assert error in capsys.readouterr().err
