@@ -145,3 +145,18 @@ def test_model_name_gives_the_same_costs_as_the_explicit_lists(tmp_path, capsys)
     by_name = tmp_path / "fleet.yaml"
     by_name.write_text(yaml.safe_dump(fleet).replace("profiles/", str(PAPER5.parent / "profiles") + "/"))
     assert run_json(capsys, str(by_name)) == run_json(capsys, str(PAPER5))
+
+
+@pytest.mark.parametrize("extra, code", [(["--json"], 141), ([], 1)], ids=["json", "table"])
+def test_a_closed_pipe_is_no_traceback(extra, code):
+    """`ares optimise FLEET | head -1`: the reader leaves before the output is written (the
+    table goes through rich, which exits 1 quietly on its own; the JSON through print)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "ares", "optimise", str(ROOT / "examples" / "fleet-paper5.yaml"),
+                             *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+    proc.stdout.close()  # long before the child has imported anything, so its first write fails
+    _, err = proc.communicate(timeout=120)
+    assert b"Traceback" not in err and b"BrokenPipe" not in err, err.decode()
+    assert proc.returncode == code
