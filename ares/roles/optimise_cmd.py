@@ -10,6 +10,7 @@ cost?" before any device is switched on.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from pathlib import Path
@@ -104,10 +105,17 @@ def _model_lists(spec: FleetSpec) -> tuple[list[int], list[int]]:
 def _load_profile(cls: Any, ref: Union[str, dict[str, Any]], base: Path, what: str) -> Any:
     try:
         if isinstance(ref, str):
-            return cls.load(base / ref)
+            path = (base / ref).resolve()
+            return _load_file(cls, path, path.stat().st_mtime_ns)
         return cls.from_dict(ref)
     except (OSError, ValueError, TypeError) as e:
         raise FleetError(f"{what}: {e}") from None
+
+
+@functools.lru_cache(maxsize=256)
+def _load_file(cls: Any, path: Path, mtime_ns: int) -> Any:
+    """A profile file shared by many devices is read once while unchanged (profiles are frozen)."""
+    return cls.load(path)
 
 
 def parse_overrides(values: list[str], names: list[str], flag: str) -> dict[str, float]:
@@ -206,6 +214,9 @@ def run(args: argparse.Namespace) -> int:
         up = parse_overrides(args.up_mbps or [], names, "--up-mbps")
         down = parse_overrides(args.down_mbps or [], names, "--down-mbps")
         problem = build_problem(spec, path.parent, up, down)
+        if args.share_server and not args.policy.startswith("straggler"):
+            raise FleetError(f"--share-server models a shared server for the straggler policy only, "
+                             f"not --policy {args.policy}")
         policy = parse_policy(args.policy, args.alpha, share_server=args.share_server)
         plan = policy.decide(problem)
     except (FleetError, ValueError) as e:

@@ -100,8 +100,9 @@ def test_fp16_codec_halves_the_activation_bytes(tmp_path, capsys):
     (hand_fleet(devices=[{**hand_fleet()["devices"][0], "power": None, "device_class": "toaster"}]), [],
      "no power model for device class 'toaster'"),
     (hand_fleet(devices=[{**hand_fleet()["devices"][0], "pinned_split": True}]), [], "pinned_split"),
+    (hand_fleet(), ["--policy", "ares", "--share-server"], "for the straggler policy only"),
 ], ids=["policy", "fixed-range", "override-name", "override-value", "no-devices", "two-models",
-        "no-model", "server-file", "power", "pinned-true"])
+        "no-model", "server-file", "power", "pinned-true", "share-server-with-ares"])
 def test_bad_input_exits_2_with_a_reason(tmp_path, capsys, fleet, argv, error):
     assert optimise_cmd.main([write(tmp_path, fleet), *argv]) == 2
     assert error in capsys.readouterr().err
@@ -160,3 +161,20 @@ def test_a_closed_pipe_is_no_traceback(extra, code):
     _, err = proc.communicate(timeout=120)
     assert b"Traceback" not in err and b"BrokenPipe" not in err, err.decode()
     assert proc.returncode == code
+
+
+def test_a_profile_file_shared_by_many_devices_is_read_once(tmp_path, monkeypatch):
+    from ares.core.profiles import ComputeProfile
+    from ares.roles import optimise_cmd
+
+    (tmp_path / "pi.json").write_text((ROOT / "examples" / "profiles" / "pi4.json").read_text())
+    fleet = {"model": "vgg5", "server": str(ROOT / "examples" / "profiles" / "server-example.json"),
+             "devices": [{"name": f"pi-{i}", "profile": "pi.json", "up_mbps": 20, "down_mbps": 20, "iterations": 10}
+                         for i in range(50)]}
+    path = tmp_path / "fleet.yaml"
+    path.write_text(yaml.safe_dump(fleet))
+    reads = []
+    real = ComputeProfile.load.__func__
+    monkeypatch.setattr(ComputeProfile, "load", classmethod(lambda cls, p: reads.append(p) or real(cls, p)))
+    problem = optimise_cmd.build_problem(optimise_cmd.load_fleet(path), tmp_path, {}, {})
+    assert len(problem.devices) == 50 and len(reads) == 1
