@@ -13,9 +13,11 @@ can run with exactly the RBAC the chart grants.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import shutil
+import signal
 import socket
 import ssl
 import subprocess
@@ -27,6 +29,7 @@ from typing import Optional
 import httpx
 
 ROOT = Path(__file__).resolve().parents[2]
+PR_SET_PDEATHSIG = 1
 BUILD_SCRIPT = ROOT / "scripts" / "build-control-plane"
 # The controllers a test cluster needs; the rest (deployments, nodes, ...) stay off so nothing
 # acts behind the tests' backs (a Deployment is accepted and never rolled out).
@@ -45,6 +48,12 @@ def bin_dir() -> Path:
     if proc.returncode != 0:
         raise ControlPlaneUnavailable(f"control plane not built in {path}: run scripts/build-control-plane")
     return path
+
+
+def _die_with_parent() -> None:
+    """A test run killed hard (timeout, ^C twice) leaves no control plane behind: the kernel
+    kills each of its processes when the test process dies (Linux prctl)."""
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def free_port() -> int:
@@ -182,7 +191,8 @@ class ControlPlane:
 
     def _spawn(self, name: str, argv: list[str]) -> None:
         log = open(self.workdir / "logs" / f"{name}.log", "wb")
-        self.procs[name] = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs[name] = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                            preexec_fn=_die_with_parent)
 
     def log(self, name: str) -> str:
         return (self.workdir / "logs" / f"{name}.log").read_text(errors="replace")
