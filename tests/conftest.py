@@ -58,6 +58,23 @@ def token(cfg: ServerConfig, name: str) -> str:
     return (Path(cfg.tokens_dir) / name).read_text().strip()
 
 
+def joined_app(tmp: Path):
+    """The real app over an in-process TrainingServer, with dev-a joined to round 0 at split 2:
+    (server, TestClient, dev-a's auth header, tokens, controller token)."""
+    from fastapi.testclient import TestClient
+
+    from ares.runtime.server import create_app
+    from ares.runtime.training import TrainingServer, read_tokens
+
+    cfg = small_config(tmp, devices=("dev-a", "dev-b"), rounds=3, batch_size=20)
+    tokens, controller = read_tokens(cfg)
+    server = TrainingServer(cfg, tokens, controller, profile=False)
+    client = TestClient(create_app(cfg, trainer=server))
+    auth = {"Authorization": f"Bearer {tokens['dev-a']}"}
+    assert client.post("/v1/devices/dev-a/join", json={"round": 0, "split": 2}, headers=auth).status_code == 200
+    return server, client, auth, tokens, controller
+
+
 class ServerProcess:
     """`ares server` as a real process on loopback; stopped when the test ends."""
 

@@ -9,13 +9,11 @@ import struct
 
 import pytest
 import torch
-from fastapi.testclient import TestClient
 
 from ares.core import wire
 from ares.core.messages import DeviceReport
-from ares.runtime.server import create_app
-from ares.runtime.training import TrainingServer, read_tokens
-from tests.conftest import small_config
+from ares.runtime.training import TrainingServer
+from tests.conftest import joined_app
 
 
 def model_hash(server: TrainingServer) -> str:
@@ -28,14 +26,7 @@ def model_hash(server: TrainingServer) -> str:
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("bad")
-    cfg = small_config(tmp, devices=("dev-a", "dev-b"), rounds=3, batch_size=20)
-    tokens, controller = read_tokens(cfg)
-    server = TrainingServer(cfg, tokens, controller, profile=False)
-    client = TestClient(create_app(cfg, trainer=server))
-    auth = {"Authorization": f"Bearer {tokens['dev-a']}"}
-    r = client.post("/v1/devices/dev-a/join", json={"round": 0, "split": 2}, headers=auth)
-    assert r.status_code == 200
+    server, client, auth, tokens, _ = joined_app(tmp_path_factory.mktemp("bad"))
     return server, client, auth, tokens
 
 

@@ -14,7 +14,6 @@ import tomllib
 import httpx
 import pytest
 import torch
-from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -22,7 +21,7 @@ from ares.core import wire
 from ares.core.config import LimitsConfig
 from ares.runtime.server import create_app
 from ares.runtime.training import TrainingServer, read_tokens
-from tests.conftest import ROOT, small_config
+from tests.conftest import ROOT, joined_app, small_config
 
 
 def model_hash(server: TrainingServer) -> str:
@@ -32,14 +31,7 @@ def model_hash(server: TrainingServer) -> str:
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("hostile")
-    cfg = small_config(tmp, devices=("dev-a", "dev-b"), rounds=3, batch_size=20)
-    tokens, controller = read_tokens(cfg)
-    server = TrainingServer(cfg, tokens, controller, profile=False)
-    client = TestClient(create_app(cfg, trainer=server))
-    auth = {"Authorization": f"Bearer {tokens['dev-a']}"}
-    assert client.post("/v1/devices/dev-a/join", json={"round": 0, "split": 2}, headers=auth).status_code == 200
-    return server, client, auth, tokens, controller
+    return joined_app(tmp_path_factory.mktemp("hostile"))
 
 
 def raw_frame(header: str, data: bytes = b"") -> bytes:
