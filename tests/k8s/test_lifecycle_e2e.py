@@ -32,14 +32,18 @@ pytestmark = [pytest.mark.k8s, pytest.mark.slow]
 APP_UID = 10001
 
 
-def job(name: str, rounds: int, *, lr: float = 0.01, steps: int = 2, train: int = 200, **run_policy) -> str:
+ADAPTIVE = {"mode": "adaptive", "policy": "straggler", "reoptimiseIntervalSeconds": 1}
+
+
+def job(name: str, rounds: int, *, lr: float = 0.01, steps: int = 2, train: int = 200, split: dict = ADAPTIVE,
+        **run_policy) -> str:
     """Two cpu devices and a server on the kubelet's nodes; each round a couple of tiny batches."""
     return yaml.safe_dump({
         "apiVersion": "ares.io/v1alpha1", "kind": "AresTrainingJob", "metadata": {"name": name},
         "spec": {
             "dataset": {"name": "synthetic", "syntheticTrain": train, "syntheticTest": 100},
             "training": {"rounds": rounds, "batchSize": 50, "maxStepsPerRound": steps, "lr": lr},
-            "split": {"mode": "adaptive", "policy": "straggler", "reoptimiseIntervalSeconds": 1},
+            "split": split,
             "server": {"nodeName": "edge-server"},
             "devices": [{"name": "a", "deviceClass": "cpu", "nodeName": "raspberry-pi-1"},
                         {"name": "b", "deviceClass": "cpu", "nodeName": "jetson-nano-1"}],
@@ -184,8 +188,11 @@ def test_delayed_split_suspend_resume_deadline_namesake(server_port, kubelet, op
 
 
 def test_lr_10_diverges(server_port, kubelet, operator, kubectl):
-    # lr stays 10 for rounds 0..9 (lrDecayRound defaults to rounds/2); 10 steps blow the loss up
-    kubectl.run("apply", "-f", "-", stdin=job("hot", rounds=20, lr=10, steps=10, train=1000))
+    # lr stays 10 for rounds 0..9 (lrDecayRound defaults to rounds/2); 10 steps blow the loss up.
+    # A fixed split: every step reaches the server, which sees each non-finite loss. (An adaptive
+    # plan may put a device's whole model on it, and then only its refused upload shows.)
+    kubectl.run("apply", "-f", "-", stdin=job("hot", rounds=20, lr=10, steps=10, train=1000,
+                                              split={"mode": "fixed", "point": 1}))
     j = Job(kubectl, "hot")
     final = j.ended(timeout=240)
     failed = j.condition("Failed")
