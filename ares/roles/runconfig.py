@@ -7,6 +7,7 @@ from typing import Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ares.core.config import DataConfig, TrainingConfig
+from ares.runtime.controller import offer_pairs
 
 
 class _Strict(BaseModel):
@@ -71,11 +72,7 @@ class RunConfig(_Strict):
 
     def offer(self) -> tuple[tuple[str, int], ...]:
         """The (codec, micro-batches) pairs the controller may hand devices; () when none is offered."""
-        if not (self.offer_codecs or self.offer_micro_batches):
-            return ()
-        codecs = dict.fromkeys([self.codec, *self.offer_codecs])
-        ks = dict.fromkeys([self.micro_batches, *self.offer_micro_batches])
-        return tuple((c, k) for c in codecs for k in ks)
+        return offer_pairs(self.codec, self.micro_batches, self.offer_codecs, self.offer_micro_batches)
 
     def device_specs(self) -> list[DeviceSpec]:
         if isinstance(self.devices, int):

@@ -89,6 +89,21 @@ def decide(telemetry: Telemetry, policy: SplitPolicy, pinned: Mapping[str, int] 
     return policy.decide(problem) if problem is not None else None
 
 
+def offer_pairs(codec: str, micro_batches: int, codecs: Sequence[str],
+                ks: Sequence[int]) -> tuple[tuple[str, int], ...]:
+    """The (codec, micro-batches) pairs a job offers: its own first, then every pair of the offered
+    codecs and ks (each list with the job's own); () when nothing is offered. One rule for `ares
+    run` (`offer_codecs`, `offer_micro_batches`) and the operator (`training.offer`)."""
+    if not (codecs or ks):
+        return ()
+    return tuple((c, k) for c in dict.fromkeys([codec, *codecs]) for k in dict.fromkeys([micro_batches, *ks]))
+
+
+def plan_options(plan: Plan) -> dict[str, tuple[str, int]]:
+    """Each device's (codec, micro-batches) as the plan chose them."""
+    return {p.name: (p.codec, p.micro_batches) for p in plan.devices}
+
+
 class SplitSink(Protocol):
     def write(self, splits: Mapping[str, int]) -> None: ...
 
@@ -141,7 +156,7 @@ class Controller:
         if plan is None:
             return None
         if self.offer and isinstance(self.sink, OptionSink):
-            chosen = {p.name: (p.codec, p.micro_batches) for p in plan.devices}
+            chosen = plan_options(plan)
             moved = {k: v for k, v in chosen.items() if self.last_options.get(k) != v}
             if moved:
                 log.info("%s policy: new step options %s", plan.policy, moved)

@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from ares.core.config import CONTROLLER_TOKEN_NAME, AggregationConfig, DataConfig, ServerConfig, TrainingConfig
+from ares.runtime.splitfile import StepOptions
 from ares_operator import constants as c
 from ares_operator.settings import OperatorSettings
 from ares_operator.spec import DeviceSpec, JobSpec, _Scheduling
@@ -112,6 +113,11 @@ def pinned_splits(spec: JobSpec) -> dict[str, int]:
         return {d.name: d.split for d in spec.devices if d.split is not None}
     layers = c.MODEL_LAYERS[spec.model]
     return {d.name: initial_split(spec, d, layers) for d in spec.devices}
+
+
+def step_options_annotation(codec: str, micro_batches: int) -> str:
+    """The `ares.io/step-options` value: the JSON the device reads from `<split file>.options`."""
+    return StepOptions(codec=codec, micro_batches=micro_batches).model_dump_json()
 
 
 def host_control_annotations(device: DeviceSpec) -> dict[str, str]:
@@ -369,8 +375,12 @@ def _sidecar(job: JobRef, device: DeviceSpec, image: str) -> Obj:
 
 
 def device_pod(job: JobRef, spec: JobSpec, device: DeviceSpec, settings: OperatorSettings,
-               split: int, attempt: int = 0) -> Obj:
-    """One device's pod: the trainer plus the host-control sidecar, pinned to the device's node."""
+               split: int, attempt: int = 0, options: tuple[str, int] | None = None) -> Obj:
+    """One device's pod: the trainer plus the host-control sidecar, pinned to the device's node.
+
+    A job with a training.offer also projects `ares.io/step-options` beside the split file, set
+    from the start to `options` (the plan's) or the job's own codec and micro-batches, so the
+    file is never empty; a job without one has neither (the device runs the job's settings)."""
     image = device_image(device, settings)
     jetson = device.device_class in c.JETSON_CLASSES
     args = ["device",
@@ -397,13 +407,18 @@ def device_pod(job: JobRef, spec: JobSpec, device: DeviceSpec, settings: Operato
             {"name": "data", "mountPath": c.DATA_DIR},
         ],
     }
+    podinfo = [
+        {"path": c.PODINFO_SPLIT, "fieldRef": {"fieldPath": f"metadata.annotations['{c.ANNOTATION_SPLIT}']"}},
+        {"path": c.PODINFO_ANNOTATIONS, "fieldRef": {"fieldPath": "metadata.annotations"}},
+    ]
+    offered = bool(spec.training.offer_pairs())
+    if offered:
+        podinfo.append({"path": c.PODINFO_OPTIONS,
+                        "fieldRef": {"fieldPath": f"metadata.annotations['{c.ANNOTATION_STEP_OPTIONS}']"}})
     volumes = [
         {"name": "token", "secret": {"secretName": job.secret_name, "defaultMode": c.TOKEN_FILE_MODE,
                                      "items": [{"key": device.name, "path": "token"}]}},
-        {"name": "podinfo", "downwardAPI": {"items": [
-            {"path": c.PODINFO_SPLIT, "fieldRef": {"fieldPath": f"metadata.annotations['{c.ANNOTATION_SPLIT}']"}},
-            {"path": c.PODINFO_ANNOTATIONS, "fieldRef": {"fieldPath": "metadata.annotations"}},
-        ]}},
+        {"name": "podinfo", "downwardAPI": {"items": podinfo}},
         {"name": "state", "emptyDir": {}},
         {"name": "ca", "secret": {"secretName": job.tls_secret_name, "defaultMode": c.TLS_FILE_MODE,
                                   "items": [{"key": c.TLS_CA_KEY, "path": c.TLS_CA_KEY}]}},
@@ -427,6 +442,9 @@ def device_pod(job: JobRef, spec: JobSpec, device: DeviceSpec, settings: Operato
         pod_spec["runtimeClassName"] = c.JETSON_RUNTIME_CLASS
     annotations = {c.ANNOTATION_SPLIT: str(split), **host_control_annotations(device),
                    c.ANNOTATION_ATTEMPT: str(attempt)}
+    if offered:
+        codec, k = options or (spec.training.codec, spec.training.micro_batches)
+        annotations[c.ANNOTATION_STEP_OPTIONS] = step_options_annotation(codec, k)
     meta = _meta(job, job.device_pod_name(device.name), c.ROLE_DEVICE, device.name, annotations)
     return {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": pod_spec}
 

@@ -29,6 +29,9 @@ ANNOTATION_SPLIT = "ares.io/split-point"      # the device's split point; re-rea
 ANNOTATION_POWER_MODE = "ares.io/power-mode"  # Jetson nvpmodel mode the sidecar applies
 ANNOTATION_BANDWIDTH = "ares.io/bandwidth"    # uplink cap the sidecar applies with tc ("" = none)
 HOST_CONTROL_ANNOTATIONS = (ANNOTATION_SPLIT, ANNOTATION_POWER_MODE, ANNOTATION_BANDWIDTH)
+# The (codec, micro-batches) the controller chose for the device, as JSON (`StepOptions`), e.g.
+# {"codec":"int8","micro_batches":4}; only on the pods of a job with a training.offer.
+ANNOTATION_STEP_OPTIONS = "ares.io/step-options"
 # Which replacement of the device's pod this is (0 = the first); informational.
 ANNOTATION_ATTEMPT = "ares.io/attempt"
 
@@ -60,6 +63,7 @@ TLS_FILE_MODE = 0o440                            # readable by the pod's group (
 CLUSTER_DOMAIN = "cluster.local"                 # the last of the Service names the server cert carries
 PODINFO_DIR = "/etc/podinfo"                     # downwardAPI: split-point, annotations
 PODINFO_SPLIT = "split-point"
+PODINFO_OPTIONS = "split-point.options"          # beside the split file (ares.runtime.splitfile.options_path)
 PODINFO_ANNOTATIONS = "annotations"
 STATE_DIR = "/var/run/ares/state"                # emptyDir shared by device and sidecar
 POWER_FILE = "power.json"                        # written by the sidecar in STATE_DIR

@@ -283,7 +283,8 @@ def _reconcile(job: JobRef, spec: JobSpec, status: Mapping[str, Any], meta: Mapp
                             getattr(memo, "restarts", {}).get(d.name, 0)) for d in spec.devices}
     server_restarts = max(int(status.get("serverRestarts") or 0), getattr(memo, "server_restarts", 0))
     splits = reconcile.desired_splits(spec, _planned(memo))
-    actions = reconcile.plan_pods(job, spec, ours, pods, restarts, server_restarts, splits)
+    options = reconcile.desired_options(spec, _planned_options(memo))
+    actions = reconcile.plan_pods(job, spec, ours, pods, restarts, server_restarts, splits, options)
     _tls(kube, job, spec, memo, reread=bool(actions.create))  # before any pod that mounts it
     memo.restarts, memo.server_restarts = dict(actions.restarts), actions.server_restarts
     for note in actions.notes:
@@ -363,7 +364,10 @@ def server_condition(server: Optional[ServerStatus], unreachable_for: Optional[f
 
 
 def _optimise(job: JobRef, spec: JobSpec, memo: kopf.Memo, logger: logging.Logger) -> None:
-    """Telemetry -> optimiser -> plan in memo, at most every split.reoptimiseIntervalSeconds."""
+    """Telemetry -> optimiser -> plan in memo, at most every split.reoptimiseIntervalSeconds.
+
+    With a training.offer the policy also chooses each device's (codec, micro-batches), as the
+    local runner's controller does (the same `decide`)."""
     from ares.core.optimiser import parse_policy
     from ares.runtime import controller
 
@@ -377,24 +381,31 @@ def _optimise(job: JobRef, spec: JobSpec, memo: kopf.Memo, logger: logging.Logge
         logger.debug("telemetry of %s not readable yet: %s", job.name, exc)
         return
     began = time.perf_counter()
+    offer = spec.training.offer_pairs()
     plan = controller.decide(telemetry, parse_policy(spec.split.policy, spec.split.alpha),
-                             builders.pinned_splits(spec))
+                             builders.pinned_splits(spec), offer)
     memo.metrics.optimised(job.namespace, job.name, time.perf_counter() - began)
     if plan is None:
         return  # not enough measurements yet; ask again next tick
     memo.optimised_at = time.monotonic()
     splits = dict(plan.splits)
-    if splits != _planned(memo):
-        logger.info("new split plan for %s: %s", job.name, splits)
-    memo.planned = splits
+    options = controller.plan_options(plan) if offer else {}
+    if splits != _planned(memo) or options != _planned_options(memo):
+        logger.info("new split plan for %s: %s%s", job.name, splits, f", step options {options}" if options else "")
+    memo.planned, memo.planned_options = splits, options
 
 
 def _planned(memo: kopf.Memo) -> dict[str, int]:
     return dict(getattr(memo, "planned", None) or {})
 
 
+def _planned_options(memo: kopf.Memo) -> dict[str, tuple[str, int]]:
+    return dict(getattr(memo, "planned_options", None) or {})
+
+
 class AnnotationSink:
-    """The operator's `SplitSink`: splits become the pods' `ares.io/split-point` annotations.
+    """The operator's `SplitSink`: splits become the pods' `ares.io/split-point` annotations,
+    and (a job with a training.offer) each device's step options `ares.io/step-options`.
 
     It writes the host-control annotations from the spec (power mode, bandwidth) at the same
     time, and only what differs from what the pods (as last listed) already carry.
@@ -404,11 +415,12 @@ class AnnotationSink:
                  logger: logging.Logger):
         self.kube, self.job, self.spec, self.pods, self.logger = kube, job, spec, pods, logger
 
-    def write(self, splits: Mapping[str, int]) -> dict[str, int]:
+    def write(self, splits: Mapping[str, int],
+              options: Mapping[str, tuple[str, int]] | None = None) -> dict[str, int]:
         """Returns, per device, the split it is changed to (only those that change)."""
         changed: dict[str, int] = {}
         by_name = {p.name: p for p in self.pods}
-        for pod_name, values in reconcile.annotation_patches(self.spec, self.job, self.pods, splits).items():
+        for pod_name, values in reconcile.annotation_patches(self.spec, self.job, self.pods, splits, options).items():
             self.logger.info("annotating %s: %s", pod_name, values)
             self.kube.annotate_pod(self.job.namespace, pod_name, values)
             if c.ANNOTATION_SPLIT in values:
@@ -418,7 +430,8 @@ class AnnotationSink:
 
 def _annotate(kube: Kube, job: JobRef, spec: JobSpec, pods: list[reconcile.PodView], memo: kopf.Memo,
               logger: logging.Logger) -> None:
-    changed = AnnotationSink(kube, job, spec, pods, logger).write(reconcile.desired_splits(spec, _planned(memo)))
+    changed = AnnotationSink(kube, job, spec, pods, logger).write(
+        reconcile.desired_splits(spec, _planned(memo)), reconcile.desired_options(spec, _planned_options(memo)))
     for device in changed:
         memo.metrics.split_changes.labels(job.namespace, job.name, device).inc()
 
@@ -448,7 +461,8 @@ def _status(job: JobRef, spec: JobSpec, status: Mapping[str, Any], meta: Mapping
         planned = _planned(memo)
         conds = conditions.set_condition(conds, c.COND_SPLITS_APPLIED, bool(planned),
                                          c.REASON_PLAN_APPLIED if planned else c.REASON_PLAN_PENDING,
-                                         split_message(planned) if planned else "waiting for measurements", now, gen)
+                                         split_message(planned, _planned_options(memo)) if planned
+                                         else "waiting for measurements", now, gen)
     new["observedGeneration"] = gen
     if outcome is None:
         new["phase"] = c.PHASE_RUNNING if server is not None and server.phase == "training" else \
@@ -477,9 +491,13 @@ def _event(memo: kopf.Memo, body: kopf.Body, type_: str, reason: str, message: s
     memo.kube.post_event(body, type_, reason, message)
 
 
-def split_message(planned: Mapping[str, int]) -> str:
-    """`splits nano-1=3, pi=1`: what kubectl describe shows, not a Python dict."""
-    return "splits " + ", ".join(f"{name}={split}" for name, split in sorted(planned.items()))
+def split_message(planned: Mapping[str, int], options: Mapping[str, tuple[str, int]] | None = None) -> str:
+    """`splits nano-1=3, pi=1`: what kubectl describe shows, not a Python dict; with step options
+    (a job with an offer) `splits nano-1=3, pi=1; step options nano-1=int8:4, pi=fp32:1`."""
+    text = "splits " + ", ".join(f"{name}={split}" for name, split in sorted(planned.items()))
+    if options:
+        text += "; step options " + ", ".join(f"{name}={codec}:{k}" for name, (codec, k) in sorted(options.items()))
+    return text
 
 
 def _expire(job: JobRef, spec: Mapping[str, Any], status: Mapping[str, Any], kube: Kube) -> None:

@@ -111,8 +111,10 @@ class Actions:
 
 
 def plan_pods(job: JobRef, spec: JobSpec, settings: OperatorSettings, pods: Sequence[PodView],
-              restarts: Mapping[str, int], server_restarts: int, splits: Mapping[str, int]) -> Actions:
-    """Create what is missing; replace what failed, within its backoff limit.
+              restarts: Mapping[str, int], server_restarts: int, splits: Mapping[str, int],
+              options: Mapping[str, tuple[str, int]] | None = None) -> Actions:
+    """Create what is missing; replace what failed, within its backoff limit (with the device's
+    current split and, where the job offers them, step options).
 
     A suspended job (runPolicy.suspend) has no pods: every active one is deleted and nothing is
     created; counters are kept, and the server resumes from its checkpoint when it comes back.
@@ -153,18 +155,19 @@ def plan_pods(job: JobRef, spec: JobSpec, settings: OperatorSettings, pods: Sequ
         name = job.device_pod_name(dev.name)
         pod = by_name.get(name)
         split = splits.get(dev.name, builders.initial_split(spec, dev, layers))
+        chosen = (options or {}).get(dev.name)
         if pod is None:
             if counts[dev.name] > spec.run_policy.backoff_limit:
                 gave_up.append(dev.name)
             else:
-                create.append(builders.device_pod(job, spec, dev, settings, split, counts[dev.name]))
+                create.append(builders.device_pod(job, spec, dev, settings, split, counts[dev.name], chosen))
         elif not pod.terminating and pod.failed:
             if counts[dev.name] >= spec.run_policy.backoff_limit:
                 gave_up.append(dev.name)  # keep the failed pod for its logs
                 continue
             counts[dev.name] += 1
             delete.append(name)
-            create.append(builders.device_pod(job, spec, dev, settings, split, counts[dev.name]))
+            create.append(builders.device_pod(job, spec, dev, settings, split, counts[dev.name], chosen))
             why = f"trainer exited with code {pod.exit_code}" if pod.exit_code is not None else "pod failed"
             why += f" ({pod.exit_message})" if pod.exit_message else ""
             notes.append(f"device {dev.name}: {why}; replaced (restart {counts[dev.name]} "
@@ -245,24 +248,40 @@ def desired_splits(spec: JobSpec, planned: Mapping[str, int]) -> dict[str, int]:
     return out
 
 
-def annotation_patches(spec: JobSpec, job: JobRef, pods: Sequence[PodView],
-                       splits: Mapping[str, int]) -> dict[str, dict[str, str]]:
-    """Per pod, the host-control annotations that differ from the spec (and the plan)."""
+def desired_options(spec: JobSpec, planned: Mapping[str, tuple[str, int]]) -> dict[str, tuple[str, int]]:
+    """The plan's (codec, micro-batches) per device, for a job that offers them; none otherwise
+    (a device the plan has not reached keeps what its pod carries)."""
+    if not spec.training.offer_pairs():
+        return {}
+    names = {d.name for d in spec.devices}
+    return {name: pair for name, pair in planned.items() if name in names}
+
+
+def annotation_patches(spec: JobSpec, job: JobRef, pods: Sequence[PodView], splits: Mapping[str, int],
+                       options: Mapping[str, tuple[str, int]] | None = None) -> dict[str, dict[str, str]]:
+    """Per pod, the host-control annotations that differ from the spec (and the plan).
+
+    Step options that changed go in the same patch as the split (first in it): the API server
+    applies one patch at once and the kubelet projects one pod's downwardAPI files in one atomic
+    swap, so a device never reads a new split without the options chosen with it."""
     by_name = {p.name: p for p in pods}
     patches: dict[str, dict[str, str]] = {}
     for dev in spec.devices:
         pod = by_name.get(job.device_pod_name(dev.name))
         if pod is None or not pod.active:
             continue
-        want = _wanted(dev, splits.get(dev.name))
+        want = _wanted(dev, splits.get(dev.name), (options or {}).get(dev.name))
         diff = {k: v for k, v in want.items() if pod.annotations.get(k) != v}
         if diff:
             patches[pod.name] = diff
     return patches
 
 
-def _wanted(dev: DeviceSpec, split: Optional[int]) -> dict[str, str]:
-    want = builders.host_control_annotations(dev)
+def _wanted(dev: DeviceSpec, split: Optional[int], options: Optional[tuple[str, int]]) -> dict[str, str]:
+    want: dict[str, str] = {}
+    if options is not None:
+        want[c.ANNOTATION_STEP_OPTIONS] = builders.step_options_annotation(*options)
+    want.update(builders.host_control_annotations(dev))
     if split is not None:
         want[c.ANNOTATION_SPLIT] = str(split)
     return want

@@ -7,10 +7,12 @@ missing from the dict gets the same default here as in `crds/aresjobs.ares.io.ya
 
 from __future__ import annotations
 
-from typing import Any, Literal, Mapping, Optional
+from typing import Annotated, Any, Literal, Mapping, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
+
+from ares.runtime.controller import offer_pairs
 
 
 class _Spec(BaseModel):
@@ -28,6 +30,17 @@ class DatasetSpec(_Spec):
     seed: int = 0
 
 
+Codec = Literal["fp32", "fp16", "int8"]
+MicroBatches = Annotated[int, Field(ge=1, le=8)]
+
+
+class OfferSpec(_Spec):
+    """What the adaptive controller may hand each device beside its split (`ares.io/step-options`)."""
+
+    codecs: tuple[Codec, ...] = Field((), max_length=3)
+    micro_batches: tuple[MicroBatches, ...] = Field((), max_length=8)
+
+
 class TrainingSpec(_Spec):
     rounds: int = Field(100, ge=1, le=100_000)
     batch_size: int = Field(100, ge=1, le=65_536)
@@ -37,9 +50,14 @@ class TrainingSpec(_Spec):
     lr_decay: float = Field(0.1, gt=0, le=1)
     max_steps_per_round: Optional[int] = Field(None, ge=1)
     seed: int = 0
-    codec: Literal["fp32", "fp16", "int8"] = "fp32"
+    codec: Codec = "fp32"
     micro_batches: int = Field(1, ge=1, le=8)
+    offer: OfferSpec = OfferSpec()
     aggregation: "AggregationSpec" = Field(default_factory=lambda: AggregationSpec())
+
+    def offer_pairs(self) -> tuple[tuple[str, int], ...]:
+        """The (codec, micro-batches) pairs offered, the job's own first; () without an offer."""
+        return offer_pairs(self.codec, self.micro_batches, self.offer.codecs, self.offer.micro_batches)
 
 
 class AggregationSpec(_Spec):

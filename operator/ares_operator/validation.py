@@ -61,6 +61,10 @@ def _spec_problems(name: str, spec: JobSpec, model_layers: Mapping[str, int]) ->
             problems.append(f"{where}: powerMode {dev.power_mode} is for Jetson classes only, not {dev.device_class}")
         if dev.node_name and dev.node_selector:
             problems.append(f"{where}: give nodeName or nodeSelector, not both")
+    for field, values in (("codecs", spec.training.offer.codecs), ("microBatches", spec.training.offer.micro_batches)):
+        dups = sorted({v for v in values if values.count(v) > 1})
+        if dups:
+            problems.append(f"spec.training.offer.{field}: duplicate values {dups}")
     if spec.split.mode == "fixed" and spec.split.point is None:
         unpinned = [d.name for d in spec.devices if d.split is None]
         if unpinned:

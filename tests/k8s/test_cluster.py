@@ -85,16 +85,28 @@ INVALID = [
     ({"devices__2__powerMode": "MAXN"}, "powerMode is for Jetson device classes only"),
     ({"server__resources": {"requests": {"cpu": "two"}}}, "spec.server.resources.requests.cpu"),
     ({"devices__0__nodeSelector": {"a": "b"}}, "give nodeName or nodeSelector, not both"),
+    ({"training__offer": {"codecs": ["int8", "bf16"]}}, 'Unsupported value: "bf16"'),
+    ({"training__offer": {"microBatches": [2, 9]}}, "should be less than or equal to 8"),
+    ({"training__offer": {"codecs": ["int8", "int8"]}}, 'Duplicate value: "int8"'),
 ]
 
 
 @pytest.mark.parametrize("changes, message", INVALID, ids=[
     "split-beyond-model", "point-beyond-model", "fixed-without-point", "duplicate-device", "powermode-on-pi",
-    "bad-quantity", "node-name-and-selector"])
+    "bad-quantity", "node-name-and-selector", "offer-codec", "offer-micro-batches", "offer-duplicate"])
 def test_invalid_jobs_are_refused_with_the_rules_message(kubectl, changes, message):
     proc = _apply(kubectl, _job("bad", **changes))
     assert proc.returncode != 0 and message in proc.stderr, proc.stderr
     assert kubectl.json("get", "aresjobs")["items"] == []
+
+
+def test_an_offer_is_accepted_and_kept(kubectl):
+    """training.offer: what the adaptive controller may choose per device (codec, micro-batches)."""
+    _apply(kubectl, _job(training__offer={"codecs": ["fp16", "int8"], "microBatches": [1, 2, 4, 8]}), check=True)
+    assert kubectl.json("get", "aresjobs", "demo")["spec"]["training"]["offer"] == \
+        {"codecs": ["fp16", "int8"], "microBatches": [1, 2, 4, 8]}
+    proc = _apply(kubectl, _job(training__offer={"codecs": ["int8"]}))
+    assert proc.returncode != 0 and "model, dataset and training are fixed" in proc.stderr, proc.stderr
 
 
 @pytest.mark.parametrize("name", ["5g-demo", "demo.v2", "x" * 57])

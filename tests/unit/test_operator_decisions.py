@@ -112,3 +112,159 @@ def test_a_lost_children_created_condition_is_put_back():
         patch = kopf.Patch()
         assert handlers._ensure_children(JOB, spec, kept, patch=patch, **args)
         assert not patch
+
+
+# --- step options (training.offer): the controller's (codec, k) per device, through annotations ---
+
+def _offered(**offer):
+    raw = yaml.safe_load((ROOT / "examples" / "job.yaml").read_text())["spec"]
+    if offer:
+        raw["training"]["offer"] = offer
+    return parse_spec(raw)
+
+
+def test_the_offer_is_the_local_runners():
+    """One rule for `ares run` and the operator: the job's own pair first, each list with the job's own."""
+    from ares.roles.runconfig import RunConfig
+
+    spec = _offered(codecs=["int8"], microBatches=[4, 2])
+    run = RunConfig(codec="fp32", micro_batches=1, offer_codecs=["int8"], offer_micro_batches=[4, 2])
+    assert spec.training.offer_pairs() == run.offer() == (
+        ("fp32", 1), ("fp32", 4), ("fp32", 2), ("int8", 1), ("int8", 4), ("int8", 2))
+    assert _offered().training.offer_pairs() == () == RunConfig().offer()
+    with pytest.raises(ValueError):
+        _offered(microBatches=[9])
+    with pytest.raises(ValueError):
+        _offered(codecs=["bf16"])
+    from ares_operator import validation  # what the schema refuses, the operator refuses too (older CRD)
+
+    raw = yaml.safe_load((ROOT / "examples" / "job.yaml").read_text())["spec"]
+    raw["training"]["offer"] = {"codecs": ["int8", "int8"], "microBatches": [2]}
+    assert validation.validate("demo", raw)[1] == ["spec.training.offer.codecs: duplicate values ['int8']"]
+
+
+def test_device_pods_project_step_options_only_with_an_offer(tmp_path):
+    """The pod carries its options from the start (the plan's, else the job's own) and projects
+    them beside the split file, where the device's own reader (`read_options`) finds them."""
+    from ares.runtime.splitfile import StepOptions, options_path, read_options
+
+    assert options_path(f"{c.PODINFO_DIR}/{c.PODINFO_SPLIT}").name == c.PODINFO_OPTIONS
+    spec = _offered(codecs=["int8"], microBatches=[4])
+    dev = spec.device("pi")
+    for chosen, want in ((None, StepOptions(codec="fp32", micro_batches=1)),
+                         (("int8", 4), StepOptions(codec="int8", micro_batches=4))):
+        pod = builders.device_pod(JOB, spec, dev, from_env(), split=2, options=chosen)
+        items = {i["path"]: i["fieldRef"]["fieldPath"] for i in
+                 next(v for v in pod["spec"]["volumes"] if v["name"] == "podinfo")["downwardAPI"]["items"]}
+        assert items[c.PODINFO_OPTIONS] == "metadata.annotations['ares.io/step-options']"
+        split_file = tmp_path / c.PODINFO_SPLIT  # what the kubelet writes for those two items
+        split_file.write_text(pod["metadata"]["annotations"][c.ANNOTATION_SPLIT])
+        options_path(split_file).write_text(pod["metadata"]["annotations"][c.ANNOTATION_STEP_OPTIONS])
+        assert read_options(split_file, None) == want
+    plain = builders.device_pod(JOB, _offered(), dev, from_env(), split=2, options=("int8", 4))
+    assert c.ANNOTATION_STEP_OPTIONS not in plain["metadata"]["annotations"]
+    assert c.PODINFO_OPTIONS not in str(plain["spec"]["volumes"])
+
+
+def _pod(name, **annotations):
+    from ares_operator.reconcile import PodView
+
+    return PodView(name=name, role="device", device=name.removeprefix("demo-"), phase="Running", attempt=0,
+                   terminating=False, annotations=annotations)
+
+
+def test_step_options_are_patched_when_they_change_with_the_split_never_after():
+    from ares_operator import reconcile
+
+    spec = _offered(codecs=["int8"], microBatches=[4])
+    own = builders.step_options_annotation("fp32", 1)
+    pods = [_pod(f"demo-{name}", **builders.host_control_annotations(spec.device(name)),
+                 **{c.ANNOTATION_SPLIT: split, c.ANNOTATION_STEP_OPTIONS: own})
+            for name, split in (("nano-maxn", "3"), ("nano-5w", "3"), ("pi", "1"))]
+    planned = {"nano-maxn": ("int8", 4), "nano-5w": ("fp32", 1), "pi": ("int8", 1), "gone": ("int8", 4)}
+    options = reconcile.desired_options(spec, planned)
+    assert options == {"nano-maxn": ("int8", 4), "nano-5w": ("fp32", 1), "pi": ("int8", 1)}
+    patches = reconcile.annotation_patches(spec, JOB, pods, {"nano-maxn": 5, "nano-5w": 3, "pi": 1}, options)
+    assert patches == {
+        "demo-nano-maxn": {c.ANNOTATION_STEP_OPTIONS: '{"codec":"int8","micro_batches":4}', c.ANNOTATION_SPLIT: "5"},
+        "demo-pi": {c.ANNOTATION_STEP_OPTIONS: '{"codec":"int8","micro_batches":1}'},  # options alone; split kept
+    }  # nano-5w: nothing changed, nothing patched
+    assert list(patches["demo-nano-maxn"]) == [c.ANNOTATION_STEP_OPTIONS, c.ANNOTATION_SPLIT]  # one patch, options first
+    # Applied: nothing more to patch. Without an offer: never an options annotation, whatever the memo holds.
+    applied = [_pod(p.name, **{**p.annotations, **patches.get(p.name, {})}) for p in pods]
+    assert reconcile.annotation_patches(spec, JOB, applied, {"nano-maxn": 5, "nano-5w": 3, "pi": 1}, options) == {}
+    assert reconcile.desired_options(_offered(), planned) == {}
+    bare = [_pod(p.name, **{k: v for k, v in p.annotations.items() if k != c.ANNOTATION_STEP_OPTIONS}) for p in applied]
+    assert reconcile.annotation_patches(_offered(), JOB, bare, {"nano-maxn": 5, "nano-5w": 3, "pi": 1},
+                                        reconcile.desired_options(_offered(), planned)) == {}
+
+
+def test_a_replaced_device_pod_starts_with_its_planned_step_options():
+    from ares_operator.reconcile import PodView, plan_pods
+
+    spec = _offered(codecs=["int8"], microBatches=[4])
+    pods = [PodView(name=n, role=r, device=d, phase="Running", attempt=0, terminating=False, annotations={})
+            for n, r, d in (("demo-server", "server", ""), ("demo-nano-maxn", "device", "nano-maxn"),
+                            ("demo-nano-5w", "device", "nano-5w"))]
+    pods.append(PodView(name="demo-pi", role="device", device="pi", phase="Failed", attempt=0, terminating=False,
+                        annotations={}))
+    actions = plan_pods(JOB, spec, from_env(), pods, {}, 0, {"pi": 2}, {"pi": ("int8", 4)})
+    (new,) = actions.create
+    assert new["metadata"]["annotations"][c.ANNOTATION_STEP_OPTIONS] == '{"codec":"int8","micro_batches":4}'
+    assert new["metadata"]["annotations"][c.ANNOTATION_SPLIT] == "2"
+
+
+def test_the_operator_asks_the_controller_for_step_options_and_annotates_them(monkeypatch):
+    """`_optimise` runs the local runner's `decide` with the job's offer; the sink then writes what it chose."""
+    import logging
+
+    import kopf
+
+    from ares.core.messages import DeviceTelemetry, Telemetry
+    from ares.core.optimiser import parse_policy
+    from ares.core.profiles import PUBLISHED
+    from ares.runtime import controller
+    from ares_operator import metrics, reconcile
+
+    nano = PUBLISHED["jetson-nano/MAXN"]
+    tail = [nano.fwd[-1] / 10 - t / 10 for t in nano.fwd]
+    slow = Telemetry(round=1, model="vgg5", batch_size=100, codec="fp32",
+                     activation_numel=[16384, 16384, 4096, 4096, 1024, 128, 10],
+                     weight_bytes=[1792, 148_000, 295_000, 590_000, 8_400_000, 5_200, 5_200],
+                     server_fwd=tail, server_bwd=tail,
+                     devices=[DeviceTelemetry(name=n, device_class="jetson-nano", power_mode="MAXN", fwd=list(nano.fwd),
+                                              bwd=list(nano.bwd), batch_size=100, up_bps=2.5e6, down_bps=2.5e6,
+                                              iterations=50) for n in ("nano-maxn", "nano-5w", "pi")])
+    monkeypatch.setattr(controller, "fetch_telemetry", lambda *a, **k: slow)
+    spec = _offered(codecs=["fp16", "int8"], microBatches=[2, 4])
+    memo = kopf.Memo(tokens={"controller.token": "t"}, settings=from_env(), metrics=metrics.OperatorMetrics())
+    handlers._optimise(JOB, spec, memo, logging.getLogger("test"))
+    want = controller.decide(slow, parse_policy(spec.split.policy, spec.split.alpha), builders.pinned_splits(spec),
+                             spec.training.offer_pairs())
+    assert memo.planned_options == controller.plan_options(want) and memo.planned == dict(want.splits)
+    assert set(memo.planned_options.values()) <= set(spec.training.offer_pairs())
+    assert set(memo.planned_options.values()) != {("fp32", 1)}  # 20 Mbit/s: the offer pays
+    assert "; step options " in handlers.split_message(memo.planned, memo.planned_options)
+
+    class Recorder:
+        def __init__(self):
+            self.calls = []
+
+        def annotate_pod(self, namespace, name, values):
+            self.calls.append((name, dict(values)))
+
+    kube = Recorder()
+    pods = [reconcile.PodView.of(builders.device_pod(JOB, spec, d, from_env(), split=3)) for d in spec.devices]
+    handlers._annotate(kube, JOB, spec, pods, memo, logging.getLogger("test"))
+    got = {name: values.get(c.ANNOTATION_STEP_OPTIONS) for name, values in kube.calls}
+    assert got == {f"demo-{d}": builders.step_options_annotation(*pair) for d, pair in memo.planned_options.items()
+                   if pair != ("fp32", 1)}  # the job's own is on the pods already
+    # No offer: the same telemetry, no options planned, none written.
+    plain = kopf.Memo(tokens={"controller.token": "t"}, settings=from_env(), metrics=metrics.OperatorMetrics())
+    handlers._optimise(JOB, _offered(), plain, logging.getLogger("test"))
+    assert plain.planned and plain.planned_options == {}
+
+
+def test_split_message_shows_step_options():
+    assert handlers.split_message({"pi": 1, "a": 2}, {"pi": ("int8", 4), "a": ("fp32", 1)}) == \
+        "splits a=2, pi=1; step options a=fp32:1, pi=int8:4"
