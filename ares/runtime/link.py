@@ -1,7 +1,8 @@
 """How a device talks to the server: one `ServerLink` interface, two implementations.
 
 `HttpLink` is the real one: one long-lived httpx client speaking HTTP/2 (prior knowledge over
-plain TCP, or HTTPS with ALPN h2 when given a `ClientTls`: see tlsclient.py), bodies streamed in 256 KiB chunks with a Content-Length
+plain TCP, or HTTPS with ALPN h2 when given a `ClientTls`: see tlsclient.py) through our
+large-frame transport (h2client.py), bodies streamed in 256 KiB chunks with a Content-Length
 (httpx copies a large single `bytes` body quadratically under HTTP/2), transfer times measured
 for the throughput estimate. `InProcessLink` calls a `TrainingServer` directly, for tests and
 for the in-process baseline of the step-overhead benchmark. The training loop never sees HTTP

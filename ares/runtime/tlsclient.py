@@ -59,7 +59,13 @@ class _ServerName(httpx.BaseTransport):
 
 
 def transport(tls: Optional[ClientTls], http1: bool = True, http2: bool = False) -> httpx.BaseTransport:
-    """An httpx transport: plain when `tls` is None (h2c or HTTP/1.1), else verifying as configured."""
+    """An httpx transport: plain when `tls` is None (h2c or HTTP/1.1), else verifying as configured.
+    HTTP/2 only (devices): our large-frame transport (h2client.py); otherwise httpx's own."""
+    if http2 and not http1:
+        from ares.runtime.h2client import H2Transport
+
+        inner: httpx.BaseTransport = H2Transport(tls.context() if tls else None)
+        return _ServerName(inner, tls.server_name) if tls and tls.server_name else inner
     if tls is None:
         return httpx.HTTPTransport(http1=http1, http2=http2)
     inner = httpx.HTTPTransport(http1=http1, http2=http2, verify=tls.context())

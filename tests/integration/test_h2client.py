@@ -1,0 +1,145 @@
+"""The devices' HTTP/2 transport (ares/runtime/h2client.py) against a real granian server with
+the edge server's HTTP/2 settings: bodies larger than a frame and a window, concurrent streams
+from several threads on one connection, an early refusal during an upload, a read timeout, and
+a server that goes away and comes back."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from ares.runtime.h2client import H2Transport
+from tests.conftest import free_port
+
+APP = '''
+import asyncio
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
+app = FastAPI()
+
+@app.post("/echo")
+async def echo(request: Request):
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+    return Response(bytes(body), headers={"x-peer": str(request.client.port)})
+
+@app.post("/refuse")
+async def refuse():  # answers without reading the body, as the server does past max_body_mib
+    return Response(b"too large", status_code=413)
+
+@app.get("/slow")
+async def slow():
+    await asyncio.sleep(3)
+    return Response(b"late")
+'''
+
+SERVER = ("import sys\nfrom granian import Granian\nfrom granian.http import HTTP2Settings\n"
+          "Granian('h2app:app', address='127.0.0.1', port=int(sys.argv[1]), interface='asgi', http='auto',"
+          " http2_settings=HTTP2Settings(initial_stream_window_size=16<<20, initial_connection_window_size=16<<20,"
+          " max_frame_size=1<<20)).serve()\n")
+
+
+class Granian:
+    def __init__(self, tmp: Path, port: int):
+        (tmp / "h2app.py").write_text(APP)
+        self.proc = subprocess.Popen([sys.executable, "-c", SERVER, str(port)], cwd=tmp,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                httpx.get(f"http://127.0.0.1:{port}/docs", timeout=1)
+                return
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        raise RuntimeError("granian did not start")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    port = free_port()
+    srv = Granian(tmp_path_factory.mktemp("h2"), port)
+    yield f"http://127.0.0.1:{port}"
+    srv.stop()
+
+
+def chunks(data: bytes, size: int = 256 << 10):
+    return (data[i:i + size] for i in range(0, len(data), size))
+
+
+def test_large_bodies_both_ways(server):
+    payload = os.urandom(40 << 20)  # larger than a frame and than both 16 MiB windows
+    with httpx.Client(base_url=server, transport=H2Transport(), timeout=60) as client:
+        r = client.post("/echo", content=chunks(payload), headers={"Content-Length": str(len(payload))})
+        assert r.status_code == 200 and r.http_version == "HTTP/2"
+        assert r.content == payload
+        r = client.post("/echo", content=b"small")  # a plain bytes body, on the same connection
+        assert r.content == b"small"
+
+
+def test_concurrent_streams_share_one_connection(server):
+    payloads = [os.urandom((i + 1) * (700 << 10)) for i in range(8)]
+    results: dict[int, tuple[bytes, str]] = {}
+    with httpx.Client(base_url=server, transport=H2Transport(), timeout=60) as client:
+        client.get("/docs")  # open the connection first, as a device does when it joins
+
+        def post(i: int) -> None:
+            r = client.post("/echo", content=chunks(payloads[i]), headers={"Content-Length": str(len(payloads[i]))})
+            results[i] = (r.content, r.headers["x-peer"])
+
+        threads = [threading.Thread(target=post, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    assert sorted(results) == list(range(8))
+    assert all(results[i][0] == payloads[i] for i in range(8))  # no stream got another's bytes
+    assert len({peer for _, peer in results.values()}) == 1  # one TCP connection for all
+
+
+def test_early_refusal_during_upload_is_answered(server):
+    payload = os.urandom(48 << 20)  # three windows' worth: the server never reads it
+    with httpx.Client(base_url=server, transport=H2Transport(), timeout=30) as client:
+        r = client.post("/refuse", content=chunks(payload), headers={"Content-Length": str(len(payload))})
+        assert r.status_code == 413 and r.content == b"too large"
+        assert client.post("/echo", content=b"after").content == b"after"  # the connection lives on
+
+
+def test_read_timeout_then_the_connection_still_works(server):
+    with httpx.Client(base_url=server, transport=H2Transport(), timeout=httpx.Timeout(0.5, connect=5)) as client:
+        with pytest.raises(httpx.ReadTimeout):
+            client.get("/slow")
+        assert client.post("/echo", content=b"again").content == b"again"
+
+
+def test_server_gone_then_back(tmp_path):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    srv = Granian(tmp_path, port)
+    with httpx.Client(base_url=url, transport=H2Transport(), timeout=10) as client:
+        try:
+            assert client.post("/echo", content=b"one").content == b"one"
+        finally:
+            srv.stop()
+        with pytest.raises(httpx.TransportError):  # LinkError(503) in HttpLink
+            client.post("/echo", content=b"two")
+        srv = Granian(tmp_path, port)
+        try:
+            assert client.post("/echo", content=b"three").content == b"three"  # a new connection
+        finally:
+            srv.stop()
