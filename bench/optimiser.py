@@ -8,12 +8,17 @@ problem's dataclasses) and `policy.decide(problem)` (the decision plus a full `P
 clock and this process's CPU time (other work on a shared machine inflates the first), each
 with its ratio to the budget.
 
+`--fleet-file`: `ares optimise` end to end on a generated fleet file of that many devices
+(profiles from examples/profiles, random links and iteration counts): the YAML parse alone with
+PyYAML's pure-Python `yaml.safe_load` and with the C loader the command uses, then the whole
+command (read, validate, decide, print JSON to /dev/null).
+
 Second part (`--local-run`): how good the predictions are. A short adaptive `ares run` with
 three devices (one emulating the published Raspberry Pi); after each round the controller's
 predicted round time for every device (splits.csv) is set against the round time that device
 then measured (devices.csv), and the error printed (goal: within 15%).
 
-    python bench/optimiser.py [--devices 10000] [--repeats 7] [--local-run]
+    python bench/optimiser.py [--devices 10000] [--repeats 7] [--fleet-file] [--local-run]
 """
 
 from __future__ import annotations
@@ -56,6 +61,18 @@ def random_fleet(n: int, seed: int = 0) -> Problem:
     return Problem(tuple(devices), server, model_costs(VGG5_NUMEL, VGG5_WEIGHT_BYTES, 100))
 
 
+def slack_fleet(n: int, seed: int = 0) -> Problem:
+    """One slow Pi pinned on the device sets a long round; n - 1 Pis on fast links all save energy
+    by offloading to a fast server, even shared n ways (the shared-server search's worst case)."""
+    rng = np.random.default_rng(seed)
+    pi, pi_power = PUBLISHED["raspberry-pi"], power_model("raspberry-pi", "")
+    devices = [DeviceInput("slow", pi.scaled(3.0), 1e6, 1e6, pi_power, 100, pinned_split=6)]
+    devices += [DeviceInput(f"d{i}", pi.scaled(float(rng.uniform(0.8, 1.2))), 12.5e6, 12.5e6, pi_power, 100)
+                for i in range(n - 1)]
+    server = ServerProfile.from_cumulative(PUBLISHED["jetson-nano/MAXN"].scaled(0.001))
+    return Problem(tuple(devices), server, model_costs(VGG5_NUMEL, VGG5_WEIGHT_BYTES, 100))
+
+
 def median_seconds(fn, repeats: int) -> tuple[float, float]:
     """Median wall-clock and CPU seconds of `fn()`."""
     fn()  # warm-up
@@ -78,7 +95,11 @@ def main() -> int:
     parser.add_argument("--devices", type=int, default=10_000)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--local-run", action="store_true", help="also: predicted vs measured round time")
+    parser.add_argument("--fleet-file", action="store_true", help="only: `ares optimise` on a generated fleet file")
     args = parser.parse_args()
+    if args.fleet_file:
+        fleet_file_timing(args.devices, args.repeats)
+        return 0
     problem = random_fleet(args.devices)
     print(f"optimiser decision time, {args.devices} devices x {problem.n_splits} splits, "
           f"median of {args.repeats}, budget {BUDGET_S * 1000:.0f} ms; load average {os.getloadavg()[0]:.1f} "
@@ -94,12 +115,65 @@ def main() -> int:
     # The shared-server search is O(N^2 L) in the worst case: shown at a fleet size it is meant for.
     small = random_fleet(500)
     print(row("straggler shared/500", *median_seconds(lambda: StragglerPolicy(share_server=True).decide(small), 3)))
+    for n in (500, 2000):  # the worst case: every device saves energy by offloading, so every count is tried
+        slack = slack_fleet(n)
+        print(row(f"shared, slack/{n}", *median_seconds(lambda: StragglerPolicy(share_server=True).decide(slack), 3)))
     for label, worst in (("decision (choose)", worst_choose), ("decision + plan (decide)", worst_decide)):
         print(f"slowest {label} at {args.devices} devices: {worst * 1000:.1f} ms wall = "
               f"{worst / BUDGET_S:.2f} x budget ({'within' if worst < BUDGET_S else 'OVER'} budget)")
     if args.local_run:
         predicted_vs_measured()
     return 0
+
+
+def write_fleet_file(n: int, folder: Path, seed: int = 0) -> Path:
+    """A fleet file of n devices over the shipped example profiles, as a user would write it."""
+    import shutil
+
+    import yaml
+
+    rng = np.random.default_rng(seed)
+    examples = Path(__file__).resolve().parents[1] / "examples"
+    shutil.copytree(examples / "profiles", folder / "profiles", dirs_exist_ok=True)
+    kinds = ["pi4", "nano-maxn", "nano-5w", "nano-custom1", "nano-custom3"]
+    fleet = yaml.safe_load((examples / "fleet-paper5.yaml").read_text())
+    fleet["devices"] = [{"name": f"d{i}", "profile": f"profiles/{kinds[k]}.json", "up_mbps": round(float(up), 2),
+                         "down_mbps": round(float(down), 2), "iterations": int(it)}
+                        for i, (k, up, down, it) in enumerate(zip(rng.integers(0, len(kinds), n), rng.uniform(1, 50, n),
+                                                                  rng.uniform(1, 50, n), rng.integers(20, 200, n)))]
+    path = folder / f"fleet-{n}.yaml"
+    path.write_text(yaml.safe_dump(fleet, sort_keys=False))
+    return path
+
+
+def fleet_file_timing(n: int, repeats: int) -> None:
+    import contextlib
+    import tempfile
+
+    import yaml
+
+    from ares.core.yamlfile import SAFE_LOADER, safe_load
+    from ares.roles import optimise_cmd
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = write_fleet_file(n, Path(tmp))
+        text = path.read_text()
+        print(f"`ares optimise` on a generated fleet file: {n} devices, {len(text) / 1e6:.2f} MB of YAML, "
+              f"median of {repeats}; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+        def seconds(label: str, wall_cpu: tuple[float, float]) -> None:  # no budget here: a file, not a decision
+            print(f"  {label:<28} wall {wall_cpu[0] * 1000:7.0f} ms   cpu {wall_cpu[1] * 1000:7.0f} ms")
+
+        python = median_seconds(lambda: yaml.safe_load(text), repeats)
+        c = median_seconds(lambda: safe_load(text), repeats)
+        seconds("parse: yaml.safe_load", python)
+        seconds(f"parse: {SAFE_LOADER.__name__}", c)
+        print(f"  C loader: {python[0] / c[0]:.1f}x faster (wall)")
+
+        def command() -> None:
+            with open(os.devnull, "w") as null, contextlib.redirect_stdout(null):
+                assert optimise_cmd.main([str(path), "--policy", "straggler", "--json"]) == 0
+
+        seconds("ares optimise, whole", median_seconds(command, repeats))
 
 
 def predicted_vs_measured(rounds: int = 6) -> None:

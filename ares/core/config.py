@@ -14,6 +14,8 @@ from typing import Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from ares.core.yamlfile import safe_load
+
 DEFAULT_PORT = 43000  # the published prototype's port
 CONTROLLER_TOKEN_NAME = "controller.token"  # cannot clash with a device name (DNS labels have no dots)
 MAX_MICRO_BATCHES = 8  # concurrent step streams per device; the server's per-device request limit must exceed it
@@ -150,7 +152,7 @@ def load_yaml_model(model: type[BaseModel], path: str | Path) -> BaseModel:
     """Load a YAML/JSON file into a model; errors name the file."""
     text = Path(path).read_text()
     try:
-        data = yaml.safe_load(text) or {}
+        data = safe_load(text) or {}
     except yaml.YAMLError as exc:
         raise ValueError(f"{path}: not valid YAML/JSON: {exc}") from exc
     return model.model_validate(data)

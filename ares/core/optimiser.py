@@ -46,8 +46,14 @@ Policies (all respect a device's `pinned_split`):
   by all offloading devices (split < L-1): server_s is multiplied by their number k
   (processor sharing with every offloader busy at once: a pessimistic approximation). R*
   is then found exactly by trying, for m = 0..N, the m devices with the slowest on-device
-  round as the offloaders (O(N^2 * L) in the worst case, fine for fleets of hundreds);
-  devices outside that set stay on the device so k never grows.
+  round as the offloaders. The splits are then chosen jointly: for every count k of
+  offloaders, each device's best offload column with the server shared k ways and round
+  <= R*; the devices that must offload (on-device round > R*) plus the k - forced others
+  whose offloading saves the most are the offloaders; the k with the least total is kept.
+  The total is the sum over devices of their own weighted objective in joules
+  (||E||2 * objective; at a = 0 exactly the fleet's energy), so with the default weight the
+  plan is the least-energy one among those with the best round time. O(N^2 * L) in the worst
+  case (every device gains by offloading): about a second for 2,000 devices.
 - `fixed:N` and `none` (= split L-1, all layers on the device) are the baselines.
 
 A policy only chooses splits (`choose`: one integer per device, vectorised with numpy over
@@ -95,6 +101,9 @@ class ModelCosts:
 
 CODEC_BYTES = {"fp32": 4, "fp16": 2, "int8": 1}  # bytes per value on the wire (int8's per-channel scale is negligible)
 DUPLEX = ("full", "half")
+# Link rates a device may have, bytes/s (8 mbit/s .. 8 Tbit/s): outside them the cost model's
+# seconds and joules lose all meaning (1e-300 B/s overflows to inf), so they are refused.
+MIN_BPS, MAX_BPS = 1e-3, 1e12
 
 
 @dataclass(frozen=True)
@@ -168,8 +177,9 @@ class DeviceInput:
             raise ValueError(f"device {self.name!r}: latency_s must be >= 0 seconds, got {self.latency_s!r}")
         for name in ("up_bps", "down_bps"):
             value = getattr(self, name)
-            if not math.isfinite(value) or value <= 0:
-                raise ValueError(f"device {self.name!r}: {name} must be > 0 bytes/s, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not MIN_BPS <= value <= MAX_BPS:
+                raise ValueError(f"device {self.name!r}: {name} must be within {MIN_BPS:g}..{MAX_BPS:g} bytes/s "
+                                 f"({MIN_BPS * 8e-6:g}..{MAX_BPS * 8e-6:g} Mbit/s), got {value!r}")
         if isinstance(self.iterations, bool) or not isinstance(self.iterations, int) or self.iterations < 0:
             raise ValueError(f"device {self.name!r}: iterations must be an integer >= 0, got {self.iterations!r}")
         if self.alpha is not None:
@@ -305,6 +315,7 @@ class _Inputs:
     power: np.ndarray  # (N, 3): compute, tx, rx watts
     latency: np.ndarray  # (N, 1)
     half: np.ndarray  # (N, 1) bool
+    names: tuple[str, ...]  # for errors
 
     @classmethod
     def of(cls, problem: Problem) -> "_Inputs":
@@ -329,12 +340,14 @@ class _Inputs:
             iterations=column(x.iterations for x in d),
             power=matrix(((x.power.compute_w, x.power.tx_w, x.power.rx_w) for x in d), 3),
             latency=column(x.latency_s for x in d),
-            half=np.fromiter((x.duplex == "half" for x in d), bool, n)[:, None])
+            half=np.fromiter((x.duplex == "half" for x in d), bool, n)[:, None],
+            names=tuple(x.name for x in d))
 
     def rows(self, idx: np.ndarray) -> "_Inputs":
         return replace(self, fwd=self.fwd[idx], bwd=self.bwd[idx], up_bps=self.up_bps[idx],
                        down_bps=self.down_bps[idx], iterations=self.iterations[idx], power=self.power[idx],
-                       latency=self.latency[idx], half=self.half[idx])
+                       latency=self.latency[idx], half=self.half[idx],
+                       names=tuple(self.names[i] for i in np.asarray(idx).tolist()))
 
 
 @dataclass(frozen=True)
@@ -359,40 +372,59 @@ def pipelined_iteration(f: Any, u: Any, v: Any, d: Any, b: Any, k: Any, half: An
     return np.where(half, np.maximum(flow, f + k * (u + d) + b), flow)
 
 
-def _costs(x: _Inputs, server_share: float = 1.0) -> _Costs:
-    """Every device's costs in every column; server time multiplied by `server_share` (>= 1 when shared)."""
+def _costs(x: _Inputs, server_share: float | np.ndarray = 1.0) -> _Costs:
+    """Every device's costs in every column; server time multiplied by `server_share` (>= 1 when shared;
+    a scalar, or an array that broadcasts to (N, C): one share per device or per cell)."""
     n_opt, s = x.up_bytes.shape
     last = np.zeros(s, dtype=bool)
     last[-1] = True
-    device = np.tile(x.fwd + x.bwd, n_opt)
-    server = np.broadcast_to(np.tile(x.server_s * server_share, n_opt), device.shape)
-    up_bytes, down_bytes = x.up_bytes.reshape(-1), x.down_bytes.reshape(-1)
-    up = up_bytes / x.up_bps
-    down = down_bytes / x.down_bps
-    k = np.repeat(x.micro, s)
-    lat = np.where(np.tile(last, n_opt), 0.0, x.latency)  # one request per micro-batch; none at the last split
-    f, b = np.tile(x.fwd, n_opt) / k, np.tile(x.bwd, n_opt) / k
-    iteration = pipelined_iteration(f, up / k + lat, server / k, down / k, b, k, x.half)
-    weights_down = x.weight_bytes / x.down_bps
-    weights_up = x.weight_bytes / x.up_bps
-    pc, ptx, prx = (x.power[:, i:i + 1] for i in range(3))
-    energy = pc * device + ptx * up + prx * down
-    return _Costs(
-        device_s=device, server_s=server, up_s=up, down_s=down, iteration_s=iteration,
-        round_s=x.iterations * iteration + np.tile(weights_down + weights_up, n_opt) + 2 * x.latency,
-        energy_iteration_j=energy,
-        energy_round_j=x.iterations * energy + np.tile(prx * weights_down + ptx * weights_up, n_opt),
-    )
+    with np.errstate(over="ignore", invalid="ignore"):  # absurd inputs overflow: refused just below
+        device = np.tile(x.fwd + x.bwd, n_opt)
+        server = np.broadcast_to(np.tile(x.server_s, n_opt) * server_share, device.shape)
+        up_bytes, down_bytes = x.up_bytes.reshape(-1), x.down_bytes.reshape(-1)
+        up = up_bytes / x.up_bps
+        down = down_bytes / x.down_bps
+        k = np.repeat(x.micro, s)
+        lat = np.where(np.tile(last, n_opt), 0.0, x.latency)  # one request per micro-batch; none at the last split
+        f, b = np.tile(x.fwd, n_opt) / k, np.tile(x.bwd, n_opt) / k
+        iteration = pipelined_iteration(f, up / k + lat, server / k, down / k, b, k, x.half)
+        weights_down = x.weight_bytes / x.down_bps
+        weights_up = x.weight_bytes / x.up_bps
+        pc, ptx, prx = (x.power[:, i:i + 1] for i in range(3))
+        energy = pc * device + ptx * up + prx * down
+        round_s = x.iterations * iteration + np.tile(weights_down + weights_up, n_opt) + 2 * x.latency
+        energy_round = x.iterations * energy + np.tile(prx * weights_down + ptx * weights_up, n_opt)
+        bad = ~np.isfinite(round_s + energy_round).all(axis=1)
+    if bad.any():  # round finite implies iteration finite, and likewise for energy
+        i = int(np.flatnonzero(bad)[0])
+        raise ValueError(f"device {x.names[i]!r}: its predicted time or energy is not finite (overflow); "
+                         "its profile, link rates, power or iterations are out of any sensible range")
+    return _Costs(device_s=device, server_s=server, up_s=up, down_s=down, iteration_s=iteration,
+                  round_s=round_s, energy_iteration_j=energy, energy_round_j=energy_round)
+
+
+def _scaled(v: np.ndarray, valid: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """Each row divided by its largest magnitude (valid columns only, others 0), and that maximum."""
+    v = np.where(valid, v, 0.0) if valid is not None else np.asarray(v, dtype=float)
+    if not np.isfinite(v).all():
+        raise ValueError("weighted_cost: times and energies must be finite (an inf or nan has no ranking)")
+    top = np.abs(v).max(axis=1, keepdims=True)
+    return np.divide(v, top, out=np.zeros_like(v, dtype=float), where=top > 0), top
+
+
+def row_norm(v: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
+    """||row||2 over the valid columns, (N, 1), without squaring large values (no overflow)."""
+    scaled, top = _scaled(v, valid)
+    return top * np.linalg.norm(scaled, axis=1, keepdims=True)
 
 
 def weighted_cost(time: np.ndarray, energy: np.ndarray, alpha: np.ndarray,
                   valid: np.ndarray | None = None) -> np.ndarray:
     """Row by row: alpha * T/||T||2 + (1 - alpha) * E/||E||2 (norms over the row's valid columns);
-    a zero row adds 0. Norms are taken on values scaled by the row's maximum, so no square overflows."""
+    a zero row adds 0. Norms are taken on values scaled by the row's maximum, so no square
+    overflows; an inf or nan among the valid values is refused (it would rank as garbage)."""
     def normalised(v: np.ndarray) -> np.ndarray:
-        v = np.where(valid, v, 0.0) if valid is not None else v
-        top = np.abs(v).max(axis=1, keepdims=True)
-        scaled = np.divide(v, top, out=np.zeros_like(v, dtype=float), where=top > 0)
+        scaled, _ = _scaled(v, valid)
         norm = np.linalg.norm(scaled, axis=1, keepdims=True)
         return np.divide(scaled, norm, out=np.zeros_like(scaled), where=norm > 0)
 
@@ -533,13 +565,9 @@ class StragglerPolicy(_Chooser):
         allowed = _allowed(problem)
         s = problem.n_splits
         if self.share_server:
-            target, offloaders = _shared_target(x, allowed, s)
-            c = _costs(x, float(offloaders.sum()))
-            offload_cols = np.arange(allowed.shape[1]) % s < s - 1
-            allowed[np.ix_(~offloaders, offload_cols)] = False  # outsiders stay on the device: sharing never grows
-        else:
-            c = _costs(x)
-            target = np.where(allowed, c.round_s, np.inf).min(axis=1).max()
+            return _shared_choice(x, allowed, s, _alphas(problem, self.alpha), _valid(problem))
+        c = _costs(x)
+        target = np.where(allowed, c.round_s, np.inf).min(axis=1).max()
         feasible = allowed & (c.round_s <= target)
         cost = weighted_cost(c.round_s, c.energy_round_j, _alphas(problem, self.alpha), _valid(problem))
         return _argmin_where(cost, feasible)
@@ -578,6 +606,74 @@ def _shared_target(x: _Inputs, allowed: np.ndarray, s: int) -> tuple[float, np.n
     return float(best_t), offloaders
 
 
+def _shared_choice(x: _Inputs, allowed: np.ndarray, s: int, alphas: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """Columns of the plan with the best shared-server round time and the least total objective.
+
+    Energy does not depend on how many devices share the server; round times only grow with
+    that count k. So for each k: a device must offload if its on-device round misses R*, may
+    offload if some offload column keeps R* with the server shared k ways, and the k - forced
+    optional offloaders are those that save the most. Stops once fewer than k devices can
+    offload, or once every device that would save is offloading: a larger k then only removes
+    choices (exact for a = 0, where the scores do not depend on k).
+    """
+    target, offloaders = _shared_target(x, allowed, s)
+    n, local = allowed.shape[0], s - 1
+    off = np.arange(allowed.shape[1]) % s < local
+    cols = np.full(n, local)
+    cand = np.flatnonzero((allowed & off).any(axis=1))  # the only devices that may offload (the rest: local)
+    xc, allowed_c, alphas_c, valid_c = x.rows(cand), allowed[cand], alphas[cand], valid[cand]
+    c = _costs(xc)
+    local_ok = allowed_c[:, local] & (c.round_s[:, local] <= target)
+    forced = ~local_ok
+    n_forced, rows = int(forced.sum()), np.arange(len(cand))
+    most = _most_sharers(xc, allowed_c & off, target, len(cand))
+    energy_only = not alphas_c.any()  # a = 0: the score is the energy, the same for every k
+    best_total, best_cols = math.inf, None
+    for k in range(n_forced, len(cand) + 1):
+        feasible = most >= max(k, 1) if k else np.zeros_like(allowed_c)
+        can_off = feasible.any(axis=1)
+        if (forced & ~can_off).any() or can_off.sum() < k:
+            break
+        if energy_only:
+            score = c.energy_round_j
+        else:
+            ck = _costs(xc, float(max(k, 1)))
+            score = (weighted_cost(ck.round_s, ck.energy_round_j, alphas_c, valid_c)
+                     * row_norm(ck.energy_round_j, valid_c))
+        col_off = np.where(feasible, score, np.inf).argmin(axis=1)
+        score_off = score[rows, col_off]
+        gain = np.where(local_ok & can_off, score[:, local] - score_off, -np.inf)
+        chosen = forced.copy()
+        slots = k - n_forced
+        if slots:
+            top = np.argpartition(-gain, slots - 1)[:slots] if slots < len(gain) else rows
+            chosen[top[gain[top] > 0]] = True
+        total = float(np.where(chosen, score_off, score[:, local]).sum())
+        if total < best_total:
+            best_total, best_cols = total, np.where(chosen, col_off, local)
+        if k and slots >= np.count_nonzero(gain > 0):
+            break  # every saving taken: a larger k only removes choices (exact at a = 0)
+    if best_cols is None:  # not reached when the arithmetic is exact; the prefix plan is still valid
+        c = _costs(x, float(offloaders.sum()))
+        allowed = allowed.copy()
+        allowed[np.ix_(~offloaders, off)] = False
+        cost = weighted_cost(c.round_s, c.energy_round_j, alphas, valid)
+        return _argmin_where(cost, allowed & (c.round_s <= target))
+    cols[cand] = best_cols
+    return cols
+
+
+def _most_sharers(x: _Inputs, mask: np.ndarray, target: float, n: int) -> np.ndarray:
+    """Per cell in `mask`, the largest k <= n with the round time, server shared k ways, still <= target
+    (0: not even alone). Round times only grow with k, so a bisection per cell: ~log2(n) cost evaluations."""
+    lo, hi = np.zeros(mask.shape, dtype=np.int64), np.where(mask, n, 0)
+    while (open_ := lo < hi).any():
+        mid = np.where(open_, (lo + hi + 1) // 2, 1)
+        ok = _costs(x, mid.astype(float)).round_s <= target
+        lo, hi = np.where(open_ & ok, mid, lo), np.where(open_ & ~ok, mid - 1, hi)
+    return lo
+
+
 @dataclass(frozen=True)
 class FixedPolicy(_Chooser):
     """The same split for every device that is not pinned (a baseline), with the first option."""
@@ -607,8 +703,12 @@ POLICY_NAMES = ("ares", "straggler", "fixed:N", "none")
 
 
 def parse_policy(text: str, alpha: float | None = None, share_server: bool = False) -> SplitPolicy:
-    """"ares", "straggler", "fixed:3" or "none"; `alpha` overrides the policy's default time weight."""
+    """"ares", "straggler", "fixed:3" or "none"; `alpha` overrides the policy's default time weight.
+    `share_server` only means something to straggler: with any other policy it is refused, not ignored."""
     key = text.strip().lower()
+    if share_server and key != "straggler":
+        raise ValueError(f"share_server (--share-server) models a shared server for the straggler policy only, "
+                         f"not policy {text!r}")
     if key == "ares":
         return AresPolicy() if alpha is None else AresPolicy(alpha)
     if key == "straggler":

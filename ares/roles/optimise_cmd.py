@@ -23,6 +23,7 @@ from ares.core.energy import PowerModel, power_model
 from ares.core.optimiser import (CODEC_BYTES, POLICY_NAMES, DeviceInput, NonePolicy, Plan, Problem, model_costs,
                                  parse_policy)
 from ares.core.profiles import ComputeProfile, ServerProfile
+from ares.core.yamlfile import safe_load
 
 
 
@@ -79,7 +80,7 @@ class FleetError(ValueError):
 
 def load_fleet(path: Path) -> FleetSpec:
     try:
-        data = yaml.safe_load(path.read_text())
+        data = safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as e:
         raise FleetError(f"cannot read fleet file {path}: {e}") from None
     try:
@@ -144,9 +145,14 @@ def build_problem(spec: FleetSpec, base: Path, up: dict[str, float] | None = Non
         costs = model_costs(numel, weights, spec.batch_size, codec_bytes=CODEC_BYTES[spec.codec])
         server = _load_profile(ServerProfile, spec.server, base, "server profile").rescaled(spec.batch_size)
         devices = []
+        shared: dict[str, ComputeProfile] = {}  # a file named by many devices: resolved and rescaled once
         for d in spec.devices:
-            profile: ComputeProfile = _load_profile(ComputeProfile, d.profile, base, f"device {d.name!r} profile")
-            profile = profile.rescaled(spec.batch_size)
+            profile = shared.get(d.profile) if isinstance(d.profile, str) else None
+            if profile is None:
+                profile = _load_profile(ComputeProfile, d.profile, base, f"device {d.name!r} profile")
+                profile = profile.rescaled(spec.batch_size)
+                if isinstance(d.profile, str):
+                    shared[d.profile] = profile
             power = (PowerModel(**d.power.model_dump()) if d.power else
                      power_model(d.device_class if d.device_class is not None else profile.device_class,
                                  d.power_mode if d.power_mode is not None else profile.power_mode))
@@ -214,10 +220,7 @@ def run(args: argparse.Namespace) -> int:
         up = parse_overrides(args.up_mbps or [], names, "--up-mbps")
         down = parse_overrides(args.down_mbps or [], names, "--down-mbps")
         problem = build_problem(spec, path.parent, up, down)
-        if args.share_server and not args.policy.startswith("straggler"):
-            raise FleetError(f"--share-server models a shared server for the straggler policy only, "
-                             f"not --policy {args.policy}")
-        policy = parse_policy(args.policy, args.alpha, share_server=args.share_server)
+        policy = parse_policy(args.policy, args.alpha, share_server=args.share_server)  # refuses it off straggler
         plan = policy.decide(problem)
     except (FleetError, ValueError) as e:
         print(f"ares optimise: error: {e}", file=sys.stderr)

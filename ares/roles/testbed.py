@@ -35,7 +35,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Literal, Optional, Sequence
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ares.core.config import DataConfig, TrainingConfig
@@ -56,6 +55,7 @@ from ares.core.profiles import (
     ServerProfile,
     derive_power_mode,
 )
+from ares.core.yamlfile import safe_load
 from ares.roles.runconfig import DeviceSpec, LinkChange, RunConfig
 from ares.roles.runner import Cluster, free_port, run
 from ares.runtime.controller import (
@@ -549,7 +549,7 @@ def load_scenario(ref: str) -> Scenario:
     if not path.exists():
         known = sorted(p.stem for p in SCENARIO_DIR.glob("*.yaml"))
         raise FileNotFoundError(f"no scenario {ref!r}; known: {', '.join(known) or 'none'} (or give a file)")
-    return Scenario.model_validate(yaml.safe_load(path.read_text()))
+    return Scenario.model_validate(safe_load(path.read_text()))
 
 
 def compare(scenario: Scenario, out: Path, links: str = "auto", progress: bool = False,

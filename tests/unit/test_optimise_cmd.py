@@ -77,6 +77,11 @@ def test_alpha_and_share_server_flags(tmp_path, capsys):
     assert splits(shared) == {"A": 1, "B": 2} and shared["server_shared"] is True
 
 
+def test_share_server_takes_the_policy_name_in_any_case(tmp_path, capsys):
+    shared = run_json(capsys, write(tmp_path, hand_fleet()), "--policy", "Straggler", "--share-server")
+    assert shared["server_shared"] is True and shared["policy"] == "straggler"
+
+
 def test_fp16_codec_halves_the_activation_bytes(tmp_path, capsys):
     fp32 = run_json(capsys, write(tmp_path, hand_fleet()), "--policy", "fixed:0")
     fp16 = run_json(capsys, write(tmp_path, hand_fleet(codec="fp16")), "--policy", "fixed:0")
@@ -101,8 +106,13 @@ def test_fp16_codec_halves_the_activation_bytes(tmp_path, capsys):
      "no power model for device class 'toaster'"),
     (hand_fleet(devices=[{**hand_fleet()["devices"][0], "pinned_split": True}]), [], "pinned_split"),
     (hand_fleet(), ["--policy", "ares", "--share-server"], "for the straggler policy only"),
+    (hand_fleet(), ["--policy", "fixed:1", "--share-server"], "for the straggler policy only"),
+    (hand_fleet(devices=[{**hand_fleet()["devices"][0], "up_mbps": 1e300}]), [], "up_bps must be within"),
+    (hand_fleet(devices=[{**hand_fleet()["devices"][0], "down_mbps": 1e-300}]), [], "down_bps must be within"),
+    (hand_fleet(), ["--down-mbps", "inf"], "down_bps must be within"),
 ], ids=["policy", "fixed-range", "override-name", "override-value", "no-devices", "two-models",
-        "no-model", "server-file", "power", "pinned-true", "share-server-with-ares"])
+        "no-model", "server-file", "power", "pinned-true", "share-server-with-ares", "share-server-with-fixed",
+        "huge-link", "tiny-link", "inf-override"])
 def test_bad_input_exits_2_with_a_reason(tmp_path, capsys, fleet, argv, error):
     assert optimise_cmd.main([write(tmp_path, fleet), *argv]) == 2
     assert error in capsys.readouterr().err
@@ -178,3 +188,47 @@ def test_a_profile_file_shared_by_many_devices_is_read_once(tmp_path, monkeypatc
     monkeypatch.setattr(ComputeProfile, "load", classmethod(lambda cls, p: reads.append(p) or real(cls, p)))
     problem = optimise_cmd.build_problem(optimise_cmd.load_fleet(path), tmp_path, {}, {})
     assert len(problem.devices) == 50 and len(reads) == 1
+
+
+def test_fleet_and_scenario_yaml_go_through_the_c_loader_when_pyyaml_has_it(tmp_path, monkeypatch):
+    """yaml.safe_load is PyYAML's pure-Python parser: most of `ares optimise`'s time at 10,000 devices."""
+    from ares.core import config, yamlfile
+    from ares.roles import testbed
+
+    if yaml.__with_libyaml__:
+        assert yamlfile.SAFE_LOADER is yaml.CSafeLoader
+    used = []
+
+    class Counting(yamlfile.SAFE_LOADER):  # type: ignore[misc, valid-type]
+        def __init__(self, stream):
+            used.append(stream)
+            super().__init__(stream)
+
+    monkeypatch.setattr(yamlfile, "SAFE_LOADER", Counting)
+    assert len(optimise_cmd.load_fleet(Path(write(tmp_path, hand_fleet()))).devices) == 2
+    assert testbed.load_scenario("paper5").name == "paper5"
+    (tmp_path / "run.yaml").write_text("mode: adaptive\n")
+    from ares.roles.runconfig import RunConfig
+    assert config.load_yaml_model(RunConfig, tmp_path / "run.yaml").mode == "adaptive"
+    assert len(used) == 3  # the fleet, the scenario, the run config
+
+
+def test_the_c_loader_is_as_safe_as_safe_load(tmp_path, capsys):
+    path = tmp_path / "fleet.yaml"
+    path.write_text("!!python/object/apply:os.system ['true']\n")
+    assert optimise_cmd.main([str(path)]) == 2
+    assert "cannot read fleet file" in capsys.readouterr().err
+
+
+def test_without_libyaml_the_python_safe_loader_is_used(monkeypatch):
+    import importlib
+
+    from ares.core import yamlfile
+
+    monkeypatch.delattr(yaml, "CSafeLoader", raising=False)
+    try:
+        assert importlib.reload(yamlfile).SAFE_LOADER is yaml.SafeLoader
+        assert yamlfile.safe_load("a: [1, 2]") == {"a": [1, 2]}
+    finally:
+        monkeypatch.undo()
+        importlib.reload(yamlfile)

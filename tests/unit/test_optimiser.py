@@ -17,6 +17,7 @@ import math
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -160,6 +161,24 @@ def test_shared_server_keeps_extra_devices_off_the_server():
     assert oracle_round_time(p, share_server=True) == pytest.approx(37)
 
 
+def test_shared_server_lets_a_device_with_slack_offload():
+    # A pinned on the device sets the round (43 s, 83 J). B alone on the server at split 1 takes
+    # 19 s and 32 J against 43 J on the device; the old rule kept B on the device (126 J in all).
+    p = problem(dev_a(pinned_split=2), dev_b())
+    plan = StragglerPolicy(share_server=True).decide(p)
+    assert plan.splits == {"A": 2, "B": 1}
+    assert (plan.round_s, plan.energy_round_j) == pytest.approx((43, 83 + 32))
+
+
+def test_transmit_power_is_charged_for_the_uplink_and_receive_power_for_the_downlink():
+    up_heavy = ModelCosts(up_bytes=(400, 0), down_bytes=(100, 0), weight_bytes=(0, 0))
+    server = ServerProfile(fwd=(0.0, 0.0), bwd=(0.0, 0.0), batch_size=1)
+    d = DeviceInput("x", ComputeProfile((0.0, 0.0), (0.0, 0.0), batch_size=1), 100.0, 100.0,
+                    PowerModel(0.0, 10.0, 1.0), iterations=1)
+    # 4 s sending at 10 W, 1 s receiving at 1 W (swapped: 4 + 10 = 14 J)
+    assert evaluate(Problem((d,), server, up_heavy), {"x": 0}).energy_round_j == pytest.approx(41.0)
+
+
 @pytest.mark.parametrize("policy", [AresPolicy(0.5), StragglerPolicy(), StragglerPolicy(share_server=True),
                                     FixedPolicy(2), NonePolicy()], ids=lambda p: f"{p.name}")
 def test_every_policy_respects_a_pinned_split(policy):
@@ -190,6 +209,13 @@ def test_parse_policy(text, expected):
     assert parse_policy(text) == expected
 
 
+@pytest.mark.parametrize("text", ["ares", "none", "fixed:1"])
+def test_share_server_is_refused_for_policies_that_would_ignore_it(text):
+    with pytest.raises(ValueError, match="straggler policy only"):
+        parse_policy(text, share_server=True)
+    assert parse_policy(" Straggler ", share_server=True) == StragglerPolicy(0.0, True)
+
+
 def test_parse_policy_alpha_and_errors():
     assert parse_policy("ares", alpha=0.2) == AresPolicy(0.2)
     assert parse_policy("straggler", alpha=0.7, share_server=True) == StragglerPolicy(0.7, True)
@@ -202,12 +228,36 @@ def test_parse_policy_alpha_and_errors():
 
 
 @pytest.mark.parametrize("kw, error", [({"up_bps": 0.0}, "up_bps"), ({"iterations": -1}, "iterations"),
-                                       ({"alpha": 2.0}, "alpha")])
+                                       ({"alpha": 2.0}, "alpha"), ({"up_bps": 1e-300}, "up_bps must be within"),
+                                       ({"down_bps": 1e300}, "down_bps must be within"),
+                                       ({"up_bps": math.inf}, "up_bps"), ({"down_bps": math.nan}, "down_bps")],
+                         ids=["zero", "iterations", "alpha", "tiny", "huge", "inf", "nan"])
 def test_device_input_validation(kw, error):
     base = dict(name="x", compute=ComputeProfile((1.0,) * 3, (1.0,) * 3), up_bps=1.0, down_bps=1.0,
                 power=PowerModel(1, 1, 1), iterations=1)
     with pytest.raises(ValueError, match=error):
         DeviceInput(**{**base, **kw})
+
+
+def test_weighted_cost_refuses_non_finite_values_and_survives_huge_finite_ones():
+    with pytest.raises(ValueError, match="finite"):
+        weighted_cost(np.array([[1.0, math.inf]]), np.array([[1.0, 2.0]]), np.array([0.5]))
+    with pytest.raises(ValueError, match="finite"):
+        weighted_cost(np.array([[1.0, 2.0]]), np.array([[math.nan, 2.0]]), np.array([0.5]))
+    # an invalid column may hold anything: it is not ranked
+    ok = weighted_cost(np.array([[1.0, math.inf]]), np.array([[1.0, 2.0]]), np.array([1.0]),
+                       valid=np.array([[True, False]]))
+    assert ok[0, 0] == pytest.approx(1.0)
+    huge = weighted_cost(np.array([[1e300, 2e300]]), np.array([[1e-300, 3e-300]]), np.array([0.5]))
+    assert np.isfinite(huge).all() and huge[0, 0] < huge[0, 1]
+
+
+def test_a_cost_that_overflows_is_an_error_naming_the_device():
+    slow = DeviceInput("slow", ComputeProfile((1e300,) * 3, (1e300,) * 3, batch_size=1), 200.0, 200.0,
+                       PowerModel(1, 1, 1), iterations=10**9)
+    for policy in (AresPolicy(0.5), StragglerPolicy(), StragglerPolicy(share_server=True), NonePolicy()):
+        with pytest.raises(ValueError, match="device 'slow'.*not finite"):
+            policy.decide(problem(dev_a(), slow))
 
 
 def test_problem_validation():
@@ -296,6 +346,39 @@ def test_shared_server_straggler_matches_exhaustive_search(p):
     best = min(evaluate(p, v, share_server=True).round_s for v in joint_vectors(p))
     assert plan.round_s == pytest.approx(best, rel=1e-12)
     assert evaluate(p, plan.splits, share_server=True).round_s == pytest.approx(plan.round_s, rel=1e-12)
+
+
+def check_shared_least_energy_against_exhaustive_search(p: Problem) -> None:
+    """Among all split vectors with the best shared-server round time, the plan spends the least energy."""
+    p = replace(p, devices=tuple(replace(d, alpha=None) for d in p.devices))  # a = 0: least energy
+    plans = [evaluate(p, v, share_server=True) for v in joint_vectors(p)]
+    best = min(x.round_s for x in plans)
+    least = min(x.energy_round_j for x in plans if x.round_s <= best * (1 + 1e-12))
+    plan = StragglerPolicy(share_server=True).decide(p)
+    assert plan.round_s == pytest.approx(best, rel=1e-12)
+    assert plan.energy_round_j == pytest.approx(least, rel=1e-9)
+
+
+@settings(max_examples=40, deadline=None)
+@given(p=problems(max_devices=4, max_splits=5))
+def test_shared_server_plan_spends_the_least_energy_of_the_fastest_plans(p):
+    check_shared_least_energy_against_exhaustive_search(p)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_shared_server_least_energy_on_random_fleets_of_5_devices(seed):
+    """Devices with slack beside a slow one pinned on the device: the case the prefix rule got wrong."""
+    rng = np.random.default_rng(seed)
+    sizes = rng.integers(10**4, 10**6, size=4).tolist()
+    model = ModelCosts(tuple(sizes) + (0,), tuple(sizes) + (0,), tuple(np.sort(rng.integers(0, 10**6, 5)).tolist()))
+    server = ServerProfile(tuple(np.append(rng.uniform(0, 0.2, 4), 0)), tuple(np.append(rng.uniform(0, 0.2, 4), 0)))
+    devices = tuple(DeviceInput(f"d{i}", ComputeProfile(tuple(np.cumsum(rng.uniform(0, 2, 5))),
+                                                        tuple(rng.uniform(0, 2, 5))),
+                                float(rng.uniform(1e6, 1e7)), float(rng.uniform(1e6, 1e7)),
+                                PowerModel(*rng.uniform(0.5, 8, 3).tolist()), int(rng.integers(1, 50)),
+                                pinned_split=4 if i == 0 else None)
+                    for i in range(5))
+    check_shared_least_energy_against_exhaustive_search(Problem(devices, server, model))
 
 
 @settings(max_examples=25, deadline=None)
