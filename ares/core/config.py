@@ -140,6 +140,7 @@ class DeviceSettings(_Strict):
     initial_split: Optional[int] = None
     micro_batches: Optional[int] = Field(None, ge=1, le=MAX_MICRO_BATCHES, description="overrides the server's")
     codec: Optional[Literal["fp32", "fp16", "int8"]] = None  # overrides the server's; its gradients come back in it
+    duplex: Literal["full", "half"] = "full"  # half: the link's up and down share one rate (Wi-Fi)
 
     @model_validator(mode="after")
     def _label(self) -> "DeviceSettings":

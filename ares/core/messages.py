@@ -57,6 +57,7 @@ class StepTimings(_Msg):
     round_s: Seconds = 0.0
     energy_j: Optional[float] = Field(None, ge=0, le=1e9)
     energy_source: Literal["measured", "modelled", "none"] = "none"
+    latency_s: Optional[Seconds] = None  # per-request round trip: the fastest small request (status) seen
 
 
 class DeviceReport(_Msg):
@@ -72,6 +73,7 @@ class DeviceReport(_Msg):
     profile_fwd: Optional[list[Seconds]] = Field(None, max_length=256)
     profile_bwd: Optional[list[Seconds]] = Field(None, max_length=256)
     profile_batch: Optional[int] = Field(None, ge=1, le=1 << 20)
+    duplex: Literal["full", "half"] = "full"  # half: up and down share one rate (Wi-Fi); a device setting
 
 
 class DeviceStatus(_Msg):
@@ -115,6 +117,8 @@ class DeviceTelemetry(_Msg):
     energy_j: Optional[float] = None
     energy_source: str = "none"
     round_s: Optional[float] = None
+    latency_s: Optional[float] = None
+    duplex: Literal["full", "half"] = "full"
 
 
 class Telemetry(_Msg):
@@ -128,6 +132,9 @@ class Telemetry(_Msg):
     server_fwd: list[float]            # per-batch seconds of the server part, per split
     server_bwd: list[float]
     devices: list[DeviceTelemetry]
+    # per-round seconds outside every device's own session (join skew, merge, evaluation),
+    # measured over the last rounds: no split or option changes it, predictions add it
+    round_overhead_s: float = Field(0.0, ge=0)
 
 
 ConfigReply = ServerConfig  # `GET /v1/config` returns the server's config (tokens_dir is not secret)

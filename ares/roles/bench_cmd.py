@@ -34,6 +34,10 @@ def run(args: argparse.Namespace) -> int:
         updates["training"] = {**scenario.training.model_dump(), "rounds": args.rounds}
     if args.max_steps is not None:
         updates["training"] = {**updates.get("training", scenario.training.model_dump()), "max_steps_per_round": args.max_steps}
+    if args.duplex:
+        updates["devices"] = [{**d.model_dump(), "duplex": args.duplex} for d in scenario.devices]
+        if args.duplex == "half":
+            updates["name"] = f"{scenario.name}-half"
     if updates:
         scenario = type(scenario).model_validate({**scenario.model_dump(), **updates})
     out = Path(args.out or f"results/bench/{scenario.name}")
@@ -154,6 +158,8 @@ def register(subparsers: Any) -> None:
                                       "straggler+fp16,straggler+pipe4,straggler+int8+pipe4 (+fp16|+int8, +pipeK)")
     p.add_argument("--rounds", type=int, help="override the scenario's rounds")
     p.add_argument("--max-steps", type=int, help="override the scenario's max_steps_per_round")
+    p.add_argument("--duplex", choices=["full", "half"],
+                   help="every device's link: half = up and down share the rate (Wi-Fi); results under SCENARIO-half")
     p.add_argument("--links", choices=["auto", "tc", "inprocess"], default="auto",
                    help="tc: network namespaces + tc (root); inprocess: rate limit in the device; auto: tc when root")
     p.add_argument("--ns-index", type=int, default=0, help="first network namespace index (ares-ns<i>)")

@@ -100,7 +100,8 @@ def _device(args: argparse.Namespace) -> int:
                               split_file=args.split_file, data_dir=args.data_dir, power_file=args.power_file,
                               device_class=args.device_class, power_mode=args.power_mode,
                               profile_file=args.profile, rate_limit_file=args.rate_limit_file,
-                              request_timeout_s=args.timeout, micro_batches=args.micro_batches, codec=args.codec)
+                              request_timeout_s=args.timeout, micro_batches=args.micro_batches, codec=args.codec,
+                              duplex=args.duplex)
     import torch
 
     from ares.core.profiles import ComputeProfile
@@ -182,6 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rate-limit-file", help="in-process link cap, JSON {up_bps, down_bps}")
     p.add_argument("--timeout", type=float, default=120.0)
     p.add_argument("--micro-batches", type=int, help="pipelined split steps (1..8); default: the server's")
+    p.add_argument("--duplex", choices=["full", "half"], default="full",
+                   help="half: this link's up and down share one rate (Wi-Fi); the optimiser models it so")
     p.add_argument("--codec", choices=["fp32", "fp16", "int8"], help="wire codec; default: the server's")
     p.add_argument("--wait-server", type=float, default=600.0, help="seconds to wait for the server")
     g = p.add_mutually_exclusive_group()

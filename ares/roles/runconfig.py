@@ -23,6 +23,7 @@ class DeviceSpec(_Strict):
     initial_split: Optional[int] = Field(None, ge=0)
     up_mbps: Optional[float] = Field(None, gt=0, description="in-process link cap, Mbit/s")
     down_mbps: Optional[float] = Field(None, gt=0)
+    duplex: Literal["full", "half"] = Field("full", description="half: up and down share up_mbps (Wi-Fi)")
 
 
 class LinkChange(_Strict):

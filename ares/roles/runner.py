@@ -128,7 +128,7 @@ class Cluster:
                 "--token-file", str(self.root / "tokens" / spec.name),
                 "--split-file", str(self.root / "splits" / f"{spec.name}.split"),
                 "--rate-limit-file", str(self.root / "links" / f"{spec.name}.json"),
-                "--device-class", spec.device_class, "--power-mode", spec.power_mode,
+                "--device-class", spec.device_class, "--power-mode", spec.power_mode, "--duplex", spec.duplex,
                 "--http1" if self.cfg.http_server == "uvicorn" else "--http2"]
         if spec.profile:
             args += ["--profile", str(resolve_profile(spec.profile, self.root / "profiles"))]
@@ -159,7 +159,8 @@ class Cluster:
 
     def set_link(self, device: str, up_mbps: Optional[float], down_mbps: Optional[float]) -> None:
         """In-process link cap for a device (Mbit/s); picked up at its next step."""
-        data = {"up_bps": up_mbps * 125_000 if up_mbps else None, "down_bps": down_mbps * 125_000 if down_mbps else None}
+        data = {"up_bps": up_mbps * 125_000 if up_mbps else None, "down_bps": down_mbps * 125_000 if down_mbps else None,
+                "duplex": next((s.duplex for s in self.specs if s.name == device), "full")}
         tmp = self.root / "links" / f".{device}.tmp"
         tmp.write_text(json.dumps(data))
         tmp.replace(self.root / "links" / f"{device}.json")

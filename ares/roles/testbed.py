@@ -58,6 +58,7 @@ from ares.core.profiles import (
 from ares.core.yamlfile import safe_load
 from ares.roles.runconfig import DeviceSpec, LinkChange, RunConfig
 from ares.roles.runner import Cluster, free_port, run
+from ares.runtime.training import outside_sessions
 from ares.runtime.controller import (
     ASSUMED_POWER,
     fetch_status,
@@ -88,6 +89,8 @@ class EmulatedDevice(_Strict):
                                           "(derived from MAXN) | a profile JSON path")
     up_mbps: float = Field(20.0, gt=0)
     down_mbps: Optional[float] = Field(None, gt=0, description="default: up_mbps")
+    duplex: Literal["full", "half"] = Field("full", description="half: up and down share up_mbps (Wi-Fi; "
+                                             "tc: one ifb queue for both directions)")
 
     @property
     def down(self) -> float:
@@ -142,6 +145,7 @@ class DeviceState:
     profile: ComputeProfile
     up_mbps: float
     down_mbps: float
+    duplex: str = "full"
 
 
 def base_profile(ref: str) -> ComputeProfile:
@@ -165,7 +169,7 @@ def timeline(scenario: Scenario) -> list[dict[str, DeviceState]]:
     state = {}
     for d in scenario.devices:
         profile = base_profile(d.profile)
-        state[d.name] = DeviceState(profile.scaled(scale) if scale != 1 else profile, d.up_mbps, d.down)
+        state[d.name] = DeviceState(profile.scaled(scale) if scale != 1 else profile, d.up_mbps, d.down, d.duplex)
     rounds = []
     for r in range(scenario.training.rounds):
         for c in (c for c in scenario.schedule if c.round == r):
@@ -173,7 +177,7 @@ def timeline(scenario: Scenario) -> list[dict[str, DeviceState]]:
             profile = derive_power_mode(s.profile, c.power_mode) if c.power_mode else s.profile
             up = c.up_mbps if c.up_mbps is not None else s.up_mbps
             down = c.down_mbps if c.down_mbps is not None else (c.up_mbps if c.up_mbps is not None else s.down_mbps)
-            state[c.device] = DeviceState(profile, up, down)
+            state[c.device] = DeviceState(profile, up, down, s.duplex)
         rounds.append(dict(state))
     return rounds
 
@@ -293,7 +297,11 @@ class NetnsCluster(Cluster):
         super().start(host="0.0.0.0")  # reachable from every namespace; each device uses its own veth address
 
     def set_link(self, device: str, up_mbps: Optional[float], down_mbps: Optional[float]) -> None:
-        shape(self.namespaces[device], up_mbps, down_mbps)
+        spec = next(s for s in self.specs if s.name == device)
+        if spec.duplex == "half" and up_mbps is not None:
+            self.namespaces[device].shape_shared(max(1, round(up_mbps * 1000)))
+        else:
+            shape(self.namespaces[device], up_mbps, down_mbps)
 
 
 @contextlib.contextmanager
@@ -312,7 +320,7 @@ def run_config(scenario: Scenario, variant: Variant, results: Path, port: int = 
     devices = [DeviceSpec(name=d.name, device_class=first[d.name].profile.device_class or "cpu",
                           power_mode=first[d.name].profile.power_mode,
                           profile=str(results / "emulated" / f"{d.name}.json"),
-                          up_mbps=first[d.name].up_mbps, down_mbps=first[d.name].down_mbps)
+                          up_mbps=first[d.name].up_mbps, down_mbps=first[d.name].down_mbps, duplex=d.duplex)
                for d in scenario.devices]
     schedule = [LinkChange(round=r, device=name, up_mbps=s.up_mbps, down_mbps=s.down_mbps)
                 for r, (before, now) in enumerate(zip(timeline(scenario), timeline(scenario)[1:]), start=1)
@@ -428,8 +436,10 @@ def oracle_problem(states: dict[str, DeviceState], telemetry, iterations: dict[s
         options = ((codec, getattr(telemetry, "micro_batches", 1)),)
     opts = tuple(o for c, k in options for o in options_for(telemetry.activation_numel, telemetry.weight_bytes,
                                                               batch, (c,), (k,)))
+    latency = {d.name: d.latency_s or 0.0 for d in telemetry.devices}  # the environment's, as measured
     devices = tuple(DeviceInput(name=n, compute=s.profile.rescaled(batch), up_bps=s.up_mbps * MBIT,
-                                down_bps=s.down_mbps * MBIT, power=_power(s.profile), iterations=iterations[n])
+                                down_bps=s.down_mbps * MBIT, power=_power(s.profile), iterations=iterations[n],
+                                latency_s=latency.get(n, 0.0), duplex=s.duplex)
                     for n, s in states.items())
     return Problem(devices, server, opts[0].model, options=opts, codec=opts[0].codec)
 
@@ -472,15 +482,20 @@ def analyse(scenario: Scenario, variant: Variant, history: list[dict], telemetry
         row = {"round": r, "measured_s": h["duration_s"], "accuracy": h["accuracy"], "missed": h["missed"],
                "splits": splits, "energy_j": math.fsum(energy) if energy else None,
                "oracle_s": None, "oracle_any_s": None, "model_s": None, "model_energy_j": None,
+               "fixed_s": outside_sessions(h), "oracle_model_s": None,
                "options": {n: f"{c}/k{k}" for n, (c, k) in options.items()},
                "predicted_s": _predicted(telemetry.get(r), splits, variant, options) if r > 0 else None}
         if server is not None:
-            row["oracle_s"] = oracle_round_time(oracle_problem(states[r], server, steps, variant.options))
-            row["oracle_any_s"] = oracle_round_time(oracle_problem(states[r], server, steps, EVERY_OPTION))
+            # the oracle's round: the best split vector's slowest device plus this round's measured
+            # time outside every device's session (join skew, merge, evaluation), which no choice changes
+            fixed = row["fixed_s"] or 0.0
+            row["oracle_model_s"] = oracle_round_time(oracle_problem(states[r], server, steps, variant.options))
+            row["oracle_s"] = row["oracle_model_s"] + fixed
+            row["oracle_any_s"] = oracle_round_time(oracle_problem(states[r], server, steps, EVERY_OPTION)) + fixed
             if splits:
                 used = evaluate(oracle_problem({n: states[r][n] for n in splits}, server, steps, variant.options), splits,
                                 options=options)
-                row["model_s"], row["model_energy_j"] = used.round_s, used.energy_round_j
+                row["model_s"], row["model_energy_j"] = used.round_s + fixed, used.energy_round_j
         rounds.append(row)
     adapted = [x for x in rounds if x["round"] in adapted_rounds(scenario)]
     changes = {c.round for c in scenario.schedule}
@@ -531,7 +546,7 @@ def _predicted(telemetry, splits: dict[str, int], variant: Variant,
     problem = problem_from_telemetry(telemetry, offer=variant.options)
     if problem is None or {d.name for d in problem.devices} != set(splits):
         return None  # a device not measured yet (no transfer seen): no prediction
-    return evaluate(problem, splits, options=options).round_s
+    return evaluate(problem, splits, options=options).round_s + telemetry.round_overhead_s
 
 
 def _mean(values) -> float:

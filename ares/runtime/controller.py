@@ -16,7 +16,7 @@ import httpx
 
 from ares.core.energy import PowerModel, power_model
 from ares.core.messages import ServerStatus, Telemetry
-from ares.core.optimiser import CODEC_BYTES, DeviceInput, Option, Plan, Problem, SplitPolicy, model_costs, options_for
+from ares.core.optimiser import CODEC_BYTES, MAX_BPS, MIN_BPS, DeviceInput, Option, Plan, Problem, SplitPolicy, model_costs, options_for
 from ares.core.profiles import ComputeProfile, ServerProfile
 from ares.runtime.splitfile import write_options, write_split
 from ares.runtime.tlsclient import ClientTls, transport
@@ -62,13 +62,17 @@ def problem_from_telemetry(telemetry: Telemetry, pinned: Mapping[str, int] | Non
     for d in telemetry.devices:
         if not (d.fwd and d.bwd and d.up_bps and d.down_bps and d.iterations) or len(d.fwd) != layers:
             continue
+        if not (MIN_BPS <= d.up_bps <= MAX_BPS and MIN_BPS <= d.down_bps <= MAX_BPS):
+            log.warning("device %s: measured link rate %.3g/%.3g B/s is outside what the model takes; "
+                        "left out of this decision", d.name, d.up_bps, d.down_bps)
+            continue
         profile = ComputeProfile(fwd=tuple(d.fwd), bwd=tuple(d.bwd), batch_size=d.batch_size,
                                  device_class=d.device_class, power_mode=d.power_mode, source="measured")
         if profile.batch_size != telemetry.batch_size:
             profile = profile.rescaled(telemetry.batch_size)
         devices.append(DeviceInput(name=d.name, compute=profile, up_bps=d.up_bps, down_bps=d.down_bps,
                                    power=_power(d.device_class, d.power_mode), iterations=d.iterations,
-                                   pinned_split=pinned.get(d.name)))
+                                   pinned_split=pinned.get(d.name), latency_s=d.latency_s or 0.0, duplex=d.duplex))
     if not devices:
         return None
     server = ServerProfile(fwd=tuple(telemetry.server_fwd), bwd=tuple(telemetry.server_bwd), batch_size=telemetry.batch_size)
@@ -152,7 +156,8 @@ class Controller:
     last_options: dict[str, tuple[str, int]] = field(default_factory=dict)
 
     def run_once(self) -> Optional[Plan]:
-        plan = decide(self.telemetry(), self.policy, self.pinned, self.offer)
+        telemetry = self.telemetry()
+        plan = decide(telemetry, self.policy, self.pinned, self.offer)
         if plan is None:
             return None
         if self.offer and isinstance(self.sink, OptionSink):
@@ -165,7 +170,8 @@ class Controller:
         splits = {p.name: p.split for p in plan.devices}
         changed = {k: v for k, v in splits.items() if self.last.get(k) != v}
         if changed:
-            log.info("%s policy: new splits %s (predicted round %.2f s)", plan.policy, changed, plan.round_s)
+            log.info("%s policy: new splits %s (predicted round %.2f s)", plan.policy, changed,
+                     plan.round_s + telemetry.round_overhead_s)
             self.sink.write(changed)
             self.last.update(changed)
         return plan

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -54,6 +55,7 @@ class RoundLog:
     energy_source: str = "none"
     up_bps: Optional[float] = None
     down_bps: Optional[float] = None
+    latency_s: Optional[float] = None
     uploaded: bool = False
 
 
@@ -98,6 +100,7 @@ class DeviceTrainer:
         self.set_emulation(self.emulate)
         self._profile_mtime: Optional[float] = None
         self._pool: Optional[ThreadPoolExecutor] = None  # pipelined micro-batches: one thread per stream
+        self._rtts: deque[float] = deque(maxlen=20)  # recent status round trips: the per-request latency
 
     def _startup_profile(self) -> ComputeProfile:
         """Measured at start-up on this device; an emulated profile is the floor it is padded to."""
@@ -185,7 +188,9 @@ class DeviceTrainer:
         give_up = None
         while True:
             try:
+                t0 = time.perf_counter()
                 status = self.link.status()
+                self._rtts.append(time.perf_counter() - t0)
             except LinkError as exc:
                 if exc.status != 503:
                     raise
@@ -203,6 +208,12 @@ class DeviceTrainer:
             if status.accepting and (status.round >= round_index or status.phase == "waiting"):
                 return status.round
             time.sleep(poll_s)
+
+    @property
+    def latency_s(self) -> Optional[float]:
+        """A small request's round trip, the fastest of the recent ones (the others queued behind
+        something): what every request pays besides its bytes, the cost model's latency term."""
+        return min(self._rtts) if self._rtts else None
 
     def _train_round(self, reply, weights: dict[str, torch.Tensor]) -> RoundLog:
         split = reply.split
@@ -234,12 +245,14 @@ class DeviceTrainer:
         entry.loss = sum(losses) / len(losses) if losses else float("nan")
         entry.round_s = time.perf_counter() - started
         self._energy(entry, energy_start)
-        entry.up_bps, entry.down_bps = self.up.value, self.down.value
+        entry.up_bps, entry.down_bps, entry.latency_s = self.up.value, self.down.value, self.latency_s
         report = DeviceReport(
             round=reply.round, split=split, samples=max(entry.samples, 1),
             timings=StepTimings(steps=entry.steps, device_fwd_s=entry.device_s / max(entry.steps, 1),
                                 up_bps=entry.up_bps, down_bps=entry.down_bps, round_s=entry.round_s,
-                                energy_j=entry.energy_j, energy_source=entry.energy_source),
+                                energy_j=entry.energy_j, energy_source=entry.energy_source,
+                                latency_s=entry.latency_s),
+            duplex=self.settings.duplex,
             device_class=self.settings.device_class, power_mode=self.settings.power_mode,
             profile_fwd=[v * self.live.factor for v in self.profile.fwd],
             profile_bwd=[v * self.live.factor for v in self.profile.bwd], profile_batch=self.profile.batch_size)
@@ -280,7 +293,8 @@ class DeviceTrainer:
             entry.server_s += result.server_s
             entry.up_s += result.up_s
             entry.down_s += result.down_s
-            self.up.update(result.up_bytes, result.up_s)
+            # the upload's measured time holds one request round trip besides its bytes
+            self.up.update(result.up_bytes, max(result.up_s - (self.latency_s or 0.0), result.up_s / 2))
             self.down.update(result.down_bytes, result.down_s)
             device_s = t_fwd + time.perf_counter() - t1  # compute only: the transfer is excluded
         entry.device_s += device_s

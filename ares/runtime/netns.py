@@ -8,6 +8,11 @@ real device, so what we test is what we ship:
 * device -> server: egress of the device-side veth, matched on the server address;
 * server -> device: egress of the root-side veth, matched on the device address.
 
+A half-duplex link (Wi-Fi: up and down share the air time) is emulated with `shape_shared`:
+both directions of the device's traffic with the server are redirected, inside its namespace,
+through one ifb device whose htb class holds the one rate. That is testbed emulation only; a
+real device's link is half duplex by nature, so no host script does it.
+
 Index ``i`` gets namespace ``ares-ns<i>``, interfaces ``ares-h<i>`` (root side)
 and ``ares-d<i>`` (device side), and the /30 ``10.231.<i>.0``: root side ``.1``,
 device side ``.2``. Every name starts with ``ares-`` so leftovers of a crashed
@@ -43,6 +48,7 @@ class NetnsPlan:
     host_addr: str
     device_addr: str
     prefix_len: int = 30
+    shared_if: str = ""  # the ifb of a half-duplex (shared-rate) link, inside the namespace
 
 
 def plan(index: int) -> NetnsPlan:
@@ -56,6 +62,7 @@ def plan(index: int) -> NetnsPlan:
         device_if=f"{PREFIX}d{index}",
         host_addr=f"10.231.{index}.1",
         device_addr=f"10.231.{index}.2",
+        shared_if=f"{PREFIX}i{index}",
     )
 
 
@@ -129,8 +136,48 @@ class DeviceNamespace:
         Call again at any time to change the rates.
         """
         p = self.plan
+        self._unshare()
         self._apply(self.exec_args, p.device_if, p.host_addr, up)
         self._apply(list, p.host_if, p.device_addr, down)
+
+    def shape_shared(self, kbit: int) -> None:
+        """Half duplex: device->server and server->device together at most `kbit` kbit/s.
+        Replaces any per-direction cap; `shape` replaces this one."""
+        if kbit < 1:
+            raise ValueError(f"rate must be at least 1 kbit/s, got {kbit}")
+        p = self.plan
+        self._apply(self.exec_args, p.device_if, p.host_addr, None)
+        self._apply(list, p.host_if, p.device_addr, None)
+        tc = self._tc_in_ns
+        if self.run(["ip", "link", "show", p.shared_if], capture_output=True).returncode != 0:
+            _ip("-n", p.namespace, "link", "add", p.shared_if, "type", "ifb")
+            _ip("-n", p.namespace, "link", "set", p.shared_if, "up")
+            tc("qdisc", "replace", "dev", p.shared_if, "root", "handle", "1:", "htb")
+            tc("qdisc", "replace", "dev", p.device_if, "clsact")
+            # both directions of the traffic with the server go through the one ifb's queue ...
+            for hook, field in (("egress", "dst"), ("ingress", "src")):
+                tc("filter", "replace", "dev", p.device_if, hook, "protocol", "ip", "prio", "1", "u32", "match",
+                   "ip", field, f"{p.host_addr}/32", "action", "mirred", "egress", "redirect", "dev", p.shared_if)
+            # ... where each direction has a class: half the rate guaranteed, all of it when the other is idle
+            for classid, field in (("1:11", "dst"), ("1:12", "src")):
+                tc("filter", "replace", "dev", p.shared_if, "parent", "1:", "protocol", "ip", "prio", "1", "u32",
+                   "match", "ip", field, f"{p.host_addr}/32", "flowid", classid)
+        tc("class", "replace", "dev", p.shared_if, "parent", "1:", "classid", "1:1", "htb",
+           "rate", f"{kbit}kbit", "ceil", f"{kbit}kbit", "quantum", "60000")
+        for classid in ("1:11", "1:12"):
+            tc("class", "replace", "dev", p.shared_if, "parent", "1:1", "classid", classid, "htb",
+               "rate", f"{max(1, kbit // 2)}kbit", "ceil", f"{kbit}kbit", "quantum", "60000")
+
+    def _unshare(self) -> None:
+        """Remove a shared-rate link's redirects and ifb; nothing when there are none."""
+        p = self.plan
+        self.run(["tc", "qdisc", "del", "dev", p.device_if, "clsact"], capture_output=True)
+        self.run(["ip", "link", "del", p.shared_if], capture_output=True)
+
+    def _tc_in_ns(self, *args: str) -> None:
+        result = self.run(["tc", *args], capture_output=True, text=True)
+        if result.returncode != 0:
+            raise NetnsError(f"tc {' '.join(args)} failed: {result.stderr.strip()}")
 
     @staticmethod
     def _apply(wrap: Any, iface: str, addr: str, rate: Optional[str]) -> None:

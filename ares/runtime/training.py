@@ -71,10 +71,36 @@ class DeviceSlot:
     samples_seen: int = 0               # samples the server stepped on for this device this round
     weight: float = 0.0                 # its weight in the merge, set when its upload is accepted
     micro_next: int = 0                 # the micro-batch of the current batch the server takes next
+    joined_at: Optional[float] = None   # server clock at its join and at its accepted upload this round
+    uploaded_at: Optional[float] = None
     micro_turn: threading.Condition = field(init=False)  # waits for micro_next, on `lock`
 
     def __post_init__(self) -> None:
         self.micro_turn = threading.Condition(self.lock)
+
+
+def _offset(at: Optional[float], start: float) -> Optional[float]:
+    return None if at is None else at - start
+
+
+def outside_sessions(record: dict) -> Optional[float]:
+    """A closed round's seconds outside its longest device session (join to accepted upload);
+    None for a round without sessions (or from a checkpoint written before they were kept)."""
+    sessions = [d["uploaded_s"] - d["joined_s"] for d in record.get("devices", {}).values()
+                if d.get("uploaded_s") is not None and d.get("joined_s") is not None]
+    return max(0.0, record["duration_s"] - max(sessions)) if sessions and "duration_s" in record else None
+
+
+def round_overhead(history: list[dict], recent: int = 3) -> float:
+    """Seconds of a round outside the longest device session (join to accepted upload): the skew
+    of the joins, the merge and the evaluation. Mean of the last `recent` rounds after round 0
+    (its joins wait for process start-up); round 0's merge and evaluation alone while it is the
+    only one. No split or option changes it, so predictions add it to the slowest device."""
+    later = [x for x in (outside_sessions(r) for r in history if r.get("round", 0) >= 1) if x is not None][-recent:]
+    if later:
+        return sum(later) / len(later)
+    first = [r["close_s"] for r in history if isinstance(r.get("close_s"), (int, float))]
+    return max(0.0, first[-1]) if first else 0.0
 
 
 class TrainingServer:
@@ -170,6 +196,7 @@ class TrainingServer:
                 round_index, split, None, None, "training", 0)
             slot.micro_next = 0
             slot.samples_seen, slot.weight = 0, 0.0
+            slot.joined_at, slot.uploaded_at = self.clock(), None
             slot.replica = copy.deepcopy(server_part).train()
             params = list(slot.replica.parameters())
             slot.optimizer = torch.optim.SGD(params, lr=lr, momentum=self.cfg.training.momentum) if params else None
@@ -352,6 +379,7 @@ class TrainingServer:
                                     f"{agg.max_update_norm:.3g} (aggregation.max_update_norm); the device sits "
                                     "this round out")
             slot.uploaded = whole
+            slot.uploaded_at = self.clock()
             # the server saw every sample of a split step: a device cannot weigh more than those
             seen = slot.samples_seen if report.split < self.layers - 1 else report.samples
             slot.weight = float(max(1, min(report.samples, seen)))
@@ -388,6 +416,7 @@ class TrainingServer:
     def _close_round(self, why: str) -> None:
         """Merge, evaluate, checkpoint and open the next round. Each of these may fail without
         stopping the round from closing: the model is then kept as it was."""
+        closing = self.clock()
         done = [s for s in self.slots.values() if s.round == self.round and s.uploaded is not None]
         for s in self.slots.values():
             if s not in done and s.phase != "refused":
@@ -411,9 +440,14 @@ class TrainingServer:
             self._count("eval_errors")
             log.exception("round %d: evaluation failed", self.round)
             accuracy, loss = float("nan"), float("nan")
+        start = self.round_started or closing
         record = {"round": self.round, "accuracy": accuracy, "loss": loss, "closed_by": why,
-                  "duration_s": self.clock() - (self.round_started or self.clock()),
+                  "duration_s": self.clock() - start,
+                  # merge + evaluation: the per-round cost no split choice changes (telemetry's
+                  # round_overhead_s, which the controller adds to its predictions)
+                  "close_s": self.clock() - closing,
                   "devices": {s.name: {"split": s.split, "samples": s.report.samples,
+                                       "joined_s": _offset(s.joined_at, start), "uploaded_s": _offset(s.uploaded_at, start),
                                        **s.report.timings.model_dump()} for s in done},
                   "missed": sorted(s.name for s in self.slots.values() if s not in done)}
         self.history.append(record)
@@ -538,14 +572,15 @@ class TrainingServer:
                     up_bps=t.up_bps if t else None, down_bps=t.down_bps if t else None,
                     iterations=t.steps if t and t.steps else 0, split=rep.split if rep else None,
                     energy_j=t.energy_j if t else None, energy_source=t.energy_source if t else "none",
-                    round_s=t.round_s if t else None))
+                    round_s=t.round_s if t else None, latency_s=t.latency_s if t else None,
+                    duplex=rep.duplex if rep else "full"))
             zeros = [0.0] * self.layers
             return Telemetry(round=self.round, model=self.cfg.model, batch_size=batch, codec=self.cfg.codec,
                              micro_batches=self.cfg.micro_batches,
                              activation_numel=activation_numel(self.cfg.model), weight_bytes=weight_bytes(self.cfg.model),
                              server_fwd=[v * scale for v in prof.fwd] if prof else zeros,
                              server_bwd=[v * scale for v in prof.bwd] if prof else zeros,
-                             devices=devices)
+                             devices=devices, round_overhead_s=round_overhead(self.history))
 
     def global_state(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}

@@ -179,3 +179,28 @@ def test_power_script_explains_a_missing_monitor(tmp_path):
     result = subprocess.run([str(hostscript("ares-power")), "--path", str(tmp_path / "none")],
                             capture_output=True, text=True)
     assert result.returncode == 2 and "cannot read" in result.stderr
+
+
+@pytest.mark.host
+@pytest.mark.ns_index(216)
+def test_shared_rate_link_splits_one_rate_between_directions(device_ns, upload, download):
+    """Half duplex (testbed emulation): each direction alone gets the rate, both at once share it;
+    `shape` afterwards makes the link full duplex again."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def both() -> tuple[float, float]:
+        with ThreadPoolExecutor(2) as pool:
+            up, down = pool.submit(upload, device_ns), pool.submit(download, device_ns)
+            return up.result(), down.result()
+
+    device_ns.shape_shared(16000)
+    device_ns.shape_shared(16000)  # idempotent
+    assert upload(device_ns, seconds=2.0) == pytest.approx(16, rel=0.10)
+    assert download(device_ns, seconds=2.0) == pytest.approx(16, rel=0.10)
+    up, down = both()
+    assert up + down == pytest.approx(16, rel=0.12)  # one rate for the two directions
+    assert min(up, down) > 3  # and neither is starved
+    device_ns.shape(up="16mbit", down="16mbit")
+    assert device_ns.run(["ip", "link", "show", device_ns.plan.shared_if], capture_output=True).returncode != 0
+    up, down = both()  # each direction's ACKs queue behind the other's data: a little under 16 each
+    assert up > 12 and down > 12 and up + down > 1.5 * 16

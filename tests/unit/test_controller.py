@@ -1,5 +1,7 @@
 """The controller loop: telemetry -> policy -> sink, writing only what changed."""
 
+import pytest
+
 from ares.core.messages import DeviceTelemetry, Telemetry
 from ares.core.models import activation_numel, weight_bytes
 from ares.core.optimiser import parse_policy
@@ -78,3 +80,39 @@ def test_int8_and_micro_batches_of_the_job_reach_the_model():
     assert [(o.codec, o.micro_batches) for o in problem.options] == [("int8", 4)]
     fp32 = problem_from_telemetry(telemetry(2.5e6))
     assert problem.model.down_bytes[1] * 4 == fp32.model.down_bytes[1]  # 1 byte a value, not 4
+
+
+def test_measured_latency_and_duplex_reach_the_model_and_change_its_prediction():
+    t = telemetry(2.5e6)
+    slow = t.model_copy(update={"devices": [d.model_copy(update={"latency_s": 0.05, "duplex": "half"})
+                                            if d.name == "a" else d for d in t.devices]})
+    fast, lagged = problem_from_telemetry(t), problem_from_telemetry(slow)
+    a = next(d for d in lagged.devices if d.name == "a")
+    assert (a.latency_s, a.duplex) == (0.05, "half")
+    from ares.core.optimiser import evaluate
+    splits = {"a": 1, "b": 1}
+    # 50 iterations each paying a 50 ms request round trip, and up + down on one shared rate
+    assert evaluate(lagged, splits).round_s > evaluate(fast, splits).round_s + 50 * 0.05
+
+
+def test_absurd_measured_rates_leave_the_device_out_instead_of_failing_the_decision():
+    t = telemetry(2.5e6)
+    broken = t.model_copy(update={"devices": [d.model_copy(update={"up_bps": 1e-300}) if d.name == "a" else d
+                                              for d in t.devices]})
+    assert [d.name for d in problem_from_telemetry(broken).devices] == ["b"]
+
+
+def test_round_overhead_is_the_time_outside_the_longest_session_after_round_0():
+    from ares.runtime.training import outside_sessions, round_overhead
+
+    def record(r, duration, sessions, close=0.2):
+        return {"round": r, "duration_s": duration, "close_s": close,
+                "devices": {f"d{i}": {"joined_s": j, "uploaded_s": u} for i, (j, u) in enumerate(sessions)}}
+
+    first = record(0, 30.0, [(0.0, 10.0), (15.0, 29.5)])  # a device started late: start-up, not overhead
+    assert outside_sessions(first) == 30.0 - 14.5
+    assert round_overhead([]) == 0.0
+    assert round_overhead([first]) == 0.2  # only round 0 so far: its merge and evaluation alone
+    later = [record(r, 10.0 + r, [(0.1, 9.0 + r), (0.3, 9.5 + r)]) for r in (1, 2, 3, 4)]
+    assert round_overhead([first, *later]) == pytest.approx(sum(10.0 + r - 9.2 - r for r in (2, 3, 4)) / 3)
+    assert outside_sessions({"round": 1, "duration_s": 3.0, "devices": {}}) is None  # nobody uploaded
