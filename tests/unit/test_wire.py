@@ -65,3 +65,16 @@ def test_expect_checks_names_dtypes_shapes():
         wire.expect(bundle, {"x": (torch.int64, None)})
     with pytest.raises(wire.WireError, match="missing"):
         wire.expect(bundle, {"x": (wire.FLOATS, None), "y": (torch.int64, None)})
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("bad", [[float("nan")], [float("inf")], [-float("inf")], [float("inf"), -float("inf")]])
+def test_any_nan_or_inf_is_refused_and_huge_finite_values_are_not(dtype, bad):
+    """The finite check sums first (fast); a sum that overflows must not refuse finite values."""
+    x = torch.randn(1000).to(dtype)
+    x[[17, 901][:len(bad)]] = torch.tensor(bad, dtype=dtype)
+    with pytest.raises(wire.WireError, match="NaN or Inf") as err:
+        wire.decode(bytearray(wire.encode({"x": x})))
+    assert err.value.status == 422
+    huge = torch.full((1000,), torch.finfo(dtype).max, dtype=dtype)  # its sum overflows; every value is finite
+    assert torch.equal(wire.decode(bytearray(wire.encode({"x": huge}))).tensors["x"], huge)
