@@ -65,3 +65,16 @@ def test_default_synthetic_set_is_the_harder_one_and_the_easy_one_stays_by_name(
     assert torch.equal(easy.train.tensors[0], ref.train.tensors[0])  # unchanged, for tests that rely on it
     auto = load_data(DataConfig(name="auto", path="/nonexistent", synthetic_train=40, synthetic_test=10))
     assert torch.equal(auto.train.tensors[0], hard.train.tensors[0])  # the offline fallback is the harder set
+
+
+def test_hard_set_labels_a_fifth_of_its_samples_at_random(monkeypatch):
+    """The ceiling that keeps it from saturating: 20% of labels drawn at random, so about 18%
+    disagree with the pattern the sample was drawn from (the rest of the draws are unchanged)."""
+    import ares.core.data as data
+
+    noisy = data.make_synthetic_hard(5000, 10, seed=3)
+    monkeypatch.setattr(data, "HARD_LABEL_NOISE", 0.0)
+    clean = data.make_synthetic_hard(5000, 10, seed=3)
+    assert torch.equal(noisy.train.tensors[0], clean.train.tensors[0])
+    wrong = (noisy.labels != clean.labels).float().mean().item()
+    assert 0.16 < wrong < 0.20
