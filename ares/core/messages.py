@@ -58,6 +58,9 @@ class StepTimings(_Msg):
     energy_j: Optional[float] = Field(None, ge=0, le=1e9)
     energy_source: Literal["measured", "modelled", "none"] = "none"
     latency_s: Optional[Seconds] = None  # per-request round trip: the fastest small request (status) seen
+    step_s: Optional[Seconds] = None     # mean wall time of an offloaded step (forward to optimiser step)
+    codec: Optional[Literal["fp32", "fp16", "int8"]] = None  # what those steps used
+    micro_batches: Optional[int] = Field(None, ge=1, le=64)
 
 
 class DeviceReport(_Msg):
@@ -119,6 +122,9 @@ class DeviceTelemetry(_Msg):
     round_s: Optional[float] = None
     latency_s: Optional[float] = None
     duplex: Literal["full", "half"] = "full"
+    step_s: Optional[float] = None  # its last round's offloaded steps, measured, with this codec and k
+    step_codec: Optional[str] = None
+    step_micro_batches: Optional[int] = None
 
 
 class Telemetry(_Msg):

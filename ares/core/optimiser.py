@@ -13,7 +13,10 @@ The cost model (per device i at split s; one "iteration" is one batch):
     E_round(s)     = iterations * E_iteration(s) + P_rx * weight_bytes[s] / down_bps + P_tx * weight_bytes[s] / up_bps
 
 Byte counts are true: 4 bytes per fp32 value (2 for fp16, 1 for int8), labels included
-(`model_costs`). `latency` is a device's per-request overhead in seconds (`DeviceInput.latency_s`).
+(`model_costs`). `latency` is a device's per-request overhead in seconds (`DeviceInput.latency_s`);
+`step_overhead` (`DeviceInput.step_overhead_s`) is what a device's offloaded steps took beyond
+this model, measured (codec work, framing, a busy server), added to every iteration that
+offloads (s < L-1).
 The round of the whole fleet lasts as long as its slowest device; its energy is the sum.
 
 Pipelined steps (k micro-batches per batch, `Option.micro_batches`). Per micro-batch the stages
@@ -167,6 +170,7 @@ class DeviceInput:
     pinned_split: int | None = None
     duplex: str = "full"  # "half": up and down share one rate (Wi-Fi); up_bps is that rate
     latency_s: float = 0.0  # per request (one per micro-batch, plus join and upload)
+    step_overhead_s: float = 0.0  # per offloaded iteration, measured beyond the model (controller)
     codecs: tuple[str, ...] | None = None  # options this device may take (None: every option of the problem)
     micro_batches: tuple[int, ...] | None = None
 
@@ -175,6 +179,8 @@ class DeviceInput:
             raise ValueError(f"device {self.name!r}: duplex must be one of {DUPLEX}, got {self.duplex!r}")
         if not math.isfinite(self.latency_s) or self.latency_s < 0:
             raise ValueError(f"device {self.name!r}: latency_s must be >= 0 seconds, got {self.latency_s!r}")
+        if not math.isfinite(self.step_overhead_s) or self.step_overhead_s < 0:
+            raise ValueError(f"device {self.name!r}: step_overhead_s must be >= 0 seconds, got {self.step_overhead_s!r}")
         for name in ("up_bps", "down_bps"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not MIN_BPS <= value <= MAX_BPS:
@@ -314,6 +320,7 @@ class _Inputs:
     iterations: np.ndarray  # (N, 1)
     power: np.ndarray  # (N, 3): compute, tx, rx watts
     latency: np.ndarray  # (N, 1)
+    step_overhead: np.ndarray  # (N, 1)
     half: np.ndarray  # (N, 1) bool
     names: tuple[str, ...]  # for errors
 
@@ -340,13 +347,14 @@ class _Inputs:
             iterations=column(x.iterations for x in d),
             power=matrix(((x.power.compute_w, x.power.tx_w, x.power.rx_w) for x in d), 3),
             latency=column(x.latency_s for x in d),
+            step_overhead=column(x.step_overhead_s for x in d),
             half=np.fromiter((x.duplex == "half" for x in d), bool, n)[:, None],
             names=tuple(x.name for x in d))
 
     def rows(self, idx: np.ndarray) -> "_Inputs":
         return replace(self, fwd=self.fwd[idx], bwd=self.bwd[idx], up_bps=self.up_bps[idx],
                        down_bps=self.down_bps[idx], iterations=self.iterations[idx], power=self.power[idx],
-                       latency=self.latency[idx], half=self.half[idx],
+                       latency=self.latency[idx], step_overhead=self.step_overhead[idx], half=self.half[idx],
                        names=tuple(self.names[i] for i in np.asarray(idx).tolist()))
 
 
@@ -388,6 +396,7 @@ def _costs(x: _Inputs, server_share: float | np.ndarray = 1.0) -> _Costs:
         lat = np.where(np.tile(last, n_opt), 0.0, x.latency)  # one request per micro-batch; none at the last split
         f, b = np.tile(x.fwd, n_opt) / k, np.tile(x.bwd, n_opt) / k
         iteration = pipelined_iteration(f, up / k + lat, server / k, down / k, b, k, x.half)
+        iteration = iteration + np.where(np.tile(last, n_opt), 0.0, x.step_overhead)
         weights_down = x.weight_bytes / x.down_bps
         weights_up = x.weight_bytes / x.up_bps
         pc, ptx, prx = (x.power[:, i:i + 1] for i in range(3))

@@ -78,13 +78,14 @@ def table(report: dict) -> str:
     """The comparison as plain text (one row per policy; ratios are measured side by side)."""
     links = {"tc": "tc htb in network namespaces", "inprocess": "IN-PROCESS rate limit (no root: not tc)"}[report["links"]]
     head = ["policy", "round s", "x FL", "J/round", "x FL", "model J x FL", "accuracy", "pts vs FL",
-            "oracle s", "x oracle", "choice x oracle", "pred err"]
+            "oracle s", "x oracle", "choice x oracle", "pred err", "worst dev err"]
     rows = [[v["label"], _f(v["mean_round_s"], ".2f"), _f(v["time_vs_fl"], ".3f"), _f(v["energy_per_round_j"], ".1f"),
              _f(v["energy_vs_fl"], ".3f"), _f(v["model_energy_vs_fl"], ".3f"),
              "-" if v["final_accuracy"] is None else f"{v['final_accuracy'] * 100:.1f}%",
              _f(v.get("accuracy_points_vs_fl"), "+.1f"), _f(v["adapted_oracle_s"], ".2f"), _f(v["vs_oracle"], ".3f"),
              _f(v["choice_vs_oracle"], ".3f"),
-             "-" if v["prediction_error"] is None else f"{v['prediction_error'] * 100:.1f}%"]
+             "-" if v["prediction_error"] is None else f"{v['prediction_error'] * 100:.1f}%",
+             "-" if v.get("worst_device_prediction_error") is None else f"{v['worst_device_prediction_error'] * 100:.1f}%"]
             for v in report["variants"]]
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
     lines = [f"scenario {report['scenario']['name']}, links: {links}"]
@@ -99,6 +100,7 @@ def table(report: dict) -> str:
          "choice x oracle: the splits used, in that model"),
         "accuracy: the global model's test accuracy after the last round; pts vs FL: minus FL's, in points",
         "pred err: the controller's predicted vs measured round time (telemetry at the round's start), mean |error|",
+        "worst dev err: the same for each device's session (join to upload), the worst single device and round",
     ]
     # FL's server never runs a split step, so its server profile is the start-up self-profile: left out
     best = [v["adapted_oracle_any_s"] for v in report["variants"] if v.get("adapted_oracle_any_s") and v["mode"] != "none"]

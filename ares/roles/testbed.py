@@ -71,7 +71,7 @@ log = logging.getLogger("ares.testbed")
 SCENARIO_DIR = Path(__file__).resolve().parents[2] / "bench" / "scenarios"
 LinkMode = Literal["tc", "inprocess"]
 SLOW_MACHINE_MARK = "slower than the emulated"  # what ares.runtime.device logs when it cannot keep up
-DEFAULT_POLICIES = ("none", "fixed:1", "ares", "straggler", "straggler+fp16", "straggler+pipe4", "straggler+int8+pipe4")
+DEFAULT_POLICIES = ("none", "fixed:1", "ares", "straggler", "straggler+fp16", "straggler+int8+pipe4", "straggler+auto")
 CODECS = ("fp32", "fp16", "int8")
 MAX_MICRO_BATCHES = 8
 EVERY_OPTION = tuple((c, k) for c in CODECS for k in (1, 2, 4, 8))  # the reference oracle's choices
@@ -484,7 +484,9 @@ def analyse(scenario: Scenario, variant: Variant, history: list[dict], telemetry
                "oracle_s": None, "oracle_any_s": None, "model_s": None, "model_energy_j": None,
                "fixed_s": outside_sessions(h), "oracle_model_s": None,
                "options": {n: f"{c}/k{k}" for n, (c, k) in options.items()},
-               "predicted_s": _predicted(telemetry.get(r), splits, variant, options) if r > 0 else None}
+               "predicted_s": None, "device_predicted_s": {}, "device_measured_s": _sessions(h)}
+        if r > 0:
+            row["predicted_s"], row["device_predicted_s"] = _predicted(telemetry.get(r), splits, variant, options)
         if server is not None:
             # the oracle's round: the best split vector's slowest device plus this round's measured
             # time outside every device's session (join skew, merge, evaluation), which no choice changes
@@ -501,6 +503,12 @@ def analyse(scenario: Scenario, variant: Variant, history: list[dict], telemetry
     changes = {c.round for c in scenario.schedule}
     steady = [x for x in rounds if x["round"] >= WARMUP_ROUNDS] or rounds
     predicted = [x for x in steady if x["predicted_s"] and x["round"] not in changes]
+    device_errors: dict[str, list[float]] = {}
+    for x in predicted:
+        for n, p in x["device_predicted_s"].items():
+            m = x["device_measured_s"].get(n)
+            if m:
+                device_errors.setdefault(n, []).append(abs(p - m) / m)
     return {
         "scenario": scenario.name, "variant": variant.key, "label": variant.label, "mode": variant.mode,
         "policy": variant.policy if variant.mode == "adaptive" else None, "codec": variant.codec,
@@ -521,7 +529,16 @@ def analyse(scenario: Scenario, variant: Variant, history: list[dict], telemetry
         "overhead_s": _diff(_mean_of(steady, "measured_s"), _mean_of(steady, "model_s")),
         "prediction_error": (_mean(abs(x["predicted_s"] - x["measured_s"]) / x["measured_s"] for x in predicted)
                              if predicted else None),
+        # each device's predicted session (join to upload) against the server's clock of it
+        "device_prediction_error": {n: _mean(e) for n, e in device_errors.items()},
+        "worst_device_prediction_error": max((max(e) for e in device_errors.values()), default=None),
     }
+
+
+def _sessions(record: dict) -> dict[str, float]:
+    """Each device's session in a closed round, join to accepted upload, by the server's clock."""
+    return {n: d["uploaded_s"] - d["joined_s"] for n, d in record.get("devices", {}).items()
+            if d.get("uploaded_s") is not None and d.get("joined_s") is not None}
 
 
 def _mean_of(rows: list[dict], key: str) -> Optional[float]:
@@ -539,14 +556,16 @@ def _diff(a: Optional[float], b: Optional[float]) -> Optional[float]:
 
 
 def _predicted(telemetry, splits: dict[str, int], variant: Variant,
-               options: dict[str, tuple[str, int]]) -> Optional[float]:
-    """The controller's model of the splits (and options) used in a round, from the telemetry at its start."""
+               options: dict[str, tuple[str, int]]) -> tuple[Optional[float], dict[str, float]]:
+    """The controller's model of the splits (and options) used in a round, from the telemetry at its
+    start: the round's time, and each device's session (join to upload)."""
     if telemetry is None:
-        return None
+        return None, {}
     problem = problem_from_telemetry(telemetry, offer=variant.options)
     if problem is None or {d.name for d in problem.devices} != set(splits):
-        return None  # a device not measured yet (no transfer seen): no prediction
-    return evaluate(problem, splits, options=options).round_s + telemetry.round_overhead_s
+        return None, {}  # a device not measured yet (no transfer seen): no prediction
+    plan = evaluate(problem, splits, options=options)
+    return plan.round_s + telemetry.round_overhead_s, {d.name: d.round_s for d in plan.devices}
 
 
 def _mean(values) -> float:

@@ -8,15 +8,16 @@ policy decides and never does I/O; this module owns the I/O around it.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Mapping, Optional, Protocol, Sequence, runtime_checkable
 
 import httpx
 
 from ares.core.energy import PowerModel, power_model
-from ares.core.messages import ServerStatus, Telemetry
-from ares.core.optimiser import CODEC_BYTES, MAX_BPS, MIN_BPS, DeviceInput, Option, Plan, Problem, SplitPolicy, model_costs, options_for
+from ares.core.messages import DeviceTelemetry, ServerStatus, Telemetry
+from ares.core.optimiser import (CODEC_BYTES, MAX_BPS, MIN_BPS, DeviceInput, Option, Plan, Problem, SplitPolicy, evaluate,
+                                 model_costs, options_for)
 from ares.core.profiles import ComputeProfile, ServerProfile
 from ares.runtime.splitfile import write_options, write_split
 from ares.runtime.tlsclient import ClientTls, transport
@@ -58,6 +59,7 @@ def problem_from_telemetry(telemetry: Telemetry, pinned: Mapping[str, int] | Non
     (the choices the controller may hand each device beside its split)."""
     pinned = pinned or {}
     layers = len(telemetry.activation_numel)
+    server = ServerProfile(fwd=tuple(telemetry.server_fwd), bwd=tuple(telemetry.server_bwd), batch_size=telemetry.batch_size)
     devices = []
     for d in telemetry.devices:
         if not (d.fwd and d.bwd and d.up_bps and d.down_bps and d.iterations) or len(d.fwd) != layers:
@@ -73,9 +75,9 @@ def problem_from_telemetry(telemetry: Telemetry, pinned: Mapping[str, int] | Non
         devices.append(DeviceInput(name=d.name, compute=profile, up_bps=d.up_bps, down_bps=d.down_bps,
                                    power=_power(d.device_class, d.power_mode), iterations=d.iterations,
                                    pinned_split=pinned.get(d.name), latency_s=d.latency_s or 0.0, duplex=d.duplex))
+        devices[-1] = replace(devices[-1], step_overhead_s=_step_overhead(devices[-1], d, telemetry, server))
     if not devices:
         return None
-    server = ServerProfile(fwd=tuple(telemetry.server_fwd), bwd=tuple(telemetry.server_bwd), batch_size=telemetry.batch_size)
     costs = model_costs(telemetry.activation_numel, telemetry.weight_bytes, telemetry.batch_size,
                         codec_bytes=CODEC_BYTES.get(telemetry.codec, 4))
     codec = telemetry.codec if telemetry.codec in CODEC_BYTES else "fp32"
@@ -84,6 +86,20 @@ def problem_from_telemetry(telemetry: Telemetry, pinned: Mapping[str, int] | Non
     options = (own, *(o for c, k in extra for o in options_for(telemetry.activation_numel, telemetry.weight_bytes,
                                                                 telemetry.batch_size, (c,), (k,))))
     return Problem(devices=tuple(devices), server=server, model=costs, codec=codec, options=options)
+
+
+def _step_overhead(device: DeviceInput, measured: DeviceTelemetry, telemetry: Telemetry, server: ServerProfile) -> float:
+    """What the device's last offloaded steps took beyond the model (same split, codec and k):
+    codec work, framing, a server busy with other devices. Charged to every offloaded iteration."""
+    split, layers = measured.split, len(telemetry.activation_numel)
+    if measured.step_s is None or split is None or not 0 <= split < layers - 1 or measured.step_codec not in CODEC_BYTES:
+        return 0.0
+    k = measured.step_micro_batches or 1
+    option = options_for(telemetry.activation_numel, telemetry.weight_bytes, telemetry.batch_size,
+                         (measured.step_codec,), (k,))[0]
+    alone = Problem(devices=(device,), server=server, model=option.model, codec=option.codec, options=(option,))
+    modelled = evaluate(alone, {device.name: split}).devices[0].iteration_s
+    return max(0.0, measured.step_s - modelled)
 
 
 def decide(telemetry: Telemetry, policy: SplitPolicy, pinned: Mapping[str, int] | None = None,

@@ -36,6 +36,11 @@ from ares.runtime.splitfile import StepOptions, read_options, read_split
 
 log = logging.getLogger("ares.device")
 
+# A transfer smaller than this says little about the link: its time is mostly the request's
+# round trip, and a small reply's body can arrive with its headers (a body read time near 0
+# would claim a link of GB/s). Such steps leave an estimate as it was (once there is one).
+MIN_SAMPLE_BYTES = 64 << 10
+
 
 @dataclass
 class RoundLog:
@@ -56,6 +61,7 @@ class RoundLog:
     up_bps: Optional[float] = None
     down_bps: Optional[float] = None
     latency_s: Optional[float] = None
+    step_wall_s: float = 0.0  # offloaded steps, forward to optimiser step
     uploaded: bool = False
 
 
@@ -67,6 +73,11 @@ def _union(spans: list[tuple[float, float]]) -> float:
             total += b - max(a, end)
             end = b
     return total
+
+
+def _telling(nbytes: int, estimate: Throughput) -> bool:
+    """Whether a transfer of `nbytes` should update `estimate`: large enough, or the first one."""
+    return nbytes >= MIN_SAMPLE_BYTES or estimate.value is None
 
 
 def _pad_until(start: float, seconds: float) -> None:
@@ -235,7 +246,9 @@ class DeviceTrainer:
                 log.warning("round %d deadline passed after %d steps; uploading what we have", reply.round, entry.steps)
                 break
             try:
+                t_step = time.perf_counter()
                 losses.append(self._step(reply.round, split, whole, device_part, optimizer, x, y, entry))
+                entry.step_wall_s += time.perf_counter() - t_step
             except LinkError as exc:
                 log.warning("round %d: step refused (%s); leaving the round", reply.round, exc)
                 entry.round_s = time.perf_counter() - started
@@ -251,7 +264,9 @@ class DeviceTrainer:
             timings=StepTimings(steps=entry.steps, device_fwd_s=entry.device_s / max(entry.steps, 1),
                                 up_bps=entry.up_bps, down_bps=entry.down_bps, round_s=entry.round_s,
                                 energy_j=entry.energy_j, energy_source=entry.energy_source,
-                                latency_s=entry.latency_s),
+                                latency_s=entry.latency_s,
+                                step_s=entry.step_wall_s / entry.steps if entry.steps and not whole else None,
+                                codec=self.codec, micro_batches=self.micro_batches),
             duplex=self.settings.duplex,
             device_class=self.settings.device_class, power_mode=self.settings.power_mode,
             profile_fwd=[v * self.live.factor for v in self.profile.fwd],
@@ -294,8 +309,10 @@ class DeviceTrainer:
             entry.up_s += result.up_s
             entry.down_s += result.down_s
             # the upload's measured time holds one request round trip besides its bytes
-            self.up.update(result.up_bytes, max(result.up_s - (self.latency_s or 0.0), result.up_s / 2))
-            self.down.update(result.down_bytes, result.down_s)
+            if _telling(result.up_bytes, self.up):
+                self.up.update(result.up_bytes, max(result.up_s - (self.latency_s or 0.0), result.up_s / 2))
+            if _telling(result.down_bytes, self.down):
+                self.down.update(result.down_bytes, result.down_s)
             device_s = t_fwd + time.perf_counter() - t1  # compute only: the transfer is excluded
         entry.device_s += device_s
         self.live.update(self.profile.total(split) * scale, device_s)
@@ -352,8 +369,9 @@ class DeviceTrainer:
         entry.up_s += up_s
         entry.down_s += down_s
         up_bytes, down_bytes = sum(r.up_bytes for r in results), sum(r.down_bytes for r in results)
-        if up_bytes and down_bytes:  # in-process links move no bytes
+        if up_bytes and _telling(up_bytes, self.up):  # (in-process links move no bytes)
             self.up.update(up_bytes, max(up_s, 1e-6))
+        if down_bytes and _telling(down_bytes, self.down):
             self.down.update(down_bytes, max(down_s, 1e-6))
         return loss, compute
 

@@ -116,3 +116,28 @@ def test_round_overhead_is_the_time_outside_the_longest_session_after_round_0():
     later = [record(r, 10.0 + r, [(0.1, 9.0 + r), (0.3, 9.5 + r)]) for r in (1, 2, 3, 4)]
     assert round_overhead([first, *later]) == pytest.approx(sum(10.0 + r - 9.2 - r for r in (2, 3, 4)) / 3)
     assert outside_sessions({"round": 1, "duration_s": 3.0, "devices": {}}) is None  # nobody uploaded
+
+
+def test_measured_step_time_beyond_the_model_is_charged_to_offloaded_iterations_only():
+    from ares.core.optimiser import evaluate
+
+    t = telemetry(2.5e6)
+    base = problem_from_telemetry(t)
+    a0 = next(d for d in base.devices if d.name == "a")
+    assert a0.step_overhead_s == 0.0  # nothing measured: the model alone
+    modelled = next(p for p in evaluate(base, {"a": 1, "b": 1}).devices if p.name == "a").iteration_s
+    measured = t.model_copy(update={"devices": [
+        d.model_copy(update={"split": 1, "step_s": modelled + 0.3, "step_codec": "fp32", "step_micro_batches": 1})
+        if d.name == "a" else d for d in t.devices]})
+    problem = problem_from_telemetry(measured)
+    a = next(d for d in problem.devices if d.name == "a")
+    assert a.step_overhead_s == pytest.approx(0.3)
+    plan = evaluate(problem, {"a": 1, "b": 1})
+    assert next(p for p in plan.devices if p.name == "a").iteration_s == pytest.approx(modelled + 0.3)
+    # on the device alone (split L-1) no request is made: the overhead does not apply
+    local = lambda prob: next(p for p in evaluate(prob, {"a": 6, "b": 1}).devices if p.name == "a").round_s  # noqa: E731
+    assert local(problem) == pytest.approx(local(base))
+    # a step faster than the model is no negative overhead
+    quick = measured.model_copy(update={"devices": [d.model_copy(update={"step_s": modelled / 2}) if d.name == "a" else d
+                                                    for d in measured.devices]})
+    assert next(d for d in problem_from_telemetry(quick).devices if d.name == "a").step_overhead_s == 0.0
