@@ -58,9 +58,16 @@ class StepTimings(_Msg):
     energy_j: Optional[float] = Field(None, ge=0, le=1e9)
     energy_source: Literal["measured", "modelled", "none"] = "none"
     latency_s: Optional[Seconds] = None  # per-request round trip: the fastest small request (status) seen
-    step_s: Optional[Seconds] = None     # mean wall time of an offloaded step (forward to optimiser step)
-    codec: Optional[Literal["fp32", "fp16", "int8"]] = None  # what those steps used
-    micro_batches: Optional[int] = Field(None, ge=1, le=64)
+
+
+class StepSample(_Msg):
+    """A device's offloaded steps with one split, codec and k: their mean wall time, forward to
+    optimiser step, the last time it ran them."""
+
+    split: int = Field(..., ge=0, le=255)
+    codec: Literal["fp32", "fp16", "int8"]
+    micro_batches: int = Field(..., ge=1, le=64)
+    step_s: Seconds
 
 
 class DeviceReport(_Msg):
@@ -77,6 +84,7 @@ class DeviceReport(_Msg):
     profile_bwd: Optional[list[Seconds]] = Field(None, max_length=256)
     profile_batch: Optional[int] = Field(None, ge=1, le=1 << 20)
     duplex: Literal["full", "half"] = "full"  # half: up and down share one rate (Wi-Fi); a device setting
+    measured_steps: list[StepSample] = Field(default_factory=list, max_length=32)  # oldest first
 
 
 class DeviceStatus(_Msg):
@@ -122,9 +130,7 @@ class DeviceTelemetry(_Msg):
     round_s: Optional[float] = None
     latency_s: Optional[float] = None
     duplex: Literal["full", "half"] = "full"
-    step_s: Optional[float] = None  # its last round's offloaded steps, measured, with this codec and k
-    step_codec: Optional[str] = None
-    step_micro_batches: Optional[int] = None
+    measured_steps: list[StepSample] = []  # oldest first
 
 
 class Telemetry(_Msg):

@@ -171,6 +171,8 @@ class DeviceInput:
     duplex: str = "full"  # "half": up and down share one rate (Wi-Fi); up_bps is that rate
     latency_s: float = 0.0  # per request (one per micro-batch, plus join and upload)
     step_overhead_s: float = 0.0  # per offloaded iteration, measured beyond the model (controller)
+    # or one figure per (option, split) column of the problem (option-major), where known per column
+    step_overheads: tuple[float, ...] | None = None
     codecs: tuple[str, ...] | None = None  # options this device may take (None: every option of the problem)
     micro_batches: tuple[int, ...] | None = None
 
@@ -181,6 +183,8 @@ class DeviceInput:
             raise ValueError(f"device {self.name!r}: latency_s must be >= 0 seconds, got {self.latency_s!r}")
         if not math.isfinite(self.step_overhead_s) or self.step_overhead_s < 0:
             raise ValueError(f"device {self.name!r}: step_overhead_s must be >= 0 seconds, got {self.step_overhead_s!r}")
+        if self.step_overheads is not None and not all(math.isfinite(v) and v >= 0 for v in self.step_overheads):
+            raise ValueError(f"device {self.name!r}: step_overheads must be finite seconds >= 0")
         for name in ("up_bps", "down_bps"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not MIN_BPS <= value <= MAX_BPS:
@@ -224,6 +228,9 @@ class Problem:
         for d in self.devices:
             if d.compute.n_splits != n:
                 raise ValueError(f"device {d.name!r}: profile has {d.compute.n_splits} splits, the model {n}")
+            if d.step_overheads is not None and len(d.step_overheads) != n * len(self.options):
+                raise ValueError(f"device {d.name!r}: step_overheads needs one figure per option and split "
+                                 f"({len(self.options)} x {n}), got {len(d.step_overheads)}")
             if d.compute.batch_size != self.server.batch_size:
                 raise ValueError(f"device {d.name!r}: profile is for batch {d.compute.batch_size}, the server's "
                                  f"for {self.server.batch_size}; rescale one (profile.rescaled(batch))")
@@ -320,7 +327,7 @@ class _Inputs:
     iterations: np.ndarray  # (N, 1)
     power: np.ndarray  # (N, 3): compute, tx, rx watts
     latency: np.ndarray  # (N, 1)
-    step_overhead: np.ndarray  # (N, 1)
+    step_overhead: np.ndarray  # (N, options x splits), 0 at the last split
     half: np.ndarray  # (N, 1) bool
     names: tuple[str, ...]  # for errors
 
@@ -347,7 +354,7 @@ class _Inputs:
             iterations=column(x.iterations for x in d),
             power=matrix(((x.power.compute_w, x.power.tx_w, x.power.rx_w) for x in d), 3),
             latency=column(x.latency_s for x in d),
-            step_overhead=column(x.step_overhead_s for x in d),
+            step_overhead=_step_overheads(d, len(opts) * s) * np.tile(np.arange(s) < s - 1, len(opts)),
             half=np.fromiter((x.duplex == "half" for x in d), bool, n)[:, None],
             names=tuple(x.name for x in d))
 
@@ -380,6 +387,15 @@ def pipelined_iteration(f: Any, u: Any, v: Any, d: Any, b: Any, k: Any, half: An
     return np.where(half, np.maximum(flow, f + k * (u + d) + b), flow)
 
 
+def _step_overheads(devices: Sequence[DeviceInput], columns: int) -> np.ndarray:
+    """(N, columns): each device's per-column figures where given, else its one figure everywhere."""
+    out = np.repeat(np.fromiter((x.step_overhead_s for x in devices), float, len(devices))[:, None], columns, axis=1)
+    for i, x in enumerate(devices):
+        if x.step_overheads is not None:
+            out[i] = x.step_overheads
+    return out
+
+
 def _costs(x: _Inputs, server_share: float | np.ndarray = 1.0) -> _Costs:
     """Every device's costs in every column; server time multiplied by `server_share` (>= 1 when shared;
     a scalar, or an array that broadcasts to (N, C): one share per device or per cell)."""
@@ -396,7 +412,7 @@ def _costs(x: _Inputs, server_share: float | np.ndarray = 1.0) -> _Costs:
         lat = np.where(np.tile(last, n_opt), 0.0, x.latency)  # one request per micro-batch; none at the last split
         f, b = np.tile(x.fwd, n_opt) / k, np.tile(x.bwd, n_opt) / k
         iteration = pipelined_iteration(f, up / k + lat, server / k, down / k, b, k, x.half)
-        iteration = iteration + np.where(np.tile(last, n_opt), 0.0, x.step_overhead)
+        iteration = iteration + x.step_overhead
         weights_down = x.weight_bytes / x.down_bps
         weights_up = x.weight_bytes / x.up_bps
         pc, ptx, prx = (x.power[:, i:i + 1] for i in range(3))
@@ -498,6 +514,23 @@ def _option_index(problem: Problem, codec: str, micro_batches: int) -> int:
             return o
     raise ValueError(f"no option {codec}/k={micro_batches} in this problem; options: "
                      f"{[o.label for o in problem.options]}")
+
+
+def iteration_table(problem: Problem) -> tuple[np.ndarray, np.ndarray]:
+    """(iteration seconds, bytes moved per iteration), each (devices x options*splits, option-major),
+    as the model sees them without any device's step overheads: what a measured step is held against."""
+    x = _Inputs.of(problem)
+    c = _costs(replace(x, step_overhead=np.zeros_like(x.step_overhead)))
+    moved = (x.up_bytes + x.down_bytes).reshape(-1)
+    return c.iteration_s, np.broadcast_to(moved, c.iteration_s.shape)
+
+
+def column_of(problem: Problem, codec: str, micro_batches: int, split: int) -> int | None:
+    """The column of (codec, k, split) in the problem's cost matrices; None when not offered."""
+    try:
+        return _option_index(problem, codec, micro_batches) * problem.n_splits + split
+    except ValueError:
+        return None
 
 
 def evaluate(problem: Problem, splits: Mapping[str, int], share_server: bool = False,

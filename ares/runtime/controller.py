@@ -15,9 +15,9 @@ from typing import Callable, Mapping, Optional, Protocol, Sequence, runtime_chec
 import httpx
 
 from ares.core.energy import PowerModel, power_model
-from ares.core.messages import DeviceTelemetry, ServerStatus, Telemetry
-from ares.core.optimiser import (CODEC_BYTES, MAX_BPS, MIN_BPS, DeviceInput, Option, Plan, Problem, SplitPolicy, evaluate,
-                                 model_costs, options_for)
+from ares.core.messages import ServerStatus, StepSample, Telemetry
+from ares.core.optimiser import (CODEC_BYTES, MAX_BPS, MIN_BPS, DeviceInput, Option, Plan, Problem, SplitPolicy,
+                                 column_of, iteration_table, model_costs, options_for)
 from ares.core.profiles import ComputeProfile, ServerProfile
 from ares.runtime.splitfile import write_options, write_split
 from ares.runtime.tlsclient import ClientTls, transport
@@ -60,7 +60,7 @@ def problem_from_telemetry(telemetry: Telemetry, pinned: Mapping[str, int] | Non
     pinned = pinned or {}
     layers = len(telemetry.activation_numel)
     server = ServerProfile(fwd=tuple(telemetry.server_fwd), bwd=tuple(telemetry.server_bwd), batch_size=telemetry.batch_size)
-    devices = []
+    devices, measured = [], {}
     for d in telemetry.devices:
         if not (d.fwd and d.bwd and d.up_bps and d.down_bps and d.iterations) or len(d.fwd) != layers:
             continue
@@ -75,7 +75,7 @@ def problem_from_telemetry(telemetry: Telemetry, pinned: Mapping[str, int] | Non
         devices.append(DeviceInput(name=d.name, compute=profile, up_bps=d.up_bps, down_bps=d.down_bps,
                                    power=_power(d.device_class, d.power_mode), iterations=d.iterations,
                                    pinned_split=pinned.get(d.name), latency_s=d.latency_s or 0.0, duplex=d.duplex))
-        devices[-1] = replace(devices[-1], step_overhead_s=_step_overhead(devices[-1], d, telemetry, server))
+        measured[d.name] = d
     if not devices:
         return None
     costs = model_costs(telemetry.activation_numel, telemetry.weight_bytes, telemetry.batch_size,
@@ -85,21 +85,35 @@ def problem_from_telemetry(telemetry: Telemetry, pinned: Mapping[str, int] | Non
     extra = [pair for pair in dict.fromkeys(offer) if pair != (own.codec, own.micro_batches)]
     options = (own, *(o for c, k in extra for o in options_for(telemetry.activation_numel, telemetry.weight_bytes,
                                                                 telemetry.batch_size, (c,), (k,))))
-    return Problem(devices=tuple(devices), server=server, model=costs, codec=codec, options=options)
+    problem = Problem(devices=tuple(devices), server=server, model=costs, codec=codec, options=options)
+    return with_step_overheads(problem, {n: d.measured_steps for n, d in measured.items()})
 
 
-def _step_overhead(device: DeviceInput, measured: DeviceTelemetry, telemetry: Telemetry, server: ServerProfile) -> float:
-    """What the device's last offloaded steps took beyond the model (same split, codec and k):
-    codec work, framing, a server busy with other devices. Charged to every offloaded iteration."""
-    split, layers = measured.split, len(telemetry.activation_numel)
-    if measured.step_s is None or split is None or not 0 <= split < layers - 1 or measured.step_codec not in CODEC_BYTES:
-        return 0.0
-    k = measured.step_micro_batches or 1
-    option = options_for(telemetry.activation_numel, telemetry.weight_bytes, telemetry.batch_size,
-                         (measured.step_codec,), (k,))[0]
-    alone = Problem(devices=(device,), server=server, model=option.model, codec=option.codec, options=(option,))
-    modelled = evaluate(alone, {device.name: split}).devices[0].iteration_s
-    return max(0.0, measured.step_s - modelled)
+def with_step_overheads(problem: Problem, samples: Mapping[str, Sequence[StepSample]]) -> Problem:
+    """The problem with what each device's offloaded steps took beyond the model charged to its
+    iterations (codec work, framing, a server busy with other devices, up and down not quite
+    overlapping): per (split, codec, k) it has run, the latest measured step minus the model's;
+    elsewhere, the bytes that setting moves times the excess per byte of all it has run (so a
+    setting that moves more is not taken for free). A device that never offloaded gets none. A
+    setting is mispredicted once at most: after one round with it, its own figure holds."""
+    if not any(samples.values()):
+        return problem
+    modelled, moved = iteration_table(problem)
+    devices = []
+    for i, device in enumerate(problem.devices):
+        known = {}
+        for sample in samples.get(device.name, ()):
+            col = column_of(problem, sample.codec, sample.micro_batches, sample.split)
+            if col is not None and sample.split < problem.n_splits - 1:
+                known[col] = max(0.0, sample.step_s - float(modelled[i, col]))
+        if not known:
+            devices.append(device)
+            continue
+        carried = sum(float(moved[i, col]) for col in known)
+        per_byte = sum(known.values()) / carried if carried > 0 else 0.0
+        row = [known.get(col, per_byte * float(moved[i, col])) for col in range(modelled.shape[1])]
+        devices.append(replace(device, step_overheads=tuple(row)))
+    return replace(problem, devices=tuple(devices))
 
 
 def decide(telemetry: Telemetry, policy: SplitPolicy, pinned: Mapping[str, int] | None = None,

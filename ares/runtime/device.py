@@ -26,7 +26,7 @@ from torch import nn
 from ares.core.config import DeviceSettings, ServerConfig
 from ares.core.data import load_data, shard
 from ares.core.energy import energy_j, power_model
-from ares.core.messages import DeviceReport, StepTimings
+from ares.core.messages import DeviceReport, StepSample, StepTimings
 from ares.core.models import build_model, model_spec, n_layers, split_model
 from ares.core.profiles import ComputeProfile
 from ares.runtime.link import LinkError, ServerLink
@@ -112,6 +112,7 @@ class DeviceTrainer:
         self._profile_mtime: Optional[float] = None
         self._pool: Optional[ThreadPoolExecutor] = None  # pipelined micro-batches: one thread per stream
         self._rtts: deque[float] = deque(maxlen=20)  # recent status round trips: the per-request latency
+        self._steps: dict[tuple[int, str, int], float] = {}  # (split, codec, k) -> mean step s, latest last
 
     def _startup_profile(self) -> ComputeProfile:
         """Measured at start-up on this device; an emulated profile is the floor it is padded to."""
@@ -220,6 +221,17 @@ class DeviceTrainer:
                 return status.round
             time.sleep(poll_s)
 
+    def _measured_steps(self, entry: RoundLog, whole: bool) -> list[StepSample]:
+        """This round's offloaded steps joined to the ones measured before (16 settings at most), so the
+        controller can hold its model against each setting this device has really run."""
+        if entry.steps and not whole:
+            key = (entry.split, self.codec, self.micro_batches)
+            self._steps.pop(key, None)
+            self._steps[key] = entry.step_wall_s / entry.steps
+            while len(self._steps) > 16:
+                self._steps.pop(next(iter(self._steps)))
+        return [StepSample(split=s, codec=c, micro_batches=k, step_s=v) for (s, c, k), v in self._steps.items()]
+
     @property
     def latency_s(self) -> Optional[float]:
         """A small request's round trip, the fastest of the recent ones (the others queued behind
@@ -264,9 +276,8 @@ class DeviceTrainer:
             timings=StepTimings(steps=entry.steps, device_fwd_s=entry.device_s / max(entry.steps, 1),
                                 up_bps=entry.up_bps, down_bps=entry.down_bps, round_s=entry.round_s,
                                 energy_j=entry.energy_j, energy_source=entry.energy_source,
-                                latency_s=entry.latency_s,
-                                step_s=entry.step_wall_s / entry.steps if entry.steps and not whole else None,
-                                codec=self.codec, micro_batches=self.micro_batches),
+                                latency_s=entry.latency_s),
+            measured_steps=self._measured_steps(entry, whole),
             duplex=self.settings.duplex,
             device_class=self.settings.device_class, power_mode=self.settings.power_mode,
             profile_fwd=[v * self.live.factor for v in self.profile.fwd],

@@ -573,8 +573,7 @@ class TrainingServer:
                     iterations=t.steps if t and t.steps else 0, split=rep.split if rep else None,
                     energy_j=t.energy_j if t else None, energy_source=t.energy_source if t else "none",
                     round_s=t.round_s if t else None, latency_s=t.latency_s if t else None,
-                    duplex=rep.duplex if rep else "full", step_s=t.step_s if t else None,
-                    step_codec=t.codec if t else None, step_micro_batches=t.micro_batches if t else None))
+                    duplex=rep.duplex if rep else "full", measured_steps=rep.measured_steps if rep else []))
             zeros = [0.0] * self.layers
             return Telemetry(round=self.round, model=self.cfg.model, batch_size=batch, codec=self.cfg.codec,
                              micro_batches=self.cfg.micro_batches,

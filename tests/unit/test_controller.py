@@ -118,26 +118,35 @@ def test_round_overhead_is_the_time_outside_the_longest_session_after_round_0():
     assert outside_sessions({"round": 1, "duration_s": 3.0, "devices": {}}) is None  # nobody uploaded
 
 
-def test_measured_step_time_beyond_the_model_is_charged_to_offloaded_iterations_only():
+def test_measured_step_time_beyond_the_model_is_charged_per_setting_it_was_measured_at():
+    from ares.core.messages import StepSample
     from ares.core.optimiser import evaluate
 
     t = telemetry(2.5e6)
     base = problem_from_telemetry(t)
-    a0 = next(d for d in base.devices if d.name == "a")
-    assert a0.step_overhead_s == 0.0  # nothing measured: the model alone
-    modelled = next(p for p in evaluate(base, {"a": 1, "b": 1}).devices if p.name == "a").iteration_s
-    measured = t.model_copy(update={"devices": [
-        d.model_copy(update={"split": 1, "step_s": modelled + 0.3, "step_codec": "fp32", "step_micro_batches": 1})
-        if d.name == "a" else d for d in t.devices]})
-    problem = problem_from_telemetry(measured)
-    a = next(d for d in problem.devices if d.name == "a")
-    assert a.step_overhead_s == pytest.approx(0.3)
-    plan = evaluate(problem, {"a": 1, "b": 1})
-    assert next(p for p in plan.devices if p.name == "a").iteration_s == pytest.approx(modelled + 0.3)
-    # on the device alone (split L-1) no request is made: the overhead does not apply
+    assert all(d.step_overheads is None for d in base.devices)  # nothing measured: the model alone
+
+    def iteration(problem, split):
+        return next(p for p in evaluate(problem, {"a": split, "b": 1}).devices if p.name == "a").iteration_s
+
+    def measured(*samples):
+        steps = [StepSample(split=s, codec="fp32", micro_batches=1, step_s=v) for s, v in samples]
+        return problem_from_telemetry(t.model_copy(update={"devices": [
+            d.model_copy(update={"measured_steps": steps}) if d.name == "a" else d for d in t.devices]}))
+
+    m1, m3 = iteration(base, 1), iteration(base, 3)
+    moved = {1: 2 * 100 * 8192 * 4 + 800, 2: 2 * 100 * 16384 * 4 + 800, 3: 2 * 100 * 4096 * 4 + 800}  # bytes per batch
+    one = measured((1, m1 + 0.3))
+    assert iteration(one, 1) == pytest.approx(m1 + 0.3)
+    # not measured there: the excess per byte, times that setting's bytes
+    assert iteration(one, 3) == pytest.approx(m3 + 0.3 * moved[3] / moved[1])
+    both = measured((1, m1 + 0.3), (3, m3 + 1.0))
+    assert iteration(both, 1) == pytest.approx(m1 + 0.3)  # each setting keeps its own figure
+    assert iteration(both, 3) == pytest.approx(m3 + 1.0)
+    assert iteration(both, 2) == pytest.approx(iteration(base, 2) + 1.3 * moved[2] / (moved[1] + moved[3]))
+    # on the device alone (split L-1) no request is made: no overhead; b, never measured: none
     local = lambda prob: next(p for p in evaluate(prob, {"a": 6, "b": 1}).devices if p.name == "a").round_s  # noqa: E731
-    assert local(problem) == pytest.approx(local(base))
+    assert local(both) == pytest.approx(local(base))
+    assert next(d for d in both.devices if d.name == "b").step_overheads is None
     # a step faster than the model is no negative overhead
-    quick = measured.model_copy(update={"devices": [d.model_copy(update={"step_s": modelled / 2}) if d.name == "a" else d
-                                                    for d in measured.devices]})
-    assert next(d for d in problem_from_telemetry(quick).devices if d.name == "a").step_overhead_s == 0.0
+    assert iteration(measured((1, m1 / 2)), 1) == pytest.approx(m1)
