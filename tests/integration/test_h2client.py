@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from ares.runtime.h2client import H2Transport
-from tests.conftest import free_port
+from tests.conftest import free_port, stop_process
 
 APP = '''
 import asyncio
@@ -62,12 +62,7 @@ class Granian:
         raise RuntimeError("granian did not start")
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        stop_process(self.proc)
 
 
 @pytest.fixture(scope="module")
