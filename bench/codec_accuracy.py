@@ -3,7 +3,8 @@
 `ares bench` cut short (a few steps per round) leaves every variant at chance, so it cannot show
 an accuracy cost. This trains the same federation in one process, fast enough to run many more
 steps: N devices, VGG5, FedAvg weighted by samples after every round, SGD (lr 0.01, momentum
-0.9) restarted each round as the device and server do. Variants run one after another with the
+0.9, lr x 0.1 from half the rounds on, the published schedule) restarted each round as the
+device and server do. Variants run one after another with the
 same seed, data, shards and batch order:
 
 - `fl`: every layer on the device (plain FL, the baseline);
@@ -36,7 +37,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ares.core import codec  # noqa: E402
-from ares.core.config import DataConfig  # noqa: E402
+from ares.core.config import DataConfig, TrainingConfig  # noqa: E402
 from ares.core.data import load_data, shard  # noqa: E402
 from ares.core.fedavg import fedavg  # noqa: E402
 from ares.core.models import build_model, n_layers, split_model  # noqa: E402
@@ -77,13 +78,14 @@ def run(variant: str, args, data, shards) -> list[float]:
         wire, _, kk = variant.partition("/k")
         split, k = args.split, int(kk or 1)
     gen = torch.Generator().manual_seed(args.seed)
+    schedule = TrainingConfig(rounds=args.rounds, lr=args.lr)  # the runtime's: lr x 0.1 from half the rounds on
     history = []
     for r in range(args.rounds):
         states, weights = [], []
         for i, part in enumerate(shards):
             local = copy.deepcopy(model)
             local.train()
-            opt = torch.optim.SGD(local.parameters(), lr=args.lr, momentum=0.9)
+            opt = torch.optim.SGD(local.parameters(), lr=schedule.lr_for_round(r), momentum=0.9)
             device, server = split_model(local, split)
             order = torch.Generator().manual_seed(args.seed * 100_003 + r * 1009 + i)
             loader = torch.utils.data.DataLoader(part, batch_size=args.batch, shuffle=True, generator=order)
