@@ -4,10 +4,10 @@ CIFAR-10 goes through torchvision's real loader with the published augmentation.
 not on disk (and cannot be downloaded), `synthetic` is a CIFAR-shaped set that a small CNN can
 really learn but not saturate: each class has two smooth colour patterns, each sample one of
 them, shifted, flipped, scaled, over a class-independent background pattern and noise, and a
-fifth of the labels are drawn at random (a ceiling of 82%). VGG5 FL, in an in-process emulation:
-78.9% after 10 rounds of `ares run`'s defaults (3 devices, whole shards), 49.6% after the 10
-rounds of 5 steps per device of `ares bench paper5`; so the accuracy cost of fp16, 8-bit
-activations or micro-batching can be seen. `synthetic-easy` is the earlier set (one pattern
+fifth of the labels are drawn at random (a ceiling of 82%). VGG5 FL: 72.7% after 10 rounds of
+`ares run`'s defaults (3 devices, whole shards; in-process emulation), 34.0% after the 10
+rounds of 5 steps per device of `ares bench paper5` (measured); so the accuracy cost of fp16,
+8-bit activations or micro-batching can be seen. `synthetic-easy` is the earlier set (one pattern
 per class; 99% after one round), kept for tests that check that training works at all. Every process builds the same set from the same seed, so shards
 cut by index are disjoint without sending any data around.
 """
