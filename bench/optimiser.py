@@ -195,9 +195,10 @@ def predicted_vs_measured(rounds: int = 6) -> None:
     # (devices.csv's round_s leaves out the weights' download and upload)
     import json
 
+    from ares.runtime.training import sessions
+
     history = json.loads((out / "checkpoints" / "state.json").read_text())["history"]
-    measured = {(h["round"], name): d["uploaded_s"] - d["joined_s"] for h in history
-                for name, d in h["devices"].items() if d.get("uploaded_s") is not None}
+    measured = {(h["round"], name): s for h in history for name, s in sessions(h).items()}
     with open(out / "splits.csv") as f:
         predicted = {(int(r["round"]), r["device"]): float(r["predicted_round_s"]) for r in csv.DictReader(f)}
     errors = []

@@ -58,7 +58,7 @@ from ares.core.profiles import (
 from ares.core.yamlfile import safe_load
 from ares.roles.runconfig import DeviceSpec, LinkChange, RunConfig
 from ares.roles.runner import Cluster, free_port, run
-from ares.runtime.training import outside_sessions
+from ares.runtime.training import outside_sessions, sessions
 from ares.runtime.controller import (
     ASSUMED_POWER,
     fetch_status,
@@ -484,7 +484,7 @@ def analyse(scenario: Scenario, variant: Variant, history: list[dict], telemetry
                "oracle_s": None, "oracle_any_s": None, "model_s": None, "model_energy_j": None,
                "fixed_s": outside_sessions(h), "oracle_model_s": None,
                "options": {n: f"{c}/k{k}" for n, (c, k) in options.items()},
-               "predicted_s": None, "device_predicted_s": {}, "device_measured_s": _sessions(h)}
+               "predicted_s": None, "device_predicted_s": {}, "device_measured_s": sessions(h)}
         if r > 0:
             row["predicted_s"], row["device_predicted_s"] = _predicted(telemetry.get(r), splits, variant, options)
         if server is not None:
@@ -533,12 +533,6 @@ def analyse(scenario: Scenario, variant: Variant, history: list[dict], telemetry
         "device_prediction_error": {n: _mean(e) for n, e in device_errors.items()},
         "worst_device_prediction_error": max((max(e) for e in device_errors.values()), default=None),
     }
-
-
-def _sessions(record: dict) -> dict[str, float]:
-    """Each device's session in a closed round, join to accepted upload, by the server's clock."""
-    return {n: d["uploaded_s"] - d["joined_s"] for n, d in record.get("devices", {}).items()
-            if d.get("uploaded_s") is not None and d.get("joined_s") is not None}
 
 
 def _mean_of(rows: list[dict], key: str) -> Optional[float]:

@@ -83,12 +83,18 @@ def _offset(at: Optional[float], start: float) -> Optional[float]:
     return None if at is None else at - start
 
 
+def sessions(record: dict) -> dict[str, float]:
+    """Each device's session in a closed round, join to accepted upload, by the server's clock
+    (none for a checkpoint written before sessions were kept)."""
+    return {n: d["uploaded_s"] - d["joined_s"] for n, d in record.get("devices", {}).items()
+            if d.get("uploaded_s") is not None and d.get("joined_s") is not None}
+
+
 def outside_sessions(record: dict) -> Optional[float]:
     """A closed round's seconds outside its longest device session (join to accepted upload);
     None for a round without sessions (or from a checkpoint written before they were kept)."""
-    sessions = [d["uploaded_s"] - d["joined_s"] for d in record.get("devices", {}).values()
-                if d.get("uploaded_s") is not None and d.get("joined_s") is not None]
-    return max(0.0, record["duration_s"] - max(sessions)) if sessions and "duration_s" in record else None
+    longest = max(sessions(record).values(), default=None)
+    return max(0.0, record["duration_s"] - longest) if longest is not None and "duration_s" in record else None
 
 
 def round_overhead(history: list[dict], recent: int = 3) -> float:
