@@ -116,6 +116,16 @@ def test_adaptive_runs_carry_predictions(bench):
     adaptive = report["variants"][2]
     assert all(r["predicted_s"] and r["predicted_s"] > 0 for r in adaptive["rounds"][1:])
     assert adaptive["prediction_error"] is not None and adaptive["prediction_error"] >= 0
+    # what the model is held against came from the real devices over HTTP/2: their latency, and
+    # each (split, codec, k) they offloaded with, its measured step time
+    telemetry = json.loads((Path(adaptive["results_dir"]) / "telemetry.json").read_text())
+    last = Telemetry.model_validate(telemetry[max(telemetry, key=int)])
+    for d in last.devices:
+        assert d.latency_s is not None and 0 < d.latency_s < 5
+        assert d.measured_steps and all(m.step_s > 0 and m.codec == "int8" and m.micro_batches == 2
+                                        for m in d.measured_steps)
+        assert d.split is None or d.split == 6 or (d.split, "int8", 2) in {
+            (m.split, m.codec, m.micro_batches) for m in d.measured_steps}
 
 
 @pytest.mark.slow
