@@ -201,16 +201,18 @@ def predicted_vs_measured(rounds: int = 6) -> None:
     measured = {(h["round"], name): s for h in history for name, s in sessions(h).items()}
     with open(out / "splits.csv") as f:
         predicted = {(int(r["round"]), r["device"]): float(r["predicted_round_s"]) for r in csv.DictReader(f)}
-    errors = []
-    print(f"predicted vs measured round time, local run ({out.parent}):")
+    errors: dict[str, list[float]] = {}
+    print(f"predicted vs measured round time, local run ({out.parent}; load average {os.getloadavg()[0]:.1f}):")
     for key in sorted(predicted):
         if key in measured:
             err = abs(predicted[key] - measured[key]) / measured[key]
-            errors.append(err)
+            errors.setdefault(key[1], []).append(err)
             print(f"  round {key[0]} {key[1]:<6} predicted {predicted[key]:6.2f} s  measured {measured[key]:6.2f} s  "
                   f"error {err:6.1%}")
     if errors:
-        print(f"median error {statistics.median(errors):.1%}, worst {max(errors):.1%} (goal: within 15%)")
+        every = [e for v in errors.values() for e in v]
+        print("per device, mean error: " + ", ".join(f"{n} {statistics.fmean(v):.1%}" for n, v in sorted(errors.items()))
+              + f" (goal: within 15%); median of all {statistics.median(every):.1%}, worst single round {max(every):.1%}")
 
 
 if __name__ == "__main__":

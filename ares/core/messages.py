@@ -58,6 +58,7 @@ class StepTimings(_Msg):
     energy_j: Optional[float] = Field(None, ge=0, le=1e9)
     energy_source: Literal["measured", "modelled", "none"] = "none"
     latency_s: Optional[Seconds] = None  # per-request round trip: the fastest small request (status) seen
+    steps_s: Seconds = 0.0  # wall time of all the round's steps together (the rest of its session is fixed cost)
 
 
 class StepSample(_Msg):
@@ -112,6 +113,16 @@ class ServerStatus(_Msg):
     failure_reason: Optional[Literal["diverged"]] = None  # diverged: only non-finite losses, rounds in a row
 
 
+class SessionSample(_Msg):
+    """One of a device's recent sessions by the server's clock (join to accepted upload), with the
+    part its steps took by the device's own account: the rest is the session's fixed cost."""
+
+    round: int = Field(..., ge=0)
+    split: int = Field(..., ge=0, le=255)
+    session_s: Seconds
+    steps_s: Seconds
+
+
 class DeviceTelemetry(_Msg):
     """Everything the optimiser needs about one device, as measured."""
 
@@ -131,6 +142,7 @@ class DeviceTelemetry(_Msg):
     latency_s: Optional[float] = None
     duplex: Literal["full", "half"] = "full"
     measured_steps: list[StepSample] = []  # oldest first
+    sessions: list[SessionSample] = []     # its last few sessions, oldest first
 
 
 class Telemetry(_Msg):

@@ -8,7 +8,7 @@ The cost model (per device i at split s; one "iteration" is one batch):
     down_s(s)      = down_bytes[s] / down_bps               (their gradient, server -> device)
     iteration_s(s) = device_s + server_s + up_s + down_s + latency     (k = 1: one request per batch)
     round_s(s)     = iterations * iteration_s(s) + weight_bytes[s] / down_bps + weight_bytes[s] / up_bps
-                     + 2 * latency                                       (join and upload requests)
+                     + 2 * latency + session_overhead               (join and upload requests)
     E_iteration(s) = P_compute * device_s + P_tx * up_s + P_rx * down_s
     E_round(s)     = iterations * E_iteration(s) + P_rx * weight_bytes[s] / down_bps + P_tx * weight_bytes[s] / up_bps
 
@@ -16,7 +16,9 @@ Byte counts are true: 4 bytes per fp32 value (2 for fp16, 1 for int8), labels in
 (`model_costs`). `latency` is a device's per-request overhead in seconds (`DeviceInput.latency_s`);
 `step_overhead` (`DeviceInput.step_overhead_s`) is what a device's offloaded steps took beyond
 this model, measured (codec work, framing, a busy server), added to every iteration that
-offloads (s < L-1).
+offloads (s < L-1); `session_overhead` (`DeviceInput.session_overhead_s`) is what its sessions
+took beyond their steps and this model's weight transfers, measured (encoding, decoding and
+checking the weights, building the device part), added once per round at every split.
 The round of the whole fleet lasts as long as its slowest device; its energy is the sum.
 
 Pipelined steps (k micro-batches per batch, `Option.micro_batches`). Per micro-batch the stages
@@ -173,6 +175,7 @@ class DeviceInput:
     step_overhead_s: float = 0.0  # per offloaded iteration, measured beyond the model (controller)
     # or one figure per (option, split) column of the problem (option-major), where known per column
     step_overheads: tuple[float, ...] | None = None
+    session_overhead_s: float = 0.0  # per round, measured beyond its steps and the weights' transfer (controller)
     codecs: tuple[str, ...] | None = None  # options this device may take (None: every option of the problem)
     micro_batches: tuple[int, ...] | None = None
 
@@ -183,6 +186,9 @@ class DeviceInput:
             raise ValueError(f"device {self.name!r}: latency_s must be >= 0 seconds, got {self.latency_s!r}")
         if not math.isfinite(self.step_overhead_s) or self.step_overhead_s < 0:
             raise ValueError(f"device {self.name!r}: step_overhead_s must be >= 0 seconds, got {self.step_overhead_s!r}")
+        if not math.isfinite(self.session_overhead_s) or self.session_overhead_s < 0:
+            raise ValueError(f"device {self.name!r}: session_overhead_s must be >= 0 seconds, "
+                             f"got {self.session_overhead_s!r}")
         if self.step_overheads is not None and not all(math.isfinite(v) and v >= 0 for v in self.step_overheads):
             raise ValueError(f"device {self.name!r}: step_overheads must be finite seconds >= 0")
         for name in ("up_bps", "down_bps"):
@@ -327,6 +333,7 @@ class _Inputs:
     iterations: np.ndarray  # (N, 1)
     power: np.ndarray  # (N, 3): compute, tx, rx watts
     latency: np.ndarray  # (N, 1)
+    session: np.ndarray  # (N, 1) seconds per round beyond steps and weights (session_overhead_s)
     step_overhead: np.ndarray  # (N, options x splits), 0 at the last split
     half: np.ndarray  # (N, 1) bool
     names: tuple[str, ...]  # for errors
@@ -354,6 +361,7 @@ class _Inputs:
             iterations=column(x.iterations for x in d),
             power=matrix(((x.power.compute_w, x.power.tx_w, x.power.rx_w) for x in d), 3),
             latency=column(x.latency_s for x in d),
+            session=column(x.session_overhead_s for x in d),
             step_overhead=_step_overheads(d, len(opts) * s) * np.tile(np.arange(s) < s - 1, len(opts)),
             half=np.fromiter((x.duplex == "half" for x in d), bool, n)[:, None],
             names=tuple(x.name for x in d))
@@ -361,7 +369,7 @@ class _Inputs:
     def rows(self, idx: np.ndarray) -> "_Inputs":
         return replace(self, fwd=self.fwd[idx], bwd=self.bwd[idx], up_bps=self.up_bps[idx],
                        down_bps=self.down_bps[idx], iterations=self.iterations[idx], power=self.power[idx],
-                       latency=self.latency[idx], step_overhead=self.step_overhead[idx], half=self.half[idx],
+                       latency=self.latency[idx], session=self.session[idx], step_overhead=self.step_overhead[idx], half=self.half[idx],
                        names=tuple(self.names[i] for i in np.asarray(idx).tolist()))
 
 
@@ -417,7 +425,7 @@ def _costs(x: _Inputs, server_share: float | np.ndarray = 1.0) -> _Costs:
         weights_up = x.weight_bytes / x.up_bps
         pc, ptx, prx = (x.power[:, i:i + 1] for i in range(3))
         energy = pc * device + ptx * up + prx * down
-        round_s = x.iterations * iteration + np.tile(weights_down + weights_up, n_opt) + 2 * x.latency
+        round_s = x.iterations * iteration + np.tile(weights_down + weights_up, n_opt) + 2 * x.latency + x.session
         energy_round = x.iterations * energy + np.tile(prx * weights_down + ptx * weights_up, n_opt)
         bad = ~np.isfinite(round_s + energy_round).all(axis=1)
     if bad.any():  # round finite implies iteration finite, and likewise for energy
@@ -523,6 +531,15 @@ def iteration_table(problem: Problem) -> tuple[np.ndarray, np.ndarray]:
     c = _costs(replace(x, step_overhead=np.zeros_like(x.step_overhead)))
     moved = (x.up_bytes + x.down_bytes).reshape(-1)
     return c.iteration_s, np.broadcast_to(moved, c.iteration_s.shape)
+
+
+def session_table(problem: Problem) -> np.ndarray:
+    """(devices x options*splits): what the model charges a round beyond its iterations (the weights
+    each way, the join and upload requests), without any session overhead: what the rest of a
+    measured session, beyond its steps, is held against."""
+    x = _Inputs.of(problem)
+    c = _costs(replace(x, session=np.zeros_like(x.session)))
+    return c.round_s - x.iterations * c.iteration_s
 
 
 def column_of(problem: Problem, codec: str, micro_batches: int, split: int) -> int | None:

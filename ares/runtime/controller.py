@@ -8,6 +8,7 @@ policy decides and never does I/O; this module owns the I/O around it.
 from __future__ import annotations
 
 import logging
+import statistics
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Mapping, Optional, Protocol, Sequence, runtime_checkable
@@ -15,9 +16,9 @@ from typing import Callable, Mapping, Optional, Protocol, Sequence, runtime_chec
 import httpx
 
 from ares.core.energy import PowerModel, power_model
-from ares.core.messages import ServerStatus, StepSample, Telemetry
+from ares.core.messages import ServerStatus, SessionSample, StepSample, Telemetry
 from ares.core.optimiser import (CODEC_BYTES, MAX_BPS, MIN_BPS, DeviceInput, Option, Plan, Problem, SplitPolicy,
-                                 column_of, iteration_table, model_costs, options_for)
+                                 column_of, iteration_table, model_costs, options_for, session_table)
 from ares.core.profiles import ComputeProfile, ServerProfile
 from ares.runtime.splitfile import write_options, write_split
 from ares.runtime.tlsclient import ClientTls, transport
@@ -86,7 +87,8 @@ def problem_from_telemetry(telemetry: Telemetry, pinned: Mapping[str, int] | Non
     options = (own, *(o for c, k in extra for o in options_for(telemetry.activation_numel, telemetry.weight_bytes,
                                                                 telemetry.batch_size, (c,), (k,))))
     problem = Problem(devices=tuple(devices), server=server, model=costs, codec=codec, options=options)
-    return with_step_overheads(problem, {n: d.measured_steps for n, d in measured.items()})
+    problem = with_step_overheads(problem, {n: d.measured_steps for n, d in measured.items()})
+    return with_session_overheads(problem, {n: d.sessions for n, d in measured.items()})
 
 
 def with_step_overheads(problem: Problem, samples: Mapping[str, Sequence[StepSample]]) -> Problem:
@@ -113,6 +115,23 @@ def with_step_overheads(problem: Problem, samples: Mapping[str, Sequence[StepSam
         per_byte = sum(known.values()) / carried if carried > 0 else 0.0
         row = [known.get(col, per_byte * float(moved[i, col])) for col in range(modelled.shape[1])]
         devices.append(replace(device, step_overheads=tuple(row)))
+    return replace(problem, devices=tuple(devices))
+
+
+def with_session_overheads(problem: Problem, samples: Mapping[str, Sequence[SessionSample]]) -> Problem:
+    """The problem with what each device's recent sessions took beyond their steps and the model's
+    weight transfers (decoding, building and checking the weights, the requests' waits): the median
+    over its last three sessions after round 0, charged once per round whatever the split. Round 0
+    says nothing: its sessions pay every process's start-up (seconds beyond their steps in a local
+    run, where later sessions pay tenths). Without it a sub-second session is predicted far off."""
+    if not any(samples.values()):
+        return problem
+    rest = session_table(problem)
+    devices = []
+    for i, device in enumerate(problem.devices):
+        later = [x for x in samples.get(device.name, ()) if x.round > 0 and x.split < problem.n_splits]
+        excess = [max(0.0, x.session_s - x.steps_s - float(rest[i, x.split])) for x in later[-3:]]
+        devices.append(replace(device, session_overhead_s=statistics.median(excess)) if excess else device)
     return replace(problem, devices=tuple(devices))
 
 

@@ -61,7 +61,8 @@ class RoundLog:
     up_bps: Optional[float] = None
     down_bps: Optional[float] = None
     latency_s: Optional[float] = None
-    step_wall_s: float = 0.0  # offloaded steps, forward to optimiser step
+    step_wall_s: float = 0.0  # every step together, forward to optimiser step
+    warmup_s: float = 0.0  # of those, the process's first step (allocators, thread pools, the connection)
     uploaded: bool = False
 
 
@@ -113,6 +114,7 @@ class DeviceTrainer:
         self._pool: Optional[ThreadPoolExecutor] = None  # pipelined micro-batches: one thread per stream
         self._rtts: deque[float] = deque(maxlen=20)  # recent status round trips: the per-request latency
         self._steps: dict[tuple[int, str, int], float] = {}  # (split, codec, k) -> mean step s, latest last
+        self._warm = False  # the process's first step was taken (it pays one-off start-up)
 
     def _startup_profile(self) -> ComputeProfile:
         """Measured at start-up on this device; an emulated profile is the floor it is padded to."""
@@ -224,10 +226,11 @@ class DeviceTrainer:
     def _measured_steps(self, entry: RoundLog, whole: bool) -> list[StepSample]:
         """This round's offloaded steps joined to the ones measured before (16 settings at most), so the
         controller can hold its model against each setting this device has really run."""
-        if entry.steps and not whole:
+        steps = entry.steps - (1 if entry.warmup_s else 0)  # start-up is no property of a setting
+        if steps > 0 and not whole:
             key = (entry.split, self.codec, self.micro_batches)
             self._steps.pop(key, None)
-            self._steps[key] = entry.step_wall_s / entry.steps
+            self._steps[key] = (entry.step_wall_s - entry.warmup_s) / steps
             while len(self._steps) > 16:
                 self._steps.pop(next(iter(self._steps)))
         return [StepSample(split=s, codec=c, micro_batches=k, step_s=v) for (s, c, k), v in self._steps.items()]
@@ -260,7 +263,10 @@ class DeviceTrainer:
             try:
                 t_step = time.perf_counter()
                 losses.append(self._step(reply.round, split, whole, device_part, optimizer, x, y, entry))
-                entry.step_wall_s += time.perf_counter() - t_step
+                took = time.perf_counter() - t_step
+                entry.step_wall_s += took
+                if not self._warm:
+                    entry.warmup_s, self._warm = took, True
             except LinkError as exc:
                 log.warning("round %d: step refused (%s); leaving the round", reply.round, exc)
                 entry.round_s = time.perf_counter() - started
@@ -276,7 +282,7 @@ class DeviceTrainer:
             timings=StepTimings(steps=entry.steps, device_fwd_s=entry.device_s / max(entry.steps, 1),
                                 up_bps=entry.up_bps, down_bps=entry.down_bps, round_s=entry.round_s,
                                 energy_j=entry.energy_j, energy_source=entry.energy_source,
-                                latency_s=entry.latency_s),
+                                latency_s=entry.latency_s, steps_s=entry.step_wall_s),
             measured_steps=self._measured_steps(entry, whole),
             duplex=self.settings.duplex,
             device_class=self.settings.device_class, power_mode=self.settings.power_mode,

@@ -34,7 +34,7 @@ from ares.core.config import ServerConfig
 from ares.core.data import DataSplit, load_data, partition
 from ares.core.fedavg import aggregate, clip_update, update_norm
 from ares.core.messages import (DeviceReport, DeviceStatus, DeviceTelemetry, JoinReply, ServerStatus,
-                                Telemetry)
+                                SessionSample, Telemetry)
 from ares.core.models import (LayerStack, activation_numel, activation_shapes, build_model, check_split,
                               model_spec, n_layers, split_model, weight_bytes)
 from ares.runtime.profiler import LiveScale, server_profile, time_layers
@@ -95,6 +95,19 @@ def outside_sessions(record: dict) -> Optional[float]:
     None for a round without sessions (or from a checkpoint written before they were kept)."""
     longest = max(sessions(record).values(), default=None)
     return max(0.0, record["duration_s"] - longest) if longest is not None and "duration_s" in record else None
+
+
+def recent_sessions(history: list[dict], recent: int = 4) -> dict[str, list[SessionSample]]:
+    """Each device's last `recent` sessions with the time its steps took (oldest first): what the
+    controller holds the model's fixed cost of a round against (none from older checkpoints)."""
+    out: dict[str, list[SessionSample]] = {}
+    for record in history[-4 * recent:]:  # a device that missed most of these has little to say
+        for name, session_s in sessions(record).items():
+            d = record["devices"][name]
+            if isinstance(d.get("steps_s"), (int, float)):
+                out.setdefault(name, []).append(SessionSample(round=record["round"], split=d["split"],
+                                                              session_s=max(0.0, session_s), steps_s=d["steps_s"]))
+    return {n: v[-recent:] for n, v in out.items()}
 
 
 def round_overhead(history: list[dict], recent: int = 3) -> float:
@@ -567,6 +580,7 @@ class TrainingServer:
             prof = self.server_prof
             batch = self.cfg.training.batch_size
             devices = []
+            recent = recent_sessions(self.history)
             for s in self.slots.values():
                 rep = s.last_report
                 t = rep.timings if rep else None
@@ -579,7 +593,8 @@ class TrainingServer:
                     iterations=t.steps if t and t.steps else 0, split=rep.split if rep else None,
                     energy_j=t.energy_j if t else None, energy_source=t.energy_source if t else "none",
                     round_s=t.round_s if t else None, latency_s=t.latency_s if t else None,
-                    duplex=rep.duplex if rep else "full", measured_steps=rep.measured_steps if rep else []))
+                    duplex=rep.duplex if rep else "full", measured_steps=rep.measured_steps if rep else [],
+                    sessions=recent.get(s.name, [])))
             zeros = [0.0] * self.layers
             return Telemetry(round=self.round, model=self.cfg.model, batch_size=batch, codec=self.cfg.codec,
                              micro_batches=self.cfg.micro_batches,

@@ -126,6 +126,9 @@ def test_adaptive_runs_carry_predictions(bench):
                                         for m in d.measured_steps)
         assert d.split is None or d.split == 6 or (d.split, "int8", 2) in {
             (m.split, m.codec, m.micro_batches) for m in d.measured_steps}
+        # and its closed rounds' sessions by the server's clock, each holding the steps it timed
+        assert d.sessions and [x.round for x in d.sessions] == sorted({x.round for x in d.sessions})
+        assert all(0 < x.steps_s < x.session_s and x.round < last.round for x in d.sessions)
 
 
 @pytest.mark.slow

@@ -150,3 +150,43 @@ def test_measured_step_time_beyond_the_model_is_charged_per_setting_it_was_measu
     assert next(d for d in both.devices if d.name == "b").step_overheads is None
     # a step faster than the model is no negative overhead
     assert iteration(measured((1, m1 / 2)), 1) == pytest.approx(m1)
+
+
+def test_a_sessions_time_beyond_its_steps_and_weights_is_charged_once_per_round_at_every_split():
+    from ares.core.messages import SessionSample
+    from ares.core.optimiser import evaluate, session_table
+    from ares.runtime.training import recent_sessions
+
+    t = telemetry(2.5e6)
+    base = problem_from_telemetry(t)
+    rest = session_table(base)[0]  # what the model charges a's round beyond its iterations, per split
+
+    def with_sessions(*samples):
+        return problem_from_telemetry(t.model_copy(update={"devices": [
+            d.model_copy(update={"sessions": list(samples)}) if d.name == "a" else d for d in t.devices]}))
+
+    def round_s(problem, split):
+        return next(p for p in evaluate(problem, {"a": split, "b": 1}).devices if p.name == "a").round_s
+
+    # round 0 paid start-up (+5 s); rounds 1-3 took 0.4, 0.9 and 0.5 s beyond their steps and weights
+    samples = [SessionSample(round=0, split=1, session_s=20.0 + rest[1] + 5.0, steps_s=20.0),
+               SessionSample(round=1, split=1, session_s=20.0 + rest[1] + 0.4, steps_s=20.0),
+               SessionSample(round=2, split=3, session_s=18.0 + rest[3] + 0.9, steps_s=18.0),
+               SessionSample(round=3, split=1, session_s=20.0 + rest[1] + 0.5, steps_s=20.0)]
+    charged = with_sessions(*samples)
+    for split in (0, 1, 3, 6):  # once per round, whatever the split (the median, round 0 left out)
+        assert round_s(charged, split) == pytest.approx(round_s(base, split) + 0.5)
+    assert round_s(with_sessions(samples[0]), 1) == pytest.approx(round_s(base, 1))  # round 0 alone: start-up, none
+    faster = SessionSample(round=1, split=1, session_s=1.0, steps_s=20.0)  # the model's weights over-predicted
+    assert round_s(with_sessions(faster), 1) == pytest.approx(round_s(base, 1))  # no negative overhead
+    assert next(d for d in charged.devices if d.name == "b").session_overhead_s == 0.0  # never measured
+
+    # the server's side: each device's recent sessions from the closed rounds' records, oldest first
+    def record(r, split, joined, uploaded, steps_s=1.0):
+        return {"round": r, "devices": {"a": {"split": split, "joined_s": joined, "uploaded_s": uploaded,
+                                              "steps_s": steps_s},
+                                        "old": {"split": 1, "joined_s": 0.0, "uploaded_s": 2.0}}}
+    got = recent_sessions([record(r, r % 3, 0.5, 3.0 + r) for r in range(6)])
+    assert [(x.round, x.split, x.session_s, x.steps_s) for x in got["a"]] == [
+        (r, r % 3, pytest.approx(2.5 + r), 1.0) for r in (2, 3, 4, 5)]
+    assert "old" not in got  # a record without its steps' time (an older checkpoint) says nothing

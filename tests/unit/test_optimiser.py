@@ -66,6 +66,19 @@ def test_evaluate_matches_the_hand_computed_cost_model():
     assert plan.energy_round_j == pytest.approx(103)  # the sum
 
 
+def test_a_session_overhead_adds_to_the_round_once_at_every_split_and_not_to_energy():
+    base = problem(dev_a(), dev_b())
+    charged = problem(dev_a(session_overhead_s=1.5), dev_b())
+    for split in (0, 1, 2):
+        a0, a1 = evaluate(base, {"A": split, "B": 0}).devices[0], evaluate(charged, {"A": split, "B": 0}).devices[0]
+        assert a1.round_s == pytest.approx(a0.round_s + 1.5)
+        assert (a1.iteration_s, a1.energy_round_j) == pytest.approx((a0.iteration_s, a0.energy_round_j))
+    with pytest.raises(ValueError, match="session_overhead_s"):
+        dev_a(session_overhead_s=-0.1)
+    with pytest.raises(ValueError, match="session_overhead_s"):
+        dev_a(session_overhead_s=math.inf)
+
+
 @pytest.mark.parametrize("splits, error", [({"A": 1}, "missing"), ({"A": 1, "B": 1, "C": 0}, "unknown"),
                                            ({"A": 3, "B": 0}, "0..2")], ids=["missing", "unknown", "range"])
 def test_evaluate_rejects_bad_assignments(splits, error):
