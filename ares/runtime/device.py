@@ -31,7 +31,7 @@ from ares.core.models import build_model, model_spec, n_layers, split_model
 from ares.core.profiles import ComputeProfile
 from ares.runtime.link import LinkError, ServerLink
 from ares.runtime.power import read_power_file
-from ares.runtime.profiler import LiveScale, Throughput, device_profile, time_layers
+from ares.runtime.profiler import LiveScale, Throughput, device_profile, time_layers, warm_optimiser
 from ares.runtime.splitfile import StepOptions, read_options, read_split
 
 log = logging.getLogger("ares.device")
@@ -109,6 +109,7 @@ class DeviceTrainer:
         self.chosen: Optional[StepOptions] = None  # the controller's (codec, k), from beside the split file
         self.up, self.down = Throughput(smoothing=0.5), Throughput(smoothing=0.5)
         self.live = LiveScale()
+        warm_optimiser()
         self.set_emulation(self.emulate)
         self._profile_mtime: Optional[float] = None
         self._pool: Optional[ThreadPoolExecutor] = None  # pipelined micro-batches: one thread per stream

@@ -37,7 +37,7 @@ from ares.core.messages import (DeviceReport, DeviceStatus, DeviceTelemetry, Joi
                                 SessionSample, Telemetry)
 from ares.core.models import (LayerStack, activation_numel, activation_shapes, build_model, check_split,
                               model_spec, n_layers, split_model, weight_bytes)
-from ares.runtime.profiler import LiveScale, server_profile, time_layers
+from ares.runtime.profiler import LiveScale, server_profile, time_layers, warm_optimiser
 
 log = logging.getLogger("ares.server")
 
@@ -160,6 +160,7 @@ class TrainingServer:
         self.assigned = self._assigned_samples()
         self._resume()
         self._refresh_global()
+        warm_optimiser()
         if profile:
             times = time_layers(self.model, self.spec.input_shape, cfg.training.batch_size, self.torch_device, repeats=2)
             self.server_prof = server_profile(times)
