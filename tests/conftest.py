@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import signal
 import socket
 import subprocess
 import sys
@@ -96,8 +97,11 @@ class ServerProcess:
         path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
         self.log = open(tmp / "server.log", "wb")
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        # Its own process group: granian's workers outlive a SIGKILLed master (they would keep the
+        # port and serve stale state); kill() and stop() end the whole group, as a pod's death does.
         self.proc = subprocess.Popen([sys.executable, "-m", "ares", "server", "--config", str(path), *extra_args],
-                                     stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+                                     stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
+                                     start_new_session=True)
         self.tmp = tmp
         healthy = healthy or self._plain_healthy
         deadline = time.monotonic() + 90
@@ -114,8 +118,21 @@ class ServerProcess:
         except httpx.HTTPError:
             return False
 
+    def kill(self) -> None:
+        """SIGKILL the server and its workers at once (a crashed pod); reaped."""
+        self._kill_group()
+        self.proc.wait(10)
+        self.log.close()
+
+    def _kill_group(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
     def stop(self) -> None:
         stop_process(self.proc)
+        self._kill_group()  # any worker the master left behind
         self.log.close()
 
 
