@@ -6,6 +6,7 @@ a server that goes away and comes back."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -51,7 +52,7 @@ class Granian:
     def __init__(self, tmp: Path, port: int):
         (tmp / "h2app.py").write_text(APP)
         self.proc = subprocess.Popen([sys.executable, "-c", SERVER, str(port)], cwd=tmp,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             try:
@@ -63,6 +64,15 @@ class Granian:
 
     def stop(self) -> None:
         stop_process(self.proc)
+
+    def kill(self) -> None:
+        """Gone at once, workers and all. (SIGTERM waits for open connections to close: with a
+        client holding one, stop() only ends it by SIGKILL after its 10 s grace.)"""
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(10)
 
 
 @pytest.fixture(scope="module")
@@ -130,11 +140,11 @@ def test_server_gone_then_back(tmp_path):
         try:
             assert client.post("/echo", content=b"one").content == b"one"
         finally:
-            srv.stop()
+            srv.kill()
         with pytest.raises(httpx.TransportError):  # LinkError(503) in HttpLink
             client.post("/echo", content=b"two")
         srv = Granian(tmp_path, port)
         try:
             assert client.post("/echo", content=b"three").content == b"three"  # a new connection
         finally:
-            srv.stop()
+            srv.kill()
