@@ -8,10 +8,15 @@ real device, so what we test is what we ship:
 * device -> server: egress of the device-side veth, matched on the server address;
 * server -> device: egress of the root-side veth, matched on the device address.
 
+In each direction small packets (TCP ACKs, SYN, FIN) have an htb class of their own, served
+first: without it the ACKs of one direction's transfer queue behind the other direction's data,
+and a link saturated both ways carries neither at its full rate.
+
 A half-duplex link (Wi-Fi: up and down share the air time) is emulated with `shape_shared`:
 both directions of the device's traffic with the server are redirected, inside its namespace,
-through one ifb device whose htb class holds the one rate. That is testbed emulation only; a
-real device's link is half duplex by nature, so no host script does it.
+through one ifb device whose htb class holds the one rate (small packets first there too). That
+is testbed emulation only; a real device's link is half duplex by nature, so no host script
+does it.
 
 Index ``i`` gets namespace ``ares-ns<i>``, interfaces ``ares-h<i>`` (root side)
 and ``ares-d<i>`` (device side), and the /30 ``10.231.<i>.0``: root side ``.1``,
@@ -158,15 +163,23 @@ class DeviceNamespace:
             for hook, field in (("egress", "dst"), ("ingress", "src")):
                 tc("filter", "replace", "dev", p.device_if, hook, "protocol", "ip", "prio", "1", "u32", "match",
                    "ip", field, f"{p.host_addr}/32", "action", "mirred", "egress", "redirect", "dev", p.shared_if)
-            # ... where each direction has a class: half the rate guaranteed, all of it when the other is idle
+            # ... where small packets (either way; IPv4 total length under 128 bytes: every pure ACK,
+            # SYN, FIN) come first, as in ares-shape, so neither direction's ACKs wait behind data ...
+            tc("filter", "replace", "dev", p.shared_if, "parent", "1:", "protocol", "ip", "prio", "1", "u32",
+               "match", "u16", "0x0000", "0xff80", "at", "2", "flowid", "1:10")
+            # ... and each direction has a class: half the rest guaranteed, all of it when the other is idle
             for classid, field in (("1:11", "dst"), ("1:12", "src")):
-                tc("filter", "replace", "dev", p.shared_if, "parent", "1:", "protocol", "ip", "prio", "1", "u32",
-                   "match", "ip", field, f"{p.host_addr}/32", "flowid", classid)
+                tc("filter", "replace", "dev", p.shared_if, "parent", "1:", "protocol", "ip", "prio", "2",
+                   "u32", "match", "ip", field, f"{p.host_addr}/32", "flowid", classid)
+        small = max(1, kbit // 10)
         tc("class", "replace", "dev", p.shared_if, "parent", "1:", "classid", "1:1", "htb",
            "rate", f"{kbit}kbit", "ceil", f"{kbit}kbit", "quantum", "60000")
+        tc("class", "replace", "dev", p.shared_if, "parent", "1:1", "classid", "1:10", "htb", "prio", "0",
+           "rate", f"{small}kbit", "ceil", f"{kbit}kbit", "quantum", "60000")
         for classid in ("1:11", "1:12"):
             tc("class", "replace", "dev", p.shared_if, "parent", "1:1", "classid", classid, "htb",
-               "rate", f"{max(1, kbit // 2)}kbit", "ceil", f"{kbit}kbit", "quantum", "60000")
+               "prio", "1", "rate", f"{max(1, (kbit - small) // 2)}kbit", "ceil", f"{kbit}kbit",
+               "quantum", "60000")
 
     def _unshare(self) -> None:
         """Remove a shared-rate link's redirects and ifb; nothing when there are none."""
