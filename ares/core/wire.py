@@ -69,7 +69,8 @@ def _header(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> byt
     return json.dumps({"tensors": entries, "meta": dict(meta)}, separators=(",", ":")).encode()
 
 
-def encode_chunks(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any] | None = None) -> tuple[int, Iterator[bytes]]:
+def encode_chunks(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any] | None = None,
+                  chunk: int = CHUNK) -> tuple[int, Iterator[bytes]]:
     """(total length, chunk iterator): for streaming request bodies with a Content-Length."""
     prepared = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     header = _header(prepared, meta or {})
@@ -81,8 +82,8 @@ def encode_chunks(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any] |
     def chunks() -> Iterator[bytes]:
         yield head
         for v in views:
-            for start in range(0, v.nbytes, CHUNK):
-                yield v[start:start + CHUNK]  # a view: no copy until the socket takes it
+            for start in range(0, v.nbytes, chunk):
+                yield v[start:start + chunk]  # a view: no copy until the socket takes it
 
     return total, chunks()
 

@@ -29,26 +29,44 @@ class DeviceBudget:
         self.gate, self.device, self.held = gate, device, 0
 
     async def read_body(self, request: Request, limit: int) -> bytearray:
-        """The whole body, at most `limit` bytes, each piece within the read timeout."""
+        """The whole body, at most `limit` bytes, each piece within the read timeout.
+
+        With a Content-Length (what devices send) the body is read into one buffer of that size,
+        taken from the budget up front: each piece is copied once, and a body that ends short of
+        its Content-Length or runs past it is refused (400). Without one (chunked), it grows."""
         declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
+        size = int(declared) if declared is not None and declared.isdigit() else None
+        if size is not None and size > limit:
             raise WireError(f"body of {declared} bytes exceeds the {limit}-byte limit", 413)
+        if size is not None:
+            self._take(size)
+        body = bytearray(size or 0)
+        got = 0
         timeout = self.gate.limits.body_read_timeout_s
-        body = bytearray()
         stream = request.stream().__aiter__()
         while True:
             try:
                 chunk = await asyncio.wait_for(stream.__anext__(), timeout)
             except StopAsyncIteration:
-                return body
+                break
             except asyncio.TimeoutError:
                 raise WireError(f"no body data for {timeout:g} s (limits.body_read_timeout_s)", 408) from None
             except ClientDisconnect:
                 raise WireError("the client went away before the body was complete", 400) from None
-            self._take(len(chunk))
-            body += chunk
-            if len(body) > limit:
-                raise WireError(f"body exceeds the {limit}-byte limit", 413)
+            end = got + len(chunk)
+            if size is None:
+                if end > limit:
+                    raise WireError(f"body exceeds the {limit}-byte limit", 413)
+                self._take(len(chunk))
+                body += chunk
+            elif end > size:
+                raise WireError(f"body runs past its Content-Length of {size} bytes", 400)
+            else:
+                body[got:end] = chunk
+            got = end
+        if size is not None and got != size:
+            raise WireError(f"body ended after {got} of the {size} bytes its Content-Length declares", 400)
+        return body
 
     def _take(self, n: int) -> None:
         cap = self.gate.limits.buffered_mib_per_device << 20

@@ -28,6 +28,8 @@ from ares.core.config import ServerConfig
 from ares.core.messages import DeviceReport, JoinReply, JoinRequest, ServerStatus
 from ares.runtime.tlsclient import ClientTls, TlsError, explain, transport
 
+UNPACED_CHUNK = 1 << 20  # request body chunk on an uncapped link: the server's MAX_FRAME_SIZE
+
 
 class LinkError(Exception):
     """The server refused a request; `status` is its HTTP status, the message its reason."""
@@ -96,9 +98,13 @@ class RateLimit:
             self.up_bps = self.down_bps = None
             self.half_duplex = False
 
+    def rate(self, direction: str) -> Optional[float]:
+        """Bytes/s this direction is capped at; None when uncapped."""
+        return self.up_bps if direction == "up" or self.half_duplex else self.down_bps
+
     def paced(self, chunks: Iterator[bytes], direction: str) -> Iterator[bytes]:
         """Pace one stream's chunks through this direction's shared link clock."""
-        rate = self.up_bps if direction == "up" or self.half_duplex else self.down_bps
+        rate = self.rate(direction)
         if not rate:
             yield from chunks
             return
@@ -191,7 +197,9 @@ class HttpLink:
         """Stream a bundle up, read the reply; returns (response, body, t_headers, t_body, bytes up).
         `sent_at` receives the perf_counter time at which the whole body was handed over."""
         self.rate.refresh()
-        total, chunks = wire.encode_chunks(tensors, meta)
+        # uncapped, each chunk is one 1 MiB DATA frame (the server's frame size): a quarter of
+        # the pieces granian hands to Python one by one; capped, small chunks pace smoothly
+        total, chunks = wire.encode_chunks(tensors, meta, wire.CHUNK if self.rate.rate("up") else UNPACED_CHUNK)
         def upload() -> Iterator[bytes]:
             yield from self.rate.paced(chunks, "up")
             if sent_at is not None:
