@@ -465,8 +465,7 @@ def _status(job: JobRef, spec: JobSpec, status: Mapping[str, Any], meta: Mapping
                                          else "waiting for measurements", now, gen)
     new["observedGeneration"] = gen
     if outcome is None:
-        new["phase"] = c.PHASE_RUNNING if server is not None and server.phase == "training" else \
-            status.get("phase") if status.get("phase") == c.PHASE_RUNNING else c.PHASE_PENDING
+        new["phase"] = job_status.phase(server, status.get("phase"))
     else:
         new["phase"] = outcome.phase
         new["completionTime"] = now

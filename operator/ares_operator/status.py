@@ -35,6 +35,15 @@ def summary(job: JobRef, spec: JobSpec, pods: Sequence[PodView], server: Optiona
     return out
 
 
+def phase(server: Optional[ServerStatus], previous: Optional[str]) -> str:
+    """Running once the server has trained: in a round, or between rounds after round 0 closed
+    (the round gap, a round waiting for joins). A check that falls between rounds no longer
+    leaves a training job Pending. An unreachable server keeps the phase it had."""
+    if server is not None and (server.phase == "training" or (server.phase == "waiting" and server.round >= 1)):
+        return c.PHASE_RUNNING
+    return c.PHASE_RUNNING if previous == c.PHASE_RUNNING else c.PHASE_PENDING
+
+
 def _running(pod: Optional[PodView]) -> bool:
     return bool(pod and pod.phase == "Running" and pod.active)
 

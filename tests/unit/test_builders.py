@@ -445,3 +445,16 @@ def test_suspension_status(suspend, was_suspended, phase, cond, start):
     assert out.get("phase") == phase and out.get("startTime") == start
     got = conditions.find(out.get("conditions", []), "Suspended")
     assert (got["status"], got["reason"]) == cond if cond else got is None
+
+
+@pytest.mark.parametrize("server_phase, round_index, previous, want", [
+    ("waiting", 0, None, "Pending"),          # round 0 not started: devices still joining
+    ("training", 0, "Pending", "Running"),
+    ("waiting", 2, "Pending", "Running"),     # between rounds: a check that falls in the gap sees it trained
+    ("waiting", 0, "Running", "Running"),     # a restarted server waiting for joins: still the job's run
+    (None, 0, "Running", "Running"),          # unreachable: the phase it had
+    (None, 0, None, "Pending"),
+])
+def test_a_job_is_running_once_its_server_trained_even_between_rounds(server_phase, round_index, previous, want):
+    server = ServerStatus(round=round_index, rounds=4, phase=server_phase) if server_phase else None
+    assert status.phase(server, previous) == want
