@@ -33,8 +33,11 @@ def _run(args: argparse.Namespace) -> int:
     merged["training"] = {**merged["training"], **training}
     merged["data"] = {**merged["data"], **data}
     cfg = RunConfig.model_validate(merged)
-    from ares.roles.runner import run
+    from ares.roles.runner import run, set_aside
 
+    moved = set_aside(Path(cfg.results_dir))
+    if moved is not None:
+        print(f"the previous results in {cfg.results_dir} are now in {moved}")
     summary = run(cfg, progress=not args.quiet)
     print(f"done: {summary['rounds']} rounds, final accuracy {summary['final_accuracy']:.4f}, "
           f"mean round {summary['mean_round_s']:.2f} s; results in {cfg.results_dir}")

@@ -193,10 +193,26 @@ class Cluster:
                 proc.kill()
 
 
+def set_aside(root: Path) -> Optional[Path]:
+    """Move a results folder that holds anything to the first free `<name>.N` beside it, so a new
+    run starts fresh and nothing of the old one is lost; None when there was nothing to move."""
+    if not root.is_dir() or not any(root.iterdir()):
+        return None
+    n = 1
+    while (target := root.with_name(f"{root.name}.{n}")).exists():
+        n += 1
+    root.rename(target)
+    return target
+
+
 def run(cfg: RunConfig, progress: bool = True, cluster: Optional[Cluster] = None,
         on_round=None) -> dict:
     """Run a whole training locally; returns the summary (also written to summary.json)."""
     root = Path(cfg.results_dir)
+    if (root / "checkpoints" / "state.json").exists():
+        # the server would resume that run, finished or not, and its figures would pass for ours
+        raise ValueError(f"{root} holds a previous run (checkpoints/state.json): choose another results "
+                         "folder or move it aside (`ares run` does: set_aside)")
     root.mkdir(parents=True, exist_ok=True)
     cluster = cluster or Cluster(cfg, root, cfg.port or free_port())
     specs = {s.name: s for s in cluster.specs}

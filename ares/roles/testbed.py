@@ -30,6 +30,7 @@ import csv
 import json
 import logging
 import math
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -384,8 +385,12 @@ class _RoundHook:
 
 def run_variant(scenario: Scenario, variant: Variant, results: Path, links: LinkMode,
                 netns: Optional[dict] = None, progress: bool = False) -> dict:
-    """Run the scenario under one variant; returns its measured and modelled rounds (also variant.json)."""
-    results.mkdir(parents=True, exist_ok=True)
+    """Run the scenario under one variant; returns its measured and modelled rounds (also variant.json).
+    A re-run replaces the variant's previous results (its folder is removed first: left there, its
+    checkpoint would be resumed and its figures reported again)."""
+    if results.exists():
+        shutil.rmtree(results)
+    results.mkdir(parents=True)
     states = timeline(scenario)
     for name, s in states[0].items():
         _write_profile(results / "emulated" / f"{name}.json", s.profile)

@@ -62,3 +62,26 @@ def test_three_devices_learn_within_ten_rounds(tmp_path, mode, devices, splits):
     assert all(int(r["samples"]) == 200 for r in per_device)
     assert json.loads((root / "summary.json").read_text())["final_accuracy"] == pytest.approx(float(rounds[-1]["accuracy"]))
     assert (root / "run.png").stat().st_size > 10_000
+
+
+def test_ares_run_twice_into_one_folder_trains_again_and_keeps_the_first_run(tmp_path):
+    """The server resumes any checkpoint it finds: a second `ares run` into a finished run's folder
+    used to train nothing and report the first run's figures as its own."""
+    import subprocess
+    import sys
+
+    root = tmp_path / "results"
+    command = [sys.executable, "-m", "ares", "run", "--devices", "1", "--rounds", "1", "--mode", "fixed:2",
+               "--dataset", "synthetic", "--batch-size", "20", "--max-steps-per-round", "2",
+               "--results-dir", str(root), "--quiet"]
+    first = subprocess.run(command, capture_output=True, text=True, timeout=240, check=True)
+    assert "are now in" not in first.stdout
+    (root / "marker").write_text("first run")
+    second = subprocess.run(command, capture_output=True, text=True, timeout=240, check=True)
+    assert f"are now in {root}.1" in second.stdout
+    assert (tmp_path / "results.1" / "marker").read_text() == "first run"  # nothing of it lost
+    assert not (root / "marker").exists()
+    # and the second run trained: its own round, in its own logs
+    assert len(rows(root / "rounds.csv")) == 1 and "round 0" in (root / "logs" / "device-0.log").read_text()
+    with pytest.raises(ValueError, match="previous run"):  # the library refuses rather than resume it
+        run(RunConfig(devices=1, results_dir=str(root)), progress=False)
