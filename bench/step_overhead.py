@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from ares.core import pki  # noqa: E402
 from ares.core.models import build_model, split_model  # noqa: E402
-from ares.runtime.link import HttpLink, InProcessLink  # noqa: E402
+from ares.runtime.link import UNPACED_CHUNK, HttpLink, InProcessLink  # noqa: E402
 from ares.runtime.tlsclient import ClientTls  # noqa: E402
 from ares.runtime.training import TrainingServer, read_tokens  # noqa: E402
 from ares.runtime.tlsclient import transport  # noqa: E402
@@ -184,7 +184,8 @@ def bench_transfer(repeats: int) -> tuple[float, float, float]:
                     break
                 except httpx.HTTPError:
                     time.sleep(0.1)
-        chunks = lambda: (payload[i:i + (256 << 10)] for i in range(0, MIB8, 256 << 10))  # noqa: E731
+        # as a device sends on an uncapped link: 1 MiB chunks, one DATA frame each
+        chunks = lambda: (payload[i:i + UNPACED_CHUNK] for i in range(0, MIB8, UNPACED_CHUNK))  # noqa: E731
         times: list[list[float]] = [[], []]
         for i in range(repeats + 1):
             for k, (client, url) in enumerate(zip(clients, urls)):
