@@ -213,6 +213,24 @@ def predicted_vs_measured(rounds: int = 6) -> None:
         every = [e for v in errors.values() for e in v]
         print("per device, mean error: " + ", ".join(f"{n} {statistics.fmean(v):.1%}" for n, v in sorted(errors.items()))
               + f" (goal: within 15%); median of all {statistics.median(every):.1%}, worst single round {max(every):.1%}")
+        print("noise floor, each device's sessions at one split against their own mean (no model can do better "
+              "on average): " + ", ".join(f"{n} {v:.1%}" for n, v in sorted(spread(history).items())))
+
+
+def spread(history: list[dict]) -> dict[str, float]:
+    """Per device, the mean |session - mean of its sessions at the same split| / session, rounds >= 1."""
+    from ares.runtime.training import sessions
+
+    groups: dict[tuple[str, int], list[float]] = {}
+    for h in history:
+        if h["round"] >= 1:
+            for name, s in sessions(h).items():
+                groups.setdefault((name, h["devices"][name]["split"]), []).append(s)
+    out: dict[str, list[float]] = {}
+    for (name, _), values in groups.items():
+        mean = statistics.fmean(values)
+        out.setdefault(name, []).extend(abs(v - mean) / v for v in values)
+    return {n: statistics.fmean(v) for n, v in out.items()}
 
 
 if __name__ == "__main__":

@@ -62,7 +62,7 @@ class RoundLog:
     down_bps: Optional[float] = None
     latency_s: Optional[float] = None
     step_wall_s: float = 0.0  # every step together, forward to optimiser step
-    warmup_s: float = 0.0  # of those, the process's first step (allocators, thread pools, the connection)
+    warmup_s: float = 0.0  # of those, the process's first step (allocators, thread pools, the connection): 0 after its first round
     uploaded: bool = False
 
 
@@ -226,12 +226,14 @@ class DeviceTrainer:
 
     def _measured_steps(self, entry: RoundLog, whole: bool) -> list[StepSample]:
         """This round's offloaded steps joined to the ones measured before (16 settings at most), so the
-        controller can hold its model against each setting this device has really run."""
-        steps = entry.steps - (1 if entry.warmup_s else 0)  # start-up is no property of a setting
-        if steps > 0 and not whole:
+        controller can hold its model against each setting this device has really run. The process's
+        first round gives none: it pays start-up, its own (the first step: 0.1-3 s) and at round 0
+        everyone's (every process starts and profiles at once), and a figure taken then was
+        extrapolated to other settings (a sub-second session predicted 70% long)."""
+        if entry.steps and not whole and not entry.warmup_s:
             key = (entry.split, self.codec, self.micro_batches)
             self._steps.pop(key, None)
-            self._steps[key] = (entry.step_wall_s - entry.warmup_s) / steps
+            self._steps[key] = entry.step_wall_s / entry.steps
             while len(self._steps) > 16:
                 self._steps.pop(next(iter(self._steps)))
         return [StepSample(split=s, codec=c, micro_batches=k, step_s=v) for (s, c, k), v in self._steps.items()]

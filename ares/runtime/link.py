@@ -185,9 +185,9 @@ class HttpLink:
     @_unreachable_is_503
     def join(self, round_index: int, split: int) -> tuple[JoinReply, dict[str, torch.Tensor]]:
         body = JoinRequest(round=round_index, split=split).model_dump_json()
-        r = self._check(self.client.post(f"/v1/devices/{self.device}/join", content=body,
-                                         headers={"Content-Type": "application/json"}))
-        bundle = wire.decode(bytearray(r.content))
+        request = self.client.build_request("POST", f"/v1/devices/{self.device}/join", content=body,
+                                            headers={"Content-Type": "application/json"})
+        bundle = wire.decode(self._exchange(request)[1])  # the weights come down the (emulated) link too
         return JoinReply.model_validate(bundle.meta), bundle.tensors
 
     @_unreachable_is_503
@@ -207,6 +207,13 @@ class HttpLink:
 
         request = self.client.build_request("POST", path, params=params, content=upload(),
                                             headers={"Content-Length": str(total), "Content-Type": "application/x-ares-bundle"})
+        response, body, t_head, t_body = self._exchange(request)
+        return response, body, t_head, t_body, total
+
+    def _exchange(self, request: httpx.Request) -> tuple[httpx.Response, bytearray, float, float]:
+        """Send a request and read its reply through the link's downlink pacing (every byte the
+        server sends: gradients and the join's weights); returns (response, body, t_headers,
+        t_body); LinkError on an error status."""
         t0 = time.perf_counter()
         response = self.client.send(request, stream=True)
         t1 = time.perf_counter()
@@ -223,7 +230,7 @@ class HttpLink:
             except ValueError:
                 message = bytes(body[:200]).decode(errors="replace")
             raise LinkError(response.status_code, str(message))
-        return response, body, t1 - t0, t2 - t1, total
+        return response, body, t1 - t0, t2 - t1
 
     def step(self, round_index: int, split: int, x: torch.Tensor, y: torch.Tensor, codec: str = "fp32",
              micro: int = 0, micros: int = 1, total: Optional[int] = None) -> StepResult:

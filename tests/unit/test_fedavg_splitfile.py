@@ -78,17 +78,17 @@ def test_a_device_takes_the_controllers_options_over_its_own_and_the_servers():
     assert (codec(dev), k(dev)) == ("fp16", 2)
 
 
-def test_a_devices_step_sample_leaves_out_the_processs_first_step():
+def test_a_devices_step_samples_leave_out_the_processs_first_round():
     from types import SimpleNamespace
 
     from ares.runtime.device import DeviceTrainer, RoundLog
 
     dev = SimpleNamespace(_steps={}, codec="fp32", micro_batches=1)
     sample = lambda entry, whole=False: DeviceTrainer._measured_steps(dev, entry, whole)  # noqa: E731
-    # round 0: a 3 s first step (start-up) and three of 0.5 s: the setting's step is 0.5 s
-    first = sample(RoundLog(round=0, split=1, steps=4, step_wall_s=4.5, warmup_s=3.0))
-    assert [(x.split, x.step_s) for x in first] == [(1, pytest.approx(0.5))]
-    assert sample(RoundLog(round=1, split=1, steps=4, step_wall_s=2.4))[-1].step_s == pytest.approx(0.6)
-    # a round whose only step was the warm-up says nothing of its setting; nor does a local round
-    assert [x.split for x in sample(RoundLog(round=0, split=2, steps=1, step_wall_s=3.0, warmup_s=3.0))] == [1]
-    assert [x.split for x in sample(RoundLog(round=2, split=6, steps=4, step_wall_s=2.0), whole=True)] == [1]
+    # the first round (its first step took 3 s of start-up) says nothing of its setting
+    assert sample(RoundLog(round=0, split=3, steps=4, step_wall_s=4.5, warmup_s=3.0)) == []
+    first = sample(RoundLog(round=1, split=1, steps=4, step_wall_s=2.4))
+    assert [(x.split, x.step_s) for x in first] == [(1, pytest.approx(0.6))]
+    assert sample(RoundLog(round=2, split=1, steps=4, step_wall_s=2.0))[-1].step_s == pytest.approx(0.5)  # latest
+    # a local round (nothing offloaded) adds no figure
+    assert [x.split for x in sample(RoundLog(round=3, split=6, steps=4, step_wall_s=2.0), whole=True)] == [1]
