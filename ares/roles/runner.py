@@ -15,11 +15,13 @@ shows live progress, and writes a results folder:
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
 import os
 import secrets
+import signal
 import socket
 import subprocess
 import sys
@@ -155,7 +157,9 @@ class Cluster:
 
     def _spawn(self, args: list[str], name: str, env: dict, prefix: list[str] = ()) -> subprocess.Popen:
         logfile = open(self.root / "logs" / f"{name}.log", "ab")
-        return subprocess.Popen([*prefix, *self.command, *args], stdout=logfile, stderr=subprocess.STDOUT, env=env)
+        # its own process group: stop() can end what it started (granian's worker, too)
+        return subprocess.Popen([*prefix, *self.command, *args], stdout=logfile, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)
 
     def set_link(self, device: str, up_mbps: Optional[float], down_mbps: Optional[float]) -> None:
         """In-process link cap for a device (Mbit/s); picked up at its next step."""
@@ -190,7 +194,10 @@ class Cluster:
             try:
                 proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
-                proc.kill()
+                # the whole group: a SIGKILLed granian leaves its worker serving the port
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
 
 
 def set_aside(root: Path) -> Optional[Path]:

@@ -12,6 +12,7 @@ import pytest
 from ares.core.config import DataConfig, TrainingConfig
 from ares.roles.runconfig import DeviceSpec, RunConfig
 from ares.roles.runner import run
+from tests.conftest import wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -85,3 +86,38 @@ def test_ares_run_twice_into_one_folder_trains_again_and_keeps_the_first_run(tmp
     assert len(rows(root / "rounds.csv")) == 1 and "round 0" in (root / "logs" / "device-0.log").read_text()
     with pytest.raises(ValueError, match="previous run"):  # the library refuses rather than resume it
         run(RunConfig(devices=1, results_dir=str(root)), progress=False)
+
+
+def test_stopping_a_run_frees_the_port_even_while_a_client_holds_a_connection(tmp_path):
+    """granian waits for open connections on SIGTERM; killed after the grace, its worker used to
+    live on, serving the port with a stale server. stop() now ends the server's whole group."""
+    import os
+    import socket
+
+    import httpx
+
+    from ares.roles.runner import Cluster, free_port
+
+    cfg = config(tmp_path, "fixed:2", 1, rounds=1)
+    cluster = Cluster(cfg, tmp_path / "results", free_port())
+    try:
+        cluster.start()
+        holder = httpx.Client(http1=False, http2=True)
+        assert holder.get(f"{cluster.url}/healthz").status_code == 200  # an open HTTP/2 connection
+        server = cluster.procs["server"]
+    finally:
+        cluster.stop()
+    def group_gone() -> bool:
+        try:
+            os.killpg(server.pid, 0)  # a killed worker lingers as a zombie until init reaps it
+            return False
+        except ProcessLookupError:
+            return True
+
+    try:
+        wait_for(group_gone, 30, "nothing of the server's process group is left")
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(("127.0.0.1", cluster.port))  # and its port is free again
+    finally:
+        holder.close()
