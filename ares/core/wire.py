@@ -94,7 +94,9 @@ def encode(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any] | None =
 
 
 def decode(body: bytes | bytearray | memoryview, max_bytes: int = DEFAULT_MAX_BYTES) -> Bundle:
-    """Validate a whole bundle, then build its tensors. Raises WireError with a clear message."""
+    """Validate a whole bundle, then build its tensors. Raises WireError with a clear message. The
+    tensors share a writable body's memory (the server and the links pass a bytearray); a
+    read-only one is copied once."""
     view = memoryview(body)
     if view.nbytes > max_bytes:
         raise WireError(f"body of {view.nbytes} bytes exceeds the {max_bytes}-byte limit", 413)
@@ -131,6 +133,8 @@ def decode(body: bytes | bytearray | memoryview, max_bytes: int = DEFAULT_MAX_BY
         raise WireError(f"header describes {offset} bytes but the body has {view.nbytes} "
                         "(truncated body or a header that lies about a shape)")
 
+    if view.readonly:  # tensors alias the body: never a `bytes` object, which Python takes as immutable
+        view = memoryview(bytearray(view))
     tensors = {}
     for name, dtype, shape, start, nbytes in specs:
         if nbytes == 0:

@@ -78,3 +78,18 @@ def test_any_nan_or_inf_is_refused_and_huge_finite_values_are_not(dtype, bad):
     assert err.value.status == 422
     huge = torch.full((1000,), torch.finfo(dtype).max, dtype=dtype)  # its sum overflows; every value is finite
     assert torch.equal(wire.decode(bytearray(wire.encode({"x": huge}))).tensors["x"], huge)
+
+
+def test_decoding_read_only_bytes_gives_tensors_that_do_not_alias_them():
+    import warnings
+
+    t = torch.arange(6, dtype=torch.float32)
+    body = bytes(wire.encode({"t": t}, {}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch warns when a tensor aliases a non-writable buffer
+        got = wire.decode(body).tensors["t"]
+    got.add_(1)
+    assert bytes(body) == bytes(wire.encode({"t": t}, {}))  # the immutable body is untouched
+    shared = bytearray(body)
+    wire.decode(shared).tensors["t"].add_(1)
+    assert shared != body  # a bytearray body is used in place (no copy on the hot path)
