@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from ares.core import pki  # noqa: E402
 from ares.core.models import build_model, split_model  # noqa: E402
+from ares.runtime.allocator import keep_freed_memory  # noqa: E402
 from ares.runtime.link import UNPACED_CHUNK, HttpLink, InProcessLink  # noqa: E402
 from ares.runtime.tlsclient import ClientTls  # noqa: E402
 from ares.runtime.training import TrainingServer, read_tokens  # noqa: E402
@@ -209,6 +210,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     args = parser.parse_args()
     torch.set_num_threads(1)
+    keep_freed_memory()  # as `ares device` does at start (the in-process baseline gets it too)
     local, remote, https = bench_step(args.steps)
     print(f"(a) VGG5 step, split 1, batch 100:  in-process {local * 1000:7.1f} ms   HTTP/2 loopback "
           f"{remote * 1000:7.1f} ms   ratio {remote / local:.2f}x  (goal <= 1.15x)")

@@ -108,10 +108,12 @@ def _device(args: argparse.Namespace) -> int:
     import torch
 
     from ares.core.profiles import ComputeProfile
+    from ares.runtime.allocator import keep_freed_memory
     from ares.runtime.device import DeviceTrainer
     from ares.runtime.link import HttpLink, RateLimit
     from ares.runtime.tlsclient import TlsError
 
+    keep_freed_memory()
     with open(settings.token_file) as f:
         token = f.read().strip()
     link = HttpLink(settings.server_url, settings.name, token, settings.request_timeout_s, http2=not args.http1,

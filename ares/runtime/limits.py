@@ -14,12 +14,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sys
 from typing import AsyncIterator
 
 from starlette.requests import ClientDisconnect, Request
 
 from ares.core.config import LimitsConfig
 from ares.core.wire import WireError
+
+if sys.version_info >= (3, 11):
+    from asyncio import timeout as _deadline
+else:  # the same context manager, backported
+    from async_timeout import timeout as _deadline
 
 
 class DeviceBudget:
@@ -43,27 +49,28 @@ class DeviceBudget:
         body = bytearray(size or 0)
         got = 0
         timeout = self.gate.limits.body_read_timeout_s
-        stream = request.stream().__aiter__()
-        while True:
-            try:
-                chunk = await asyncio.wait_for(stream.__anext__(), timeout)
-            except StopAsyncIteration:
-                break
-            except asyncio.TimeoutError:
-                raise WireError(f"no body data for {timeout:g} s (limits.body_read_timeout_s)", 408) from None
-            except ClientDisconnect:
-                raise WireError("the client went away before the body was complete", 400) from None
-            end = got + len(chunk)
-            if size is None:
-                if end > limit:
-                    raise WireError(f"body exceeds the {limit}-byte limit", 413)
-                self._take(len(chunk))
-                body += chunk
-            elif end > size:
-                raise WireError(f"body runs past its Content-Length of {size} bytes", 400)
-            else:
-                body[got:end] = chunk
-            got = end
+        loop = asyncio.get_running_loop()
+        try:
+            # one deadline, pushed back after each piece: `asyncio.wait_for` per piece made a task
+            # each time, which cost ~2 ms of a 3 MB step body on 2 cores
+            async with _deadline(timeout) as deadline:
+                async for chunk in request.stream():
+                    deadline.reschedule(loop.time() + timeout)
+                    end = got + len(chunk)
+                    if size is None:
+                        if end > limit:
+                            raise WireError(f"body exceeds the {limit}-byte limit", 413)
+                        self._take(len(chunk))
+                        body += chunk
+                    elif end > size:
+                        raise WireError(f"body runs past its Content-Length of {size} bytes", 400)
+                    else:
+                        body[got:end] = chunk
+                    got = end
+        except asyncio.TimeoutError:
+            raise WireError(f"no body data for {timeout:g} s (limits.body_read_timeout_s)", 408) from None
+        except ClientDisconnect:
+            raise WireError("the client went away before the body was complete", 400) from None
         if size is not None and got != size:
             raise WireError(f"body ended after {got} of the {size} bytes its Content-Length declares", 400)
         return body

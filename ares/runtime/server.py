@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import logging
 import os
 from typing import Annotated, Optional
@@ -30,15 +29,16 @@ from pydantic import ValidationError
 from ares.core import codec, wire
 from ares.core.config import ServerConfig, load_yaml_model
 from ares.core.messages import DeviceReport, JoinRequest
+from ares.runtime.allocator import keep_freed_memory
 from ares.runtime.limits import DeviceBudget, DeviceGate
 from ares.runtime.training import RoundError, TrainingServer, read_tokens
 
 log = logging.getLogger("ares.server")
 BUNDLE = "application/x-ares-bundle"
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
 
 
-def _bearer(authorization: Annotated[Optional[str], Header()] = None) -> Optional[str]:
+async def _bearer(authorization: Annotated[Optional[str], Header()] = None) -> Optional[str]:
+    """async: FastAPI runs a plain `def` dependency in a worker thread, a hop per request."""
     if authorization and authorization.lower().startswith("bearer "):
         return authorization[7:].strip()
     return None
@@ -193,22 +193,9 @@ async def _tick(trainer: TrainingServer, period: float) -> None:
             log.exception("round ticker failed; it keeps going")
 
 
-def _keep_freed_memory() -> None:
-    """Let glibc keep freed memory for reuse instead of handing it back to the kernel at once.
-    Every step allocates and frees bodies of megabytes; handed back, each returns as fresh pages
-    to fault in and zero (~800 page faults a step at split 1: ~3 ms of the server's CPU).
-    Only glibc has `mallopt`; elsewhere this does nothing."""
-    try:
-        libc = ctypes.CDLL(None)
-        libc.mallopt(M_TRIM_THRESHOLD, 128 << 20)  # free memory kept before the heap is trimmed
-        libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)   # smaller blocks come from the heap, not mmap
-    except (OSError, AttributeError):
-        pass
-
-
 def app_from_env() -> FastAPI:
     """Factory for granian's worker process: the config path travels in ARES_SERVER_CONFIG."""
-    _keep_freed_memory()
+    keep_freed_memory()
     return create_app(load_yaml_model(ServerConfig, os.environ["ARES_SERVER_CONFIG"]))
 
 

@@ -148,3 +148,79 @@ def test_server_gone_then_back(tmp_path):
             assert client.post("/echo", content=b"three").content == b"three"  # a new connection
         finally:
             srv.kill()
+
+
+class RawH2Server:
+    """A one-connection HTTP/2 server on jh2 that answers every request with the frames a test
+    chooses: what granian never sends (a lying Content-Length, padded DATA, tiny frames)."""
+
+    def __init__(self, answer):
+        import socket
+
+        import jh2.config
+        import jh2.connection
+        import jh2.events
+
+        self.answer, self.errors = answer, []
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(1)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+
+        def serve():
+            conn, _ = self.sock.accept()
+            h2 = jh2.connection.H2Connection(jh2.config.H2Configuration(client_side=False, header_encoding=None))
+            h2.initiate_connection()
+            conn.sendall(h2.data_to_send())
+            with conn:
+                while data := conn.recv(1 << 20):
+                    for event in h2.receive_data(data):
+                        if isinstance(event, jh2.events.DataReceived):
+                            h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                        if isinstance(event, jh2.events.StreamEnded):
+                            self.answer(h2, event.stream_id)
+                    conn.sendall(h2.data_to_send())
+
+        threading.Thread(target=serve, daemon=True).start()
+
+
+def _respond(h2, stream_id, body: bytes, length: int, frame: int, pad: int = 0) -> None:
+    h2.send_headers(stream_id, [(b":status", b"200"), (b"content-length", str(length).encode())])
+    for i in range(0, len(body), frame):
+        h2.send_data(stream_id, body[i:i + frame], pad_length=pad or None)
+    h2.end_stream(stream_id)
+
+
+def test_padded_and_tiny_data_frames_arrive_whole():
+    body = os.urandom(50_000)
+    # padded frames go through jh2; 997-byte frames cut across every read the client makes
+    for frame, pad in ((16_000, 7), (997, 0)):
+        srv = RawH2Server(lambda h2, sid: _respond(h2, sid, body, len(body), frame, pad))
+        with httpx.Client(base_url=srv.url, transport=H2Transport(), timeout=10) as client:
+            for _ in range(3):
+                assert client.get("/").content == body
+
+
+@pytest.mark.parametrize("declared", [49_999, 50_001])
+@pytest.mark.parametrize("pad", [0, 7])
+def test_a_body_that_differs_from_its_content_length_is_refused(declared, pad):
+    body = os.urandom(50_000)
+    srv = RawH2Server(lambda h2, sid: _respond(h2, sid, body, declared, 16_000, pad))
+    with httpx.Client(base_url=srv.url, transport=H2Transport(), timeout=10) as client:
+        with pytest.raises(httpx.RemoteProtocolError):
+            client.get("/").read()
+
+
+def test_response_payloads_bypass_jh2(server, monkeypatch):
+    """jh2 copies every byte it is fed three times: a 20 MiB body must not pass through it."""
+    import jh2.connection
+
+    fed = []
+    real = jh2.connection.H2Connection.receive_data
+    monkeypatch.setattr(jh2.connection.H2Connection, "receive_data",
+                        lambda self, data: fed.append(len(data)) or real(self, data))
+    payload = os.urandom(20 << 20)
+    with httpx.Client(base_url=server, transport=H2Transport(), timeout=60) as client:
+        r = client.post("/echo", content=chunks(payload), headers={"Content-Length": str(len(payload))})
+    assert r.content == payload
+    assert sum(fed) < 64 << 10, f"{sum(fed)} bytes went through jh2"
