@@ -62,7 +62,7 @@ class RoundLog:
     down_bps: Optional[float] = None
     latency_s: Optional[float] = None
     step_wall_s: float = 0.0  # every step together, forward to optimiser step
-    warmup_s: float = 0.0  # of those, the process's first step (allocators, thread pools, the connection): 0 after its first round
+    cold: bool = False  # the process's first round: its first step pays start-up (allocators, thread pools, the connection)
     uploaded: bool = False
 
 
@@ -230,7 +230,7 @@ class DeviceTrainer:
         first round gives none: it pays start-up, its own (the first step: 0.1-3 s) and at round 0
         everyone's (every process starts and profiles at once), and a figure taken then was
         extrapolated to other settings (a sub-second session predicted 70% long)."""
-        if entry.steps and not whole and not entry.warmup_s:
+        if entry.steps and not whole and not entry.cold:
             key = (entry.split, self.codec, self.micro_batches)
             self._steps.pop(key, None)
             self._steps[key] = entry.step_wall_s / entry.steps
@@ -266,10 +266,8 @@ class DeviceTrainer:
             try:
                 t_step = time.perf_counter()
                 losses.append(self._step(reply.round, split, whole, device_part, optimizer, x, y, entry))
-                took = time.perf_counter() - t_step
-                entry.step_wall_s += took
-                if not self._warm:
-                    entry.warmup_s, self._warm = took, True
+                entry.step_wall_s += time.perf_counter() - t_step
+                entry.cold, self._warm = entry.cold or not self._warm, True
             except LinkError as exc:
                 log.warning("round %d: step refused (%s); leaving the round", reply.round, exc)
                 entry.round_s = time.perf_counter() - started

@@ -86,7 +86,7 @@ def test_a_devices_step_samples_leave_out_the_processs_first_round():
     dev = SimpleNamespace(_steps={}, codec="fp32", micro_batches=1)
     sample = lambda entry, whole=False: DeviceTrainer._measured_steps(dev, entry, whole)  # noqa: E731
     # the first round (its first step took 3 s of start-up) says nothing of its setting
-    assert sample(RoundLog(round=0, split=3, steps=4, step_wall_s=4.5, warmup_s=3.0)) == []
+    assert sample(RoundLog(round=0, split=3, steps=4, step_wall_s=4.5, cold=True)) == []
     first = sample(RoundLog(round=1, split=1, steps=4, step_wall_s=2.4))
     assert [(x.split, x.step_s) for x in first] == [(1, pytest.approx(0.6))]
     assert sample(RoundLog(round=2, split=1, steps=4, step_wall_s=2.0))[-1].step_s == pytest.approx(0.5)  # latest
