@@ -11,7 +11,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Optional
+from typing import Optional, TypeVar
 
 import httpx
 import pytest
@@ -42,15 +42,34 @@ def stop_process(proc: subprocess.Popen, grace_s: float = 10) -> None:
         proc.wait()
 
 
-def wait_for(predicate, timeout: float, what: str):
-    """Poll `predicate` until it returns something truthy (returned); fail naming `what`."""
+T = TypeVar("T")
+
+
+def wait_for(predicate: Callable[[], T], timeout: float, what: str, interval: float = 0.05, *,
+             retry_on: tuple[type[BaseException], ...] = (), details: Callable[[], str] = lambda: "") -> T:
+    """Poll `predicate` every `interval` s until it returns something truthy, and return that.
+
+    The one polling helper of the suite (a poll on a condition, never a fixed sleep). An exception
+    of a type in `retry_on` counts as "not yet" (e.g. a server still starting); any other one
+    fails the test at once. At `timeout` it raises an AssertionError naming `what` with the last
+    value or exception seen, and `details()` (logs) if given.
+    """
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"not within {timeout}s: {what}")
+    last: object = None
+    while True:
+        try:
+            last = predicate()
+        except retry_on as exc:
+            last = exc
+        else:
+            if last:
+                return last
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(interval)
+    extra = details()
+    raise AssertionError(f"timed out after {timeout:g}s waiting for {what}; last: {last!r}"
+                         + (f"\n{extra}" if extra else ""))
 
 
 def small_config(tmp: Path, devices=("dev-a",), **training) -> ServerConfig:

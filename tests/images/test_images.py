@@ -16,9 +16,7 @@ import json
 import os
 import re
 import secrets
-import socket
 import subprocess
-import time
 from pathlib import Path
 
 import httpx
@@ -27,11 +25,11 @@ import yaml
 
 from ares.core.config import CONTROLLER_TOKEN_NAME, DataConfig, ServerConfig, TrainingConfig
 from cluster.fixtures import OPERATOR_NS, OPERATOR_SA
+from tests.conftest import ROOT, free_port, wait_for
 
 # The first run builds the images (a cold build is minutes: torch); later runs only hash inputs.
 pytestmark = [pytest.mark.images, pytest.mark.timeout(3600)]
 
-ROOT = Path(__file__).resolve().parents[2]
 UID = 10001
 ENTRYPOINTS = {
     "operator": ["kopf", "run", "--standalone", "-m", "ares_operator.handlers"],
@@ -44,29 +42,12 @@ def inspect(podman, ref: str) -> dict:
     return json.loads(podman("image", "inspect", ref).stdout)[0]
 
 
-def wait_for(what: str, probe, timeout: float, every: float = 0.25, on_fail=lambda: ""):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = probe()
-        if last:
-            return last
-        time.sleep(every)
-    raise AssertionError(f"not within {timeout:.0f}s: {what}; last: {last!r}\n{on_fail()}")
-
-
 def process_ids(podman, container: str) -> tuple[int, int]:
     """Real uid and gid (on this host: rootful podman, no user namespace) of the container's process."""
     pid = int(podman("inspect", "--format", "{{.State.Pid}}", container).stdout.strip())
     assert pid > 0, f"{container} is not running:\n{podman.logs(container)}"
     status = Path(f"/proc/{pid}/status").read_text()
     return tuple(int(re.search(rf"^{key}:\s+(\d+)", status, re.M).group(1)) for key in ("Uid", "Gid"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _shared_torch_block(dockerfile: Path) -> str:
@@ -153,7 +134,7 @@ def test_operator_image_runs_the_operator_against_the_control_plane(control_plan
             return None
         return reply if reply.status_code == 200 else None
 
-    wait_for("the operator's liveness endpoint", lambda: get(liveness, "/healthz"), timeout=30, on_fail=logs)
+    wait_for(lambda: get(liveness, "/healthz"), 30, "the operator's liveness endpoint", interval=0.25, details=logs)
     assert process_ids(podman, operator) == (UID, UID)
 
     kubectl.run("apply", "-f", str(ROOT / "examples" / "job.yaml"))
@@ -164,8 +145,8 @@ def test_operator_image_runs_the_operator_against_the_control_plane(control_plan
         return {o["metadata"]["name"]: o for o in items
                 if any(r["uid"] == uid and r.get("controller") for r in o["metadata"].get("ownerReferences", []))}
 
-    pods = wait_for("the server pod and three device pods", lambda: len(p := owned("pods")) == 4 and p,
-                    timeout=30, on_fail=logs)
+    pods = wait_for(lambda: len(p := owned("pods")) == 4 and p,
+                    30, "the server pod and three device pods", interval=0.25, details=logs)
     assert set(pods) == {"vgg5-demo-server", "vgg5-demo-nano-maxn", "vgg5-demo-nano-5w", "vgg5-demo-pi"}
     assert set(owned("secrets")) == {"vgg5-demo-tokens", "vgg5-demo-tls"}
     assert set(owned("configmaps")) == {"vgg5-demo-config"}
@@ -176,14 +157,16 @@ def test_operator_image_runs_the_operator_against_the_control_plane(control_plan
         created = [c for c in st.get("conditions", []) if c["type"] == "ChildrenCreated" and c["status"] == "True"]
         return st if st.get("phase") and created else None
 
-    st = wait_for("the job's status", status, timeout=30,
-                  on_fail=lambda: f"{kubectl.run('get', 'aresjobs', 'vgg5-demo', '-o', 'yaml').stdout}\n{logs()}")
+    st = wait_for(status,
+                  30, "the job's status", interval=0.25,
+                  details=lambda: f"{kubectl.run('get', 'aresjobs', 'vgg5-demo', '-o', 'yaml').stdout}\n{logs()}")
     assert st["phase"] == "Pending", st  # no kubelet: the pods never run, the server never answers
     assert {c["type"] for c in st["conditions"]} >= {"SpecValid", "ChildrenCreated", "ServerReady"}, st
     # The operator's own /metrics, served from the container on the host network.
     wanted = f'ares_operator_job_phase{{job="vgg5-demo",namespace="{namespace}",phase="Pending"}} 1.0'
-    wait_for("the job's phase in /metrics", lambda: (r := get(metrics, "/metrics")) and wanted in r.text,
-             timeout=15, on_fail=lambda: f"{(r := get(metrics, '/metrics')) and r.text}\n{logs()}")
+    wait_for(lambda: (r := get(metrics, "/metrics")) and wanted in r.text,
+             15, "the job's phase in /metrics", interval=0.25,
+             details=lambda: f"{(r := get(metrics, '/metrics')) and r.text}\n{logs()}")
     log = podman.logs(operator)
     assert "forbidden" not in log.lower(), logs()  # the chart's RBAC suffices
 
@@ -246,7 +229,7 @@ def test_server_and_device_containers_train_one_round(podman, tmp_path):
                 return None
             return reply if reply.status_code == 200 and reply.json()["round"] >= 1 else None
 
-        reply = wait_for("round 0 closed", status, timeout=240, on_fail=logs)
+        reply = wait_for(status, 240, "round 0 closed", interval=0.25, details=logs)
         assert reply.http_version == "HTTP/2"  # prior knowledge: the server speaks h2c
         body = reply.json()
         assert body["rounds"] == 1

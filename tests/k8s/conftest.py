@@ -13,16 +13,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import sys
 import tempfile
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 for extra in (ROOT, ROOT / "operator", ROOT / "tests"):
@@ -39,38 +36,9 @@ from cluster.controlplane import ControlPlane  # noqa: E402
 from cluster.fixtures import OPERATOR_NS, OPERATOR_SA, Kubectl  # noqa: E402
 from k8s_kubelet import Kubelet  # noqa: E402
 
+from tests.conftest import free_port  # noqa: E402
+
 CRD = ROOT / "crds" / "aresjobs.ares.io.yaml"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def example_job(name: str = "demo", **spec_changes: Any) -> dict:
-    """examples/job.yaml under another name, with changes given as `devices__2__split=7`."""
-    job = yaml.safe_load((ROOT / "examples" / "job.yaml").read_text())
-    job["metadata"]["name"] = name
-    for path, value in spec_changes.items():
-        node = job["spec"]
-        *parents, leaf = path.split("__")
-        for p in parents:
-            node = node[int(p)] if p.isdigit() else node[p]
-        node[int(leaf) if leaf.isdigit() else leaf] = value
-    return job
-
-
-def wait_for(what: str, probe: Callable[[], Any], timeout: float = 30.0, every: float = 0.2) -> Any:
-    """Poll until `probe()` is truthy; fail with `what` (and the last value) at the deadline."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = probe()
-        if last:
-            return last
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}; last: {last!r}")
 
 
 class Operator:

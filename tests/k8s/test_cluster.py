@@ -14,8 +14,9 @@ import subprocess
 import pytest
 import yaml
 
-from conftest import OPERATOR_NS, ROOT, wait_for
-from conftest import example_job as _job
+from cluster.fixtures import OPERATOR_NS
+from tests.conftest import ROOT, wait_for
+from tests.k8s.k8s_jobs import example_job as _job
 
 pytestmark = pytest.mark.k8s
 
@@ -137,11 +138,12 @@ def test_a_missing_rbac_rule_is_reported_on_the_job(kubectl, operator):
     kubectl.run("patch", "clusterrole", "ares", "--type=merge", "-p", json.dumps({"rules": rules}))
     try:
         _apply(kubectl, _job(), check=True)
-        cond = wait_for("the refusal on the job", lambda: (c := _conditions(kubectl, "demo").get("ChildrenCreated"))
-                        and c["status"] == "False" and c, timeout=60)
+        cond = wait_for(lambda: (c := _conditions(kubectl, "demo").get("ChildrenCreated"))
+                        and c["status"] == "False" and c, 60, "the refusal on the job", interval=0.2)
         assert cond["reason"] == "Forbidden"
         assert "may not" in cond["message"] and "secrets" in cond["message"] and "RBAC" in cond["message"]
-        event = wait_for("a Warning event", lambda: [e for e in _events(kubectl, "demo") if e["reason"] == "Forbidden"])
+        event = wait_for(lambda: [e for e in _events(kubectl, "demo") if e["reason"] == "Forbidden"],
+                         30, "a Warning event", interval=0.2)
         assert event[0]["type"] == "Warning"
         assert "Forbidden" in kubectl.run("describe", "aresjob", "demo").stdout
         # Nothing half-made: the dry run was refused before anything was created.
@@ -149,8 +151,8 @@ def test_a_missing_rbac_rule_is_reported_on_the_job(kubectl, operator):
     finally:
         kubectl.run("patch", "clusterrole", "ares", "--type=merge", "-p", json.dumps({"rules": json.loads(original)}))
     # With the rule back, the next tick creates the job's children.
-    wait_for("children once allowed", lambda: _conditions(kubectl, "demo").get("ChildrenCreated", {}).get("status")
-             == "True", timeout=60)
+    wait_for(lambda: _conditions(kubectl, "demo").get("ChildrenCreated", {}).get("status")
+             == "True", 60, "children once allowed", interval=0.2)
     assert len(kubectl.json("get", "pods")["items"]) == 4
 
 
@@ -160,45 +162,45 @@ def test_a_missing_rbac_rule_is_reported_on_the_job(kubectl, operator):
                          ids=["baseline"])
 def test_a_baseline_namespace_is_reported_and_nothing_is_half_created(kubectl, operator, namespace):
     _apply(kubectl, _job(), check=True)
-    cond = wait_for("the Pod Security refusal", lambda: (c := _conditions(kubectl, "demo").get("ChildrenCreated"))
-                    and c["status"] == "False" and c, timeout=60)
+    cond = wait_for(lambda: (c := _conditions(kubectl, "demo").get("ChildrenCreated"))
+                    and c["status"] == "False" and c, 60, "the Pod Security refusal", interval=0.2)
     assert cond["reason"] == "PodSecurityForbidden"
     assert "NET_ADMIN" in cond["message"] and "pod-security.kubernetes.io/enforce=privileged" in cond["message"]
     assert [e for e in _events(kubectl, "demo") if e["reason"] == "PodSecurityForbidden"]
     assert all(not items for items in _children(kubectl).values()), _children(kubectl)
     # The administrator relabels the namespace: the job goes ahead.
     kubectl.run("label", "namespace", namespace, "pod-security.kubernetes.io/enforce=privileged", "--overwrite")
-    wait_for("the pods", lambda: len(kubectl.json("get", "pods")["items"]) == 4, timeout=60)
+    wait_for(lambda: len(kubectl.json("get", "pods")["items"]) == 4, 60, "the pods", interval=0.2)
 
 
 # --- 5. garbage collection and owner uids ------------------------------------------------------
 
 def test_deleting_a_job_collects_its_children_and_a_namesake_never_adopts_them(kubectl, operator):
     _apply(kubectl, _job(), check=True)
-    wait_for("the children", lambda: len(kubectl.json("get", "pods")["items"]) == 4, timeout=60)
+    wait_for(lambda: len(kubectl.json("get", "pods")["items"]) == 4, 60, "the children", interval=0.2)
     old_uid = kubectl.json("get", "aresjobs", "demo")["metadata"]["uid"]
     # No kubelet runs here: pods bound to a node stay Terminating after deletion, as on a node that
     # is slow to stop them. The job of the same name comes back meanwhile.
     kubectl.run("delete", "aresjob", "demo", "--wait=true")
-    wait_for("the old Secret collected", lambda: not kubectl.json("get", "secrets")["items"], timeout=60)
+    wait_for(lambda: not kubectl.json("get", "secrets")["items"], 60, "the old Secret collected", interval=0.2)
     _apply(kubectl, _job(), check=True)
     new_uid = kubectl.json("get", "aresjobs", "demo")["metadata"]["uid"]
     assert new_uid != old_uid
-    cond = wait_for("the name conflict", lambda: (c := _conditions(kubectl, "demo").get("ChildrenCreated"))
-                    and c["reason"] == "NameConflict" and c, timeout=60)
+    cond = wait_for(lambda: (c := _conditions(kubectl, "demo").get("ChildrenCreated"))
+                    and c["reason"] == "NameConflict" and c, 60, "the name conflict", interval=0.2)
     assert "another owner" in cond["message"]
     # The old pods finish terminating (their node confirms); only then are new ones made.
     for pod in kubectl.json("get", "pods")["items"]:
         assert pod["metadata"]["ownerReferences"][0]["uid"] == old_uid
     kubectl.run("delete", "pods", "--all", "--grace-period=0", "--force")
-    pods = wait_for("the new job's pods", lambda: len(p := kubectl.json("get", "pods")["items"]) == 4 and p,
-                    timeout=60)
+    pods = wait_for(lambda: len(p := kubectl.json("get", "pods")["items"]) == 4 and p,
+                    60, "the new job's pods", interval=0.2)
     for obj in [*pods, *kubectl.json("get", "secrets")["items"], *kubectl.json("get", "services")["items"]]:
         (ref,) = obj["metadata"]["ownerReferences"]
         assert ref["uid"] == new_uid and ref["controller"] is True and ref["blockOwnerDeletion"] is True
     kubectl.run("delete", "aresjob", "demo", "--wait=true")
     kubectl.run("delete", "pods", "--all", "--grace-period=0", "--force")
-    wait_for("every child collected", lambda: all(not items for items in _children(kubectl).values()), timeout=60)
+    wait_for(lambda: all(not items for items in _children(kubectl).values()), 60, "every child collected", interval=0.2)
 
 
 # --- 6. Events -----------------------------------------------------------------------------------
@@ -206,10 +208,10 @@ def test_deleting_a_job_collects_its_children_and_a_namesake_never_adopts_them(k
 def test_an_invalid_spec_is_an_event(kubectl, operator):
     # vgg5 has 7 layers and a model the operator does not know passes the CRD (its pattern only).
     _apply(kubectl, _job("unknown-model", model="vgg11"), check=True)
-    wait_for("phase Failed", lambda: (kubectl.json("get", "aresjobs", "unknown-model").get("status") or {})
-             .get("phase") == "Failed", timeout=60)
-    events = wait_for("an InvalidSpec event", lambda: [e for e in _events(kubectl, "unknown-model")
-                                                       if e["reason"] == "InvalidSpec"])
+    wait_for(lambda: (kubectl.json("get", "aresjobs", "unknown-model").get("status") or {})
+             .get("phase") == "Failed", 60, "phase Failed", interval=0.2)
+    events = wait_for(lambda: [e for e in _events(kubectl, "unknown-model") if e["reason"] == "InvalidSpec"],
+                      30, "an InvalidSpec event", interval=0.2)
     assert events[0]["type"] == "Warning" and "unknown model 'vgg11'" in events[0]["message"]
     described = kubectl.run("describe", "aresjob", "unknown-model").stdout
     assert "InvalidSpec" in described and "Events:" in described
@@ -218,7 +220,7 @@ def test_an_invalid_spec_is_an_event(kubectl, operator):
 def test_a_squatted_pod_name_is_reported_and_the_job_recovers(kubectl, operator):
     """Someone else's pod under a name the job needs is never adopted, and never deleted by us."""
     kubectl.run("apply", "-f", "-", stdin=yaml.safe_dump(_job()))
-    wait_for("the children", lambda: len(kubectl.json("get", "pods")["items"]) == 4, timeout=60)
+    wait_for(lambda: len(kubectl.json("get", "pods")["items"]) == 4, 60, "the children", interval=0.2)
     squatter = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "demo-pi", "labels": {"ares.io/job": "demo"}},
                 "spec": {"containers": [{"name": "c", "image": "busybox"}]}}
 
@@ -227,15 +229,15 @@ def test_a_squatted_pod_name_is_reported_and_the_job_recovers(kubectl, operator)
         kubectl.run("apply", "-f", "-", stdin=yaml.safe_dump(squatter), check=False)
         got = kubectl.run("get", "pod", "demo-pi", "-o", "json", check=False)
         return got.returncode == 0 and not json.loads(got.stdout)["metadata"].get("ownerReferences")
-    wait_for("our pod under the job's name", squat, timeout=60, every=0.05)
-    cond = wait_for("the conflict", lambda: (c := _conditions(kubectl, "demo").get("ChildrenCreated"))
-                    and c["status"] == "False" and c, timeout=60)
+    wait_for(squat, 60, "our pod under the job's name", interval=0.05)
+    cond = wait_for(lambda: (c := _conditions(kubectl, "demo").get("ChildrenCreated"))
+                    and c["status"] == "False" and c, 60, "the conflict", interval=0.2)
     assert cond["reason"] == "NameConflict" and "demo-pi" in cond["message"]
     assert not kubectl.json("get", "pod", "demo-pi")["metadata"].get("ownerReferences")  # not adopted
     kubectl.run("delete", "pod", "demo-pi", "--wait=false")
     def owned() -> bool:
         got = kubectl.run("get", "pod", "demo-pi", "-o", "json", check=False)
         return got.returncode == 0 and bool(json.loads(got.stdout)["metadata"].get("ownerReferences"))
-    wait_for("the job's own pi pod", owned, timeout=60)
-    wait_for("ChildrenCreated again", lambda: _conditions(kubectl, "demo")["ChildrenCreated"]["status"] == "True",
-             timeout=60)
+    wait_for(owned, 60, "the job's own pi pod", interval=0.2)
+    wait_for(lambda: _conditions(kubectl, "demo")["ChildrenCreated"]["status"] == "True",
+             60, "ChildrenCreated again", interval=0.2)

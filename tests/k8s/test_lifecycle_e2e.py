@@ -27,7 +27,7 @@ import httpx
 import pytest
 import yaml
 
-from conftest import free_port, wait_for
+from tests.conftest import free_port, wait_for
 
 pytestmark = [pytest.mark.k8s, pytest.mark.slow]
 APP_UID = 10001
@@ -75,8 +75,8 @@ class Job:
         return p if p and p.get("status", {}).get("phase") == "Running" and not p["metadata"].get("deletionTimestamp") else None
 
     def ended(self, timeout: float) -> dict:
-        return wait_for(f"{self.name} to end", lambda: (s := self.status()).get("phase") in ("Succeeded", "Failed") and s,
-                        timeout=timeout)
+        return wait_for(lambda: (s := self.status()).get("phase") in ("Succeeded", "Failed") and s,
+                        timeout, f"{self.name} to end", interval=0.2)
 
 
 @pytest.fixture
@@ -99,7 +99,7 @@ def _sample(text: str, name: str, **labels: str) -> float | None:
 def test_restricted_pods_kill_and_metrics(metrics_port, server_port, kubelet, operator, kubectl):
     kubectl.run("apply", "-f", "-", stdin=job("life", rounds=12))
     j = Job(kubectl, "life")
-    wait_for("round 1", lambda: j.status().get("round", 0) >= 1, timeout=180)
+    wait_for(lambda: j.status().get("round", 0) >= 1, 180, "round 1", interval=0.2)
 
     # 1. Nothing of the trainers or the server runs as root; the token reaches them through the group.
     for pod, container in (("life-server", "server"), ("life-a", "device"), ("life-b", "device")):
@@ -114,7 +114,7 @@ def test_restricted_pods_kill_and_metrics(metrics_port, server_port, kubelet, op
     old_a = j.pods()["life-a"]["metadata"]["uid"]
     killed = time.monotonic()
     kubelet.kill("life-a", container="device")
-    wait_for("a's replacement", lambda: (p := j.running("life-a")) and p["metadata"]["uid"] != old_a, timeout=20)
+    wait_for(lambda: (p := j.running("life-a")) and p["metadata"]["uid"] != old_a, 20, "a's replacement", interval=0.2)
     replaced_s = time.monotonic() - killed
     sys.__stdout__.write(f"\ntrainer killed -> replacement pod running: {replaced_s:.1f} s\n")  # kopf captures sys.stdout
     assert replaced_s < 5.0, replaced_s
@@ -129,8 +129,9 @@ def test_restricted_pods_kill_and_metrics(metrics_port, server_port, kubelet, op
     final = j.ended(timeout=240)
     assert final["phase"] == "Succeeded", final.get("conditions")
     assert final["devices"]["a"]["restarts"] == 1
-    text = wait_for("the final phase in /metrics", lambda: (t := metrics()) and _sample(
-        t, "ares_operator_job_phase", namespace=ns, job="life", phase="Succeeded") == 1.0 and t)
+    text = wait_for(lambda: (t := metrics()) and _sample(
+        t, "ares_operator_job_phase", namespace=ns, job="life", phase="Succeeded") == 1.0 and t,
+        30, "the final phase in /metrics", interval=0.2)
     assert (_sample(text, "ares_operator_optimiser_runs_total", namespace=ns, job="life") or 0) >= 1
     assert _sample(text, "ares_operator_optimiser_duration_seconds_count", namespace=ns, job="life") >= 1
 
@@ -139,7 +140,7 @@ def test_delayed_split_suspend_resume_deadline_namesake(server_port, kubelet, op
     kubelet.downward_delay_s = DOWNWARD_DELAY_S  # a changed annotation reaches the files this much later
     kubectl.run("apply", "-f", "-", stdin=job("pause", rounds=500))
     j = Job(kubectl, "pause")
-    wait_for("round 2", lambda: j.status().get("round", 0) >= 2, timeout=180)
+    wait_for(lambda: j.status().get("round", 0) >= 2, 180, "round 2", interval=0.2)
 
     # 3. A split decision with the downwardAPI late: pin b elsewhere; the annotation moves at
     # once, the file (and so the device) only after the delay, and then it trains with it.
@@ -149,19 +150,21 @@ def test_delayed_split_suspend_resume_deadline_namesake(server_port, kubelet, op
     annotated = time.monotonic()  # no earlier than the annotation changes
     kubectl.run("patch", "aresjobs", "pause", "--type=json", "-p",
                 f'[{{"op": "add", "path": "/spec/devices/1/split", "value": {new}}}]')
-    wait_for("b's annotation", lambda: j.pods()["pause-b"]["metadata"]["annotations"]["ares.io/split-point"] == str(new))
+    wait_for(lambda: j.pods()["pause-b"]["metadata"]["annotations"]["ares.io/split-point"] == str(new),
+             30, "b's annotation", interval=0.2)
     split_file = kubelet.volume_dir("pause-b", "podinfo") / "split-point"
-    wait_for("b's file", lambda: split_file.read_text() == str(new), timeout=60)
+    wait_for(lambda: split_file.read_text() == str(new), 60, "b's file", interval=0.2)
     landed = time.monotonic() - annotated
     assert landed >= DOWNWARD_DELAY_S, landed  # the file did not change before the delay
-    wait_for("b training with the new split", lambda: j.status()["devices"]["b"].get("split") == new
-             and kubelet.log("pause-b").count(f" split {new}:") > rounds_with_new, timeout=60)
+    wait_for(lambda: j.status()["devices"]["b"].get("split") == new
+             and kubelet.log("pause-b").count(f" split {new}:") > rounds_with_new,
+             60, "b training with the new split", interval=0.2)
     sys.__stdout__.write(f"\nannotation -> file {landed:.1f} s -> device trains with it {time.monotonic() - annotated:.1f} s\n")
 
     # suspend: no pods, the checkpoint stays; phase Suspended, condition Suspended=True
     kubectl.run("patch", "aresjobs", "pause", "--type=merge", "-p", '{"spec": {"runPolicy": {"suspend": true}}}')
-    wait_for("no pods", lambda: not j.pods(), timeout=30)
-    wait_for("Suspended", lambda: j.status().get("phase") == "Suspended")
+    wait_for(lambda: not j.pods(), 30, "no pods", interval=0.2)
+    wait_for(lambda: j.status().get("phase") == "Suspended", 30, "Suspended", interval=0.2)
     assert j.condition("Suspended")["status"] == "True"
     uid = kubectl.json("get", "aresjobs", "pause")["metadata"]["uid"]
     ckpt = kubelet.root / "host" / "var/lib/ares/checkpoints" / kubectl.json("get", "aresjobs", "pause")["metadata"]["namespace"] / f"pause-{uid}"
@@ -171,8 +174,8 @@ def test_delayed_split_suspend_resume_deadline_namesake(server_port, kubelet, op
 
     # resume: the new server continues from the checkpoint
     kubectl.run("patch", "aresjobs", "pause", "--type=merge", "-p", '{"spec": {"runPolicy": {"suspend": false}}}')
-    resumed = wait_for("resumed from the checkpoint", lambda: re.findall(
-        r"resumed from checkpoint at round (\d+)", kubelet.log("pause-server")), timeout=90)
+    resumed = wait_for(lambda: re.findall(r"resumed from checkpoint at round (\d+)", kubelet.log("pause-server")),
+                       90, "resumed from the checkpoint", interval=0.2)
     assert int(resumed[-1]) == saved
     assert j.condition("Suspended")["status"] == "False" and j.condition("Suspended")["reason"] == "JobResumed"
 
@@ -180,13 +183,15 @@ def test_delayed_split_suspend_resume_deadline_namesake(server_port, kubelet, op
     kubectl.run("patch", "aresjobs", "pause", "--type=merge", "-p", '{"spec": {"runPolicy": {"activeDeadlineSeconds": 2}}}')
     final = j.ended(timeout=30)
     assert final["phase"] == "Failed" and j.condition("Failed")["reason"] == "DeadlineExceeded"
-    wait_for("no running pods", lambda: not [p for p in j.pods().values() if p["status"].get("phase") == "Running"])
+    wait_for(lambda: not [p for p in j.pods().values() if p["status"].get("phase") == "Running"],
+             30, "no running pods", interval=0.2)
 
     # deleted and re-created under the same name: round 0, nothing resumed
     kubectl.run("delete", "aresjobs", "pause")
     kubectl.run("apply", "-f", "-", stdin=job("pause", rounds=200))
-    wait_for("the new job's server", lambda: j.running("pause-server"), timeout=120)
-    wait_for("its first status", lambda: "round" in j.status() and j.status().get("phase") == "Running", timeout=120)
+    wait_for(lambda: j.running("pause-server"), 120, "the new job's server", interval=0.2)
+    wait_for(lambda: "round" in j.status() and j.status().get("phase") == "Running",
+             120, "its first status", interval=0.2)
     assert j.status()["round"] <= 1
     assert "resumed from checkpoint" not in kubelet.log("pause-server")
 

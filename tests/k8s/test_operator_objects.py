@@ -7,7 +7,8 @@ import base64
 import pytest
 import yaml
 
-from conftest import ROOT, example_job as _job, wait_for
+from tests.conftest import ROOT, wait_for
+from tests.k8s.k8s_jobs import example_job as _job
 
 pytestmark = pytest.mark.k8s
 JOB = ROOT / "examples" / "job.yaml"
@@ -20,7 +21,8 @@ def _pods(kubectl):
 def test_example_job_creates_its_children(kubectl, operator):
     kubectl.run("apply", "-f", str(JOB))
     names = {"vgg5-demo-server", "vgg5-demo-nano-maxn", "vgg5-demo-nano-5w", "vgg5-demo-pi"}
-    pods = wait_for("the server and three device pods", lambda: (p := _pods(kubectl)) and names <= set(p) and p)
+    pods = wait_for(lambda: (p := _pods(kubectl)) and names <= set(p) and p,
+                    30, "the server and three device pods", interval=0.2)
     job = kubectl.json("get", "aresjobs", "vgg5-demo")
     uid = job["metadata"]["uid"]
 
@@ -71,7 +73,8 @@ def test_example_job_creates_its_children(kubectl, operator):
     assert "nvpmodel" not in {v["name"] for v in pi["spec"]["volumes"]}
 
     # kubectl shows the printer columns with real values (no kubelet here: the pods never run).
-    row = wait_for("a status", lambda: (rows := kubectl.table("aresjobs")) and rows[0]["PHASE"] and rows[0])
+    row = wait_for(lambda: (rows := kubectl.table("aresjobs")) and rows[0]["PHASE"] and rows[0],
+                   30, "a status", interval=0.2)
     assert row["NAME"] == "vgg5-demo" and row["PHASE"] == "Pending"
     assert row["ROUND"] == "0/20" and row["DEVICES"] == "0/3"
     wide = kubectl.table("ares", "-o", "wide")[0]
@@ -82,16 +85,18 @@ def test_example_job_creates_its_children(kubectl, operator):
                 '[{"op": "replace", "path": "/spec/devices/1/powerMode", "value": "MAXN"},'
                 ' {"op": "add", "path": "/spec/devices/1/split", "value": 2},'
                 ' {"op": "add", "path": "/spec/devices/2/bandwidth", "value": "5mbit"}]')
-    wait_for("the new annotations", lambda: (
+    wait_for(lambda: (
         (a := _pods(kubectl)["vgg5-demo-nano-5w"]["metadata"]["annotations"])["ares.io/power-mode"] == "MAXN"
         and a["ares.io/split-point"] == "2"
-        and _pods(kubectl)["vgg5-demo-pi"]["metadata"]["annotations"]["ares.io/bandwidth"] == "5mbit"))
+        and _pods(kubectl)["vgg5-demo-pi"]["metadata"]["annotations"]["ares.io/bandwidth"] == "5mbit"),
+             30, "the new annotations", interval=0.2)
 
     # Deleting the job collects what it owned (no kubelet runs here: bound pods stay Terminating
     # until their node confirms, so the test checks that deletion was asked for).
     kubectl.run("delete", "aresjobs", "vgg5-demo")
-    wait_for("the children to go", lambda: not kubectl.json("get", "secrets")["items"]
-             and all(p["metadata"].get("deletionTimestamp") for p in _pods(kubectl).values()), timeout=60)
+    wait_for(lambda: not kubectl.json("get", "secrets")["items"]
+             and all(p["metadata"].get("deletionTimestamp") for p in _pods(kubectl).values()),
+             60, "the children to go", interval=0.2)
 
 
 @pytest.mark.parametrize("changes, error", [
@@ -111,11 +116,11 @@ def test_operator_fails_what_a_schema_cannot_say(kubectl, operator):
     job = _job("too-deep", model="vgg11")
     job["spec"]["runPolicy"]["ttlSecondsAfterFinished"] = 2
     kubectl.run("apply", "-f", "-", stdin=yaml.safe_dump(job))
-    job = wait_for("phase Failed", lambda: (j := kubectl.json("get", "aresjobs", "too-deep"))
-                   .get("status", {}).get("phase") == "Failed" and j)
+    job = wait_for(lambda: (j := kubectl.json("get", "aresjobs", "too-deep"))
+                   .get("status", {}).get("phase") == "Failed" and j, 30, "phase Failed", interval=0.2)
     failed = {c["type"]: c for c in job["status"]["conditions"]}
     assert failed["SpecValid"]["status"] == "False" and failed["SpecValid"]["reason"] == "InvalidSpec"
     assert "unknown model 'vgg11'; known models: resnet18, vgg5" in failed["SpecValid"]["message"]
     assert kubectl.json("get", "pods")["items"] == [] and kubectl.json("get", "secrets")["items"] == []
     # runPolicy.ttlSecondsAfterFinished: the finished job is deleted.
-    wait_for("the job to expire", lambda: kubectl.json("get", "aresjobs")["items"] == [], timeout=30)
+    wait_for(lambda: kubectl.json("get", "aresjobs")["items"] == [], 30, "the job to expire", interval=0.2)

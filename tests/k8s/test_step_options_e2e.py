@@ -16,7 +16,7 @@ import sys
 import pytest
 import yaml
 
-from conftest import wait_for
+from tests.conftest import wait_for
 
 pytestmark = [pytest.mark.k8s, pytest.mark.slow]
 DEVICES = ("a", "b")
@@ -59,15 +59,16 @@ def last_options_read(kubelet, pod: str) -> dict | None:
 
 def end(kubectl, name: str) -> None:
     kubectl.run("delete", "aresjobs", name, "--wait=true")
-    wait_for(f"{name}'s pods gone", lambda: not kubectl.json("get", "pods", "-l", f"ares.io/job={name}")["items"],
-             timeout=60)
+    wait_for(lambda: not kubectl.json("get", "pods", "-l", f"ares.io/job={name}")["items"],
+             60, f"{name}'s pods gone", interval=0.2)
 
 
 def test_an_offer_reaches_the_devices_as_step_options(server_port, kubelet, operator, kubectl):
     # 1. With an offer: from the start each pod carries the job's own options, projected as a file.
     kubectl.run("apply", "-f", "-", stdin=job("offered", {"codecs": ["int8"], "microBatches": [2]}))
     own = {"codec": "fp32", "micro_batches": 1}
-    wait_for("the offered job's device pods", lambda: set(annotations(kubectl, "offered")) == set(DEVICES))
+    wait_for(lambda: set(annotations(kubectl, "offered")) == set(DEVICES),
+             30, "the offered job's device pods", interval=0.2)
     assert {d: json.loads(a[OPTIONS]) for d, a in annotations(kubectl, "offered").items()} == dict.fromkeys(DEVICES, own)
 
     # The plan's choice per device (in the condition, on the pod, in the projected file) is what the device reads.
@@ -87,8 +88,8 @@ def test_an_offer_reaches_the_devices_as_step_options(server_port, kubelet, oper
             if last_options_read(kubelet, f"offered-{d}") != planned[d]:
                 return None
         return planned
-    planned = wait_for("the plan's step options on the pods, in their files and read by the devices",
-                       consistent, timeout=180)
+    planned = wait_for(consistent, 180, "the plan's step options on the pods, in their files and read by the devices",
+                       interval=0.2)
     sys.__stdout__.write(f"\nplanned step options: {planned}\n")  # kopf captures sys.stdout
     assert all((p["codec"], p["micro_batches"]) in {("fp32", 1), ("fp32", 2), ("int8", 1), ("int8", 2)}
                for p in planned.values())
@@ -96,7 +97,7 @@ def test_an_offer_reaches_the_devices_as_step_options(server_port, kubelet, oper
 
     # 2. Without an offer: a plan, splits on the pods, and no options anywhere.
     kubectl.run("apply", "-f", "-", stdin=job("plain"))
-    message = wait_for("the plain job's plan", lambda: plan_message(kubectl, "plain"), timeout=180)
+    message = wait_for(lambda: plan_message(kubectl, "plain"), 180, "the plain job's plan", interval=0.2)
     assert "step options" not in message
     pods = annotations(kubectl, "plain")
     assert set(pods) == set(DEVICES) and all("ares.io/split-point" in a and OPTIONS not in a for a in pods.values())

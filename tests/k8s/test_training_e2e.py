@@ -19,7 +19,7 @@ import yaml
 from ares.core import pki
 from ares.runtime.controller import fetch_status
 from ares.runtime.tlsclient import ClientTls
-from conftest import ROOT, wait_for
+from tests.conftest import ROOT, wait_for
 
 pytestmark = [pytest.mark.k8s, pytest.mark.slow]
 DEVICES = ("nano-maxn", "nano-5w", "pi")
@@ -49,8 +49,8 @@ def test_applied_job_trains_to_success(server_port, kubelet, operator, kubectl, 
 
     # It trains: kubectl shows the round advancing and an accuracy. (Running is set on a tick that
     # finds the server training: under load every tick may fall between rounds until round 1.)
-    wait_for("round 1, Running", lambda: (s := status()).get("round", 0) >= 1 and s.get("phase") == "Running",
-             timeout=180)
+    wait_for(lambda: (s := status()).get("round", 0) >= 1 and s.get("phase") == "Running",
+             180, "round 1, Running", interval=0.2)
     row = kubectl.table("aresjobs")[0]
     assert row["PHASE"] == "Running" and row["ROUND"].endswith("/20") and float(row["ACCURACY"]) >= 0
 
@@ -66,26 +66,26 @@ def test_applied_job_trains_to_success(server_port, kubelet, operator, kubectl, 
         plain.get(f"http://127.0.0.1:{server_port}/healthz", timeout=5)
 
     # The optimiser's plan is on the pods, and device processes train with it.
-    wait_for("a split plan", lambda: {c["type"]: c["status"] for c in status().get("conditions", [])}
-             .get("SplitsApplied") == "True")
+    wait_for(lambda: {c["type"]: c["status"] for c in status().get("conditions", [])}
+             .get("SplitsApplied") == "True", 30, "a split plan", interval=0.2)
     def picked_up():
         message = conds()["SplitsApplied"]["message"]  # "splits nano-5w=2, nano-maxn=3, pi=1"
         plan = {d: int(s) for d, s in (kv.split("=") for kv in message.removeprefix("splits ").split(", "))}
         annotated = {d: int(pods()[f"vgg5-demo-{d}"]["metadata"]["annotations"]["ares.io/split-point"]) for d in plan}
         reported = {d: s.split for d, s in server().devices.items()}
         return annotated == plan and [d for d in plan if reported[d] == plan[d]]
-    wait_for("a device training with the optimiser's split", picked_up, timeout=60)
+    wait_for(picked_up, 60, "a device training with the optimiser's split", interval=0.2)
 
     # A device dies mid-run: its pod is replaced, a round closes without it, and it rejoins.
     old_pi = pods()["vgg5-demo-pi"]["metadata"]["uid"]
-    kill_round = wait_for("pi in the middle of a round", lambda: (s := server()).devices["pi"].phase == "training"
-                          and str(s.round), every=0.05)
+    kill_round = wait_for(lambda: (s := server()).devices["pi"].phase == "training"
+                          and str(s.round), 30, "pi in the middle of a round", interval=0.05)
     kill_round = int(kill_round)
     kubelet.kill("vgg5-demo-pi")
-    wait_for("pi's replacement", lambda: (p := pods().get("vgg5-demo-pi")) and p["metadata"]["uid"] != old_pi
-             and p.get("status", {}).get("phase") == "Running", timeout=30)
+    wait_for(lambda: (p := pods().get("vgg5-demo-pi")) and p["metadata"]["uid"] != old_pi
+             and p.get("status", {}).get("phase") == "Running", 30, "pi's replacement", interval=0.2)
     assert status()["devices"]["pi"]["restarts"] == 1
-    wait_for("pi back in training", lambda: (server().devices["pi"].last_round or 0) > kill_round, timeout=90)
+    wait_for(lambda: (server().devices["pi"].last_round or 0) > kill_round, 90, "pi back in training", interval=0.2)
     closed = re.findall(r"round (\d+) closed \(.*\): accuracy [0-9.]+, (\d)/3 devices", kubelet.log("vgg5-demo-server"))
     assert any(int(r) >= kill_round and n == "2" for r, n in closed), closed
 
@@ -95,7 +95,7 @@ def test_applied_job_trains_to_success(server_port, kubelet, operator, kubectl, 
     certificates = tls_secret()
     operator.restart()
     round_now = status()["round"]
-    wait_for("a round after the restart", lambda: status().get("round", 0) > round_now, timeout=60)
+    wait_for(lambda: status().get("round", 0) > round_now, 60, "a round after the restart", interval=0.2)
     assert {n: p["metadata"]["uid"] for n, p in pods().items()} == before
     assert kubectl.json("get", "secret", "vgg5-demo-tokens")["data"] == secret
     assert tls_secret() == certificates  # made once: a resumed operator never re-issues
@@ -104,13 +104,14 @@ def test_applied_job_trains_to_success(server_port, kubelet, operator, kubectl, 
     old_server = pods()["vgg5-demo-server"]["metadata"]["uid"]
     server_round = status()["round"]
     kubelet.kill("vgg5-demo-server")
-    wait_for("the server's replacement", lambda: (p := pods().get("vgg5-demo-server"))
-             and p["metadata"]["uid"] != old_server and p.get("status", {}).get("phase") == "Running", timeout=30)
-    resumed = wait_for("the new server resuming", lambda: re.findall(
-        r"resumed from checkpoint at round (\d+)", kubelet.log("vgg5-demo-server")), timeout=60)
+    wait_for(lambda: (p := pods().get("vgg5-demo-server"))
+             and p["metadata"]["uid"] != old_server and p.get("status", {}).get("phase") == "Running",
+             30, "the server's replacement", interval=0.2)
+    resumed = wait_for(lambda: re.findall(r"resumed from checkpoint at round (\d+)", kubelet.log("vgg5-demo-server")),
+                       60, "the new server resuming", interval=0.2)
     assert int(resumed[-1]) >= server_round
 
-    final = wait_for("the end", lambda: (s := status()).get("phase") in ("Succeeded", "Failed") and s, timeout=90)
+    final = wait_for(lambda: (s := status()).get("phase") in ("Succeeded", "Failed") and s, 90, "the end", interval=0.2)
     assert final["phase"] == "Succeeded", final.get("conditions")
     row = kubectl.table("aresjobs")[0]
     assert row["PHASE"] == "Succeeded" and row["ROUND"] == "20/20" and 0 <= float(row["ACCURACY"]) <= 1
@@ -128,7 +129,8 @@ def test_applied_job_trains_to_success(server_port, kubelet, operator, kubectl, 
     # A spec edit after the end is still observed.
     kubectl.run("patch", "aresjob", "vgg5-demo", "--type=json", "-p",
                 '[{"op": "replace", "path": "/spec/devices/1/powerMode", "value": "MAXN"}]')
-    wait_for("observedGeneration to follow", lambda: status().get("observedGeneration") == job()["metadata"]["generation"])
+    wait_for(lambda: status().get("observedGeneration") == job()["metadata"]["generation"],
+             30, "observedGeneration to follow", interval=0.2)
     # Every call the operator made was allowed by the chart's RBAC.
     operator.stop()
     assert "forbidden" not in operator.output.lower()
