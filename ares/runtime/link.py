@@ -45,11 +45,11 @@ class StepResult:
     grad: torch.Tensor
     loss: float
     server_s: float      # server compute, from Server-Timing
-    up_s: float          # time to move the activations (round trip minus server compute minus download)
+    up_s: float          # time to move the activations (to the response head, less the server's hold)
     down_s: float        # time to move the gradient
     up_bytes: int
     down_bytes: int
-    up_span: tuple[float, float] = (0.0, 0.0)    # perf_counter: request start .. its body handed over
+    up_span: tuple[float, float] = (0.0, 0.0)    # perf_counter: request start .. its body at the server
     down_span: tuple[float, float] = (0.0, 0.0)  # response headers .. its body read
 
 
@@ -132,18 +132,20 @@ def _unreachable_is_503(method):
     return wrapper
 
 
-def _server_seconds(header: Optional[str]) -> float:
-    """Parse `Server-Timing: compute;dur=12.3` (milliseconds)."""
-    if not header:
-        return 0.0
-    for part in header.split(";"):
-        part = part.strip()
-        if part.startswith("dur="):
-            try:
-                return float(part[4:]) / 1000.0
-            except ValueError:
-                return 0.0
-    return 0.0
+def _server_timing(header: Optional[str]) -> dict[str, float]:
+    """`Server-Timing: compute;dur=12.3, held;dur=15.0` as seconds by name (milliseconds on the wire)."""
+    found: dict[str, float] = {}
+    for metric in (header or "").split(","):
+        name, *params = [part.strip() for part in metric.split(";")]
+        for param in params:
+            if param.startswith("dur="):
+                try:
+                    value = float(param[4:]) / 1000.0
+                except ValueError:
+                    continue
+                if 0 <= value < float("inf"):
+                    found[name] = value
+    return found
 
 
 class HttpLink:
@@ -192,28 +194,21 @@ class HttpLink:
 
     @_unreachable_is_503
     def _send(self, path: str, tensors: dict[str, torch.Tensor], meta: dict,
-              params: Optional[dict] = None, sent_at: Optional[list[float]] = None,
-              ) -> tuple[httpx.Response, bytearray, float, float, int]:
-        """Stream a bundle up, read the reply; returns (response, body, t_headers, t_body, bytes up).
-        `sent_at` receives the perf_counter time at which the whole body was handed over."""
+              params: Optional[dict] = None) -> tuple[httpx.Response, bytearray, tuple[float, float, float], int]:
+        """Stream a bundle up, read the reply; returns (response, body, times as in `_exchange`, bytes up)."""
         self.rate.refresh()
         # uncapped, each chunk is one 1 MiB DATA frame (the server's frame size): a quarter of
         # the pieces granian hands to Python one by one; capped, small chunks pace smoothly
         total, chunks = wire.encode_chunks(tensors, meta, wire.CHUNK if self.rate.rate("up") else UNPACED_CHUNK)
-        def upload() -> Iterator[bytes]:
-            yield from self.rate.paced(chunks, "up")
-            if sent_at is not None:
-                sent_at.append(time.perf_counter())  # the whole body is with the transport
-
-        request = self.client.build_request("POST", path, params=params, content=upload(),
+        request = self.client.build_request("POST", path, params=params, content=self.rate.paced(chunks, "up"),
                                             headers={"Content-Length": str(total), "Content-Type": "application/x-ares-bundle"})
-        response, body, t_head, t_body = self._exchange(request)
-        return response, body, t_head, t_body, total
+        response, body, times = self._exchange(request)
+        return response, body, times, total
 
-    def _exchange(self, request: httpx.Request) -> tuple[httpx.Response, bytearray, float, float]:
+    def _exchange(self, request: httpx.Request) -> tuple[httpx.Response, bytearray, tuple[float, float, float]]:
         """Send a request and read its reply through the link's downlink pacing (every byte the
-        server sends: gradients and the join's weights); returns (response, body, t_headers,
-        t_body); LinkError on an error status."""
+        server sends: gradients and the join's weights); returns (response, body, perf_counter
+        times of (request start, response head, body read)); LinkError on an error status."""
         t0 = time.perf_counter()
         response = self.client.send(request, stream=True)
         t1 = time.perf_counter()
@@ -230,7 +225,7 @@ class HttpLink:
             except ValueError:
                 message = bytes(body[:200]).decode(errors="replace")
             raise LinkError(response.status_code, str(message))
-        return response, body, t1 - t0, t2 - t1
+        return response, body, (t0, t1, t2)
 
     def step(self, round_index: int, split: int, x: torch.Tensor, y: torch.Tensor, codec: str = "fp32",
              micro: int = 0, micros: int = 1, total: Optional[int] = None) -> StepResult:
@@ -239,21 +234,22 @@ class HttpLink:
         params = {"round": round_index, "split": split}
         if micros > 1:
             params.update(micro=micro, micros=micros, total=len(y) if total is None else total)
-        t_start = time.perf_counter()
-        sent_holder: list[float] = []
-        response, body, t_head, t_body, up_bytes = self._send(
-            f"/v1/devices/{self.device}/step", {**codecs.pack("x", x, codec), "y": y}, {}, params=params,
-            sent_at=sent_holder)
-        server_s = _server_seconds(response.headers.get("server-timing"))
+        response, body, (t0, t_head, t_end), up_bytes = self._send(
+            f"/v1/devices/{self.device}/step", {**codecs.pack("x", x, codec), "y": y}, {}, params=params)
+        timing = _server_timing(response.headers.get("server-timing"))
+        server_s = timing.get("compute", 0.0)
         bundle = wire.decode(body)
         names = codecs.names(bundle.tensors, "grad")
         if set(bundle.tensors) != names:
             raise LinkError(502, f"step reply holds {sorted(bundle.tensors)}, expected {sorted(names)}")
         grad = codecs.unpack(bundle.tensors, "grad", tuple(x.shape))
-        t_end = t_start + t_head + t_body
-        return StepResult(grad, float(bundle.meta.get("loss", float("nan"))),
-                          server_s, max(t_head - server_s, 1e-6), max(t_body, 1e-6), up_bytes, len(body),
-                          (t_start, sent_holder[0] if sent_holder else t_start), (t_start + t_head, t_end))
+        # The upload ended when the server had the whole body: the reply's head less the time the
+        # server held it. Not when the body was handed to the socket: the kernel takes a small
+        # body at once, and a 0.4 MB int8 step then seemed to cross a 20 Mbit/s link at 200.
+        held = min(max(timing.get("held", server_s), server_s), t_head - t0)
+        up_end = max(t_head - held, t0 + 1e-6)
+        return StepResult(grad, float(bundle.meta.get("loss", float("nan"))), server_s, up_end - t0,
+                          max(t_end - t_head, 1e-6), up_bytes, len(body), (t0, up_end), (t_head, t_end))
 
     def upload(self, report: DeviceReport, weights: dict[str, torch.Tensor]) -> None:
         self._send(f"/v1/devices/{self.device}/update", weights, report.model_dump(mode="json"))

@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import time
 from typing import Annotated, Optional
 
 from anyio import to_thread
@@ -168,9 +169,14 @@ def create_app(cfg: ServerConfig, trainer: Optional[TrainingServer] = None, tick
     async def step(name: str, round: int, split: int, request: Request, budget: Budget,
                    micro: int = 0, micros: int = 1, total: Optional[int] = None) -> Response:
         body = await budget.read_body(request, limit)
+        arrived = time.perf_counter()
         reply, seconds = await to_thread.run_sync(
             lambda: _step(srv(), name, body, limit, round, split, micro, micros, total))
-        return Response(reply, media_type=BUNDLE, headers={"Server-Timing": f"compute;dur={seconds * 1000:.3f}"})
+        # `held`: from the whole body here to the reply (decode, its turn among micro-batches, compute,
+        # encode), so the device can tell when its upload really ended (ares.runtime.link)
+        held = time.perf_counter() - arrived
+        return Response(reply, media_type=BUNDLE,
+                        headers={"Server-Timing": f"compute;dur={seconds * 1000:.3f}, held;dur={held * 1000:.3f}"})
 
     @app.post("/v1/devices/{name}/update")
     async def update(name: str, request: Request, budget: Budget) -> JSONResponse:
