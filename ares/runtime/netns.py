@@ -116,6 +116,11 @@ class DeviceNamespace:
         _ip("-n", p.namespace, "addr", "add", f"{p.device_addr}/{p.prefix_len}", "dev", p.device_if)
         _ip("-n", p.namespace, "link", "set", p.device_if, "up")
         _ip("-n", p.namespace, "link", "set", "lo", "up")
+        # One packet per segment through the shaper: with GSO a veth hands htb 64 KB super-packets,
+        # each sent whole on the tokens of the moment, so every transfer after an idle moment got
+        # ~40 KB through at once (a 100 KB reply crossed a 4 Mbit/s link at 6)
+        _ip("link", "set", "dev", p.host_if, "gso_max_segs", "1")
+        _ip("-n", p.namespace, "link", "set", "dev", p.device_if, "gso_max_segs", "1")
 
     def teardown(self) -> None:
         """Remove the namespace and the veth pair; fine to call when they are absent."""

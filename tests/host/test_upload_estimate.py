@@ -1,10 +1,11 @@
-"""A device's uplink estimate holds on a tc-shaped link with pipelined, small int8 steps.
+"""A device's link estimates hold on a tc-shaped link with pipelined, small int8 steps.
 
 Each micro-batch's body (~100 KB) fits in the kernel's socket buffer, so the time the client
 takes to hand it over says nothing of the link: the estimate came out ~10x the shaped rate
 (`ares bench paper5`: 215 Mbit/s on 20), and the controller then moved the device to the split
 with the largest activations. The upload ends when the server has the body (Server-Timing
-`held`, ares/runtime/link.py)."""
+`held`, ares/runtime/link.py). The downlink read 1.5x: the veth's GSO let htb send 64 KB at
+once after every pause (ares/runtime/netns.py now sets gso_max_segs 1)."""
 
 from __future__ import annotations
 
@@ -16,29 +17,30 @@ from tests.conftest import small_config, token, wait_for
 from tests.integration.test_faults import Devices
 
 pytestmark = [pytest.mark.host]
-UP_KBIT = 4000  # 500 KB/s: a 0.4 MB int8 batch takes ~0.8 s up
+KBIT = 4000  # each way, 500 KB/s: a 0.4 MB int8 batch takes ~0.8 s up and again down
 
 
 @pytest.mark.ns_index(243)
-def test_pipelined_int8_steps_measure_the_shaped_uplink(tmp_path, device_ns, server_process):
+def test_pipelined_int8_steps_measure_the_shaped_link_both_ways(tmp_path, device_ns, server_process):
     p = device_ns.plan
     cfg = small_config(tmp_path, rounds=4, batch_size=100, max_steps_per_round=3).model_copy(
         update={"host": "0.0.0.0", "round_gap_s": 0.2,
                 "data": DataConfig(name="synthetic", synthetic_train=400, synthetic_test=100, seed=1)})
     server = server_process(cfg)
-    device_ns.shape(up=f"{UP_KBIT}kbit")
+    device_ns.shape(up=f"{KBIT}kbit", down=f"{KBIT}kbit")
     fleet = Devices(tmp_path, cfg, url=f"http://{p.host_addr}:{cfg.port}")
     auth = {"Authorization": f"Bearer {token(cfg, CONTROLLER_TOKEN_NAME)}"}
 
-    def up_bps():
-        devices = httpx.get(f"{server.url}/v1/telemetry", headers=auth, timeout=5).json()["devices"]
-        return devices[0]["up_bps"] if devices[0]["iterations"] and devices[0]["round_s"] else None
+    def rates():
+        dev = httpx.get(f"{server.url}/v1/telemetry", headers=auth, timeout=5).json()["devices"][0]
+        return (dev["up_bps"], dev["down_bps"]) if dev["iterations"] and dev["round_s"] else None
 
     try:
         fleet.start("dev-a", split=3, wrap=device_ns.exec_args, extra=["--micro-batches", "4", "--codec", "int8"])
         wait_for(lambda: (httpx.get(f"{server.url}/healthz", timeout=5).json()["round"] >= 2), 180, "round 2")
-        measured = wait_for(up_bps, 30, "dev-a's uplink estimate in the telemetry")
+        up, down = wait_for(rates, 30, "dev-a's link estimates in the telemetry")
     finally:
         fleet.stop()
-    # TCP and HTTP/2 framing take a few percent of the rate; handing bodies to the socket read 10x
-    assert 0.6 * UP_KBIT * 125 < measured < 1.3 * UP_KBIT * 125, measured
+    # TCP and HTTP/2 framing take a few percent of the rate; handing bodies to the socket read 39x
+    assert 0.6 * KBIT * 125 < up < 1.3 * KBIT * 125, up
+    assert 0.6 * KBIT * 125 < down < 1.3 * KBIT * 125, down
