@@ -186,13 +186,14 @@ class Cluster:
             time.sleep(0.2)
         raise TimeoutError(f"server not healthy after {timeout_s:.0f} s; see {self.root / 'logs' / 'server.log'}")
 
-    def stop(self) -> None:
+    def stop(self, grace_s: float = 10.0) -> None:
+        """SIGTERM everything; whatever has not exited after `grace_s` loses its whole group."""
         for proc in self.procs.values():
             if proc.poll() is None:
                 proc.terminate()
         for proc in self.procs.values():
             try:
-                proc.wait(timeout=10)
+                proc.wait(timeout=grace_s)
             except subprocess.TimeoutExpired:
                 # the whole group: a SIGKILLed granian leaves its worker serving the port
                 with contextlib.suppress(ProcessLookupError):

@@ -17,9 +17,9 @@ from tests.conftest import wait_for
 pytestmark = pytest.mark.slow
 
 
-# Five rounds at the full lr (decay after round 5, as in a 10-round run): the easy set is learnt by
-# round 2-3 in every mode (0.92, then 0.997), so rounds 5-9 showed nothing more.
-ROUNDS = 5
+# Four rounds at the full lr (decay after round 5, as in a 10-round run): the easy set is learnt by
+# round 2-3 in every mode (0.92, then 0.997), so rounds 4-9 showed nothing more.
+ROUNDS = 4
 
 
 def config(tmp: Path, mode: str, devices, rounds: int = ROUNDS, **kw) -> RunConfig:
@@ -61,7 +61,9 @@ def test_three_devices_learn_within_ten_rounds(tmp_path, mode, devices, splits):
     else:
         assert sorted(first.values()) == [1, 3, 5]  # different splits per device, as written
     assert all(int(r["samples"]) == 200 for r in per_device)
-    assert json.loads((root / "summary.json").read_text())["final_accuracy"] == pytest.approx(float(rounds[-1]["accuracy"]))
+    # rounds.csv keeps four decimals
+    assert json.loads((root / "summary.json").read_text())["final_accuracy"] == pytest.approx(
+        float(rounds[-1]["accuracy"]), abs=5e-5)
     assert (root / "run.png").stat().st_size > 10_000
 
 
@@ -106,7 +108,7 @@ def test_stopping_a_run_frees_the_port_even_while_a_client_holds_a_connection(tm
         assert holder.get(f"{cluster.url}/healthz").status_code == 200  # an open HTTP/2 connection
         server = cluster.procs["server"]
     finally:
-        cluster.stop()
+        cluster.stop(grace_s=1.0)  # the held connection keeps granian past any grace: no need to wait 10 s
     def group_gone() -> bool:
         try:
             os.killpg(server.pid, 0)  # a killed worker lingers as a zombie until init reaps it
