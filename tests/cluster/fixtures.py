@@ -69,20 +69,24 @@ def control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlP
         if os.environ.get("CI"):
             raise  # .ci/run builds it: in CI a missing control plane is a failure, not a skip
         pytest.skip(str(exc))
-    cp = ControlPlane(tmp_path_factory.mktemp("control-plane"), bin=binaries)
+    cp = ControlPlane(tmp_path_factory.mktemp("control-plane"), bin=binaries, before_controllers=_install_chart)
     with cp:
-        env = tool_env(cp.bin, cp.admin_kubeconfig)
-        # The chart, as a user installs it; `--wait` is not used: no controller runs Deployments here.
-        proc = subprocess.run(["helm", "install", "ares", str(ROOT / "charts" / "ares"), "-n", OPERATOR_NS,
-                               "--create-namespace"], env=env, capture_output=True, text=True, timeout=120)
-        assert proc.returncode == 0, proc.stderr
-        subprocess.run(["kubectl", "wait", "--for=condition=Established", "--timeout=60s",
-                        "crd/aresjobs.ares.io"], env=env, check=True, capture_output=True, timeout=90)
-        # What a k3s cluster with the NVIDIA container toolkit has: the runtime class Jetson pods name.
-        subprocess.run(["kubectl", "apply", "-f", "-"], env=env, check=True, capture_output=True, timeout=60,
-                       input="apiVersion: node.k8s.io/v1\nkind: RuntimeClass\nmetadata: {name: nvidia}\nhandler: nvidia\n",
-                       text=True)
         yield cp
+
+
+def _install_chart(cp: ControlPlane) -> None:
+    """Before the controllers start, so that the garbage collector knows aresjobs from its start."""
+    env = tool_env(cp.bin, cp.admin_kubeconfig)
+    # The chart, as a user installs it; `--wait` is not used: no controller runs Deployments here.
+    proc = subprocess.run(["helm", "install", "ares", str(ROOT / "charts" / "ares"), "-n", OPERATOR_NS,
+                           "--create-namespace"], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    subprocess.run(["kubectl", "wait", "--for=condition=Established", "--timeout=60s",
+                    "crd/aresjobs.ares.io"], env=env, check=True, capture_output=True, timeout=90)
+    # What a k3s cluster with the NVIDIA container toolkit has: the runtime class Jetson pods name.
+    subprocess.run(["kubectl", "apply", "-f", "-"], env=env, check=True, capture_output=True, timeout=60,
+                   input="apiVersion: node.k8s.io/v1\nkind: RuntimeClass\nmetadata: {name: nvidia}\nhandler: nvidia\n",
+                   text=True)
 
 
 @pytest.fixture
