@@ -17,6 +17,7 @@ import pytest
 
 from ares.runtime.hostscripts import hostscript
 from ares.runtime.netns import DeviceNamespace, NetnsError, plan
+from tests.host.conftest import payload_mbit
 
 SECONDS = 3.0
 TRANSFER = str(Path(__file__).with_name("transfer.py"))
@@ -46,16 +47,16 @@ def download(measure_mbit):
 @pytest.mark.ns_index(210)
 def test_upload_cap_follows_rate_changes(device_ns, upload):
     device_ns.shape(up="20mbit")
-    assert upload(device_ns) == pytest.approx(20, rel=0.10)
+    assert upload(device_ns) == pytest.approx(payload_mbit(20), rel=0.10)
     device_ns.shape(up="8mbit")  # changed while the qdisc is in place
-    assert upload(device_ns) == pytest.approx(8, rel=0.10)
+    assert upload(device_ns) == pytest.approx(payload_mbit(8), rel=0.10)
 
 
 @pytest.mark.host
 @pytest.mark.ns_index(211)
 def test_download_cap_is_independent_of_upload(device_ns, download):
     device_ns.shape(up="20mbit", down="8Mbit")
-    assert download(device_ns) == pytest.approx(8, rel=0.10)
+    assert download(device_ns) == pytest.approx(payload_mbit(8), rel=0.10)
 
 
 @pytest.mark.host
@@ -202,8 +203,8 @@ def test_shared_rate_link_splits_one_rate_between_directions(device_ns, upload, 
 
     device_ns.shape_shared(16000)
     device_ns.shape_shared(16000)  # idempotent
-    assert upload(device_ns, seconds=2.0) == pytest.approx(16, rel=0.10)
-    assert download(device_ns, seconds=2.0) == pytest.approx(16, rel=0.10)
+    assert upload(device_ns, seconds=2.0) == pytest.approx(payload_mbit(16), rel=0.10)
+    assert download(device_ns, seconds=2.0) == pytest.approx(payload_mbit(16), rel=0.10)
     up, down = both()
     # one rate for the two directions (the two transfers start a few 100 ms apart, and each has the
     # link alone for that while: so a margin above 16, still well under full duplex's ~2 x 16)

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import wait_for
+from tests.host.conftest import payload_mbit
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -44,7 +45,7 @@ def test_sidecar_caps_uplink_with_real_tc(device_ns, measure_mbit, tmp_path):
     try:
         wait_for(lambda: "rate 8Mbit" in tc_classes(), 5, "8mbit class installed")
         rate = measure_mbit(list, device_ns.exec_args, p.host_addr, 45201, 2.0)
-        assert rate == pytest.approx(8, rel=0.10)
+        assert rate == pytest.approx(payload_mbit(8), rel=0.10)
 
         write_annotations(annotations, "20mbit")
         wait_for(lambda: "rate 20Mbit" in tc_classes(), 2, "rate changed to 20mbit")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 
 from ares.roles import testbed
+from tests.host.conftest import payload_mbit
 
 SECONDS = 2.0
 
@@ -29,11 +30,11 @@ def test_shaped_link_holds_each_direction_and_follows_a_schedule_change(link, me
     down = lambda: measure_mbit(link.exec_args, list, p.device_addr, 45132, SECONDS)
 
     testbed.shape(link, up_mbps=12.5, down_mbps=6)  # fractional Mbit/s as a scenario may give it
-    assert up() == pytest.approx(12.5, rel=0.10)
-    assert down() == pytest.approx(6, rel=0.10)
+    assert up() == pytest.approx(payload_mbit(12.5), rel=0.10)
+    assert down() == pytest.approx(payload_mbit(6), rel=0.10)
 
     testbed.shape(link, up_mbps=4, down_mbps=None)  # a scheduled drop; None lifts the downlink cap
-    assert up() == pytest.approx(4, rel=0.10)
+    assert up() == pytest.approx(payload_mbit(4), rel=0.10)
     assert down() > 60  # uncapped veth: an order of magnitude above any cap used here
 
 
