@@ -38,6 +38,12 @@ PREFIX = "ares-"
 MAX_INDEX = 255
 
 
+# The TCP payload of a full frame as htb counts it: MSS 1448 (with timestamps) of a 1514-byte
+# Ethernet frame. The veths send one packet per segment, so a link capped at R carries R x this
+# of payload, as a real link does (tests/host measure it: 95% of the cap, 93% half duplex).
+TCP_PAYLOAD_SHARE = 1448 / 1514
+
+
 class NetnsError(RuntimeError):
     """The machine cannot host network namespaces (not root, no ip/tc) or a command failed."""
 

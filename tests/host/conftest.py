@@ -12,18 +12,15 @@ from typing import Callable, Optional, Sequence
 
 import pytest
 
-from ares.runtime.netns import DeviceNamespace
+from ares.runtime.netns import TCP_PAYLOAD_SHARE, DeviceNamespace
 
 TRANSFER = str(Path(__file__).with_name("transfer.py"))
-# The TCP payload of a full frame as htb counts it (1448 of 1514 bytes: MSS with timestamps, of an
-# Ethernet frame): the veths send one packet per segment (no GSO, ares/runtime/netns.py), so a
-# link capped at R carries R x this of payload, as a real link does.
-PAYLOAD = 1448 / 1514
 
 
 def payload_mbit(wire_mbit: float) -> float:
-    """What a transfer can measure on a link capped at `wire_mbit`."""
-    return wire_mbit * PAYLOAD
+    """What a transfer can measure on a link capped at `wire_mbit`: every frame's headers count
+    against the cap (the veths send one packet per segment, ares/runtime/netns.py)."""
+    return wire_mbit * TCP_PAYLOAD_SHARE
 
 
 def pytest_configure(config):
