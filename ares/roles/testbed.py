@@ -431,10 +431,10 @@ def _slow_devices(logs: Path, names: list[str]) -> list[str]:
 # ---- what a run means: oracle, prediction, ratios -------------------------------------------
 
 def oracle_problem(states: dict[str, DeviceState], telemetry, iterations: dict[str, int],
-                   options: Optional[Sequence[tuple[str, int]]] = None, payload: float = 1.0) -> Problem:
+                   options: Optional[Sequence[tuple[str, int]]] = None, links: LinkMode = "inprocess") -> Problem:
     """The scenario's truth for one round: emulated profiles and link rates, the measured server,
     and the (codec, micro-batches) `options` the devices may take (default: the run's own).
-    `payload`: the share of a link's rate that carries data (`payload_share`)."""
+    A tc link gives only the payload share of its rate (`payload_share`)."""
     batch = telemetry.batch_size
     server = ServerProfile(fwd=tuple(telemetry.server_fwd), bwd=tuple(telemetry.server_bwd), batch_size=batch)
     if options is None:
@@ -443,19 +443,23 @@ def oracle_problem(states: dict[str, DeviceState], telemetry, iterations: dict[s
     opts = tuple(o for c, k in options for o in options_for(telemetry.activation_numel, telemetry.weight_bytes,
                                                               batch, (c,), (k,)))
     latency = {d.name: d.latency_s or 0.0 for d in telemetry.devices}  # the environment's, as measured
-    devices = tuple(DeviceInput(name=n, compute=s.profile.rescaled(batch), up_bps=s.up_mbps * MBIT * payload,
-                                down_bps=s.down_mbps * MBIT * payload, power=_power(s.profile), iterations=iterations[n],
+    share = {n: payload_share(links, s.duplex) for n, s in states.items()}
+    devices = tuple(DeviceInput(name=n, compute=s.profile.rescaled(batch), up_bps=s.up_mbps * MBIT * share[n],
+                                down_bps=s.down_mbps * MBIT * share[n], power=_power(s.profile), iterations=iterations[n],
                                 latency_s=latency.get(n, 0.0), duplex=s.duplex)
                     for n, s in states.items())
     return Problem(devices, server, opts[0].model, options=opts, codec=opts[0].codec)
 
 
-def payload_share(links: LinkMode) -> float:
+def payload_share(links: LinkMode, duplex: str = "full") -> float:
     """What of a link's rate can carry data: a tc cap counts every frame's headers (no transport
-    gets more than TCP's payload through it), an in-process cap paces the payload bytes alone."""
-    from ares.runtime.netns import TCP_PAYLOAD_SHARE
+    gets more than TCP's payload through it), and on a half-duplex one the ACKs of each
+    direction's data share the rate too; an in-process cap paces the payload bytes alone."""
+    from ares.runtime.netns import HALF_DUPLEX_ACK_SHARE, TCP_PAYLOAD_SHARE
 
-    return TCP_PAYLOAD_SHARE if links == "tc" else 1.0
+    if links != "tc":
+        return 1.0
+    return TCP_PAYLOAD_SHARE * (1 - HALF_DUPLEX_ACK_SHARE if duplex == "half" else 1.0)
 
 
 def _power(profile: ComputeProfile):
@@ -484,7 +488,6 @@ def analyse(scenario: Scenario, variant: Variant, history: list[dict], telemetry
     states = timeline(scenario)
     server = telemetry.get(max(telemetry)) if telemetry else None
     own = (variant.codec, variant.micro_batches)
-    payload = payload_share(links)
     rounds = []
     for h in history:
         r = h["round"]
@@ -506,12 +509,12 @@ def analyse(scenario: Scenario, variant: Variant, history: list[dict], telemetry
             # the oracle's round: the best split vector's slowest device plus this round's measured
             # time outside every device's session (join skew, merge, evaluation), which no choice changes
             fixed = row["fixed_s"] or 0.0
-            row["oracle_model_s"] = oracle_round_time(oracle_problem(states[r], server, steps, variant.options, payload))
+            row["oracle_model_s"] = oracle_round_time(oracle_problem(states[r], server, steps, variant.options, links))
             row["oracle_s"] = row["oracle_model_s"] + fixed
-            row["oracle_any_s"] = oracle_round_time(oracle_problem(states[r], server, steps, EVERY_OPTION, payload)) + fixed
+            row["oracle_any_s"] = oracle_round_time(oracle_problem(states[r], server, steps, EVERY_OPTION, links)) + fixed
             if splits:
                 used = evaluate(oracle_problem({n: states[r][n] for n in splits}, server, steps, variant.options,
-                                               payload), splits, options=options)
+                                               links), splits, options=options)
                 row["model_s"], row["model_energy_j"] = used.round_s + fixed, used.energy_round_j
         rounds.append(row)
     adapted = [x for x in rounds if x["round"] in adapted_rounds(scenario)]

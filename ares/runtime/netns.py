@@ -42,6 +42,9 @@ MAX_INDEX = 255
 # Ethernet frame. The veths send one packet per segment, so a link capped at R carries R x this
 # of payload, as a real link does (tests/host measure it: 95% of the cap, 93% half duplex).
 TCP_PAYLOAD_SHARE = 1448 / 1514
+# On a half-duplex (shared-rate) link the ACKs go the other way on the same rate: one 66-byte
+# frame per two full ones (delayed ACKs) takes 2% of it.
+HALF_DUPLEX_ACK_SHARE = 66 / (2 * 1514 + 66)
 
 
 class NetnsError(RuntimeError):
