@@ -181,6 +181,8 @@ class _Connection:
                 return
             high, low, kind, flags, stream_id = _HEAD.unpack(self._pending[:9])
             length, stream_id = (high << 8) | low, stream_id & 0x7FFFFFFF
+            if length > FRAME:  # refused now, not after buffering up to 16 MiB of it
+                raise h2.exceptions.FrameTooLargeError(f"frame of {length} bytes; we accept {FRAME}")
             stream = self.streams.get(stream_id)
             if (len(self._pending) == 9 and kind == DATA and not flags & PADDED and length <= FRAME
                     and stream is not None and stream.direct):

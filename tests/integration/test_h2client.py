@@ -152,7 +152,8 @@ def test_server_gone_then_back(tmp_path):
 
 class RawH2Server:
     """A one-connection HTTP/2 server on jh2 that answers every request with the frames a test
-    chooses: what granian never sends (a lying Content-Length, padded DATA, tiny frames)."""
+    chooses: what granian never sends (a lying Content-Length, padded DATA, tiny frames, and raw
+    bytes that `answer` returns, past jh2's own checks)."""
 
     def __init__(self, answer):
         import socket
@@ -178,7 +179,8 @@ class RawH2Server:
                         if isinstance(event, jh2.events.DataReceived):
                             h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
                         if isinstance(event, jh2.events.StreamEnded):
-                            self.answer(h2, event.stream_id)
+                            raw = self.answer(h2, event.stream_id)  # bytes past jh2, if any
+                            conn.sendall(h2.data_to_send() + (raw or b""))
                     conn.sendall(h2.data_to_send())
 
         threading.Thread(target=serve, daemon=True).start()
@@ -224,3 +226,16 @@ def test_response_payloads_bypass_jh2(server, monkeypatch):
         r = client.post("/echo", content=chunks(payload), headers={"Content-Length": str(len(payload))})
     assert r.content == payload
     assert sum(fed) < 64 << 10, f"{sum(fed)} bytes went through jh2"
+
+
+def test_a_frame_over_the_advertised_size_ends_the_connection_at_once():
+    """The transport advertises 1 MiB frames: a 2 MiB DATA frame is a protocol error as soon as
+    its header arrives, before any of its payload is buffered."""
+    def oversized(h2, stream_id) -> bytes:
+        h2.send_headers(stream_id, [(b":status", b"200")])
+        return (2 << 20).to_bytes(3, "big") + bytes([0, 0]) + stream_id.to_bytes(4, "big")  # DATA, no flags
+
+    srv = RawH2Server(oversized)
+    with httpx.Client(base_url=srv.url, transport=H2Transport(), timeout=10) as client:
+        with pytest.raises(httpx.RemoteProtocolError, match="frame of 2097152 bytes"):
+            client.get("/").read()
