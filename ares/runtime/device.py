@@ -267,7 +267,8 @@ class DeviceTrainer:
                 t_step = time.perf_counter()
                 losses.append(self._step(reply.round, split, whole, device_part, optimizer, x, y, entry))
                 entry.step_wall_s += time.perf_counter() - t_step
-                entry.cold, self._warm = entry.cold or not self._warm, True
+                if not self._warm:  # this process's first step: its round says nothing of its setting
+                    entry.cold = self._warm = True
             except LinkError as exc:
                 log.warning("round %d: step refused (%s); leaving the round", reply.round, exc)
                 entry.round_s = time.perf_counter() - started
