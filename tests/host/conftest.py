@@ -19,7 +19,7 @@ TRANSFER = str(Path(__file__).with_name("transfer.py"))
 
 def payload_mbit(wire_mbit: float) -> float:
     """What a transfer can measure on a link capped at `wire_mbit`: every frame's headers count
-    against the cap (the veths send one packet per segment, ares/runtime/netns.py)."""
+    against the cap (htb counts a super-packet with the headers of every segment it becomes)."""
     return wire_mbit * TCP_PAYLOAD_SHARE
 
 

@@ -111,6 +111,20 @@ def test_unshape_leaves_foreign_qdisc_alone(device_ns):
 
 
 @pytest.mark.host
+def test_both_veth_ends_hand_the_shaper_small_super_packets(device_ns):
+    """64 KB super-packets made htb bursty (tests/host/test_upload_estimate.py); check the cap
+    the kernel holds on each end, as `ip -d` reports it."""
+    from ares.runtime.netns import GSO_MAX_BYTES
+
+    p = device_ns.plan
+    ends = (["ip", "-d", "-j", "link", "show", p.host_if],
+            ["ip", "-n", p.namespace, "-d", "-j", "link", "show", p.device_if])
+    for cmd in ends:
+        (link,) = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
+        assert link["gso_max_size"] == GSO_MAX_BYTES == 16384
+
+
+@pytest.mark.host
 def test_context_manager_removes_namespace_and_links(device_ns):
     p = device_ns.plan
     device_ns.__exit__(None, None, None)

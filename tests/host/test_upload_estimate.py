@@ -5,7 +5,7 @@ takes to hand it over says nothing of the link: the estimate came out ~10x the s
 (`ares bench paper5`: 215 Mbit/s on 20), and the controller then moved the device to the split
 with the largest activations. The upload ends when the server has the body (Server-Timing
 `held`, ares/runtime/link.py). The downlink read 1.5x: the veth's GSO let htb send 64 KB at
-once after every pause (ares/runtime/netns.py now sets gso_max_segs 1)."""
+once after every pause (ares/runtime/netns.py now caps super-packets at 16 KB)."""
 
 from __future__ import annotations
 
