@@ -5,7 +5,9 @@ takes to hand it over says nothing of the link: the estimate came out ~10x the s
 (`ares bench paper5`: 215 Mbit/s on 20), and the controller then moved the device to the split
 with the largest activations. The upload ends when the server has the body (Server-Timing
 `held`, ares/runtime/link.py). The downlink read 1.5x: the veth's GSO let htb send 64 KB at
-once after every pause (ares/runtime/netns.py now caps super-packets at 16 KB)."""
+once after every pause (ares/runtime/netns.py now caps super-packets at 16 KB). On a shared
+(half-duplex) link both read about half the rate: a gradient coming down while the next
+micro-batch goes up was counted in both directions' time (ares/runtime/device.py)."""
 
 from __future__ import annotations
 
@@ -21,13 +23,19 @@ KBIT = 4000  # each way, 500 KB/s: a 0.4 MB int8 batch takes ~0.8 s up and again
 
 
 @pytest.mark.ns_index(243)
-def test_pipelined_int8_steps_measure_the_shaped_link_both_ways(tmp_path, device_ns, server_process):
+@pytest.mark.parametrize("duplex", ["full", "half"])
+def test_pipelined_int8_steps_measure_the_shaped_link_both_ways(tmp_path, device_ns, server_process, duplex):
+    """Full duplex: each direction's own rate. Half duplex: the one rate both share, which the cost
+    model then charges up and down one after the other."""
     p = device_ns.plan
     cfg = small_config(tmp_path, rounds=4, batch_size=100, max_steps_per_round=3).model_copy(
         update={"host": "0.0.0.0", "round_gap_s": 0.2,
                 "data": DataConfig(name="synthetic", synthetic_train=400, synthetic_test=100, seed=1)})
     server = server_process(cfg)
-    device_ns.shape(up=f"{KBIT}kbit", down=f"{KBIT}kbit")
+    if duplex == "half":
+        device_ns.shape_shared(KBIT)
+    else:
+        device_ns.shape(up=f"{KBIT}kbit", down=f"{KBIT}kbit")
     fleet = Devices(tmp_path, cfg, url=f"http://{p.host_addr}:{cfg.port}")
     auth = {"Authorization": f"Bearer {token(cfg, CONTROLLER_TOKEN_NAME)}"}
 
@@ -36,7 +44,7 @@ def test_pipelined_int8_steps_measure_the_shaped_link_both_ways(tmp_path, device
         return (dev["up_bps"], dev["down_bps"]) if dev["iterations"] and dev["round_s"] else None
 
     try:
-        fleet.start("dev-a", split=3, wrap=device_ns.exec_args, extra=["--micro-batches", "4", "--codec", "int8"])
+        fleet.start("dev-a", split=3, wrap=device_ns.exec_args, extra=["--micro-batches", "4", "--codec", "int8", "--duplex", duplex])
         wait_for(lambda: (httpx.get(f"{server.url}/healthz", timeout=5).json()["round"] >= 2), 180, "round 2")
         up, down = wait_for(rates, 30, "dev-a's link estimates in the telemetry")
     finally:
