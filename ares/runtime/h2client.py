@@ -184,7 +184,7 @@ class _Connection:
             if length > FRAME:  # refused now, not after buffering up to 16 MiB of it
                 raise h2.exceptions.FrameTooLargeError(f"frame of {length} bytes; we accept {FRAME}")
             stream = self.streams.get(stream_id)
-            if (len(self._pending) == 9 and kind == DATA and not flags & PADDED and length <= FRAME
+            if (len(self._pending) == 9 and kind == DATA and not flags & PADDED
                     and stream is not None and stream.direct):
                 self._pending.clear()
                 self._data_start(stream_id, flags, length, stream)
