@@ -68,7 +68,7 @@ def run_device(url: str, name: str, tok: str, rounds: int, steps: int, split: in
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"round {r} did not open")
                 time.sleep(0.05)
-            reply, weights = link.join(r, split)
+            reply, weights, _ = link.join(r, split)
             for _ in range(steps):
                 t0 = time.perf_counter()
                 link.step(r, split, x, y)

@@ -59,7 +59,7 @@ class Attacker(InProcessLink):
         start = self.server.expected_weights(report.split)
         bad = {k: (s - 4.0 * (w - s)) if w.is_floating_point() else w for (k, w), s in
                zip(weights.items(), (start[k].cpu() for k in weights))}
-        super().upload(report, bad)
+        return super().upload(report, bad)
 
 
 def fl_run(method: str, devices: int, rounds: int, attack: bool, tmp: Path) -> float:

@@ -48,7 +48,7 @@ class Stepper:
     def __init__(self, link, split: int, batch: int):
         self.link, self.split = link, split
         model = build_model("vgg5", seed=None)
-        _, weights = link.join(0, split)
+        _, weights, _ = link.join(0, split)
         model.load_state_dict({**model.state_dict(), **weights})
         self.part, _ = split_model(model, split)
         self.opt = torch.optim.SGD(self.part.parameters(), lr=0.01, momentum=0.9)

@@ -195,7 +195,8 @@ class DeviceTrainer:
                 log.info("round %d: step options %s (were %s)", round_index, chosen, self.chosen)
             self.chosen = chosen
             try:
-                reply, weights = self.link.join(round_index, split)
+                reply, weights, moved = self.link.join(round_index, split)
+                self._learn(self.down, moved.nbytes, moved.seconds)
             except LinkError as exc:
                 if exc.status == 410:
                     break
@@ -307,7 +308,8 @@ class DeviceTrainer:
             profile_fwd=[v * self.live.factor for v in self.profile.fwd],
             profile_bwd=[v * self.live.factor for v in self.profile.bwd], profile_batch=self.profile.batch_size)
         try:
-            self.link.upload(report, {f"layers.{k}": v.detach().cpu() for k, v in device_part.layers.state_dict().items()})
+            moved = self.link.upload(report, {f"layers.{k}": v.detach().cpu() for k, v in device_part.layers.state_dict().items()})
+            self._learn(self.up, moved.nbytes, moved.seconds, round_trip=True)  # for the next round's report
             entry.uploaded = True
         except LinkError as exc:
             log.warning("round %d: upload refused (%s)", reply.round, exc)
@@ -343,11 +345,8 @@ class DeviceTrainer:
             entry.server_s += result.server_s
             entry.up_s += result.up_s
             entry.down_s += result.down_s
-            # the upload's measured time holds one request round trip besides its bytes
-            if _telling(result.up_bytes, self.up):
-                self.up.update(result.up_bytes, max(result.up_s - (self.latency_s or 0.0), result.up_s / 2))
-            if _telling(result.down_bytes, self.down):
-                self.down.update(result.down_bytes, result.down_s)
+            self._learn(self.up, result.up_bytes, result.up_s, round_trip=True)
+            self._learn(self.down, result.down_bytes, result.down_s)
             device_s = t_fwd + time.perf_counter() - t1  # compute only: the transfer is excluded
         entry.device_s += device_s
         self.live.update(self.profile.total(split) * scale, device_s)
@@ -404,11 +403,21 @@ class DeviceTrainer:
         entry.down_s += _union(down_spans)
         up_bytes, down_bytes = sum(r.up_bytes for r in results), sum(r.down_bytes for r in results)
         up_s, down_s = _busy_seconds(up_spans, down_spans, up_bytes, down_bytes, self.settings.duplex == "half")
-        if up_bytes and _telling(up_bytes, self.up):  # (in-process links move no bytes)
-            self.up.update(up_bytes, max(up_s, 1e-6))
-        if down_bytes and _telling(down_bytes, self.down):
-            self.down.update(down_bytes, max(down_s, 1e-6))
+        self._learn(self.up, up_bytes, up_s)
+        self._learn(self.down, down_bytes, down_s)
         return loss, compute
+
+    def _learn(self, estimate: Throughput, nbytes: int, seconds: float, round_trip: bool = False) -> None:
+        """One transfer into a link estimate: activations and gradients each step, and the weights at
+        join and upload (at the local split they are all a device moves: without them a Nano whose link
+        fell to a quarter kept being predicted at the old rate). An upload's time, from its request's
+        start to the server's `held`, still holds a round trip (`round_trip`). In-process links move
+        no bytes."""
+        if not nbytes or not _telling(nbytes, estimate):
+            return
+        if round_trip:
+            seconds = max(seconds - (self.latency_s or 0.0), seconds / 2)
+        estimate.update(nbytes, max(seconds, 1e-6))
 
     def _pad(self, start: float, seconds: float) -> None:
         if self.torch_device != "cpu":

@@ -53,13 +53,22 @@ class StepResult:
     down_span: tuple[float, float] = (0.0, 0.0)  # response headers .. its body read
 
 
+@dataclass(frozen=True)
+class Transfer:
+    """A weights transfer (the join's download, the upload), for the link estimates: a device that
+    trains locally moves no activations, and its weights are then all it can learn the link from."""
+
+    nbytes: int = 0
+    seconds: float = 0.0  # the body's time on the wire (the upload's still holds one request round trip)
+
+
 class ServerLink(Protocol):
     def config(self) -> ServerConfig: ...
     def status(self) -> ServerStatus: ...
-    def join(self, round_index: int, split: int) -> tuple[JoinReply, dict[str, torch.Tensor]]: ...
+    def join(self, round_index: int, split: int) -> tuple[JoinReply, dict[str, torch.Tensor], Transfer]: ...
     def step(self, round_index: int, split: int, x: torch.Tensor, y: torch.Tensor, codec: str = "fp32",
              micro: int = 0, micros: int = 1, total: Optional[int] = None) -> StepResult: ...
-    def upload(self, report: DeviceReport, weights: dict[str, torch.Tensor]) -> None: ...
+    def upload(self, report: DeviceReport, weights: dict[str, torch.Tensor]) -> Transfer: ...
     def close(self) -> None: ...
 
 
@@ -148,6 +157,14 @@ def _server_timing(header: Optional[str]) -> dict[str, float]:
     return found
 
 
+def _upload_end(timing: dict[str, float], t0: float, t_head: float, server_s: float = 0.0) -> float:
+    """When the server had the whole request body: the reply's head less the time the server held
+    it. Not when the body was handed to the socket: the kernel takes a small body at once, and a
+    0.4 MB int8 step then seemed to cross a 20 Mbit/s link at 200."""
+    held = min(max(timing.get("held", server_s), server_s), t_head - t0)
+    return max(t_head - held, t0 + 1e-6)
+
+
 class HttpLink:
     def __init__(self, base_url: str, device: str, token: str, timeout_s: float = 120.0,
                  http2: bool = True, rate_limit: Optional[RateLimit] = None, tls: Optional[ClientTls] = None):
@@ -185,12 +202,13 @@ class HttpLink:
         return ServerStatus.model_validate(self._check(self.client.get("/v1/status")).json())
 
     @_unreachable_is_503
-    def join(self, round_index: int, split: int) -> tuple[JoinReply, dict[str, torch.Tensor]]:
+    def join(self, round_index: int, split: int) -> tuple[JoinReply, dict[str, torch.Tensor], Transfer]:
         body = JoinRequest(round=round_index, split=split).model_dump_json()
         request = self.client.build_request("POST", f"/v1/devices/{self.device}/join", content=body,
                                             headers={"Content-Type": "application/json"})
-        bundle = wire.decode(self._exchange(request)[1])  # the weights come down the (emulated) link too
-        return JoinReply.model_validate(bundle.meta), bundle.tensors
+        _, reply, (_, t_head, t_end) = self._exchange(request)  # the weights come down the (emulated) link too
+        bundle = wire.decode(reply)
+        return JoinReply.model_validate(bundle.meta), bundle.tensors, Transfer(len(reply), t_end - t_head)
 
     @_unreachable_is_503
     def _send(self, path: str, tensors: dict[str, torch.Tensor], meta: dict,
@@ -243,16 +261,14 @@ class HttpLink:
         if set(bundle.tensors) != names:
             raise LinkError(502, f"step reply holds {sorted(bundle.tensors)}, expected {sorted(names)}")
         grad = codecs.unpack(bundle.tensors, "grad", tuple(x.shape))
-        # The upload ended when the server had the whole body: the reply's head less the time the
-        # server held it. Not when the body was handed to the socket: the kernel takes a small
-        # body at once, and a 0.4 MB int8 step then seemed to cross a 20 Mbit/s link at 200.
-        held = min(max(timing.get("held", server_s), server_s), t_head - t0)
-        up_end = max(t_head - held, t0 + 1e-6)
+        up_end = _upload_end(timing, t0, t_head, server_s)
         return StepResult(grad, float(bundle.meta.get("loss", float("nan"))), server_s, up_end - t0,
                           max(t_end - t_head, 1e-6), up_bytes, len(body), (t0, up_end), (t_head, t_end))
 
-    def upload(self, report: DeviceReport, weights: dict[str, torch.Tensor]) -> None:
-        self._send(f"/v1/devices/{self.device}/update", weights, report.model_dump(mode="json"))
+    def upload(self, report: DeviceReport, weights: dict[str, torch.Tensor]) -> Transfer:
+        response, _, (t0, t_head, _), total = self._send(f"/v1/devices/{self.device}/update", weights,
+                                                         report.model_dump(mode="json"))
+        return Transfer(total, _upload_end(_server_timing(response.headers.get("server-timing")), t0, t_head) - t0)
 
     def close(self) -> None:
         self.client.close()
@@ -279,7 +295,7 @@ class InProcessLink:
         return self.server.status()
 
     def join(self, round_index: int, split: int):
-        return self._call(self.server.join, self.device, round_index, split, 20.0)
+        return (*self._call(self.server.join, self.device, round_index, split, 20.0), Transfer())
 
     def step(self, round_index: int, split: int, x: torch.Tensor, y: torch.Tensor, codec: str = "fp32",
              micro: int = 0, micros: int = 1, total: Optional[int] = None) -> StepResult:
@@ -291,8 +307,9 @@ class InProcessLink:
             grad = codecs.unpack(codecs.pack("grad", grad, codec, stochastic=True), "grad")
         return StepResult(grad, loss, server_s, 0.0, 0.0, 0, 0)
 
-    def upload(self, report: DeviceReport, weights: dict[str, torch.Tensor]) -> None:
+    def upload(self, report: DeviceReport, weights: dict[str, torch.Tensor]) -> Transfer:
         self._call(self.server.upload, self.device, report, weights)
+        return Transfer()
 
     def close(self) -> None:
         pass

@@ -10,7 +10,7 @@ Routes are thin: authenticate, read and validate the body, run the torch work in
     GET  /metrics                         Prometheus text (controller token)
     POST /v1/devices/{name}/join          JSON JoinRequest -> bundle of device-side weights
     POST /v1/devices/{name}/step          bundle {x, y}, ?round=&split=[&micro=&micros=&total=] -> bundle {grad}, Server-Timing
-    POST /v1/devices/{name}/update        bundle of weights + DeviceReport meta -> JSON
+    POST /v1/devices/{name}/update        bundle of weights + DeviceReport meta -> JSON, Server-Timing (held)
 """
 
 from __future__ import annotations
@@ -180,10 +180,13 @@ def create_app(cfg: ServerConfig, trainer: Optional[TrainingServer] = None, tick
 
     @app.post("/v1/devices/{name}/update")
     async def update(name: str, request: Request, budget: Budget) -> JSONResponse:
-        bundle = await _decode(await budget.read_body(request, limit), limit)
+        body = await budget.read_body(request, limit)
+        arrived = time.perf_counter()
+        bundle = await _decode(body, limit)
         report = DeviceReport.model_validate(bundle.meta)
         await to_thread.run_sync(lambda: srv().upload(name, report, bundle.tensors))
-        return JSONResponse({"ok": True, "round": report.round})
+        held = time.perf_counter() - arrived  # (as for a step: the device's upload time is its reply's head less this)
+        return JSONResponse({"ok": True, "round": report.round}, headers={"Server-Timing": f"held;dur={held * 1000:.3f}"})
 
     return app
 

@@ -52,3 +52,33 @@ def test_pipelined_int8_steps_measure_the_shaped_link_both_ways(tmp_path, device
     # TCP and HTTP/2 framing take a few percent of the rate; handing bodies to the socket read 39x
     assert 0.6 * KBIT * 125 < up < 1.3 * KBIT * 125, up
     assert 0.6 * KBIT * 125 < down < 1.3 * KBIT * 125, down
+
+
+@pytest.mark.ns_index(244)
+def test_a_device_training_locally_measures_the_shaped_link_from_its_weights(tmp_path, device_ns, server_process):
+    """At the local split a device moves no activations: its weights (the join's download, the
+    upload) are all it can measure the link from. Before, it reported no rate at all, and a Nano whose
+    link fell to a quarter while it trained locally stayed predicted at the old rate (`ares bench
+    bandwidth-drop`)."""
+    p = device_ns.plan
+    cfg = small_config(tmp_path, rounds=3, batch_size=20, max_steps_per_round=2).model_copy(
+        update={"host": "0.0.0.0", "round_gap_s": 0.2})
+    server = server_process(cfg)
+    kbit = 8000  # 1 MB/s: VGG5's 2.3 MB of weights take ~2.3 s each way
+    device_ns.shape(up=f"{kbit}kbit", down=f"{kbit}kbit")
+    fleet = Devices(tmp_path, cfg, url=f"http://{p.host_addr}:{cfg.port}")
+    auth = {"Authorization": f"Bearer {token(cfg, CONTROLLER_TOKEN_NAME)}"}
+
+    def rates():
+        dev = httpx.get(f"{server.url}/v1/telemetry", headers=auth, timeout=5).json()["devices"][0]
+        return (dev["up_bps"], dev["down_bps"]) if dev["up_bps"] and dev["down_bps"] else None
+
+    try:
+        fleet.start("dev-a", split=6, wrap=device_ns.exec_args)
+        # round 1's report: the join's download of round 1, the upload of round 0
+        wait_for(lambda: (httpx.get(f"{server.url}/healthz", timeout=5).json()["round"] >= 2), 120, "round 2")
+        up, down = wait_for(rates, 30, "dev-a's link estimates in the telemetry")
+    finally:
+        fleet.stop()
+    assert 0.6 * kbit * 125 < up < 1.3 * kbit * 125, up
+    assert 0.6 * kbit * 125 < down < 1.3 * kbit * 125, down

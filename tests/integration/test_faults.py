@@ -153,7 +153,7 @@ def test_poisoned_upload_is_refused_model_unchanged_and_job_goes_on(tmp_path, se
     before = httpx.get(f"{server.url}/v1/status", headers=ctl).json()["model_sha256"]
     mallory = HttpLink(server.url, "mallory", token(cfg, "mallory"))
     try:
-        reply, weights = mallory.join(0, 3)
+        reply, weights, _ = mallory.join(0, 3)
         poisoned = {k: v * 1e6 if v.is_floating_point() else v for k, v in weights.items()}
         with pytest.raises(LinkError) as err:
             mallory.upload(DeviceReport(round=0, split=3, samples=80), poisoned)

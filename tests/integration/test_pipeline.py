@@ -54,7 +54,7 @@ def test_pipelined_steps_match_unsplit_micro_batched_steps(tmp_path: Path, serve
         for r, (split, k, codec) in enumerate(ROUNDS):
             trainer.settings = settings.model_copy(update={"micro_batches": k, "codec": codec})
             x, y = first_batch(trainer, r)
-            reply, weights = link.join(r, split)
+            reply, weights, _ = link.join(r, split)
             entry = trainer._train_round(reply, weights)
             assert entry.uploaded and entry.steps == 1 and entry.up_s > 0 and entry.server_s > 0
             merged = load_file(str(ckpt))

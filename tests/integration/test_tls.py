@@ -55,7 +55,7 @@ def server(tmp_path_factory):
 
 def test_device_trains_over_https_with_alpn_h2(server):
     link = HttpLink(server.url, "dev-a", token(server.cfg, "dev-a"), tls=server.tls)
-    reply, weights = link.join(0, 1)
+    reply, weights, _ = link.join(0, 1)
     model = build_model("vgg5", seed=server.cfg.training.seed)
     assert torch.equal(weights["layers.0.0.weight"], model.state_dict()["layers.0.0.weight"])  # the real weights, intact
     x = torch.randn(4, 32, 16, 16)

@@ -38,7 +38,7 @@ def test_every_split_matches_monolithic_step(tmp_path: Path, server_process):
             torch.nn.functional.cross_entropy(reference(x), y).backward()
             opt.step()
             # the same step split at `split`, over HTTP/2
-            reply, weights = link.join(split, split)
+            reply, weights, _ = link.join(split, split)
             device_model.load_state_dict({**device_model.state_dict(), **weights})
             part, _ = split_model(device_model, split)
             dopt = torch.optim.SGD(part.parameters(), lr=reply.lr, momentum=reply.momentum)

@@ -13,7 +13,7 @@ def test_a_round_over_uvicorn(tmp_path, server_process):
     server = server_process(cfg)
     link = HttpLink(server.url, "dev-a", token(cfg, "dev-a"), http2=False)
     try:
-        reply, weights = link.join(0, 2)
+        reply, weights, _ = link.join(0, 2)
         model = build_model("vgg5", seed=None)
         model.load_state_dict({**model.state_dict(), **weights})
         part, _ = split_model(model, 2)

@@ -138,12 +138,15 @@ def test_measured_step_time_beyond_the_model_is_charged_per_setting_it_was_measu
     moved = {1: 2 * 100 * 8192 * 4 + 800, 2: 2 * 100 * 16384 * 4 + 800, 3: 2 * 100 * 4096 * 4 + 800}  # bytes per batch
     one = measured((1, m1 + 0.3))
     assert iteration(one, 1) == pytest.approx(m1 + 0.3)
-    # not measured there: the excess per byte, times that setting's bytes
+    # not measured there: the excess per byte, times that setting's bytes, at most the excess measured
     assert iteration(one, 3) == pytest.approx(m3 + 0.3 * moved[3] / moved[1])
+    assert iteration(one, 2) == pytest.approx(iteration(base, 2) + 0.3)  # twice the bytes: not twice the excess
     both = measured((1, m1 + 0.3), (3, m3 + 1.0))
     assert iteration(both, 1) == pytest.approx(m1 + 0.3)  # each setting keeps its own figure
     assert iteration(both, 3) == pytest.approx(m3 + 1.0)
-    assert iteration(both, 2) == pytest.approx(iteration(base, 2) + 1.3 * moved[2] / (moved[1] + moved[3]))
+    assert iteration(both, 2) == pytest.approx(iteration(base, 2) + 1.3 / 2)  # per byte 1.73 s: capped at the mean
+    smaller = measured((1, m1 + 0.3), (2, iteration(base, 2) + 1.0))
+    assert iteration(smaller, 3) == pytest.approx(m3 + 1.3 * moved[3] / (moved[1] + moved[2]))  # under the cap: per byte
     # on the device alone (split L-1) no request is made: no overhead; b, never measured: none
     local = lambda prob: next(p for p in evaluate(prob, {"a": 6, "b": 1}).devices if p.name == "a").round_s  # noqa: E731
     assert local(both) == pytest.approx(local(base))
