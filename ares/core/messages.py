@@ -86,6 +86,9 @@ class DeviceReport(_Msg):
     profile_batch: Optional[int] = Field(None, ge=1, le=1 << 20)
     duplex: Literal["full", "half"] = "full"  # half: up and down share one rate (Wi-Fi); a device setting
     measured_steps: list[StepSample] = Field(default_factory=list, max_length=32)  # oldest first
+    # the (codec, k) this round ran with: with `split`, the setting a policy keeps it at unless clearly beaten
+    codec: Optional[Literal["fp32", "fp16", "int8"]] = None
+    micro_batches: Optional[int] = Field(None, ge=1, le=64)
 
 
 class DeviceStatus(_Msg):
@@ -142,6 +145,8 @@ class DeviceTelemetry(_Msg):
     latency_s: Optional[float] = None
     duplex: Literal["full", "half"] = "full"
     measured_steps: list[StepSample] = []  # oldest first
+    codec: Optional[str] = None            # what its last round ran with, beside `split`
+    micro_batches: Optional[int] = None
     sessions: list[SessionSample] = []     # its last few sessions, oldest first
 
 

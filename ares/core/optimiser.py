@@ -61,6 +61,15 @@ Policies (all respect a device's `pinned_split`):
   case (every device gains by offloading): about a second for 2,000 devices.
 - `fixed:N` and `none` (= split L-1, all layers on the device) are the baselines.
 
+Staying put. `ares` and `straggler` (unshared) keep a device at the column it runs now
+(`DeviceInput.current`) while that column is allowed (for `straggler`: keeps the round) and its
+cost is within `STAY_MARGIN` (10%) of the best one. Every move costs a round predicted from
+older figures, and on near-ties the choice otherwise followed the noise of the estimates: in
+`ares bench paper5 --duplex half` two Nanos with slack moved between split 1 and split 3 in
+7 of 9 rounds, for energy differences of 2-10%, and each move was mispredicted by up to 46%.
+The round time is never given up for it; a real change (a power mode, a link that falls)
+moves costs far more than 10%.
+
 A policy only chooses splits (`choose`: one integer per device, vectorised with numpy over
 devices x splits); `decide` turns them into a `Plan` through the same cost model that
 `evaluate` applies to any assignment, so the predictions of every policy are comparable.
@@ -178,6 +187,7 @@ class DeviceInput:
     session_overhead_s: float = 0.0  # per round, measured beyond its steps and the weights' transfer (controller)
     codecs: tuple[str, ...] | None = None  # options this device may take (None: every option of the problem)
     micro_batches: tuple[int, ...] | None = None
+    current: int | None = None  # the column (option * S + split) it runs now: kept unless clearly beaten
 
     def __post_init__(self) -> None:
         if self.duplex not in DUPLEX:
@@ -242,6 +252,9 @@ class Problem:
                                  f"for {self.server.batch_size}; rescale one (profile.rescaled(batch))")
             if d.pinned_split is not None:
                 _check_split(d.pinned_split, n, f"device {d.name!r}: pinned split")
+            if d.current is not None and not 0 <= d.current < n * len(self.options):
+                raise ValueError(f"device {d.name!r}: current column {d.current} is not one of the "
+                                 f"{n * len(self.options)} (option x split) columns")
 
     @property
     def n_splits(self) -> int:
@@ -497,6 +510,21 @@ def _argmin_where(cost: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return np.where(mask, cost, np.inf).argmin(axis=1)
 
 
+STAY_MARGIN = 0.10  # a device moves only for a cost at least 10% below its current column's
+
+
+def _stay_or_move(problem: Problem, cost: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """The best allowed column per row, except that a device keeps its current column while that
+    is allowed and costs at most `STAY_MARGIN` more than the best (costs are >= 0)."""
+    best = _argmin_where(cost, mask)
+    rows = np.array([i for i, d in enumerate(problem.devices) if d.current is not None], dtype=int)
+    if rows.size:
+        current = np.array([problem.devices[i].current for i in rows], dtype=int)
+        keep = mask[rows, current] & (cost[rows, current] <= cost[rows, best[rows]] * (1 + STAY_MARGIN))
+        best[rows[keep]] = current[keep]
+    return best
+
+
 def _plan(policy: str, problem: Problem, c: _Costs, cols: np.ndarray, shared: bool) -> Plan:
     rows = np.arange(len(cols))
     s = problem.n_splits
@@ -602,7 +630,7 @@ class AresPolicy(_Chooser):
     def _choose(self, problem: Problem, x: _Inputs) -> np.ndarray:
         c = _costs(x)
         cost = weighted_cost(c.iteration_s, c.energy_iteration_j, _alphas(problem, self.alpha), _valid(problem))
-        return _argmin_where(cost, _allowed(problem))
+        return _stay_or_move(problem, cost, _allowed(problem))
 
 
 @dataclass(frozen=True)
@@ -629,7 +657,7 @@ class StragglerPolicy(_Chooser):
         target = np.where(allowed, c.round_s, np.inf).min(axis=1).max()
         feasible = allowed & (c.round_s <= target)
         cost = weighted_cost(c.round_s, c.energy_round_j, _alphas(problem, self.alpha), _valid(problem))
-        return _argmin_where(cost, feasible)
+        return _stay_or_move(problem, cost, feasible)
 
 
 def _shared_target(x: _Inputs, allowed: np.ndarray, s: int) -> tuple[float, np.ndarray]:

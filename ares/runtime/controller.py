@@ -16,7 +16,7 @@ from typing import Callable, Mapping, Optional, Protocol, Sequence, runtime_chec
 import httpx
 
 from ares.core.energy import PowerModel, power_model
-from ares.core.messages import ServerStatus, SessionSample, StepSample, Telemetry
+from ares.core.messages import DeviceTelemetry, ServerStatus, SessionSample, StepSample, Telemetry
 from ares.core.optimiser import (CODEC_BYTES, MAX_BPS, MIN_BPS, DeviceInput, Option, Plan, Problem, SplitPolicy,
                                  column_of, iteration_table, model_costs, options_for, session_table)
 from ares.core.profiles import ComputeProfile, ServerProfile
@@ -87,8 +87,25 @@ def problem_from_telemetry(telemetry: Telemetry, pinned: Mapping[str, int] | Non
     options = (own, *(o for c, k in extra for o in options_for(telemetry.activation_numel, telemetry.weight_bytes,
                                                                 telemetry.batch_size, (c,), (k,))))
     problem = Problem(devices=tuple(devices), server=server, model=costs, codec=codec, options=options)
+    problem = with_current(problem, measured, (telemetry.codec, telemetry.micro_batches))
     problem = with_step_overheads(problem, {n: d.measured_steps for n, d in measured.items()})
     return with_session_overheads(problem, {n: d.sessions for n, d in measured.items()})
+
+
+def with_current(problem: Problem, measured: Mapping[str, DeviceTelemetry], own: tuple[str, int]) -> Problem:
+    """The problem with the column each device ran its last round at (its split, and its codec and k,
+    else the job's), which the policies keep unless clearly beaten (`STAY_MARGIN`)."""
+    devices = []
+    for device in problem.devices:
+        d = measured[device.name]
+        split = d.split
+        if split is None or not 0 <= split < problem.n_splits:
+            devices.append(device)
+            continue
+        option = (d.codec or own[0], d.micro_batches or own[1]) if split < problem.n_splits - 1 else (
+            problem.options[0].codec, problem.options[0].micro_batches)  # at the last split only the first
+        devices.append(replace(device, current=column_of(problem, *option, split)))
+    return replace(problem, devices=tuple(devices))
 
 
 def with_step_overheads(problem: Problem, samples: Mapping[str, Sequence[StepSample]]) -> Problem:

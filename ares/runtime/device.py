@@ -303,7 +303,7 @@ class DeviceTrainer:
                                 energy_j=entry.energy_j, energy_source=entry.energy_source,
                                 latency_s=entry.latency_s, steps_s=entry.step_wall_s),
             measured_steps=self._measured_steps(entry, whole),
-            duplex=self.settings.duplex,
+            duplex=self.settings.duplex, codec=self.codec, micro_batches=self.micro_batches,
             device_class=self.settings.device_class, power_mode=self.settings.power_mode,
             profile_fwd=[v * self.live.factor for v in self.profile.fwd],
             profile_bwd=[v * self.live.factor for v in self.profile.bwd], profile_batch=self.profile.batch_size)

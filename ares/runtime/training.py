@@ -595,6 +595,7 @@ class TrainingServer:
                     energy_j=t.energy_j if t else None, energy_source=t.energy_source if t else "none",
                     round_s=t.round_s if t else None, latency_s=t.latency_s if t else None,
                     duplex=rep.duplex if rep else "full", measured_steps=rep.measured_steps if rep else [],
+                    codec=rep.codec if rep else None, micro_batches=rep.micro_batches if rep else None,
                     sessions=recent.get(s.name, [])))
             zeros = [0.0] * self.layers
             return Telemetry(round=self.round, model=self.cfg.model, batch_size=batch, codec=self.cfg.codec,

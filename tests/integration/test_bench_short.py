@@ -126,6 +126,9 @@ def test_adaptive_runs_carry_predictions(bench):
                                         for m in d.measured_steps)
         assert d.split is None or d.split == 6 or (d.split, "int8", 2) in {
             (m.split, m.codec, m.micro_batches) for m in d.measured_steps}
+        assert (d.codec, d.micro_batches) == ("int8", 2)  # the setting its last round ran: what a policy keeps
+        # the link measured from its transfers, the weights included, within reason of loopback's
+        assert d.up_bps and d.down_bps and d.up_bps > 1e5 and d.down_bps > 1e5
         # and its closed rounds' sessions by the server's clock, each holding the steps it timed
         assert d.sessions and [x.round for x in d.sessions] == sorted({x.round for x in d.sessions})
         assert all(0 < x.steps_s < x.session_s and x.round < last.round for x in d.sessions)

@@ -155,6 +155,28 @@ def test_measured_step_time_beyond_the_model_is_charged_per_setting_it_was_measu
     assert iteration(measured((1, m1 / 2)), 1) == pytest.approx(m1)
 
 
+def test_each_device_is_planned_from_the_setting_its_last_round_ran():
+    from ares.core.optimiser import column_of
+
+    t = telemetry(2.5e6)
+    offer = [("fp32", 1), ("int8", 4)]
+
+    def current(**fields):
+        changed = t.model_copy(update={"devices": [d.model_copy(update=fields) if d.name == "a" else d
+                                                   for d in t.devices]})
+        problem = problem_from_telemetry(changed, offer=offer)
+        return problem, next(d for d in problem.devices if d.name == "a").current
+
+    problem, col = current(split=3, codec="int8", micro_batches=4)
+    assert col == column_of(problem, "int8", 4, 3)
+    problem, col = current(split=3, codec=None, micro_batches=None)  # an older device: the job's own
+    assert col == column_of(problem, t.codec, t.micro_batches, 3)
+    problem, col = current(split=6, codec="int8", micro_batches=4)  # on the device alone: the one column there
+    assert col == column_of(problem, "fp32", 1, 6)
+    assert current(split=3, codec="fp16", micro_batches=1)[1] is None  # a setting the job does not offer
+    assert current(split=None)[1] is None
+
+
 def test_a_sessions_time_beyond_its_steps_and_weights_is_charged_once_per_round_at_every_split():
     from ares.core.messages import SessionSample
     from ares.core.optimiser import evaluate, session_table

@@ -151,6 +151,46 @@ def test_choose_gives_the_splits_of_decide_and_decide_predicts_like_evaluate(pol
     assert evaluate(p, plan.splits, share_server=plan.server_shared).devices == plan.devices
 
 
+def test_a_device_keeps_its_current_split_unless_another_is_clearly_better():
+    """A move costs a round predicted from older figures: on a near-tie (within STAY_MARGIN) the
+    device stays; a clear gain still moves it."""
+    from ares.core.optimiser import STAY_MARGIN
+
+    def costs(bps):  # AresPolicy(0.5)'s cost of each of A's splits
+        plans = [evaluate(problem(dev_a(bps=bps)), {"A": s}).devices[0] for s in range(3)]
+        return weighted_cost(np.array([[p.iteration_s for p in plans]]),
+                             np.array([[p.energy_iteration_j for p in plans]]), np.array([0.5]))[0]
+
+    near = next(b for b in np.arange(200.0, 40.0, -1.0)
+                if (c := costs(b)).argmin() == 2 and c[1] <= c[2] * (1 + STAY_MARGIN))
+    assert AresPolicy(0.5).decide(problem(dev_a(bps=near))).split_of("A") == 2  # fresh: the best
+    assert AresPolicy(0.5).decide(problem(dev_a(bps=near, current=1))).split_of("A") == 1  # a near-tie: it stays
+    assert costs(50.0)[1] > costs(50.0)[2] * (1 + STAY_MARGIN)
+    assert AresPolicy(0.5).decide(problem(dev_a(bps=50.0, current=1))).split_of("A") == 2  # a clear gain: it moves
+    with pytest.raises(ValueError, match="current column 3"):
+        problem(dev_a(current=3))
+
+
+def test_straggler_keeps_a_device_with_slack_where_it_is_but_never_gives_up_the_round():
+    from ares.core.optimiser import STAY_MARGIN
+
+    def b(watts, **kw):  # B with its compute power at `watts`: less of it makes local training cheaper
+        return device("B", (0.05, 0.1, 0.2), 200.0, (watts, 1.0, 1.0), **kw)
+
+    def energy(watts):
+        return [evaluate(problem(dev_a(), b(watts)), {"A": 1, "B": s}).devices[1].energy_round_j for s in (1, 2)]
+
+    watts = next(w for w in np.arange(10.0, 1.0, -0.1) if energy(w)[1] < energy(w)[0] <= energy(w)[1] * (1 + STAY_MARGIN))
+    fresh = StragglerPolicy().decide(problem(dev_a(), b(watts)))
+    staying = StragglerPolicy().decide(problem(dev_a(current=1), b(watts, current=1)))
+    assert (fresh.splits, staying.splits) == ({"A": 1, "B": 2}, {"A": 1, "B": 1})
+    assert staying.round_s == fresh.round_s == pytest.approx(37)
+    # a straggler's current split that is slower than the best round is left whatever it costs
+    assert StragglerPolicy().decide(problem(dev_a(current=0), b(watts))).split_of("A") == 1
+    # and a clear energy gain moves a device with slack: B at 10 W spends 32 J at split 1, 43 J at 2
+    assert StragglerPolicy().decide(problem(dev_a(), b(10.0, current=2))).split_of("B") == 1
+
+
 def test_straggler_with_full_time_weight_takes_the_fastest_allowed_split():
     assert StragglerPolicy(alpha=1.0).decide(problem(dev_a(), dev_b())).splits == {"A": 1, "B": 2}
     assert StragglerPolicy().decide(problem(dev_a(), dev_b(alpha=1.0))).splits == {"A": 1, "B": 2}
