@@ -4,10 +4,8 @@ and the optimiser's choice of split, codec and micro-batches against exhaustive 
 
 from __future__ import annotations
 
-import itertools
 import random
 
-import numpy as np
 import pytest
 
 from ares.core.energy import PowerModel
