@@ -22,12 +22,28 @@ pytestmark = [pytest.mark.host]
 KBIT = 4000  # each way, 500 KB/s: a 0.4 MB int8 batch takes ~0.8 s up and again down
 
 
+def estimates_after_round_2(tmp_path, cfg, server, device_ns, split: int, extra=()) -> tuple[float, float]:
+    """Run dev-a in the namespace until round 2, then read its (up, down) estimates from the telemetry."""
+    fleet = Devices(tmp_path, cfg, url=f"http://{device_ns.plan.host_addr}:{cfg.port}")
+    auth = {"Authorization": f"Bearer {token(cfg, CONTROLLER_TOKEN_NAME)}"}
+
+    def rates():
+        dev = httpx.get(f"{server.url}/v1/telemetry", headers=auth, timeout=5).json()["devices"][0]
+        return (dev["up_bps"], dev["down_bps"]) if dev["up_bps"] and dev["down_bps"] and dev["round_s"] else None
+
+    try:
+        fleet.start("dev-a", split=split, wrap=device_ns.exec_args, extra=list(extra))
+        wait_for(lambda: (httpx.get(f"{server.url}/healthz", timeout=5).json()["round"] >= 2), 180, "round 2")
+        return wait_for(rates, 30, "dev-a's link estimates in the telemetry")
+    finally:
+        fleet.stop()
+
+
 @pytest.mark.ns_index(243)
 @pytest.mark.parametrize("duplex", ["full", "half"])
 def test_pipelined_int8_steps_measure_the_shaped_link_both_ways(tmp_path, device_ns, server_process, duplex):
     """Full duplex: each direction's own rate. Half duplex: the one rate both share, which the cost
     model then charges up and down one after the other."""
-    p = device_ns.plan
     cfg = small_config(tmp_path, rounds=4, batch_size=100, max_steps_per_round=3).model_copy(
         update={"host": "0.0.0.0", "round_gap_s": 0.2,
                 "data": DataConfig(name="synthetic", synthetic_train=400, synthetic_test=100, seed=1)})
@@ -36,19 +52,8 @@ def test_pipelined_int8_steps_measure_the_shaped_link_both_ways(tmp_path, device
         device_ns.shape_shared(KBIT)
     else:
         device_ns.shape(up=f"{KBIT}kbit", down=f"{KBIT}kbit")
-    fleet = Devices(tmp_path, cfg, url=f"http://{p.host_addr}:{cfg.port}")
-    auth = {"Authorization": f"Bearer {token(cfg, CONTROLLER_TOKEN_NAME)}"}
-
-    def rates():
-        dev = httpx.get(f"{server.url}/v1/telemetry", headers=auth, timeout=5).json()["devices"][0]
-        return (dev["up_bps"], dev["down_bps"]) if dev["iterations"] and dev["round_s"] else None
-
-    try:
-        fleet.start("dev-a", split=3, wrap=device_ns.exec_args, extra=["--micro-batches", "4", "--codec", "int8", "--duplex", duplex])
-        wait_for(lambda: (httpx.get(f"{server.url}/healthz", timeout=5).json()["round"] >= 2), 180, "round 2")
-        up, down = wait_for(rates, 30, "dev-a's link estimates in the telemetry")
-    finally:
-        fleet.stop()
+    up, down = estimates_after_round_2(tmp_path, cfg, server, device_ns, split=3,
+                                       extra=["--micro-batches", "4", "--codec", "int8", "--duplex", duplex])
     # TCP and HTTP/2 framing take a few percent of the rate; handing bodies to the socket read 39x
     assert 0.6 * KBIT * 125 < up < 1.3 * KBIT * 125, up
     assert 0.6 * KBIT * 125 < down < 1.3 * KBIT * 125, down
@@ -60,25 +65,12 @@ def test_a_device_training_locally_measures_the_shaped_link_from_its_weights(tmp
     upload) are all it can measure the link from. Before, it reported no rate at all, and a Nano whose
     link fell to a quarter while it trained locally stayed predicted at the old rate (`ares bench
     bandwidth-drop`)."""
-    p = device_ns.plan
     cfg = small_config(tmp_path, rounds=3, batch_size=20, max_steps_per_round=2).model_copy(
         update={"host": "0.0.0.0", "round_gap_s": 0.2})
     server = server_process(cfg)
     kbit = 8000  # 1 MB/s: VGG5's 2.3 MB of weights take ~2.3 s each way
     device_ns.shape(up=f"{kbit}kbit", down=f"{kbit}kbit")
-    fleet = Devices(tmp_path, cfg, url=f"http://{p.host_addr}:{cfg.port}")
-    auth = {"Authorization": f"Bearer {token(cfg, CONTROLLER_TOKEN_NAME)}"}
-
-    def rates():
-        dev = httpx.get(f"{server.url}/v1/telemetry", headers=auth, timeout=5).json()["devices"][0]
-        return (dev["up_bps"], dev["down_bps"]) if dev["up_bps"] and dev["down_bps"] else None
-
-    try:
-        fleet.start("dev-a", split=6, wrap=device_ns.exec_args)
-        # round 1's report: the join's download of round 1, the upload of round 0
-        wait_for(lambda: (httpx.get(f"{server.url}/healthz", timeout=5).json()["round"] >= 2), 120, "round 2")
-        up, down = wait_for(rates, 30, "dev-a's link estimates in the telemetry")
-    finally:
-        fleet.stop()
+    # round 1's report: the join's download of round 1, the upload of round 0
+    up, down = estimates_after_round_2(tmp_path, cfg, server, device_ns, split=6)
     assert 0.6 * kbit * 125 < up < 1.3 * kbit * 125, up
     assert 0.6 * kbit * 125 < down < 1.3 * kbit * 125, down
