@@ -61,14 +61,23 @@ class StepTimings(_Msg):
     steps_s: Seconds = 0.0  # wall time of all the round's steps together (the rest of its session is fixed cost)
 
 
+# How many of a setting's last rounds a device reports (`StepSample`s) and the controller averages
+# their excess over the model: one noisy round is not taken for the next.
+STEP_ROUNDS = 3
+
+
 class StepSample(_Msg):
-    """A device's offloaded steps with one split, codec and k: their mean wall time, forward to
-    optimiser step, the last time it ran them."""
+    """A device's offloaded steps in one round with one split, codec and k: their mean wall time,
+    forward to optimiser step, and what they ran under (the link estimates and the compute speed of
+    that round), so the controller can hold each against the model of its own round."""
 
     split: int = Field(..., ge=0, le=255)
     codec: Literal["fp32", "fp16", "int8"]
     micro_batches: int = Field(..., ge=1, le=64)
     step_s: Seconds
+    up_bps: Optional[BytesPerSecond] = None    # None: the report's own estimates
+    down_bps: Optional[BytesPerSecond] = None
+    compute_scale: float = Field(1.0, gt=0, le=1e3)  # its round's compute time over the report's profile
 
 
 class DeviceReport(_Msg):
@@ -85,7 +94,7 @@ class DeviceReport(_Msg):
     profile_bwd: Optional[list[Seconds]] = Field(None, max_length=256)
     profile_batch: Optional[int] = Field(None, ge=1, le=1 << 20)
     duplex: Literal["full", "half"] = "full"  # half: up and down share one rate (Wi-Fi); a device setting
-    measured_steps: list[StepSample] = Field(default_factory=list, max_length=32)  # oldest first
+    measured_steps: list[StepSample] = Field(default_factory=list, max_length=64)  # oldest first
     # the (codec, k) this round ran with: with `split`, the setting a policy keeps it at unless clearly beaten
     codec: Optional[Literal["fp32", "fp16", "int8"]] = None
     micro_batches: Optional[int] = Field(None, ge=1, le=64)

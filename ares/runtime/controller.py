@@ -16,7 +16,7 @@ from typing import Callable, Mapping, Optional, Protocol, Sequence, runtime_chec
 import httpx
 
 from ares.core.energy import PowerModel, power_model
-from ares.core.messages import DeviceTelemetry, ServerStatus, SessionSample, StepSample, Telemetry
+from ares.core.messages import STEP_ROUNDS, DeviceTelemetry, ServerStatus, SessionSample, StepSample, Telemetry
 from ares.core.optimiser import (CODEC_BYTES, MAX_BPS, MIN_BPS, DeviceInput, Option, Plan, Problem, SplitPolicy,
                                  column_of, iteration_table, model_costs, options_for, session_table)
 from ares.core.profiles import ComputeProfile, ServerProfile
@@ -111,25 +111,21 @@ def with_current(problem: Problem, measured: Mapping[str, DeviceTelemetry], own:
 def with_step_overheads(problem: Problem, samples: Mapping[str, Sequence[StepSample]]) -> Problem:
     """The problem with what each device's offloaded steps took beyond the model charged to its
     iterations (codec work, framing, a server busy with other devices, up and down not quite
-    overlapping): per (split, codec, k) it has run, the latest measured step minus the model's;
-    elsewhere, the bytes that setting moves times the excess per byte of all it has run (so a
-    setting that moves more is not taken for free), at most their mean excess. The cap is there
-    because only part of the excess grows with the bytes (codec work, framing) and part does not
-    (a server turn, pipeline fill): charged all per byte, a Nano's move to a setting that moves
-    twice the bytes was charged +0.46 s a step for +0.08 s measured. Over the twelve first runs of
-    a setting in the bench results, the cap took the charge's error from 17.7% mean (51% at worst)
-    to 14.1% (29%). A device that never offloaded gets none. A setting is mispredicted once at
-    most: after one round with it, its own figure holds."""
+    overlapping): per (split, codec, k) it has run, the mean excess of its last rounds there
+    (`_step_excess`); elsewhere, the bytes that setting moves times the excess per byte of all it
+    has run (so a setting that moves more is not taken for free), at most their mean excess. The
+    cap is there because only part of the excess grows with the bytes (codec work, framing) and
+    part does not (a server turn, pipeline fill): charged all per byte, a Nano's move to a setting
+    that moves twice the bytes was charged +0.46 s a step for +0.08 s measured. Over the twelve
+    first runs of a setting in the bench results, the cap took the charge's error from 17.7% mean
+    (51% at worst) to 14.1% (29%). A device that never offloaded gets none. A setting is
+    mispredicted once at most: after one round with it, its own figure holds."""
     if not any(samples.values()):
         return problem
     modelled, moved = iteration_table(problem)
     devices = []
     for i, device in enumerate(problem.devices):
-        known = {}
-        for sample in samples.get(device.name, ()):
-            col = column_of(problem, sample.codec, sample.micro_batches, sample.split)
-            if col is not None and sample.split < problem.n_splits - 1:
-                known[col] = max(0.0, sample.step_s - float(modelled[i, col]))
+        known = _step_excess(problem, device, samples.get(device.name, ()))
         if not known:
             devices.append(device)
             continue
@@ -139,6 +135,30 @@ def with_step_overheads(problem: Problem, samples: Mapping[str, Sequence[StepSam
         row = [known.get(col, min(per_byte * float(moved[i, col]), cap)) for col in range(modelled.shape[1])]
         devices.append(replace(device, step_overheads=tuple(row)))
     return replace(problem, devices=tuple(devices))
+
+
+def _step_excess(problem: Problem, device: DeviceInput, samples: Sequence[StepSample]) -> dict[int, float]:
+    """Per column the device has run: the mean, over its last `STEP_ROUNDS` rounds there, of each
+    round's step beyond the model of that round (the link estimates and compute speed it ran
+    under), never below 0. Held against today's model instead, a round that ran before the link
+    fell would hide the fall; the last round alone takes one noisy round for the next."""
+    runs = [(col, x) for x in samples if x.split < problem.n_splits - 1
+            and (col := column_of(problem, x.codec, x.micro_batches, x.split)) is not None]
+    if not runs:
+        return {}
+
+    def rate(measured: Optional[float], now: float) -> float:
+        return measured if measured is not None and MIN_BPS <= measured <= MAX_BPS else now
+
+    then = tuple(replace(device, name=f"{device.name}#{j}", up_bps=rate(x.up_bps, device.up_bps),
+                         down_bps=rate(x.down_bps, device.down_bps), step_overheads=None, current=None,
+                         compute=device.compute.scaled(x.compute_scale, source=device.compute.source))
+                 for j, (_, x) in enumerate(runs))
+    modelled, _ = iteration_table(replace(problem, devices=then))
+    excess: dict[int, list[float]] = {}
+    for j, (col, x) in enumerate(runs):
+        excess.setdefault(col, []).append(x.step_s - float(modelled[j, col]))
+    return {col: max(0.0, statistics.fmean(v[-STEP_ROUNDS:])) for col, v in excess.items()}
 
 
 def with_session_overheads(problem: Problem, samples: Mapping[str, Sequence[SessionSample]]) -> Problem:

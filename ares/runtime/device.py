@@ -26,7 +26,7 @@ from torch import nn
 from ares.core.config import DeviceSettings, ServerConfig
 from ares.core.data import load_data, shard
 from ares.core.energy import energy_j, power_model
-from ares.core.messages import DeviceReport, StepSample, StepTimings
+from ares.core.messages import STEP_ROUNDS, DeviceReport, StepSample, StepTimings
 from ares.core.models import build_model, model_spec, n_layers, split_model
 from ares.core.profiles import ComputeProfile
 from ares.runtime.link import LinkError, ServerLink
@@ -92,9 +92,12 @@ def _busy_seconds(up: list[tuple[float, float]], down: list[tuple[float, float]]
     return up_s - overlap * down_bytes / total, down_s - overlap * up_bytes / total
 
 
-def _telling(nbytes: int, estimate: Throughput) -> bool:
-    """Whether a transfer of `nbytes` should update `estimate`: large enough, or the first one."""
-    return nbytes >= MIN_SAMPLE_BYTES or estimate.value is None
+def _telling(nbytes: int, estimate: Throughput, weights: bool = False) -> bool:
+    """Whether a transfer of `nbytes` should update `estimate`: large enough, or a step's first one
+    (a device at a small-activation split would otherwise never have one). Weights get no such
+    exemption: at split 1 the join's body is a few KB, which can read as hundreds of MB/s, and the
+    steps that follow will tell."""
+    return nbytes >= MIN_SAMPLE_BYTES or (estimate.value is None and not weights)
 
 
 def _pad_until(start: float, seconds: float) -> None:
@@ -130,7 +133,8 @@ class DeviceTrainer:
         self._profile_mtime: Optional[float] = None
         self._pool: Optional[ThreadPoolExecutor] = None  # pipelined micro-batches: one thread per stream
         self._rtts: deque[float] = deque(maxlen=20)  # recent status round trips: the per-request latency
-        self._steps: dict[tuple[int, str, int], float] = {}  # (split, codec, k) -> mean step s, latest last
+        # (split, codec, k) -> its last rounds' steps, each with the links and compute factor it ran under
+        self._steps: dict[tuple[int, str, int], deque[tuple[float, Optional[float], Optional[float], float]]] = {}
         self._warm = False  # the process's first step was taken (it pays one-off start-up)
 
     def _startup_profile(self) -> ComputeProfile:
@@ -196,7 +200,7 @@ class DeviceTrainer:
             self.chosen = chosen
             try:
                 reply, weights, moved = self.link.join(round_index, split)
-                self._learn(self.down, moved.nbytes, moved.seconds)
+                self._learn(self.down, moved.nbytes, moved.seconds, weights=True)
             except LinkError as exc:
                 if exc.status == 410:
                     break
@@ -242,18 +246,25 @@ class DeviceTrainer:
             time.sleep(poll_s)
 
     def _measured_steps(self, entry: RoundLog, whole: bool) -> list[StepSample]:
-        """This round's offloaded steps joined to the ones measured before (16 settings at most), so the
-        controller can hold its model against each setting this device has really run. The process's
-        first round gives none: it pays start-up, its own (the first step: 0.1-3 s) and at round 0
-        everyone's (every process starts and profiles at once), and a figure taken then was
-        extrapolated to other settings (a sub-second session predicted 70% long)."""
+        """This round's offloaded steps joined to the ones measured before (the last `STEP_ROUNDS`
+        rounds of each of 16 settings at most), so the controller can hold its model against each
+        setting this device has really run, over more than one round: a Nano's sessions at one
+        setting went 3.5, 2.6, 3.3, 2.6 s, and the last round alone, taken as the next one, was off by
+        up to 34%. Each sample carries the link estimates and compute factor of its round; its
+        `compute_scale` is that factor over today's, which the report's profile already holds.
+        The process's first round gives none: it pays start-up, its own (the first step: 0.1-3 s)
+        and at round 0 everyone's (every process starts and profiles at once), and a figure taken
+        then was extrapolated to other settings (a sub-second session predicted 70% long)."""
         if entry.steps and not whole and not entry.cold:
             key = (entry.split, self.codec, self.micro_batches)
-            self._steps.pop(key, None)
-            self._steps[key] = entry.step_wall_s / entry.steps
+            kept = self._steps.pop(key, None) or deque(maxlen=STEP_ROUNDS)
+            kept.append((entry.step_wall_s / entry.steps, entry.up_bps, entry.down_bps, self.live.factor))
+            self._steps[key] = kept
             while len(self._steps) > 16:
                 self._steps.pop(next(iter(self._steps)))
-        return [StepSample(split=s, codec=c, micro_batches=k, step_s=v) for (s, c, k), v in self._steps.items()]
+        return [StepSample(split=s, codec=c, micro_batches=k, step_s=v, up_bps=up, down_bps=down,
+                           compute_scale=factor / self.live.factor)
+                for (s, c, k), kept in self._steps.items() for v, up, down, factor in kept]
 
     @property
     def latency_s(self) -> Optional[float]:
@@ -309,7 +320,7 @@ class DeviceTrainer:
             profile_bwd=[v * self.live.factor for v in self.profile.bwd], profile_batch=self.profile.batch_size)
         try:
             moved = self.link.upload(report, {f"layers.{k}": v.detach().cpu() for k, v in device_part.layers.state_dict().items()})
-            self._learn(self.up, moved.nbytes, moved.seconds, round_trip=True)  # for the next round's report
+            self._learn(self.up, moved.nbytes, moved.seconds, round_trip=True, weights=True)  # for the next round's report
             entry.uploaded = True
         except LinkError as exc:
             log.warning("round %d: upload refused (%s)", reply.round, exc)
@@ -407,13 +418,14 @@ class DeviceTrainer:
         self._learn(self.down, down_bytes, down_s)
         return loss, compute
 
-    def _learn(self, estimate: Throughput, nbytes: int, seconds: float, round_trip: bool = False) -> None:
+    def _learn(self, estimate: Throughput, nbytes: int, seconds: float, round_trip: bool = False,
+               weights: bool = False) -> None:
         """One transfer into a link estimate: activations and gradients each step, and the weights at
         join and upload (at the local split they are all a device moves: without them a Nano whose link
         fell to a quarter kept being predicted at the old rate). An upload's time, from its request's
         start to the server's `held`, still holds a round trip (`round_trip`). In-process links move
         no bytes."""
-        if not nbytes or not _telling(nbytes, estimate):
+        if not nbytes or not _telling(nbytes, estimate, weights):
             return
         if round_trip:
             seconds = max(seconds - (self.latency_s or 0.0), seconds / 2)

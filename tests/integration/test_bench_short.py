@@ -126,6 +126,9 @@ def test_adaptive_runs_carry_predictions(bench):
                                         for m in d.measured_steps)
         assert d.split is None or d.split == 6 or (d.split, "int8", 2) in {
             (m.split, m.codec, m.micro_batches) for m in d.measured_steps}
+        # each round's sample carries the links it ran under; the last round's, today's compute factor
+        assert all(m.up_bps and m.down_bps for m in d.measured_steps)
+        assert d.split == 6 or d.measured_steps[-1].compute_scale == 1.0
         assert (d.codec, d.micro_batches) == ("int8", 2)  # the setting its last round ran: what a policy keeps
         # the link measured from its transfers, the weights included, within reason of loopback's
         assert d.up_bps and d.down_bps and d.up_bps > 1e5 and d.down_bps > 1e5

@@ -155,6 +155,43 @@ def test_measured_step_time_beyond_the_model_is_charged_per_setting_it_was_measu
     assert iteration(measured((1, m1 / 2)), 1) == pytest.approx(m1)
 
 
+def test_a_settings_step_excess_is_averaged_over_its_last_rounds_each_held_against_its_own_round():
+    from ares.core.messages import STEP_ROUNDS, StepSample
+    from ares.core.optimiser import evaluate
+
+    def with_a(t, **fields):
+        return t.model_copy(update={"devices": [d.model_copy(update=fields) if d.name == "a" else d for d in t.devices]})
+
+    def iteration(problem, split=1):
+        return next(p for p in evaluate(problem, {"a": split, "b": 1}).devices if p.name == "a").iteration_s
+
+    today = telemetry(2.5e6)
+    m1 = iteration(problem_from_telemetry(today))
+    fast_link = iteration(problem_from_telemetry(with_a(today, up_bps=10e6, down_bps=10e6)))
+    slow_cpu = iteration(problem_from_telemetry(with_a(today, fwd=[v * 40 for v in NANO.fwd], bwd=[v * 40 for v in NANO.bwd])))
+    assert fast_link < m1 - 0.5 and slow_cpu > m1 + 0.5  # the rounds below ran under clearly other inputs
+
+    def predicted(*samples):
+        return iteration(problem_from_telemetry(with_a(today, measured_steps=[
+            StepSample(split=1, codec="fp32", micro_batches=1, **x) for x in samples])))
+
+    # noise that flips sign each round: the mean of the rounds, not the last one
+    assert predicted(dict(step_s=m1 + 0.2), dict(step_s=m1 + 0.6)) == pytest.approx(m1 + 0.4)
+    # a round that ran on a 4x faster link is held against that round's model: its 0.3 s excess carries
+    # over, where held against today's model it would read as negative; so does a round that ran while
+    # the device was throttled (40x today's compute time), where it would read as 0.3 s plus the throttle
+    assert predicted(dict(step_s=fast_link + 0.3, up_bps=10e6, down_bps=10e6)) == pytest.approx(m1 + 0.3)
+    assert predicted(dict(step_s=slow_cpu + 0.3, compute_scale=40.0)) == pytest.approx(m1 + 0.3)
+    assert predicted(dict(step_s=fast_link + 0.1, up_bps=10e6, down_bps=10e6),
+                     dict(step_s=m1 + 0.5)) == pytest.approx(m1 + 0.3)
+    # only the last STEP_ROUNDS rounds count: an old outlier has aged out
+    assert predicted(dict(step_s=m1 + 9.0), *[dict(step_s=m1 + 0.3)] * STEP_ROUNDS) == pytest.approx(m1 + 0.3)
+    # a rate the model does not take (a hostile or broken report) falls back to today's estimate
+    assert predicted(dict(step_s=m1 + 0.3, up_bps=1e-4, down_bps=1e-4)) == pytest.approx(m1 + 0.3)
+    # rounds faster than their model on the whole: no negative overhead
+    assert predicted(dict(step_s=m1 - 0.5), dict(step_s=m1 + 0.1)) == pytest.approx(m1)
+
+
 def test_each_device_is_planned_from_the_setting_its_last_round_ran():
     from ares.core.optimiser import column_of
 

@@ -81,14 +81,45 @@ def test_a_device_takes_the_controllers_options_over_its_own_and_the_servers():
 def test_a_devices_step_samples_leave_out_the_processs_first_round():
     from types import SimpleNamespace
 
+    from ares.core.messages import STEP_ROUNDS
     from ares.runtime.device import DeviceTrainer, RoundLog
 
-    dev = SimpleNamespace(_steps={}, codec="fp32", micro_batches=1)
+    dev = SimpleNamespace(_steps={}, codec="fp32", micro_batches=1, live=SimpleNamespace(factor=1.0))
     sample = lambda entry, whole=False: DeviceTrainer._measured_steps(dev, entry, whole)  # noqa: E731
     # the first round (its first step took 3 s of start-up) says nothing of its setting
     assert sample(RoundLog(round=0, split=3, steps=4, step_wall_s=4.5, cold=True)) == []
-    first = sample(RoundLog(round=1, split=1, steps=4, step_wall_s=2.4))
-    assert [(x.split, x.step_s) for x in first] == [(1, pytest.approx(0.6))]
-    assert sample(RoundLog(round=2, split=1, steps=4, step_wall_s=2.0))[-1].step_s == pytest.approx(0.5)  # latest
-    # a local round (nothing offloaded) adds no figure
-    assert [x.split for x in sample(RoundLog(round=3, split=6, steps=4, step_wall_s=2.0), whole=True)] == [1]
+    first = sample(RoundLog(round=1, split=1, steps=4, step_wall_s=2.4, up_bps=2e6, down_bps=3e6))
+    assert [(x.split, x.step_s, x.up_bps, x.down_bps, x.compute_scale) for x in first] == [
+        (1, pytest.approx(0.6), 2e6, 3e6, 1.0)]
+    dev.live.factor = 2.0  # the device slowed down: round 1 ran at half today's compute time
+    second = sample(RoundLog(round=2, split=1, steps=4, step_wall_s=2.0, up_bps=1e6, down_bps=3e6))
+    assert [(x.step_s, x.up_bps, x.compute_scale) for x in second] == [
+        (pytest.approx(0.6), 2e6, 0.5), (pytest.approx(0.5), 1e6, 1.0)]  # oldest first, each with its inputs
+    # a local round (nothing offloaded) adds no figure; a setting keeps its last STEP_ROUNDS rounds
+    assert [x.split for x in sample(RoundLog(round=3, split=6, steps=4, step_wall_s=2.0), whole=True)] == [1, 1]
+    for r in (4, 5, 6):
+        kept = sample(RoundLog(round=r, split=1, steps=1, step_wall_s=float(r)))
+    assert [x.step_s for x in kept] == [4.0, 5.0, 6.0] and STEP_ROUNDS == 3
+    # another setting comes last; the first keeps its rounds
+    assert [(x.split, x.step_s) for x in sample(RoundLog(round=7, split=3, steps=1, step_wall_s=7.0))] == [
+        (1, 4.0), (1, 5.0), (1, 6.0), (3, 7.0)]
+
+
+def test_a_small_weights_body_never_sets_a_link_estimate():
+    from types import SimpleNamespace
+
+    from ares.runtime.device import MIN_SAMPLE_BYTES, DeviceTrainer
+    from ares.runtime.profiler import Throughput
+
+    dev = SimpleNamespace(latency_s=None)
+    learn = lambda estimate, nbytes, seconds, **kw: DeviceTrainer._learn(dev, estimate, nbytes, seconds, **kw)  # noqa: E731
+    estimate = Throughput(smoothing=0.5)
+    learn(estimate, 4096, 1e-5, weights=True)  # split 1's join: a few KB that came with the headers (400 MB/s)
+    assert estimate.value is None
+    learn(estimate, 4096, 2e-3)  # a step's first transfer counts, small or not: there may be no larger one
+    assert estimate.value == pytest.approx(2.048e6)
+    learn(estimate, 4096, 1e-5, weights=True)
+    learn(estimate, 4096, 1e-5)  # once there is an estimate, small transfers of either kind leave it
+    assert estimate.value == pytest.approx(2.048e6)
+    learn(estimate, MIN_SAMPLE_BYTES, MIN_SAMPLE_BYTES / 1e6, weights=True)  # a large body counts
+    assert estimate.value == pytest.approx(1 / (0.5 / 2.048e6 + 0.5 / 1e6))
