@@ -124,8 +124,7 @@ def with_step_overheads(problem: Problem, samples: Mapping[str, Sequence[StepSam
         return problem
     modelled, moved = iteration_table(problem)
     devices = []
-    for i, device in enumerate(problem.devices):
-        known = _step_excess(problem, device, samples.get(device.name, ()))
+    for i, (device, known) in enumerate(zip(problem.devices, _step_excess(problem, samples))):
         if not known:
             devices.append(device)
             continue
@@ -137,28 +136,30 @@ def with_step_overheads(problem: Problem, samples: Mapping[str, Sequence[StepSam
     return replace(problem, devices=tuple(devices))
 
 
-def _step_excess(problem: Problem, device: DeviceInput, samples: Sequence[StepSample]) -> dict[int, float]:
-    """Per column the device has run: the mean, over its last `STEP_ROUNDS` rounds there, of each
-    round's step beyond the model of that round (the link estimates and compute speed it ran
+def _step_excess(problem: Problem, samples: Mapping[str, Sequence[StepSample]]) -> list[dict[int, float]]:
+    """Per device, per column it has run: the mean, over its last `STEP_ROUNDS` rounds there, of
+    each round's step beyond the model of that round (the link estimates and compute speed it ran
     under), never below 0. Held against today's model instead, a round that ran before the link
-    fell would hide the fall; the last round alone takes one noisy round for the next."""
-    runs = [(col, x) for x in samples if x.split < problem.n_splits - 1
+    fell would hide the fall; the last round alone takes one noisy round for the next. Every
+    device's rounds are modelled in one table, as if each round were a device of its own."""
+    runs = [(i, col, x) for i, d in enumerate(problem.devices) for x in samples.get(d.name, ())
+            if x.split < problem.n_splits - 1
             and (col := column_of(problem, x.codec, x.micro_batches, x.split)) is not None]
+    excess: list[dict[int, list[float]]] = [{} for _ in problem.devices]
     if not runs:
-        return {}
+        return [{} for _ in problem.devices]
 
     def rate(measured: Optional[float], now: float) -> float:
         return measured if measured is not None and MIN_BPS <= measured <= MAX_BPS else now
 
-    then = tuple(replace(device, name=f"{device.name}#{j}", up_bps=rate(x.up_bps, device.up_bps),
-                         down_bps=rate(x.down_bps, device.down_bps), step_overheads=None, current=None,
-                         compute=device.compute.scaled(x.compute_scale, source=device.compute.source))
-                 for j, (_, x) in enumerate(runs))
+    then = tuple(replace(d, name=f"{d.name}#{j}", up_bps=rate(x.up_bps, d.up_bps), down_bps=rate(x.down_bps, d.down_bps),
+                         compute=d.compute.scaled(x.compute_scale, source=d.compute.source),
+                         step_overheads=None, current=None)
+                 for j, (i, _, x) in enumerate(runs) for d in (problem.devices[i],))
     modelled, _ = iteration_table(replace(problem, devices=then))
-    excess: dict[int, list[float]] = {}
-    for j, (col, x) in enumerate(runs):
-        excess.setdefault(col, []).append(x.step_s - float(modelled[j, col]))
-    return {col: max(0.0, statistics.fmean(v[-STEP_ROUNDS:])) for col, v in excess.items()}
+    for j, (i, col, x) in enumerate(runs):
+        excess[i].setdefault(col, []).append(x.step_s - float(modelled[j, col]))
+    return [{col: max(0.0, statistics.fmean(v[-STEP_ROUNDS:])) for col, v in e.items()} for e in excess]
 
 
 def with_session_overheads(problem: Problem, samples: Mapping[str, Sequence[SessionSample]]) -> Problem:
