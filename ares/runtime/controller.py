@@ -145,7 +145,6 @@ def _step_excess(problem: Problem, samples: Mapping[str, Sequence[StepSample]]) 
     runs = [(i, col, x) for i, d in enumerate(problem.devices) for x in samples.get(d.name, ())
             if x.split < problem.n_splits - 1
             and (col := column_of(problem, x.codec, x.micro_batches, x.split)) is not None]
-    excess: list[dict[int, list[float]]] = [{} for _ in problem.devices]
     if not runs:
         return [{} for _ in problem.devices]
 
@@ -157,6 +156,7 @@ def _step_excess(problem: Problem, samples: Mapping[str, Sequence[StepSample]]) 
                          step_overheads=None, current=None)
                  for j, (i, _, x) in enumerate(runs) for d in (problem.devices[i],))
     modelled, _ = iteration_table(replace(problem, devices=then))
+    excess: list[dict[int, list[float]]] = [{} for _ in problem.devices]
     for j, (i, col, x) in enumerate(runs):
         excess[i].setdefault(col, []).append(x.step_s - float(modelled[j, col]))
     return [{col: max(0.0, statistics.fmean(v[-STEP_ROUNDS:])) for col, v in e.items()} for e in excess]

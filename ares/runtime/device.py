@@ -263,7 +263,7 @@ class DeviceTrainer:
             while len(self._steps) > 16:
                 self._steps.pop(next(iter(self._steps)))
         return [StepSample(split=s, codec=c, micro_batches=k, step_s=v, up_bps=up, down_bps=down,
-                           compute_scale=factor / self.live.factor)
+                           compute_scale=min(max(factor / self.live.factor, 1e-3), 1e3))  # the message's bounds
                 for (s, c, k), kept in self._steps.items() for v, up, down, factor in kept]
 
     @property

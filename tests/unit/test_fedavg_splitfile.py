@@ -103,6 +103,8 @@ def test_a_devices_step_samples_leave_out_the_processs_first_round():
     # another setting comes last; the first keeps its rounds
     assert [(x.split, x.step_s) for x in sample(RoundLog(round=7, split=3, steps=1, step_wall_s=7.0))] == [
         (1, 4.0), (1, 5.0), (1, 6.0), (3, 7.0)]
+    dev.live.factor = 2e-6  # an absurd swing of the live factor: the ratio is held to the message's bounds
+    assert {x.compute_scale for x in sample(RoundLog(round=8, split=6, steps=1, step_wall_s=1.0), whole=True)} == {1e3}
 
 
 def test_a_small_weights_body_never_sets_a_link_estimate():
