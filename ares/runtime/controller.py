@@ -151,10 +151,12 @@ def _step_excess(problem: Problem, samples: Mapping[str, Sequence[StepSample]]) 
     def rate(measured: Optional[float], now: float) -> float:
         return measured if measured is not None and MIN_BPS <= measured <= MAX_BPS else now
 
-    then = tuple(replace(d, name=f"{d.name}#{j}", up_bps=rate(x.up_bps, d.up_bps), down_bps=rate(x.down_bps, d.down_bps),
-                         compute=d.compute.scaled(x.compute_scale, source=d.compute.source),
-                         step_overheads=None, current=None)
-                 for j, (i, _, x) in enumerate(runs) for d in (problem.devices[i],))
+    def as_it_ran(j: int, d: DeviceInput, x: StepSample) -> DeviceInput:
+        return replace(d, name=f"{d.name}#{j}", up_bps=rate(x.up_bps, d.up_bps), down_bps=rate(x.down_bps, d.down_bps),
+                       compute=d.compute.scaled(x.compute_scale, source=d.compute.source),
+                       step_overheads=None, current=None)
+
+    then = tuple(as_it_ran(j, problem.devices[i], x) for j, (i, _, x) in enumerate(runs))
     modelled, _ = iteration_table(replace(problem, devices=then))
     excess: list[dict[int, list[float]]] = [{} for _ in problem.devices]
     for j, (i, col, x) in enumerate(runs):
