@@ -40,8 +40,11 @@ DOWNWARD_DELAY_S = 10.0
 
 
 def job(name: str, rounds: int, *, lr: float = 0.01, steps: int = 2, train: int = 200, split: dict = ADAPTIVE,
-        **run_policy) -> str:
-    """Two cpu devices and a server on the kubelet's nodes; each round a couple of tiny batches."""
+        b_split: int | None = None, **run_policy) -> str:
+    """Two cpu devices and a server on the kubelet's nodes; each round a couple of tiny batches.
+    `b_split` pins device b's split from the start."""
+    b = {"name": "b", "deviceClass": "cpu", "nodeName": "jetson-nano-1",
+         **({"split": b_split} if b_split is not None else {})}
     return yaml.safe_dump({
         "apiVersion": "ares.io/v1alpha1", "kind": "AresTrainingJob", "metadata": {"name": name},
         "spec": {
@@ -50,7 +53,7 @@ def job(name: str, rounds: int, *, lr: float = 0.01, steps: int = 2, train: int 
             "split": split,
             "server": {"nodeName": "edge-server"},
             "devices": [{"name": "a", "deviceClass": "cpu", "nodeName": "raspberry-pi-1"},
-                        {"name": "b", "deviceClass": "cpu", "nodeName": "jetson-nano-1"}],
+                        b],
             "runPolicy": {"roundDeadlineSeconds": 5, "backoffLimit": 3, **run_policy},
         }})
 
@@ -138,14 +141,17 @@ def test_restricted_pods_kill_and_metrics(metrics_port, server_port, kubelet, op
 
 def test_delayed_split_suspend_resume_deadline_namesake(server_port, kubelet, operator, kubectl):
     kubelet.downward_delay_s = DOWNWARD_DELAY_S  # a changed annotation reaches the files this much later
-    kubectl.run("apply", "-f", "-", stdin=job("pause", rounds=500))
+    # b is pinned from the start, so its split annotation never changed before the patch below: an
+    # adaptive b's earlier decisions were still on their way to the file, and one of them could be
+    # the value patched in, landing "early" (CI saw 7.7 s).
+    kubectl.run("apply", "-f", "-", stdin=job("pause", rounds=500, b_split=2))
     j = Job(kubectl, "pause")
     wait_for(lambda: j.status().get("round", 0) >= 2, 180, "round 2", interval=0.2)
 
     # 3. A split decision with the downwardAPI late: pin b elsewhere; the annotation moves at
     # once, the file (and so the device) only after the delay, and then it trains with it.
-    old = int(j.pods()["pause-b"]["metadata"]["annotations"]["ares.io/split-point"])
-    new = 1 if old != 1 else 2
+    assert j.pods()["pause-b"]["metadata"]["annotations"]["ares.io/split-point"] == "2"
+    new = 1
     rounds_with_new = kubelet.log("pause-b").count(f" split {new}:")  # the device logs "round N split S: ..."
     annotated = time.monotonic()  # no earlier than the annotation changes
     kubectl.run("patch", "aresjobs", "pause", "--type=json", "-p",
