@@ -27,7 +27,7 @@ def test_throttled_device_moves_its_split(tmp_path):
                  DeviceSpec(name="dev-1", initial_split=3)],
         mode="adaptive", policy="straggler", results_dir=str(tmp_path / "results"),
         data=DataConfig(name="synthetic", synthetic_train=400, synthetic_test=100, seed=2),
-        training=TrainingConfig(rounds=THROTTLE_ROUND + 3, batch_size=20, max_steps_per_round=2, seed=2),  # the last round read
+        training=TrainingConfig(rounds=THROTTLE_ROUND + 3, batch_size=10, max_steps_per_round=2, seed=2),  # the last round read
         schedule=[LinkChange(round=THROTTLE_ROUND, device="dev-0", up_mbps=4, down_mbps=4)])
     run(cfg, progress=False)
     with open(tmp_path / "results" / "devices.csv") as f:
