@@ -65,6 +65,16 @@ class StepTimings(_Msg):
 # their excess over the model: one noisy round is not taken for the next.
 STEP_ROUNDS = 3
 
+# A device's link estimate is a moving mean of seconds per byte with this weight on each new
+# transfer (ares.runtime.profiler.Throughput). The controller folds in the server's own figure for
+# a device's last upload the same way: the report it carried was written before that upload.
+LINK_SMOOTHING = 0.5
+
+# A transfer smaller than this says little about the link: its time is mostly the request's
+# round trip, and a small reply's body can arrive with its headers (a body read time near 0
+# would claim a link of GB/s).
+MIN_SAMPLE_BYTES = 64 << 10
+
 
 class StepSample(_Msg):
     """A device's offloaded steps in one round with one split, codec and k: their mean wall time,
@@ -157,6 +167,9 @@ class DeviceTelemetry(_Msg):
     codec: Optional[str] = None            # what its last round ran with, beside `split`
     micro_batches: Optional[int] = None
     sessions: list[SessionSample] = []     # its last few sessions, oldest first
+    # the server's own figure for the link of the device's last upload (bytes over the time from
+    # the request's head to its whole body), which its report, written before it, cannot hold
+    upload_bps: Optional[float] = None
 
 
 class Telemetry(_Msg):

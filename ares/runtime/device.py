@@ -26,7 +26,7 @@ from torch import nn
 from ares.core.config import DeviceSettings, ServerConfig
 from ares.core.data import load_data, shard
 from ares.core.energy import energy_j, power_model
-from ares.core.messages import STEP_ROUNDS, DeviceReport, StepSample, StepTimings
+from ares.core.messages import LINK_SMOOTHING, MIN_SAMPLE_BYTES, STEP_ROUNDS, DeviceReport, StepSample, StepTimings
 from ares.core.models import build_model, model_spec, n_layers, split_model
 from ares.core.profiles import ComputeProfile
 from ares.runtime.link import LinkError, ServerLink
@@ -36,10 +36,6 @@ from ares.runtime.splitfile import StepOptions, read_options, read_split
 
 log = logging.getLogger("ares.device")
 
-# A transfer smaller than this says little about the link: its time is mostly the request's
-# round trip, and a small reply's body can arrive with its headers (a body read time near 0
-# would claim a link of GB/s). Such steps leave an estimate as it was (once there is one).
-MIN_SAMPLE_BYTES = 64 << 10
 
 
 @dataclass
@@ -126,7 +122,7 @@ class DeviceTrainer:
         self.shard = shard(data, self.cfg.shard_of(self.settings.name), len(self.cfg.devices), d.partition, d.beta, d.seed)
         self.split: Optional[int] = self.settings.initial_split
         self.chosen: Optional[StepOptions] = None  # the controller's (codec, k), from beside the split file
-        self.up, self.down = Throughput(smoothing=0.5), Throughput(smoothing=0.5)
+        self.up, self.down = Throughput(smoothing=LINK_SMOOTHING), Throughput(smoothing=LINK_SMOOTHING)
         self.live = LiveScale()
         warm_optimiser()
         self.set_emulation(self.emulate)

@@ -180,11 +180,13 @@ def create_app(cfg: ServerConfig, trainer: Optional[TrainingServer] = None, tick
 
     @app.post("/v1/devices/{name}/update")
     async def update(name: str, request: Request, budget: Budget) -> JSONResponse:
+        started = time.perf_counter()  # the request's head is here; its body is on the way
         body = await budget.read_body(request, limit)
         arrived = time.perf_counter()
         bundle = await _decode(body, limit)
         report = DeviceReport.model_validate(bundle.meta)
-        await to_thread.run_sync(lambda: srv().upload(name, report, bundle.tensors))
+        received = (len(body), arrived - started)  # the server's own figure for the device's link
+        await to_thread.run_sync(lambda: srv().upload(name, report, bundle.tensors, received))
         held = time.perf_counter() - arrived  # (as for a step: the device's upload time is its reply's head less this)
         return JSONResponse({"ok": True, "round": report.round}, headers={"Server-Timing": f"held;dur={held * 1000:.3f}"})
 

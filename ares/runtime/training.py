@@ -33,8 +33,8 @@ from torch import nn
 from ares.core.config import ServerConfig
 from ares.core.data import DataSplit, load_data, partition
 from ares.core.fedavg import aggregate, clip_update, update_norm
-from ares.core.messages import (DeviceReport, DeviceStatus, DeviceTelemetry, JoinReply, ServerStatus,
-                                SessionSample, Telemetry)
+from ares.core.messages import (MIN_SAMPLE_BYTES, DeviceReport, DeviceStatus, DeviceTelemetry, JoinReply,
+                                ServerStatus, SessionSample, Telemetry)
 from ares.core.models import (LayerStack, activation_numel, activation_shapes, build_model, check_split,
                               model_spec, n_layers, split_model, weight_bytes)
 from ares.runtime.profiler import LiveScale, server_profile, time_layers, warm_optimiser
@@ -66,6 +66,7 @@ class DeviceSlot:
     uploaded: Optional[dict[str, torch.Tensor]] = None
     report: Optional[DeviceReport] = None
     last_report: Optional[DeviceReport] = None
+    upload_bps: Optional[float] = None  # the server's figure for the link of the upload that brought it
     phase: str = "idle"
     steps: int = 0
     samples_seen: int = 0               # samples the server stepped on for this device this round
@@ -108,6 +109,15 @@ def recent_sessions(history: list[dict], recent: int = 4) -> dict[str, list[Sess
                 out.setdefault(name, []).append(SessionSample(round=record["round"], split=d["split"],
                                                               session_s=max(0.0, session_s), steps_s=d["steps_s"]))
     return {n: v[-recent:] for n, v in out.items()}
+
+
+def upload_rate(received: Optional[tuple[int, float]]) -> Optional[float]:
+    """An upload's link as the server saw it, in bytes per second: none for a body too small to
+    tell (`MIN_SAMPLE_BYTES`), as a device's own estimate takes none."""
+    if received is None:
+        return None
+    nbytes, seconds = received
+    return nbytes / seconds if nbytes >= MIN_SAMPLE_BYTES and seconds > 0 else None
 
 
 def round_overhead(history: list[dict], recent: int = 3) -> float:
@@ -350,8 +360,10 @@ class TrainingServer:
         device_part, _ = split_model(self.model, split)
         return {f"layers.{k}": v for k, v in device_part.layers.state_dict().items()}
 
-    def upload(self, device: str, report: DeviceReport, weights: dict[str, torch.Tensor]) -> None:
+    def upload(self, device: str, report: DeviceReport, weights: dict[str, torch.Tensor],
+               received: Optional[tuple[int, float]] = None) -> None:
         """A device's trained device-side weights for the round; validated against the model.
+        `received`: the body's bytes and the seconds from its request's head to its end here.
 
         Bounded before it can be merged (issue 12): the sample count may not exceed what the
         server assigned the device, and the whole model it brings (its weights + its server-side
@@ -392,6 +404,7 @@ class TrainingServer:
             slot = self._active_slot(device, report.round, report.split)  # again, now atomic with the write
             slot.report = report
             slot.last_report = report
+            slot.upload_bps = upload_rate(received)
             if norm > agg.max_update_norm and not clipped:
                 slot.phase = "refused"
                 self._close_if_all_done()
@@ -596,7 +609,7 @@ class TrainingServer:
                     round_s=t.round_s if t else None, latency_s=t.latency_s if t else None,
                     duplex=rep.duplex if rep else "full", measured_steps=rep.measured_steps if rep else [],
                     codec=rep.codec if rep else None, micro_batches=rep.micro_batches if rep else None,
-                    sessions=recent.get(s.name, [])))
+                    sessions=recent.get(s.name, []), upload_bps=s.upload_bps))
             zeros = [0.0] * self.layers
             return Telemetry(round=self.round, model=self.cfg.model, batch_size=batch, codec=self.cfg.codec,
                              micro_batches=self.cfg.micro_batches,

@@ -22,14 +22,16 @@ pytestmark = [pytest.mark.host]
 KBIT = 4000  # each way, 500 KB/s: a 0.4 MB int8 batch takes ~0.8 s up and again down
 
 
-def estimates_after_round_2(tmp_path, cfg, server, device_ns, split: int, extra=()) -> tuple[float, float]:
-    """Run dev-a in the namespace until round 2, then read its (up, down) estimates from the telemetry."""
+def estimates_after_round_2(tmp_path, cfg, server, device_ns, split: int, extra=()) -> tuple[float, float, float]:
+    """Run dev-a in the namespace until round 2, then read its (up, down) estimates from the telemetry,
+    and the server's own figure for its last upload."""
     fleet = Devices(tmp_path, cfg, url=f"http://{device_ns.plan.host_addr}:{cfg.port}")
     auth = {"Authorization": f"Bearer {token(cfg, CONTROLLER_TOKEN_NAME)}"}
 
     def rates():
         dev = httpx.get(f"{server.url}/v1/telemetry", headers=auth, timeout=5).json()["devices"][0]
-        return (dev["up_bps"], dev["down_bps"]) if dev["up_bps"] and dev["down_bps"] and dev["round_s"] else None
+        return ((dev["up_bps"], dev["down_bps"], dev["upload_bps"])
+                if dev["up_bps"] and dev["down_bps"] and dev["round_s"] else None)
 
     try:
         fleet.start("dev-a", split=split, wrap=device_ns.exec_args, extra=list(extra))
@@ -52,7 +54,7 @@ def test_pipelined_int8_steps_measure_the_shaped_link_both_ways(tmp_path, device
         device_ns.shape_shared(KBIT)
     else:
         device_ns.shape(up=f"{KBIT}kbit", down=f"{KBIT}kbit")
-    up, down = estimates_after_round_2(tmp_path, cfg, server, device_ns, split=3,
+    up, down, _ = estimates_after_round_2(tmp_path, cfg, server, device_ns, split=3,
                                        extra=["--micro-batches", "4", "--codec", "int8", "--duplex", duplex])
     # TCP and HTTP/2 framing take a few percent of the rate; handing bodies to the socket read 39x
     assert 0.6 * KBIT * 125 < up < 1.3 * KBIT * 125, up
@@ -70,7 +72,10 @@ def test_a_device_training_locally_measures_the_shaped_link_from_its_weights(tmp
     server = server_process(cfg)
     kbit = 8000  # 1 MB/s: VGG5's 2.3 MB of weights take ~2.3 s each way
     device_ns.shape(up=f"{kbit}kbit", down=f"{kbit}kbit")
-    # round 1's report: the join's download of round 1, the upload of round 0
-    up, down = estimates_after_round_2(tmp_path, cfg, server, device_ns, split=6)
+    # round 1's report: the join's download of round 1, the upload of round 0; and the server's own
+    # figure for the upload that carried it (the controller folds it in: a link that fell shows a
+    # round earlier)
+    up, down, upload = estimates_after_round_2(tmp_path, cfg, server, device_ns, split=6)
     assert 0.6 * kbit * 125 < up < 1.3 * kbit * 125, up
     assert 0.6 * kbit * 125 < down < 1.3 * kbit * 125, down
+    assert 0.6 * kbit * 125 < upload < 1.3 * kbit * 125, upload

@@ -1,12 +1,13 @@
 """The controller loop: telemetry -> policy -> sink, writing only what changed."""
 
 import pytest
+from pydantic import ValidationError
 
 from ares.core.messages import DeviceTelemetry, Telemetry
 from ares.core.models import activation_numel, weight_bytes
 from ares.core.optimiser import parse_policy
 from ares.core.profiles import PUBLISHED
-from ares.runtime.controller import Controller, FileSplitSink, problem_from_telemetry
+from ares.runtime.controller import Controller, FileSplitSink, decide, problem_from_telemetry
 from ares.runtime.splitfile import read_split
 
 NANO = PUBLISHED["jetson-nano/MAXN"]
@@ -100,6 +101,41 @@ def test_absurd_measured_rates_leave_the_device_out_instead_of_failing_the_decis
     broken = t.model_copy(update={"devices": [d.model_copy(update={"up_bps": 1e-300}) if d.name == "a" else d
                                               for d in t.devices]})
     assert [d.name for d in problem_from_telemetry(broken).devices] == ["b"]
+
+
+def test_the_servers_figure_for_a_devices_last_upload_is_folded_into_its_uplink():
+    """A report is written before the upload that carries it, so the upload's own figure reached the
+    controller a round late. The server's figure for it is folded in as the device itself will fold
+    it: a link that fell shows a round earlier. A figure the model would not take is left out."""
+    from ares.core.messages import LINK_SMOOTHING, MIN_SAMPLE_BYTES
+    from ares.runtime.profiler import Throughput
+    from ares.runtime.training import upload_rate
+
+    def with_upload(t: Telemetry, upload_bps) -> Telemetry:
+        return t.model_copy(update={"devices": [d.model_copy(update={"upload_bps": upload_bps}) if d.name == "a" else d
+                                                for d in t.devices]})
+
+    t = telemetry(2.5e6)
+    a, b = problem_from_telemetry(with_upload(t, 0.25e6)).devices  # a's link fell to a tenth
+    own = Throughput(LINK_SMOOTHING)  # the device's estimate: before its upload, then after it
+    own.update(2_500_000, 1.0)
+    own.update(250_000, 1.0)
+    assert a.up_bps == pytest.approx(own.value) and a.up_bps < 0.5e6
+    assert a.down_bps == 2.5e6 and b.up_bps == 2.5e6  # the downlink and other devices as reported
+    # and the plan with it: a trains locally either way, and its round is predicted with the slower upload
+    fast, slow = decide(t, parse_policy("straggler")), decide(with_upload(t, 0.25e6), parse_policy("straggler"))
+    local = len(activation_numel("vgg5")) - 1
+    assert fast.split_of("a") == slow.split_of("a") == local
+    later = slow.devices[0].round_s - fast.devices[0].round_s
+    assert later == pytest.approx(weight_bytes("vgg5")[local] * (1 / a.up_bps - 1 / 2.5e6), rel=1e-6)
+    for absurd in (1e-300, 1e15):  # outside MIN_BPS..MAX_BPS: the report's own figure stands
+        assert problem_from_telemetry(with_upload(t, absurd)).devices[0].up_bps == 2.5e6
+    with pytest.raises(ValidationError):
+        DeviceTelemetry(name="a", upload_bps=float("inf"))
+    # the server's figure: bytes over the body's time, and none for a body too small to tell
+    assert upload_rate((4 << 20, 2.0)) == (4 << 20) / 2.0
+    assert upload_rate((MIN_SAMPLE_BYTES - 1, 0.5)) is None
+    assert upload_rate((4 << 20, 0.0)) is None and upload_rate(None) is None
 
 
 def test_round_overhead_is_the_time_outside_the_longest_session_after_round_0():
