@@ -33,7 +33,7 @@ from torch import nn
 from ares.core.config import ServerConfig
 from ares.core.data import DataSplit, load_data, partition
 from ares.core.fedavg import aggregate, clip_update, update_norm
-from ares.core.messages import (MIN_SAMPLE_BYTES, DeviceReport, DeviceStatus, DeviceTelemetry, JoinReply,
+from ares.core.messages import (MIN_UPLOAD_SAMPLE_BYTES, DeviceReport, DeviceStatus, DeviceTelemetry, JoinReply,
                                 ServerStatus, SessionSample, Telemetry)
 from ares.core.models import (LayerStack, activation_numel, activation_shapes, build_model, check_split,
                               model_spec, n_layers, split_model, weight_bytes)
@@ -113,11 +113,11 @@ def recent_sessions(history: list[dict], recent: int = 4) -> dict[str, list[Sess
 
 def upload_rate(received: Optional[tuple[int, float]]) -> Optional[float]:
     """An upload's link as the server saw it, in bytes per second: none for a body too small to
-    tell (`MIN_SAMPLE_BYTES`), as a device's own estimate takes none."""
+    time here (`MIN_UPLOAD_SAMPLE_BYTES`)."""
     if received is None:
         return None
     nbytes, seconds = received
-    return nbytes / seconds if nbytes >= MIN_SAMPLE_BYTES and seconds > 0 else None
+    return nbytes / seconds if nbytes >= MIN_UPLOAD_SAMPLE_BYTES and seconds > 0 else None
 
 
 def round_overhead(history: list[dict], recent: int = 3) -> float:

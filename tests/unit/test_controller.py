@@ -107,7 +107,7 @@ def test_the_servers_figure_for_a_devices_last_upload_is_folded_into_its_uplink(
     """A report is written before the upload that carries it, so the upload's own figure reached the
     controller a round late. The server's figure for it is folded in as the device itself will fold
     it: a link that fell shows a round earlier. A figure the model would not take is left out."""
-    from ares.core.messages import LINK_SMOOTHING, MIN_SAMPLE_BYTES
+    from ares.core.messages import LINK_SMOOTHING, MIN_UPLOAD_SAMPLE_BYTES
     from ares.runtime.profiler import Throughput
     from ares.runtime.training import upload_rate
 
@@ -134,7 +134,7 @@ def test_the_servers_figure_for_a_devices_last_upload_is_folded_into_its_uplink(
         DeviceTelemetry(name="a", upload_bps=float("inf"))
     # the server's figure: bytes over the body's time, and none for a body too small to tell
     assert upload_rate((4 << 20, 2.0)) == (4 << 20) / 2.0
-    assert upload_rate((MIN_SAMPLE_BYTES - 1, 0.5)) is None
+    assert upload_rate((MIN_UPLOAD_SAMPLE_BYTES - 1, 0.5)) is None  # a split-3 body: too small to time here
     assert upload_rate((4 << 20, 0.0)) is None and upload_rate(None) is None
 
 
