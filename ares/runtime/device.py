@@ -37,7 +37,6 @@ from ares.runtime.splitfile import StepOptions, read_options, read_split
 log = logging.getLogger("ares.device")
 
 
-
 @dataclass
 class RoundLog:
     """What one round looked like from the device, for the results folder."""
