@@ -227,7 +227,6 @@ def test_a_settings_step_excess_is_averaged_over_its_last_rounds_each_held_again
     # rounds faster than their model on the whole: no negative overhead
     assert predicted(dict(step_s=m1 - 0.5), dict(step_s=m1 + 0.1)) == pytest.approx(m1)
     # what a report may carry is bounded at the boundary: no zero, infinite or absurd figure gets in
-    from pydantic import ValidationError
     for bad in (dict(compute_scale=0.0), dict(compute_scale=1e4), dict(up_bps=float("inf")), dict(down_bps=0.0)):
         with pytest.raises(ValidationError):
             StepSample(split=1, codec="fp32", micro_batches=1, step_s=m1, **bad)
