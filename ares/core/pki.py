@@ -14,6 +14,7 @@ accepted by every TLS stack the devices use (OpenSSL in CPython, rustls in grani
 from __future__ import annotations
 
 import datetime
+import math
 import ipaddress
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -52,8 +53,9 @@ def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
 
 def lifetime_for(job_deadline_s: float) -> datetime.timedelta:
     """Certificates outlive the job: twice its worst-case duration, at least a year, at most ten."""
-    wanted = datetime.timedelta(seconds=2 * max(job_deadline_s, 0.0))
-    return min(max(wanted, MIN_LIFETIME), MAX_LIFETIME)
+    seconds = 2 * job_deadline_s if math.isfinite(job_deadline_s) else MAX_LIFETIME.total_seconds()
+    wanted = datetime.timedelta(seconds=min(max(seconds, 0.0), MAX_LIFETIME.total_seconds()))
+    return max(wanted, MIN_LIFETIME)
 
 
 class Authority:

@@ -173,10 +173,14 @@ def config_map(job: JobRef, spec: JobSpec) -> Obj:
 # --- server -----------------------------------------------------------------------------------
 
 def _data_volume(spec: JobSpec) -> Obj:
-    """Synthetic data needs no files; real data sets live on each node's disk."""
-    if spec.dataset.name == "synthetic":
+    """Generated data needs no files; real data sets live on each node's disk, in a directory
+    the job policy allows (validation.policy_problems), mounted read-only (`_DATA_MOUNT`)."""
+    if spec.dataset.name in c.GENERATED_DATASETS:
         return {"name": "data", "emptyDir": {}}
     return {"name": "data", "hostPath": {"path": spec.dataset.path, "type": "DirectoryOrCreate"}}
+
+
+_DATA_MOUNT = {"name": "data", "mountPath": c.DATA_DIR, "readOnly": True}
 
 
 def _checkpoint_volume(job: JobRef, spec: JobSpec) -> Obj:
@@ -271,7 +275,13 @@ def resources(container: str, given: Mapping[str, Any]) -> Obj:
             want, most = quantity(requests[name]), quantity(cap)
             if want is not None and most is not None and want > most:
                 requests[name] = cap
-    return {"requests": requests, "limits": limits}
+    # YAML integers (`cpu: 2`) are quantities too; the API's models want them as strings.
+    return {"requests": {k: _quantity_text(v) for k, v in requests.items()},
+            "limits": {k: _quantity_text(v) for k, v in limits.items()}}
+
+
+def _quantity_text(value: Any) -> str:
+    return format(value, "f").rstrip("0").rstrip(".") if isinstance(value, float) else str(value)
 
 
 def _prepare_checkpoints(job: JobRef, spec: JobSpec, image: str) -> Obj:
@@ -287,6 +297,8 @@ def _prepare_checkpoints(job: JobRef, spec: JobSpec, image: str) -> Obj:
 
 def server_pod(job: JobRef, spec: JobSpec, settings: OperatorSettings) -> Obj:
     image = spec.server.image or settings.images.server
+    # The init step runs as root (CHOWN): always the administrator's image, never the job's.
+    prepare_image = settings.images.server
     container = {
         "name": c.CONTAINER_SERVER,
         "image": image,
@@ -305,14 +317,14 @@ def server_pod(job: JobRef, spec: JobSpec, settings: OperatorSettings) -> Obj:
             {"name": "tls", "mountPath": c.TLS_DIR, "readOnly": True},
             {"name": "tokens", "mountPath": c.TOKENS_DIR, "readOnly": True},
             _checkpoint_mount(job, spec),
-            {"name": "data", "mountPath": c.DATA_DIR},
+            dict(_DATA_MOUNT),
         ],
     }
     pod_spec: Obj = {
         "restartPolicy": "Never",  # the operator replaces a failed server (and counts it)
         "automountServiceAccountToken": False,
         "securityContext": pod_security(),
-        "initContainers": [_prepare_checkpoints(job, spec, image)],
+        "initContainers": [_prepare_checkpoints(job, spec, prepare_image)],
         "containers": [container],
         "volumes": [
             {"name": "config", "configMap": {"name": job.config_name}},
@@ -342,8 +354,13 @@ def service(job: JobRef) -> Obj:
 # --- devices ------------------------------------------------------------------------------------
 
 def device_image(device: DeviceSpec, settings: OperatorSettings) -> str:
-    if device.image:
-        return device.image
+    """The trainer's image: the job's own (if the job policy allows it), else the operator's."""
+    return device.image or host_control_image(device, settings)
+
+
+def host_control_image(device: DeviceSpec, settings: OperatorSettings) -> str:
+    """The sidecar runs as root with NET_ADMIN (privileged on Jetson): only ever the
+    administrator's image for the device's class, whatever the job asks for its trainer."""
     return settings.images.device_jetson if device.device_class in c.JETSON_CLASSES else settings.images.device
 
 
@@ -404,7 +421,7 @@ def device_pod(job: JobRef, spec: JobSpec, device: DeviceSpec, settings: Operato
             {"name": "ca", "mountPath": c.CA_DIR, "readOnly": True},
             {"name": "podinfo", "mountPath": c.PODINFO_DIR, "readOnly": True},
             {"name": "state", "mountPath": c.STATE_DIR, "readOnly": True},
-            {"name": "data", "mountPath": c.DATA_DIR},
+            dict(_DATA_MOUNT),
         ],
     }
     podinfo = [
@@ -433,7 +450,7 @@ def device_pod(job: JobRef, spec: JobSpec, device: DeviceSpec, settings: Operato
         "automountServiceAccountToken": False,
         "terminationGracePeriodSeconds": 10,
         "securityContext": pod_security(jetson),
-        "initContainers": [_sidecar(job, device, image)],
+        "initContainers": [_sidecar(job, device, host_control_image(device, settings))],
         "containers": [trainer],
         "volumes": volumes,
         **_placement(device),

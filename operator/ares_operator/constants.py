@@ -95,6 +95,12 @@ ENV_TICK_SECONDS = "ARES_TICK_SECONDS"                # reconcile timer interval
 ENV_HTTP_TIMEOUT = "ARES_HTTP_TIMEOUT_SECONDS"         # per request to a job's server
 ENV_METRICS_PORT = "ARES_METRICS_PORT"                # the operator's own /metrics (0 = off)
 ENV_METRICS_ADDRESS = "ARES_METRICS_ADDRESS"          # address it listens on
+ENV_WATCH_NAMESPACES = "ARES_WATCH_NAMESPACES"        # the namespaces kopf watches, comma-separated ("" = all)
+ENV_ALLOWED_IMAGES = "ARES_ALLOWED_IMAGES"            # jobPolicy.allowedImages, comma-separated
+ENV_ALLOWED_HOST_PATHS = "ARES_ALLOWED_HOST_PATHS"    # jobPolicy.allowedHostPaths, comma-separated
+# Where a job's dataset.path may point unless the administrator allows more: beside, never
+# under, the checkpoint root (other jobs' checkpoints live there).
+DEFAULT_ALLOWED_HOST_PATH = "/var/lib/ares/datasets"
 
 # --- Status: phases, condition types and reasons --------------------------------------------
 PHASE_PENDING = "Pending"      # children being created, server not serving yet
@@ -112,9 +118,11 @@ COND_SPLITS_APPLIED = "SplitsApplied"  # the optimiser's last plan is on the pod
 COND_SUCCEEDED = "Succeeded"
 COND_FAILED = "Failed"
 COND_SUSPENDED = "Suspended"     # True while runPolicy.suspend holds the job's pods away
+COND_RECONCILED = "Reconciled"   # False: the operator's last reconcile failed (reason, message)
 
 REASON_VALID = "Valid"
 REASON_INVALID_SPEC = "InvalidSpec"              # message lists every problem
+REASON_NOT_ALLOWED = "NotAllowedByPolicy"        # an image or host path the administrator does not allow
 REASON_CREATED = "Created"
 REASON_SERVER_STARTING = "ServerStarting"
 REASON_SERVER_SERVING = "Serving"
@@ -126,6 +134,14 @@ REASON_PODS_REPLACED = "PodReplaced"              # event: a failed pod was repl
 REASON_POD_SECURITY = "PodSecurityForbidden"      # the namespace's Pod Security level refuses device pods
 REASON_FORBIDDEN = "Forbidden"                    # RBAC refused one of the operator's calls
 REASON_REFUSED = "Refused"                        # any other refusal of the API server
+REASON_RUNTIME_CLASS = "RuntimeClassNotFound"     # a Jetson pod's RuntimeClass does not exist
+REASON_QUOTA = "QuotaExceeded"                    # a ResourceQuota cannot hold the job
+REASON_LIMIT_RANGE = "LimitRangeExceeded"         # a LimitRange refuses a container's resources
+REASON_INVALID_CHILD = "InvalidChild"             # the API server found a child object invalid (422)
+REASON_RECONCILED = "Reconciled"                  # Reconciled=True: the last reconcile completed
+REASON_RECONCILE_ERROR = "ReconcileError"         # an unexpected error; retried with backoff
+REASON_NOT_WATCHED = "NamespaceNotWatched"        # the operator no longer handles the job's namespace
+REASON_OPERATOR_REMOVED = "OperatorUninstalled"   # the operator was uninstalled while the job ran
 REASON_NAME_CONFLICT = "NameConflict"             # a child's name is held by another owner's object
 REASON_SERVER_REPLACED = "ServerReplaced"         # a failed server pod was replaced
 REASON_SERVER_FAILED = "ServerBackoffLimitExceeded"
@@ -148,6 +164,9 @@ REASON_DEVICE_EXITED = "TrainerExited"           # the trainer container ended (
 CLEAN_POD_NONE = "None"        # keep every pod (logs, debugging)
 CLEAN_POD_RUNNING = "Running"  # delete the ones still running or pending (default)
 CLEAN_POD_ALL = "All"          # delete every pod, failed ones too
+
+# Data sets generated in the pods: they mount no host directory.
+GENERATED_DATASETS = frozenset({"synthetic", "synthetic-easy"})
 
 # --- Models the operator knows, by layer count (split points are 0..layers-1) ---------------
 # The operator image carries no torch, so it cannot build a model to count its layers; a unit

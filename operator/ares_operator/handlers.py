@@ -4,11 +4,18 @@ Thin handlers over pure functions. On create/resume: validate, then Secret, Conf
 and pods. Every tick (a timer): pods are reconciled (missing ones created, failed ones replaced
 within their backoff limit), the server's status read, the optimiser run when due and its
 splits written as pod annotations, and the job's status patched when it changed.
-Per-job state (tokens, the last plan, when it was made) lives in kopf's per-object memo.
+Per-job state (tokens, the last plan, when it was made) is one typed `JobState` in kopf's
+per-object memo; what every job shares (settings, the API client, metrics) is one `Context`.
+
+No failure is silent: a refusal of the API server becomes a condition with its own reason
+(refusals.py); any other error becomes condition Reconciled=False and a Warning Event, is
+retried with backoff when retrying can help (the API server or network failing), and ends
+the job (Failed, its children removed) when it cannot (the same spec fails the same way).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import logging
 import secrets
@@ -17,22 +24,65 @@ from collections.abc import Mapping
 from typing import Any, Optional
 
 import kopf
+import urllib3
+from kubernetes.client.rest import ApiException
 
 from ares.core.config import CONTROLLER_TOKEN_NAME
 from ares.core.messages import ServerStatus
 from ares.runtime.tlsclient import ClientTls, explain
-from ares_operator import builders, conditions, reconcile, validation
+from ares_operator import builders, conditions, quota, reconcile, refusals, release, validation
 from ares_operator import metrics as operator_metrics
 from ares_operator import constants as c
 from ares_operator import settings as ares_settings
 from ares_operator import tls
 from ares_operator import status as job_status
 from ares_operator.builders import JobRef
-from ares_operator.kube import Kube, NotOurs, Refused, load_config
+from ares_operator.kube import Kube, NotOurs, QuotaShortfall, Refused, load_config
 from ares_operator.kube import controller_uid as kube_controller_uid
 from ares_operator.spec import JobSpec
 
 RESOURCE = (c.GROUP, c.VERSION, c.PLURAL)
+MAX_BACKOFF_S = 300.0        # the longest wait between two tries after an error
+MAX_FAILURES = 8             # consecutive errors of a running job before it is marked Failed
+
+
+@dataclasses.dataclass
+class Context:
+    """What every job's handlers share, made once at start-up."""
+
+    settings: ares_settings.OperatorSettings
+    kube: Kube
+    metrics: operator_metrics.OperatorMetrics
+
+
+@dataclasses.dataclass
+class JobState:
+    """What the operator remembers of one job between handler calls (lost on restart, and
+    rebuilt from the cluster: tokens and TLS from their Secrets, counters from the status)."""
+
+    children_ok: bool = False                 # Secret, ConfigMap, Service exist (pods follow each tick)
+    tokens: dict[str, str] = dataclasses.field(default_factory=dict)
+    tls: Optional[ClientTls] = None
+    restarts: dict[str, int] = dataclasses.field(default_factory=dict)
+    server_restarts: int = 0
+    unreachable_since: Optional[float] = None  # monotonic; the server's status has failed since
+    unreachable_error: str = ""
+    optimised_at: Optional[float] = None       # monotonic; the last plan
+    planned: dict[str, int] = dataclasses.field(default_factory=dict)
+    planned_options: dict[str, tuple[str, int]] = dataclasses.field(default_factory=dict)
+    failures: int = 0                          # consecutive unexpected errors
+    retry_at: Optional[float] = None           # monotonic; no reconcile before then (backoff)
+
+
+def context(memo: kopf.Memo) -> Context:
+    return memo.ctx
+
+
+def state(memo: kopf.Memo) -> JobState:
+    """This job's state, made on first use (kopf gives each object a memo of its own)."""
+    if "job" not in memo:
+        memo.job = JobState()
+    return memo.job
 
 
 def _utcnow() -> datetime.datetime:
@@ -44,16 +94,16 @@ def _now() -> str:
 
 
 @kopf.on.startup()
-def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
-    """All kopf tuning in one place; our own settings go into the memo every job copies."""
+def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
+    """All kopf tuning in one place; our own settings go into the context every job shares."""
     ours = ares_settings.from_env()
     logging.getLogger("ares_operator").setLevel(ours.log_level)
     settings.persistence.finalizer = c.FINALIZER
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=c.KOPF_PREFIX)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix=c.KOPF_PREFIX, key="last-handled-configuration")
-    # Our Events are posted by us (Kube.post_event: phases, replacements, refusals); kopf's posting
-    # of log records is kept for its own handler failures only, so nothing is said twice.
+    # Our Events are posted by us (Kube.post_event: phases, replacements, refusals, errors);
+    # kopf's posting of log records is kept for its own failures only, so nothing is said twice.
     settings.posting.level = logging.ERROR
     settings.networking.request_timeout = 60
     settings.watching.server_timeout = 300          # re-list now and then; never trust one stream forever
@@ -62,24 +112,58 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     # again soon rather than after kopf's default minute.
     settings.background.cancellation_polling = 1
     load_config()
-    memo.settings = ours
-    memo.kube = Kube()
-    memo.metrics = operator_metrics.OperatorMetrics()
-    memo.metrics.serve(ours.metrics.port, ours.metrics.address)
+    ctx = Context(settings=ours, kube=Kube(), metrics=operator_metrics.OperatorMetrics())
+    memo.ctx = ctx
+    ctx.metrics.serve(ours.metrics.port, ours.metrics.address)
+    if ours.watch_namespaces:
+        released = release.release_unwatched(ctx.kube, ours.watch_namespaces, _now())
+        for ref in released:
+            logger.warning("released %s/%s: its namespace is no longer watched", ref.namespace, ref.name)
 
 
 @kopf.on.cleanup()
 def stop_metrics(memo: kopf.Memo, **_: Any) -> None:
     """The operator stops: free the metrics port (a restarted operator in one process binds it again)."""
-    if getattr(memo, "metrics", None) is not None:
-        memo.metrics.close()
+    if "ctx" in memo:
+        context(memo).metrics.close()
 
 
 @kopf.on.delete(*RESOURCE, optional=True)
 def forget(name: str, namespace: str, memo: kopf.Memo, **_: Any) -> None:
     """A deleted job leaves the operator's metrics (its children go with the garbage collector)."""
-    if getattr(memo, "metrics", None) is not None:
-        memo.metrics.forget(namespace, name)
+    if "ctx" in memo:
+        context(memo).metrics.forget(namespace, name)
+
+
+@dataclasses.dataclass
+class Call:
+    """One handler call: the job, what kopf read of it, where the status patch goes, and the
+    operator's context and the job's state."""
+
+    job: JobRef
+    status: Mapping[str, Any]
+    meta: Mapping[str, Any]
+    body: kopf.Body
+    patch: kopf.Patch
+    logger: logging.Logger
+    ctx: Context
+    state: JobState
+
+    @classmethod
+    def of(cls, name: str, namespace: str, uid: str, status: Mapping[str, Any], meta: Mapping[str, Any],
+           body: kopf.Body, memo: kopf.Memo, patch: kopf.Patch, logger: logging.Logger) -> "Call":
+        return cls(JobRef(name, namespace, uid), status, meta, body, patch, logger, context(memo), state(memo))
+
+    def conditions(self) -> list[dict[str, Any]]:
+        """The conditions as this call has left them so far (its patch over what kopf read)."""
+        return list(self.patch.status.get("conditions") or self.status.get("conditions") or [])
+
+    def set_condition(self, kind: str, value: bool, reason: str, message: str) -> None:
+        self.patch.status["conditions"] = conditions.set_condition(
+            self.conditions(), kind, value, reason, message, _now(), self.meta.get("generation"))
+
+    def event(self, type_: str, reason: str, message: str) -> None:
+        self.ctx.kube.post_event(self.body, type_, reason, message)
 
 
 # --- create / resume -------------------------------------------------------------------------
@@ -91,119 +175,181 @@ def start(name: str, namespace: str, uid: str, spec: Mapping[str, Any], status: 
           logger: logging.Logger, **_: Any) -> None:
     if status.get("phase") in c.TERMINAL_PHASES:
         return  # a finished job keeps what it has; nothing is recreated on resume
-    job = JobRef(name, namespace, uid)
-    parsed = _valid_spec(job, spec, status, meta, body, memo, patch, logger)
-    if parsed is None:
-        return
-    if _ensure_children(job, parsed, status, meta, body, memo, patch, logger):
-        _guarded_reconcile(job, parsed, status, meta, body, memo, patch, logger)
+    call = Call.of(name, namespace, uid, status, meta, body, memo, patch, logger)
+    _guarded(call, spec)
     patch.status.setdefault("startTime", status.get("startTime") or _now())
 
 
-def _ensure_children(job: JobRef, spec: JobSpec, status: Mapping[str, Any], meta: Mapping[str, Any],
-                     body: kopf.Body, memo: kopf.Memo, patch: kopf.Patch, logger: logging.Logger) -> bool:
-    """Every child is first created as a dry run, so that a refusal (RBAC, Pod Security, a
-    leftover namesake) is reported on the job and nothing is left half-created; then for real."""
-    if getattr(memo, "children_ok", False):
+def _guarded(call: Call, raw_spec: Mapping[str, Any]) -> None:
+    """Validate, create what is missing, reconcile: every error ends on the job, none in a log only."""
+    try:
+        parsed = _valid_spec(call, raw_spec)
+        if parsed is not None and _ensure_children(call, parsed):
+            _guarded_reconcile(call, parsed)
+    except Exception as exc:  # noqa: BLE001 -- reported on the job, retried or ended by _error
+        call.ctx.metrics.reconcile_errors.labels(call.job.namespace, call.job.name).inc()
+        _error(call, exc)
+        return
+    st = call.state
+    st.failures, st.retry_at = 0, None
+    if call.patch.status.get("phase") in c.TERMINAL_PHASES or call.status.get("phase") in c.TERMINAL_PHASES:
+        return
+    if not conditions.is_true(call.conditions(), c.COND_RECONCILED):
+        call.set_condition(c.COND_RECONCILED, True, c.REASON_RECONCILED, "the last reconcile completed")
+
+
+def transient(exc: BaseException) -> bool:
+    """Errors that a later try may not meet: the API server or the network failing for a while."""
+    if isinstance(exc, ApiException):
+        return exc.status in (None, 0, 408, 429, 500, 502, 503, 504)
+    return isinstance(exc, (urllib3.exceptions.HTTPError, ConnectionError, TimeoutError))
+
+
+def _error(call: Call, exc: Exception) -> None:
+    """An unexpected error: condition Reconciled=False and a Warning Event (once per distinct
+    error), then another try after a backoff; or, where trying again cannot help (the same spec
+    fails the same way while its children are being created, or a running job fails again and
+    again), the job ends Failed and what was made for it is removed."""
+    st, job = call.state, call.job
+    st.failures += 1
+    error = f"{type(exc).__name__}: {exc}"[:2000]
+    call.logger.error("reconcile of %s failed: %s", job.name, error, exc_info=exc)
+    creating = not st.children_ok and not conditions.is_true(call.conditions(), c.COND_CREATED)
+    if not transient(exc) and (creating or st.failures >= MAX_FAILURES):
+        removed = _remove_children(call)
+        message = (f"the operator could not {'create' if creating else 'run'} this job: {error}. "
+                   f"Retrying cannot help; {removed}")
+        call.event("Warning", c.REASON_RECONCILE_ERROR, message)
+        call.set_condition(c.COND_RECONCILED, False, c.REASON_RECONCILE_ERROR, message)
+        call.set_condition(c.COND_FAILED, True, c.REASON_RECONCILE_ERROR, message)
+        call.patch.status.update({"phase": c.PHASE_FAILED, "completionTime": _now()})
+        return
+    delay = min(call.ctx.settings.tick_s * 2 ** (st.failures - 1), MAX_BACKOFF_S)
+    st.retry_at = time.monotonic() + delay
+    message = f"{error} (try {st.failures}; next in {delay:.0f}s)"
+    old = conditions.find(call.conditions(), c.COND_RECONCILED)
+    if old is None or old.get("status") != "False" or not str(old.get("message", "")).startswith(error):
+        call.event("Warning", c.REASON_RECONCILE_ERROR, message)
+    call.set_condition(c.COND_RECONCILED, False, c.REASON_RECONCILE_ERROR, message)
+
+
+def _remove_children(call: Call) -> str:
+    """Delete every child of this job that it controls; say what happened, for the message."""
+    try:
+        gone = call.ctx.kube.delete_children(call.job.namespace, call.job.name, call.job.uid)
+    except Exception as exc:  # noqa: BLE001 -- said in the message; the garbage collector removes them with the job
+        return f"removing its objects failed ({type(exc).__name__}: {exc}); they go when the job is deleted"
+    return f"removed what was created for it ({', '.join(gone)})" if gone else "nothing was created for it"
+
+
+def _ensure_children(call: Call, spec: JobSpec) -> bool:
+    """Every child is first created as a dry run and the namespace's quotas checked against the
+    whole job, so that a refusal (RBAC, Pod Security, RuntimeClass, quota, a leftover namesake)
+    is reported on the job and nothing is left half-created; then created for real."""
+    st = call.state
+    if st.children_ok:
         # A tick that read the job before this condition was stored rewrites the conditions
         # without it (timers run beside the create handler): put it back rather than lose it.
         # (A False one, a refusal by the reconcile, stays as _blocked wrote it.)
-        if conditions.find(status.get("conditions") or [], c.COND_CREATED) is None:
-            _set_condition(patch, status, meta, c.COND_CREATED, True, c.REASON_CREATED, _CREATED)
+        if conditions.find(call.status.get("conditions") or [], c.COND_CREATED) is None:
+            call.set_condition(c.COND_CREATED, True, c.REASON_CREATED, _CREATED)
         return True
-    kube: Kube = memo.kube
+    kube, job = call.ctx.kube, call.job
     try:
-        for obj in builders.children(job, spec, memo.settings):
+        objs = builders.children(job, spec, call.ctx.settings)
+        for obj in objs:
             kube.create(obj, dry_run=True)
-        _tokens(kube, job, spec, memo)
+        _check_quota(kube, job, objs)
+        _tokens(call, spec)
         kube.create(builders.config_map(job, spec))
         kube.create(builders.service(job))
-    except (Refused, NotOurs) as exc:
-        _blocked(exc, job, status, meta, body, memo, patch, logger)
+    except (Refused, NotOurs, QuotaShortfall) as exc:
+        _blocked(call, exc)
         return False
-    memo.children_ok = True
-    _set_condition(patch, status, meta, c.COND_CREATED, True, c.REASON_CREATED, _CREATED)
+    st.children_ok = True
+    call.set_condition(c.COND_CREATED, True, c.REASON_CREATED, _CREATED)
     return True
 
 
 _CREATED = "Secret, ConfigMap and Service exist; pods are created and kept by every tick"
 
 
-def _guarded_reconcile(job: JobRef, spec: JobSpec, status: Mapping[str, Any], meta: Mapping[str, Any],
-                       body: kopf.Body, memo: kopf.Memo, patch: kopf.Patch, logger: logging.Logger) -> None:
-    if "conditions" in (patch.status or {}):  # set earlier in this handler: build on them, not on the old ones
-        status = {**status, "conditions": patch.status["conditions"]}
+def _check_quota(kube: Kube, job: JobRef, objs: list[builders.Obj]) -> None:
+    """Raises QuotaShortfall when the job's children not yet created do not fit a quota together."""
+    quotas = kube.list_quotas(job.namespace)
+    if not quotas:
+        return
+    existing = {p["metadata"]["name"] for p in kube.list_pods(job.namespace, job.name, job.uid)}
+    pods = [o for o in objs if o["kind"] == "Pod" and o["metadata"]["name"] not in existing]
+    others: dict[str, int] = {}
+    if not existing:  # a job seen for the first time: its Secrets, ConfigMap and Service are new too
+        others = {"secrets": 2, "configmaps": 1, "services": 1}
+    short = quota.shortfalls(quotas, quota.job_demand(pods, others))
+    if short:
+        raise QuotaShortfall(short)
+
+
+def _guarded_reconcile(call: Call, spec: JobSpec) -> None:
     try:
-        _reconcile(job, spec, status, meta, body, memo, patch, logger)
-    except (Refused, NotOurs) as exc:
-        _blocked(exc, job, status, meta, body, memo, patch, logger)
+        _reconcile(call, spec)
+    except (Refused, NotOurs, QuotaShortfall) as exc:
+        _blocked(call, exc)
         return
     # A refusal of an earlier tick (say, a pod's namesake still terminating) has cleared.
-    created = conditions.find(patch.status.get("conditions") or status.get("conditions") or [], c.COND_CREATED)
+    created = conditions.find(call.conditions(), c.COND_CREATED)
     if created is not None and created.get("status") == "False":
-        _set_condition(patch, status, meta, c.COND_CREATED, True, c.REASON_CREATED, _CREATED)
+        call.set_condition(c.COND_CREATED, True, c.REASON_CREATED, _CREATED)
 
 
-def _blocked(exc: Exception, job: JobRef, status: Mapping[str, Any], meta: Mapping[str, Any], body: kopf.Body,
-             memo: kopf.Memo, patch: kopf.Patch, logger: logging.Logger) -> None:
+def _blocked(call: Call, exc: Exception) -> None:
     """A refusal becomes a condition and a Warning event (once per change), and is retried next tick."""
-    reason, message = refusal_message(exc, job)
-    logger.warning("%s", message)
-    old = conditions.find(status.get("conditions") or [], c.COND_CREATED)
+    reason, message = refusal_message(exc, call.job)
+    call.logger.warning("%s", message)
+    old = conditions.find(call.conditions(), c.COND_CREATED)
     if old is None or old.get("reason") != reason or old.get("message") != message:
-        _event(memo, body, "Warning", reason, message)
-    _set_condition(patch, status, meta, c.COND_CREATED, False, reason, message)
-    patch.status.setdefault("phase", status.get("phase") or c.PHASE_PENDING)
+        call.event("Warning", reason, message)
+    call.set_condition(c.COND_CREATED, False, reason, message)
+    call.patch.status.setdefault("phase", call.status.get("phase") or c.PHASE_PENDING)
 
 
 def refusal_message(exc: Exception, job: JobRef) -> tuple[str, str]:
     """(reason, message) that tell a cluster user what was refused, why, and what to change."""
     if isinstance(exc, NotOurs):
-        return c.REASON_NAME_CONFLICT, str(exc)
+        return c.REASON_NAME_CONFLICT, (
+            f"{exc}. Another object holds a name this job needs (children are named <job>-<device>, "
+            "<job>-server, <job>-tokens, <job>-tls, <job>-config): rename the job or the device.")
+    if isinstance(exc, QuotaShortfall):
+        return c.REASON_QUOTA, (
+            f"the namespace's ResourceQuota cannot hold the whole job: {'; '.join(exc.lines)}. "
+            "Nothing was created for this job: lower its resources or ask for a larger quota.")
     assert isinstance(exc, Refused)
-    if exc.pod_security:
-        return c.REASON_POD_SECURITY, (
-            f"Pod Security refused {exc.kind} {exc.name} in namespace {job.namespace}: {exc.detail}. "
-            "Device pods run the host-control sidecar, which needs NET_ADMIN to cap bandwidth with tc "
-            "(and privileged, with the host's /etc/nvpmodel.conf, to switch Jetson power modes): label the "
-            "namespace pod-security.kubernetes.io/enforce=privileged. Nothing was created for this job.")
-    if exc.status == 403:
-        return c.REASON_FORBIDDEN, (
-            f"the operator may not {exc.verb} {exc.kind} {exc.name} in namespace {job.namespace}: {exc.detail}. "
-            "Its ServiceAccount lacks this permission: reinstall the chart's RBAC (charts/ares) or add the rule.")
-    return c.REASON_REFUSED, f"the API server refused to {exc.verb} {exc.kind} {exc.name}: {exc.detail}"
+    return refusals.explain(exc.refusal, job.namespace)
 
 
-def _set_condition(patch: kopf.Patch, status: Mapping[str, Any], meta: Mapping[str, Any], kind: str,
-                   value: bool, reason: str, message: str) -> None:
-    patch.status["conditions"] = conditions.set_condition(
-        patch.status.get("conditions") or status.get("conditions") or [], kind, value, reason, message,
-        _now(), meta.get("generation"))
-
-
-def _valid_spec(job: JobRef, spec: Mapping[str, Any], status: Mapping[str, Any], meta: Mapping[str, Any],
-                body: kopf.Body, memo: kopf.Memo, patch: kopf.Patch, logger: logging.Logger) -> Optional[JobSpec]:
+def _valid_spec(call: Call, raw_spec: Mapping[str, Any]) -> Optional[JobSpec]:
     """The typed spec; or None after marking the job Failed with every problem found."""
-    parsed, problems = validation.validate(job.name, spec)
-    gen = meta.get("generation")
+    settings = call.ctx.settings
+    parsed, problems = validation.validate(call.job.name, raw_spec, settings)
     if parsed is not None and not problems:
         return parsed
     message = "; ".join(problems)
-    logger.warning("invalid spec, nothing created: %s", message)
-    if status.get("phase") != c.PHASE_FAILED:
-        _event(memo, body, "Warning", c.REASON_INVALID_SPEC, f"invalid spec, nothing created: {message}")
-    conds = conditions.set_condition(status.get("conditions") or [], c.COND_SPEC_VALID, False,
-                                     c.REASON_INVALID_SPEC, message, _now(), gen)
-    conds = conditions.set_condition(conds, c.COND_FAILED, True, c.REASON_INVALID_SPEC, message, _now(), gen)
-    patch.status.update({"phase": c.PHASE_FAILED, "conditions": conds, "observedGeneration": gen,
-                         "completionTime": _now()})
+    refused = parsed is not None and bool(validation.policy_problems(parsed, settings))
+    reason = c.REASON_NOT_ALLOWED if refused else c.REASON_INVALID_SPEC
+    call.logger.warning("invalid spec, nothing created: %s", message)
+    if call.status.get("phase") != c.PHASE_FAILED:
+        call.event("Warning", reason, f"invalid spec, nothing created: {message}")
+    call.set_condition(c.COND_SPEC_VALID, False, reason, message)
+    call.set_condition(c.COND_FAILED, True, reason, message)
+    call.patch.status.update({"phase": c.PHASE_FAILED, "observedGeneration": call.meta.get("generation"),
+                              "completionTime": _now()})
     return None
 
 
-def _tokens(kube: Kube, job: JobRef, spec: JobSpec, memo: kopf.Memo) -> dict[str, str]:
+def _tokens(call: Call, spec: JobSpec) -> dict[str, str]:
     """Made once, kept in the Secret: a resumed operator reads them back instead of inventing new ones."""
-    if getattr(memo, "tokens", None):
-        return memo.tokens
+    st, kube, job = call.state, call.ctx.kube, call.job
+    if st.tokens:
+        return st.tokens
     existing = kube.read_secret(job.namespace, job.secret_name)
     if existing is not None and kube_controller_uid(existing) != job.uid:
         raise NotOurs(f"Secret {job.secret_name} belongs to another owner (a deleted job of the same name?); "
@@ -212,15 +358,16 @@ def _tokens(kube: Kube, job: JobRef, spec: JobSpec, memo: kopf.Memo) -> dict[str
     if existing is None and not kube.create(builders.tokens_secret(job, values)):
         # Someone (an earlier run of this handler) was faster: theirs are the tokens in use.
         values = builders.decode_secret(kube.read_secret(job.namespace, job.secret_name) or {})
-    memo.tokens = values
+    st.tokens = values
     return values
 
 
-def _tls(kube: Kube, job: JobRef, spec: JobSpec, memo: kopf.Memo, reread: bool = False) -> None:
+def _tls(call: Call, spec: JobSpec, reread: bool = False) -> None:
     """The job's TLS Secret (tls.py), made once: a create that finds one keeps it. Its CA goes
-    into the memo, to check the server's certificate. Re-read whenever pods are (re)created, so
-    a Secret deleted to rotate is made anew before the new pods mount it."""
-    if getattr(memo, "tls", None) is not None and not reread:
+    into the job's state, to check the server's certificate. Re-read whenever pods are
+    (re)created, so a Secret deleted to rotate is made anew before the new pods mount it."""
+    st, kube, job = call.state, call.ctx.kube, call.job
+    if st.tls is not None and not reread:
         return
     existing = kube.read_secret(job.namespace, job.tls_secret_name)
     if existing is not None and kube_controller_uid(existing) != job.uid:
@@ -229,7 +376,7 @@ def _tls(kube: Kube, job: JobRef, spec: JobSpec, memo: kopf.Memo, reread: bool =
     if existing is None:
         made = tls.secret(job, spec)
         existing = made if kube.create(made) else kube.read_secret(job.namespace, job.tls_secret_name) or made
-    memo.tls = ClientTls(ca_pem=tls.ca_pem(existing), server_name=job.server_host())
+    st.tls = ClientTls(ca_pem=tls.ca_pem(existing), server_name=job.server_host())
 
 
 # --- the tick --------------------------------------------------------------------------------
@@ -238,116 +385,111 @@ def _tls(kube: Kube, job: JobRef, spec: JobSpec, memo: kopf.Memo, reread: bool =
 def tick(name: str, namespace: str, uid: str, spec: Mapping[str, Any], status: Mapping[str, Any],
          meta: Mapping[str, Any], body: kopf.Body, memo: kopf.Memo, patch: kopf.Patch,
          logger: logging.Logger, **_: Any) -> None:
-    job = JobRef(name, namespace, uid)
-    memo.metrics.phase(namespace, name, status.get("phase"))
+    call = Call.of(name, namespace, uid, status, meta, body, memo, patch, logger)
+    call.ctx.metrics.phase(namespace, name, status.get("phase"))
     if status.get("phase") in c.TERMINAL_PHASES:
-        _expire(job, spec, status, memo.kube)
+        _finished(call, spec)
         return
-    parsed, problems = validation.validate(name, spec)
-    if parsed is None or problems:
-        _valid_spec(job, spec, status, meta, body, memo, patch, logger)
-        return
-    try:
-        if _ensure_children(job, parsed, status, meta, body, memo, patch, logger):
-            _guarded_reconcile(job, parsed, status, meta, body, memo, patch, logger)
-    except Exception:
-        memo.metrics.reconcile_errors.labels(namespace, name).inc()
-        raise
-    memo.metrics.phase(namespace, name, patch.status.get("phase") or status.get("phase"))
+    if call.state.retry_at is not None and time.monotonic() < call.state.retry_at:
+        return  # backing off after an error
+    _guarded(call, spec)
+    call.ctx.metrics.phase(namespace, name, patch.status.get("phase") or status.get("phase"))
 
 
 @kopf.on.update(*RESOURCE, field="spec")
 def spec_changed(name: str, namespace: str, uid: str, spec: Mapping[str, Any], status: Mapping[str, Any],
-                 meta: Mapping[str, Any], memo: kopf.Memo, patch: kopf.Patch, logger: logging.Logger,
-                 **_: Any) -> None:
-    """Pinned splits, power modes and bandwidth caps reach the pods now, not at the next tick."""
+                 meta: Mapping[str, Any], body: kopf.Body, memo: kopf.Memo, patch: kopf.Patch,
+                 logger: logging.Logger, **_: Any) -> None:
+    """Pinned splits, power modes and bandwidth caps reach the pods now, not at the next tick.
+    (Every other field is immutable, or read by each tick: the CRD refuses edits nothing applies.)"""
     if status.get("phase") in c.TERMINAL_PHASES:
         patch.status["observedGeneration"] = meta.get("generation")  # seen; nothing left to change
         return
-    job = JobRef(name, namespace, uid)
-    parsed, problems = validation.validate(name, spec)
+    call = Call.of(name, namespace, uid, status, meta, body, memo, patch, logger)
+    parsed, problems = validation.validate(name, spec, call.ctx.settings)
     if parsed is None or problems:
         return  # the next tick marks it Failed
-    kube: Kube = memo.kube
-    pods = [reconcile.PodView.of(p) for p in kube.list_pods(namespace, name, uid)]
-    _annotate(kube, job, parsed, pods, memo, logger)
+    try:
+        pods = [reconcile.PodView.of(p) for p in call.ctx.kube.list_pods(namespace, name, uid)]
+        _annotate(call, parsed, pods)
+    except Exception as exc:  # noqa: BLE001 -- the next tick applies them again; said on the job now
+        _error(call, exc)
 
 
-def _reconcile(job: JobRef, spec: JobSpec, status: Mapping[str, Any], meta: Mapping[str, Any],
-               body: kopf.Body, memo: kopf.Memo, patch: kopf.Patch, logger: logging.Logger) -> None:
-    kube: Kube = memo.kube
-    ours: ares_settings.OperatorSettings = memo.settings
+def _reconcile(call: Call, spec: JobSpec) -> None:
+    kube, job, st, status = call.ctx.kube, call.job, call.state, call.status
+    ours = call.ctx.settings
     pods = [reconcile.PodView.of(p) for p in kube.list_pods(job.namespace, job.name, job.uid)]
     devices_status = status.get("devices") or {}
     restarts = {d.name: max(int((devices_status.get(d.name) or {}).get("restarts") or 0),
-                            getattr(memo, "restarts", {}).get(d.name, 0)) for d in spec.devices}
-    server_restarts = max(int(status.get("serverRestarts") or 0), getattr(memo, "server_restarts", 0))
-    splits = reconcile.desired_splits(spec, _planned(memo))
-    options = reconcile.desired_options(spec, _planned_options(memo))
+                            st.restarts.get(d.name, 0)) for d in spec.devices}
+    server_restarts = max(int(status.get("serverRestarts") or 0), st.server_restarts)
+    splits = reconcile.desired_splits(spec, st.planned)
+    options = reconcile.desired_options(spec, st.planned_options)
     actions = reconcile.plan_pods(job, spec, ours, pods, restarts, server_restarts, splits, options)
-    _tls(kube, job, spec, memo, reread=bool(actions.create))  # before any pod that mounts it
-    memo.restarts, memo.server_restarts = dict(actions.restarts), actions.server_restarts
+    _tls(call, spec, reread=bool(actions.create))  # before any pod that mounts it
+    st.restarts, st.server_restarts = dict(actions.restarts), actions.server_restarts
     for note in actions.notes:
-        logger.info(note)
-        _event(memo, body, "Warning", c.REASON_PODS_REPLACED, note)
+        call.logger.info(note)
+        call.event("Warning", c.REASON_PODS_REPLACED, note)
     for pod_name in actions.delete:
         kube.delete_pod(job.namespace, pod_name)
     for obj in actions.create:
         if kube.create(obj):
-            logger.info("created pod %s", obj["metadata"]["name"])
+            call.logger.info("created pod %s", obj["metadata"]["name"])
     if actions.delete or actions.create:
         pods = [reconcile.PodView.of(p) for p in kube.list_pods(job.namespace, job.name, job.uid)]
 
-    server = _server_status(job, pods, memo, logger) if not actions.outcome else None
+    server = _server_status(call, pods) if not actions.outcome else None
     if server is not None and server.phase in ("waiting", "training") and spec.split.mode == "adaptive":
-        _optimise(job, spec, memo, logger)
-    _annotate(kube, job, spec, pods, memo, logger)
+        _optimise(call, spec)
+    _annotate(call, spec, pods)
 
     outcome = (actions.outcome or reconcile.deadline_outcome(spec, status.get("startTime"), _utcnow())
                or reconcile.training_outcome(server))
-    new = _status(job, spec, status, meta, pods, server, actions, outcome, memo)
+    cleaned: tuple[str, ...] = ()
     if outcome is not None:
-        for pod_name in reconcile.pods_to_clean(spec, pods, outcome):  # runPolicy.cleanPodPolicy
+        cleaned = reconcile.pods_to_clean(spec, pods, outcome)  # runPolicy.cleanPodPolicy
+        for pod_name in cleaned:
             kube.delete_pod(job.namespace, pod_name)
-        logger.info("job %s: %s (%s)", outcome.phase, outcome.reason, outcome.message)
+        call.logger.info("job %s: %s (%s)", outcome.phase, outcome.reason, outcome.message)
+    new = _status(call, spec, pods, server, actions, outcome, cleaned)
     if new.get("phase") != status.get("phase"):
-        _phase_event(memo, body, new, outcome)
+        _phase_event(call, new, outcome)
     changed = {k: v for k, v in new.items() if status.get(k) != v}
     if changed:
-        patch.status.update(changed)
+        call.patch.status.update(changed)
 
 
-def _phase_event(memo: kopf.Memo, body: kopf.Body, new: Mapping[str, Any],
-                 outcome: Optional[reconcile.Outcome]) -> None:
+def _phase_event(call: Call, new: Mapping[str, Any], outcome: Optional[reconcile.Outcome]) -> None:
     """Every phase transition is an Event on the job (`kubectl describe aresjob` shows them)."""
     phase = new.get("phase")
     if outcome is not None:
-        _event(memo, body, "Normal" if phase == c.PHASE_SUCCEEDED else "Warning", outcome.reason,
-               f"{phase}: {outcome.message}")
+        call.event("Normal" if phase == c.PHASE_SUCCEEDED else "Warning", outcome.reason, f"{phase}: {outcome.message}")
     else:
-        _event(memo, body, "Normal", str(phase), f"job is {phase}: round {new.get('progress', '?')}")
+        call.event("Normal", str(phase), f"job is {phase}: round {new.get('progress', '?')}")
 
 
-def _server_status(job: JobRef, pods: list[reconcile.PodView], memo: kopf.Memo,
-                   logger: logging.Logger) -> Optional[ServerStatus]:
+def _server_status(call: Call, pods: list[reconcile.PodView]) -> Optional[ServerStatus]:
     from ares.runtime import controller  # the same controller code the local runner uses
 
+    job, st = call.job, call.state
     server_pod = next((p for p in pods if p.name == job.server_name), None)
     if server_pod is None or server_pod.phase != "Running" or server_pod.terminating:
         return None
     try:
-        found = controller.fetch_status(_url(job, memo), memo.tokens[CONTROLLER_TOKEN_NAME],
-                                        memo.settings.server.timeout_s, tls=getattr(memo, "tls", None))
-    except Exception as exc:  # a server still starting or restarting: read it again next tick
+        found = controller.fetch_status(_url(call), st.tokens[CONTROLLER_TOKEN_NAME],
+                                        call.ctx.settings.server.timeout_s, tls=st.tls)
+    except Exception as exc:  # noqa: BLE001 -- a server still starting or restarting: read it again next tick
         if explain(exc) is not None:  # rotated? the next tick reads the Secret again
-            logger.warning("server of %s refused over TLS: %s", job.name, explain(exc))
-            memo.tls = None
-        logger.debug("server of %s not readable yet: %s", job.name, exc)
-        if getattr(memo, "unreachable_since", None) is None:
-            memo.unreachable_since = time.monotonic()
-        memo.unreachable_error = f"{type(exc).__name__}: {exc}"[:500]
+            call.logger.warning("server of %s refused over TLS: %s", job.name, explain(exc))
+            st.tls = None
+        call.logger.debug("server of %s not readable yet: %s", job.name, exc)
+        if st.unreachable_since is None:
+            st.unreachable_since = time.monotonic()
+        st.unreachable_error = f"{type(exc).__name__}: {exc}"[:500]
         return None
-    memo.unreachable_since = None
+    st.unreachable_since = None
     return found
 
 
@@ -363,44 +505,37 @@ def server_condition(server: Optional[ServerStatus], unreachable_for: Optional[f
     return False, c.REASON_SERVER_STARTING, "server not serving status yet"
 
 
-def _optimise(job: JobRef, spec: JobSpec, memo: kopf.Memo, logger: logging.Logger) -> None:
-    """Telemetry -> optimiser -> plan in memo, at most every split.reoptimiseIntervalSeconds.
+def _optimise(call: Call, spec: JobSpec) -> None:
+    """Telemetry -> optimiser -> plan in the job's state, at most every split.reoptimiseIntervalSeconds.
 
     With a training.offer the policy also chooses each device's (codec, micro-batches), as the
     local runner's controller does (the same `decide`)."""
     from ares.core.optimiser import parse_policy
     from ares.runtime import controller
 
-    last = getattr(memo, "optimised_at", None)
-    if last is not None and time.monotonic() - last < spec.split.reoptimise_interval_seconds:
+    st, job = call.state, call.job
+    if st.optimised_at is not None and time.monotonic() - st.optimised_at < spec.split.reoptimise_interval_seconds:
         return
     try:
-        telemetry = controller.fetch_telemetry(_url(job, memo), memo.tokens[CONTROLLER_TOKEN_NAME],
-                                               memo.settings.server.timeout_s, tls=getattr(memo, "tls", None))
-    except Exception as exc:
-        logger.debug("telemetry of %s not readable yet: %s", job.name, exc)
+        telemetry = controller.fetch_telemetry(_url(call), st.tokens[CONTROLLER_TOKEN_NAME],
+                                               call.ctx.settings.server.timeout_s, tls=st.tls)
+    except Exception as exc:  # noqa: BLE001 -- not serving telemetry yet: ask again next tick
+        call.logger.debug("telemetry of %s not readable yet: %s", job.name, exc)
         return
     began = time.perf_counter()
     offer = spec.training.offer_pairs()
     plan = controller.decide(telemetry, parse_policy(spec.split.policy, spec.split.alpha),
                              builders.pinned_splits(spec), offer)
-    memo.metrics.optimised(job.namespace, job.name, time.perf_counter() - began)
+    call.ctx.metrics.optimised(job.namespace, job.name, time.perf_counter() - began)
     if plan is None:
         return  # not enough measurements yet; ask again next tick
-    memo.optimised_at = time.monotonic()
+    st.optimised_at = time.monotonic()
     splits = dict(plan.splits)
     options = controller.plan_options(plan) if offer else {}
-    if splits != _planned(memo) or options != _planned_options(memo):
-        logger.info("new split plan for %s: %s%s", job.name, splits, f", step options {options}" if options else "")
-    memo.planned, memo.planned_options = splits, options
-
-
-def _planned(memo: kopf.Memo) -> dict[str, int]:
-    return dict(getattr(memo, "planned", None) or {})
-
-
-def _planned_options(memo: kopf.Memo) -> dict[str, tuple[str, int]]:
-    return dict(getattr(memo, "planned_options", None) or {})
+    if splits != st.planned or options != st.planned_options:
+        call.logger.info("new split plan for %s: %s%s", job.name, splits,
+                         f", step options {options}" if options else "")
+    st.planned, st.planned_options = splits, options
 
 
 class AnnotationSink:
@@ -428,29 +563,28 @@ class AnnotationSink:
         return changed
 
 
-def _annotate(kube: Kube, job: JobRef, spec: JobSpec, pods: list[reconcile.PodView], memo: kopf.Memo,
-              logger: logging.Logger) -> None:
-    changed = AnnotationSink(kube, job, spec, pods, logger).write(
-        reconcile.desired_splits(spec, _planned(memo)), reconcile.desired_options(spec, _planned_options(memo)))
+def _annotate(call: Call, spec: JobSpec, pods: list[reconcile.PodView]) -> None:
+    st, job = call.state, call.job
+    changed = AnnotationSink(call.ctx.kube, job, spec, pods, call.logger).write(
+        reconcile.desired_splits(spec, st.planned), reconcile.desired_options(spec, st.planned_options))
     for device in changed:
-        memo.metrics.split_changes.labels(job.namespace, job.name, device).inc()
+        call.ctx.metrics.split_changes.labels(job.namespace, job.name, device).inc()
 
 
-def _url(job: JobRef, memo: kopf.Memo) -> str:
-    ours: ares_settings.OperatorSettings = memo.settings
-    return ours.server.url(job.name, job.namespace)
+def _url(call: Call) -> str:
+    return call.ctx.settings.server.url(call.job.name, call.job.namespace)
 
 
-def _status(job: JobRef, spec: JobSpec, status: Mapping[str, Any], meta: Mapping[str, Any],
-            pods: list[reconcile.PodView], server: Optional[ServerStatus], actions: reconcile.Actions,
-            outcome: Optional[reconcile.Outcome], memo: kopf.Memo) -> dict[str, Any]:
-    now, gen = _now(), meta.get("generation")
+def _status(call: Call, spec: JobSpec, pods: list[reconcile.PodView], server: Optional[ServerStatus],
+            actions: reconcile.Actions, outcome: Optional[reconcile.Outcome],
+            cleaned: tuple[str, ...]) -> dict[str, Any]:
+    now, gen, status, st, job = _now(), call.meta.get("generation"), call.status, call.state, call.job
     new = job_status.summary(job, spec, pods, server, status, actions.restarts, actions.server_restarts)
     conds = status.get("conditions") or []
     conds = conditions.set_condition(conds, c.COND_SPEC_VALID, True, c.REASON_VALID, "spec accepted", now, gen)
-    since = getattr(memo, "unreachable_since", None)
+    since = st.unreachable_since
     ok, reason, message = server_condition(server, None if since is None else time.monotonic() - since,
-                                           getattr(memo, "unreachable_error", ""), c.SERVER_UNREACHABLE_AFTER_S)
+                                           st.unreachable_error, c.SERVER_UNREACHABLE_AFTER_S)
     conds = conditions.set_condition(conds, c.COND_SERVER_READY, ok, reason, message, now, gen)
     ready, total = new["devicesReady"], new["devicesTotal"]
     lost = f"; gave up on {list(actions.gave_up)}" if actions.gave_up else ""
@@ -458,10 +592,10 @@ def _status(job: JobRef, spec: JobSpec, status: Mapping[str, Any], meta: Mapping
                                      c.REASON_DEVICES_RUNNING if ready == total else c.REASON_DEVICES_WAITING,
                                      f"{ready}/{total} device pods running{lost}", now, gen)
     if spec.split.mode == "adaptive":
-        planned = _planned(memo)
+        planned = st.planned
         conds = conditions.set_condition(conds, c.COND_SPLITS_APPLIED, bool(planned),
                                          c.REASON_PLAN_APPLIED if planned else c.REASON_PLAN_PENDING,
-                                         split_message(planned, _planned_options(memo)) if planned
+                                         split_message(planned, st.planned_options) if planned
                                          else "waiting for measurements", now, gen)
     new["observedGeneration"] = gen
     if outcome is None:
@@ -471,10 +605,8 @@ def _status(job: JobRef, spec: JobSpec, status: Mapping[str, Any], meta: Mapping
         new["completionTime"] = now
         kind = c.COND_SUCCEEDED if outcome.phase == c.PHASE_SUCCEEDED else c.COND_FAILED
         conds = conditions.set_condition(conds, kind, True, outcome.reason, outcome.message, now, gen)
-        # Its pods are being removed: nothing is ready any more, whatever was true a tick ago.
-        for kind in (c.COND_DEVICES_READY, c.COND_SERVER_READY):
-            conds = conditions.set_condition(conds, kind, False, c.REASON_JOB_FINISHED,
-                                             f"the job has ended ({outcome.phase}); its pods are removed", now, gen)
+        conds = job_status.ended_conditions(spec, conds, outcome, cleaned, now, gen)
+        new["devices"] = job_status.ended_devices(job, new["devices"], cleaned)
         new["devicesReady"] = 0
         new["ready"] = f"0/{new.get('devicesTotal', len(spec.devices))}"
         if outcome.phase == c.PHASE_SUCCEEDED and server is not None:
@@ -486,10 +618,6 @@ def _status(job: JobRef, spec: JobSpec, status: Mapping[str, Any], meta: Mapping
     return new
 
 
-def _event(memo: kopf.Memo, body: kopf.Body, type_: str, reason: str, message: str) -> None:
-    memo.kube.post_event(body, type_, reason, message)
-
-
 def split_message(planned: Mapping[str, int], options: Mapping[str, tuple[str, int]] | None = None) -> str:
     """`splits nano-1=3, pi=1`: what kubectl describe shows, not a Python dict; with step options
     (a job with an offer) `splits nano-1=3, pi=1; step options nano-1=int8:4, pi=fp32:1`."""
@@ -499,12 +627,30 @@ def split_message(planned: Mapping[str, int], options: Mapping[str, tuple[str, i
     return text
 
 
+# --- after the end ---------------------------------------------------------------------------
+
+def _finished(call: Call, raw_spec: Mapping[str, Any]) -> None:
+    """A finished job: its devices' pod phases followed until their pods are done, then nothing
+    but runPolicy.ttlSecondsAfterFinished."""
+    job, status = call.job, call.status
+    devices = status.get("devices") or {}
+    if any((d or {}).get("podPhase") in job_status.LIVE_POD_PHASES for d in devices.values()):
+        try:
+            pods = [reconcile.PodView.of(p) for p in call.ctx.kube.list_pods(job.namespace, job.name, job.uid)]
+        except Exception as exc:  # noqa: BLE001 -- a courtesy: the job's outcome is already recorded
+            call.logger.debug("pods of finished job %s not listed: %s", job.name, exc)
+        else:
+            followed = job_status.followed_devices(job, devices, pods)
+            if followed != devices:
+                call.patch.status["devices"] = followed
+    _expire(job, raw_spec, status, call.ctx.kube)
+
+
 def _expire(job: JobRef, spec: Mapping[str, Any], status: Mapping[str, Any], kube: Kube) -> None:
     """runPolicy.ttlSecondsAfterFinished: delete the finished job; its children go with it."""
     ttl = (spec.get("runPolicy") or {}).get("ttlSecondsAfterFinished")
-    done = status.get("completionTime")
-    if ttl is None or not done:
+    ended = reconcile.parse_time(status.get("completionTime") or "")
+    if ttl is None or ended is None:
         return
-    ended = datetime.datetime.strptime(done, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=datetime.timezone.utc)
-    if datetime.datetime.now(datetime.timezone.utc) - ended >= datetime.timedelta(seconds=int(ttl)):
+    if _utcnow() - ended >= datetime.timedelta(seconds=int(ttl)):
         kube.delete_job(job.namespace, job.name)

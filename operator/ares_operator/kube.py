@@ -17,6 +17,7 @@ import kubernetes
 from kubernetes.client.rest import ApiException
 
 from ares_operator import constants as c
+from ares_operator.refusals import Refusal
 
 Obj = dict[str, Any]
 log = logging.getLogger(__name__)
@@ -43,8 +44,16 @@ class Refused(Exception):
         super().__init__(f"{verb} {self.kind} {self.name}: {self.detail}")
 
     @property
-    def pod_security(self) -> bool:
-        return self.status == 403 and "PodSecurity" in self.detail
+    def refusal(self) -> Refusal:
+        return Refusal(status=self.status, verb=self.verb, kind=self.kind, name=self.name, detail=self.detail)
+
+
+class QuotaShortfall(Exception):
+    """The namespace's ResourceQuotas cannot hold the job's children together (quota.shortfalls)."""
+
+    def __init__(self, lines: list[str]):
+        self.lines = lines
+        super().__init__("; ".join(lines))
 
 
 class NotOurs(Exception):
@@ -126,6 +135,61 @@ class Kube:
         items = json.loads(resp.data).get("items") or []
         return [p for p in items if any(ref.get("uid") == uid and ref.get("controller")
                                         for ref in p.get("metadata", {}).get("ownerReferences") or [])]
+
+    def list_quotas(self, namespace: str) -> list[Obj]:
+        resp = self.core.list_namespaced_resource_quota(namespace, _preload_content=False)
+        return json.loads(resp.data).get("items") or []
+
+    def delete_children(self, namespace: str, job: str, uid: str) -> list[str]:
+        """Delete every pod, Service, ConfigMap and Secret of the job that it controls (selected
+        by label, checked by owner uid, deleted with that uid as precondition); their names."""
+        gone: list[str] = []
+        for kind, lister, deleter in (
+                ("Pod", self.core.list_namespaced_pod, self.core.delete_namespaced_pod),
+                ("Service", self.core.list_namespaced_service, self.core.delete_namespaced_service),
+                ("ConfigMap", self.core.list_namespaced_config_map, self.core.delete_namespaced_config_map),
+                ("Secret", self.core.list_namespaced_secret, self.core.delete_namespaced_secret)):
+            items = json.loads(lister(namespace, label_selector=f"{c.LABEL_JOB}={job}",
+                                      _preload_content=False).data).get("items") or []
+            for obj in items:
+                if controller_uid(obj) != uid:
+                    continue
+                meta = obj["metadata"]
+                try:
+                    deleter(meta["name"], namespace, body={"preconditions": {"uid": meta["uid"]}},
+                            _preload_content=False)
+                except ApiException as exc:
+                    if exc.status not in (404, 409):
+                        raise
+                gone.append(f"{kind} {meta['name']}")
+        return gone
+
+    def list_jobs(self, namespace: Optional[str] = None) -> list[Obj]:
+        """AresTrainingJobs of one namespace, or of all."""
+        if namespace is None:
+            resp = self.custom.list_cluster_custom_object(c.GROUP, c.VERSION, c.PLURAL, _preload_content=False)
+        else:
+            resp = self.custom.list_namespaced_custom_object(c.GROUP, c.VERSION, namespace, c.PLURAL,
+                                                             _preload_content=False)
+        return json.loads(resp.data).get("items") or []
+
+    def patch_job_status(self, namespace: str, name: str, status: Mapping[str, Any]) -> None:
+        self.custom.patch_namespaced_custom_object_status(c.GROUP, c.VERSION, namespace, c.PLURAL, name,
+                                                          {"status": dict(status)}, _preload_content=False)
+
+    def remove_finalizer(self, job: Mapping[str, Any], finalizer: str) -> None:
+        """Drop one finalizer, guarded by the resourceVersion read (a JSON patch with a test)."""
+        meta = job["metadata"]
+        finalizers = list(meta.get("finalizers") or [])
+        if finalizer not in finalizers:
+            return
+        index = finalizers.index(finalizer)
+        ops = [{"op": "test", "path": f"/metadata/finalizers/{index}", "value": finalizer},
+               {"op": "remove", "path": f"/metadata/finalizers/{index}"}]
+        self.api.call_api(
+            f"/apis/{c.GROUP}/{c.VERSION}/namespaces/{meta['namespace']}/{c.PLURAL}/{meta['name']}", "PATCH",
+            header_params={"Content-Type": "application/json-patch+json", "Accept": "application/json"},
+            body=ops, auth_settings=["BearerToken"], _preload_content=False)
 
     def delete_pod(self, namespace: str, name: str) -> None:
         try:

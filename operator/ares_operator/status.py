@@ -9,7 +9,7 @@ from ares.core.messages import ServerStatus
 from ares_operator import conditions
 from ares_operator import constants as c
 from ares_operator.builders import JobRef
-from ares_operator.reconcile import PodView
+from ares_operator.reconcile import Outcome, PodView
 from ares_operator.spec import JobSpec
 
 
@@ -83,4 +83,43 @@ def _device(name: str, pod: Optional[PodView], server: Optional[ServerStatus], p
                   "downBps": reported.down_bps, "energyJ": reported.energy_j,
                   "energySource": reported.energy_source, "roundSeconds": reported.round_s}
         out.update({k: v for k, v in fields.items() if v is not None})
+    return out
+
+
+LIVE_POD_PHASES = frozenset({"Pending", "Running", "Terminating"})
+
+
+def ended_conditions(spec: JobSpec, conds: list[dict[str, Any]], outcome: Outcome, cleaned: Sequence[str],
+                     now: str, generation: Optional[int]) -> list[dict[str, Any]]:
+    """DevicesReady and ServerReady of an ended job: False, saying what runPolicy.cleanPodPolicy did."""
+    policy = spec.run_policy.clean_pod_policy
+    if cleaned:
+        fate = f"its pods {', '.join(sorted(cleaned))} are removed (cleanPodPolicy {policy})"
+    else:
+        fate = f"its pods are kept (cleanPodPolicy {policy})"
+    for kind in (c.COND_DEVICES_READY, c.COND_SERVER_READY):
+        conds = conditions.set_condition(conds, kind, False, c.REASON_JOB_FINISHED,
+                                         f"the job has ended ({outcome.phase}); {fate}", now, generation)
+    return conds
+
+
+def ended_devices(job: JobRef, devices: Mapping[str, Any], cleaned: Sequence[str]) -> dict[str, Any]:
+    """Per-device status of an ended job: a pod removed by the clean-up says so."""
+    gone = set(cleaned)
+    return {name: ({**entry, "podPhase": "Deleted"} if job.device_pod_name(name) in gone else dict(entry))
+            for name, entry in devices.items()}
+
+
+def followed_devices(job: JobRef, devices: Mapping[str, Any], pods: Sequence[PodView]) -> dict[str, Any]:
+    """After the end: each device's podPhase as its pod now is (Succeeded, Failed), or Deleted."""
+    by_name = {p.name: p for p in pods}
+    out: dict[str, Any] = {}
+    for name, entry in devices.items():
+        entry = dict(entry or {})
+        pod = by_name.get(job.device_pod_name(name))
+        if entry.get("podPhase") in LIVE_POD_PHASES:
+            entry["podPhase"] = ("Terminating" if pod.terminating else pod.phase) if pod else "Deleted"
+            if pod and pod.exit_code is not None:
+                entry["exitCode"] = pod.exit_code
+        out[name] = entry
     return out

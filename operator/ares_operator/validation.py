@@ -14,21 +14,53 @@ from typing import Any, Optional
 import pydantic
 
 from ares_operator import constants as c
+from ares_operator.settings import OperatorSettings
 from ares_operator.spec import JobSpec, parse_spec
 
 MAX_NAME = 63  # Service and pod host names are DNS labels
 
 
-def validate(name: str, raw_spec: Mapping[str, Any],
+def validate(name: str, raw_spec: Mapping[str, Any], settings: OperatorSettings = OperatorSettings(),
              model_layers: Mapping[str, int] = c.MODEL_LAYERS) -> tuple[Optional[JobSpec], list[str]]:
-    """The typed spec (None if it does not even parse) and every problem found, in spec order."""
+    """The typed spec (None if it does not even parse) and every problem found, in spec order:
+    the spec's own consistency, then what the administrator's job policy (`settings.policy`)
+    does not allow."""
     problems = _raw_problems(raw_spec)
     try:
         spec = parse_spec(raw_spec)
     except pydantic.ValidationError as exc:
         problems += [f"spec.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
         return None, problems
-    return spec, problems + _spec_problems(name, spec, model_layers)
+    return spec, problems + _spec_problems(name, spec, model_layers) + policy_problems(spec, settings)
+
+
+def policy_problems(spec: JobSpec, settings: OperatorSettings) -> list[str]:
+    """Images and host paths the administrator has not allowed (chart values `jobPolicy.*`).
+
+    A job is untrusted input: it may pick its trainer's and server's image only among those
+    allowed, and mount host data only from allowed directories (read-only). The host-control
+    sidecar and the checkpoint init step always run the operator's own images, whatever the job says.
+    """
+    policy, images = settings.policy, settings.images
+    problems: list[str] = []
+    asked = [("spec.server.image", spec.server.image)]
+    asked += [(f"spec.devices[{i}].image ({d.name})", d.image) for i, d in enumerate(spec.devices)]
+    for where, image in asked:
+        if image and not policy.image_allowed(image, images):
+            problems.append(f"{where}: image {image!r} is not allowed in this cluster; allowed are the operator's "
+                            "own images and those its administrator lists in the chart value "
+                            "jobPolicy.allowedImages")
+    if mounts_host_data(spec) and not policy.host_path_allowed(spec.dataset.path):
+        allowed = ", ".join(policy.allowed_host_paths) or "none"
+        problems.append(f"spec.dataset.path: {spec.dataset.path!r} is not an allowed host directory; it must be "
+                        f"an absolute path without '.' or '..' under one of: {allowed} (chart value "
+                        f"jobPolicy.allowedHostPaths), and not under {c.CHECKPOINT_HOST_ROOT}")
+    return problems
+
+
+def mounts_host_data(spec: JobSpec) -> bool:
+    """Generated data sets need no files; the others read spec.dataset.path on each node."""
+    return spec.dataset.name not in c.GENERATED_DATASETS
 
 
 def _raw_problems(raw_spec: Mapping[str, Any]) -> list[str]:

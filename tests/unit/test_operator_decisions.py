@@ -17,7 +17,7 @@ from ares.core.messages import ServerStatus  # noqa: E402
 from ares_operator import builders, handlers  # noqa: E402
 from ares_operator import constants as c  # noqa: E402
 from ares_operator.builders import JobRef  # noqa: E402
-from ares_operator.kube import NotOurs, Refused, controller_uid  # noqa: E402
+from ares_operator.kube import NotOurs, QuotaShortfall, Refused, controller_uid  # noqa: E402
 from ares_operator.settings import from_env  # noqa: E402
 from ares_operator.spec import parse_spec  # noqa: E402
 
@@ -37,15 +37,27 @@ def _refused(status: int, message: str, kind: str = "Pod", name: str = "demo-pi"
     (_refused(403, 'secrets is forbidden: User "system:serviceaccount:ares-system:ares" cannot create resource '
                    '"secrets"', kind="Secret", name="demo-tokens"),
      c.REASON_FORBIDDEN, ["may not create Secret demo-tokens in namespace team-a", "RBAC"]),
-    (_refused(422, 'Pod "demo-pi" is invalid: spec.runtimeClassName: RuntimeClass "nvidia" not found'),
-     c.REASON_REFUSED, ['RuntimeClass "nvidia" not found']),
-    (NotOurs("Pod demo-pi exists and belongs to another owner"), c.REASON_NAME_CONFLICT, ["another owner"]),
-], ids=["pod-security", "rbac", "invalid", "namesake"])
+    (_refused(403, 'pods "demo-nano" is forbidden: pod rejected: RuntimeClass "nvidia" not found'),
+     c.REASON_RUNTIME_CLASS, ['RuntimeClass "nvidia" not found', "NVIDIA container", "deviceClass cpu"]),
+    (_refused(403, 'pods "demo-pi" is forbidden: exceeded quota: small, requested: requests.cpu=500m, '
+                   'used: requests.cpu=2, limited: requests.cpu=2'),
+     c.REASON_QUOTA, ["exceeded quota: small", "larger quota"]),
+    (_refused(403, 'pods "demo-pi" is forbidden: maximum cpu usage per Container is 1, but limit is 4'),
+     c.REASON_LIMIT_RANGE, ["LimitRange", "per Container"]),
+    (_refused(422, 'Pod "demo-pi" is invalid: spec.tolerations[0].operator: Unsupported value: "Bogus"'),
+     c.REASON_INVALID_CHILD, ["invalid", "Bogus", "job's spec"]),
+    (NotOurs("Pod demo-pi exists and belongs to another owner"), c.REASON_NAME_CONFLICT,
+     ["another owner", "rename the job or the device"]),
+    (QuotaShortfall(["ResourceQuota q: requests.cpu needs 3 more, 1 of 2 left"]), c.REASON_QUOTA,
+     ["requests.cpu needs 3 more", "Nothing was created"]),
+], ids=["pod-security", "rbac", "runtime-class", "quota", "limit-range", "invalid", "namesake", "quota-sum"])
 def test_every_refusal_says_what_and_why(exc, reason, says):
     got_reason, message = handlers.refusal_message(exc, JOB)
     assert got_reason == reason
     for text in says:
         assert text in message
+    if reason != c.REASON_FORBIDDEN:
+        assert "RBAC" not in message and "ServiceAccount" not in message  # not a permission problem
 
 
 def test_server_ready_tells_starting_from_unreachable():
@@ -98,20 +110,31 @@ def test_a_lost_children_created_condition_is_put_back():
     import kopf
 
     spec = parse_spec(yaml.safe_load((ROOT / "examples" / "job.yaml").read_text())["spec"])
-    memo = kopf.Memo(children_ok=True)  # created earlier: nothing is created again (no `memo.kube`)
-    args = dict(meta={"generation": 1}, body=None, memo=memo, logger=logging.getLogger("test"))
     lost = {"conditions": [{"type": c.COND_SPEC_VALID, "status": "True"}]}
-    patch = kopf.Patch()
-    assert handlers._ensure_children(JOB, spec, lost, patch=patch, **args)
-    created = [cond for cond in patch.status["conditions"] if cond["type"] == c.COND_CREATED]
+    # Created earlier: nothing is created again (no API client at all).
+    call = _call(lost, children_ok=True)
+    assert handlers._ensure_children(call, spec)
+    created = [cond for cond in call.patch.status["conditions"] if cond["type"] == c.COND_CREATED]
     assert [cond["status"] for cond in created] == ["True"] and created[0]["reason"] == c.REASON_CREATED
-    assert {cond["type"] for cond in patch.status["conditions"]} == {c.COND_SPEC_VALID, c.COND_CREATED}
+    assert {cond["type"] for cond in call.patch.status["conditions"]} == {c.COND_SPEC_VALID, c.COND_CREATED}
     # Present (True, or False with a refusal's reason): left alone, no patch.
     for value in ("True", "False"):
-        kept = {"conditions": [{"type": c.COND_CREATED, "status": value, "reason": "x"}]}
-        patch = kopf.Patch()
-        assert handlers._ensure_children(JOB, spec, kept, patch=patch, **args)
-        assert not patch
+        kept = _call({"conditions": [{"type": c.COND_CREATED, "status": value, "reason": "x"}]}, children_ok=True)
+        assert handlers._ensure_children(kept, spec)
+        assert not kept.patch
+
+
+def _call(status=None, kube=None, **state):
+    """One handler call on JOB, as kopf would make it, with the operator's default settings."""
+    import logging
+
+    import kopf
+
+    from ares_operator import metrics
+
+    ctx = handlers.Context(settings=from_env({}), kube=kube, metrics=metrics.OperatorMetrics())
+    return handlers.Call(JOB, status or {}, {"generation": 1}, None, kopf.Patch(), logging.getLogger("test"),
+                         ctx, handlers.JobState(**state))
 
 
 # --- step options (training.offer): the controller's (codec, k) per device, through annotations ---
@@ -237,8 +260,9 @@ def test_the_operator_asks_the_controller_for_step_options_and_annotates_them(mo
                                               iterations=50) for n in ("nano-maxn", "nano-5w", "pi")])
     monkeypatch.setattr(controller, "fetch_telemetry", lambda *a, **k: slow)
     spec = _offered(codecs=["fp16", "int8"], microBatches=[2, 4])
-    memo = kopf.Memo(tokens={"controller.token": "t"}, settings=from_env(), metrics=metrics.OperatorMetrics())
-    handlers._optimise(JOB, spec, memo, logging.getLogger("test"))
+    call = _call(tokens={"controller.token": "t"})
+    handlers._optimise(call, spec)
+    memo = call.state
     want = controller.decide(slow, parse_policy(spec.split.policy, spec.split.alpha), builders.pinned_splits(spec),
                              spec.training.offer_pairs())
     assert memo.planned_options == controller.plan_options(want) and memo.planned == dict(want.splits)
@@ -254,15 +278,16 @@ def test_the_operator_asks_the_controller_for_step_options_and_annotates_them(mo
             self.calls.append((name, dict(values)))
 
     kube = Recorder()
+    call.ctx.kube = kube
     pods = [reconcile.PodView.of(builders.device_pod(JOB, spec, d, from_env(), split=3)) for d in spec.devices]
-    handlers._annotate(kube, JOB, spec, pods, memo, logging.getLogger("test"))
+    handlers._annotate(call, spec, pods)
     got = {name: values.get(c.ANNOTATION_STEP_OPTIONS) for name, values in kube.calls}
     assert got == {f"demo-{d}": builders.step_options_annotation(*pair) for d, pair in memo.planned_options.items()
                    if pair != ("fp32", 1)}  # the job's own is on the pods already
     # No offer: the same telemetry, no options planned, none written.
-    plain = kopf.Memo(tokens={"controller.token": "t"}, settings=from_env(), metrics=metrics.OperatorMetrics())
-    handlers._optimise(JOB, _offered(), plain, logging.getLogger("test"))
-    assert plain.planned and plain.planned_options == {}
+    plain = _call(tokens={"controller.token": "t"})
+    handlers._optimise(plain, _offered())
+    assert plain.state.planned and plain.state.planned_options == {}
 
 
 def test_split_message_shows_step_options():

@@ -69,10 +69,15 @@ cluster-wide and per-namespace variants cannot drift apart.
   resources: ["pods"]
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
 # The server's Service, device tokens (Secrets) and configs (ConfigMaps): created
-# once and garbage-collected with the job through owner references.
+# once and garbage-collected with the job through owner references; listed (by the
+# job's label) and deleted when a job cannot be created after all, or is stopped.
 - apiGroups: [""]
   resources: ["services", "configmaps", "secrets"]
-  verbs: ["get", "create"]
+  verbs: ["get", "list", "create", "delete"]
+# A job's requests are checked against the namespace's quotas before anything is created.
+- apiGroups: [""]
+  resources: ["resourcequotas"]
+  verbs: ["get", "list"]
 # kopf posts handler progress and errors as events.
 - apiGroups: ["", "events.k8s.io"]
   resources: ["events"]
