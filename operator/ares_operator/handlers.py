@@ -236,7 +236,7 @@ def _error(call: Call, exc: Exception) -> None:
 def _remove_children(call: Call) -> str:
     """Delete every child of this job that it controls; say what happened, for the message."""
     try:
-        gone = call.ctx.kube.delete_children(call.job.namespace, call.job.name, call.job.uid)
+        gone = call.ctx.kube.delete_children(call.job.namespace, call.job)
     except Exception as exc:  # noqa: BLE001 -- said in the message; the garbage collector removes them with the job
         return f"removing its objects failed ({type(exc).__name__}: {exc}); they go when the job is deleted"
     return f"removed what was created for it ({', '.join(gone)})" if gone else "nothing was created for it"

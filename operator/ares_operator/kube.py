@@ -17,6 +17,7 @@ import kubernetes
 from kubernetes.client.rest import ApiException
 
 from ares_operator import constants as c
+from ares_operator.builders import JobRef
 from ares_operator.refusals import Refusal
 
 Obj = dict[str, Any]
@@ -140,28 +141,30 @@ class Kube:
         resp = self.core.list_namespaced_resource_quota(namespace, _preload_content=False)
         return json.loads(resp.data).get("items") or []
 
-    def delete_children(self, namespace: str, job: str, uid: str) -> list[str]:
-        """Delete every pod, Service, ConfigMap and Secret of the job that it controls (selected
-        by label, checked by owner uid, deleted with that uid as precondition); their names."""
+    def delete_children(self, namespace: str, job: JobRef) -> list[str]:
+        """Delete every child of the job that it controls: its pods (by label), its Service,
+        ConfigMap and Secrets (by name; the operator may not list Secrets). Each is checked by
+        owner uid and deleted with its own uid as precondition. Returns what was deleted."""
         gone: list[str] = []
-        for kind, lister, deleter in (
-                ("Pod", self.core.list_namespaced_pod, self.core.delete_namespaced_pod),
-                ("Service", self.core.list_namespaced_service, self.core.delete_namespaced_service),
-                ("ConfigMap", self.core.list_namespaced_config_map, self.core.delete_namespaced_config_map),
-                ("Secret", self.core.list_namespaced_secret, self.core.delete_namespaced_secret)):
-            items = json.loads(lister(namespace, label_selector=f"{c.LABEL_JOB}={job}",
-                                      _preload_content=False).data).get("items") or []
-            for obj in items:
-                if controller_uid(obj) != uid:
-                    continue
-                meta = obj["metadata"]
-                try:
-                    deleter(meta["name"], namespace, body={"preconditions": {"uid": meta["uid"]}},
-                            _preload_content=False)
-                except ApiException as exc:
-                    if exc.status not in (404, 409):
-                        raise
-                gone.append(f"{kind} {meta['name']}")
+        pods = self.core.list_namespaced_pod(namespace, label_selector=f"{c.LABEL_JOB}={job.name}",
+                                             _preload_content=False)
+        found = [p for p in json.loads(pods.data).get("items") or [] if controller_uid(p) == job.uid]
+        for kind, name in (("Service", job.server_name), ("ConfigMap", job.config_name),
+                           ("Secret", job.secret_name), ("Secret", job.tls_secret_name)):
+            obj = self.read(kind, namespace, name)
+            if obj is not None and controller_uid(obj) == job.uid:
+                found.append({**obj, "kind": kind})
+        deleters = {"Pod": self.core.delete_namespaced_pod, "Service": self.core.delete_namespaced_service,
+                    "ConfigMap": self.core.delete_namespaced_config_map, "Secret": self.core.delete_namespaced_secret}
+        for obj in found:
+            kind, meta = obj.get("kind") or "Pod", obj["metadata"]
+            try:
+                deleters[kind](meta["name"], namespace, body={"preconditions": {"uid": meta["uid"]}},
+                               _preload_content=False)
+            except ApiException as exc:
+                if exc.status not in (404, 409):
+                    raise
+            gone.append(f"{kind} {meta['name']}")
         return gone
 
     def list_jobs(self, namespace: Optional[str] = None) -> list[Obj]:

@@ -70,7 +70,7 @@ def stop_all(kube: Kube, namespaces: Optional[Sequence[str]], now: str) -> list[
             continue
         ref = _ref(job)
         if (job.get("status") or {}).get("phase") not in c.TERMINAL_PHASES:
-            removed = kube.delete_children(ref.namespace, ref.name, ref.uid)
+            removed = kube.delete_children(ref.namespace, ref)
             message = ("the ARES operator was uninstalled while this job ran: it was stopped "
                        f"({', '.join(removed) or 'no objects'} removed). Reinstall the chart and create it again.")
             _report(kube, job, c.REASON_OPERATOR_REMOVED, message, now, failed=True)

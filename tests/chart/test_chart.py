@@ -117,6 +117,9 @@ def test_operator_deployment_defaults(helm, tmp_path):
         "ARES_SERVER_IMAGE": f"ghcr.io/ares-split/ares-server:{app_version}",
         "ARES_DEVICE_IMAGE": f"ghcr.io/ares-split/ares-device:{app_version}",
         "ARES_DEVICE_JETSON_IMAGE": f"ghcr.io/ares-split/ares-device-jetson:{app_version}",
+        "ARES_WATCH_NAMESPACES": "",
+        "ARES_ALLOWED_IMAGES": "",
+        "ARES_ALLOWED_HOST_PATHS": "/var/lib/ares/datasets",
         "ARES_LOG_LEVEL": "INFO",
         "ARES_METRICS_PORT": "8000",
     }
@@ -195,15 +198,22 @@ def test_watched_namespaces_get_roles_not_cluster_rights(helm, tmp_path):
     for role in roles:
         for group, resource, verb in NEEDED:
             assert grants(role["rules"], group, resource, verb)
-    cluster_rules = [r for d in docs if d["kind"] == "ClusterRole" for r in d["rules"]]
+    operators = {b["roleRef"]["name"] for b in docs if b["kind"] == "ClusterRoleBinding"}
+    cluster_rules = [r for d in docs if d["kind"] == "ClusterRole" and d["metadata"]["name"] in operators
+                     for r in d["rules"]]
     assert not grants(cluster_rules, "", "pods", "create")
+    assert not grants(cluster_rules, "", "secrets", "get")
     assert not grants(cluster_rules, "ares.io", "aresjobs", "watch")
+    # Outside the watched namespaces: only what releasing a job of a namespace no longer watched needs.
+    assert grants(cluster_rules, "ares.io", "aresjobs", "list") and grants(cluster_rules, "ares.io", "aresjobs", "patch")
+    assert not grants(cluster_rules, "ares.io", "aresjobs", "delete")
 
 
 def test_rbac_and_service_account_can_be_turned_off(helm, tmp_path):
     docs = render(helm, tmp_path, {"rbac": {"create": False},
                                    "serviceAccount": {"create": False, "name": "my-operator"}})
-    assert {d["kind"] for d in docs} == {"Deployment"}
+    assert {d["kind"] for d in docs} == {"Deployment", "Job"}  # the uninstall hook uses the given account
+    assert one(docs, "Job")["spec"]["template"]["spec"]["serviceAccountName"] == "my-operator"
     pod = one(docs, "Deployment")["spec"]["template"]["spec"]
     assert pod["serviceAccountName"] == "my-operator"
 
@@ -245,6 +255,10 @@ BAD_VALUES = {
     "privileged port": {"healthPort": 80},
     "metrics port": {"metrics": {"enabled": True, "port": 80}},
     "env name": {"extraEnv": [{"name": "1BAD", "value": "x"}]},
+    "relative host path": {"jobPolicy": {"allowedImages": [], "allowedHostPaths": ["data"]}},
+    "host path with ..": {"jobPolicy": {"allowedImages": [], "allowedHostPaths": ["/var/lib/../../etc"]}},
+    "host path with a comma": {"jobPolicy": {"allowedImages": [], "allowedHostPaths": ["/a,/b"]}},
+    "image with a comma": {"jobPolicy": {"allowedImages": ["a.example/x:1,b.example/y:2"], "allowedHostPaths": []}},
 }
 
 
@@ -306,6 +320,57 @@ def test_notes_tell_what_to_do_next(helm, control_plane):
     assert "rollout status deployment/demo-ares" in notes
     assert "kubectl apply -n team-a -f examples/job.yaml" in notes
     assert "kubectl get aresjobs" in notes
+    # What the operator may do, the label a job's namespace needs, how to uninstall.
+    assert "in the namespaces above only" in notes and "privileged" in notes
+    assert "kubectl label namespace team-a pod-security.kubernetes.io/enforce=privileged" in notes
+    assert "/var/lib/ares/datasets" in notes and "pre-delete hook" in notes
+    wide = subprocess.run([str(helm), "install", "demo", str(CHART), "--dry-run=server", "--namespace", "ares-system"],
+                          capture_output=True, text=True, timeout=60,
+                          env=tool_env(control_plane.bin, control_plane.admin_kubeconfig))
+    assert wide.returncode == 0, wide.stderr
+    assert "in EVERY namespace of the cluster" in wide.stdout and "watchNamespaces={team-a}" in wide.stdout
+
+
+def test_users_get_aresjobs_through_the_built_in_roles(helm, tmp_path):
+    docs = render(helm, tmp_path)
+    edit, view = one(docs, "ClusterRole", "ares-aresjobs-edit"), one(docs, "ClusterRole", "ares-aresjobs-view")
+    labels = edit["metadata"]["labels"]
+    assert labels["rbac.authorization.k8s.io/aggregate-to-edit"] == "true"
+    assert labels["rbac.authorization.k8s.io/aggregate-to-admin"] == "true"
+    assert view["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-view"] == "true"
+    for verb in ("create", "list", "watch", "delete", "patch"):
+        assert grants(edit["rules"], "ares.io", "aresjobs", verb)
+    assert not grants(edit["rules"], "ares.io", "aresjobs/status", "patch")  # status is the operator's
+    assert not any(grants(view["rules"], "ares.io", "aresjobs", v) for v in ("create", "patch", "delete"))
+    assert not [b for b in docs if b["kind"].endswith("Binding") and b["roleRef"]["name"].startswith("ares-aresjobs")]
+
+
+def test_job_policy_values_reach_the_operator(helm, tmp_path):
+    values = {"jobPolicy": {"allowedImages": ["reg.example/team-a/*", "reg.example/x:1"],
+                            "allowedHostPaths": ["/data", "/srv/datasets"]}, "watchNamespaces": ["team-a"]}
+    env = {e["name"]: e["value"] for e in operator_container(render(helm, tmp_path, values))["env"]}
+    assert env["ARES_ALLOWED_IMAGES"] == "reg.example/team-a/*,reg.example/x:1"
+    assert env["ARES_ALLOWED_HOST_PATHS"] == "/data,/srv/datasets"
+    assert env["ARES_WATCH_NAMESPACES"] == "team-a"
+    from ares_operator.settings import from_env
+
+    policy = from_env(env).policy
+    assert policy.allowed_images == ("reg.example/team-a/*", "reg.example/x:1")
+    assert policy.allowed_host_paths == ("/data", "/srv/datasets")
+
+
+def test_uninstall_stops_jobs_first_unless_told_not_to(helm, tmp_path):
+    docs = render(helm, tmp_path, {"watchNamespaces": ["team-a"]})
+    hook = one(docs, "Job")
+    assert hook["metadata"]["annotations"]["helm.sh/hook"] == "pre-delete"
+    pod = hook["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["command"] == ["python", "-m", "ares_operator.release", "--stop"]
+    assert container["image"] == operator_container(docs)["image"]
+    assert {"name": "ARES_WATCH_NAMESPACES", "value": "team-a"} in container["env"]
+    assert pod["serviceAccountName"] == one(docs, "ServiceAccount")["metadata"]["name"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert not [d for d in render(helm, tmp_path, {"stopJobsOnUninstall": False}) if d["kind"] == "Job"]
 
 
 def test_example_job_is_valid_for_the_chart_crd():

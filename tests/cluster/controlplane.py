@@ -34,7 +34,10 @@ BUILD_SCRIPT = ROOT / "scripts" / "build-control-plane"
 # The controllers a test cluster needs; the rest (deployments, nodes, ...) stay off so nothing
 # acts behind the tests' backs (a Deployment is accepted and never rolled out).
 CONTROLLERS = ("garbage-collector-controller,namespace-controller,serviceaccount-controller,"
-               "serviceaccount-token-controller,root-ca-certificate-publisher-controller")
+               "serviceaccount-token-controller,root-ca-certificate-publisher-controller,"
+               # what RBAC and quotas need to behave as on a real cluster: the built-in admin/edit/view
+               # roles take in aggregated rules; a ResourceQuota's status.used is kept.
+               "clusterrole-aggregation-controller,resourcequota-controller")
 
 
 class ControlPlaneUnavailable(RuntimeError):

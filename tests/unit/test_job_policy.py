@@ -223,7 +223,7 @@ class _Kube:
     def post_event(self, body, type_, reason, message):
         self.events.append((type_, reason, message))
 
-    def delete_children(self, namespace, job, uid):
+    def delete_children(self, namespace, job):
         self.deleted_children += 1
         gone, self.created = list(self.created), []
         return gone

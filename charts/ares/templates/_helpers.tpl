@@ -69,11 +69,12 @@ cluster-wide and per-namespace variants cannot drift apart.
   resources: ["pods"]
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
 # The server's Service, device tokens (Secrets) and configs (ConfigMaps): created
-# once and garbage-collected with the job through owner references; listed (by the
-# job's label) and deleted when a job cannot be created after all, or is stopped.
+# once and garbage-collected with the job through owner references; deleted by name
+# when a job cannot be created after all, or is stopped. (Never listed: a list of
+# Secrets would hand over every token of the namespace.)
 - apiGroups: [""]
   resources: ["services", "configmaps", "secrets"]
-  verbs: ["get", "list", "create", "delete"]
+  verbs: ["get", "create", "delete"]
 # A job's requests are checked against the namespace's quotas before anything is created.
 - apiGroups: [""]
   resources: ["resourcequotas"]
