@@ -129,6 +129,34 @@ def test_readme_test_command_is_what_ci_installs():
            ".venv/bin/python -m pytest" in README.read_text()
 
 
+def helm_set(values: dict, assignment: str) -> None:
+    """Apply one `--set key.path=value` as helm does, for the forms the README uses."""
+    key, _, raw = assignment.partition("=")
+    value: object = raw
+    if raw.startswith("{") and raw.endswith("}"):
+        value = [item for item in raw[1:-1].split(",") if item]
+    elif raw in ("true", "false"):
+        value = raw == "true"
+    *parents, last = key.split(".")
+    node = values
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[last] = value
+
+
+def test_readme_helm_install_passes_the_values_schema():
+    """Typed as shown, the README's `helm install` is accepted by the chart's values schema."""
+    jsonschema = pytest.importorskip("jsonschema")
+    command = re.search(r"^helm install .*?(?<!\\)$", README.read_text(), re.M | re.S).group(0)
+    assignments = re.findall(r"--set\s+'?([^'\s]+)'?", command)
+    assert any(a.startswith("watchNamespaces=") for a in assignments), "show a namespaced install"
+    values = yaml.safe_load((ROOT / "charts" / "ares" / "values.yaml").read_text())
+    for assignment in assignments:
+        helm_set(values, assignment)
+    schema = yaml.safe_load((ROOT / "charts" / "ares" / "values.schema.json").read_text())
+    jsonschema.validate(values, schema)
+
+
 def test_readme_examples_are_valid():
     """The job and run config in the README are accepted as they are."""
     blocks = [yaml.safe_load(b) for b in re.findall(r"```yaml\n(.*?)```", README.read_text(), re.S)]
