@@ -144,17 +144,21 @@ def helm_set(values: dict, assignment: str) -> None:
     node[last] = value
 
 
-def test_readme_helm_install_passes_the_values_schema():
-    """Typed as shown, the README's `helm install` is accepted by the chart's values schema."""
+@pytest.mark.parametrize("page", ["README.md", "docs/deploying/index.md"])
+def test_helm_install_commands_pass_the_values_schema(page):
+    """Typed as shown, a page's `helm install` is accepted by the chart's values schema."""
     jsonschema = pytest.importorskip("jsonschema")
-    command = re.search(r"^helm install .*?(?<!\\)$", README.read_text(), re.M | re.S).group(0)
-    assignments = re.findall(r"--set\s+'?([^'\s]+)'?", command)
-    assert any(a.startswith("watchNamespaces=") for a in assignments), "show a namespaced install"
-    values = yaml.safe_load((ROOT / "charts" / "ares" / "values.yaml").read_text())
-    for assignment in assignments:
-        helm_set(values, assignment)
+    text = (ROOT / page).read_text()
+    commands = re.findall(r"^helm install .*?(?<!\\)$", text, re.M | re.S)
+    assert commands or page != "README.md"
     schema = yaml.safe_load((ROOT / "charts" / "ares" / "values.schema.json").read_text())
-    jsonschema.validate(values, schema)
+    for command in commands:
+        values = yaml.safe_load((ROOT / "charts" / "ares" / "values.yaml").read_text())
+        for assignment in re.findall(r"--set\s+'?([^'\s]+)'?", command):
+            helm_set(values, assignment)
+        jsonschema.validate(values, schema)
+    if page == "README.md":
+        assert "watchNamespaces={" in commands[0], "show a namespaced install"
 
 
 def test_readme_examples_are_valid():
