@@ -110,6 +110,17 @@ def test_reference_covers_every_field():
             assert rule["rule"] in page
 
 
+def test_every_test_marker_is_documented():
+    """The markers pyproject.toml declares (not those plugins add) are in the testing guide."""
+    block = re.search(r"^markers = \[(.*?)^\]", (ROOT / "pyproject.toml").read_text(), re.M | re.S).group(1)
+    markers = re.findall(r'"([^"]+)"', block)
+    assert markers
+    page = (ROOT / "docs" / "development" / "testing.md").read_text()
+    for marker in markers:
+        name = marker.split(":")[0].strip()
+        assert f"| `{name}` |" in page, f"marker {name} is not in docs/development/testing.md"
+
+
 # ---- the README ------------------------------------------------------------------------------------
 
 def test_readme_is_short_with_its_commands_up_front():
