@@ -11,6 +11,10 @@ Routes are thin: authenticate, read and validate the body, run the torch work in
     POST /v1/devices/{name}/join          JSON JoinRequest -> bundle of device-side weights
     POST /v1/devices/{name}/step          bundle {x, y}, ?round=&split=[&micro=&micros=&total=] -> bundle {grad}, Server-Timing
     POST /v1/devices/{name}/update        bundle of weights + DeviceReport meta -> JSON, Server-Timing (held)
+
+What a route refuses is a typed error carrying its HTTP status (`wire.WireError` for a body,
+`RoundError` for the round state), mapped to a JSON `{"error": ...}` answer here, at the edge.
+What the server accepts and refuses, and why: docs/how-it-works/server-limits.md.
 """
 
 from __future__ import annotations
@@ -70,7 +74,7 @@ def _step(trainer: TrainingServer, name: str, body: bytearray, limit: int, round
     try:
         bundle = wire.decode(body, limit)
     except wire.WireError as exc:
-        if "NaN or Inf" in str(exc):  # the device's side of the model diverged (issue 10)
+        if "NaN or Inf" in str(exc):  # the device's side of the model diverged
             trainer.note_nonfinite(name)
         raise
     # x in any codec (int8 brings its scale); the gradient goes back in the codec x came in
@@ -78,7 +82,10 @@ def _step(trainer: TrainingServer, name: str, body: bytearray, limit: int, round
     if "x" + codec.SCALE_SUFFIX in codec.names(bundle.tensors, "x"):
         allowed["x" + codec.SCALE_SUFFIX] = (wire.DTYPES["float32"], None)
     wire.expect(bundle, allowed)
-    x = codec.unpack(bundle.tensors, "x")
+    # rank and shape against this split's before anything indexes them (a scalar x has no batch
+    # dimension to count): checked on the tensors as they came, in their codec
+    trainer.check_step_tensors(split, bundle.tensors["x"], bundle.tensors["y"])
+    x = codec.unpack(bundle.tensors, "x", (None, *trainer.activation_shape(split)))
     grad, loss, seconds = trainer.step(name, round_index, split, x, bundle.tensors["y"], micro, micros, total)
     # bytes (one copy): granian sends a bytes body as it is; a memoryview cost it ~45 ms a step
     return wire.encode(codec.pack("grad", grad, codec.codec_of(bundle.tensors, "x"), stochastic=True),
@@ -112,7 +119,7 @@ def create_app(cfg: ServerConfig, trainer: Optional[TrainingServer] = None, tick
 
     app = FastAPI(title="ARES edge server", lifespan=lifespan)
     app.state.trainer = trainer
-    app.state.gate = DeviceGate(cfg.limits)
+    app.state.gate = DeviceGate.for_job(cfg)
 
     def srv() -> TrainingServer:
         return app.state.trainer
@@ -123,7 +130,7 @@ def create_app(cfg: ServerConfig, trainer: Optional[TrainingServer] = None, tick
 
     @app.exception_handler(wire.WireError)
     async def _wire_error(_: Request, exc: wire.WireError) -> JSONResponse:
-        return JSONResponse({"error": str(exc)}, status_code=exc.status)
+        return JSONResponse({"error": str(exc)}, status_code=exc.status, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(ValidationError)
     async def _invalid(_: Request, exc: ValidationError) -> JSONResponse:
@@ -186,9 +193,11 @@ def create_app(cfg: ServerConfig, trainer: Optional[TrainingServer] = None, tick
         bundle = await _decode(body, limit)
         report = DeviceReport.model_validate(bundle.meta)
         received = (len(body), arrived - started)  # the server's own figure for the device's link
-        await to_thread.run_sync(lambda: srv().upload(name, report, bundle.tensors, received))
+        counted = await to_thread.run_sync(lambda: srv().upload(name, report, bundle.tensors, received))
         held = time.perf_counter() - arrived  # (as for a step: the device's upload time is its reply's head less this)
-        return JSONResponse({"ok": True, "round": report.round}, headers={"Server-Timing": f"held;dur={held * 1000:.3f}"})
+        # a repeat of the upload already taken is answered as it was, and says so (counted once)
+        return JSONResponse({"ok": True, "round": report.round, **({} if counted else {"repeat": True})},
+                            headers={"Server-Timing": f"held;dur={held * 1000:.3f}"})
 
     return app
 

@@ -74,6 +74,7 @@ class DeviceSlot:
     micro_next: int = 0                 # the micro-batch of the current batch the server takes next
     joined_at: Optional[float] = None   # server clock at its join and at its accepted upload this round
     uploaded_at: Optional[float] = None
+    accepted: Optional[tuple[int, str]] = None  # (round, digest) of its last accepted upload; kept past the round
     micro_turn: threading.Condition = field(init=False)  # waits for micro_next, on `lock`
 
     def __post_init__(self) -> None:
@@ -157,7 +158,7 @@ class TrainingServer:
         self.round_started: Optional[float] = None
         self.opens_at = 0.0  # clock time from which the current round takes joins
         self.history: list[dict] = []
-        # Divergence (issue 10): devices whose steps were refused this round for a non-finite
+        # Divergence: devices whose steps were refused this round for a non-finite
         # loss or gradient; DIVERGED_ROUNDS rounds in a row in which every device that joined
         # was among them end the run: phase failed, failure_reason diverged.
         self._nonfinite: set[str] = set()
@@ -165,7 +166,7 @@ class TrainingServer:
         self.failure: Optional[str] = None
         self.server_scale = LiveScale()
         self.server_prof = None
-        self.counters: dict[str, int] = {}  # refusals and errors (issue 12): status, metrics
+        self.counters: dict[str, int] = {}  # refusals and errors: status, metrics
         self._counter_lock = threading.Lock()
         self.assigned = self._assigned_samples()
         self._resume()
@@ -295,23 +296,13 @@ class TrainingServer:
         `wait_s` for its turn), gradients accumulate with each loss weighted by its share of the
         batch, and the optimiser steps once, after the last. `micros = 1` is the plain step.
         """
-        check_split_http(split, self.layers)
+        self.check_step_tensors(split, x, y)
         total = x.shape[0] if total is None else total
         if not (1 <= micros <= 64 and 0 <= micro < micros and micros <= total <= self.cfg.training.batch_size):
             raise RoundError(f"micro-batch {micro} of {micros} with {total} samples in the batch: need "
                              f"1 <= micros <= 64, 0 <= micro < micros <= total <= {self.cfg.training.batch_size}", 422)
         if micros == 1 and total != x.shape[0]:
             raise RoundError(f"a single-part batch has {x.shape[0]} samples, not total={total}", 422)
-        if split == self.layers - 1:
-            raise RoundError("split point L-1 keeps every layer on the device: there is no server step", 422)
-        expected = self.shapes[split]
-        if tuple(x.shape[1:]) != expected or x.shape[0] < 1 or x.shape[0] > self.cfg.training.batch_size:
-            raise RoundError(f"activations have shape {list(x.shape)}; split {split} needs "
-                             f"[1..{self.cfg.training.batch_size}, {', '.join(map(str, expected))}]", 422)
-        if y.dtype != torch.int64 or tuple(y.shape) != (x.shape[0],):
-            raise RoundError(f"labels must be int64 of shape [{x.shape[0]}]", 422)
-        if int(y.min()) < 0 or int(y.max()) >= self.spec.num_classes:
-            raise RoundError(f"labels must lie in 0..{self.spec.num_classes - 1}", 422)
         if x.shape[0] > total - (micros - 1):
             raise RoundError(f"micro-batch of {x.shape[0]} samples cannot be one of {micros} parts of {total}", 422)
         slot = self._active_slot(device, round_index, split)
@@ -356,21 +347,55 @@ class TrainingServer:
             self.server_scale.update(profiled * x.shape[0] / self.server_prof.batch_size, elapsed)
         return grad.cpu(), float(loss.detach()), elapsed
 
+    def activation_shape(self, split: int) -> tuple[int, ...]:
+        """Per-sample shape of the activations a step at `split` carries (422 for a split out of
+        range, or the local split, which has no server step)."""
+        check_split_http(split, self.layers)
+        if split == self.layers - 1:
+            raise RoundError("split point L-1 keeps every layer on the device: there is no server step", 422)
+        return self.shapes[split]
+
+    def check_step_tensors(self, split: int, x: torch.Tensor, y: torch.Tensor) -> None:
+        """A step's activations and labels against its split, before either is used: x of rank
+        1 + the activations' rank with this split's shape and 1..batch_size samples, y one int64
+        label in 0..classes-1 per sample. The server calls it on the tensors as they arrived (in
+        their codec), the step again on what it computes with."""
+        expected = self.activation_shape(split)
+        batch = self.cfg.training.batch_size
+        if x.dim() != 1 + len(expected) or tuple(x.shape[1:]) != expected or not 1 <= x.shape[0] <= batch:
+            raise RoundError(f"activations have shape {list(x.shape)} (rank {x.dim()}); split {split} needs "
+                             f"[1..{batch}, {', '.join(map(str, expected))}] (rank {1 + len(expected)})", 422)
+        if y.dtype != torch.int64 or tuple(y.shape) != (x.shape[0],):
+            raise RoundError(f"labels must be int64 of shape [{x.shape[0]}], got {str(y.dtype).removeprefix('torch.')} "
+                             f"{list(y.shape)}", 422)
+        if int(y.min()) < 0 or int(y.max()) >= self.spec.num_classes:
+            raise RoundError(f"labels must lie in 0..{self.spec.num_classes - 1}", 422)
+
     def expected_weights(self, split: int) -> dict[str, torch.Tensor]:
         device_part, _ = split_model(self.model, split)
         return {f"layers.{k}": v for k, v in device_part.layers.state_dict().items()}
 
     def upload(self, device: str, report: DeviceReport, weights: dict[str, torch.Tensor],
-               received: Optional[tuple[int, float]] = None) -> None:
+               received: Optional[tuple[int, float]] = None) -> bool:
         """A device's trained device-side weights for the round; validated against the model.
         `received`: the body's bytes and the seconds from its request's head to its end here.
+        Returns True when the upload was taken, False for a repeat of the one already taken.
 
-        Bounded before it can be merged (issue 12): the sample count may not exceed what the
+        One upload per device and round is merged. A repeat of the accepted one (the same
+        weights and report: a retry whose first reply was lost) is answered as a success and
+        changes nothing, even after the round closed; a different one is refused with 409 and
+        the first stands: it is never replaced, nor counted twice.
+
+        Bounded before it can be merged: the sample count may not exceed what the
         server assigned the device, and the whole model it brings (its weights + its server-side
         replica) must lie within `aggregation.max_update_norm` of the global model, else it is
         refused (the device sits the round out) or clipped, as the job chose.
         """
         check_split_http(report.split, self.layers)
+        digest = upload_digest(report, weights)
+        with self.lock:
+            if self._repeat(device, report.round, digest):
+                return False
         slot = self._active_slot(device, report.round, report.split)
         expected = self.expected_weights(report.split)
         if set(weights) != set(expected):
@@ -401,6 +426,8 @@ class TrainingServer:
             self._count("uploads_clipped")
             log.warning("device %s: update of norm %.3g clipped to %.3g", device, norm, agg.max_update_norm)
         with self.changed:
+            if self._repeat(device, report.round, digest):  # the same upload, twice at once
+                return False
             slot = self._active_slot(device, report.round, report.split)  # again, now atomic with the write
             slot.report = report
             slot.last_report = report
@@ -412,12 +439,27 @@ class TrainingServer:
                                     f"{agg.max_update_norm:.3g} (aggregation.max_update_norm); the device sits "
                                     "this round out")
             slot.uploaded = whole
+            slot.accepted = (report.round, digest)
             slot.uploaded_at = self.clock()
             # the server saw every sample of a split step: a device cannot weigh more than those
             seen = slot.samples_seen if report.split < self.layers - 1 else report.samples
             slot.weight = float(max(1, min(report.samples, seen)))
             slot.phase = "uploaded"
             self._close_if_all_done()
+        return True
+
+    def _repeat(self, device: str, round_index: int, digest: str) -> bool:
+        """Under the lock: True when this is the upload already taken for the round; RoundError
+        (409) when the device's upload for the round was taken and this one differs."""
+        accepted = self.slots[device].accepted
+        if accepted is None or accepted[0] != round_index:
+            return False
+        if accepted[1] != digest:
+            self._count("uploads_refused")
+            raise RoundError(f"device {device} already uploaded other weights for round {round_index}; "
+                             "that upload stands (one upload per device and round)", 409)
+        self._count("uploads_repeated")
+        return True
 
     def _close_if_all_done(self) -> None:
         if all(s.round == self.round and (s.uploaded is not None or s.phase == "refused")
@@ -436,7 +478,7 @@ class TrainingServer:
 
     def tick(self) -> None:
         """Called periodically: closes a round whose deadline has passed. Never raises: an error
-        is logged and counted, and the round still closes (issue 12)."""
+        is logged and counted, and the round still closes."""
         try:
             with self.changed:
                 if (self.phase == "training" and self.round_started is not None
@@ -620,6 +662,18 @@ class TrainingServer:
 
     def global_state(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+
+
+def upload_digest(report: DeviceReport, weights: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of an upload's report and weights (names, dtypes, shapes, bytes): equal for the
+    same upload sent twice."""
+    h = hashlib.sha256(report.model_dump_json().encode())
+    for name in sorted(weights):
+        t = weights[name]
+        h.update(f"\0{name}\0{t.dtype}\0{list(t.shape)}\0".encode())
+        if t.numel():
+            h.update(t.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy())
+    return h.hexdigest()
 
 
 def _finite_or_none(value: Optional[float]) -> Optional[float]:
