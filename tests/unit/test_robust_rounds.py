@@ -140,27 +140,33 @@ def test_status_is_servable_after_a_round_with_a_non_finite_test_loss(tmp_path):
 
 
 # ----- class 5 and 1: races ------------------------------------------------------------------
-def test_concurrent_uploads_from_one_device_accept_exactly_one(tmp_path):
+@pytest.mark.parametrize("same", [True, False], ids=["same-weights", "different-weights"])
+def test_concurrent_uploads_from_one_device_accept_exactly_one(tmp_path, same):
+    """Eight uploads at once: one is taken; the others are repeats of it (answered as it was,
+    counted once) or, where they differ from it, refused with 409."""
     server, _ = make(tmp_path)
     weights = joined(server, "dev-a")
     step(server, "dev-a")
     start = threading.Barrier(8)
     outcomes = []
 
-    def upload():
+    def upload(i: int):
+        mine = weights if same else {k: v + i if v.is_floating_point() else v for k, v in weights.items()}
         start.wait()
         try:
-            server.upload("dev-a", report(), weights)
-            outcomes.append("ok")
+            outcomes.append("taken" if server.upload("dev-a", report(), mine) else "repeat")
         except RoundError as exc:
             outcomes.append(exc.status)
 
-    threads = [threading.Thread(target=upload) for _ in range(8)]
+    threads = [threading.Thread(target=upload, args=(i * 1e-3,)) for i in range(8)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert outcomes.count("ok") == 1 and sorted(set(outcomes) - {"ok"}) == [409]
+    assert outcomes.count("taken") == 1, outcomes
+    assert sorted(set(outcomes) - {"taken"}) == (["repeat"] if same else [409]), outcomes
+    assert server.slots["dev-a"].weight == 5.0
+    assert server.counters.get("uploads_repeated", 0) == (7 if same else 0)
 
 
 def test_a_step_that_races_the_round_closing_gets_409(tmp_path):
