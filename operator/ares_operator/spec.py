@@ -7,7 +7,7 @@ not depend on that (an older CRD, an emulator, a unit test): it reads every spec
 negative quantity, a toleration with an unknown operator) is refused here too.
 tests/unit/test_crd_schema.py walks both and checks that they agree.
 
-Scheduling fields (tolerations, resources, imagePullSecrets) stay the plain dicts the pod spec
+Scheduling fields (tolerations, affinity, resources, imagePullSecrets) stay the plain dicts the pod spec
 takes; each is checked against a model of its own (`_CheckedBy`) and passed on unchanged.
 """
 
@@ -162,6 +162,75 @@ class TolerationSpec(_Spec):
         return self
 
 
+LabelValue = Annotated[str, Field(max_length=63)]
+QualifiedName = Annotated[str, Field(max_length=316)]
+
+
+class NodeSelectorRequirementSpec(_Spec):
+    key: QualifiedName
+    operator: Literal["In", "NotIn", "Exists", "DoesNotExist", "Gt", "Lt"]
+    values: tuple[LabelValue, ...] = Field((), max_length=64)
+
+
+class NodeSelectorTermSpec(_Spec):
+    match_expressions: tuple[NodeSelectorRequirementSpec, ...] = Field((), max_length=16)
+    match_fields: tuple[NodeSelectorRequirementSpec, ...] = Field((), max_length=16)
+
+
+class NodeSelectorSpec(_Spec):
+    node_selector_terms: tuple[NodeSelectorTermSpec, ...] = Field(..., min_length=1, max_length=16)
+
+
+class PreferredSchedulingTermSpec(_Spec):
+    weight: int = Field(..., ge=1, le=100)
+    preference: NodeSelectorTermSpec
+
+
+class NodeAffinitySpec(_Spec):
+    required_during_scheduling_ignored_during_execution: Optional[NodeSelectorSpec] = None
+    preferred_during_scheduling_ignored_during_execution: tuple[PreferredSchedulingTermSpec, ...] = \
+        Field((), max_length=16)
+
+
+class LabelSelectorRequirementSpec(_Spec):
+    key: QualifiedName
+    operator: Literal["In", "NotIn", "Exists", "DoesNotExist"]
+    values: tuple[LabelValue, ...] = Field((), max_length=64)
+
+
+class LabelSelectorSpec(_Spec):
+    match_labels: dict[str, LabelValue] = Field({}, max_length=64)
+    match_expressions: tuple[LabelSelectorRequirementSpec, ...] = Field((), max_length=16)
+
+
+class PodAffinityTermSpec(_Spec):
+    label_selector: Optional[LabelSelectorSpec] = None
+    namespace_selector: Optional[LabelSelectorSpec] = None
+    namespaces: tuple[LabelValue, ...] = Field((), max_length=64)
+    topology_key: QualifiedName
+    match_label_keys: tuple[QualifiedName, ...] = Field((), max_length=16)
+    mismatch_label_keys: tuple[QualifiedName, ...] = Field((), max_length=16)
+
+
+class WeightedPodAffinityTermSpec(_Spec):
+    weight: int = Field(..., ge=1, le=100)
+    pod_affinity_term: PodAffinityTermSpec
+
+
+class PodAffinitySpec(_Spec):
+    required_during_scheduling_ignored_during_execution: tuple[PodAffinityTermSpec, ...] = Field((), max_length=16)
+    preferred_during_scheduling_ignored_during_execution: tuple[WeightedPodAffinityTermSpec, ...] = \
+        Field((), max_length=16)
+
+
+class AffinitySpec(_Spec):
+    """core/v1 Affinity, as the CRD types it."""
+
+    node_affinity: Optional[NodeAffinitySpec] = None
+    pod_affinity: Optional[PodAffinitySpec] = None
+    pod_anti_affinity: Optional[PodAffinitySpec] = None
+
+
 class SecretRefSpec(_Spec):
     name: str = Field(..., max_length=253)
 
@@ -201,9 +270,10 @@ class ResourcesSpec(_Spec):
 Tolerations = Annotated[tuple[dict[str, Any], ...], Field(max_length=64),
                         AfterValidator(_CheckedBy(tuple[TolerationSpec, ...]))]
 Resources = Annotated[dict[str, Any], AfterValidator(_CheckedBy(ResourcesSpec))]
+Affinity = Annotated[dict[str, Any], AfterValidator(_CheckedBy(AffinitySpec))]
 PullSecrets = Annotated[tuple[dict[str, Any], ...], Field(max_length=16),
                         AfterValidator(_CheckedBy(tuple[SecretRefSpec, ...]))]
-NodeSelector = Annotated[dict[str, Annotated[str, Field(max_length=63)]], Field(max_length=64)]
+NodeSelector = Annotated[dict[str, LabelValue], Field(max_length=64)]
 Image = Annotated[str, Field(min_length=1, max_length=512)]
 
 
@@ -213,7 +283,7 @@ class _Scheduling(_Spec):
     node_name: Optional[str] = Field(None, max_length=253)
     node_selector: NodeSelector = {}
     tolerations: Tolerations = ()
-    affinity: dict[str, Any] = {}
+    affinity: Affinity = {}
     image_pull_secrets: PullSecrets = ()
     priority_class_name: Optional[str] = Field(None, max_length=253)
 

@@ -87,7 +87,7 @@ def test_schema_is_structural():
 
 def test_every_field_has_a_description():
     """What `kubectl explain aresjobs.<field>` shows: spec and status, every level."""
-    fields = dict(_fields(SCHEMA))
+    fields = {p: node for p, node in _fields(SCHEMA) if p != ".metadata"}  # ObjectMeta: the server describes it
     assert len([p for p in fields if p.startswith(".spec.")]) >= 83
     missing = [p for p, node in fields.items() if len(node.get("description", "").strip()) < 10]
     assert missing == [], missing
@@ -115,12 +115,6 @@ def test_documented_maxima(field, maximum):
         node = node["properties"][key]
     assert node["maximum"] == maximum
     assert f"{maximum}" in node["description"]  # the description states the bound
-
-
-def _strings_of(node: Any) -> list[str]:
-    if isinstance(node, dict):
-        return [s for v in node.values() for s in _strings_of(v)]
-    return [s for v in node for s in _strings_of(v)] if isinstance(node, list) else [node] if isinstance(node, str) else []
 
 
 def test_the_policy_the_administrator_sets_is_stated_where_users_read():
@@ -374,7 +368,8 @@ REFUSED_BY_BOTH = [
     ({"devices__0__resources": {"limits": {"cpu": -1}}}, "a resource quantity must not be negative"),
     ({"devices__0__resources": {"limits": {"gpu": 1}}}, "resource names are cpu, memory"),
     ({"devices__0__tolerations": [{"key": "a", "operator": "Bogus"}]}, "Input should be 'Exists' or 'Equal'"),
-    ({"server__tolerations": [{"operator": "Equal", "value": "x"}]}, "a toleration without a key must have operator Exists"),
+    ({"server__tolerations": [{"operator": "Equal", "value": "x"}]},
+     "a toleration without a key must have operator Exists"),
     ({"server__tolerations": [{"key": "a", "operator": "Exists", "value": "x"}]}, "operator Exists takes no value"),
     ({"server__tolerations": [{"key": "a", "tolerationSeconds": 5}]}, "tolerationSeconds is only for effect NoExecute"),
     ({"server__tolerations": [{"key": "a", "effect": "NoExecute", "tolerationSeconds": 10**9}]},
@@ -398,6 +393,12 @@ REFUSED_BY_BOTH = [
     ({"devices__1__bandwidth": "0mbit"}, "bandwidth must be above 0 and at most 100gbit"),
     ({"devices__1__bandwidth": "200gbit"}, "bandwidth must be above 0 and at most 100gbit"),
     ({"devices__0__image": ""}, "at least 1 character"),
+    ({"devices__0__affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+        "nodeSelectorTerms": [{"matchExpressions": [{"key": "zone", "operator": "Near"}]}]}}}},
+     "Input should be 'In', 'NotIn', 'Exists', 'DoesNotExist', 'Gt' or 'Lt'"),
+    ({"server__affinity": {"podAntiAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [
+        {"weight": 101, "podAffinityTerm": {"topologyKey": "kubernetes.io/hostname"}}]}}},
+     "less than or equal to 100"),
     ({"devices__0__nodeName": "n" * 254}, "at most 253 characters"),
 ]
 
@@ -408,11 +409,34 @@ REFUSED_BY_BOTH = [
     "seconds-without-noexecute", "huge-toleration-seconds", "huge-synthetic-train", "huge-synthetic-test",
     "huge-round-deadline", "huge-active-deadline", "huge-ttl", "seed-beyond-31-bits", "negative-seed", "huge-beta",
     "huge-steps", "huge-decay-round", "huge-update-norm", "huge-clip-norm", "dot-dot-path", "dot-path",
-    "double-slash-path", "long-path", "zero-bandwidth", "huge-bandwidth", "empty-image", "long-node-name"])
+    "double-slash-path", "long-path", "zero-bandwidth", "huge-bandwidth", "empty-image", "affinity-operator",
+    "affinity-weight", "long-node-name"])
 def test_the_operator_refuses_what_the_api_server_refuses(changes, problem):
     job = _example(**changes)
     spec, problems = validation.validate(job["metadata"]["name"], job["spec"])
     assert any(problem in p for p in problems), problems
+
+
+AFFINITY = {  # every part of core/v1 Affinity the CRD types
+    "nodeAffinity": {
+        "requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+            {"matchExpressions": [{"key": "kubernetes.io/arch", "operator": "In", "values": ["arm64"]}],
+             "matchFields": [{"key": "metadata.name", "operator": "NotIn", "values": ["edge-server"]}]}]},
+        "preferredDuringSchedulingIgnoredDuringExecution": [
+            {"weight": 100, "preference": {"matchExpressions": [{"key": "ares.io/ram-gb", "operator": "Gt",
+                                                                 "values": ["3"]}]}}]},
+    "podAntiAffinity": {
+        "requiredDuringSchedulingIgnoredDuringExecution": [
+            {"labelSelector": {"matchLabels": {"ares.io/role": "device"}},
+             "namespaceSelector": {"matchExpressions": [{"key": "team", "operator": "Exists"}]},
+             "namespaces": ["ares"], "topologyKey": "kubernetes.io/hostname",
+             "matchLabelKeys": ["ares.io/job"], "mismatchLabelKeys": ["ares.io/other"]}],
+        "preferredDuringSchedulingIgnoredDuringExecution": [
+            {"weight": 1, "podAffinityTerm": {"topologyKey": "topology.kubernetes.io/zone"}}]},
+    "podAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [
+        {"weight": 50, "podAffinityTerm": {"labelSelector": {"matchLabels": {"app": "cache"}},
+                                           "topologyKey": "kubernetes.io/hostname"}}]},
+}
 
 
 @pytest.mark.parametrize("changes", [
@@ -423,8 +447,9 @@ def test_the_operator_refuses_what_the_api_server_refuses(changes, problem):
                                   "tolerationSeconds": 300},
                                  {"key": "ares.io/device", "operator": "Equal", "value": "jetson", "effect": ""}]},
     {"devices__1__bandwidth": "100gbit", "devices__2__bandwidth": "0.5kbit"},
+    {"devices__0__affinity": AFFINITY, "server__affinity": AFFINITY},
     {"dataset__path": "/var/lib/ares/datasets/cifar-10.v2", "dataset__seed": 2**31 - 1},
-], ids=["integer-and-extended-quantities", "typed-tolerations", "bandwidth-bounds", "path-and-seed"])
+], ids=["integer-and-extended-quantities", "typed-tolerations", "bandwidth-bounds", "affinity", "path-and-seed"])
 def test_valid_edges_pass_schema_and_operator(changes):
     job = _example(**changes)
     assert schema_errors(job) == []
@@ -433,6 +458,7 @@ def test_valid_edges_pass_schema_and_operator(changes):
     # Passed on to the pod as given: integers stay integers, tolerations keep their camelCase keys.
     assert [dict(t) for t in spec.devices[0].tolerations] == job["spec"]["devices"][0].get("tolerations", [])
     assert spec.server.resources == job["spec"]["server"].get("resources", {})
+    assert spec.devices[0].affinity == job["spec"]["devices"][0].get("affinity", {})
 
 
 @pytest.mark.parametrize("changes, problem", [
@@ -464,7 +490,8 @@ def test_what_cannot_change_has_a_transition_rule():
              "runPolicy": props["runPolicy"]}
     transition = {k: " ".join(r["rule"] for r in node.get("x-kubernetes-validations", []) if "oldSelf" in r["rule"])
                   for k, node in rules.items()}
-    assert "self.model == oldSelf.model" in transition["spec"] and "self.training == oldSelf.training" in transition["spec"]
+    assert "self.model == oldSelf.model" in transition["spec"]
+    assert "self.training == oldSelf.training" in transition["spec"]
     assert transition["server"] == "self == oldSelf"
     for key in ("nodeName", "nodeSelector", "deviceClass", "image", "resources", "tolerations", "affinity",
                 "imagePullSecrets", "priorityClassName"):
