@@ -24,6 +24,7 @@ from typing import AsyncIterator, Optional
 from starlette.requests import ClientDisconnect, Request
 
 from ares.core.config import LimitsConfig, ServerConfig
+from ares.core.models import activation_numel, weight_bytes
 from ares.core.wire import MAX_HEADER, WireError
 
 if sys.version_info >= (3, 11):
@@ -44,16 +45,15 @@ def largest_body(model: str, batch_size: int) -> int:
     of every layer (the upload at the local split), whichever is larger, plus the largest
     header a bundle may carry (`ares.core.wire.MAX_HEADER`) and the bundle's 8-byte preamble.
     VGG5 at batch 100: 100 x 131072 + 800 + 1 MiB + 8 = 14156584 bytes (13.5 MiB)."""
-    from ares.core.models import activation_numel, weight_bytes
-
-    steps = max(numel for numel in activation_numel(model)[:-1]) * FP32 * batch_size + LABEL * batch_size
+    steps = max(activation_numel(model)[:-1], default=0) * FP32 * batch_size + LABEL * batch_size
     return max(steps, weight_bytes(model)[-1]) + MAX_HEADER + 8
 
 
 def device_budget(cfg: ServerConfig) -> int:
     """Body bytes one device may have in flight: `BODIES_PER_DEVICE` largest bodies, at most
     `limits.buffered_mib_per_device`. VGG5 at batch 100: 28313168 bytes (27 MiB)."""
-    return min(cfg.limits.buffered_mib_per_device << 20, BODIES_PER_DEVICE * largest_body(cfg.model, cfg.training.batch_size))
+    bodies = BODIES_PER_DEVICE * largest_body(cfg.model, cfg.training.batch_size)
+    return min(cfg.limits.buffered_mib_per_device << 20, bodies)
 
 
 class DeviceBusy(WireError):
