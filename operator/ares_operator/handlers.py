@@ -116,7 +116,12 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logging.
     memo.ctx = ctx
     ctx.metrics.serve(ours.metrics.port, ours.metrics.address)
     if ours.watch_namespaces:
-        released = release.release_unwatched(ctx.kube, ours.watch_namespaces, _now())
+        try:
+            released = release.release_unwatched(ctx.kube, ours.watch_namespaces, _now())
+        except Exception as exc:  # noqa: BLE001 -- never keeps the operator from starting
+            logger.warning("could not release the jobs of namespaces no longer watched: %s: %s",
+                           type(exc).__name__, exc)
+            released = []
         for ref in released:
             logger.warning("released %s/%s: its namespace is no longer watched", ref.namespace, ref.name)
 

@@ -189,10 +189,9 @@ class Kube:
         index = finalizers.index(finalizer)
         ops = [{"op": "test", "path": f"/metadata/finalizers/{index}", "value": finalizer},
                {"op": "remove", "path": f"/metadata/finalizers/{index}"}]
-        self.api.call_api(
-            f"/apis/{c.GROUP}/{c.VERSION}/namespaces/{meta['namespace']}/{c.PLURAL}/{meta['name']}", "PATCH",
-            header_params={"Content-Type": "application/json-patch+json", "Accept": "application/json"},
-            body=ops, auth_settings=["BearerToken"], _preload_content=False)
+        self.custom.patch_namespaced_custom_object(c.GROUP, c.VERSION, meta["namespace"], c.PLURAL, meta["name"],
+                                                   ops, _content_type="application/json-patch+json",
+                                                   _preload_content=False)
 
     def delete_pod(self, namespace: str, name: str) -> None:
         try:
