@@ -205,16 +205,16 @@ def test_deleting_a_job_collects_its_children_and_a_namesake_never_adopts_them(k
 
 # --- 6. Events -----------------------------------------------------------------------------------
 
-def test_an_invalid_spec_is_an_event(kubectl, operator):
-    # vgg5 has 7 layers and a model the operator does not know passes the CRD (its pattern only).
-    _apply(kubectl, _job("unknown-model", model="vgg11"), check=True)
-    wait_for(lambda: (kubectl.json("get", "aresjobs", "unknown-model").get("status") or {})
+def test_a_refused_spec_is_an_event(kubectl, operator):
+    # The schema accepts any host directory without '..'; the administrator's policy does not.
+    _apply(kubectl, _job("host-data", dataset__name="cifar10", dataset__path="/etc/ares"), check=True)
+    wait_for(lambda: (kubectl.json("get", "aresjobs", "host-data").get("status") or {})
              .get("phase") == "Failed", 60, "phase Failed", interval=0.2)
-    events = wait_for(lambda: [e for e in _events(kubectl, "unknown-model") if e["reason"] == "InvalidSpec"],
-                      30, "an InvalidSpec event", interval=0.2)
-    assert events[0]["type"] == "Warning" and "unknown model 'vgg11'" in events[0]["message"]
-    described = kubectl.run("describe", "aresjob", "unknown-model").stdout
-    assert "InvalidSpec" in described and "Events:" in described
+    events = wait_for(lambda: [e for e in _events(kubectl, "host-data") if e["reason"] == "NotAllowedByPolicy"],
+                      30, "a NotAllowedByPolicy event", interval=0.2)
+    assert events[0]["type"] == "Warning" and "'/etc/ares' is not an allowed host directory" in events[0]["message"]
+    described = kubectl.run("describe", "aresjob", "host-data").stdout
+    assert "NotAllowedByPolicy" in described and "Events:" in described
 
 
 def test_a_squatted_pod_name_is_reported_and_the_job_recovers(kubectl, operator):

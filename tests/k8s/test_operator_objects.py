@@ -112,15 +112,15 @@ def test_schema_rejects_invalid_jobs(kubectl, changes, error):
 
 
 def test_operator_fails_what_a_schema_cannot_say(kubectl, operator):
-    # The CRD knows model names only by pattern; the operator's registry refuses one it lacks.
-    job = _job("too-deep", model="vgg11")
+    # Which images a job may run is the administrator's policy, not the schema's: the operator refuses.
+    job = _job("too-deep", server__image="registry.example.com/other:1")
     job["spec"]["runPolicy"]["ttlSecondsAfterFinished"] = 2
     kubectl.run("apply", "-f", "-", stdin=yaml.safe_dump(job))
     job = wait_for(lambda: (j := kubectl.json("get", "aresjobs", "too-deep"))
                    .get("status", {}).get("phase") == "Failed" and j, 30, "phase Failed", interval=0.2)
     failed = {c["type"]: c for c in job["status"]["conditions"]}
-    assert failed["SpecValid"]["status"] == "False" and failed["SpecValid"]["reason"] == "InvalidSpec"
-    assert "unknown model 'vgg11'; known models: resnet18, vgg5" in failed["SpecValid"]["message"]
+    assert failed["SpecValid"]["status"] == "False" and failed["SpecValid"]["reason"] == "NotAllowedByPolicy"
+    assert "spec.server.image: image 'registry.example.com/other:1' is not allowed" in failed["SpecValid"]["message"]
     assert kubectl.json("get", "pods")["items"] == [] and kubectl.json("get", "secrets")["items"] == []
     # runPolicy.ttlSecondsAfterFinished: the finished job is deleted.
     wait_for(lambda: kubectl.json("get", "aresjobs")["items"] == [], 30, "the job to expire", interval=0.2)
