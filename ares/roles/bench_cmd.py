@@ -12,6 +12,10 @@ A policy is `none`, `fixed:N`, `ares` or `straggler`, optionally followed by `+f
 (activations and gradients on the wire) and `+pipeK` (K micro-batches per batch, 1..8), in any
 order: `straggler+int8+pipe4`.
 Writes comparison.json, round_time.png and split_timeline.png next to each run's own folder.
+
+Ctrl-C, SIGTERM or SIGHUP at any moment ends every process the bench started and removes its
+network namespaces and veths (ares-ns<i>-<tag>, ares-h<i>-<tag>: named after the bench process)
+before it exits. After a SIGKILL, `ares bench --cleanup` removes what was left.
 """
 
 from __future__ import annotations
@@ -24,6 +28,31 @@ from typing import Any, Optional
 
 
 def run(args: argparse.Namespace) -> int:
+    from ares.roles.runner import stop_on_signals
+
+    if args.cleanup:
+        return cleanup()
+    if not args.scenario:
+        raise ValueError("a scenario is needed (or --cleanup)")
+    with stop_on_signals():  # from here on a stop signal unwinds: what is started is ended
+        return _bench(args)
+
+
+def cleanup() -> int:
+    """`ares bench --cleanup`: remove what runs killed without a chance to clean up (SIGKILL) left."""
+    from ares.roles.runner import cleanup_orphans
+
+    removed = cleanup_orphans()
+    for pid in removed["processes"]:
+        print(f"killed process {pid}")
+    for name in removed["network"]:
+        print(f"removed {name}")
+    if not any(removed.values()):
+        print("nothing left behind by an ARES run that has ended")
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
     from ares.roles.testbed import load_scenario
 
     scenario = load_scenario(args.scenario)
@@ -155,7 +184,8 @@ def register(subparsers: Any) -> None:
     """Add `bench` to the `ares` command line."""
     p = subparsers.add_parser("bench", help="run a testbed scenario under every policy and compare",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("scenario", help="paper5 | bandwidth-drop | power-mode-change (bench/scenarios/) or a YAML file")
+    p.add_argument("scenario", nargs="?",
+                   help="paper5 | bandwidth-drop | power-mode-change (bench/scenarios/) or a YAML file")
     p.add_argument("--policies", help="comma-separated, overrides the scenario's: none,fixed:1,ares,straggler,"
                                       "straggler+fp16,straggler+pipe4,straggler+int8+pipe4 (+fp16|+int8, +pipeK)")
     p.add_argument("--rounds", type=int, help="override the scenario's rounds")
@@ -164,10 +194,13 @@ def register(subparsers: Any) -> None:
                    help="every device's link: half = up and down share the rate (Wi-Fi); results under SCENARIO-half")
     p.add_argument("--links", choices=["auto", "tc", "inprocess"], default="auto",
                    help="tc: network namespaces + tc (root); inprocess: rate limit in the device; auto: tc when root")
-    p.add_argument("--ns-index", type=int, default=0, help="first network namespace index (ares-ns<i>)")
+    p.add_argument("--ns-index", type=int, default=0, help="first network namespace index (ares-ns<i>-<tag>)")
     p.add_argument("--out", help="results folder (default results/bench/SCENARIO)")
     p.add_argument("--json", action="store_true", help="print the comparison as JSON")
     p.add_argument("--reanalyse", action="store_true", help="recompute the table and figures from --out; run nothing")
+    p.add_argument("--cleanup", action="store_true",
+                   help="run nothing: end the processes and remove the namespaces and veths that ARES runs which "
+                        "are no longer running left behind (after a SIGKILL)")
     p.set_defaults(func=run)
 
 
@@ -176,7 +209,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     register(sub)
     args = parser.parse_args(["bench", *(sys.argv[1:] if argv is None else argv)])
-    return args.func(args)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt as exc:  # Stopped: everything it started has been ended
+        return getattr(exc, "exit_code", 130)
 
 
 if __name__ == "__main__":

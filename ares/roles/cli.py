@@ -33,12 +33,13 @@ def _run(args: argparse.Namespace) -> int:
     merged["training"] = {**merged["training"], **training}
     merged["data"] = {**merged["data"], **data}
     cfg = RunConfig.model_validate(merged)
-    from ares.roles.runner import run, set_aside
+    from ares.roles.runner import run, set_aside, stop_on_signals
 
-    moved = set_aside(Path(cfg.results_dir))
-    if moved is not None:
-        print(f"the previous results in {cfg.results_dir} are now in {moved}")
-    summary = run(cfg, progress=not args.quiet)
+    with stop_on_signals():  # from here on a stop signal unwinds: what the run started is ended
+        moved = set_aside(Path(cfg.results_dir))
+        if moved is not None:
+            print(f"the previous results in {cfg.results_dir} are now in {moved}")
+        summary = run(cfg, progress=not args.quiet)
     print(f"done: {summary['rounds']} rounds, final accuracy {summary['final_accuracy']:.4f}, "
           f"mean round {summary['mean_round_s']:.2f} s; results in {cfg.results_dir}")
     return 0
@@ -218,8 +219,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     except (ValueError, FileNotFoundError) as exc:
         print(f"ares {args.command}: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        return 130
+    except KeyboardInterrupt as exc:  # Ctrl-C, or a stop signal `ares run`/`ares bench` unwound from
+        if hasattr(exc, "exit_code"):
+            print(f"ares {args.command}: stopped by {exc}; what it started has been ended", file=sys.stderr)
+        return getattr(exc, "exit_code", 130)
     except BrokenPipeError:  # `ares optimise ... | head`: the reader left; not an error of ours
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())  # so that the interpreter's final flush is quiet too

@@ -11,12 +11,21 @@ shows live progress, and writes a results folder:
     summary.json   the config, final accuracy, mean round time, per-device energy
     run.png        accuracy and round time per round
     logs/          server and device logs
+
+Stopping. The process that calls `run` owns every child it starts, and they end with it however it
+stops: inside `stop_on_signals` SIGTERM, SIGINT and SIGHUP raise `Stopped`, so the run unwinds
+through its `finally` blocks; a child is recorded in the same step that starts it (`shielded`: a
+stop signal waits until both are done), and `Cluster.stop` ends every child's process group,
+devices first, then anything else that carries the cluster's ARES_OWNER marker. Each child also
+gets SIGTERM from the kernel if this process dies without unwinding (SIGKILL: PR_SET_PDEATHSIG).
 """
 
 from __future__ import annotations
 
 import contextlib
 import csv
+import ctypes
+import itertools
 import json
 import logging
 import os
@@ -25,23 +34,202 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Iterator, Optional
 
 import yaml
 
 from ares.core.config import CONTROLLER_TOKEN_NAME, ServerConfig
-from ares.core.models import build_model, n_layers
 from ares.core.optimiser import parse_policy
 from ares.core.profiles import PUBLISHED, ComputeProfile
 from ares.roles.runconfig import DeviceSpec, RunConfig
 from ares.runtime.controller import Controller, FileSplitSink, fetch_status, fetch_telemetry
+from ares.runtime.netns import owner_alive, owner_tag
 from ares.runtime.splitfile import write_split
 from ares.runtime.tlsclient import ClientTls
 
 log = logging.getLogger("ares.run")
+
+
+# ---- stopping: one owner of every child, however the run ends --------------------------------
+
+OWNER_ENV = "ARES_OWNER"  # in every child's environment, "<owner tag>.<cluster>.<random>"; theirs inherit it
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+PR_SET_PDEATHSIG = 1
+
+
+class Stopped(KeyboardInterrupt):
+    """A stop signal as an exception, so the run unwinds through every `finally`. A KeyboardInterrupt
+    (what lets Ctrl-C through lets it through); never an Exception, so no `except Exception` can
+    keep a stopping run going."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        """128 + the signal, as a shell reports a process the signal ended."""
+        return 128 + self.signum
+
+
+class _StopState:
+    installed = False
+    shield = 0  # depth of `shielded` blocks
+    pending: Optional[int] = None  # a signal that came inside one
+    stopping = False  # Stopped was raised: later signals change nothing
+
+
+_stop = _StopState()
+
+
+def _on_signal(signum: int, frame: object) -> None:
+    if _stop.stopping:
+        return  # already unwinding: a second Ctrl-C must not cut the cleanup short
+    if _stop.shield:
+        _stop.pending = signum
+        return
+    _stop.stopping = True
+    raise Stopped(signum)
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """While inside: SIGTERM, SIGINT and SIGHUP raise `Stopped` in the main thread (inside a
+    `shielded` block, when it ends); a signal ignored on entry (nohup) stays ignored. Nested uses,
+    and uses outside the main thread, change nothing."""
+    if _stop.installed or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+    for s, handler in previous.items():
+        if handler is not signal.SIG_IGN:
+            signal.signal(s, _on_signal)
+    _stop.installed, _stop.stopping, _stop.pending = True, False, None
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+        _stop.installed, _stop.stopping, _stop.pending = False, False, None
+
+
+@contextlib.contextmanager
+def shielded() -> Iterator[None]:
+    """A stop signal that arrives inside waits until the block is done, then raises `Stopped`:
+    a child is never started without being recorded, a stop is never left half done."""
+    _stop.shield += 1
+    try:
+        yield
+    finally:
+        _stop.shield -= 1
+        if not _stop.shield and _stop.pending is not None and not _stop.stopping:
+            signum, _stop.pending = _stop.pending, None
+            _stop.stopping = True
+            raise Stopped(signum)
+
+
+def _die_with_parent() -> Optional[Callable[[], None]]:
+    """A preexec_fn: the child gets SIGTERM when the thread that started it ends, SIGKILL included
+    (Linux PR_SET_PDEATHSIG; None elsewhere). It survives `ip netns exec`, which execs in place."""
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+    term = int(signal.SIGTERM)
+
+    def preexec() -> None:
+        prctl(PR_SET_PDEATHSIG, term)
+        if os.getppid() != parent:  # the parent died before prctl: no signal will come
+            os._exit(1)
+
+    return preexec
+
+
+def _environ_marker(pid: int) -> Optional[str]:
+    """The ARES_OWNER value in a process's environment (as it started), if any."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            env = f.read()
+    except OSError:
+        return None
+    key = OWNER_ENV.encode() + b"="
+    for item in env.split(b"\0"):
+        if item.startswith(key):
+            return item[len(key):].decode(errors="replace")
+    return None
+
+
+def marked_processes(match: Callable[[int, str], bool]) -> list[int]:
+    """Pids whose ARES_OWNER marker satisfies `match(pid, marker)` (this process excluded); empty
+    off Linux."""
+    me = os.getpid()
+    try:
+        pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
+    except OSError:
+        return []
+    return [pid for pid in pids if pid != me and (m := _environ_marker(pid)) is not None and match(pid, m)]
+
+
+def kill_marked(match: Callable[[int, str], bool], timeout_s: float = 5.0) -> list[int]:
+    """SIGKILL every process whose marker satisfies `match(pid, marker)` and wait (up to
+    `timeout_s`) until none is left; returns their pids."""
+    pids = marked_processes(match)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + timeout_s
+    while pids and time.monotonic() < deadline:
+        if not marked_processes(match):  # a zombie's environment reads empty: it no longer counts
+            break
+        time.sleep(0.05)
+    return pids
+
+
+def _net_namespace(path: str) -> Optional[int]:
+    try:
+        return os.stat(path).st_ino
+    except OSError:
+        return None
+
+
+def _our_networks() -> set[int]:
+    """This process's network namespace and the ARES ones named under /run/netns: where the
+    processes of a run whose lease this process can see live (an owner's lease is in its own
+    network namespace, so a run in a container with a network of its own is never looked at)."""
+    try:
+        names = [n for n in os.listdir("/run/netns") if n.startswith("ares-")]
+    except OSError:
+        names = []
+    found = {_net_namespace("/proc/self/ns/net"), *(_net_namespace(f"/run/netns/{n}") for n in names)}
+    return {ino for ino in found if ino is not None}
+
+
+def cleanup_orphans() -> dict[str, list]:
+    """What runs that ended without unwinding (SIGKILL) left: processes carrying the marker of an
+    owner that is gone (killed) and, as root with iproute2, network namespaces and veths named
+    after such an owner (removed). Nothing of a running run, and nothing else on the host."""
+    from ares.runtime.netns import NetnsError, remove_orphans
+
+    networks = _our_networks()
+
+    def orphan(pid: int, marker: str) -> bool:
+        return (_net_namespace(f"/proc/{pid}/ns/net") in networks
+                and not owner_alive(marker.split(".", 1)[0]))
+
+    out: dict[str, list] = {"processes": kill_marked(orphan), "network": []}
+    try:
+        out["network"] = remove_orphans()
+    except NetnsError as exc:
+        log.info("network namespaces not looked at: %s", exc)
+    return out
+
+
+_clusters = itertools.count(1)
 
 
 def free_port() -> int:
@@ -78,8 +266,12 @@ class Cluster:
     device_prefix: dict[str, list[str]] = field(default_factory=dict)  # e.g. ip netns exec NS
     server_host: dict[str, str] = field(default_factory=dict)           # device -> address of the server
     client_tls: Optional[ClientTls] = None  # set by start() when cfg.tls: trust the run's throwaway CA
+    marker: str = ""  # ARES_OWNER of its children: this process's owner tag, the cluster's number, a nonce
 
     def __post_init__(self) -> None:
+        from ares.core.models import build_model, n_layers  # torch: not for `ares bench --cleanup`
+
+        self.marker = self.marker or f"{owner_tag()}.{next(_clusters)}.{secrets.token_hex(3)}"
         self.url = f"{'https' if self.cfg.tls else 'http'}://127.0.0.1:{self.port}"
         self.layers = n_layers(build_model(self.cfg.model, seed=None))
         for sub in ("tokens", "splits", "links", "logs", "checkpoints", "profiles"):
@@ -116,7 +308,7 @@ class Cluster:
         config = self.root / "server.yaml"
         config.write_text(yaml.safe_dump(self.server_config(host).model_dump(mode="json"), sort_keys=False))
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        self.procs["server"] = self._spawn(["server", "--config", str(config), *self._server_tls()], "server", env)
+        self._spawn(["server", "--config", str(config), *self._server_tls()], "server", env)
         self.wait_healthy()
         for spec in self.specs:
             self.start_device(spec, env)
@@ -134,7 +326,7 @@ class Cluster:
                 "--http1" if self.cfg.http_server == "uvicorn" else "--http2"]
         if spec.profile:
             args += ["--profile", str(resolve_profile(spec.profile, self.root / "profiles"))]
-        self.procs[spec.name] = self._spawn(args, spec.name, env, self.device_prefix.get(spec.name, []))
+        self._spawn(args, spec.name, env, self.device_prefix.get(spec.name, []))
 
     def _server_tls(self) -> list[str]:
         """With cfg.tls: a throwaway CA (its key never written), a server certificate for every
@@ -156,10 +348,15 @@ class Cluster:
         return ["--tls-cert", str(tls / "tls.crt"), "--tls-key", str(tls / "tls.key")]
 
     def _spawn(self, args: list[str], name: str, env: dict, prefix: list[str] = ()) -> subprocess.Popen:
-        logfile = open(self.root / "logs" / f"{name}.log", "ab")
-        # its own process group: stop() can end what it started (granian's worker, too)
-        return subprocess.Popen([*prefix, *self.command, *args], stdout=logfile, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True)
+        """Start a child and record it in one step (a stop signal waits until both are done): its own
+        process group, so stop() ends what it started (granian's worker too); the cluster's marker
+        in its environment; SIGTERM from the kernel should this process die without unwinding."""
+        env = {**env, OWNER_ENV: self.marker}
+        with open(self.root / "logs" / f"{name}.log", "ab") as logfile, shielded():
+            proc = subprocess.Popen([*prefix, *self.command, *args], stdout=logfile, stderr=subprocess.STDOUT,
+                                    env=env, start_new_session=True, preexec_fn=_die_with_parent())
+            self.procs[name] = proc
+        return proc
 
     def set_link(self, device: str, up_mbps: Optional[float], down_mbps: Optional[float]) -> None:
         """In-process link cap for a device (Mbit/s); picked up at its next step."""
@@ -187,18 +384,33 @@ class Cluster:
         raise TimeoutError(f"server not healthy after {timeout_s:.0f} s; see {self.root / 'logs' / 'server.log'}")
 
     def stop(self, grace_s: float = 10.0) -> None:
-        """SIGTERM everything; whatever has not exited after `grace_s` loses its whole group."""
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in self.procs.values():
-            try:
-                proc.wait(timeout=grace_s)
-            except subprocess.TimeoutExpired:
-                # the whole group: a SIGKILLed granian leaves its worker serving the port
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        """End everything it started, devices first (then the server has no connection to wait
+        for): SIGTERM to each process group, SIGKILL to a group still there after `grace_s`, then
+        SIGKILL to whatever is left of the groups (granian's worker outlives a SIGKILLed master) and
+        to any process carrying this cluster's marker. A stop signal that arrives meanwhile waits
+        until this is done."""
+        with shielded():
+            devices = [p for n, p in self.procs.items() if n != "server"]
+            server = [p for n, p in self.procs.items() if n == "server"]
+            for group in (devices, server):
+                for proc in group:
+                    _signal_group(proc, signal.SIGTERM)
+                deadline = time.monotonic() + grace_s
+                for proc in group:
+                    try:
+                        proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+                    except subprocess.TimeoutExpired:
+                        _signal_group(proc, signal.SIGKILL)
+                        proc.wait()
+            for proc in self.procs.values():
+                _signal_group(proc, signal.SIGKILL)  # an empty group: nothing happens
+            kill_marked(lambda pid, m: m == self.marker)
+
+
+def _signal_group(proc: subprocess.Popen, signum: int) -> None:
+    """`signum` to the child's process group (its pid: start_new_session), while the group exists."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signum)
 
 
 def set_aside(root: Path) -> Optional[Path]:
@@ -215,7 +427,14 @@ def set_aside(root: Path) -> Optional[Path]:
 
 def run(cfg: RunConfig, progress: bool = True, cluster: Optional[Cluster] = None,
         on_round=None) -> dict:
-    """Run a whole training locally; returns the summary (also written to summary.json)."""
+    """Run a whole training locally; returns the summary (also written to summary.json).
+    Stopped by a signal (`stop_on_signals`, in the main thread), it ends every process it started
+    and raises `Stopped`."""
+    with stop_on_signals():
+        return _run(cfg, progress, cluster, on_round)
+
+
+def _run(cfg: RunConfig, progress: bool, cluster: Optional[Cluster], on_round) -> dict:
     root = Path(cfg.results_dir)
     if (root / "checkpoints" / "state.json").exists():
         # the server would resume that run, finished or not, and its figures would pass for ours
@@ -232,9 +451,10 @@ def run(cfg: RunConfig, progress: bool = True, cluster: Optional[Cluster] = None
         controller = Controller(lambda: fetch_telemetry(cluster.url, cluster.controller_token, tls=cluster.client_tls),
                                 policy,
                                 FileSplitSink(root / "splits"), pinned, offer=cfg.offer())
-    view = _Progress(progress, cfg, specs)
+    view = None
     started = time.time()
     try:
+        view = _Progress(progress, cfg, specs)
         cluster.start()
         if controller:
             controller.last = {s.name: cluster.initial_split(s) for s in specs.values()}
@@ -268,8 +488,11 @@ def run(cfg: RunConfig, progress: bool = True, cluster: Optional[Cluster] = None
                 except subprocess.TimeoutExpired:
                     log.warning("device %s did not exit after the last round", name)
     finally:
-        cluster.stop()
-        view.close()
+        try:
+            cluster.stop()
+        finally:
+            if view is not None:
+                view.close()
     return write_results(cfg, root, splits_log, time.time() - started)
 
 

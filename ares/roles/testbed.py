@@ -58,7 +58,7 @@ from ares.core.profiles import (
 )
 from ares.core.yamlfile import safe_load
 from ares.roles.runconfig import DeviceSpec, LinkChange, RunConfig
-from ares.roles.runner import Cluster, free_port, run
+from ares.roles.runner import Cluster, free_port, run, shielded, stop_on_signals
 from ares.runtime.training import outside_sessions, sessions
 from ares.runtime.controller import (
     ASSUMED_POWER,
@@ -307,11 +307,23 @@ class NetnsCluster(Cluster):
 
 @contextlib.contextmanager
 def namespaces(names: list[str], first_index: int = 0) -> Iterator[dict]:
-    """One `DeviceNamespace` per device, indices first_index.., removed on exit."""
-    from ares.runtime.netns import DeviceNamespace
+    """One `DeviceNamespace` per device, indices first_index.., named after this process
+    (`owner_tag`: ares-ns<i>-<tag>, ares-h<i>-<tag>, ...). Each is recorded for removal before it
+    is made, and all are removed on exit, however it comes (a stop signal waits for the removal)."""
+    from ares.runtime.netns import DeviceNamespace, owner_tag
 
-    with contextlib.ExitStack() as stack:
-        yield {n: stack.enter_context(DeviceNamespace(first_index + i)) for i, n in enumerate(names)}
+    tag = owner_tag()
+    made: dict = {}
+    try:
+        for i, n in enumerate(names):
+            made[n] = ns = DeviceNamespace(first_index + i, owner=tag)
+            with shielded():  # a stop signal lets the `ip` commands of one namespace finish
+                ns.create()
+        yield made
+    finally:
+        with shielded():
+            for ns in made.values():
+                ns.teardown()
 
 
 # ---- running one variant --------------------------------------------------------------------
@@ -600,18 +612,21 @@ def load_scenario(ref: str) -> Scenario:
 
 def compare(scenario: Scenario, out: Path, links: str = "auto", progress: bool = False,
             first_index: int = 0, on_variant=None) -> dict:
-    """Every policy of the scenario, one after another, same seed and rounds; writes comparison.json."""
-    mode = link_mode(links)
-    out.mkdir(parents=True, exist_ok=True)
-    variants = [variant_of(p) for p in scenario.policies]
-    results = []
-    with (namespaces([d.name for d in scenario.devices], first_index) if mode == "tc" else contextlib.nullcontext({})) as ns:
-        for v in variants:
-            log.info("scenario %s: running %s (%s links)", scenario.name, v.label, mode)
-            results.append(run_variant(scenario, v, out / v.folder, mode, ns, progress))
-            if on_variant:
-                on_variant(results[-1])
-    return _report(scenario, out, mode, results)
+    """Every policy of the scenario, one after another, same seed and rounds; writes comparison.json.
+    Stopped by a signal (`stop_on_signals`, in the main thread) at any moment, between two variants
+    too, it ends every process and removes every namespace it made, then raises `Stopped`."""
+    with stop_on_signals():
+        mode = link_mode(links)
+        out.mkdir(parents=True, exist_ok=True)
+        variants = [variant_of(p) for p in scenario.policies]
+        results = []
+        with (namespaces([d.name for d in scenario.devices], first_index) if mode == "tc" else contextlib.nullcontext({})) as ns:
+            for v in variants:
+                log.info("scenario %s: running %s (%s links)", scenario.name, v.label, mode)
+                results.append(run_variant(scenario, v, out / v.folder, mode, ns, progress))
+                if on_variant:
+                    on_variant(results[-1])
+        return _report(scenario, out, mode, results)
 
 
 def reanalyse(scenario: Scenario, out: Path) -> dict:

@@ -22,20 +22,33 @@ Index ``i`` gets namespace ``ares-ns<i>``, interfaces ``ares-h<i>`` (root side)
 and ``ares-d<i>`` (device side), and the /30 ``10.231.<i>.0``: root side ``.1``,
 device side ``.2``. Every name starts with ``ares-`` so leftovers of a crashed
 run can be found and removed (``cleanup_leftovers``).
+
+A run names what it makes after itself: with an owner tag ``t`` (``owner_tag()``, this process's)
+the names are ``ares-ns<i>-<t>``, ``ares-h<i>-<t>``, ``ares-d<i>-<t>`` and ``ares-i<i>-<t>``. The
+tag comes with a lease, an abstract unix socket ``ares-owner-<t>`` that the kernel removes when the
+process ends, however it ends (SIGKILL too): ``owner_alive(t)`` asks for it. So a new namespace
+refuses an index a running run holds (their addresses would collide), takes over the one a dead
+run left, and ``remove_orphans`` removes exactly what dead runs left and nothing else.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import signal
+import socket
 import subprocess
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from ares.runtime.hostscripts import hostscript
 
 PREFIX = "ares-"
 MAX_INDEX = 255
+MAX_OWNER = 5  # "ares-h255-" + 5 characters: the 15 an interface name may have
+# ares-ns3, ares-h3-1b2c: kind, index, and the owner tag where there is one
+_NAME = re.compile(r"^ares-(ns|h|d|i)(\d{1,3})(?:-([0-9a-z]{1,%d}))?$" % MAX_OWNER)
 
 
 # The largest super-packet a testbed veth hands its shaper (see DeviceNamespace._create).
@@ -68,19 +81,81 @@ class NetnsPlan:
     shared_if: str = ""  # the ifb of a half-duplex (shared-rate) link, inside the namespace
 
 
-def plan(index: int) -> NetnsPlan:
-    """Names and addresses for device ``index`` (0..255)."""
+def plan(index: int, owner: str = "") -> NetnsPlan:
+    """Names and addresses for device ``index`` (0..255); names end in ``-<owner>`` when given."""
     if not 0 <= index <= MAX_INDEX:
         raise ValueError(f"index must be in 0..{MAX_INDEX}, got {index}")
+    if owner and not re.fullmatch(r"[0-9a-z]{1,%d}" % MAX_OWNER, owner):
+        raise ValueError(f"owner tag must be 1..{MAX_OWNER} of 0-9 a-z, got {owner!r}")
+    end = f"-{owner}" if owner else ""
     return NetnsPlan(
         index=index,
-        namespace=f"{PREFIX}ns{index}",
-        host_if=f"{PREFIX}h{index}",
-        device_if=f"{PREFIX}d{index}",
+        namespace=f"{PREFIX}ns{index}{end}",
+        host_if=f"{PREFIX}h{index}{end}",
+        device_if=f"{PREFIX}d{index}{end}",
         host_addr=f"10.231.{index}.1",
         device_addr=f"10.231.{index}.2",
-        shared_if=f"{PREFIX}i{index}",
+        shared_if=f"{PREFIX}i{index}{end}",
     )
+
+
+def parse_name(name: str) -> Optional[tuple[str, int, str]]:
+    """(kind, index, owner tag or "") of a name this module gives; None for any other name."""
+    m = _NAME.match(name)
+    return (m.group(1), int(m.group(2)), m.group(3) or "") if m else None
+
+
+# ---- the owner tag and its lease ------------------------------------------------------------
+
+_lease: Optional[socket.socket] = None
+_tag = ""
+
+
+def _lease_address(tag: str) -> str:
+    return f"\0ares-owner-{tag}"
+
+
+def _base36(n: int) -> str:
+    digits = "0123456789abcdefghijklmnopqrstuvwxyz"
+    out = ""
+    while True:
+        n, r = divmod(n, 36)
+        out = digits[r] + out
+        if not n:
+            return out
+
+
+def owner_tag() -> str:
+    """This process's tag (its pid in base 36), held by a lease for as long as the process lives.
+    Linux only (abstract unix sockets); the lease socket is never inherited by children."""
+    global _lease, _tag
+    if _lease is not None and _tag:
+        return _tag
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    candidates = [_base36(os.getpid())] + [_base36(int.from_bytes(os.urandom(4), "big"))[-MAX_OWNER:] for _ in range(8)]
+    for tag in candidates:
+        try:
+            sock.bind(_lease_address(tag))
+        except OSError:
+            continue  # held by a live process in another pid namespace, or a random clash
+        _lease, _tag = sock, tag
+        return tag
+    sock.close()
+    raise NetnsError("could not take an owner lease (abstract unix socket ares-owner-*)")
+
+
+def owner_alive(tag: str) -> bool:
+    """Whether the process that holds ``tag`` still runs (its lease is there)."""
+    if tag == _tag and _lease is not None:
+        return True
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(_lease_address(tag))
+        except (ConnectionRefusedError, FileNotFoundError):
+            return False
+        except OSError:
+            return True  # anything else: assume alive, never remove a live run's objects
+        return True
 
 
 def require_tools() -> None:
@@ -100,23 +175,49 @@ def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 
 
 class DeviceNamespace:
-    """Context manager: create the namespace and veth pair, tear them down on exit."""
+    """Context manager: create the namespace and veth pair, tear them down on exit.
 
-    def __init__(self, index: int) -> None:
-        self.plan = plan(index)
+    With an ``owner`` tag (``owner_tag()``) its names carry it; without, the plain names."""
+
+    def __init__(self, index: int, owner: str = "") -> None:
+        self.owner = owner
+        self.plan = plan(index, owner)
 
     def __enter__(self) -> "DeviceNamespace":
+        self.create()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.teardown()
+
+    def create(self) -> None:
+        """Make the namespace and its veth pair; on any failure (or interruption) nothing is left."""
         require_tools()
-        self.teardown()  # leftovers of a crashed run with the same index
+        self._clear_index()
         try:
             self._create()
         except BaseException:
             self.teardown()
             raise
-        return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.teardown()
+    def _clear_index(self) -> None:
+        """Remove what earlier runs left at this index (our own names: a crashed run with the same
+        index; another owner's: only when that run is gone); a running run's index is refused."""
+        index = self.plan.index
+        for kind, names in (("link", _links()), ("netns", _netns_names())):
+            for name in names:
+                parsed = parse_name(name)
+                if parsed is None or parsed[1] != index or name in (self.plan.namespace, self.plan.host_if):
+                    continue
+                owner = parsed[2]
+                if owner and owner_alive(owner):
+                    raise NetnsError(f"index {index} is in use by another running ARES run ({name}); "
+                                     "choose another index (ares bench --ns-index)")
+                if kind == "link":
+                    _ip("link", "del", name, check=False)
+                else:
+                    _remove_netns(name)
+        self.teardown()  # our own names
 
     def _create(self) -> None:
         p = self.plan
@@ -137,10 +238,11 @@ class DeviceNamespace:
         _ip("-n", p.namespace, "link", "set", "dev", p.device_if, "gso_max_size", str(GSO_MAX_BYTES))
 
     def teardown(self) -> None:
-        """Remove the namespace and the veth pair; fine to call when they are absent."""
+        """Remove the veth pair and the namespace, ending any process still inside it (a namespace
+        a process holds would outlive its name); fine to call when they are absent."""
         # Deleting either end of a veth pair deletes both.
         _ip("link", "del", self.plan.host_if, check=False)
-        _ip("netns", "del", self.plan.namespace, check=False)
+        _remove_netns(self.plan.namespace)
 
     def exec_args(self, cmd: Sequence[str]) -> list[str]:
         """``cmd`` prefixed so that it runs inside the namespace."""
@@ -220,6 +322,54 @@ class DeviceNamespace:
         result = subprocess.run(wrap(cmd), capture_output=True, text=True)
         if result.returncode != 0:
             raise NetnsError(f"{' '.join(cmd)} failed: {result.stderr.strip()}")
+
+
+def _links() -> list[str]:
+    """The names of the root namespace's links ("7: ares-h0-1b@if6: <...> ..." -> "ares-h0-1b")."""
+    out = _ip("-o", "link", "show", check=False).stdout
+    return [line.split(":", 2)[1].strip().split("@", 1)[0] for line in out.splitlines() if line.count(":") >= 2]
+
+
+def _netns_names() -> list[str]:
+    return [line.split()[0] for line in _ip("netns", "list", check=False).stdout.splitlines() if line.split()]
+
+
+def _remove_netns(name: str) -> None:
+    """End what still runs inside namespace ``name`` (SIGKILL), then delete it; quiet when absent."""
+    if not os.path.exists(f"/run/netns/{name}"):
+        return
+    for pid in _ip("netns", "pids", name, check=False).stdout.split():
+        try:
+            os.kill(int(pid), signal.SIGKILL)
+        except (ProcessLookupError, ValueError):
+            pass
+    _ip("netns", "del", name, check=False)
+
+
+def remove_orphans(alive: Callable[[str], bool] = owner_alive) -> list[str]:
+    """Delete every namespace and root-namespace link named by an owner tag whose run has ended
+    (``alive(tag)`` false): what a SIGKILLed run left. Names without a tag, and every other
+    name on the host, are left alone. Returns what was removed."""
+    require_tools()
+    removed = []
+    gone: dict[str, bool] = {}
+
+    def orphan(name: str) -> bool:
+        parsed = parse_name(name)
+        if parsed is None or not parsed[2]:
+            return False
+        if parsed[2] not in gone:
+            gone[parsed[2]] = not alive(parsed[2])
+        return gone[parsed[2]]
+
+    for name in _links():
+        if orphan(name) and _ip("link", "del", name, check=False).returncode == 0:
+            removed.append(name)
+    for name in _netns_names():
+        if orphan(name):
+            _remove_netns(name)
+            removed.append(name)
+    return removed
 
 
 def cleanup_leftovers(prefix: str = PREFIX) -> list[str]:
