@@ -28,6 +28,7 @@ from typing import Annotated, Optional
 
 from anyio import to_thread
 from fastapi import Depends, FastAPI, Header, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import ValidationError
 
@@ -135,6 +136,12 @@ def create_app(cfg: ServerConfig, trainer: Optional[TrainingServer] = None, tick
     @app.exception_handler(ValidationError)
     async def _invalid(_: Request, exc: ValidationError) -> JSONResponse:
         return JSONResponse({"error": f"invalid message: {exc.errors()[:3]}"}, status_code=422)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
+        """A query parameter missing or of the wrong type: answered like every other refusal."""
+        problems = [f"{'.'.join(map(str, e.get('loc', ())))}: {e.get('msg', '')}" for e in exc.errors()[:3]]
+        return JSONResponse({"error": f"invalid request: {'; '.join(problems)}"}, status_code=422)
 
     @app.get("/healthz")
     async def healthz() -> dict:

@@ -78,8 +78,55 @@ def test_a_step_of_the_wrong_rank_is_a_4xx_with_a_message(client, tensors, phras
     assert wire.decode(bytearray(after.content)).tensors["grad"].shape == (4, *SHAPE)
 
 
+@pytest.mark.parametrize("query,phrase", [("round=0", "split"), ("round=zero&split=2", "round")],
+                         ids=["split-missing", "round-not-an-int"])
+def test_a_step_with_a_bad_query_is_a_422_with_a_message(client, query, phrase):
+    _, c = client
+    r = c.post(f"/v1/devices/dev-a/step?{query}", content=wire.encode({"x": torch.randn(4, *SHAPE), "y": labels(4)}))
+    assert r.status_code == 422 and r.json()["error"].startswith("invalid request: ") and phrase in r.json()["error"], r.text
+
+
 def test_the_server_logged_no_error_for_any_of_them(client, server):
     proc, _ = server
     assert good_step(client[1]).status_code == 200
     log = (proc.tmp / "server.log").read_text()
     assert "Traceback" not in log and "Internal Server Error" not in log, log[-3000:]
+
+
+# ----- any rank, shape and dtype, in-process (the app without the HTTP server around it) ----------
+def any_tensor(shape, dtype, huge: bool) -> torch.Tensor:
+    if dtype in (torch.int8, torch.int64):
+        return torch.randint(-130 if dtype == torch.int8 else -2, 127 if dtype == torch.int8 else 12, shape).to(dtype)
+    return (torch.randn(shape) * (1e30 if huge else 1)).to(dtype)
+
+
+def test_a_step_of_any_rank_shape_or_dtype_is_never_a_5xx(tmp_path):
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from tests.conftest import joined_app
+
+    server, client, auth, _, _ = joined_app(tmp_path)  # dev-a joined round 0 at split 2
+    dtypes = st.sampled_from([torch.float32, torch.float16, torch.int8, torch.int64])
+    dims = st.lists(st.integers(0, 70), max_size=5)
+    x_shapes = st.one_of(dims, st.builds(lambda n: [n, *SHAPE], st.integers(0, BATCH + 3)))
+    y_shapes = st.one_of(st.just([]), st.builds(lambda n: [n], st.integers(0, BATCH + 3)), dims)
+
+    @settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(xs=x_shapes, xd=dtypes, ys=y_shapes, yd=dtypes, scale=st.one_of(st.none(), st.lists(st.integers(0, 70), max_size=2)),
+           huge=st.booleans(), query=st.dictionaries(st.sampled_from(["micro", "micros", "total"]), st.integers(-3, 130),
+                                                     max_size=3))
+    def one(xs, xd, ys, yd, scale, huge, query):
+        if torch.Size(xs).numel() > 1 << 21:
+            xs = [1]
+        tensors = {"x": any_tensor(xs, xd, huge), "y": any_tensor(ys, yd, False)}
+        if scale is not None:
+            tensors["x.scale"] = torch.rand(scale)
+        r = client.post("/v1/devices/dev-a/step", params={"round": 0, "split": SPLIT, **query},
+                        content=wire.encode(tensors), headers=auth)
+        assert r.status_code < 500, (xs, xd, ys, yd, scale, query, r.status_code, r.text[:300])
+        assert r.status_code == 200 or r.json()["error"]
+
+    one()
+    r = client.post(STEP, content=wire.encode({"x": torch.randn(4, *SHAPE), "y": labels(4)}), headers=auth)
+    assert r.status_code == 200, r.text
