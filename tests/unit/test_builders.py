@@ -291,8 +291,8 @@ def test_every_container_has_requests_and_limits(which):
     ({"requests": {"cpu": "8", "memory": "3Gi"}}, {"requests": {"cpu": "8", "memory": "3Gi"}, "limits": {"cpu": "8", "memory": "3Gi"}}),
     ({"limits": {"memory": "256Mi"}}, {"requests": {"cpu": "500m", "memory": "256Mi"}, "limits": {"cpu": "4", "memory": "256Mi"}}),
     ({"requests": {"nvidia.com/gpu": 1}, "limits": {"nvidia.com/gpu": 1}},
-     {"requests": {"cpu": "500m", "memory": "512Mi", "nvidia.com/gpu": 1},
-      "limits": {"cpu": "4", "memory": "2Gi", "nvidia.com/gpu": 1}}),
+     {"requests": {"cpu": "500m", "memory": "512Mi", "nvidia.com/gpu": "1"},  # a YAML integer, as a quantity
+      "limits": {"cpu": "4", "memory": "2Gi", "nvidia.com/gpu": "1"}}),
     ({"requests": {"memory": "lots"}}, {"requests": {"cpu": "500m", "memory": "lots"}, "limits": {"cpu": "4"}}),
 ], ids=["defaults", "own-request", "request-above-default-limit", "own-limit-below-default-request", "extended",
         "unreadable"])
