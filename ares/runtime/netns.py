@@ -33,6 +33,7 @@ run left, and ``remove_orphans`` removes exactly what dead runs left and nothing
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
@@ -127,17 +128,22 @@ def _base36(n: int) -> str:
 
 def owner_tag() -> str:
     """This process's tag (its pid in base 36), held by a lease for as long as the process lives.
-    Linux only (abstract unix sockets); the lease socket is never inherited by children."""
+    The lease socket is never inherited by children. Without abstract unix sockets (not Linux)
+    the tag has no lease: `owner_alive` then never calls it gone."""
     global _lease, _tag
-    if _lease is not None and _tag:
+    if _tag:
         return _tag
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     candidates = [_base36(os.getpid())] + [_base36(int.from_bytes(os.urandom(4), "big"))[-MAX_OWNER:] for _ in range(8)]
     for tag in candidates:
         try:
             sock.bind(_lease_address(tag))
-        except OSError:
-            continue  # held by a live process in another pid namespace, or a random clash
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                continue  # held by a live process in another pid namespace, or a random clash
+            sock.close()  # no abstract sockets here
+            _tag = candidates[0]
+            return _tag
         _lease, _tag = sock, tag
         return tag
     sock.close()
@@ -146,7 +152,7 @@ def owner_tag() -> str:
 
 def owner_alive(tag: str) -> bool:
     """Whether the process that holds ``tag`` still runs (its lease is there)."""
-    if tag == _tag and _lease is not None:
+    if tag == _tag:
         return True
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as probe:
         try:
