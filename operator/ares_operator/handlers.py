@@ -425,7 +425,7 @@ def _reconcile(call: Call, spec: JobSpec) -> None:
     kube, job, st, status = call.ctx.kube, call.job, call.state, call.status
     ours = call.ctx.settings
     pods = [reconcile.PodView.of(p) for p in kube.list_pods(job.namespace, job.name, job.uid)]
-    devices_status = status.get("devices") or {}
+    devices_status = job_status.devices_by_name(status)
     restarts = {d.name: max(int((devices_status.get(d.name) or {}).get("restarts") or 0),
                             st.restarts.get(d.name, 0)) for d in spec.devices}
     server_restarts = max(int(status.get("serverRestarts") or 0), st.server_restarts)
@@ -638,15 +638,15 @@ def _finished(call: Call, raw_spec: Mapping[str, Any]) -> None:
     """A finished job: its devices' pod phases followed until their pods are done, then nothing
     but runPolicy.ttlSecondsAfterFinished."""
     job, status = call.job, call.status
-    devices = status.get("devices") or {}
-    if any((d or {}).get("podPhase") in job_status.LIVE_POD_PHASES for d in devices.values()):
+    devices = [{"name": name, **entry} for name, entry in job_status.devices_by_name(status).items()]
+    if any(d.get("podPhase") in job_status.LIVE_POD_PHASES for d in devices):
         try:
             pods = [reconcile.PodView.of(p) for p in call.ctx.kube.list_pods(job.namespace, job.name, job.uid)]
         except Exception as exc:  # noqa: BLE001 -- a courtesy: the job's outcome is already recorded
             call.logger.debug("pods of finished job %s not listed: %s", job.name, exc)
         else:
             followed = job_status.followed_devices(job, devices, pods)
-            if followed != devices:
+            if followed != status.get("devices"):
                 call.patch.status["devices"] = followed
     _expire(job, raw_spec, status, call.ctx.kube)
 

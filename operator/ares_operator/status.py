@@ -24,15 +24,23 @@ def summary(job: JobRef, spec: JobSpec, pods: Sequence[PodView], server: Optiona
         "round": done, "rounds": rounds, "progress": f"{done}/{rounds}",
         "devicesReady": ready, "devicesTotal": len(spec.devices), "ready": f"{ready}/{len(spec.devices)}",
         "serverRestarts": server_restarts,
-        "devices": {d.name: _device(d.name, by_name.get(job.device_pod_name(d.name)), server,
-                                    (previous.get("devices") or {}).get(d.name) or {}, restarts.get(d.name, 0))
-                    for d in spec.devices},
+        "devices": [_device(d.name, by_name.get(job.device_pod_name(d.name)), server,
+                            devices_by_name(previous).get(d.name) or {}, restarts.get(d.name, 0))
+                    for d in spec.devices],
     }
     if server and server.accuracy is not None:
         out["accuracy"] = round(server.accuracy, 4)
     if server and server.loss is not None:
         out["loss"] = round(server.loss, 4)
     return out
+
+
+def devices_by_name(status: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """status.devices as {name: entry}: a list keyed by name (a map in statuses written before)."""
+    devices = status.get("devices") or []
+    if isinstance(devices, Mapping):
+        return {name: dict(entry or {}) for name, entry in devices.items()}
+    return {entry["name"]: dict(entry) for entry in devices if isinstance(entry, Mapping) and entry.get("name")}
 
 
 def phase(server: Optional[ServerStatus], previous: Optional[str]) -> str:
@@ -66,8 +74,9 @@ def suspension(spec: JobSpec, previous: Mapping[str, Any], conds: list[dict[str,
 
 def _device(name: str, pod: Optional[PodView], server: Optional[ServerStatus], previous: Mapping[str, Any],
             restarts: int) -> dict[str, Any]:
-    out: dict[str, Any] = {k: v for k, v in previous.items()
-                           if k in ("split", "phase", "upBps", "downBps", "energyJ", "energySource", "roundSeconds")}
+    out: dict[str, Any] = {"name": name}
+    out.update({k: v for k, v in previous.items()
+                if k in ("split", "phase", "upBps", "downBps", "energyJ", "energySource", "roundSeconds")})
     out["podPhase"] = (pod.phase if not pod.terminating else "Terminating") if pod else "Missing"
     if pod and pod.exit_code is not None:
         out["exitCode"] = pod.exit_code
@@ -103,23 +112,23 @@ def ended_conditions(spec: JobSpec, conds: list[dict[str, Any]], outcome: Outcom
     return conds
 
 
-def ended_devices(job: JobRef, devices: Mapping[str, Any], cleaned: Sequence[str]) -> dict[str, Any]:
+def ended_devices(job: JobRef, devices: Sequence[Mapping[str, Any]], cleaned: Sequence[str]) -> list[dict[str, Any]]:
     """Per-device status of an ended job: a pod removed by the clean-up says so."""
     gone = set(cleaned)
-    return {name: ({**entry, "podPhase": "Deleted"} if job.device_pod_name(name) in gone else dict(entry))
-            for name, entry in devices.items()}
+    return [{**entry, "podPhase": "Deleted"} if job.device_pod_name(entry["name"]) in gone else dict(entry)
+            for entry in devices]
 
 
-def followed_devices(job: JobRef, devices: Mapping[str, Any], pods: Sequence[PodView]) -> dict[str, Any]:
+def followed_devices(job: JobRef, devices: Sequence[Mapping[str, Any]], pods: Sequence[PodView]) -> list[dict[str, Any]]:
     """After the end: each device's podPhase as its pod now is (Succeeded, Failed), or Deleted."""
     by_name = {p.name: p for p in pods}
-    out: dict[str, Any] = {}
-    for name, entry in devices.items():
-        entry = dict(entry or {})
-        pod = by_name.get(job.device_pod_name(name))
+    out: list[dict[str, Any]] = []
+    for entry in devices:
+        entry = dict(entry)
+        pod = by_name.get(job.device_pod_name(entry["name"]))
         if entry.get("podPhase") in LIVE_POD_PHASES:
             entry["podPhase"] = ("Terminating" if pod.terminating else pod.phase) if pod else "Deleted"
             if pod and pod.exit_code is not None:
                 entry["exitCode"] = pod.exit_code
-        out[name] = entry
+        out.append(entry)
     return out

@@ -22,3 +22,8 @@ def example_job(name: str = "demo", **spec_changes: Any) -> dict:
             node = node[int(p)] if p.isdigit() else node[p]
         node[int(leaf) if leaf.isdigit() else leaf] = value
     return job
+
+
+def device_status(status: dict, name: str) -> dict:
+    """One device's entry of a job's status.devices (a list keyed by name)."""
+    return next(entry for entry in status.get("devices") or [] if entry["name"] == name)

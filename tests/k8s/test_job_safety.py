@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from typing import Any
@@ -173,6 +174,11 @@ def test_integer_quantities_and_extended_resources_reach_the_pods(kubectl, opera
     assert json.loads(pi)["spec"]["containers"][0]["resources"]["requests"]["cpu"] == "1"
     wait_for(lambda: _conditions(kubectl, "ints").get("ChildrenCreated", {}).get("status") == "True",
              30, "ChildrenCreated", interval=0.2)
+    # status.devices as `kubectl describe` shows it: each device under its own name, as written.
+    wait_for(lambda: len(_status(kubectl, "ints").get("devices") or []) == 3, 30, "status.devices", interval=0.2)
+    described = kubectl.run("describe", "aresjob", "ints").stdout
+    for device in ("nano-maxn", "nano-5w", "pi"):
+        assert re.search(rf"^\s+Name:\s+{device}$", described, re.M), described
 
 
 def test_a_quota_that_cannot_hold_the_whole_job_leaves_nothing_created(kubectl, operator):

@@ -28,6 +28,7 @@ import pytest
 import yaml
 
 from tests.conftest import free_port, wait_for
+from tests.k8s.k8s_jobs import device_status as _device
 
 pytestmark = [pytest.mark.k8s, pytest.mark.slow]
 APP_UID = 10001
@@ -121,7 +122,7 @@ def test_restricted_pods_kill_and_metrics(metrics_port, server_port, kubelet, op
     replaced_s = time.monotonic() - killed
     sys.__stdout__.write(f"\ntrainer killed -> replacement pod running: {replaced_s:.1f} s\n")  # kopf captures sys.stdout
     assert replaced_s < 5.0, replaced_s
-    assert j.status()["devices"]["a"]["restarts"] == 1
+    assert _device(j.status(), "a")["restarts"] == 1
 
     # 6. The operator's own metrics: the job's phase and its optimiser runs.
     ns = kubectl.json("get", "aresjobs", "life")["metadata"]["namespace"]
@@ -131,7 +132,7 @@ def test_restricted_pods_kill_and_metrics(metrics_port, server_port, kubelet, op
 
     final = j.ended(timeout=240)
     assert final["phase"] == "Succeeded", final.get("conditions")
-    assert final["devices"]["a"]["restarts"] == 1
+    assert _device(final, "a")["restarts"] == 1
     text = wait_for(lambda: (t := metrics()) and _sample(
         t, "ares_operator_job_phase", namespace=ns, job="life", phase="Succeeded") == 1.0 and t,
         30, "the final phase in /metrics", interval=0.2)
@@ -162,7 +163,7 @@ def test_delayed_split_suspend_resume_deadline_namesake(server_port, kubelet, op
     wait_for(lambda: split_file.read_text() == str(new), 60, "b's file", interval=0.2)
     landed = time.monotonic() - annotated
     assert landed >= DOWNWARD_DELAY_S, landed  # the file did not change before the delay
-    wait_for(lambda: j.status()["devices"]["b"].get("split") == new
+    wait_for(lambda: _device(j.status(), "b").get("split") == new
              and kubelet.log("pause-b").count(f" split {new}:") > rounds_with_new,
              60, "b training with the new split", interval=0.2)
     sys.__stdout__.write(f"\nannotation -> file {landed:.1f} s -> device trains with it {time.monotonic() - annotated:.1f} s\n")

@@ -228,12 +228,13 @@ def test_status_summary_merges_server_and_pods():
     server = ServerStatus(round=2, rounds=4, phase="training", accuracy=0.41234, loss=1.5,
                           devices={"pi": DeviceStatus(split=1, phase="training", up_bps=1e6, energy_j=2.0)})
     pods = HEALTHY[:3] + [pod("demo-pi", "Pending", **{c.ANNOTATION_SPLIT: "3"})]
-    previous = {"devices": {"pi": {"downBps": 5e5}}}
+    previous = {"devices": [{"name": "pi", "downBps": 5e5}]}
     out = status.summary(JOB, spec(), pods, server, previous, {"pi": 1}, 0)
     assert out["progress"] == "2/4" and out["ready"] == "2/3" and out["accuracy"] == 0.4123
-    assert out["devices"]["pi"] == {"split": 1, "phase": "training", "podPhase": "Pending", "restarts": 1,
-                                    "upBps": 1e6, "downBps": 5e5, "energyJ": 2.0, "energySource": "none"}
-    assert out["devices"]["nano-5w"]["podPhase"] == "Running"
+    devices = {d["name"]: d for d in out["devices"]}
+    assert devices["pi"] == {"name": "pi", "split": 1, "phase": "training", "podPhase": "Pending", "restarts": 1,
+                             "upBps": 1e6, "downBps": 5e5, "energyJ": 2.0, "energySource": "none"}
+    assert devices["nano-5w"]["podPhase"] == "Running"
 
 
 def test_condition_transition_time_changes_only_on_flip():
@@ -247,7 +248,7 @@ def test_condition_transition_time_changes_only_on_flip():
     assert [x["type"] for x in conds] == ["Other", "Ready"]
 
 
-# --- issue 10: pod security, scheduling, resources, lifecycle -----------------------------------
+# --- pod security, scheduling, resources, lifecycle -----------------------------------------
 
 RESTRICTED_POD = {"runAsUser": 10001, "runAsGroup": 10001, "runAsNonRoot": True, "fsGroup": 10001,
                   "fsGroupChangePolicy": "OnRootMismatch", "seccompProfile": {"type": "RuntimeDefault"}}

@@ -301,16 +301,27 @@ def test_after_the_end_the_status_says_what_cleanPodPolicy_did():
     spec = parse_spec(_spec())
     conds = job_status.ended_conditions(spec, [], outcome, ("demo-pi",), "now", 1)
     assert all("demo-pi are removed (cleanPodPolicy Running)" in cond["message"] for cond in conds)
-    devices = {"pi": {"podPhase": "Running"}, "nano-5w": {"podPhase": "Running"}}
-    assert job_status.ended_devices(JOB, devices, ("demo-pi",)) == {"pi": {"podPhase": "Deleted"},
-                                                                   "nano-5w": {"podPhase": "Running"}}
+    devices = [{"name": "pi", "podPhase": "Running"}, {"name": "nano-5w", "podPhase": "Running"}]
+    assert job_status.ended_devices(JOB, devices, ("demo-pi",)) == [{"name": "pi", "podPhase": "Deleted"},
+                                                                   {"name": "nano-5w", "podPhase": "Running"}]
 
 
 def test_a_finished_jobs_device_phases_follow_their_pods():
-    devices = {"pi": {"podPhase": "Running", "split": 2}, "nano-5w": {"podPhase": "Running"},
-               "nano-maxn": {"podPhase": "Failed"}}
+    devices = [{"name": "pi", "podPhase": "Running", "split": 2}, {"name": "nano-5w", "podPhase": "Running"},
+               {"name": "nano-maxn", "podPhase": "Failed"}]
     pods = [PodView(name="demo-pi", role="device", device="pi", phase="Succeeded", attempt=0, terminating=False,
                     annotations={}, exit_code=0)]
-    assert job_status.followed_devices(JOB, devices, pods) == {
-        "pi": {"podPhase": "Succeeded", "split": 2, "exitCode": 0}, "nano-5w": {"podPhase": "Deleted"},
-        "nano-maxn": {"podPhase": "Failed"}}
+    assert job_status.followed_devices(JOB, devices, pods) == [
+        {"name": "pi", "podPhase": "Succeeded", "split": 2, "exitCode": 0},
+        {"name": "nano-5w", "podPhase": "Deleted"}, {"name": "nano-maxn", "podPhase": "Failed"}]
+
+
+def test_status_devices_is_a_list_keyed_by_name_and_reads_the_old_map():
+    assert job_status.devices_by_name({"devices": [{"name": "pi", "split": 2}]}) == {"pi": {"name": "pi", "split": 2}}
+    assert job_status.devices_by_name({"devices": {"pi": {"split": 2}}}) == {"pi": {"split": 2}}  # written before
+    assert job_status.devices_by_name({}) == {}
+    spec = parse_spec(_spec())
+    summary = job_status.summary(JOB, spec, [], None, {"devices": {"pi": {"split": 1, "restarts": 9}}}, {"pi": 2}, 0)
+    assert [d["name"] for d in summary["devices"]] == ["nano-maxn", "nano-5w", "pi"]
+    pi = summary["devices"][2]
+    assert pi == {"name": "pi", "split": 1, "podPhase": "Missing", "restarts": 2}
