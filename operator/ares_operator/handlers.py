@@ -498,18 +498,6 @@ def _server_status(call: Call, pods: list[reconcile.PodView]) -> Optional[Server
     return found
 
 
-def server_condition(server: Optional[ServerStatus], unreachable_for: Optional[float],
-                     error: str, grace_s: float) -> tuple[bool, str, str]:
-    """ServerReady: serving; starting (its pod is not up, or only briefly unreadable); or
-    unreachable (its pod runs but /v1/status has failed for longer than `grace_s`)."""
-    if server is not None:
-        return True, c.REASON_SERVER_SERVING, f"server phase {server.phase}"
-    if unreachable_for is not None and unreachable_for > grace_s:
-        return False, c.REASON_SERVER_UNREACHABLE, (
-            f"the server pod is running but its /v1/status has failed for {unreachable_for:.0f}s: {error}")
-    return False, c.REASON_SERVER_STARTING, "server not serving status yet"
-
-
 def _optimise(call: Call, spec: JobSpec) -> None:
     """Telemetry -> optimiser -> plan in the job's state, at most every split.reoptimiseIntervalSeconds.
 
@@ -588,7 +576,7 @@ def _status(call: Call, spec: JobSpec, pods: list[reconcile.PodView], server: Op
     conds = status.get("conditions") or []
     conds = conditions.set_condition(conds, c.COND_SPEC_VALID, True, c.REASON_VALID, "spec accepted", now, gen)
     since = st.unreachable_since
-    ok, reason, message = server_condition(server, None if since is None else time.monotonic() - since,
+    ok, reason, message = job_status.server_condition(server, None if since is None else time.monotonic() - since,
                                            st.unreachable_error, c.SERVER_UNREACHABLE_AFTER_S)
     conds = conditions.set_condition(conds, c.COND_SERVER_READY, ok, reason, message, now, gen)
     ready, total = new["devicesReady"], new["devicesTotal"]
@@ -600,7 +588,7 @@ def _status(call: Call, spec: JobSpec, pods: list[reconcile.PodView], server: Op
         planned = st.planned
         conds = conditions.set_condition(conds, c.COND_SPLITS_APPLIED, bool(planned),
                                          c.REASON_PLAN_APPLIED if planned else c.REASON_PLAN_PENDING,
-                                         split_message(planned, st.planned_options) if planned
+                                         job_status.split_message(planned, st.planned_options) if planned
                                          else "waiting for measurements", now, gen)
     new["observedGeneration"] = gen
     if outcome is None:
@@ -621,15 +609,6 @@ def _status(call: Call, spec: JobSpec, pods: list[reconcile.PodView], server: Op
     if outcome is None:  # runPolicy.suspend: phase Suspended, or resumed (startTime restarts)
         new.update(job_status.suspension(spec, status, conds, now, gen))
     return new
-
-
-def split_message(planned: Mapping[str, int], options: Mapping[str, tuple[str, int]] | None = None) -> str:
-    """`splits nano-1=3, pi=1`: what kubectl describe shows, not a Python dict; with step options
-    (a job with an offer) `splits nano-1=3, pi=1; step options nano-1=int8:4, pi=fp32:1`."""
-    text = "splits " + ", ".join(f"{name}={split}" for name, split in sorted(planned.items()))
-    if options:
-        text += "; step options " + ", ".join(f"{name}={codec}:{k}" for name, (codec, k) in sorted(options.items()))
-    return text
 
 
 # --- after the end ---------------------------------------------------------------------------

@@ -132,3 +132,24 @@ def followed_devices(job: JobRef, devices: Sequence[Mapping[str, Any]], pods: Se
                 entry["exitCode"] = pod.exit_code
         out.append(entry)
     return out
+
+
+def server_condition(server: Optional[ServerStatus], unreachable_for: Optional[float],
+                     error: str, grace_s: float) -> tuple[bool, str, str]:
+    """ServerReady: serving; starting (its pod is not up, or only briefly unreadable); or
+    unreachable (its pod runs but /v1/status has failed for longer than `grace_s`)."""
+    if server is not None:
+        return True, c.REASON_SERVER_SERVING, f"server phase {server.phase}"
+    if unreachable_for is not None and unreachable_for > grace_s:
+        return False, c.REASON_SERVER_UNREACHABLE, (
+            f"the server pod is running but its /v1/status has failed for {unreachable_for:.0f}s: {error}")
+    return False, c.REASON_SERVER_STARTING, "server not serving status yet"
+
+
+def split_message(planned: Mapping[str, int], options: Mapping[str, tuple[str, int]] | None = None) -> str:
+    """`splits nano-1=3, pi=1`: what kubectl describe shows, not a Python dict; with step options
+    (a job with an offer) `splits nano-1=3, pi=1; step options nano-1=int8:4, pi=fp32:1`."""
+    text = "splits " + ", ".join(f"{name}={split}" for name, split in sorted(planned.items()))
+    if options:
+        text += "; step options " + ", ".join(f"{name}={codec}:{k}" for name, (codec, k) in sorted(options.items()))
+    return text

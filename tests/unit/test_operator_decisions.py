@@ -15,6 +15,7 @@ sys.path.insert(0, str(ROOT / "operator"))
 
 from ares.core.messages import ServerStatus  # noqa: E402
 from ares_operator import builders, handlers  # noqa: E402
+from ares_operator import status as job_status  # noqa: E402
 from ares_operator import constants as c  # noqa: E402
 from ares_operator.builders import JobRef  # noqa: E402
 from ares_operator.kube import NotOurs, QuotaShortfall, Refused, controller_uid  # noqa: E402
@@ -62,17 +63,17 @@ def test_every_refusal_says_what_and_why(exc, reason, says):
 
 def test_server_ready_tells_starting_from_unreachable():
     serving = ServerStatus(round=2, rounds=5, phase="training", accuracy=0.5, devices={})
-    assert handlers.server_condition(serving, None, "", 60) == (True, c.REASON_SERVER_SERVING, "server phase training")
-    ok, reason, _ = handlers.server_condition(None, None, "", 60)
+    assert job_status.server_condition(serving, None, "", 60) == (True, c.REASON_SERVER_SERVING, "server phase training")
+    ok, reason, _ = job_status.server_condition(None, None, "", 60)
     assert not ok and reason == c.REASON_SERVER_STARTING
-    ok, reason, _ = handlers.server_condition(None, 30.0, "ConnectError: refused", 60)
+    ok, reason, _ = job_status.server_condition(None, 30.0, "ConnectError: refused", 60)
     assert not ok and reason == c.REASON_SERVER_STARTING  # a server loading torch is not unreachable yet
-    ok, reason, message = handlers.server_condition(None, 61.0, "ConnectError: refused", 60)
+    ok, reason, message = job_status.server_condition(None, 61.0, "ConnectError: refused", 60)
     assert not ok and reason == c.REASON_SERVER_UNREACHABLE and "61s" in message and "ConnectError" in message
 
 
 def test_split_message_is_readable_and_stable():
-    assert handlers.split_message({"pi": 1, "nano-5w": 2}) == "splits nano-5w=2, pi=1"
+    assert job_status.split_message({"pi": 1, "nano-5w": 2}) == "splits nano-5w=2, pi=1"
 
 
 def test_children_are_everything_in_creation_order_and_all_owned():
@@ -268,7 +269,7 @@ def test_the_operator_asks_the_controller_for_step_options_and_annotates_them(mo
     assert memo.planned_options == controller.plan_options(want) and memo.planned == dict(want.splits)
     assert set(memo.planned_options.values()) <= set(spec.training.offer_pairs())
     assert set(memo.planned_options.values()) != {("fp32", 1)}  # 20 Mbit/s: the offer pays
-    assert "; step options " in handlers.split_message(memo.planned, memo.planned_options)
+    assert "; step options " in job_status.split_message(memo.planned, memo.planned_options)
 
     class Recorder:
         def __init__(self):
@@ -291,5 +292,5 @@ def test_the_operator_asks_the_controller_for_step_options_and_annotates_them(mo
 
 
 def test_split_message_shows_step_options():
-    assert handlers.split_message({"pi": 1, "a": 2}, {"pi": ("int8", 4), "a": ("fp32", 1)}) == \
+    assert job_status.split_message({"pi": 1, "a": 2}, {"pi": ("int8", 4), "a": ("fp32", 1)}) == \
         "splits a=2, pi=1; step options a=fp32:1, pi=int8:4"
