@@ -59,6 +59,9 @@ log = logging.getLogger("ares.run")
 OWNER_ENV = "ARES_OWNER"  # in every child's environment, "<owner tag>.<cluster>.<random>"; theirs inherit it
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 PR_SET_PDEATHSIG = 1
+# A stopped run's processes have this long to exit before their groups get SIGKILL (a normal end
+# gives 10 s): a server caught starting up ends only once its worker has imported torch.
+STOPPING_GRACE_S = 3.0
 
 
 class Stopped(KeyboardInterrupt):
@@ -452,6 +455,7 @@ def _run(cfg: RunConfig, progress: bool, cluster: Optional[Cluster], on_round) -
                                 policy,
                                 FileSplitSink(root / "splits"), pinned, offer=cfg.offer())
     view = None
+    grace_s = 10.0
     started = time.time()
     try:
         view = _Progress(progress, cfg, specs)
@@ -487,9 +491,12 @@ def _run(cfg: RunConfig, progress: bool, cluster: Optional[Cluster], on_round) -
                     proc.wait(timeout=30)
                 except subprocess.TimeoutExpired:
                     log.warning("device %s did not exit after the last round", name)
+    except KeyboardInterrupt:  # Stopped, or Ctrl-C: the server need not shut down in an orderly way
+        grace_s = STOPPING_GRACE_S
+        raise
     finally:
         try:
-            cluster.stop()
+            cluster.stop(grace_s)
         finally:
             if view is not None:
                 view.close()

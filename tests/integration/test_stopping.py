@@ -7,7 +7,7 @@ asserts within a few seconds that no process carrying the marker is left and, fo
 that no network namespace or link appeared that is still there. The moments:
 
 - start-up: the server is being spawned (its log file exists) and is not healthy yet;
-- mid-round: a device logged round 0 done, so round 1 runs (`ares run`: its "round 1/2" line);
+- mid-round: a device logged round 0 done, so round 1 runs (`ares run`: its "round 1/3" line);
 - between variants: the bench printed the first variant's result line, so the next variant is
   being set up and started (where a stopped bench used to leave that variant's server and every
   namespace behind).
@@ -49,7 +49,7 @@ SCENARIO = {
 }
 RUN = {
     "devices": 1, "mode": "fixed:2", "data": SCENARIO["data"],
-    "training": {"rounds": 2, "batch_size": 20, "max_steps_per_round": 2, "seed": 1},
+    "training": {"rounds": 3, "batch_size": 20, "max_steps_per_round": 2, "seed": 1},  # 2 more after "round 1/3"
 }
 
 
@@ -209,7 +209,7 @@ def test_a_stopped_run_leaves_no_process(command, tmp_path, moment):
     if moment == "start-up":
         run.wait_until(server_spawned(tmp_path, "results"), moment)
     else:
-        run.wait_until(run.printed("round 1/2"), moment)
+        run.wait_until(run.printed("round 1/3"), moment)
     assert marked(run.token)
     run.assert_stopped_cleanly(TERM)
 
@@ -286,3 +286,32 @@ def test_a_runs_names_carry_its_tag_and_fit_an_interface_name():
     assert parse_name("eth0") is None and parse_name("ares-h7-UPPER") is None
     with pytest.raises(ValueError, match="owner tag"):
         plan(1, "toolong")
+
+
+@pytest.mark.host
+def test_an_index_a_running_run_holds_is_refused_and_an_ended_runs_is_taken_over():
+    if tc_skip_reason():
+        pytest.skip(tc_skip_reason())
+    from ares.runtime.netns import DeviceNamespace, NetnsError, owner_tag
+
+    other = subprocess.Popen([sys.executable, "-c", "from ares.runtime.netns import owner_tag; "
+                              "print(owner_tag(), flush=True); input()"],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    theirs = DeviceNamespace(NS_INDEX + 7, owner=other.stdout.readline().strip())
+    ours = DeviceNamespace(NS_INDEX + 7, owner=owner_tag())
+    try:
+        theirs.create()  # as that run would have made it
+        with pytest.raises(NetnsError, match="in use by another running ARES run"):
+            ours.create()
+        assert theirs.plan.namespace in ares_network()  # and left as it was
+        other.kill()
+        other.wait()
+        ours.create()  # that run has ended: what it left is removed first
+        assert {theirs.plan.namespace, theirs.plan.host_if}.isdisjoint(ares_network())
+        assert {ours.plan.namespace, ours.plan.host_if} <= ares_network()
+    finally:
+        if other.poll() is None:
+            other.kill()
+            other.wait()
+        theirs.teardown()
+        ours.teardown()
