@@ -307,7 +307,15 @@ def server_pod(job: JobRef, spec: JobSpec, settings: OperatorSettings) -> Obj:
                  "--tls-cert", f"{c.TLS_DIR}/{c.TLS_CERT_KEY}", "--tls-key", f"{c.TLS_DIR}/{c.TLS_KEY_KEY}"],
         "env": [{"name": "PYTHONUNBUFFERED", "value": "1"}],
         "ports": [{"name": c.SERVER_PORT_NAME, "containerPort": c.SERVER_PORT, "protocol": "TCP"}],
-        # Ready once it serves HTTP (the model is built and the checkpoint read before that).
+        # It serves HTTP once torch is imported, the data set loaded, the model built and the
+        # checkpoint read: seconds to minutes (25 s for the example job on two cores busy with
+        # other work), longer with a large data set or checkpoint. The startup probe waits for
+        # that: first asked after 10 s, then every 5 s for up to 5 minutes more (only then is the
+        # server killed, and its pod replaced as a failed one). The kubelet runs the readiness
+        # probe only once it has passed, so a start no longer logs an Unhealthy "connection
+        # refused" from its first second; readiness then follows serving (the Service's endpoints).
+        "startupProbe": {"httpGet": {"path": "/healthz", "port": c.SERVER_PORT_NAME, "scheme": "HTTPS"},
+                         "initialDelaySeconds": 10, "periodSeconds": 5, "timeoutSeconds": 3, "failureThreshold": 60},
         "readinessProbe": {"httpGet": {"path": "/healthz", "port": c.SERVER_PORT_NAME, "scheme": "HTTPS"},
                            "periodSeconds": 5, "timeoutSeconds": 3, "failureThreshold": 3},
         "resources": resources(c.CONTAINER_SERVER, spec.server.resources),

@@ -160,6 +160,24 @@ REASON_SUSPENDED = "JobSuspended"
 REASON_RESUMED = "JobResumed"
 REASON_DEVICE_EXITED = "TrainerExited"           # the trainer container ended (exit code in the message)
 
+# A container the kubelet cannot start or keep running: its waiting reason (kubectl get pods shows
+# it, e.g. Init:ImagePullBackOff) becomes the reason of ServerReady or DevicesReady, with the pod,
+# the container and the kubelet's message, and a Warning Event when it first appears.
+REASON_IMAGE_PULL_FAILED = "ImagePullFailed"           # the node cannot pull (or may not use) the image
+REASON_CONTAINER_CREATE_FAILED = "ContainerCreateFailed"  # the runtime cannot create or start the container
+REASON_CONTAINER_CRASH_LOOP = "ContainerCrashLooping"  # a restarted container (the sidecar) keeps failing
+WAITING_REASONS = {
+    "ErrImagePull": REASON_IMAGE_PULL_FAILED,
+    "ImagePullBackOff": REASON_IMAGE_PULL_FAILED,
+    "InvalidImageName": REASON_IMAGE_PULL_FAILED,
+    "ErrImageNeverPull": REASON_IMAGE_PULL_FAILED,
+    "ImageInspectError": REASON_IMAGE_PULL_FAILED,
+    "CreateContainerConfigError": REASON_CONTAINER_CREATE_FAILED,
+    "CreateContainerError": REASON_CONTAINER_CREATE_FAILED,
+    "RunContainerError": REASON_CONTAINER_CREATE_FAILED,
+    "CrashLoopBackOff": REASON_CONTAINER_CRASH_LOOP,
+}
+
 # --- Clean-pod policy: which pods go when the job ends (Kubeflow's runPolicy.cleanPodPolicy) --
 CLEAN_POD_NONE = "None"        # keep every pod (logs, debugging)
 CLEAN_POD_RUNNING = "Running"  # delete the ones still running or pending (default)

@@ -65,6 +65,8 @@ class JobState:
     tls: Optional[ClientTls] = None
     restarts: dict[str, int] = dataclasses.field(default_factory=dict)
     server_restarts: int = 0
+    server_seen: Optional[bool] = None         # the server pod existed at the last plan (None: not looked yet)
+    pod_problems: frozenset[tuple[str, str, str]] = frozenset()  # stuck containers already posted as Events
     unreachable_since: Optional[float] = None  # monotonic; the server's status has failed since
     unreachable_error: str = ""
     optimised_at: Optional[float] = None       # monotonic; the last plan
@@ -424,6 +426,8 @@ def spec_changed(name: str, namespace: str, uid: str, spec: Mapping[str, Any], s
 def _reconcile(call: Call, spec: JobSpec) -> None:
     kube, job, st, status = call.ctx.kube, call.job, call.state, call.status
     ours = call.ctx.settings
+    # Read before the pods are listed: a pod seen by a concurrent call is then in this listing too.
+    seen = st.server_seen if st.server_seen is not None else job_status.server_ran(status)
     pods = [reconcile.PodView.of(p) for p in kube.list_pods(job.namespace, job.name, job.uid)]
     devices_status = job_status.devices_by_name(status)
     restarts = {d.name: max(int((devices_status.get(d.name) or {}).get("restarts") or 0),
@@ -431,9 +435,10 @@ def _reconcile(call: Call, spec: JobSpec) -> None:
     server_restarts = max(int(status.get("serverRestarts") or 0), st.server_restarts)
     splits = reconcile.desired_splits(spec, st.planned)
     options = reconcile.desired_options(spec, st.planned_options)
-    actions = reconcile.plan_pods(job, spec, ours, pods, restarts, server_restarts, splits, options)
+    actions = reconcile.plan_pods(job, spec, ours, pods, restarts, server_restarts, splits, options, seen)
     _tls(call, spec, reread=bool(actions.create))  # before any pod that mounts it
     st.restarts, st.server_restarts = dict(actions.restarts), actions.server_restarts
+    st.server_seen = actions.server_seen
     for note in actions.notes:
         call.logger.info(note)
         call.event("Warning", c.REASON_PODS_REPLACED, note)
@@ -444,6 +449,10 @@ def _reconcile(call: Call, spec: JobSpec) -> None:
             call.logger.info("created pod %s", obj["metadata"]["name"])
     if actions.delete or actions.create:
         pods = [reconcile.PodView.of(p) for p in kube.list_pods(job.namespace, job.name, job.uid)]
+    st.pod_problems, stuck = job_status.problem_events(pods, st.pod_problems)
+    for reason, message in stuck:  # a container the kubelet cannot start: once, when it appears
+        call.logger.warning("%s", message)
+        call.event("Warning", reason, message)
 
     server = _server_status(call, pods) if not actions.outcome else None
     if server is not None and server.phase in ("waiting", "training") and spec.split.mode == "adaptive":
@@ -576,14 +585,12 @@ def _status(call: Call, spec: JobSpec, pods: list[reconcile.PodView], server: Op
     conds = status.get("conditions") or []
     conds = conditions.set_condition(conds, c.COND_SPEC_VALID, True, c.REASON_VALID, "spec accepted", now, gen)
     since = st.unreachable_since
+    server_pod = next((p for p in pods if p.name == job.server_name), None)
     ok, reason, message = job_status.server_condition(server, None if since is None else time.monotonic() - since,
-                                           st.unreachable_error, c.SERVER_UNREACHABLE_AFTER_S)
+                                                      st.unreachable_error, c.SERVER_UNREACHABLE_AFTER_S, server_pod)
     conds = conditions.set_condition(conds, c.COND_SERVER_READY, ok, reason, message, now, gen)
-    ready, total = new["devicesReady"], new["devicesTotal"]
-    lost = f"; gave up on {list(actions.gave_up)}" if actions.gave_up else ""
-    conds = conditions.set_condition(conds, c.COND_DEVICES_READY, ready == total,
-                                     c.REASON_DEVICES_RUNNING if ready == total else c.REASON_DEVICES_WAITING,
-                                     f"{ready}/{total} device pods running{lost}", now, gen)
+    ok, reason, message = job_status.devices_condition(job, spec, pods, actions.gave_up)
+    conds = conditions.set_condition(conds, c.COND_DEVICES_READY, ok, reason, message, now, gen)
     if spec.split.mode == "adaptive":
         planned = st.planned
         conds = conditions.set_condition(conds, c.COND_SPLITS_APPLIED, bool(planned),

@@ -22,6 +22,27 @@ from ares_operator.spec import DeviceSpec, JobSpec
 
 
 @dataclasses.dataclass(frozen=True)
+class Waiting:
+    """A container the kubelet cannot start or keep running (ErrImagePull, CrashLoopBackOff, ...)."""
+
+    pod: str
+    container: str
+    kubelet_reason: str   # the container's state.waiting.reason
+    message: str = ""     # the kubelet's state.waiting.message, one line, capped
+
+    @property
+    def reason(self) -> str:
+        """The job's condition and Event reason (c.WAITING_REASONS)."""
+        return c.WAITING_REASONS[self.kubelet_reason]
+
+    @property
+    def text(self) -> str:
+        """`pod demo-pi container device: ImagePullBackOff: Back-off pulling image "..."`."""
+        said = f": {self.message}" if self.message else ""
+        return f"pod {self.pod} container {self.container}: {self.kubelet_reason}{said}"
+
+
+@dataclasses.dataclass(frozen=True)
 class PodView:
     """The few things the operator reads from a pod."""
 
@@ -34,6 +55,7 @@ class PodView:
     annotations: Mapping[str, str]
     exit_code: Optional[int] = None  # of the pod's main container (trainer or server), once it ended
     exit_message: str = ""           # what it left in its termination log (e.g. why TLS refused the server)
+    waiting: tuple[Waiting, ...] = ()  # containers stuck in a waiting reason of c.WAITING_REASONS
 
     @classmethod
     def of(cls, pod: Mapping[str, Any]) -> "PodView":
@@ -50,7 +72,8 @@ class PodView:
                    phase=status.get("phase") or "Pending", attempt=attempt,
                    terminating=bool(meta.get("deletionTimestamp")), annotations=dict(annotations),
                    exit_code=main_exit_code(status.get("containerStatuses") or []),
-                   exit_message=main_exit_message(status.get("containerStatuses") or []))
+                   exit_message=main_exit_message(status.get("containerStatuses") or []),
+                   waiting=waiting_containers(meta.get("name", ""), status))
 
     @property
     def ended(self) -> bool:
@@ -92,6 +115,22 @@ def main_exit_message(container_statuses: Sequence[Mapping[str, Any]]) -> str:
     return ""
 
 
+def waiting_containers(pod: str, status: Mapping[str, Any]) -> tuple[Waiting, ...]:
+    """Containers the kubelet reports waiting for a reason that does not clear by itself: init
+    containers first (the host-control sidecar is one; a pod whose sidecar cannot be pulled shows
+    `Init:ImagePullBackOff`, its main container only PodInitializing), then the main ones.
+    Waiting while starting (ContainerCreating, PodInitializing) is not a problem."""
+    found: list[Waiting] = []
+    for key in ("initContainerStatuses", "containerStatuses"):
+        for cs in status.get(key) or []:
+            waiting = (cs.get("state") or {}).get("waiting") or {}
+            reason = waiting.get("reason") or ""
+            if reason in c.WAITING_REASONS:
+                found.append(Waiting(pod, cs.get("name", ""), reason,
+                                     " ".join(str(waiting.get("message") or "").split())[:500]))
+    return tuple(found)
+
+
 @dataclasses.dataclass(frozen=True)
 class Outcome:
     phase: str    # Succeeded or Failed
@@ -105,6 +144,7 @@ class Actions:
     delete: tuple[str, ...] = ()
     restarts: Mapping[str, int] = dataclasses.field(default_factory=dict)  # device -> replacements
     server_restarts: int = 0
+    server_seen: bool = False            # the server pod this plan leaves was seen (see plan_pods)
     gave_up: tuple[str, ...] = ()        # devices past their backoff limit
     notes: tuple[str, ...] = ()          # what happened, for the log and events
     outcome: Optional[Outcome] = None    # the job ends
@@ -112,9 +152,14 @@ class Actions:
 
 def plan_pods(job: JobRef, spec: JobSpec, settings: OperatorSettings, pods: Sequence[PodView],
               restarts: Mapping[str, int], server_restarts: int, splits: Mapping[str, int],
-              options: Mapping[str, tuple[str, int]] | None = None) -> Actions:
+              options: Mapping[str, tuple[str, int]] | None = None, server_seen: bool = False) -> Actions:
     """Create what is missing; replace what failed, within its backoff limit (with the device's
     current split and, where the job offers them, step options).
+
+    `server_seen`: the server pod existed when the operator last looked (the previous plan's
+    `Actions.server_seen`). A server pod that has gone since (deleted, evicted) is replaced as a
+    failed one is: it counts against serverBackoffLimit and says so. Its first creation, a
+    re-creation after a suspension and one after a replacement that is already counted do not.
 
     A suspended job (runPolicy.suspend) has no pods: every active one is deleted and nothing is
     created; counters are kept, and the server resumes from its checkpoint when it comes back.
@@ -135,21 +180,36 @@ def plan_pods(job: JobRef, spec: JobSpec, settings: OperatorSettings, pods: Sequ
     gave_up: list[str] = []
     layers = c.MODEL_LAYERS[spec.model]
 
-    # The server: replaced (it resumes from its checkpoint) up to serverBackoffLimit times.
+    # The server: replaced (it resumes from its checkpoint) up to serverBackoffLimit times, when it
+    # failed or when its pod went away after it had been seen.
     srv_count = max(server_restarts, _attempt(by_name, job.server_name))
     server = by_name.get(job.server_name)
+    limit = spec.run_policy.server_backoff_limit
+    seen = False  # a pod created now is seen when a later listing shows it
     if server is None:
+        if server_seen:
+            if srv_count >= limit:
+                return Actions(restarts=counts, server_restarts=srv_count, outcome=Outcome(
+                    c.PHASE_FAILED, c.REASON_SERVER_FAILED,
+                    f"server pod deleted after {srv_count} restarts (serverBackoffLimit {limit})"))
+            srv_count += 1
+            notes.append(f"server pod deleted; re-created (restart {srv_count}), resuming from checkpoint")
         create.append(_with_attempt(builders.server_pod(job, spec, settings), srv_count))
-    elif not server.terminating and server.ended:
-        if srv_count >= spec.run_policy.server_backoff_limit:
+    elif server.terminating:
+        # Deleted by someone else: counted once it has gone. One the operator deleted to replace
+        # it (an earlier attempt than the count) is counted already.
+        seen = server_seen and server.attempt >= srv_count
+    elif server.ended:
+        if srv_count >= limit:
             return Actions(restarts=counts, server_restarts=srv_count, outcome=Outcome(
                 c.PHASE_FAILED, c.REASON_SERVER_FAILED,
-                f"server pod {server.phase.lower()} {srv_count + 1} times "
-                f"(serverBackoffLimit {spec.run_policy.server_backoff_limit})"))
+                f"server pod {server.phase.lower()} {srv_count + 1} times (serverBackoffLimit {limit})"))
         srv_count += 1
         delete.append(server.name)
         create.append(_with_attempt(builders.server_pod(job, spec, settings), srv_count))
         notes.append(f"server pod {server.phase.lower()}; replaced (restart {srv_count}), resuming from checkpoint")
+    else:
+        seen = True
 
     for dev in spec.devices:
         name = job.device_pod_name(dev.name)
@@ -178,7 +238,7 @@ def plan_pods(job: JobRef, spec: JobSpec, settings: OperatorSettings, pods: Sequ
         outcome = Outcome(c.PHASE_FAILED, c.REASON_ALL_DEVICES_LOST,
                           f"every device failed more than its backoffLimit ({spec.run_policy.backoff_limit})")
     return Actions(create=tuple(create), delete=tuple(delete), restarts=counts, server_restarts=srv_count,
-                   gave_up=tuple(gave_up), notes=tuple(notes), outcome=outcome)
+                   server_seen=seen, gave_up=tuple(gave_up), notes=tuple(notes), outcome=outcome)
 
 
 def _attempt(by_name: Mapping[str, PodView], name: str) -> int:

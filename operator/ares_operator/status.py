@@ -9,7 +9,7 @@ from ares.core.messages import ServerStatus
 from ares_operator import conditions
 from ares_operator import constants as c
 from ares_operator.builders import JobRef
-from ares_operator.reconcile import Outcome, PodView
+from ares_operator.reconcile import Outcome, PodView, Waiting
 from ares_operator.spec import JobSpec
 
 
@@ -135,11 +135,14 @@ def followed_devices(job: JobRef, devices: Sequence[Mapping[str, Any]], pods: Se
 
 
 def server_condition(server: Optional[ServerStatus], unreachable_for: Optional[float],
-                     error: str, grace_s: float) -> tuple[bool, str, str]:
-    """ServerReady: serving; starting (its pod is not up, or only briefly unreadable); or
-    unreachable (its pod runs but /v1/status has failed for longer than `grace_s`)."""
+                     error: str, grace_s: float, pod: Optional[PodView] = None) -> tuple[bool, str, str]:
+    """ServerReady: serving; stuck (a container of its pod `pod` cannot start: the kubelet's
+    waiting reason, e.g. ImagePullFailed); starting (its pod is not up, or only briefly
+    unreadable); or unreachable (its pod runs but /v1/status has failed for longer than `grace_s`)."""
     if server is not None:
         return True, c.REASON_SERVER_SERVING, f"server phase {server.phase}"
+    if pod is not None and not pod.terminating and pod.waiting:
+        return False, pod.waiting[0].reason, _problems_message(pod.waiting)
     if unreachable_for is not None and unreachable_for > grace_s:
         return False, c.REASON_SERVER_UNREACHABLE, (
             f"the server pod is running but its /v1/status has failed for {unreachable_for:.0f}s: {error}")
@@ -153,3 +156,67 @@ def split_message(planned: Mapping[str, int], options: Mapping[str, tuple[str, i
     if options:
         text += "; step options " + ", ".join(f"{name}={codec}:{k}" for name, (codec, k) in sorted(options.items()))
     return text
+
+
+def devices_condition(job: JobRef, spec: JobSpec, pods: Sequence[PodView],
+                      gave_up: Sequence[str] = ()) -> tuple[bool, str, str]:
+    """DevicesReady: every device pod running, none with a container the kubelet cannot start or
+    keep running (a crash-looping sidecar included). Otherwise False: with the first such
+    container's reason (ImagePullFailed, ContainerCreateFailed, ContainerCrashLooping) and every
+    one in the message, or DevicesNotRunning while pods are only on their way."""
+    by_name = {p.name: p for p in pods}
+    devices = [by_name.get(job.device_pod_name(d.name)) for d in spec.devices]
+    ready = sum(1 for pod in devices if _running(pod))
+    stuck = tuple(w for pod in devices if pod is not None and not pod.terminating for w in pod.waiting)
+    message = f"{ready}/{len(spec.devices)} device pods running"
+    if stuck:
+        message += f"; {_problems_message(stuck)}"
+    if gave_up:
+        message += f"; gave up on {list(gave_up)}"
+    if stuck:
+        return False, stuck[0].reason, message
+    if ready == len(spec.devices):
+        return True, c.REASON_DEVICES_RUNNING, message
+    return False, c.REASON_DEVICES_WAITING, message
+
+
+PROBLEMS_SHOWN = 5  # containers named in one condition message; the rest are counted
+
+
+def _problems_message(stuck: Sequence[Waiting]) -> str:
+    text = "; ".join(w.text for w in stuck[:PROBLEMS_SHOWN])
+    if len(stuck) > PROBLEMS_SHOWN:
+        text += f"; and {len(stuck) - PROBLEMS_SHOWN} more"
+    return text
+
+
+ProblemKey = tuple[str, str, str]  # (pod, container, condition reason)
+
+
+def problem_events(pods: Sequence[PodView], reported: frozenset[ProblemKey]
+                   ) -> tuple[frozenset[ProblemKey], list[tuple[str, str]]]:
+    """Which stuck containers to post a Warning Event for: each one once, when it appears (or its
+    kind changes), not every tick. The kubelet alternates ErrImagePull and ImagePullBackOff while
+    it retries: one problem, one Event. Returns what is now reported (for the next call) and
+    (reason, message) per Event; a problem that clears and comes back is posted again."""
+    now: dict[ProblemKey, Waiting] = {}
+    for pod in pods:
+        if not pod.terminating:
+            for w in pod.waiting:
+                now.setdefault((w.pod, w.container, w.reason), w)
+    events = [(w.reason, w.text) for key, w in now.items() if key not in reported]
+    return frozenset(now), events
+
+
+def server_ran(status: Mapping[str, Any]) -> bool:
+    """Whether the status shows that the job's server pod existed: it trained (phase Running),
+    was read (ServerReady Serving), ran unreadable, or was stuck in a waiting reason. What the
+    operator goes by when it has not itself seen the pod yet (just started): a pod of such a job
+    that is missing was deleted. Not so for a suspended job: its pods were deleted to suspend it."""
+    if status.get("phase") == c.PHASE_SUSPENDED:
+        return False
+    if status.get("phase") == c.PHASE_RUNNING:
+        return True
+    ready = conditions.find(status.get("conditions") or [], c.COND_SERVER_READY)
+    reason = str((ready or {}).get("reason") or "")
+    return reason in (c.REASON_SERVER_SERVING, c.REASON_SERVER_UNREACHABLE) or reason in c.WAITING_REASONS.values()

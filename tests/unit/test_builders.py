@@ -160,7 +160,7 @@ def test_plan_creates_what_is_missing_only():
     actions = reconcile.plan_pods(JOB, spec(), SETTINGS, [], {}, 0, {})
     assert names(actions.create) == ["demo-nano-5w", "demo-nano-maxn", "demo-pi", "demo-server"]
     assert reconcile.plan_pods(JOB, spec(), SETTINGS, HEALTHY, {}, 0, {}) == reconcile.Actions(
-        restarts={"nano-maxn": 0, "nano-5w": 0, "pi": 0})
+        restarts={"nano-maxn": 0, "nano-5w": 0, "pi": 0}, server_seen=True)
 
 
 def test_failed_device_is_replaced_with_its_current_split():
@@ -331,10 +331,14 @@ def test_labels_are_the_recommended_ones():
                               "app.kubernetes.io/managed-by": "ares-operator"}
 
 
-def test_server_readiness_probe():
+def test_server_probes():
     (server,) = _all_pods()["server"]["spec"]["containers"]
     probe = server["readinessProbe"]["httpGet"]
     assert (probe["path"], probe["port"]) == ("/healthz", "http")
+    startup = server["startupProbe"]
+    assert startup["httpGet"] == {"path": "/healthz", "port": "http", "scheme": "HTTPS"}
+    # A server that loads torch, its data and a checkpoint has minutes before it is killed.
+    assert startup["initialDelaySeconds"] + startup["periodSeconds"] * startup["failureThreshold"] >= 300
 
 
 def test_checkpoints_are_keyed_by_uid():
