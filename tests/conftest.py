@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import secrets
 import signal
@@ -30,6 +31,12 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def die_with_pytest() -> None:
+    """A preexec_fn: the child gets SIGTERM when the test process dies, however it dies (a
+    SIGKILLed or timed-out pytest leaves no server behind; Linux prctl PR_SET_PDEATHSIG)."""
+    ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))
 
 
 def stop_process(proc: subprocess.Popen, grace_s: float = 10) -> None:
@@ -120,7 +127,7 @@ class ServerProcess:
         # port and serve stale state); kill() and stop() end the whole group, as a pod's death does.
         self.proc = subprocess.Popen([sys.executable, "-m", "ares", "server", "--config", str(path), *extra_args],
                                      stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
-                                     start_new_session=True)
+                                     start_new_session=True, preexec_fn=die_with_pytest)
         self.tmp = tmp
         healthy = healthy or self._plain_healthy
         deadline = time.monotonic() + 90
