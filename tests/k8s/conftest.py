@@ -44,15 +44,17 @@ CRD = ROOT / "crds" / "aresjobs.ares.io.yaml"
 class Operator:
     """The real operator in a KopfRunner thread, restartable."""
 
-    def __init__(self, control_plane: ControlPlane, namespace: str) -> None:
+    def __init__(self, control_plane: ControlPlane, namespace: str,
+                 service_account: tuple[str, str] = (OPERATOR_NS, OPERATOR_SA)) -> None:
         self.control_plane, self.namespace = control_plane, namespace
+        self.service_account = service_account  # (namespace, name) whose RBAC it runs with
         self.runner: Any = None
         self.outputs: list[str] = []
 
     def start(self) -> None:
         from kopf.testing import KopfRunner
 
-        token = self.control_plane.token_for(OPERATOR_NS, OPERATOR_SA)
+        token = self.control_plane.token_for(*self.service_account)
         KUBECONFIG.write_text(json.dumps(self.control_plane.kubeconfig({"token": token}, self.namespace)))
         args = ["run", "--standalone", "--namespace", self.namespace, "--verbose", "-m", "ares_operator.handlers"]
         self.runner = KopfRunner(args, timeout=30)

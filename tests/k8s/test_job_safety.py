@@ -369,3 +369,45 @@ def test_the_uninstall_hook_stops_every_job_and_lets_it_go(kubectl, control_plan
     for pod in kubectl.json("get", "pods")["items"]:  # no kubelet: bound pods stay Terminating
         assert pod["metadata"].get("deletionTimestamp"), pod["metadata"]["name"]
     assert kubectl.run("delete", "aresjob", "demo", "--wait=true", "--timeout=30s", check=False).returncode == 0
+
+
+def test_a_namespaced_install_and_its_uninstall_in_the_documented_order(kubectl, control_plane, namespace):
+    """The recommended install (one namespace), then the documented way out: jobs deleted while the
+    operator runs, then `helm uninstall`. Nothing of either is left but the CRD."""
+    from tests.k8s.conftest import Operator
+
+    release, home = "team", f"{namespace}-ops"
+    helm = ["helm", "-n", home]
+    proc = subprocess.run([*helm, "install", release, str(ROOT / "charts" / "ares"), "--create-namespace",
+                           "--set", f"watchNamespaces={{{namespace}}}"], env=kubectl.env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "in the namespaces above only" in proc.stdout
+    try:
+        # The operator as that release's ServiceAccount: its rights are a Role in `namespace` only.
+        sa = f"{release}-ares"
+        assert kubectl.run("auth", "can-i", "create", "pods", "-n", namespace,
+                           f"--as=system:serviceaccount:{home}:{sa}").stdout.strip() == "yes"
+        assert kubectl.run("auth", "can-i", "get", "secrets", "-n", "kube-system",
+                           f"--as=system:serviceaccount:{home}:{sa}", check=False).stdout.strip() == "no"
+        op = Operator(control_plane, namespace, service_account=(home, sa))
+        op.start()
+        try:
+            kubectl.run("apply", "-f", "-", stdin=yaml.safe_dump(_job()))
+            wait_for(lambda: _held(kubectl, "demo", namespace) and len(kubectl.json("get", "pods")["items"]) == 4,
+                     60, "the job held, its pods made", interval=0.2)
+            proc = kubectl.run("delete", "aresjobs", "--all", "--wait=true", "--timeout=60s", check=False)
+            assert proc.returncode == 0, proc.stderr
+        finally:
+            op.stop()
+        proc = subprocess.run([*helm, "uninstall", release, "--no-hooks", "--wait"], env=kubectl.env,
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        assert kubectl.json("get", "aresjobs")["items"] == []
+        left = [o["metadata"]["name"] for o in kubectl.json("get", "clusterroles,clusterrolebindings")["items"]
+                if o["metadata"]["name"].startswith(f"{release}-ares")]
+        assert left == []
+        assert kubectl.run("get", "crd", "aresjobs.ares.io", check=False).returncode == 0  # Helm keeps CRDs
+    finally:
+        subprocess.run([*helm, "uninstall", release, "--no-hooks"], env=kubectl.env, capture_output=True, timeout=120)
+        kubectl.run("delete", "namespace", home, "--wait=false", check=False)
