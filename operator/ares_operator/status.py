@@ -102,8 +102,11 @@ def ended_conditions(spec: JobSpec, conds: list[dict[str, Any]], outcome: Outcom
                      now: str, generation: Optional[int]) -> list[dict[str, Any]]:
     """DevicesReady and ServerReady of an ended job: False, saying what runPolicy.cleanPodPolicy did."""
     policy = spec.run_policy.clean_pod_policy
+    why = f"cleanPodPolicy {policy}"
+    if outcome.reason == c.REASON_DEADLINE_EXCEEDED and policy == c.CLEAN_POD_NONE:
+        why = "nothing runs past activeDeadlineSeconds, whatever cleanPodPolicy None keeps"  # pods_to_clean
     if cleaned:
-        fate = f"its pods {', '.join(sorted(cleaned))} are removed (cleanPodPolicy {policy})"
+        fate = f"its pods {', '.join(sorted(cleaned))} are removed ({why})"
     else:
         fate = f"its pods are kept (cleanPodPolicy {policy})"
     for kind in (c.COND_DEVICES_READY, c.COND_SERVER_READY):

@@ -275,3 +275,21 @@ def test_a_suspended_job_resumes_without_a_replacement():
 ], ids=["new", "starting", "serving", "unreachable", "stuck", "running", "suspended"])
 def test_a_restarted_operator_reads_from_the_status_whether_the_server_ran(job_status, ran):
     assert status.server_ran(job_status) is ran
+
+
+# --- after the end ----------------------------------------------------------------------------------
+
+def test_pods_stopped_at_the_deadline_are_not_blamed_on_clean_pod_policy_none():
+    s = parse_spec({**yaml.safe_load((ROOT / "examples" / "job.yaml").read_text())["spec"],
+                    "runPolicy": {"cleanPodPolicy": "None", "activeDeadlineSeconds": 60}})
+    late = reconcile.Outcome(c.PHASE_FAILED, c.REASON_DEADLINE_EXCEEDED, "ran longer")
+    cleaned = reconcile.pods_to_clean(s, [healthy("demo-server"), healthy("demo-pi")], late)
+    assert sorted(cleaned) == ["demo-pi", "demo-server"]
+    for cond in status.ended_conditions(s, [], late, cleaned, "now", 1):
+        assert cond["message"] == ("the job has ended (Failed); its pods demo-pi, demo-server are removed "
+                                   "(nothing runs past activeDeadlineSeconds, whatever cleanPodPolicy None keeps)")
+    # Succeeded with cleanPodPolicy None: every pod, the server's too, is kept, and the job says so.
+    done = reconcile.Outcome(c.PHASE_SUCCEEDED, c.REASON_COMPLETED, "trained")
+    assert reconcile.pods_to_clean(s, [healthy("demo-server")], done) == ()
+    assert {cond["message"] for cond in status.ended_conditions(s, [], done, (), "now", 1)} == {
+        "the job has ended (Succeeded); its pods are kept (cleanPodPolicy None)"}
