@@ -24,8 +24,8 @@ Faithful to a real kubelet where it matters (issue 10):
   `restartPolicy` (Never, OnFailure, Always) decides whether an ended main container is
   restarted; the pod's phase is Succeeded/Failed once every main container has ended for good.
   Container statuses (running, terminated with exit code, restartCount) are reported.
-- The host-control sidecar's process is a stand-in that only sleeps: the real one would shape the
-  host's eth0 with tc (its own tests live in tests/host).
+- The host-control sidecar's process is a stand-in that only sleeps: the real one shapes the
+  pod's own eth0 (in the pod's network namespace) with tc (its own tests live in tests/host).
 """
 
 from __future__ import annotations
