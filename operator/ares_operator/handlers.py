@@ -499,7 +499,9 @@ def _server_status(call: Call, pods: list[reconcile.PodView]) -> Optional[Server
             call.logger.warning("server of %s refused over TLS: %s", job.name, explain(exc))
             st.tls = None
         call.logger.debug("server of %s not readable yet: %s", job.name, exc)
-        if st.unreachable_since is None:
+        if not server_pod.started:  # still loading (its startup probe allows it minutes): not unreachable
+            st.unreachable_since = None
+        elif st.unreachable_since is None:
             st.unreachable_since = time.monotonic()
         st.unreachable_error = f"{type(exc).__name__}: {exc}"[:500]
         return None

@@ -56,6 +56,7 @@ class PodView:
     exit_code: Optional[int] = None  # of the pod's main container (trainer or server), once it ended
     exit_message: str = ""           # what it left in its termination log (e.g. why TLS refused the server)
     waiting: tuple[Waiting, ...] = ()  # containers stuck in a waiting reason of c.WAITING_REASONS
+    started: bool = False            # the main container's startup probe has passed (kubelet's `started`)
 
     @classmethod
     def of(cls, pod: Mapping[str, Any]) -> "PodView":
@@ -73,7 +74,8 @@ class PodView:
                    terminating=bool(meta.get("deletionTimestamp")), annotations=dict(annotations),
                    exit_code=main_exit_code(status.get("containerStatuses") or []),
                    exit_message=main_exit_message(status.get("containerStatuses") or []),
-                   waiting=waiting_containers(meta.get("name", ""), status))
+                   waiting=waiting_containers(meta.get("name", ""), status),
+                   started=main_started(status.get("containerStatuses") or []))
 
     @property
     def ended(self) -> bool:
@@ -91,6 +93,11 @@ class PodView:
 
 
 MAIN_CONTAINERS = (c.CONTAINER_DEVICE, c.CONTAINER_SERVER)
+
+
+def main_started(container_statuses: Sequence[Mapping[str, Any]]) -> bool:
+    """The trainer's (or server's) container has started: running, and its startup probe passed."""
+    return any(cs.get("name") in MAIN_CONTAINERS and bool(cs.get("started")) for cs in container_statuses)
 
 
 def main_exit_code(container_statuses: Sequence[Mapping[str, Any]]) -> Optional[int]:

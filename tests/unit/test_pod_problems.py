@@ -293,3 +293,31 @@ def test_pods_stopped_at_the_deadline_are_not_blamed_on_clean_pod_policy_none():
     assert reconcile.pods_to_clean(s, [healthy("demo-server")], done) == ()
     assert {cond["message"] for cond in status.ended_conditions(s, [], done, (), "now", 1)} == {
         "the job has ended (Succeeded); its pods are kept (cleanPodPolicy None)"}
+
+
+def test_a_server_still_starting_is_never_called_unreachable(monkeypatch):
+    """Its startup probe allows minutes to load torch, the data and a checkpoint: until the kubelet
+    says the container started, a failing /v1/status is a server starting, not an unreachable one."""
+    import logging
+
+    import kopf
+
+    from ares.runtime import controller
+    from ares_operator import handlers, metrics
+    from ares_operator.builders import JobRef
+    from ares_operator.reconcile import PodView
+    from ares_operator.settings import from_env
+
+    def refused(*args, **kwargs):
+        raise ConnectionRefusedError("connection refused")
+    monkeypatch.setattr(controller, "fetch_status", refused)
+    ctx = handlers.Context(settings=from_env({}), kube=None, metrics=metrics.OperatorMetrics())
+    call = handlers.Call(JobRef("demo", "ns", "uid"), {}, {"generation": 1}, None, kopf.Patch(),
+                         logging.getLogger("test"), ctx, handlers.JobState(tokens={"controller.token": "t"}))
+    loading = PodView(name="demo-server", role="server", device="", phase="Running", attempt=0, terminating=False,
+                      annotations={}, started=False)
+    assert handlers._server_status(call, [loading]) is None and call.state.unreachable_since is None
+    serving = dataclasses.replace(loading, started=True)
+    assert handlers._server_status(call, [serving]) is None and call.state.unreachable_since is not None
+    assert PodView.of({"metadata": {"name": "demo-server"}, "status": {"phase": "Running", "containerStatuses": [
+        {"name": "server", "started": True, "state": {"running": {}}}]}}).started
