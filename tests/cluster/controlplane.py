@@ -31,6 +31,8 @@ import httpx
 ROOT = Path(__file__).resolve().parents[2]
 PR_SET_PDEATHSIG = 1
 BUILD_SCRIPT = ROOT / "scripts" / "build-control-plane"
+# Which Kubernetes the session control plane is (its binaries' folder); unset: the build's default.
+VERSION_ENV = "ARES_K8S_VERSION"
 # The controllers a test cluster needs; the rest (deployments, nodes, ...) stay off so nothing
 # acts behind the tests' backs (a Deployment is accepted and never rolled out).
 CONTROLLERS = ("garbage-collector-controller,namespace-controller,serviceaccount-controller,"
@@ -44,13 +46,29 @@ class ControlPlaneUnavailable(RuntimeError):
     """The binaries are not built (and could not be); the tests that need them skip with this."""
 
 
-def bin_dir() -> Path:
-    """Where scripts/build-control-plane put the binaries; raises if they are not all there."""
-    proc = subprocess.run([str(BUILD_SCRIPT), "--print-bin"], capture_output=True, text=True)
-    path = Path(proc.stdout.strip())
+def k8s_version() -> Optional[str]:
+    """The Kubernetes version the tests run on: $ARES_K8S_VERSION (e.g. v1.35.4), or None for the
+    build script's default."""
+    return os.environ.get(VERSION_ENV) or None
+
+
+def bin_dir(version: Optional[str] = None) -> Path:
+    """Where scripts/build-control-plane put the binaries of Kubernetes `version` (by default
+    `k8s_version()`); raises if they are not all there."""
+    version = version or k8s_version()
+    env = dict(os.environ, K8S_VERSION=version) if version else None
+    proc = subprocess.run([str(BUILD_SCRIPT), "--print-bin"], capture_output=True, text=True, env=env)
     if proc.returncode != 0:
-        raise ControlPlaneUnavailable(f"control plane not built in {path}: run scripts/build-control-plane")
-    return path
+        build = f"K8S_VERSION={version} scripts/build-control-plane" if version else "scripts/build-control-plane"
+        raise ControlPlaneUnavailable(f"control plane not built in {proc.stdout.strip() or '?'}: run {build}"
+                                      f"{' (' + proc.stderr.strip() + ')' if proc.stderr.strip() else ''}")
+    return Path(proc.stdout.strip())
+
+
+def tested_versions() -> list[str]:
+    """The Kubernetes versions the tests prove, oldest first (CI runs the cluster tests on each)."""
+    proc = subprocess.run([str(BUILD_SCRIPT), "--tested-versions"], capture_output=True, text=True, check=True)
+    return proc.stdout.split()
 
 
 def _die_with_parent() -> None:

@@ -3,7 +3,8 @@
 One plugin, so that tests/k8s and tests/images share a single session control plane.
 
 - `control_plane` (session): etcd + kube-apiserver + kube-controller-manager built by
-  scripts/build-control-plane (controlplane.py); the chart is helm-installed once into
+  scripts/build-control-plane (controlplane.py), of the Kubernetes version $ARES_K8S_VERSION names
+  (default: the build script's); the chart is helm-installed once into
   `ares-system` (CRD, RBAC, ServiceAccount `ares`, Deployment; nothing runs that Deployment).
   Skips where the binaries are not built, except in CI (.ci/run builds them).
 - `namespace`: a fresh namespace per test (labelled for privileged Pod Security, as the
@@ -23,7 +24,7 @@ from typing import Any, Optional
 
 import pytest
 
-from cluster.controlplane import ControlPlane, ControlPlaneUnavailable, bin_dir, tool_env
+from cluster.controlplane import VERSION_ENV, ControlPlane, ControlPlaneUnavailable, bin_dir, tool_env
 
 ROOT = Path(__file__).resolve().parents[2]
 OPERATOR_NS = "ares-system"
@@ -59,6 +60,14 @@ class Kubectl:
             cells = [line[a:b].strip() for a, b in zip(starts, starts[1:] + [None])]
             rows.append(dict(zip(names, cells)))
         return rows
+
+
+def pytest_report_header() -> str:
+    try:
+        where = str(bin_dir())
+    except ControlPlaneUnavailable as exc:
+        where = str(exc)
+    return f"kubernetes: {where} (${VERSION_ENV} picks the version)"
 
 
 @pytest.fixture(scope="session")

@@ -69,11 +69,32 @@ def test_every_example_applies(kubectl):
 
 
 def test_the_chart_claims_the_kubernetes_versions_the_tests_prove(kubectl):
-    server = json.loads(kubectl.run("version", "-o", "json").stdout)["serverVersion"]
-    tested = tuple(int(x) for x in re.findall(r"\d+", server["gitVersion"])[:2])
+    """The chart's kubeVersion floor is the oldest Kubernetes the tests run on (CI runs them on
+    every version `scripts/build-control-plane --tested-versions` lists, this server among them);
+    helm renders the chart for each of those and for the floor's .0 (what GitOps tools render
+    with), and refuses the minor below. The session's `helm install` already passed this server's."""
+    from cluster.controlplane import tested_versions  # the version list lives with the build script
+
+    server = json.loads(kubectl.run("version", "-o", "json").stdout)["serverVersion"]["gitVersion"]
+    tested = tested_versions()
+    assert server in tested, (f"the tests run on Kubernetes {server}, which is not among the tested versions "
+                              f"{tested}: add it to TESTED_VERSIONS in scripts/build-control-plane")
     claim = yaml.safe_load((ROOT / "charts" / "ares" / "Chart.yaml").read_text())["kubeVersion"]
     floor = tuple(int(x) for x in re.match(r">=\s*v?(\d+)\.(\d+)", claim).groups())
-    assert floor == tested, f"chart claims {claim!r}; the tests run Kubernetes {server['gitVersion']}"
+    oldest = tuple(int(x) for x in re.findall(r"\d+", tested[0])[:2])
+    assert floor == oldest, f"chart claims {claim!r}; the oldest Kubernetes the tests run on is {tested[0]}"
+
+    def render(version: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["helm", "template", "ares", str(ROOT / "charts" / "ares"), "--kube-version", version],
+                              env=kubectl.env, capture_output=True, text=True, timeout=60)
+
+    for version in [f"v{floor[0]}.{floor[1]}.0", *tested]:
+        proc = render(version)
+        assert proc.returncode == 0, f"helm refuses Kubernetes {version}: {proc.stderr}"
+    below = f"v{floor[0]}.{floor[1] - 1}.0"
+    proc = render(below)
+    assert proc.returncode != 0 and "incompatible with Kubernetes" in proc.stderr, \
+        f"helm renders for {below}, below the oldest Kubernetes the tests run on"
 
 
 # --- 3. CEL rules, evaluated by the API server -----------------------------------------------
