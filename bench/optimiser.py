@@ -39,6 +39,7 @@ from ares.core.optimiser import (  # noqa: E402
     AresPolicy, DeviceInput, FixedPolicy, NonePolicy, Problem, StragglerPolicy, model_costs,
 )
 from ares.core.profiles import PUBLISHED, ServerProfile, derive_power_mode  # noqa: E402
+from ares.core.rounds import RoundRecord  # noqa: E402
 
 BUDGET_S = 0.100
 VGG5_NUMEL = [32768, 8192, 16384, 4096, 4096, 128]
@@ -193,12 +194,10 @@ def predicted_vs_measured(rounds: int = 6) -> None:
     run(cfg, progress=False)
     # the device's session by the server's clock, join to accepted upload: what the model predicts
     # (devices.csv's round_s leaves out the weights' download and upload)
-    import json
+    from ares.core.rounds import load_history
 
-    from ares.runtime.training import sessions
-
-    history = json.loads((out / "checkpoints" / "state.json").read_text())["history"]
-    measured = {(h["round"], name): s for h in history for name, s in sessions(h).items()}
+    history = load_history(out / "checkpoints" / "state.json")
+    measured = {(h.round, name): s for h in history for name, s in h.sessions().items()}
     with open(out / "splits.csv") as f:
         predicted = {(int(r["round"]), r["device"]): float(r["predicted_round_s"]) for r in csv.DictReader(f)}
     errors: dict[str, list[float]] = {}
@@ -217,15 +216,13 @@ def predicted_vs_measured(rounds: int = 6) -> None:
               "on average): " + ", ".join(f"{n} {v:.1%}" for n, v in sorted(spread(history).items())))
 
 
-def spread(history: list[dict]) -> dict[str, float]:
+def spread(history: list[RoundRecord]) -> dict[str, float]:
     """Per device, the mean |session - mean of its sessions at the same split| / session, rounds >= 1."""
-    from ares.runtime.training import sessions
-
     groups: dict[tuple[str, int], list[float]] = {}
     for h in history:
-        if h["round"] >= 1:
-            for name, s in sessions(h).items():
-                groups.setdefault((name, h["devices"][name]["split"]), []).append(s)
+        if h.round >= 1:
+            for name, s in h.sessions().items():
+                groups.setdefault((name, h.devices[name].split), []).append(s)
     out: dict[str, list[float]] = {}
     for (name, _), values in groups.items():
         mean = statistics.fmean(values)

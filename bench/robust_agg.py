@@ -1,4 +1,4 @@
-"""What each aggregation costs (issue 12): time to merge, and accuracy with and without an attacker.
+"""What each aggregation costs: time to merge, and accuracy with and without an attacker.
 
 (a) Time: merging N whole VGG5 models (582,346 parameters each) with `fedavg`, `norm_clip`,
     `median` and `trimmed_mean`, measured side by side; printed as ms and as a ratio to fedavg.
@@ -28,7 +28,7 @@ from ares.core.config import AggregationConfig, DataConfig, DeviceSettings  # no
 from ares.core.fedavg import aggregate  # noqa: E402
 from ares.core.models import build_model  # noqa: E402
 from ares.runtime.device import DeviceTrainer  # noqa: E402
-from ares.runtime.link import InProcessLink  # noqa: E402
+from ares.runtime.inprocess import InProcessLink  # noqa: E402
 from ares.runtime.training import TrainingServer, read_tokens  # noqa: E402
 from tests.conftest import small_config  # noqa: E402
 
@@ -81,7 +81,7 @@ def fl_run(method: str, devices: int, rounds: int, attack: bool, tmp: Path) -> f
         t.start()
     for t in threads:
         t.join()
-    return server.history[-1]["accuracy"]
+    return server.history[-1].accuracy
 
 
 def main() -> int:

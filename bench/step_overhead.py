@@ -33,7 +33,8 @@ sys.path.insert(0, str(ROOT))
 from ares.core import pki  # noqa: E402
 from ares.core.models import build_model, split_model  # noqa: E402
 from ares.runtime.allocator import keep_freed_memory  # noqa: E402
-from ares.runtime.link import UNPACED_CHUNK, HttpLink, InProcessLink  # noqa: E402
+from ares.runtime.inprocess import InProcessLink  # noqa: E402
+from ares.runtime.link import UNPACED_CHUNK, HttpLink  # noqa: E402
 from ares.runtime.tlsclient import ClientTls  # noqa: E402
 from ares.runtime.training import TrainingServer, read_tokens  # noqa: E402
 from ares.runtime.tlsclient import transport  # noqa: E402

@@ -12,7 +12,7 @@ adding up as a bias. Error feedback (carrying the residual into the next step) i
 with stochastic rounding the measured effect on accuracy was within noise (README).
 
 `unpack` validates what arrived before using it: the right companion tensors, a scale of the
-right shape that is finite and >= 0. Errors are `WireError`s (HTTP 422 on the server).
+right shape that is finite and >= 0. Errors are `wire.Unacceptable`.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Literal, Mapping, Optional
 
 import torch
 
-from ares.core.wire import WireError
+from ares.core.wire import Unacceptable
 
 Codec = Literal["fp32", "fp16", "int8"]
 CODECS: tuple[str, ...] = ("fp32", "fp16", "int8")
@@ -82,7 +82,7 @@ def codec_of(tensors: Mapping[str, torch.Tensor], name: str) -> str:
     """Which codec a received tensor travelled in (so a reply can use the same one)."""
     t = tensors.get(name)
     if t is None:
-        raise WireError(f"missing tensor {name!r}", 422)
+        raise Unacceptable(f"missing tensor {name!r}")
     return {torch.float32: "fp32", torch.float16: "fp16", torch.int8: "int8"}.get(t.dtype, "fp32")
 
 
@@ -95,26 +95,26 @@ def unpack(tensors: Mapping[str, torch.Tensor], name: str, shape: Optional[tuple
     """The float32 tensor `name` from its wire tensors, after checking they fit together."""
     t = tensors.get(name)
     if t is None:
-        raise WireError(f"missing tensor {name!r}", 422)
+        raise Unacceptable(f"missing tensor {name!r}")
     if t.dtype not in (torch.float32, torch.float16, torch.int8):
-        raise WireError(f"tensor {name!r} has dtype {t.dtype}; expected float32, float16 or int8", 422)
+        raise Unacceptable(f"tensor {name!r} has dtype {t.dtype}; expected float32, float16 or int8")
     if shape is not None and (t.dim() != len(shape) or any(w is not None and w != g for w, g in zip(shape, t.shape))):
         want = ["*" if w is None else w for w in shape]
-        raise WireError(f"tensor {name!r} has shape {list(t.shape)}, expected {want}", 422)
+        raise Unacceptable(f"tensor {name!r} has shape {list(t.shape)}, expected {want}")
     if t.dtype != torch.int8:
         if name + SCALE_SUFFIX in tensors:
-            raise WireError(f"tensor {name + SCALE_SUFFIX!r} sent with a {t.dtype} {name!r} (only int8 has a scale)", 422)
+            raise Unacceptable(f"tensor {name + SCALE_SUFFIX!r} sent with a {t.dtype} {name!r} (only int8 has a scale)")
         return t.float()
     scale = tensors.get(name + SCALE_SUFFIX)
     if scale is None:
-        raise WireError(f"int8 tensor {name!r} arrived without {name + SCALE_SUFFIX!r}", 422)
+        raise Unacceptable(f"int8 tensor {name!r} arrived without {name + SCALE_SUFFIX!r}")
     want = (t.shape[1],) if t.dim() >= 2 else ()
     if scale.dtype != torch.float32 or tuple(scale.shape) != want:
-        raise WireError(f"{name + SCALE_SUFFIX!r} must be float32 of shape {list(want)}, "
-                        f"got {scale.dtype} {list(scale.shape)}", 422)
+        raise Unacceptable(f"{name + SCALE_SUFFIX!r} must be float32 of shape {list(want)}, "
+                           f"got {scale.dtype} {list(scale.shape)}")
     if not bool(torch.isfinite(scale).all()) or bool((scale < 0).any()):
-        raise WireError(f"{name + SCALE_SUFFIX!r} must be finite and >= 0", 422)
+        raise Unacceptable(f"{name + SCALE_SUFFIX!r} must be finite and >= 0")
     if t.numel() and int(t.min()) < -QMAX:
-        raise WireError(f"int8 tensor {name!r} holds -128 (values lie in -{QMAX}..{QMAX})", 422)
+        raise Unacceptable(f"int8 tensor {name!r} holds -128 (values lie in -{QMAX}..{QMAX})")
     return dequantise(t, scale)
 

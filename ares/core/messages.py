@@ -21,11 +21,14 @@ Label = Annotated[str, Field(max_length=64)]
 
 RoundPhase = Literal["waiting", "training", "finished", "failed"]
 DevicePhase = Literal["idle", "training", "uploaded", "missed", "refused"]
+# Why a run failed, as `ServerStatus.failure_reason` carries it (the operator reads it):
+# diverged: every device's loss was non-finite, rounds in a row.
+FailureReason = Literal["diverged"]
 
 
 class _Msg(BaseModel):
     # Non-finite numbers are refused at the boundary of every message: one Infinity in a report
-    # would otherwise reach /v1/status, which JSON cannot carry (issue 12).
+    # would otherwise reach /v1/status, which JSON cannot carry.
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
@@ -138,7 +141,7 @@ class ServerStatus(_Msg):
     model_sha256: Optional[str] = None  # of the global model's state dict; changes only when a round closes
     counters: dict[str, int] = {}        # refusals and errors since start (Prometheus: ares_<name>_total)
     failure: Optional[str] = None        # why phase is failed, in words
-    failure_reason: Optional[Literal["diverged"]] = None  # diverged: only non-finite losses, rounds in a row
+    failure_reason: Optional[FailureReason] = None  # the kind of failure (`FailureReason`)
 
 
 class SessionSample(_Msg):

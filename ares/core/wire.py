@@ -47,11 +47,23 @@ CODECS = {"fp32": torch.float32, "fp16": torch.float16}
 
 
 class WireError(ValueError):
-    """A frame that must not be used. `status` is the HTTP status the server answers with."""
+    """A frame that must not be used: as such, one whose format is broken (bad magic, a header
+    that is not the format's, a body of the wrong length). The kinds below say more; the server's
+    HTTP edge answers each with its status (`ares.runtime.server.STATUS`)."""
 
-    def __init__(self, message: str, status: int = 400):
-        super().__init__(message)
-        self.status = status
+
+class FrameTooLarge(WireError):
+    """A body, or a tensor it declares, beyond the size cap."""
+
+
+class Unacceptable(WireError):
+    """A well-formed frame holding what may not be used: a number that is not finite or too
+    long, a tensor of a name, dtype or shape the request does not take."""
+
+
+class NonFinite(Unacceptable):
+    """A floating-point tensor holding NaN or Inf: what a device whose side of the model has
+    diverged sends."""
 
 
 @dataclass
@@ -99,7 +111,7 @@ def decode(body: bytes | bytearray | memoryview, max_bytes: int = DEFAULT_MAX_BY
     read-only one is copied once."""
     view = memoryview(body)
     if view.nbytes > max_bytes:
-        raise WireError(f"body of {view.nbytes} bytes exceeds the {max_bytes}-byte limit", 413)
+        raise FrameTooLarge(f"body of {view.nbytes} bytes exceeds the {max_bytes}-byte limit")
     if view.nbytes < 8 or bytes(view[:4]) != MAGIC:
         raise WireError("not an ARES tensor bundle (bad magic or shorter than 8 bytes)")
     (hlen,) = struct.unpack("<I", view[4:8])
@@ -125,7 +137,7 @@ def decode(body: bytes | bytearray | memoryview, max_bytes: int = DEFAULT_MAX_BY
         # Dimensions must fit the cap even where another one is 0: torch computes strides from
         # every dimension, and [0, 2**31-1, 2**31-1, ...] overflows them.
         if math.prod(max(d, 1) for d in shape) * DTYPES[dtype].itemsize > max_bytes:
-            raise WireError(f"tensor {name!r}: shape {shape} is larger than the {max_bytes}-byte limit", 413)
+            raise FrameTooLarge(f"tensor {name!r}: shape {shape} is larger than the {max_bytes}-byte limit")
         nbytes = math.prod(shape) * DTYPES[dtype].itemsize
         specs.append((name, dtype, shape, offset, nbytes))
         offset += nbytes
@@ -142,7 +154,7 @@ def decode(body: bytes | bytearray | memoryview, max_bytes: int = DEFAULT_MAX_BY
         else:
             t = torch.frombuffer(view[start:start + nbytes], dtype=DTYPES[dtype]).reshape(shape)
         if t.is_floating_point() and not _all_finite(t):
-            raise WireError(f"tensor {name!r} contains NaN or Inf", 422)
+            raise NonFinite(f"tensor {name!r} contains NaN or Inf")
         tensors[name] = t
     return Bundle(tensors, meta)
 
@@ -155,19 +167,19 @@ def _all_finite(t: torch.Tensor) -> bool:
 
 
 def _refuse_constant(name: str) -> Any:
-    raise WireError(f"JSON constant {name} is not allowed (numbers must be finite)", 422)
+    raise Unacceptable(f"JSON constant {name} is not allowed (numbers must be finite)")
 
 
 def _finite_float(text: str) -> float:
     value = float(text)
     if not math.isfinite(value):
-        raise WireError(f"JSON number {text[:40]} is not finite in float64", 422)
+        raise Unacceptable(f"JSON number {text[:40]} is not finite in float64")
     return value
 
 
 def _bounded_int(text: str) -> int:
     if len(text.lstrip("-")) > MAX_INT_DIGITS:
-        raise WireError(f"JSON integer with {len(text)} digits; at most {MAX_INT_DIGITS} are allowed", 422)
+        raise Unacceptable(f"JSON integer with {len(text)} digits; at most {MAX_INT_DIGITS} are allowed")
     return int(text)
 
 
@@ -202,15 +214,16 @@ def _json_depth(raw: bytes) -> int:
     return deepest
 
 
-def parse_json(raw: bytes, what: str = "body", status: int = 400) -> Any:
+def parse_json(raw: bytes, what: str = "body", invalid: type[WireError] = WireError) -> Any:
     """Strict JSON for anything a device sends: bounded nesting, integers of at most 20 digits,
-    finite numbers only (no NaN, Infinity or 1e999). Every failure is a WireError."""
+    finite numbers only (no NaN, Infinity or 1e999). Every failure is a WireError; text that is
+    not JSON at all raises `invalid` (a frame's header: broken format; a JSON body: unacceptable)."""
     if _json_depth(raw) > MAX_JSON_DEPTH:
         raise WireError(f"{what} JSON is nested deeper than {MAX_JSON_DEPTH} levels")
     try:
         return json.loads(raw, parse_constant=_refuse_constant, parse_float=_finite_float, parse_int=_bounded_int)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise WireError(f"invalid {what}: not valid JSON: {exc}", status) from None
+        raise invalid(f"invalid {what}: not valid JSON: {exc}") from None
     except RecursionError:  # not reachable after the depth check; kept as a last guard
         raise WireError(f"{what} JSON is nested too deeply") from None
 
@@ -233,17 +246,17 @@ def expect(bundle: Bundle, names: Mapping[str, tuple[torch.dtype | tuple[torch.d
     """Check that a bundle holds exactly these tensors, dtypes and shapes (None = any size / any shape)."""
     if set(bundle.tensors) != set(names):
         missing, extra = sorted(set(names) - set(bundle.tensors)), sorted(set(bundle.tensors) - set(names))
-        raise WireError(f"unexpected tensors: missing {missing}, not expected {extra}", 422)
+        raise Unacceptable(f"unexpected tensors: missing {missing}, not expected {extra}")
     for name, (dtypes, shape) in names.items():
         t = bundle.tensors[name]
         allowed = dtypes if isinstance(dtypes, tuple) else (dtypes,)
         if t.dtype not in allowed:
-            raise WireError(f"tensor {name!r} has dtype {_NAMES[t.dtype]}, expected one of "
-                            f"{[_NAMES[d] for d in allowed]}", 422)
+            raise Unacceptable(f"tensor {name!r} has dtype {_NAMES[t.dtype]}, expected one of "
+                               f"{[_NAMES[d] for d in allowed]}")
         if shape is not None and (len(t.shape) != len(shape)
                                   or any(w is not None and w != g for w, g in zip(shape, t.shape))):
             want = ["*" if w is None else w for w in shape]
-            raise WireError(f"tensor {name!r} has shape {list(t.shape)}, expected {want}", 422)
+            raise Unacceptable(f"tensor {name!r} has shape {list(t.shape)}, expected {want}")
 
 
 def to_codec(t: torch.Tensor, codec: str) -> torch.Tensor:

@@ -45,6 +45,7 @@ import yaml
 from ares.core.config import CONTROLLER_TOKEN_NAME, ServerConfig
 from ares.core.optimiser import parse_policy
 from ares.core.profiles import PUBLISHED, ComputeProfile
+from ares.core.rounds import RoundRecord, load_history
 from ares.roles.runconfig import DeviceSpec, RunConfig
 from ares.runtime.controller import Controller, FileSplitSink, fetch_status, fetch_telemetry
 from ares.runtime.netns import owner_alive, owner_tag
@@ -512,21 +513,20 @@ def _apply_schedule(cfg: RunConfig, cluster: Cluster, round_index: int) -> None:
 
 
 def write_results(cfg: RunConfig, root: Path, splits_log: list[dict], wall_s: float) -> dict:
-    state = json.loads((root / "checkpoints" / "state.json").read_text())
-    history = state["history"]
+    history = load_history(root / "checkpoints" / "state.json")
     with open(root / "rounds.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["round", "accuracy", "loss", "duration_s", "closed_by", "devices", "missed"])
         for r in history:
-            w.writerow([r["round"], f"{r['accuracy']:.4f}", f"{r['loss']:.4f}", f"{r['duration_s']:.3f}",
-                        r["closed_by"], len(r["devices"]), " ".join(r["missed"])])
+            w.writerow([r.round, f"{r.accuracy:.4f}", f"{r.loss:.4f}", f"{r.duration_s:.3f}",
+                        r.closed_by, len(r.devices), " ".join(r.missed)])
     fields = ["round", "device", "split", "samples", "steps", "round_s", "up_bps", "down_bps", "energy_j", "energy_source"]
     with open(root / "devices.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         w.writeheader()
         for r in history:
-            for name, d in sorted(r["devices"].items()):
-                w.writerow({"round": r["round"], "device": name, **d})
+            for name, d in sorted(r.devices.items()):
+                w.writerow({"round": r.round, "device": name, **d.as_json()})
     with open(root / "splits.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=["time", "round", "device", "split", "predicted_round_s",
                                           "predicted_iteration_s", "policy", "codec", "micro_batches"])
@@ -534,13 +534,13 @@ def write_results(cfg: RunConfig, root: Path, splits_log: list[dict], wall_s: fl
         w.writerows(splits_log)
     energy: dict[str, float] = {}
     for r in history:
-        for name, d in r["devices"].items():
-            if d.get("energy_j") is not None:
-                energy[name] = energy.get(name, 0.0) + d["energy_j"]
-    durations = [r["duration_s"] for r in history]
+        for name, d in r.devices.items():
+            if d.energy_j is not None:
+                energy[name] = energy.get(name, 0.0) + d.energy_j
+    durations = [r.duration_s for r in history]
     summary = {"config": cfg.model_dump(mode="json"), "rounds": len(history),
-               "final_accuracy": history[-1]["accuracy"] if history else None,
-               "best_accuracy": max((r["accuracy"] for r in history), default=None),
+               "final_accuracy": history[-1].accuracy if history else None,
+               "best_accuracy": max((r.accuracy for r in history), default=None),
                "mean_round_s": sum(durations) / len(durations) if durations else None,
                "device_energy_j": energy, "wall_s": wall_s}
     (root / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -548,17 +548,17 @@ def write_results(cfg: RunConfig, root: Path, splits_log: list[dict], wall_s: fl
     return summary
 
 
-def _plot(history: list[dict], path: Path) -> None:
+def _plot(history: list[RoundRecord], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rounds = [r["round"] for r in history]
+    rounds = [r.round for r in history]
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    a.plot(rounds, [r["accuracy"] for r in history], marker="o")
+    a.plot(rounds, [r.accuracy for r in history], marker="o")
     a.set(xlabel="round", ylabel="test accuracy", title="Accuracy")
-    b.plot(rounds, [r["duration_s"] for r in history], marker="o", color="tab:orange")
+    b.plot(rounds, [r.duration_s for r in history], marker="o", color="tab:orange")
     b.set(xlabel="round", ylabel="seconds", title="Round time")
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -32,7 +32,7 @@ import logging
 import math
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator, Literal, Optional, Sequence
 
@@ -56,10 +56,11 @@ from ares.core.profiles import (
     ServerProfile,
     derive_power_mode,
 )
+from ares.core.rounds import RoundRecord, load_history
 from ares.core.yamlfile import safe_load
+from ares.roles.comparison import ComparedVariant, Comparison, LinkMode, RoundResult, VariantResult, VersusFL
 from ares.roles.runconfig import DeviceSpec, LinkChange, RunConfig
 from ares.roles.runner import Cluster, free_port, run, shielded, stop_on_signals
-from ares.runtime.training import outside_sessions, sessions
 from ares.runtime.controller import (
     ASSUMED_POWER,
     fetch_status,
@@ -70,7 +71,6 @@ from ares.runtime.controller import (
 log = logging.getLogger("ares.testbed")
 
 SCENARIO_DIR = Path(__file__).resolve().parents[2] / "bench" / "scenarios"
-LinkMode = Literal["tc", "inprocess"]
 SLOW_MACHINE_MARK = "slower than the emulated"  # what ares.runtime.device logs when it cannot keep up
 DEFAULT_POLICIES = ("none", "fixed:1", "ares", "straggler", "straggler+fp16", "straggler+int8+pipe4", "straggler+auto")
 CODECS = ("fp32", "fp16", "int8")
@@ -396,7 +396,7 @@ class _RoundHook:
 
 
 def run_variant(scenario: Scenario, variant: Variant, results: Path, links: LinkMode,
-                netns: Optional[dict] = None, progress: bool = False) -> dict:
+                netns: Optional[dict] = None, progress: bool = False) -> VariantResult:
     """Run the scenario under one variant; returns its measured and modelled rounds (also variant.json).
     A re-run replaces the variant's previous results (its folder is removed first: left there, its
     checkpoint would be resumed and its figures reported again)."""
@@ -418,22 +418,29 @@ def run_variant(scenario: Scenario, variant: Variant, results: Path, links: Link
 
 
 def analyse_folder(scenario: Scenario, variant: Variant, results: Path, links: LinkMode,
-                   wall_s: Optional[float] = None) -> dict:
+                   wall_s: Optional[float] = None) -> VariantResult:
     """A variant's numbers from what its run left on disk (state.json, telemetry.json, logs); writes variant.json."""
     from ares.core.messages import Telemetry
 
-    history = json.loads((results / "checkpoints" / "state.json").read_text())["history"]
+    history = load_history(results / "checkpoints" / "state.json")
     raw = json.loads((results / "telemetry.json").read_text())
     telemetry = {int(r): Telemetry.model_validate(t) for r, t in raw.items()}
     decisions = []
     if (results / "splits.csv").exists():
         with open(results / "splits.csv", newline="") as f:
             decisions = list(csv.DictReader(f))
-    out = analyse(scenario, variant, history, telemetry, links, decisions)
-    out.update(wall_s=wall_s, results_dir=str(results),
-               slower_than_profile=_slow_devices(results / "logs", [d.name for d in scenario.devices]))
-    (results / "variant.json").write_text(json.dumps(out, indent=2))
+    out = replace(analyse(scenario, variant, history, telemetry, links, decisions), wall_s=wall_s,
+                  results_dir=str(results),
+                  slower_than_profile=_slow_devices(results / "logs", [d.name for d in scenario.devices]))
+    (results / "variant.json").write_text(json.dumps(out.as_json(), indent=2))
     return out
+
+
+def _earlier_run(variant_json: Path) -> tuple[LinkMode, Optional[float]]:
+    """The links and wall time of a variant's run, from the variant.json it left (a run that
+    has none, or one from before they were kept: in-process links, no wall time)."""
+    earlier = json.loads(variant_json.read_text()) if variant_json.exists() else {}
+    return earlier.get("links", "inprocess"), earlier.get("wall_s")
 
 
 def _slow_devices(logs: Path, names: list[str]) -> list[str]:
@@ -492,82 +499,87 @@ def options_used(decisions: Sequence[dict], round_index: int) -> dict[str, tuple
     return used
 
 
-def analyse(scenario: Scenario, variant: Variant, history: list[dict], telemetry: dict[int, object],
-            links: LinkMode, decisions: Sequence[dict] = ()) -> dict:
+def analyse(scenario: Scenario, variant: Variant, history: Sequence[RoundRecord], telemetry: dict[int, object],
+            links: LinkMode, decisions: Sequence[dict] = ()) -> VariantResult:
     """Per round: measured time and energy, the oracle, the emulated truth and the controller's
     prediction for the splits (and codec, micro-batches) used; then their means (`steady`: from
-    round WARMUP_ROUNDS on)."""
+    round WARMUP_ROUNDS on). The run's wall time, folder and slow devices are the caller's."""
     states = timeline(scenario)
     server = telemetry.get(max(telemetry)) if telemetry else None
     own = (variant.codec, variant.micro_batches)
-    rounds = []
-    for h in history:
-        r = h["round"]
-        splits = {n: d["split"] for n, d in h["devices"].items()}
-        decided = options_used(decisions, r)
-        options = {n: decided.get(n, own) for n in splits}
-        steps = {n: h["devices"].get(n, {}).get("steps") or scenario.training.max_steps_per_round or 1
-                 for n in states[r]}
-        energy = [d["energy_j"] for d in h["devices"].values() if d.get("energy_j") is not None]
-        row = {"round": r, "measured_s": h["duration_s"], "accuracy": h["accuracy"], "missed": h["missed"],
-               "splits": splits, "energy_j": math.fsum(energy) if energy else None,
-               "oracle_s": None, "oracle_any_s": None, "model_s": None, "model_energy_j": None,
-               "fixed_s": outside_sessions(h), "oracle_model_s": None,
-               "options": {n: f"{c}/k{k}" for n, (c, k) in options.items()},
-               "predicted_s": None, "device_predicted_s": {}, "device_measured_s": sessions(h)}
-        if r > 0:
-            row["predicted_s"], row["device_predicted_s"] = _predicted(telemetry.get(r), splits, variant, options)
-        if server is not None:
-            # the oracle's round: the best split vector's slowest device plus this round's measured
-            # time outside every device's session (join skew, merge, evaluation), which no choice changes
-            fixed = row["fixed_s"] or 0.0
-            row["oracle_model_s"] = oracle_round_time(oracle_problem(states[r], server, steps, variant.options, links))
-            row["oracle_s"] = row["oracle_model_s"] + fixed
-            row["oracle_any_s"] = oracle_round_time(oracle_problem(states[r], server, steps, EVERY_OPTION, links)) + fixed
-            if splits:
-                used = evaluate(oracle_problem({n: states[r][n] for n in splits}, server, steps, variant.options,
-                                               links), splits, options=options)
-                row["model_s"], row["model_energy_j"] = used.round_s + fixed, used.energy_round_j
-        rounds.append(row)
-    adapted = [x for x in rounds if x["round"] in adapted_rounds(scenario)]
+    rounds = [_round_result(scenario, variant, h, states[h.round], server, telemetry.get(h.round), links, own,
+                            options_used(decisions, h.round))
+              for h in history]
+    adapted = [x for x in rounds if x.round in adapted_rounds(scenario)]
     changes = {c.round for c in scenario.schedule}
-    steady = [x for x in rounds if x["round"] >= WARMUP_ROUNDS] or rounds
-    predicted = [x for x in steady if x["predicted_s"] and x["round"] not in changes]
+    steady = [x for x in rounds if x.round >= WARMUP_ROUNDS] or rounds
+    predicted = [x for x in steady if x.predicted_s and x.round not in changes]
     device_errors: dict[str, list[float]] = {}
     for x in predicted:
-        for n, p in x["device_predicted_s"].items():
-            m = x["device_measured_s"].get(n)
+        for n, p in x.device_predicted_s.items():
+            m = x.device_measured_s.get(n)
             if m:
                 device_errors.setdefault(n, []).append(abs(p - m) / m)
-    return {
-        "scenario": scenario.name, "variant": variant.key, "label": variant.label, "mode": variant.mode,
-        "policy": variant.policy if variant.mode == "adaptive" else None, "codec": variant.codec,
-        "micro_batches": variant.micro_batches, "links": links,
-        "rounds": rounds,
-        "mean_round_s": _mean_of(steady, "measured_s"),
-        "energy_per_round_j": _mean_of(steady, "energy_j"),
-        "model_energy_per_round_j": _mean_of(steady, "model_energy_j"),
-        "final_accuracy": rounds[-1]["accuracy"] if rounds else None,
-        "oracle_round_s": _mean_of(steady, "oracle_s"),
-        "model_round_s": _mean_of(steady, "model_s"),
-        "adapted_rounds": [x["round"] for x in adapted],
-        "adapted_round_s": _mean_of(adapted, "measured_s"),
-        "adapted_oracle_s": _mean_of(adapted, "oracle_s"),
-        "adapted_oracle_any_s": _mean_of(adapted, "oracle_any_s"),
-        "vs_oracle": _ratio(_mean_of(adapted, "measured_s"), _mean_of(adapted, "oracle_s")),
-        "choice_vs_oracle": _ratio(_mean_of(adapted, "model_s"), _mean_of(adapted, "oracle_s")),
-        "overhead_s": _diff(_mean_of(steady, "measured_s"), _mean_of(steady, "model_s")),
-        "prediction_error": (_mean(abs(x["predicted_s"] - x["measured_s"]) / x["measured_s"] for x in predicted)
-                             if predicted else None),
+    return VariantResult(
+        scenario=scenario.name, variant=variant.key, label=variant.label, mode=variant.mode,
+        policy=variant.policy if variant.mode == "adaptive" else None, codec=variant.codec,
+        micro_batches=variant.micro_batches, links=links,
+        rounds=rounds,
+        mean_round_s=_mean_of([x.measured_s for x in steady]),
+        energy_per_round_j=_mean_of([x.energy_j for x in steady]),
+        model_energy_per_round_j=_mean_of([x.model_energy_j for x in steady]),
+        final_accuracy=rounds[-1].accuracy if rounds else None,
+        oracle_round_s=_mean_of([x.oracle_s for x in steady]),
+        model_round_s=_mean_of([x.model_s for x in steady]),
+        adapted_rounds=[x.round for x in adapted],
+        adapted_round_s=_mean_of([x.measured_s for x in adapted]),
+        adapted_oracle_s=_mean_of([x.oracle_s for x in adapted]),
+        adapted_oracle_any_s=_mean_of([x.oracle_any_s for x in adapted]),
+        vs_oracle=_ratio(_mean_of([x.measured_s for x in adapted]), _mean_of([x.oracle_s for x in adapted])),
+        choice_vs_oracle=_ratio(_mean_of([x.model_s for x in adapted]), _mean_of([x.oracle_s for x in adapted])),
+        overhead_s=_diff(_mean_of([x.measured_s for x in steady]), _mean_of([x.model_s for x in steady])),
+        prediction_error=(_mean(abs(x.predicted_s - x.measured_s) / x.measured_s for x in predicted)
+                          if predicted else None),
         # each device's predicted session (join to upload) against the server's clock of it
-        "device_prediction_error": {n: _mean(e) for n, e in device_errors.items()},
-        "worst_device_prediction_error": max((max(e) for e in device_errors.values()), default=None),
-    }
+        device_prediction_error={n: _mean(e) for n, e in device_errors.items()},
+        worst_device_prediction_error=max((max(e) for e in device_errors.values()), default=None),
+    )
 
 
-def _mean_of(rows: list[dict], key: str) -> Optional[float]:
+def _round_result(scenario: Scenario, variant: Variant, h: RoundRecord, states: dict[str, DeviceState], server,
+                  telemetry, links: LinkMode, own: tuple[str, int], decided: dict[str, tuple[str, int]]) -> RoundResult:
+    """One round: what was measured, the oracle and the model for it (with the last telemetry's
+    server), and the controller's prediction from the telemetry at its start (from round 1)."""
+    r = h.round
+    splits = {n: d.split for n, d in h.devices.items()}
+    options = {n: decided.get(n, own) for n in splits}
+    steps = {n: (d.steps if (d := h.devices.get(n)) else 0) or scenario.training.max_steps_per_round or 1
+             for n in states}
+    energy = [d.energy_j for d in h.devices.values() if d.energy_j is not None]
+    fixed_s = h.outside_sessions()
+    predicted_s, device_predicted_s = (_predicted(telemetry, splits, variant, options) if r > 0 else (None, {}))
+    oracle_s = oracle_any_s = model_s = model_energy_j = oracle_model_s = None
+    if server is not None:
+        # the oracle's round: the best split vector's slowest device plus this round's measured
+        # time outside every device's session (join skew, merge, evaluation), which no choice changes
+        fixed = fixed_s or 0.0
+        oracle_model_s = oracle_round_time(oracle_problem(states, server, steps, variant.options, links))
+        oracle_s = oracle_model_s + fixed
+        oracle_any_s = oracle_round_time(oracle_problem(states, server, steps, EVERY_OPTION, links)) + fixed
+        if splits:
+            used = evaluate(oracle_problem({n: states[n] for n in splits}, server, steps, variant.options,
+                                           links), splits, options=options)
+            model_s, model_energy_j = used.round_s + fixed, used.energy_round_j
+    return RoundResult(
+        round=r, measured_s=h.duration_s, accuracy=h.accuracy, missed=list(h.missed), splits=splits,
+        energy_j=math.fsum(energy) if energy else None, oracle_s=oracle_s, oracle_any_s=oracle_any_s,
+        model_s=model_s, model_energy_j=model_energy_j, fixed_s=fixed_s, oracle_model_s=oracle_model_s,
+        options={n: f"{c}/k{k}" for n, (c, k) in options.items()}, predicted_s=predicted_s,
+        device_predicted_s=device_predicted_s, device_measured_s=h.sessions())
+
+
+def _mean_of(values: list[Optional[float]]) -> Optional[float]:
     """Mean of one column; None when a row lacks it (an unknown is not averaged away)."""
-    values = [x[key] for x in rows]
     return _mean(values) if values and all(v is not None for v in values) else None
 
 
@@ -611,7 +623,7 @@ def load_scenario(ref: str) -> Scenario:
 
 
 def compare(scenario: Scenario, out: Path, links: str = "auto", progress: bool = False,
-            first_index: int = 0, on_variant=None) -> dict:
+            first_index: int = 0, on_variant=None) -> Comparison:
     """Every policy of the scenario, one after another, same seed and rounds; writes comparison.json.
     Stopped by a signal (`stop_on_signals`, in the main thread) at any moment, between two variants
     too, it ends every process and removes every namespace it made, then raises `Stopped`."""
@@ -629,33 +641,34 @@ def compare(scenario: Scenario, out: Path, links: str = "auto", progress: bool =
         return _report(scenario, out, mode, results)
 
 
-def reanalyse(scenario: Scenario, out: Path) -> dict:
-    """The comparison again from a finished bench folder, without running anything."""
+def reanalyse(scenario: Scenario, out: Path) -> Comparison:
+    """The comparison again from a finished comparison's folder, without running anything."""
     results = []
     for v in map(variant_of, scenario.policies):
         folder = out / v.folder
         if (folder / "telemetry.json").exists():
-            previous = json.loads((folder / "variant.json").read_text()) if (folder / "variant.json").exists() else {}
-            results.append(analyse_folder(scenario, v, folder, previous.get("links", "inprocess"), previous.get("wall_s")))
+            links, wall_s = _earlier_run(folder / "variant.json")
+            results.append(analyse_folder(scenario, v, folder, links, wall_s))
     if not results:
         raise FileNotFoundError(f"no finished runs of {scenario.name} under {out}")
-    return _report(scenario, out, results[0]["links"], results)
+    return _report(scenario, out, results[0].links, results)
 
 
-def _report(scenario: Scenario, out: Path, links: LinkMode, results: list[dict]) -> dict:
-    report = {"scenario": scenario.model_dump(mode="json"), "links": links, "variants": ratios(results)}
-    (out / "comparison.json").write_text(json.dumps(report, indent=2))
+def _report(scenario: Scenario, out: Path, links: LinkMode, results: list[VariantResult]) -> Comparison:
+    report = Comparison(scenario, links, ratios(results))
+    report.write(out / "comparison.json")
     return report
 
 
-def ratios(results: list[dict]) -> list[dict]:
+def ratios(results: list[VariantResult]) -> list[ComparedVariant]:
     """Each variant's round time, energy and accuracy as ratios to FL (`none`), where FL ran."""
-    fl = next((r for r in results if r["mode"] == "none"), None) or {}
-    return [{**r, "time_vs_fl": _ratio(r["mean_round_s"], fl.get("mean_round_s")),
-             "energy_vs_fl": _ratio(r["energy_per_round_j"], fl.get("energy_per_round_j")),
-             "model_energy_vs_fl": _ratio(r["model_energy_per_round_j"], fl.get("model_energy_per_round_j")),
-             "accuracy_vs_fl": _ratio(r["final_accuracy"], fl.get("final_accuracy")),
-             "accuracy_points_vs_fl": _points(r["final_accuracy"], fl.get("final_accuracy"))} for r in results]
+    fl = next((r for r in results if r.mode == "none"), None)
+    return [ComparedVariant(r, VersusFL(
+        time_vs_fl=_ratio(r.mean_round_s, fl and fl.mean_round_s),
+        energy_vs_fl=_ratio(r.energy_per_round_j, fl and fl.energy_per_round_j),
+        model_energy_vs_fl=_ratio(r.model_energy_per_round_j, fl and fl.model_energy_per_round_j),
+        accuracy_vs_fl=_ratio(r.final_accuracy, fl and fl.final_accuracy),
+        accuracy_points_vs_fl=_points(r.final_accuracy, fl and fl.final_accuracy))) for r in results]
 
 
 def _points(a: Optional[float], b: Optional[float]) -> Optional[float]:

@@ -3,14 +3,16 @@
 A device with a valid token, buggy or hostile, must not be able to starve the others. Per
 device (after its token is checked, so names cannot be made up to get fresh budgets):
 
-- at most `requests_per_device` requests in flight; more are answered 429 at once;
+- at most `requests_per_device` requests in flight; more are refused at once (`DeviceBusy`);
 - at most its byte budget of body bytes held, over all its requests in flight: twice the
   largest body a device of this job legitimately sends (`largest_body`), never more than
-  `buffered_mib_per_device`. A body larger than the whole budget is refused with 413; one that
-  would fit once the device's other bodies are done, with 429 and a Retry-After;
-- a body that stalls gets `body_read_timeout_s` for its next piece, then 408, and what had
-  arrived of it is freed.
+  `buffered_mib_per_device`. A body larger than the whole budget is refused for good
+  (`FrameTooLarge`); one that would fit once the device's other bodies are done, for now
+  (`DeviceBusy`, with the seconds to wait);
+- a body that stalls gets `body_read_timeout_s` for its next piece, then `BodyTimeout`, and what
+  had arrived of it is freed.
 
+The server answers these with 429 (and a Retry-After), 413 and 408 (`ares.runtime.server.STATUS`).
 Everything here runs on the event loop and holds no worker thread.
 """
 
@@ -25,7 +27,7 @@ from starlette.requests import ClientDisconnect, Request
 
 from ares.core.config import LimitsConfig, ServerConfig
 from ares.core.models import activation_numel, weight_bytes
-from ares.core.wire import MAX_HEADER, WireError
+from ares.core.wire import MAX_HEADER, FrameTooLarge, WireError
 
 if sys.version_info >= (3, 11):
     from asyncio import timeout as _deadline
@@ -57,11 +59,16 @@ def device_budget(cfg: ServerConfig) -> int:
 
 
 class DeviceBusy(WireError):
-    """Refused for now, not for good: the device's share of the server is in use (429)."""
+    """Refused for now, not for good: the device's share of the server is in use; it may try
+    again after `retry_after_s`."""
 
-    def __init__(self, message: str):
-        super().__init__(message, 429)
-        self.headers = {"Retry-After": str(RETRY_AFTER_S)}
+    def __init__(self, message: str, retry_after_s: int = RETRY_AFTER_S):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class BodyTimeout(WireError):
+    """A body that stalled: no piece of it for `limits.body_read_timeout_s`."""
 
 
 class DeviceBudget:
@@ -75,13 +82,13 @@ class DeviceBudget:
 
         With a Content-Length (what devices send) the body is read into one buffer of that size,
         taken from the budget up front: each piece is copied once, and a body that ends short of
-        its Content-Length or runs past it is refused (400). Without one (chunked), it grows.
+        its Content-Length or runs past it is refused (`WireError`). Without one (chunked), it grows.
         A body refused part way (a stall, a disconnect, a budget exceeded) is freed at once:
         nothing of it outlives the error."""
         declared = request.headers.get("content-length")
         size = int(declared) if declared is not None and declared.isdigit() else None
         if size is not None and size > limit:
-            raise WireError(f"body of {declared} bytes exceeds the {limit}-byte limit", 413)
+            raise FrameTooLarge(f"body of {declared} bytes exceeds the {limit}-byte limit")
         if size is not None:
             self._take(size)
         body = bytearray(size or 0)
@@ -105,28 +112,28 @@ class DeviceBudget:
                     end = got + len(chunk)
                     if size is None:
                         if end > limit:
-                            raise WireError(f"body exceeds the {limit}-byte limit", 413)
+                            raise FrameTooLarge(f"body exceeds the {limit}-byte limit")
                         self._take(len(chunk))
                         body += chunk
                     elif end > size:
-                        raise WireError(f"body runs past its Content-Length of {size} bytes", 400)
+                        raise WireError(f"body runs past its Content-Length of {size} bytes")
                     else:
                         body[got:end] = chunk
                     got = end
         except asyncio.TimeoutError:
-            raise WireError(f"no body data for {timeout:g} s (limits.body_read_timeout_s)", 408) from None
+            raise BodyTimeout(f"no body data for {timeout:g} s (limits.body_read_timeout_s)") from None
         except ClientDisconnect:
-            raise WireError("the client went away before the body was complete", 400) from None
+            raise WireError("the client went away before the body was complete") from None
         if size is not None and got != size:
-            raise WireError(f"body ended after {got} of the {size} bytes its Content-Length declares", 400)
+            raise WireError(f"body ended after {got} of the {size} bytes its Content-Length declares")
 
     def _take(self, n: int) -> None:
         budget = self.gate.budget
         held = self.gate.buffered.get(self.device, 0)
         if self.held + n > budget:
-            raise WireError(f"a body of {self.held + n} bytes is larger than device {self.device}'s budget of "
-                            f"{budget} bytes for bodies in flight ({BODIES_PER_DEVICE} x the largest body "
-                            "of this job, at most limits.buffered_mib_per_device)", 413)
+            raise FrameTooLarge(f"a body of {self.held + n} bytes is larger than device {self.device}'s budget of "
+                                f"{budget} bytes for bodies in flight ({BODIES_PER_DEVICE} x the largest body "
+                                "of this job, at most limits.buffered_mib_per_device)")
         if held + n > budget:
             raise DeviceBusy(f"device {self.device} already has {held} of its {budget} bytes for bodies in flight "
                              f"in use (limits.buffered_mib_per_device); retry once they are done")
@@ -147,7 +154,7 @@ class DeviceGate:
 
     @contextlib.asynccontextmanager
     async def hold(self, device: str) -> AsyncIterator[DeviceBudget]:
-        """One request of `device`: refused with 429 when it already has the most allowed."""
+        """One request of `device`: refused (`DeviceBusy`) when it already has the most allowed."""
         if self.in_flight.get(device, 0) >= self.limits.requests_per_device:
             raise DeviceBusy(f"device {device} already has {self.limits.requests_per_device} requests in "
                              "flight (limits.requests_per_device)")

@@ -4,9 +4,9 @@
 plain TCP, or HTTPS with ALPN h2 when given a `ClientTls`: see tlsclient.py) through our
 large-frame transport (h2client.py), bodies streamed in 256 KiB chunks with a Content-Length
 (httpx copies a large single `bytes` body quadratically under HTTP/2), transfer times measured
-for the throughput estimate. `InProcessLink` calls a `TrainingServer` directly, for tests and
-for the in-process baseline of the step-overhead benchmark. The training loop never sees HTTP
-(Flower's Grid pattern).
+for the throughput estimate. `InProcessLink` (ares.runtime.inprocess) calls a `TrainingServer`
+directly, for tests and the benchmarks. The training loop never sees HTTP (Flower's Grid
+pattern).
 """
 
 from __future__ import annotations
@@ -272,44 +272,3 @@ class HttpLink:
 
     def close(self) -> None:
         self.client.close()
-
-
-class InProcessLink:
-    """Calls the server object directly: no HTTP, no encoding. Same semantics as HttpLink."""
-
-    def __init__(self, server, device: str):
-        from ares.runtime.training import RoundError
-
-        self.server, self.device, self._error = server, device, RoundError
-
-    def _call(self, fn, *args):
-        try:
-            return fn(*args)
-        except self._error as exc:
-            raise LinkError(exc.status, str(exc)) from None
-
-    def config(self) -> ServerConfig:
-        return self.server.cfg
-
-    def status(self) -> ServerStatus:
-        return self.server.status()
-
-    def join(self, round_index: int, split: int):
-        return (*self._call(self.server.join, self.device, round_index, split, 20.0), Transfer())
-
-    def step(self, round_index: int, split: int, x: torch.Tensor, y: torch.Tensor, codec: str = "fp32",
-             micro: int = 0, micros: int = 1, total: Optional[int] = None) -> StepResult:
-        """The codec's rounding is applied both ways, as on the wire (fp32: untouched)."""
-        x = codecs.unpack(codecs.pack("x", x, codec), "x") if codec != "fp32" else x.detach()
-        grad, loss, server_s = self._call(self.server.step, self.device, round_index, split, x, y,
-                                          micro, micros, total)
-        if codec != "fp32":
-            grad = codecs.unpack(codecs.pack("grad", grad, codec, stochastic=True), "grad")
-        return StepResult(grad, loss, server_s, 0.0, 0.0, 0, 0)
-
-    def upload(self, report: DeviceReport, weights: dict[str, torch.Tensor]) -> Transfer:
-        self._call(self.server.upload, self.device, report, weights)
-        return Transfer()
-
-    def close(self) -> None:
-        pass

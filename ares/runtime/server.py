@@ -12,8 +12,10 @@ Routes are thin: authenticate, read and validate the body, run the torch work in
     POST /v1/devices/{name}/step          bundle {x, y}, ?round=&split=[&micro=&micros=&total=] -> bundle {grad}, Server-Timing
     POST /v1/devices/{name}/update        bundle of weights + DeviceReport meta -> JSON, Server-Timing (held)
 
-What a route refuses is a typed error carrying its HTTP status (`wire.WireError` for a body,
-`RoundError` for the round state), mapped to a JSON `{"error": ...}` answer here, at the edge.
+What a route refuses is an exception whose type says what went wrong: `wire.WireError` and its
+kinds for a body (ares.core.wire, ares.runtime.limits), `Refusal` and its kinds for the round
+state (ares.runtime.training). Here, at the edge and only here, `STATUS` gives each kind its
+HTTP status, and a `{"error": ...}` answer carries the message (`DeviceBusy` adds a Retry-After).
 What the server accepts and refuses, and why: docs/how-it-works/server-limits.md.
 """
 
@@ -36,11 +38,55 @@ from ares.core import codec, wire
 from ares.core.config import ServerConfig, load_yaml_model
 from ares.core.messages import DeviceReport, JoinRequest
 from ares.runtime.allocator import keep_freed_memory
-from ares.runtime.limits import DeviceBudget, DeviceGate
-from ares.runtime.training import RoundError, TrainingServer, read_tokens
+from ares.runtime.limits import BodyTimeout, DeviceBudget, DeviceBusy, DeviceGate
+from ares.runtime.training import (AlreadyFinished, BadMicroBatch, BadTensor, ConflictingUpload, NotJoined, OutOfTurn,
+                                   Refusal, RoundClosed, RoundNotOpen, TrainingOver, TrainingServer, TurnTimeout,
+                                   Unauthorized, UnknownDevice, UnsafeUpdate, WrongSplit, read_tokens)
 
 log = logging.getLogger("ares.server")
 BUNDLE = "application/x-ares-bundle"
+
+# The HTTP status of every refusal, by its type: the one place statuses are chosen. A kind not
+# listed answers with the status of its nearest listed base class (`status_of`).
+STATUS: dict[type[Exception], int] = {
+    # a body (ares.core.wire, ares.runtime.limits)
+    wire.WireError: 400,          # its format is broken
+    wire.FrameTooLarge: 413,
+    wire.Unacceptable: 422,       # well-formed, but not usable here (wire.NonFinite among them)
+    BodyTimeout: 408,
+    DeviceBusy: 429,              # for now: with a Retry-After (`headers_of`)
+    ValidationError: 422,         # a JSON message that its schema refuses
+    # the round state (ares.runtime.training)
+    Unauthorized: 401,
+    UnknownDevice: 404,
+    TurnTimeout: 408,
+    RoundClosed: 409,
+    RoundNotOpen: 409,
+    NotJoined: 409,
+    AlreadyFinished: 409,
+    ConflictingUpload: 409,
+    OutOfTurn: 409,
+    TrainingOver: 410,            # and TrainingFailed: devices stop
+    WrongSplit: 422,
+    BadMicroBatch: 422,
+    BadTensor: 422,
+    UnsafeUpdate: 422,
+}
+
+
+def status_of(exc: BaseException) -> int:
+    """The HTTP status that answers a refusal (`STATUS`, by the exception's type or its nearest base)."""
+    for cls in type(exc).__mro__:
+        if cls in STATUS:
+            return STATUS[cls]
+    raise TypeError(f"{type(exc).__name__} is not a refusal the server answers ({exc})")
+
+
+def headers_of(exc: BaseException) -> Optional[dict[str, str]]:
+    """Headers that go with a refusal's answer: when to try again after a `DeviceBusy`."""
+    if isinstance(exc, DeviceBusy):
+        return {"Retry-After": str(exc.retry_after_s)}
+    return None
 
 
 async def _bearer(authorization: Annotated[Optional[str], Header()] = None) -> Optional[str]:
@@ -74,9 +120,8 @@ def _step(trainer: TrainingServer, name: str, body: bytearray, limit: int, round
     event loop never copies a body. Returns the reply bundle and the compute seconds."""
     try:
         bundle = wire.decode(body, limit)
-    except wire.WireError as exc:
-        if "NaN or Inf" in str(exc):  # the device's side of the model diverged
-            trainer.note_nonfinite(name)
+    except wire.NonFinite:  # the device's side of the model diverged
+        trainer.note_nonfinite(name)
         raise
     # x in any codec (int8 brings its scale); the gradient goes back in the codec x came in
     allowed = {"x": (wire.FLOATS + (wire.DTYPES["int8"],), None), "y": (wire.DTYPES["int64"], (None,))}
@@ -125,17 +170,14 @@ def create_app(cfg: ServerConfig, trainer: Optional[TrainingServer] = None, tick
     def srv() -> TrainingServer:
         return app.state.trainer
 
-    @app.exception_handler(RoundError)
-    async def _round_error(_: Request, exc: RoundError) -> JSONResponse:
-        return JSONResponse({"error": str(exc)}, status_code=exc.status)
-
+    @app.exception_handler(Refusal)
     @app.exception_handler(wire.WireError)
-    async def _wire_error(_: Request, exc: wire.WireError) -> JSONResponse:
-        return JSONResponse({"error": str(exc)}, status_code=exc.status, headers=getattr(exc, "headers", None))
+    async def _refused(_: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse({"error": str(exc)}, status_code=status_of(exc), headers=headers_of(exc))
 
     @app.exception_handler(ValidationError)
     async def _invalid(_: Request, exc: ValidationError) -> JSONResponse:
-        return JSONResponse({"error": f"invalid message: {exc.errors()[:3]}"}, status_code=422)
+        return JSONResponse({"error": f"invalid message: {exc.errors()[:3]}"}, status_code=status_of(exc))
 
     @app.exception_handler(RequestValidationError)
     async def _invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -174,7 +216,8 @@ def create_app(cfg: ServerConfig, trainer: Optional[TrainingServer] = None, tick
 
     @app.post("/v1/devices/{name}/join")
     async def join(name: str, request: Request, budget: Budget) -> Response:
-        msg = JoinRequest.model_validate(wire.parse_json(bytes(await budget.read_body(request, 64 << 10)), "join request", 422))
+        body = bytes(await budget.read_body(request, 64 << 10))
+        msg = JoinRequest.model_validate(wire.parse_json(body, "join request", wire.Unacceptable))
         await _wait_for_round(srv(), msg.round, cfg.limits.join_wait_s)
         reply, weights = await to_thread.run_sync(lambda: srv().join(name, msg.round, msg.split))
         return Response(wire.encode(weights, reply.model_dump(mode="json")), media_type=BUNDLE)

@@ -10,7 +10,13 @@ weights; they send steps (activations in, gradient out); they upload their devic
 with their sample count and timings. The round closes when every configured device has
 uploaded, or when the deadline (counted from the first join) passes: then whoever uploaded is
 averaged (FedAvg of whole models, weighted by samples), the model is evaluated, checkpointed,
-and round r+1 opens.
+and round r+1 opens. Each closed round is kept as a `RoundRecord` (ares.core.rounds).
+
+What the server does not take it refuses with an exception whose type says what went wrong
+(`Refusal` and its kinds: `UnknownDevice`, `Unauthorized`, `RoundClosed`, `TrainingOver`,
+`WrongSplit`, `BadTensor`, ...). They carry no HTTP status: the HTTP edge maps each kind to
+one (`ares.runtime.server.STATUS`). A failed run is a `RunFailure` whose `reason` is what the
+server's status reports as `failure_reason`.
 """
 
 from __future__ import annotations
@@ -33,10 +39,11 @@ from torch import nn
 from ares.core.config import ServerConfig
 from ares.core.data import DataSplit, load_data, partition
 from ares.core.fedavg import aggregate, clip_update, update_norm
-from ares.core.messages import (MIN_UPLOAD_SAMPLE_BYTES, DeviceReport, DeviceStatus, DeviceTelemetry, JoinReply,
-                                ServerStatus, SessionSample, Telemetry)
+from ares.core.messages import (MIN_UPLOAD_SAMPLE_BYTES, DeviceReport, DeviceStatus, DeviceTelemetry, FailureReason,
+                                JoinReply, ServerStatus, Telemetry)
 from ares.core.models import (LayerStack, activation_numel, activation_shapes, build_model, check_split,
                               model_spec, n_layers, split_model, weight_bytes)
+from ares.core.rounds import ClosedBy, DeviceRound, RoundRecord, parse_history, recent_sessions, round_overhead
 from ares.runtime.profiler import LiveScale, server_profile, time_layers, warm_optimiser
 
 log = logging.getLogger("ares.server")
@@ -45,12 +52,85 @@ log = logging.getLogger("ares.server")
 DIVERGED_ROUNDS = 2  # rounds in a row with only non-finite losses before a run is called diverged
 
 
-class RoundError(Exception):
-    """A request that does not fit the round state. `status` is the HTTP status to answer."""
+# ---- what the training server refuses, by kind -------------------------------------------------
+# The server's HTTP edge answers each kind with its status (`ares.runtime.server.STATUS`); here
+# they are only names for what went wrong.
 
-    def __init__(self, message: str, status: int = 409):
-        super().__init__(message)
-        self.status = status
+class Refusal(Exception):
+    """A request the training server does not take; its message says why."""
+
+
+class Unauthorized(Refusal):
+    """No bearer token, or not the one this request needs."""
+
+
+class UnknownDevice(Refusal):
+    """A device name the job does not have (the message never lists the job's devices)."""
+
+
+class TrainingOver(Refusal):
+    """Every round has been trained: there is nothing left to join."""
+
+
+class TrainingFailed(TrainingOver):
+    """The run has failed (`RunFailure`): no more rounds."""
+
+    def __init__(self, failure: "RunFailure"):
+        super().__init__(failure.message)
+        self.failure = failure
+
+
+class RoundClosed(Refusal):
+    """The round asked for has closed (before the request, or while it waited)."""
+
+
+class RoundNotOpen(Refusal):
+    """The round asked for does not take joins yet (a later round, or the gap after a round)."""
+
+
+class NotJoined(Refusal):
+    """A step or upload from a device that has not joined the round."""
+
+
+class AlreadyFinished(Refusal):
+    """The device is done with the round: its upload was taken, or refused (it sits the round out)."""
+
+
+class ConflictingUpload(Refusal):
+    """A second, different upload for a round whose upload was taken: the first stands."""
+
+
+class OutOfTurn(Refusal):
+    """A micro-batch that is not the one the server takes next."""
+
+
+class TurnTimeout(Refusal):
+    """A micro-batch that waited too long for the ones before it."""
+
+
+class WrongSplit(Refusal):
+    """A split point out of range, or not the one the device joined with."""
+
+
+class BadMicroBatch(Refusal):
+    """Micro-batch numbers that do not describe one part of one batch."""
+
+
+class BadTensor(Refusal):
+    """Activations, labels or weights of the wrong rank, shape, dtype or range for their split."""
+
+
+class UnsafeUpdate(Refusal):
+    """A well-formed step or upload refused for what it would do to the model (non-finite values,
+    more samples than assigned, an update beyond its bound); counted in `counters`."""
+
+
+@dataclass(frozen=True)
+class RunFailure:
+    """Why a run failed; `reason` is what `ServerStatus.failure_reason` says on the wire."""
+
+    reason: FailureReason
+    message: str
 
 
 @dataclass
@@ -85,33 +165,6 @@ def _offset(at: Optional[float], start: float) -> Optional[float]:
     return None if at is None else at - start
 
 
-def sessions(record: dict) -> dict[str, float]:
-    """Each device's session in a closed round, join to accepted upload, by the server's clock
-    (none for a checkpoint written before sessions were kept)."""
-    return {n: d["uploaded_s"] - d["joined_s"] for n, d in record.get("devices", {}).items()
-            if d.get("uploaded_s") is not None and d.get("joined_s") is not None}
-
-
-def outside_sessions(record: dict) -> Optional[float]:
-    """A closed round's seconds outside its longest device session (join to accepted upload);
-    None for a round without sessions (or from a checkpoint written before they were kept)."""
-    longest = max(sessions(record).values(), default=None)
-    return max(0.0, record["duration_s"] - longest) if longest is not None and "duration_s" in record else None
-
-
-def recent_sessions(history: list[dict], recent: int = 4) -> dict[str, list[SessionSample]]:
-    """Each device's last `recent` sessions with the time its steps took (oldest first): what the
-    controller holds the model's fixed cost of a round against (none from older checkpoints)."""
-    out: dict[str, list[SessionSample]] = {}
-    for record in history[-4 * recent:]:  # a device that missed most of these has little to say
-        for name, session_s in sessions(record).items():
-            d = record["devices"][name]
-            if isinstance(d.get("steps_s"), (int, float)):
-                out.setdefault(name, []).append(SessionSample(round=record["round"], split=d["split"],
-                                                              session_s=max(0.0, session_s), steps_s=d["steps_s"]))
-    return {n: v[-recent:] for n, v in out.items()}
-
-
 def upload_rate(received: Optional[tuple[int, float]]) -> Optional[float]:
     """An upload's link as the server saw it, in bytes per second: none for a body too small to
     time here (`MIN_UPLOAD_SAMPLE_BYTES`)."""
@@ -119,18 +172,6 @@ def upload_rate(received: Optional[tuple[int, float]]) -> Optional[float]:
         return None
     nbytes, seconds = received
     return nbytes / seconds if nbytes >= MIN_UPLOAD_SAMPLE_BYTES and seconds > 0 else None
-
-
-def round_overhead(history: list[dict], recent: int = 3) -> float:
-    """Seconds of a round outside the longest device session (join to accepted upload): the skew
-    of the joins, the merge and the evaluation. Mean of the last `recent` rounds after round 0
-    (its joins wait for process start-up); round 0's merge and evaluation alone while it is the
-    only one. No split or option changes it, so predictions add it to the slowest device."""
-    later = [x for x in (outside_sessions(r) for r in history if r.get("round", 0) >= 1) if x is not None][-recent:]
-    if later:
-        return sum(later) / len(later)
-    first = [r["close_s"] for r in history if isinstance(r.get("close_s"), (int, float))]
-    return max(0.0, first[-1]) if first else 0.0
 
 
 class TrainingServer:
@@ -157,13 +198,13 @@ class TrainingServer:
         self.phase = "waiting"
         self.round_started: Optional[float] = None
         self.opens_at = 0.0  # clock time from which the current round takes joins
-        self.history: list[dict] = []
+        self.history: list[RoundRecord] = []
         # Divergence: devices whose steps were refused this round for a non-finite
         # loss or gradient; DIVERGED_ROUNDS rounds in a row in which every device that joined
         # was among them end the run: phase failed, failure_reason diverged.
         self._nonfinite: set[str] = set()
         self._diverging = 0
-        self.failure: Optional[str] = None
+        self.failure: Optional[RunFailure] = None
         self.server_scale = LiveScale()
         self.server_prof = None
         self.counters: dict[str, int] = {}  # refusals and errors: status, metrics
@@ -181,9 +222,9 @@ class TrainingServer:
     # ----- authentication -------------------------------------------------------------------
     def check_device_token(self, device: str, token: Optional[str]) -> None:
         if device not in self.slots:
-            raise RoundError(f"unknown device {device[:64]!r}", 404)  # never list the job's devices
+            raise UnknownDevice(f"unknown device {device[:64]!r}")  # never list the job's devices
         if token is None or not hmac.compare_digest(token.encode(), self.tokens[device].encode()):
-            raise RoundError("missing or wrong bearer token for this device", 401)
+            raise Unauthorized("missing or wrong bearer token for this device")
 
     def check_any_token(self, token: Optional[str]) -> str:
         """Status and config may be read by any device or the controller; returns who asked."""
@@ -193,17 +234,17 @@ class TrainingServer:
             for name, secret in self.tokens.items():
                 if hmac.compare_digest(token.encode(), secret.encode()):
                     return name
-        raise RoundError("missing or unknown bearer token", 401)
+        raise Unauthorized("missing or unknown bearer token")
 
     def check_controller_token(self, token: Optional[str]) -> None:
         if not self.controller_token or token is None or not hmac.compare_digest(
                 token.encode(), self.controller_token.encode()):
-            raise RoundError("this endpoint needs the controller's bearer token", 401)
+            raise Unauthorized("this endpoint needs the controller's bearer token")
 
     # ----- round lifecycle ------------------------------------------------------------------
     def join(self, device: str, round_index: int, split: int, wait_s: float = 0.0) -> tuple[JoinReply, dict[str, torch.Tensor]]:
         """Start a round for a device; waits up to wait_s for the round to open."""
-        check_split_http(split, self.layers)
+        _check_split(split, self.layers)
         deadline = time.monotonic() + wait_s
         with self.changed:
             while self.phase != "finished" and time.monotonic() < deadline and (
@@ -214,10 +255,10 @@ class TrainingServer:
                 self.changed.wait(timeout=max(0.01, wait))
             self._check_round_open(round_index)
             if not self._accepting():
-                raise RoundError(f"round {round_index} opens in {self.opens_at - self.clock():.1f} s")
+                raise RoundNotOpen(f"round {round_index} opens in {self.opens_at - self.clock():.1f} s")
             slot = self.slots[device]
             if slot.round == round_index and (slot.uploaded is not None or slot.phase == "refused"):
-                raise RoundError(f"device {device} already finished round {round_index}")
+                raise AlreadyFinished(f"device {device} already finished round {round_index}")
             if self.round_started is None:
                 self.round_started = self.clock()
             self.phase = "training"
@@ -258,32 +299,33 @@ class TrainingServer:
         self._diverging = self._diverging + 1 if joined and joined <= self._nonfinite else 0
         self._nonfinite = set()
         if self._diverging >= DIVERGED_ROUNDS and self.failure is None:
-            self.failure = (f"training diverged: every device's loss was non-finite in rounds "
-                            f"{self.round - DIVERGED_ROUNDS + 1}..{self.round} (lr {self.cfg.training.lr} too high?)")
-            log.error("%s; stopping", self.failure)
+            self.failure = RunFailure("diverged", f"training diverged: every device's loss was non-finite in rounds "
+                                      f"{self.round - DIVERGED_ROUNDS + 1}..{self.round} "
+                                      f"(lr {self.cfg.training.lr} too high?)")
+            log.error("%s; stopping", self.failure.message)
 
     def _check_round_open(self, round_index: int) -> None:
         if self.failure is not None:
-            raise RoundError(self.failure, 410)
+            raise TrainingFailed(self.failure)
         if self.phase == "finished":
-            raise RoundError(f"training finished after {self.cfg.training.rounds} rounds", 410)
+            raise TrainingOver(f"training finished after {self.cfg.training.rounds} rounds")
         if round_index < self.round:
-            raise RoundError(f"round {round_index} is closed; the current round is {self.round}")
+            raise RoundClosed(f"round {round_index} is closed; the current round is {self.round}")
         if round_index > self.round:
-            raise RoundError(f"round {round_index} is not open yet; the current round is {self.round}")
+            raise RoundNotOpen(f"round {round_index} is not open yet; the current round is {self.round}")
 
     def _active_slot(self, device: str, round_index: int, split: int) -> DeviceSlot:
         with self.lock:
             self._check_round_open(round_index)
             slot = self.slots[device]
             if slot.round != round_index or slot.replica is None:
-                raise RoundError(f"device {device} has not joined round {round_index}")
+                raise NotJoined(f"device {device} has not joined round {round_index}")
             if slot.uploaded is not None:
-                raise RoundError(f"device {device} already uploaded its weights for round {round_index}")
+                raise AlreadyFinished(f"device {device} already uploaded its weights for round {round_index}")
             if slot.phase == "refused":
-                raise RoundError(f"device {device}'s upload for round {round_index} was refused; it sits the round out")
+                raise AlreadyFinished(f"device {device}'s upload for round {round_index} was refused; it sits the round out")
             if split != slot.split:
-                raise RoundError(f"step carries split {split} but the device joined with split {slot.split}", 422)
+                raise WrongSplit(f"step carries split {split} but the device joined with split {slot.split}")
             return slot
 
     def step(self, device: str, round_index: int, split: int, x: torch.Tensor, y: torch.Tensor,
@@ -299,20 +341,20 @@ class TrainingServer:
         self.check_step_tensors(split, x, y)
         total = x.shape[0] if total is None else total
         if not (1 <= micros <= 64 and 0 <= micro < micros and micros <= total <= self.cfg.training.batch_size):
-            raise RoundError(f"micro-batch {micro} of {micros} with {total} samples in the batch: need "
-                             f"1 <= micros <= 64, 0 <= micro < micros <= total <= {self.cfg.training.batch_size}", 422)
+            raise BadMicroBatch(f"micro-batch {micro} of {micros} with {total} samples in the batch: need "
+                                f"1 <= micros <= 64, 0 <= micro < micros <= total <= {self.cfg.training.batch_size}")
         if micros == 1 and total != x.shape[0]:
-            raise RoundError(f"a single-part batch has {x.shape[0]} samples, not total={total}", 422)
+            raise BadMicroBatch(f"a single-part batch has {x.shape[0]} samples, not total={total}")
         if x.shape[0] > total - (micros - 1):
-            raise RoundError(f"micro-batch of {x.shape[0]} samples cannot be one of {micros} parts of {total}", 422)
+            raise BadMicroBatch(f"micro-batch of {x.shape[0]} samples cannot be one of {micros} parts of {total}")
         slot = self._active_slot(device, round_index, split)
         with slot.micro_turn:
             if micros > 1 and not slot.micro_turn.wait_for(lambda: slot.micro_next >= micro, timeout=wait_s):
-                raise RoundError(f"micro-batch {micro} waited {wait_s:.0f} s for micro-batch {slot.micro_next}", 408)
+                raise TurnTimeout(f"micro-batch {micro} waited {wait_s:.0f} s for micro-batch {slot.micro_next}")
             if slot.micro_next != micro:
-                raise RoundError(f"micro-batch {micro} arrived but the server expects micro-batch {slot.micro_next}")
+                raise OutOfTurn(f"micro-batch {micro} arrived but the server expects micro-batch {slot.micro_next}")
             if slot.replica is None or slot.round != round_index:
-                raise RoundError(f"round {round_index} closed while micro-batch {micro} waited")
+                raise RoundClosed(f"round {round_index} closed while micro-batch {micro} waited")
             saved = _snapshot(slot.replica, slot.optimizer)  # a refused step leaves the replica as it was
             t0 = time.perf_counter()
             x = x.to(self.torch_device, torch.float32).detach().requires_grad_(True)
@@ -350,9 +392,9 @@ class TrainingServer:
     def activation_shape(self, split: int) -> tuple[int, ...]:
         """Per-sample shape of the activations a step at `split` carries (422 for a split out of
         range, or the local split, which has no server step)."""
-        check_split_http(split, self.layers)
+        _check_split(split, self.layers)
         if split == self.layers - 1:
-            raise RoundError("split point L-1 keeps every layer on the device: there is no server step", 422)
+            raise WrongSplit("split point L-1 keeps every layer on the device: there is no server step")
         return self.shapes[split]
 
     def check_step_tensors(self, split: int, x: torch.Tensor, y: torch.Tensor) -> None:
@@ -363,13 +405,13 @@ class TrainingServer:
         expected = self.activation_shape(split)
         batch = self.cfg.training.batch_size
         if x.dim() != 1 + len(expected) or tuple(x.shape[1:]) != expected or not 1 <= x.shape[0] <= batch:
-            raise RoundError(f"activations have shape {list(x.shape)} (rank {x.dim()}); split {split} needs "
-                             f"[1..{batch}, {', '.join(map(str, expected))}] (rank {1 + len(expected)})", 422)
+            raise BadTensor(f"activations have shape {list(x.shape)} (rank {x.dim()}); split {split} needs "
+                            f"[1..{batch}, {', '.join(map(str, expected))}] (rank {1 + len(expected)})")
         if y.dtype != torch.int64 or tuple(y.shape) != (x.shape[0],):
-            raise RoundError(f"labels must be int64 of shape [{x.shape[0]}], got {str(y.dtype).removeprefix('torch.')} "
-                             f"{list(y.shape)}", 422)
+            raise BadTensor(f"labels must be int64 of shape [{x.shape[0]}], got {str(y.dtype).removeprefix('torch.')} "
+                            f"{list(y.shape)}")
         if int(y.min()) < 0 or int(y.max()) >= self.spec.num_classes:
-            raise RoundError(f"labels must lie in 0..{self.spec.num_classes - 1}", 422)
+            raise BadTensor(f"labels must lie in 0..{self.spec.num_classes - 1}")
 
     def expected_weights(self, split: int) -> dict[str, torch.Tensor]:
         device_part, _ = split_model(self.model, split)
@@ -391,7 +433,7 @@ class TrainingServer:
         replica) must lie within `aggregation.max_update_norm` of the global model, else it is
         refused (the device sits the round out) or clipped, as the job chose.
         """
-        check_split_http(report.split, self.layers)
+        _check_split(report.split, self.layers)
         digest = upload_digest(report, weights)
         with self.lock:
             if self._repeat(device, report.round, digest):
@@ -401,12 +443,12 @@ class TrainingServer:
         if set(weights) != set(expected):
             missing = sorted(set(expected) - set(weights))[:5]
             extra = sorted(set(weights) - set(expected))[:5]
-            raise RoundError(f"weights do not match split {report.split}: missing {missing}, unexpected {extra}", 422)
+            raise BadTensor(f"weights do not match split {report.split}: missing {missing}, unexpected {extra}")
         for key, want in expected.items():
             got = weights[key]
             if tuple(got.shape) != tuple(want.shape) or got.dtype != want.dtype:
-                raise RoundError(f"weight {key} has shape {list(got.shape)} {got.dtype}, "
-                                 f"expected {list(want.shape)} {want.dtype}", 422)
+                raise BadTensor(f"weight {key} has shape {list(got.shape)} {got.dtype}, "
+                                f"expected {list(want.shape)} {want.dtype}")
             if got.is_floating_point() and not bool(torch.isfinite(got).all()):
                 raise self._refused("uploads_refused", device, f"weight {key} holds NaN or Inf")
         if report.samples > self.assigned[device]:
@@ -415,7 +457,7 @@ class TrainingServer:
         with slot.lock:  # waits for a step in flight; the replica is final once the upload is in
             replica = slot.replica
             if replica is None:
-                raise RoundError(f"round {report.round} closed before this upload", 409)
+                raise RoundClosed(f"round {report.round} closed before this upload")
             whole = {k: v.detach().clone() for k, v in weights.items()}
             whole.update({f"layers.{k}": v.detach().cpu().clone() for k, v in replica.layers.state_dict().items()})
         agg = self.cfg.aggregation
@@ -449,15 +491,15 @@ class TrainingServer:
         return True
 
     def _repeat(self, device: str, round_index: int, digest: str) -> bool:
-        """Under the lock: True when this is the upload already taken for the round; RoundError
-        (409) when the device's upload for the round was taken and this one differs."""
+        """Under the lock: True when this is the upload already taken for the round;
+        `ConflictingUpload` when the device's upload for the round was taken and this one differs."""
         accepted = self.slots[device].accepted
         if accepted is None or accepted[0] != round_index:
             return False
         if accepted[1] != digest:
             self._count("uploads_refused")
-            raise RoundError(f"device {device} already uploaded other weights for round {round_index}; "
-                             "that upload stands (one upload per device and round)", 409)
+            raise ConflictingUpload(f"device {device} already uploaded other weights for round {round_index}; "
+                                    "that upload stands (one upload per device and round)")
         self._count("uploads_repeated")
         return True
 
@@ -470,11 +512,11 @@ class TrainingServer:
         with self._counter_lock:
             self.counters[name] = self.counters.get(name, 0) + 1
 
-    def _refused(self, counter: str, device: str, why: str) -> RoundError:
-        """Log and count a refusal; returns the 422 to raise."""
+    def _refused(self, counter: str, device: str, why: str) -> UnsafeUpdate:
+        """Log and count a refusal; returns the error to raise."""
         self._count(counter)
         log.warning("device %s: %s", device, why)
-        return RoundError(why, 422)
+        return UnsafeUpdate(why)
 
     def tick(self) -> None:
         """Called periodically: closes a round whose deadline has passed. Never raises: an error
@@ -488,7 +530,7 @@ class TrainingServer:
             self._count("tick_errors")
             log.exception("round ticker: error while closing round %d", self.round)
 
-    def _close_round(self, why: str) -> None:
+    def _close_round(self, why: ClosedBy) -> None:
         """Merge, evaluate, checkpoint and open the next round. Each of these may fail without
         stopping the round from closing: the model is then kept as it was."""
         closing = self.clock()
@@ -516,15 +558,15 @@ class TrainingServer:
             log.exception("round %d: evaluation failed", self.round)
             accuracy, loss = float("nan"), float("nan")
         start = self.round_started or closing
-        record = {"round": self.round, "accuracy": accuracy, "loss": loss, "closed_by": why,
-                  "duration_s": self.clock() - start,
-                  # merge + evaluation: the per-round cost no split choice changes (telemetry's
-                  # round_overhead_s, which the controller adds to its predictions)
-                  "close_s": self.clock() - closing,
-                  "devices": {s.name: {"split": s.split, "samples": s.report.samples,
-                                       "joined_s": _offset(s.joined_at, start), "uploaded_s": _offset(s.uploaded_at, start),
-                                       **s.report.timings.model_dump()} for s in done},
-                  "missed": sorted(s.name for s in self.slots.values() if s not in done)}
+        record = RoundRecord(
+            round=self.round, accuracy=accuracy, loss=loss, closed_by=why, duration_s=self.clock() - start,
+            # merge + evaluation: the per-round cost no split choice changes (telemetry's
+            # round_overhead_s, which the controller adds to its predictions)
+            close_s=self.clock() - closing,
+            devices={s.name: DeviceRound(split=s.split, samples=s.report.samples, joined_s=_offset(s.joined_at, start),
+                                         uploaded_s=_offset(s.uploaded_at, start), **s.report.timings.model_dump())
+                     for s in done},
+            missed=sorted(s.name for s in self.slots.values() if s not in done))
         self.history.append(record)
         log.info("round %d closed (%s): accuracy %.4f, %d/%d devices", self.round, why, accuracy,
                  len(done), len(self.slots))
@@ -591,7 +633,8 @@ class TrainingServer:
         save_file({k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}, str(tmp))
         tmp.replace(weights)
         tmp_state = state.with_suffix(".tmp")
-        tmp_state.write_text(json.dumps({"round": self.round, "model": self.cfg.model, "history": self.history}))
+        tmp_state.write_text(json.dumps({"round": self.round, "model": self.cfg.model,
+                                         "history": [r.as_json() for r in self.history]}))
         tmp_state.replace(state)
 
     def _resume(self) -> None:
@@ -606,13 +649,13 @@ class TrainingServer:
             raise ValueError(f"checkpoint in {weights.parent} is for model {meta.get('model')!r}, not {self.cfg.model!r}")
         self.model.load_state_dict({k: v.to(self.torch_device) for k, v in load_file(str(weights)).items()})
         self.round = int(meta["round"])
-        self.history = list(meta.get("history", []))
+        self.history = parse_history(meta.get("history", []))
         log.info("resumed from checkpoint at round %d", self.round)
 
     # ----- reporting ------------------------------------------------------------------------
     def status(self) -> ServerStatus:
         with self.lock:
-            last = self.history[-1] if self.history else {}
+            last = self.history[-1] if self.history else None
             devices = {}
             for s in self.slots.values():
                 rep = s.last_report
@@ -625,10 +668,11 @@ class TrainingServer:
             with self._counter_lock:
                 counters = dict(self.counters)
             return ServerStatus(round=self.round, rounds=self.cfg.training.rounds, phase=self.phase,
-                                accepting=self._accepting(), accuracy=_finite_or_none(last.get("accuracy")),
-                                loss=_finite_or_none(last.get("loss")), devices=devices,
+                                accepting=self._accepting(), accuracy=_finite_or_none(last.accuracy if last else None),
+                                loss=_finite_or_none(last.loss if last else None), devices=devices,
                                 model_sha256=self.model_sha256, counters=counters,
-                                failure=self.failure, failure_reason="diverged" if self.failure else None)
+                                failure=self.failure.message if self.failure else None,
+                                failure_reason=self.failure.reason if self.failure else None)
 
     def telemetry(self) -> Telemetry:
         with self.lock:
@@ -710,11 +754,11 @@ def _finite(module: nn.Module) -> bool:
                if t.is_floating_point())
 
 
-def check_split_http(split: int, layers: int) -> None:
+def _check_split(split: int, layers: int) -> None:
     try:
         check_split(split, layers)
     except ValueError as exc:
-        raise RoundError(str(exc), 422) from None
+        raise WrongSplit(str(exc)) from None
 
 
 def read_tokens(cfg: ServerConfig) -> tuple[dict[str, str], Optional[str]]:

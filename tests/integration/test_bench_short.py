@@ -21,6 +21,7 @@ import yaml
 from ares.core.messages import Telemetry
 from ares.core.optimiser import evaluate
 from ares.roles import testbed
+from ares.roles.comparison import Comparison, VariantResult, VersusFL
 
 ROOT = Path(__file__).resolve().parents[2]
 ROUNDS = 3
@@ -242,20 +243,36 @@ def test_the_oracle_knows_the_variants_choices():
     assert oracle_round_time(testbed.oracle_problem(states, int8_k4, steps)) == oracle["straggler+int8+pipe4"]
 
 
+def variant_result(key: str, time_s: float, acc: float, **fields) -> VariantResult:
+    """A variant's result with these figures; the rest as a short adapted run might give them."""
+    v = testbed.variant_of(key)
+    figures = dict(mean_round_s=time_s, energy_per_round_j=10.0, model_energy_per_round_j=9.0, final_accuracy=acc,
+                   oracle_round_s=None, model_round_s=None, adapted_rounds=[2, 3], adapted_round_s=time_s,
+                   adapted_oracle_s=2.0, adapted_oracle_any_s=1.5, vs_oracle=time_s / 2, choice_vs_oracle=1.0,
+                   overhead_s=None, prediction_error=0.05, device_prediction_error={},
+                   worst_device_prediction_error=None)
+    return VariantResult(scenario="t", variant=key, label=v.label, mode=v.mode, policy=v.policy, codec=v.codec,
+                         micro_batches=v.micro_batches, links="tc", rounds=[], **{**figures, **fields})
+
+
+def test_ratios_are_to_fl_where_it_ran():
+    fl, other = variant_result("none", 4.0, 0.5), variant_result("straggler+int8+pipe4", 2.0, 0.489)
+    [a, b] = testbed.ratios([fl, other])
+    assert (a.result, b.result) == (fl, other)
+    assert a.vs_fl == VersusFL(1.0, 1.0, 1.0, 1.0, 0.0)
+    assert b.vs_fl == VersusFL(0.5, 1.0, 1.0, pytest.approx(0.978), pytest.approx(-1.1))
+    assert testbed.ratios([other])[0].vs_fl == VersusFL(None, None, None, None, None)  # no FL in the comparison
+    # in the JSON: one object per variant, its ratios after its result's fields
+    assert list(b.as_json()) == [*VariantResult.__dataclass_fields__, "time_vs_fl", "energy_vs_fl",
+                                 "model_energy_vs_fl", "accuracy_vs_fl", "accuracy_points_vs_fl"]
+
+
 def test_table_shows_accuracy_in_points_and_the_reference_oracle():
-    from ares.roles.bench_cmd import table
+    from ares.roles.compare_cmd import table
 
-    def variant(key, time_s, acc):
-        v = testbed.variant_of(key)
-        return {"label": v.label, "variant": key, "mode": v.mode, "codec": v.codec, "micro_batches": v.micro_batches,
-                "mean_round_s": time_s, "energy_per_round_j": 10.0, "model_energy_per_round_j": 9.0,
-                "final_accuracy": acc, "adapted_oracle_s": 2.0, "adapted_oracle_any_s": 1.5, "vs_oracle": time_s / 2,
-                "choice_vs_oracle": 1.0, "prediction_error": 0.05, "adapted_rounds": [2, 3],
-                "slower_than_profile": []}
-
-    report = {"scenario": {"name": "t"}, "links": "tc",
-              "variants": testbed.ratios([variant("none", 4.0, 0.5), variant("straggler+int8+pipe4", 2.0, 0.489)])}
-    report["variants"][0]["adapted_oracle_any_s"] = 9.0  # FL's server profile never saw a split step: left out
+    report = Comparison(testbed.Scenario.model_validate({**SCENARIO, "name": "t"}), "tc", testbed.ratios(
+        # FL's server profile never saw a split step: its reference oracle is left out
+        [variant_result("none", 4.0, 0.5, adapted_oracle_any_s=9.0), variant_result("straggler+int8+pipe4", 2.0, 0.489)]))
     text = table(report)
     row = next(line for line in text.splitlines() if line.startswith("straggler + int8 + pipe4"))
     assert "50.0%" in text and "48.9%" in row and "-1.1" in row and "0.500" in row

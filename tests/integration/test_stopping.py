@@ -179,7 +179,7 @@ def round_done(tmp: Path, folder: str, device: str) -> Callable[[], bool]:
     return lambda: log.exists() and " round 0 split " in log.read_text()
 
 
-FIRST_VARIANT_DONE = "  FL (none): mean round"  # bench_cmd's line after each variant
+FIRST_VARIANT_DONE = "  FL (none): mean round"  # compare_cmd's line after each variant
 BENCH_MOMENTS = {
     "start-up": lambda c, tmp: server_spawned(tmp, "out/none"),
     "mid-round": lambda c, tmp: round_done(tmp, "out/none", "pi"),

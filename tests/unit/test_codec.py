@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from ares.core import codec, wire
+from ares.runtime.server import status_of
 
 
 def _activation(seed: int = 0) -> torch.Tensor:
@@ -77,9 +78,9 @@ def test_zero_and_empty_tensors():
     ({}, "missing tensor 'x'"),
 ], ids=["no-scale", "scale-shape", "scale-dtype", "negative-scale", "minus-128", "scale-on-float", "int64", "missing"])
 def test_unpack_refuses(tensors, message):
-    with pytest.raises(wire.WireError, match=message.replace("[", r"\[").replace("]", r"\]")) as exc:
+    with pytest.raises(wire.Unacceptable, match=message.replace("[", r"\[").replace("]", r"\]")) as exc:
         codec.unpack(tensors, "x")
-    assert exc.value.status == 422
+    assert status_of(exc.value) == 422
 
 
 def test_unknown_codec_lists_the_accepted_ones():

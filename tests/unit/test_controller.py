@@ -9,6 +9,7 @@ from ares.core.optimiser import parse_policy
 from ares.core.profiles import PUBLISHED
 from ares.runtime.controller import Controller, FileSplitSink, decide, problem_from_telemetry
 from ares.runtime.splitfile import read_split
+from tests.unit.test_round_records import device_round, round_record
 
 NANO = PUBLISHED["jetson-nano/MAXN"]
 
@@ -139,19 +140,19 @@ def test_the_servers_figure_for_a_devices_last_upload_is_folded_into_its_uplink(
 
 
 def test_round_overhead_is_the_time_outside_the_longest_session_after_round_0():
-    from ares.runtime.training import outside_sessions, round_overhead
+    from ares.core.rounds import round_overhead
 
     def record(r, duration, sessions, close=0.2):
-        return {"round": r, "duration_s": duration, "close_s": close,
-                "devices": {f"d{i}": {"joined_s": j, "uploaded_s": u} for i, (j, u) in enumerate(sessions)}}
+        return round_record(r, duration_s=duration, close_s=close,
+                            devices={f"d{i}": device_round(joined_s=j, uploaded_s=u) for i, (j, u) in enumerate(sessions)})
 
     first = record(0, 30.0, [(0.0, 10.0), (15.0, 29.5)])  # a device started late: start-up, not overhead
-    assert outside_sessions(first) == 30.0 - 14.5
+    assert first.outside_sessions() == 30.0 - 14.5
     assert round_overhead([]) == 0.0
     assert round_overhead([first]) == 0.2  # only round 0 so far: its merge and evaluation alone
     later = [record(r, 10.0 + r, [(0.1, 9.0 + r), (0.3, 9.5 + r)]) for r in (1, 2, 3, 4)]
     assert round_overhead([first, *later]) == pytest.approx(sum(10.0 + r - 9.2 - r for r in (2, 3, 4)) / 3)
-    assert outside_sessions({"round": 1, "duration_s": 3.0, "devices": {}}) is None  # nobody uploaded
+    assert round_record(1, duration_s=3.0).outside_sessions() is None  # nobody uploaded
 
 
 def test_measured_step_time_beyond_the_model_is_charged_per_setting_it_was_measured_at():
@@ -257,7 +258,7 @@ def test_each_device_is_planned_from_the_setting_its_last_round_ran():
 def test_a_sessions_time_beyond_its_steps_and_weights_is_charged_once_per_round_at_every_split():
     from ares.core.messages import SessionSample
     from ares.core.optimiser import evaluate, session_table
-    from ares.runtime.training import recent_sessions
+    from ares.core.rounds import recent_sessions
 
     t = telemetry(2.5e6)
     base = problem_from_telemetry(t)
@@ -285,9 +286,9 @@ def test_a_sessions_time_beyond_its_steps_and_weights_is_charged_once_per_round_
 
     # the server's side: each device's recent sessions from the closed rounds' records, oldest first
     def record(r, split, joined, uploaded, steps_s=1.0):
-        return {"round": r, "devices": {"a": {"split": split, "joined_s": joined, "uploaded_s": uploaded,
-                                              "steps_s": steps_s},
-                                        "old": {"split": 1, "joined_s": 0.0, "uploaded_s": 2.0}}}
+        return round_record(r, devices={"a": device_round(split=split, joined_s=joined, uploaded_s=uploaded,
+                                                          steps_s=steps_s),
+                                        "old": device_round(split=1, joined_s=0.0, uploaded_s=2.0)})
     got = recent_sessions([record(r, r % 3, 0.5, 3.0 + r) for r in range(6)])
     assert [(x.round, x.split, x.session_s, x.steps_s) for x in got["a"]] == [
         (r, r % 3, pytest.approx(2.5 + r), 1.0) for r in (2, 3, 4, 5)]

@@ -1,11 +1,12 @@
-"""A run whose losses are only non-finite ends: phase failed, failure_reason diverged (issue 10)."""
+"""A run whose losses are only non-finite ends: phase failed, failure_reason diverged."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from ares.runtime.training import DIVERGED_ROUNDS, RoundError, TrainingServer, read_tokens
+from ares.runtime.server import status_of
+from ares.runtime.training import DIVERGED_ROUNDS, RunFailure, TrainingFailed, TrainingServer, UnsafeUpdate, read_tokens
 from tests.conftest import small_config
 
 
@@ -23,7 +24,7 @@ def blown_up_round(server: TrainingServer, clock: Clock, devices, round_index: i
     for name in devices:
         server.join(name, round_index, split)
         x = torch.full((5, *server.shapes[split]), 3e38)
-        with pytest.raises(RoundError):
+        with pytest.raises(UnsafeUpdate):
             server.step(name, round_index, split, x, torch.randint(0, 10, (5,)))
     clock.now += server.cfg.round_deadline_s + 1
     server.tick()
@@ -48,9 +49,10 @@ def test_rounds_of_only_non_finite_losses_end_the_run(tmp_path, healthy_device):
         return
     assert status.phase == "failed" and status.failure_reason == "diverged"
     assert "diverged" in status.failure and f"rounds 0..{DIVERGED_ROUNDS - 1}" in status.failure
-    with pytest.raises(RoundError) as err:  # no more rounds: devices are told to stop (410)
+    assert server.failure == RunFailure("diverged", status.failure)  # the kind of failure is a type's field
+    with pytest.raises(TrainingFailed) as err:  # no more rounds: devices are told to stop (410)
         server.join("dev-a", server.round, 3)
-    assert err.value.status == 410
+    assert err.value.failure.reason == "diverged" and status_of(err.value) == 410
 
 
 def test_non_finite_activations_count_as_divergence(tmp_path):

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
-from ares.core.messages import DeviceReport
-from ares.runtime.training import RoundError, TrainingServer, read_tokens
+from ares.core.messages import DeviceReport, StepTimings
+from ares.runtime.server import status_of
+from ares.runtime.training import RoundClosed, RoundNotOpen, TrainingOver, TrainingServer, read_tokens
 from tests.conftest import small_config
 
 
@@ -38,11 +42,11 @@ def test_deadline_closes_round_without_the_missing_device(tmp_path):
     server.tick()
     assert server.round == 1
     record = server.history[-1]
-    assert record["missed"] == ["dev-b"] and list(record["devices"]) == ["dev-a"]
-    assert record["closed_by"] == "deadline"
-    with pytest.raises(RoundError) as err:  # dev-b wakes up late
+    assert record.missed == ["dev-b"] and list(record.devices) == ["dev-a"]
+    assert record.closed_by == "deadline"
+    with pytest.raises(RoundClosed) as err:  # dev-b wakes up late
         server.join("dev-b", 0, 3)
-    assert err.value.status == 409 and "closed" in str(err.value)
+    assert status_of(err.value) == 409 and "closed" in str(err.value)
     assert server.status().devices["dev-b"].phase == "idle"
 
 
@@ -52,21 +56,21 @@ def test_all_devices_done_closes_at_once_and_late_steps_are_refused(tmp_path):
     server = TrainingServer(cfg, *read_tokens(cfg), profile=False, clock=clock)
     one_device_round(server, "dev-a", 0, split=3)
     one_device_round(server, "dev-b", 0, split=5)
-    assert server.round == 1 and server.history[0]["closed_by"] == "all devices done"
+    assert server.round == 1 and server.history[0].closed_by == "all devices done"
     # the gap: round 1 exists but takes no joins until the controller has had its chance
     assert not server.status().accepting
-    with pytest.raises(RoundError, match="opens in"):
+    with pytest.raises(RoundNotOpen, match="opens in"):
         server.join("dev-a", 1, 3)
     clock.now += cfg.round_gap_s
     assert server.status().accepting
-    with pytest.raises(RoundError, match="closed"):
+    with pytest.raises(RoundClosed, match="closed"):
         server.step("dev-a", 0, 3, torch.randn(2, 64, 8, 8), torch.zeros(2, dtype=torch.long))
     one_device_round(server, "dev-a", 1)
     one_device_round(server, "dev-b", 1)
     assert server.phase == "finished"
-    with pytest.raises(RoundError) as err:
+    with pytest.raises(TrainingOver) as err:
         server.join("dev-a", 2, 3)
-    assert err.value.status == 410
+    assert status_of(err.value) == 410
 
 
 def test_restarted_server_resumes_from_its_checkpoint(tmp_path):
@@ -76,6 +80,11 @@ def test_restarted_server_resumes_from_its_checkpoint(tmp_path):
     trained = first.global_state()
     second = TrainingServer(cfg, *read_tokens(cfg), profile=False)
     assert second.round == 1 and len(second.history) == 1
+    assert second.history == first.history
+    # the checkpoint's history is the JSON records have always been: these keys, in this order
+    stored = json.loads((Path(cfg.checkpoint_dir) / "state.json").read_text())["history"][0]
+    assert list(stored) == ["round", "accuracy", "loss", "closed_by", "duration_s", "close_s", "devices", "missed"]
+    assert list(stored["devices"]["dev-a"]) == ["split", "samples", "joined_s", "uploaded_s", *StepTimings.model_fields]
     for key, value in trained.items():
         assert torch.equal(second.global_state()[key], value), key
     fresh = TrainingServer(cfg.model_copy(update={"checkpoint_dir": str(tmp_path / "other")}), *read_tokens(cfg), profile=False)

@@ -10,7 +10,8 @@ import torch
 from ares.core.config import LimitsConfig, ServerConfig, TrainingConfig
 from ares.core.messages import DeviceReport
 from ares.runtime.limits import BODIES_PER_DEVICE, device_budget, largest_body
-from ares.runtime.training import RoundError, TrainingServer, read_tokens, upload_digest
+from ares.runtime.server import status_of
+from ares.runtime.training import ConflictingUpload, TrainingServer, read_tokens, upload_digest
 from tests.conftest import ROOT, small_config
 
 MIB = 1 << 20
@@ -91,17 +92,17 @@ def test_the_same_upload_twice_is_taken_once_and_a_different_one_refused(trainer
     assert trainer.upload("dev-a", report(), w) is True
     taken = trainer.slots["dev-a"].uploaded
     assert trainer.upload("dev-a", report(), {k: v.clone() for k, v in w.items()}) is False
-    with pytest.raises(RoundError) as refused:
+    with pytest.raises(ConflictingUpload) as refused:
         trainer.upload("dev-a", report(), weights(trainer, 0.02))
-    assert refused.value.status == 409 and "already uploaded other weights" in str(refused.value)
-    with pytest.raises(RoundError) as other_report:
+    assert status_of(refused.value) == 409 and "already uploaded other weights" in str(refused.value)
+    with pytest.raises(ConflictingUpload) as other_report:
         trainer.upload("dev-a", report(samples=20), w)
-    assert other_report.value.status == 409
+    assert status_of(other_report.value) == 409
     assert trainer.slots["dev-a"].uploaded is taken and trainer.slots["dev-a"].weight == 10.0
     assert trainer.counters == {"uploads_repeated": 1, "uploads_refused": 2}
     # the round closes: the repeat is still answered as the first was, a different one refused
     assert trainer.upload("dev-b", report(), weights(trainer, 0.03)) is True
     assert trainer.round == 1
     assert trainer.upload("dev-a", report(), w) is False
-    with pytest.raises(RoundError):
+    with pytest.raises(ConflictingUpload):
         trainer.upload("dev-a", report(), weights(trainer, 0.02))

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from ares.core import wire
+from ares.runtime.server import status_of
 
 
 def test_round_trip_keeps_values_dtypes_shapes_and_meta():
@@ -47,13 +48,13 @@ def test_damaged_frames_are_refused(mutate, status):
     body = wire.encode({"x": torch.randn(4, 4)})
     with pytest.raises(wire.WireError) as err:
         wire.decode(bytearray(mutate(body)))
-    assert err.value.status == status
+    assert type(err.value) is wire.WireError and status_of(err.value) == status
 
 
 def test_size_cap_is_413():
     with pytest.raises(wire.WireError) as err:
         wire.decode(bytearray(wire.encode({"x": torch.randn(1024)})), max_bytes=1000)
-    assert err.value.status == 413
+    assert isinstance(err.value, wire.FrameTooLarge) and status_of(err.value) == 413
 
 
 def test_expect_checks_names_dtypes_shapes():
@@ -73,9 +74,9 @@ def test_any_nan_or_inf_is_refused_and_huge_finite_values_are_not(dtype, bad):
     """The finite check sums first (fast); a sum that overflows must not refuse finite values."""
     x = torch.randn(1000).to(dtype)
     x[[17, 901][:len(bad)]] = torch.tensor(bad, dtype=dtype)
-    with pytest.raises(wire.WireError, match="NaN or Inf") as err:
+    with pytest.raises(wire.NonFinite, match="NaN or Inf") as err:
         wire.decode(bytearray(wire.encode({"x": x})))
-    assert err.value.status == 422
+    assert status_of(err.value) == 422
     huge = torch.full((1000,), torch.finfo(dtype).max, dtype=dtype)  # its sum overflows; every value is finite
     assert torch.equal(wire.decode(bytearray(wire.encode({"x": huge}))).tensors["x"], huge)
 

@@ -1,4 +1,4 @@
-"""`ares bench SCENARIO`: one scenario under every policy, side by side, on the emulated testbed.
+"""`ares bench SCENARIO`: the testbed comparison, one scenario under every policy, side by side.
 
 Runs FL (`none`), classic split learning (one fixed split), the published `ares` policy,
 `straggler`, `straggler` with fp16 activations and `straggler` with pipelined steps (fp32 and
@@ -13,10 +13,14 @@ A policy is `none`, `fixed:N`, `ares` or `straggler`, optionally followed by `+f
 order: `straggler+int8+pipe4`.
 Writes comparison.json, round_time.png and split_timeline.png next to each run's own folder.
 
-Ctrl-C, SIGTERM or SIGHUP at any moment ends every process the bench started and removes its
-network namespaces and veths (ares-ns<i>-<tag>, ares-h<i>-<tag>: named after the bench process)
-before it exits. After a SIGKILL, `ares bench --cleanup` removes what was left.
+Ctrl-C, SIGTERM or SIGHUP at any moment ends every process `ares bench` started and removes its
+network namespaces and veths (ares-ns<i>-<tag>, ares-h<i>-<tag>: named after the `ares bench`
+process) before it exits. After a SIGKILL, `ares bench --cleanup` removes what was left.
 """
+
+# Names: the command is `ares bench`; in the code what it runs is the testbed *comparison*
+# (ares.roles.testbed runs it, ares.roles.comparison holds its results, this module prints them),
+# and "bench" means only the benchmark scripts under bench/.
 
 from __future__ import annotations
 
@@ -25,6 +29,8 @@ import json
 import sys
 from pathlib import Path
 from typing import Any, Optional
+
+from ares.roles.comparison import Comparison, VariantResult
 
 
 def run(args: argparse.Namespace) -> int:
@@ -35,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.scenario:
         raise ValueError("a scenario is needed (or --cleanup)")
     with stop_on_signals():  # from here on a stop signal unwinds: what is started is ended
-        return _bench(args)
+        return _compare(args)
 
 
 def cleanup() -> int:
@@ -52,7 +58,7 @@ def cleanup() -> int:
     return 0
 
 
-def _bench(args: argparse.Namespace) -> int:
+def _compare(args: argparse.Namespace) -> int:
     from ares.roles.testbed import load_scenario
 
     scenario = load_scenario(args.scenario)
@@ -72,10 +78,9 @@ def _bench(args: argparse.Namespace) -> int:
     out = Path(args.out or f"results/bench/{scenario.name}")
     from ares.roles.testbed import compare, reanalyse
 
-    def progress(v: dict) -> None:
+    def progress(v: VariantResult) -> None:
         if not args.json:
-            print(f"  {v['label']}: mean round {v['mean_round_s']:.2f} s, final accuracy {v['final_accuracy']:.4f}",
-                  flush=True)
+            print(f"  {v.label}: mean round {v.mean_round_s:.2f} s, final accuracy {v.final_accuracy:.4f}", flush=True)
 
     if not args.json:
         print(f"scenario {scenario.name}: {len(scenario.devices)} devices, {scenario.training.rounds} rounds, "
@@ -92,7 +97,7 @@ def _bench(args: argparse.Namespace) -> int:
         return 2
     plot(report, out)
     if args.json:
-        print(json.dumps(report, indent=2))
+        print(json.dumps(report.as_json(), indent=2))
     else:
         print(table(report))
         print(f"results: {out}/comparison.json, {out}/round_time.png, {out}/split_timeline.png")
@@ -103,23 +108,24 @@ def _f(value: Optional[float], fmt: str) -> str:
     return "-" if value is None else format(value, fmt)
 
 
-def table(report: dict) -> str:
+def table(report: Comparison) -> str:
     """The comparison as plain text (one row per policy; ratios are measured side by side)."""
-    links = {"tc": "tc htb in network namespaces", "inprocess": "IN-PROCESS rate limit (no root: not tc)"}[report["links"]]
+    links = {"tc": "tc htb in network namespaces", "inprocess": "IN-PROCESS rate limit (no root: not tc)"}[report.links]
     head = ["policy", "round s", "x FL", "J/round", "x FL", "model J x FL", "accuracy", "pts vs FL",
             "oracle s", "x oracle", "choice x oracle", "pred err", "worst dev err"]
-    rows = [[v["label"], _f(v["mean_round_s"], ".2f"), _f(v["time_vs_fl"], ".3f"), _f(v["energy_per_round_j"], ".1f"),
-             _f(v["energy_vs_fl"], ".3f"), _f(v["model_energy_vs_fl"], ".3f"),
-             "-" if v["final_accuracy"] is None else f"{v['final_accuracy'] * 100:.1f}%",
-             _f(v.get("accuracy_points_vs_fl"), "+.1f"), _f(v["adapted_oracle_s"], ".2f"), _f(v["vs_oracle"], ".3f"),
-             _f(v["choice_vs_oracle"], ".3f"),
-             "-" if v["prediction_error"] is None else f"{v['prediction_error'] * 100:.1f}%",
-             "-" if v.get("worst_device_prediction_error") is None else f"{v['worst_device_prediction_error'] * 100:.1f}%"]
-            for v in report["variants"]]
+    rows = [[v.label, _f(v.mean_round_s, ".2f"), _f(fl.time_vs_fl, ".3f"), _f(v.energy_per_round_j, ".1f"),
+             _f(fl.energy_vs_fl, ".3f"), _f(fl.model_energy_vs_fl, ".3f"),
+             "-" if v.final_accuracy is None else f"{v.final_accuracy * 100:.1f}%",
+             _f(fl.accuracy_points_vs_fl, "+.1f"), _f(v.adapted_oracle_s, ".2f"), _f(v.vs_oracle, ".3f"),
+             _f(v.choice_vs_oracle, ".3f"),
+             "-" if v.prediction_error is None else f"{v.prediction_error * 100:.1f}%",
+             "-" if v.worst_device_prediction_error is None else f"{v.worst_device_prediction_error * 100:.1f}%"]
+            for v, fl in ((c.result, c.vs_fl) for c in report.variants)]
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
-    lines = [f"scenario {report['scenario']['name']}, links: {links}"]
+    lines = [f"scenario {report.scenario.name}, links: {links}"]
     lines += ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in [head, *rows]]
-    adapted = report["variants"][0]["adapted_rounds"] if report["variants"] else []
+    results = [c.result for c in report.variants]
+    adapted = results[0].adapted_rounds if results else []
     lines += [
         ("round s, J/round: measured means over rounds 1.. (round 0 includes process start-up); J/round is each "
          "device's power model x its measured compute and transfer times"),
@@ -132,46 +138,46 @@ def table(report: dict) -> str:
         "worst dev err: the same for each device's session (join to upload), the worst single device and round",
     ]
     # FL's server never runs a split step, so its server profile is the start-up self-profile: left out
-    best = [v["adapted_oracle_any_s"] for v in report["variants"] if v.get("adapted_oracle_any_s") and v["mode"] != "none"]
+    best = [v.adapted_oracle_any_s for v in results if v.adapted_oracle_any_s and v.mode != "none"]
     if best:
         span = f"{min(best):.2f}" if max(best) - min(best) < 0.005 else f"{min(best):.2f}-{max(best):.2f}"
         lines.append(f"oracle over every codec (fp32, fp16, int8) and k in 1, 2, 4, 8 per device: {span} s per round "
                      "(the best any variant could reach in this model, with each split run's measured server)")
-    for v in report["variants"]:
-        if v["slower_than_profile"]:
-            lines.append(f"warning: {v['label']}: this machine was slower than the emulated profile of "
-                         f"{', '.join(v['slower_than_profile'])}: those steps took the real time")
+    for v in results:
+        if v.slower_than_profile:
+            lines.append(f"warning: {v.label}: this machine was slower than the emulated profile of "
+                         f"{', '.join(v.slower_than_profile)}: those steps took the real time")
     return "\n".join(lines)
 
 
-def plot(report: dict, out: Path) -> None:
+def plot(report: Comparison, out: Path) -> None:
     """round_time.png: measured round time per policy with the oracle; split_timeline.png: splits per device."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    variants = report["variants"]
+    variants = [c.result for c in report.variants]
     fig, ax = plt.subplots(figsize=(9, 4.5))
     for v in variants:
-        ax.plot([r["round"] for r in v["rounds"]], [r["measured_s"] for r in v["rounds"]], marker="o", label=v["label"])
-    ref = next((v for v in variants if v["codec"] == "fp32" and v.get("micro_batches", 1) == 1 and all(r["oracle_s"] for r in v["rounds"])), None)
+        ax.plot([r.round for r in v.rounds], [r.measured_s for r in v.rounds], marker="o", label=v.label)
+    ref = next((v for v in variants if v.codec == "fp32" and v.micro_batches == 1 and all(r.oracle_s for r in v.rounds)), None)
     if ref:
-        ax.plot([r["round"] for r in ref["rounds"]], [r["oracle_s"] for r in ref["rounds"]], "k--", label="oracle (fp32)")
-    ax.set(xlabel="round", ylabel="seconds", title=f"Round time, scenario {report['scenario']['name']} ({report['links']} links)")
+        ax.plot([r.round for r in ref.rounds], [r.oracle_s for r in ref.rounds], "k--", label="oracle (fp32)")
+    ax.set(xlabel="round", ylabel="seconds", title=f"Round time, scenario {report.scenario.name} ({report.links} links)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "round_time.png", dpi=100)
     plt.close(fig)
 
-    names = [d["name"] for d in report["scenario"]["devices"]]
-    top = max((s for v in variants for r in v["rounds"] for s in r["splits"].values()), default=0)
+    names = [d.name for d in report.scenario.devices]
+    top = max((s for v in variants for r in v.rounds for s in r.splits.values()), default=0)
     fig, axes = plt.subplots(len(variants), 1, figsize=(9, 1.9 * len(variants) + 0.6), sharex=True, squeeze=False)
     for ax, v in zip(axes[:, 0], variants):
         for n in names:
-            pts = [(r["round"], r["splits"][n]) for r in v["rounds"] if n in r["splits"]]
+            pts = [(r.round, r.splits[n]) for r in v.rounds if n in r.splits]
             ax.step([p[0] for p in pts], [p[1] for p in pts], where="post", marker=".", label=n)
-        ax.set(ylabel="split", title=v["label"], ylim=(-0.4, top + 0.4), yticks=range(top + 1))
+        ax.set(ylabel="split", title=v.label, ylim=(-0.4, top + 0.4), yticks=range(top + 1))
         ax.title.set_fontsize(9)
     axes[0, 0].legend(fontsize=7, ncol=len(names))
     axes[-1, 0].set_xlabel("round")
