@@ -35,9 +35,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ares.core.energy import power_model  # noqa: E402
-from ares.core.optimiser import (  # noqa: E402
-    AresPolicy, DeviceInput, FixedPolicy, NonePolicy, Problem, StragglerPolicy, model_costs,
-)
+from ares.core.costmodel import DeviceInput, Problem, model_costs  # noqa: E402
+from ares.core.optimiser import AresPolicy, FixedPolicy, NonePolicy, StragglerPolicy  # noqa: E402
 from ares.core.profiles import PUBLISHED, ServerProfile, derive_power_mode  # noqa: E402
 from ares.core.rounds import RoundRecord  # noqa: E402
 

@@ -1,45 +1,12 @@
-"""Choose every device's split point from profiles, throughputs and power: a pure function.
+"""Choose every device's split point (and step option): the policies, a pure function.
 
-The cost model (per device i at split s; one "iteration" is one batch):
-
-    device_s(s)    = fwd[s] + bwd[s]                       (device part, from its ComputeProfile)
-    server_s(s)    = server.fwd[s] + server.bwd[s]          (server part; 0 at s = L-1)
-    up_s(s)        = up_bytes[s] / up_bps                   (activations + labels, device -> server)
-    down_s(s)      = down_bytes[s] / down_bps               (their gradient, server -> device)
-    iteration_s(s) = device_s + server_s + up_s + down_s + latency     (k = 1: one request per batch)
-    round_s(s)     = iterations * iteration_s(s) + weight_bytes[s] / down_bps + weight_bytes[s] / up_bps
-                     + 2 * latency + session_overhead               (join and upload requests)
-    E_iteration(s) = P_compute * device_s + P_tx * up_s + P_rx * down_s
-    E_round(s)     = iterations * E_iteration(s) + P_rx * weight_bytes[s] / down_bps + P_tx * weight_bytes[s] / up_bps
-
-Byte counts are true: 4 bytes per fp32 value (2 for fp16, 1 for int8), labels included
-(`model_costs`). `latency` is a device's per-request overhead in seconds (`DeviceInput.latency_s`);
-`step_overhead` (`DeviceInput.step_overhead_s`) is what a device's offloaded steps took beyond
-this model, measured (codec work, framing, a busy server), added to every iteration that
-offloads (s < L-1); `session_overhead` (`DeviceInput.session_overhead_s`) is what its sessions
-took beyond their steps and this model's weight transfers, measured (encoding, decoding and
-checking the weights, building the device part), added once per round at every split.
-The round of the whole fleet lasts as long as its slowest device; its energy is the sum.
-
-Pipelined steps (k micro-batches per batch, `Option.micro_batches`). Per micro-batch the stages
-take f = fwd/k, u = up/k + latency, v = server/k, d = down/k, b = bwd/k. The device runs all k
-forwards first (each sent as soon as it exists), then each backward as its gradient arrives.
-Forward, uplink, server and downlink form a flow shop of k identical jobs, so micro-batch j
-leaves the downlink at A + (j-1) M with A = f + u + v + d and M the slowest of those stages
-(full duplex: max(f, u, v, d); half duplex, where up and down share one rate: max(f, u + d, v)).
-The backwards then end at
-
-    iteration_s = max(k (f + b),  A + k b,  A + (k-1) M + b)
-
-(exact for full duplex: `tests/unit/test_pipeline_model.py` checks it against an event-driven
-simulation of the same schedule; for half duplex it is the flow-shop approximation, checked
-against the simulation within a stated bound). k = 1 gives the sequential step above. Energy
-does not depend on k: the same compute, the same bytes.
-
-Options. A problem may offer several (codec, k) `Option`s, each with its own byte counts; the
-policies then choose a split *and* an option per device (a column of the (devices x options
-x splits) cost matrix), restricted per device by `DeviceInput.codecs` / `.micro_batches`.
-At the last split nothing travels, so only the first option is offered there.
+A policy decides over a `Problem` and its cost model (ares.core.costmodel: the predicted time
+and energy of every device at every split and option). `choose` gives one split per device
+(vectorised with numpy over devices x columns), `choose_columns` the (option, split) `Column`
+of each, and `decide` a `Plan` with the cost model's predictions for them. Weighting and
+normalising are module functions (`weighted_cost`, `row_norm`), tested on their own.
+`parse_policy` turns a policy's name into one; `oracle_round_time` is the best round any
+choice could give.
 
 Policies (all respect a device's `pinned_split`):
 - `ares`: the published rule, per device, over all splits and per iteration:
@@ -70,240 +37,22 @@ older figures, and on near-ties the choice otherwise followed the noise of the e
 The round time is never given up for it; a real change (a power mode, a link that falls)
 moves costs far more than 10%.
 
-A policy only chooses splits (`choose`: one integer per device, vectorised with numpy over
-devices x splits); `decide` turns them into a `Plan` through the same cost model that
-`evaluate` applies to any assignment, so the predictions of every policy are comparable.
+A policy only chooses columns; `decide` turns them into a `Plan` through the same cost model
+(`plan_columns`) that `evaluate` applies to any assignment, so the predictions of every policy
+are comparable.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass, replace
-from typing import Any, ClassVar, Mapping, Protocol, Sequence
+from dataclasses import dataclass
+from typing import ClassVar, Protocol
 
 import numpy as np
 
-from ares.core.energy import PowerModel
-from ares.core.profiles import ComputeProfile, ServerProfile
-
-
-@dataclass(frozen=True)
-class ModelCosts:
-    """Bytes moved per batch for each split (already codec-aware) and device-side weight bytes per split."""
-
-    up_bytes: tuple[int, ...]  # activations of layer s for one batch + labels; 0 at s = L-1
-    down_bytes: tuple[int, ...]  # gradient of those activations; 0 at s = L-1
-    weight_bytes: tuple[int, ...]  # device-side params+buffers for split s (down at join, up at round end)
-
-    def __post_init__(self) -> None:
-        lengths = {len(self.up_bytes), len(self.down_bytes), len(self.weight_bytes)}
-        if len(lengths) != 1 or not self.up_bytes:
-            raise ValueError(f"ModelCosts lists must be non-empty and equally long, got lengths {sorted(lengths)}")
-        for name in ("up_bytes", "down_bytes", "weight_bytes"):
-            values = tuple(int(v) for v in getattr(self, name))
-            if any(v < 0 for v in values):
-                raise ValueError(f"ModelCosts.{name} must be >= 0, got {values}")
-            object.__setattr__(self, name, values)
-        if self.up_bytes[-1] or self.down_bytes[-1]:
-            raise ValueError("ModelCosts: nothing travels per batch at the last split (all on the device)")
-
-    @property
-    def n_splits(self) -> int:
-        return len(self.weight_bytes)
-
-
-CODEC_BYTES = {"fp32": 4, "fp16": 2, "int8": 1}  # bytes per value on the wire (int8's per-channel scale is negligible)
-DUPLEX = ("full", "half")
-# Link rates a device may have, bytes/s (8 mbit/s .. 8 Tbit/s): outside them the cost model's
-# seconds and joules lose all meaning (1e-300 B/s overflows to inf), so they are refused.
-MIN_BPS, MAX_BPS = 1e-3, 1e12
-
-
-@dataclass(frozen=True)
-class Option:
-    """One way to run a split step: the wire codec, micro-batches per batch, and the bytes that follow."""
-
-    codec: str
-    micro_batches: int
-    model: "ModelCosts"
-
-    def __post_init__(self) -> None:
-        if self.codec not in CODEC_BYTES:
-            raise ValueError(f"unknown codec {self.codec!r}; accepted: {', '.join(CODEC_BYTES)}")
-        if isinstance(self.micro_batches, bool) or not isinstance(self.micro_batches, int) or self.micro_batches < 1:
-            raise ValueError(f"micro_batches must be an integer >= 1, got {self.micro_batches!r}")
-
-    @property
-    def label(self) -> str:
-        return self.codec + (f"/k{self.micro_batches}" if self.micro_batches > 1 else "")
-
-
-def options_for(activation_numel: Sequence[int], weight_bytes: Sequence[int], batch_size: int,
-                codecs: Sequence[str] = ("fp32",), micro_batches: Sequence[int] = (1,)) -> tuple[Option, ...]:
-    """Every (codec, k) pair the job allows, each with its byte counts; the first is the default."""
-    return tuple(Option(c, k, model_costs(activation_numel, weight_bytes, batch_size, CODEC_BYTES[c]))
-                 for c in codecs for k in micro_batches)
-
-
-def model_costs(activation_numel: Sequence[int], weight_bytes: Sequence[int], batch_size: int,
-                codec_bytes: int = 4, label_bytes: int = 8) -> ModelCosts:
-    """Per-batch bytes for every split from values per sample after each layer.
-
-    `activation_numel` may list L-1 layers or all L (the last one's output never travels).
-    Up carries activations plus one label per sample (int64 by default); down their gradient.
-    """
-    n = len(weight_bytes)
-    numel = list(activation_numel)
-    if len(numel) == n:
-        numel = numel[:-1]
-    if len(numel) != n - 1:
-        raise ValueError(f"activation_numel has {len(activation_numel)} entries; with {n} splits "
-                         f"it needs {n - 1} or {n}")
-    if batch_size < 1 or codec_bytes < 1 or label_bytes < 0:
-        raise ValueError("batch_size and codec_bytes must be >= 1 and label_bytes >= 0")
-    up = tuple(batch_size * (v * codec_bytes + label_bytes) for v in numel) + (0,)
-    down = tuple(batch_size * v * codec_bytes for v in numel) + (0,)
-    return ModelCosts(up, down, tuple(weight_bytes))
-
-
-@dataclass(frozen=True)
-class DeviceInput:
-    """Everything the optimiser knows about one device."""
-
-    name: str
-    compute: ComputeProfile
-    up_bps: float  # bytes per second, device -> server
-    down_bps: float  # bytes per second, server -> device
-    power: PowerModel
-    iterations: int  # batches per round
-    alpha: float | None = None  # this device's time weight (energy sensitivity = 1 - alpha); None -> policy's
-    pinned_split: int | None = None
-    duplex: str = "full"  # "half": up and down share one rate (Wi-Fi); up_bps is that rate
-    latency_s: float = 0.0  # per request (one per micro-batch, plus join and upload)
-    step_overhead_s: float = 0.0  # per offloaded iteration, measured beyond the model (controller)
-    # or one figure per (option, split) column of the problem (option-major), where known per column
-    step_overheads: tuple[float, ...] | None = None
-    session_overhead_s: float = 0.0  # per round, measured beyond its steps and the weights' transfer (controller)
-    codecs: tuple[str, ...] | None = None  # options this device may take (None: every option of the problem)
-    micro_batches: tuple[int, ...] | None = None
-    current: int | None = None  # the column (option * S + split) it runs now: kept unless clearly beaten
-
-    def __post_init__(self) -> None:
-        if self.duplex not in DUPLEX:
-            raise ValueError(f"device {self.name!r}: duplex must be one of {DUPLEX}, got {self.duplex!r}")
-        if not math.isfinite(self.latency_s) or self.latency_s < 0:
-            raise ValueError(f"device {self.name!r}: latency_s must be >= 0 seconds, got {self.latency_s!r}")
-        if not math.isfinite(self.step_overhead_s) or self.step_overhead_s < 0:
-            raise ValueError(f"device {self.name!r}: step_overhead_s must be >= 0 seconds, got {self.step_overhead_s!r}")
-        if not math.isfinite(self.session_overhead_s) or self.session_overhead_s < 0:
-            raise ValueError(f"device {self.name!r}: session_overhead_s must be >= 0 seconds, "
-                             f"got {self.session_overhead_s!r}")
-        if self.step_overheads is not None and not all(math.isfinite(v) and v >= 0 for v in self.step_overheads):
-            raise ValueError(f"device {self.name!r}: step_overheads must be finite seconds >= 0")
-        for name in ("up_bps", "down_bps"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not MIN_BPS <= value <= MAX_BPS:
-                raise ValueError(f"device {self.name!r}: {name} must be within {MIN_BPS:g}..{MAX_BPS:g} bytes/s "
-                                 f"({MIN_BPS * 8e-6:g}..{MAX_BPS * 8e-6:g} Mbit/s), got {value!r}")
-        if isinstance(self.iterations, bool) or not isinstance(self.iterations, int) or self.iterations < 0:
-            raise ValueError(f"device {self.name!r}: iterations must be an integer >= 0, got {self.iterations!r}")
-        if self.alpha is not None:
-            _check_alpha(self.alpha)
-
-
-@dataclass(frozen=True)
-class Problem:
-    """A fleet, the server and the model: the whole input of a decision."""
-
-    devices: tuple[DeviceInput, ...]
-    server: ServerProfile
-    model: ModelCosts
-    options: tuple[Option, ...] = ()  # (codec, k) choices; empty: one, (codec, 1) with `model`
-    codec: str = "fp32"  # the codec `model`'s byte counts are for
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "devices", tuple(self.devices))
-        if not self.devices:
-            raise ValueError("a problem needs at least one device")
-        if not self.options:
-            object.__setattr__(self, "options", (Option(self.codec, 1, self.model),))
-        object.__setattr__(self, "options", tuple(self.options))
-        n = self.model.n_splits
-        if any(o.model.n_splits != n for o in self.options):
-            raise ValueError(f"every option's byte counts need {n} splits")
-        labels = [(o.codec, o.micro_batches) for o in self.options]
-        if len(set(labels)) != len(labels):
-            raise ValueError(f"options repeat a (codec, micro_batches) pair: {labels}")
-        if self.server.n_splits != n:
-            raise ValueError(f"server profile has {self.server.n_splits} splits, the model {n}")
-        names = [d.name for d in self.devices]
-        if len(set(names)) != len(names):
-            dupes = sorted({x for x in names if names.count(x) > 1})
-            raise ValueError(f"device names must be unique; repeated: {dupes}")
-        for d in self.devices:
-            if d.compute.n_splits != n:
-                raise ValueError(f"device {d.name!r}: profile has {d.compute.n_splits} splits, the model {n}")
-            if d.step_overheads is not None and len(d.step_overheads) != n * len(self.options):
-                raise ValueError(f"device {d.name!r}: step_overheads needs one figure per option and split "
-                                 f"({len(self.options)} x {n}), got {len(d.step_overheads)}")
-            if d.compute.batch_size != self.server.batch_size:
-                raise ValueError(f"device {d.name!r}: profile is for batch {d.compute.batch_size}, the server's "
-                                 f"for {self.server.batch_size}; rescale one (profile.rescaled(batch))")
-            if d.pinned_split is not None:
-                _check_split(d.pinned_split, n, f"device {d.name!r}: pinned split")
-            if d.current is not None and not 0 <= d.current < n * len(self.options):
-                raise ValueError(f"device {d.name!r}: current column {d.current} is not one of the "
-                                 f"{n * len(self.options)} (option x split) columns")
-
-    @property
-    def n_splits(self) -> int:
-        return self.model.n_splits
-
-
-@dataclass(frozen=True)
-class DevicePlan:
-    """One device's split and its predicted costs (the four times are per iteration)."""
-
-    name: str
-    split: int
-    iteration_s: float
-    round_s: float
-    energy_iteration_j: float
-    energy_round_j: float
-    device_s: float
-    server_s: float
-    up_s: float
-    down_s: float
-    energy_source: str = "modelled"  # "measured" when the power model came from a sensor
-    codec: str = "fp32"
-    micro_batches: int = 1
-
-
-@dataclass(frozen=True)
-class Plan:
-    """A decision for the whole fleet: the round lasts as long as the slowest device."""
-
-    policy: str
-    devices: tuple[DevicePlan, ...]
-    round_s: float
-    energy_round_j: float
-    server_shared: bool = False
-
-    def split_of(self, name: str) -> int:
-        for d in self.devices:
-            if d.name == name:
-                return d.split
-        raise KeyError(f"no device {name!r} in this plan; devices: {[d.name for d in self.devices]}")
-
-    @property
-    def splits(self) -> dict[str, int]:
-        return {d.name: d.split for d in self.devices}
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"policy": self.policy, "round_s": self.round_s, "energy_round_j": self.energy_round_j,
-                "server_shared": self.server_shared,
-                "devices": [dict(d.__dict__) for d in self.devices]}
+from ares.core.costmodel import (Column, CostInputs, Plan, Problem, allowed_columns, check_alpha, check_split,
+                                 cost_matrices, plan_columns, valid_columns)
 
 
 class SplitPolicy(Protocol):
@@ -313,140 +62,6 @@ class SplitPolicy(Protocol):
 
     def choose(self, problem: Problem) -> np.ndarray: ...
 
-
-def _check_alpha(alpha: float) -> float:
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha (time weight) must be within 0..1, got {alpha!r}")
-    return float(alpha)
-
-
-def _check_split(split: int, n: int, what: str) -> int:
-    if isinstance(split, bool) or not isinstance(split, (int, np.integer)) or not 0 <= split < n:
-        raise ValueError(f"{what} {split!r} is out of range: valid split points are 0..{n - 1} "
-                         f"({n - 1} keeps every layer on the device)")
-    return int(split)
-
-
-# ---- the cost model, vectorised over devices (rows) and columns (options x splits) -----------
-# Column c is option c // S at split c % S; with one option the columns are the splits.
-
-@dataclass(frozen=True)
-class _Inputs:
-    """The problem as arrays: one row per device; per option, one column per split."""
-
-    fwd: np.ndarray  # (N, S)
-    bwd: np.ndarray  # (N, S)
-    server_s: np.ndarray  # (S,)
-    up_bytes: np.ndarray  # (O, S)
-    down_bytes: np.ndarray  # (O, S)
-    micro: np.ndarray  # (O,)
-    weight_bytes: np.ndarray  # (S,)
-    up_bps: np.ndarray  # (N, 1)
-    down_bps: np.ndarray  # (N, 1)
-    iterations: np.ndarray  # (N, 1)
-    power: np.ndarray  # (N, 3): compute, tx, rx watts
-    latency: np.ndarray  # (N, 1)
-    session: np.ndarray  # (N, 1) seconds per round beyond steps and weights (session_overhead_s)
-    step_overhead: np.ndarray  # (N, options x splits), 0 at the last split
-    half: np.ndarray  # (N, 1) bool
-    names: tuple[str, ...]  # for errors
-
-    @classmethod
-    def of(cls, problem: Problem) -> "_Inputs":
-        d, m = problem.devices, problem.model
-        n, s = len(d), problem.n_splits
-
-        def matrix(values: Any, width: int) -> np.ndarray:  # fromiter over a flat stream: fast for big fleets
-            return np.fromiter(itertools.chain.from_iterable(values), float, n * width).reshape(n, width)
-
-        def column(values: Any) -> np.ndarray:
-            return np.fromiter(values, float, n)[:, None]
-
-        opts = problem.options
-        return cls(
-            fwd=matrix((x.compute.fwd for x in d), s), bwd=matrix((x.compute.bwd for x in d), s),
-            server_s=np.array(problem.server.fwd) + np.array(problem.server.bwd),
-            up_bytes=np.array([o.model.up_bytes for o in opts], dtype=float),
-            down_bytes=np.array([o.model.down_bytes for o in opts], dtype=float),
-            micro=np.array([o.micro_batches for o in opts], dtype=float),
-            weight_bytes=np.array(m.weight_bytes, dtype=float),
-            up_bps=column(x.up_bps for x in d), down_bps=column(x.down_bps for x in d),
-            iterations=column(x.iterations for x in d),
-            power=matrix(((x.power.compute_w, x.power.tx_w, x.power.rx_w) for x in d), 3),
-            latency=column(x.latency_s for x in d),
-            session=column(x.session_overhead_s for x in d),
-            step_overhead=_step_overheads(d, len(opts) * s) * np.tile(np.arange(s) < s - 1, len(opts)),
-            half=np.fromiter((x.duplex == "half" for x in d), bool, n)[:, None],
-            names=tuple(x.name for x in d))
-
-    def rows(self, idx: np.ndarray) -> "_Inputs":
-        return replace(self, fwd=self.fwd[idx], bwd=self.bwd[idx], up_bps=self.up_bps[idx],
-                       down_bps=self.down_bps[idx], iterations=self.iterations[idx], power=self.power[idx],
-                       latency=self.latency[idx], session=self.session[idx], step_overhead=self.step_overhead[idx], half=self.half[idx],
-                       names=tuple(self.names[i] for i in np.asarray(idx).tolist()))
-
-
-@dataclass(frozen=True)
-class _Costs:
-    device_s: np.ndarray
-    server_s: np.ndarray
-    up_s: np.ndarray
-    down_s: np.ndarray
-    iteration_s: np.ndarray
-    round_s: np.ndarray
-    energy_iteration_j: np.ndarray
-    energy_round_j: np.ndarray
-
-
-def pipelined_iteration(f: Any, u: Any, v: Any, d: Any, b: Any, k: Any, half: Any = False) -> Any:
-    """Seconds per batch for k micro-batches with per-micro-batch stage times f, u, v, d, b (see the
-    module docstring). Works elementwise on numpy arrays; k = 1 is f + u + v + d + b."""
-    a = f + u + v + d
-    m = np.where(half, np.maximum(np.maximum(f, u + d), v), np.maximum(np.maximum(f, u), np.maximum(v, d)))
-    flow = np.maximum(np.maximum(k * (f + b), a + k * b), a + (k - 1) * m + b)
-    # half duplex: the one link carries every upload and download, after the first forward
-    return np.where(half, np.maximum(flow, f + k * (u + d) + b), flow)
-
-
-def _step_overheads(devices: Sequence[DeviceInput], columns: int) -> np.ndarray:
-    """(N, columns): each device's per-column figures where given, else its one figure everywhere."""
-    out = np.repeat(np.fromiter((x.step_overhead_s for x in devices), float, len(devices))[:, None], columns, axis=1)
-    for i, x in enumerate(devices):
-        if x.step_overheads is not None:
-            out[i] = x.step_overheads
-    return out
-
-
-def _costs(x: _Inputs, server_share: float | np.ndarray = 1.0) -> _Costs:
-    """Every device's costs in every column; server time multiplied by `server_share` (>= 1 when shared;
-    a scalar, or an array that broadcasts to (N, C): one share per device or per cell)."""
-    n_opt, s = x.up_bytes.shape
-    last = np.zeros(s, dtype=bool)
-    last[-1] = True
-    with np.errstate(over="ignore", invalid="ignore"):  # absurd inputs overflow: refused just below
-        device = np.tile(x.fwd + x.bwd, n_opt)
-        server = np.broadcast_to(np.tile(x.server_s, n_opt) * server_share, device.shape)
-        up_bytes, down_bytes = x.up_bytes.reshape(-1), x.down_bytes.reshape(-1)
-        up = up_bytes / x.up_bps
-        down = down_bytes / x.down_bps
-        k = np.repeat(x.micro, s)
-        lat = np.where(np.tile(last, n_opt), 0.0, x.latency)  # one request per micro-batch; none at the last split
-        f, b = np.tile(x.fwd, n_opt) / k, np.tile(x.bwd, n_opt) / k
-        iteration = pipelined_iteration(f, up / k + lat, server / k, down / k, b, k, x.half)
-        iteration = iteration + x.step_overhead
-        weights_down = x.weight_bytes / x.down_bps
-        weights_up = x.weight_bytes / x.up_bps
-        pc, ptx, prx = (x.power[:, i:i + 1] for i in range(3))
-        energy = pc * device + ptx * up + prx * down
-        round_s = x.iterations * iteration + np.tile(weights_down + weights_up, n_opt) + 2 * x.latency + x.session
-        energy_round = x.iterations * energy + np.tile(prx * weights_down + ptx * weights_up, n_opt)
-        bad = ~np.isfinite(round_s + energy_round).all(axis=1)
-    if bad.any():  # round finite implies iteration finite, and likewise for energy
-        i = int(np.flatnonzero(bad)[0])
-        raise ValueError(f"device {x.names[i]!r}: its predicted time or energy is not finite (overflow); "
-                         "its profile, link rates, power or iterations are out of any sensible range")
-    return _Costs(device_s=device, server_s=server, up_s=up, down_s=down, iteration_s=iteration,
-                  round_s=round_s, energy_iteration_j=energy, energy_round_j=energy_round)
 
 
 def _scaled(v: np.ndarray, valid: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
@@ -478,28 +93,6 @@ def weighted_cost(time: np.ndarray, energy: np.ndarray, alpha: np.ndarray,
     return a * normalised(time) + (1 - a) * normalised(energy)
 
 
-def _valid(problem: Problem) -> np.ndarray:
-    """(N, C): the options each device may take; at the last split only the first option (nothing travels)."""
-    s, opts = problem.n_splits, problem.options
-    valid = np.ones((len(problem.devices), len(opts) * s), dtype=bool)
-    valid[:, [o * s + s - 1 for o in range(1, len(opts))]] = False
-    for i, d in enumerate(problem.devices):
-        for o, opt in enumerate(opts):
-            if ((d.codecs is not None and opt.codec not in d.codecs)
-                    or (d.micro_batches is not None and opt.micro_batches not in d.micro_batches)):
-                valid[i, o * s:o * s + s - 1] = False
-    return valid
-
-
-def _allowed(problem: Problem) -> np.ndarray:
-    """(N, C) mask of the columns each device may take: valid options, at its pinned split if it has one."""
-    allowed = _valid(problem)
-    s = problem.n_splits
-    for i, d in enumerate(problem.devices):
-        if d.pinned_split is not None:
-            allowed[i, np.arange(allowed.shape[1]) % s != d.pinned_split] = False
-    return allowed
-
 
 def _alphas(problem: Problem, default: float) -> np.ndarray:
     return np.array([default if d.alpha is None else d.alpha for d in problem.devices], dtype=float)
@@ -519,78 +112,11 @@ def _stay_or_move(problem: Problem, cost: np.ndarray, mask: np.ndarray) -> np.nd
     best = _argmin_where(cost, mask)
     rows = np.array([i for i, d in enumerate(problem.devices) if d.current is not None], dtype=int)
     if rows.size:
-        current = np.array([problem.devices[i].current for i in rows], dtype=int)
+        current = np.array([problem.devices[i].current.flat(problem.n_splits) for i in rows], dtype=int)
         keep = mask[rows, current] & (cost[rows, current] <= cost[rows, best[rows]] * (1 + STAY_MARGIN))
         best[rows[keep]] = current[keep]
     return best
 
-
-def _plan(policy: str, problem: Problem, c: _Costs, cols: np.ndarray, shared: bool) -> Plan:
-    rows = np.arange(len(cols))
-    s = problem.n_splits
-    pick = [getattr(c, f)[rows, cols].tolist() for f in
-            ("iteration_s", "round_s", "energy_iteration_j", "energy_round_j", "device_s", "server_s", "up_s", "down_s")]
-    sources = [d.power.source for d in problem.devices]
-    names = [d.name for d in problem.devices]
-    opts = [problem.options[o] for o in (cols // s).tolist()]
-    devices = tuple(map(DevicePlan, names, (cols % s).tolist(), *pick, sources,
-                        [o.codec for o in opts], [o.micro_batches for o in opts]))
-    return Plan(policy, devices, round_s=max(pick[1]), energy_round_j=math.fsum(pick[3]), server_shared=shared)
-
-
-def _evaluate_array(problem: Problem, x: _Inputs, cols: np.ndarray, policy: str, share_server: bool) -> Plan:
-    """The one way every plan is made: the cost model at the given columns."""
-    share = float(np.count_nonzero(cols % problem.n_splits < problem.n_splits - 1)) if share_server else 1.0
-    return _plan(policy, problem, _costs(x, share), cols, share_server)
-
-
-def _option_index(problem: Problem, codec: str, micro_batches: int) -> int:
-    for o, opt in enumerate(problem.options):
-        if (opt.codec, opt.micro_batches) == (codec, micro_batches):
-            return o
-    raise ValueError(f"no option {codec}/k={micro_batches} in this problem; options: "
-                     f"{[o.label for o in problem.options]}")
-
-
-def iteration_table(problem: Problem) -> tuple[np.ndarray, np.ndarray]:
-    """(iteration seconds, bytes moved per iteration), each (devices x options*splits, option-major),
-    as the model sees them without any device's step overheads: what a measured step is held against."""
-    x = _Inputs.of(problem)
-    c = _costs(replace(x, step_overhead=np.zeros_like(x.step_overhead)))
-    moved = (x.up_bytes + x.down_bytes).reshape(-1)
-    return c.iteration_s, np.broadcast_to(moved, c.iteration_s.shape)
-
-
-def session_table(problem: Problem) -> np.ndarray:
-    """(devices x options*splits): what the model charges a round beyond its iterations (the weights
-    each way, the join and upload requests), without any session overhead: what the rest of a
-    measured session, beyond its steps, is held against."""
-    x = _Inputs.of(problem)
-    c = _costs(replace(x, session=np.zeros_like(x.session)))
-    return c.round_s - x.iterations * c.iteration_s
-
-
-def column_of(problem: Problem, codec: str, micro_batches: int, split: int) -> int | None:
-    """The column of (codec, k, split) in the problem's cost matrices; None when not offered."""
-    try:
-        return _option_index(problem, codec, micro_batches) * problem.n_splits + split
-    except ValueError:
-        return None
-
-
-def evaluate(problem: Problem, splits: Mapping[str, int], share_server: bool = False,
-             policy: str = "given", options: Mapping[str, tuple[str, int]] | None = None) -> Plan:
-    """Predicted costs of any assignment of splits (every device named exactly once), each device
-    with its (codec, micro_batches) from `options` (default: the problem's first option)."""
-    names = [d.name for d in problem.devices]
-    missing, extra = sorted(set(names) - set(splits)), sorted(set(splits) - set(names))
-    if missing or extra:
-        raise ValueError(f"splits must name every device once; missing {missing}, unknown {extra}")
-    s = problem.n_splits
-    arr = np.array([_check_split(splits[n], s, f"device {n!r}: split") for n in names])
-    opt = np.array([_option_index(problem, *options[n]) if options and n in options else 0 for n in names])
-    opt = np.where(arr == s - 1, 0, opt)
-    return _evaluate_array(problem, _Inputs.of(problem), opt * s + arr, policy, share_server)
 
 
 # ---- policies: each only chooses columns; `_Chooser.decide` turns them into a plan -------------
@@ -601,20 +127,21 @@ class _Chooser:
     name: str
     shares_server: bool = False
 
-    def _choose(self, problem: Problem, x: _Inputs) -> np.ndarray:
+    def _choose(self, problem: Problem, x: CostInputs) -> np.ndarray:
         raise NotImplementedError
 
-    def choose_columns(self, problem: Problem) -> np.ndarray:
-        """The column (option * S + split) of every device, in the problem's order."""
-        return self._choose(problem, _Inputs.of(problem))
+    def choose_columns(self, problem: Problem) -> list[Column]:
+        """The (option, split) column of every device, in the problem's order."""
+        s = problem.n_splits
+        return [Column.at(c, s) for c in self._choose(problem, CostInputs.of(problem)).tolist()]
 
     def choose(self, problem: Problem) -> np.ndarray:
         """Just the split of every device, in the problem's order (no plan objects built)."""
-        return self.choose_columns(problem) % problem.n_splits
+        return self._choose(problem, CostInputs.of(problem)) % problem.n_splits
 
     def decide(self, problem: Problem) -> Plan:
-        x = _Inputs.of(problem)
-        return _evaluate_array(problem, x, self._choose(problem, x), self.name, self.shares_server)
+        x = CostInputs.of(problem)
+        return plan_columns(problem, x, self._choose(problem, x), self.name, self.shares_server)
 
 
 @dataclass(frozen=True)
@@ -625,12 +152,12 @@ class AresPolicy(_Chooser):
     name: ClassVar[str] = "ares"
 
     def __post_init__(self) -> None:
-        _check_alpha(self.alpha)
+        check_alpha(self.alpha)
 
-    def _choose(self, problem: Problem, x: _Inputs) -> np.ndarray:
-        c = _costs(x)
-        cost = weighted_cost(c.iteration_s, c.energy_iteration_j, _alphas(problem, self.alpha), _valid(problem))
-        return _stay_or_move(problem, cost, _allowed(problem))
+    def _choose(self, problem: Problem, x: CostInputs) -> np.ndarray:
+        c = cost_matrices(x)
+        cost = weighted_cost(c.iteration_s, c.energy_iteration_j, _alphas(problem, self.alpha), valid_columns(problem))
+        return _stay_or_move(problem, cost, allowed_columns(problem))
 
 
 @dataclass(frozen=True)
@@ -642,25 +169,25 @@ class StragglerPolicy(_Chooser):
     name: ClassVar[str] = "straggler"
 
     def __post_init__(self) -> None:
-        _check_alpha(self.alpha)
+        check_alpha(self.alpha)
 
     @property
     def shares_server(self) -> bool:  # type: ignore[override]
         return self.share_server
 
-    def _choose(self, problem: Problem, x: _Inputs) -> np.ndarray:
-        allowed = _allowed(problem)
+    def _choose(self, problem: Problem, x: CostInputs) -> np.ndarray:
+        allowed = allowed_columns(problem)
         s = problem.n_splits
         if self.share_server:
-            return _shared_choice(x, allowed, s, _alphas(problem, self.alpha), _valid(problem))
-        c = _costs(x)
+            return _shared_choice(x, allowed, s, _alphas(problem, self.alpha), valid_columns(problem))
+        c = cost_matrices(x)
         target = np.where(allowed, c.round_s, np.inf).min(axis=1).max()
         feasible = allowed & (c.round_s <= target)
-        cost = weighted_cost(c.round_s, c.energy_round_j, _alphas(problem, self.alpha), _valid(problem))
+        cost = weighted_cost(c.round_s, c.energy_round_j, _alphas(problem, self.alpha), valid_columns(problem))
         return _stay_or_move(problem, cost, feasible)
 
 
-def _shared_target(x: _Inputs, allowed: np.ndarray, s: int) -> tuple[float, np.ndarray]:
+def _shared_target(x: CostInputs, allowed: np.ndarray, s: int) -> tuple[float, np.ndarray]:
     """Best round time when the server is shared, and the devices that offload to reach it.
 
     Any optimal vector with round time t must offload every device whose on-device round exceeds
@@ -670,7 +197,7 @@ def _shared_target(x: _Inputs, allowed: np.ndarray, s: int) -> tuple[float, np.n
     """
     n, local = allowed.shape[0], s - 1  # column s-1: option 0 at the last split
     off = np.arange(allowed.shape[1]) % s < local
-    on_device = np.where(allowed[:, local], _costs(x).round_s[:, local], np.inf)
+    on_device = np.where(allowed[:, local], cost_matrices(x).round_s[:, local], np.inf)
     can_offload = (allowed & off).any(axis=1)
     order = np.argsort(-on_device, kind="stable")
     best_t, best_m = math.inf, 0
@@ -681,7 +208,7 @@ def _shared_target(x: _Inputs, allowed: np.ndarray, s: int) -> tuple[float, np.n
             rows = order[:m]
             if not can_offload[rows[-1]]:
                 break
-            r = _costs(x.rows(rows), float(m)).round_s
+            r = cost_matrices(x.rows(rows), float(m)).round_s
             slowest_offloader = np.where(allowed[rows] & off, r, np.inf).min(axis=1).max()
             if slowest_offloader >= best_t:
                 break
@@ -693,7 +220,7 @@ def _shared_target(x: _Inputs, allowed: np.ndarray, s: int) -> tuple[float, np.n
     return float(best_t), offloaders
 
 
-def _shared_choice(x: _Inputs, allowed: np.ndarray, s: int, alphas: np.ndarray, valid: np.ndarray) -> np.ndarray:
+def _shared_choice(x: CostInputs, allowed: np.ndarray, s: int, alphas: np.ndarray, valid: np.ndarray) -> np.ndarray:
     """Columns of the plan with the best shared-server round time and the least total objective.
 
     Energy does not depend on how many devices share the server; round times only grow with
@@ -709,7 +236,7 @@ def _shared_choice(x: _Inputs, allowed: np.ndarray, s: int, alphas: np.ndarray, 
     cols = np.full(n, local)
     cand = np.flatnonzero((allowed & off).any(axis=1))  # the only devices that may offload (the rest: local)
     xc, allowed_c, alphas_c, valid_c = x.rows(cand), allowed[cand], alphas[cand], valid[cand]
-    c = _costs(xc)
+    c = cost_matrices(xc)
     local_ok = allowed_c[:, local] & (c.round_s[:, local] <= target)
     forced = ~local_ok
     n_forced, rows = int(forced.sum()), np.arange(len(cand))
@@ -724,7 +251,7 @@ def _shared_choice(x: _Inputs, allowed: np.ndarray, s: int, alphas: np.ndarray, 
         if energy_only:
             score = c.energy_round_j
         else:
-            ck = _costs(xc, float(max(k, 1)))
+            ck = cost_matrices(xc, float(max(k, 1)))
             score = (weighted_cost(ck.round_s, ck.energy_round_j, alphas_c, valid_c)
                      * row_norm(ck.energy_round_j, valid_c))
         col_off = np.where(feasible, score, np.inf).argmin(axis=1)
@@ -741,7 +268,7 @@ def _shared_choice(x: _Inputs, allowed: np.ndarray, s: int, alphas: np.ndarray, 
         if k and slots >= np.count_nonzero(gain > 0):
             break  # every saving taken: a larger k only removes choices (exact at a = 0)
     if best_cols is None:  # not reached when the arithmetic is exact; the prefix plan is still valid
-        c = _costs(x, float(offloaders.sum()))
+        c = cost_matrices(x, float(offloaders.sum()))
         allowed = allowed.copy()
         allowed[np.ix_(~offloaders, off)] = False
         cost = weighted_cost(c.round_s, c.energy_round_j, alphas, valid)
@@ -750,13 +277,13 @@ def _shared_choice(x: _Inputs, allowed: np.ndarray, s: int, alphas: np.ndarray, 
     return cols
 
 
-def _most_sharers(x: _Inputs, mask: np.ndarray, target: float, n: int) -> np.ndarray:
+def _most_sharers(x: CostInputs, mask: np.ndarray, target: float, n: int) -> np.ndarray:
     """Per cell in `mask`, the largest k <= n with the round time, server shared k ways, still <= target
     (0: not even alone). Round times only grow with k, so a bisection per cell: ~log2(n) cost evaluations."""
     lo, hi = np.zeros(mask.shape, dtype=np.int64), np.where(mask, n, 0)
     while (open_ := lo < hi).any():
         mid = np.where(open_, (lo + hi + 1) // 2, 1)
-        ok = _costs(x, mid.astype(float)).round_s <= target
+        ok = cost_matrices(x, mid.astype(float)).round_s <= target
         lo, hi = np.where(open_ & ok, mid, lo), np.where(open_ & ~ok, mid - 1, hi)
     return lo
 
@@ -771,8 +298,8 @@ class FixedPolicy(_Chooser):
     def name(self) -> str:  # type: ignore[override]
         return f"fixed:{self.split}"
 
-    def _choose(self, problem: Problem, x: _Inputs) -> np.ndarray:
-        s = _check_split(self.split, problem.n_splits, "fixed split")
+    def _choose(self, problem: Problem, x: CostInputs) -> np.ndarray:
+        s = check_split(self.split, problem.n_splits, "fixed split")
         return np.array([s if d.pinned_split is None else d.pinned_split for d in problem.devices])
 
 
@@ -782,7 +309,7 @@ class NonePolicy(_Chooser):
 
     name: ClassVar[str] = "none"
 
-    def _choose(self, problem: Problem, x: _Inputs) -> np.ndarray:
+    def _choose(self, problem: Problem, x: CostInputs) -> np.ndarray:
         return FixedPolicy(problem.n_splits - 1)._choose(problem, x)
 
 
@@ -814,12 +341,13 @@ def oracle_round_time(problem: Problem, share_server: bool = False, max_vectors:
     optimum is exactly max over devices of min over its columns. With sharing it is found by
     enumerating every joint vector (refused beyond `max_vectors`).
     """
-    x = _Inputs.of(problem)
-    allowed = _allowed(problem)
+    x = CostInputs.of(problem)
+    allowed = allowed_columns(problem)
     if not share_server:
-        return float(np.where(allowed, _costs(x).round_s, np.inf).min(axis=1).max())
+        return float(np.where(allowed, cost_matrices(x).round_s, np.inf).min(axis=1).max())
     choices = [np.flatnonzero(row).tolist() for row in allowed]
     count = math.prod(len(c) for c in choices)
     if count > max_vectors:
         raise ValueError(f"{count} joint choices exceed max_vectors={max_vectors}")
-    return min(_evaluate_array(problem, x, np.array(v), "oracle", True).round_s for v in itertools.product(*choices))
+    return min(plan_columns(problem, x, np.array(v), "oracle", True).round_s for v in itertools.product(*choices))
+

@@ -20,8 +20,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, model_validator
 
 from ares.core.energy import PowerModel, power_model
-from ares.core.optimiser import (CODEC_BYTES, POLICY_NAMES, DeviceInput, NonePolicy, Plan, Problem, model_costs,
-                                 parse_policy)
+from ares.core.costmodel import CODEC_BYTES, DeviceInput, Plan, Problem, model_costs
+from ares.core.optimiser import POLICY_NAMES, NonePolicy, parse_policy
 from ares.core.profiles import ComputeProfile, ServerProfile
 from ares.core.yamlfile import safe_load
 

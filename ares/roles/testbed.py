@@ -40,15 +40,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ares.core.config import DataConfig, TrainingConfig
 from ares.core.energy import power_model
-from ares.core.optimiser import (
-    CODEC_BYTES,
-    DeviceInput,
-    Problem,
-    evaluate,
-    options_for,
-    oracle_round_time,
-    parse_policy,
-)
+from ares.core.costmodel import CODEC_BYTES, DeviceInput, Problem, evaluate, options_for
+from ares.core.optimiser import oracle_round_time, parse_policy
 from ares.core.profiles import (
     POWER_MODE_SLOWDOWN,
     PUBLISHED,

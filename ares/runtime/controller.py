@@ -17,8 +17,9 @@ import httpx
 
 from ares.core.energy import PowerModel, power_model
 from ares.core.messages import LINK_SMOOTHING, STEP_ROUNDS, DeviceTelemetry, ServerStatus, SessionSample, StepSample, Telemetry
-from ares.core.optimiser import (CODEC_BYTES, MAX_BPS, MIN_BPS, DeviceInput, Option, Plan, Problem, SplitPolicy,
-                                 column_of, iteration_table, model_costs, options_for, session_table)
+from ares.core.costmodel import (CODEC_BYTES, MAX_BPS, MIN_BPS, Column, DeviceInput, Option, Plan, Problem, column_of,
+                                 iteration_table, model_costs, options_for, session_table)
+from ares.core.optimiser import SplitPolicy
 from ares.core.profiles import ComputeProfile, ServerProfile
 from ares.runtime.splitfile import write_options, write_split
 from ares.runtime.tlsclient import ClientTls, transport
@@ -136,21 +137,22 @@ def with_step_overheads(problem: Problem, samples: Mapping[str, Sequence[StepSam
     mispredicted once at most: after one round with it, its own figure holds."""
     if not any(samples.values()):
         return problem
-    modelled, moved = iteration_table(problem)
+    _, moved = iteration_table(problem)
     devices = []
     for i, (device, known) in enumerate(zip(problem.devices, _step_excess(problem, samples))):
         if not known:
             devices.append(device)
             continue
-        carried = sum(float(moved[i, col]) for col in known)
+        carried = sum(float(moved[i, col.option, col.split]) for col in known)
         per_byte = sum(known.values()) / carried if carried > 0 else 0.0
         cap = sum(known.values()) / len(known)
-        row = [known.get(col, min(per_byte * float(moved[i, col]), cap)) for col in range(modelled.shape[1])]
-        devices.append(replace(device, step_overheads=tuple(row)))
+        table = tuple(tuple(known.get(Column(o, s), min(per_byte * float(moved[i, o, s]), cap))
+                            for s in range(problem.n_splits)) for o in range(len(problem.options)))
+        devices.append(replace(device, step_overheads=table))
     return replace(problem, devices=tuple(devices))
 
 
-def _step_excess(problem: Problem, samples: Mapping[str, Sequence[StepSample]]) -> list[dict[int, float]]:
+def _step_excess(problem: Problem, samples: Mapping[str, Sequence[StepSample]]) -> list[dict[Column, float]]:
     """Per device, per column it has run: the mean, over its last `STEP_ROUNDS` rounds there, of
     each round's step beyond the model of that round (the link estimates and compute speed it ran
     under), never below 0. Held against today's model instead, a round that ran before the link
@@ -172,9 +174,9 @@ def _step_excess(problem: Problem, samples: Mapping[str, Sequence[StepSample]]) 
 
     then = tuple(as_it_ran(j, problem.devices[i], x) for j, (i, _, x) in enumerate(runs))
     modelled, _ = iteration_table(replace(problem, devices=then))
-    excess: list[dict[int, list[float]]] = [{} for _ in problem.devices]
+    excess: list[dict[Column, list[float]]] = [{} for _ in problem.devices]
     for j, (i, col, x) in enumerate(runs):
-        excess[i].setdefault(col, []).append(x.step_s - float(modelled[j, col]))
+        excess[i].setdefault(col, []).append(x.step_s - float(modelled[j, col.option, col.split]))
     return [{col: max(0.0, statistics.fmean(v[-STEP_ROUNDS:])) for col, v in e.items()} for e in excess]
 
 
@@ -190,7 +192,7 @@ def with_session_overheads(problem: Problem, samples: Mapping[str, Sequence[Sess
     devices = []
     for i, device in enumerate(problem.devices):
         later = [x for x in samples.get(device.name, ()) if x.round > 0 and x.split < problem.n_splits]
-        excess = [max(0.0, x.session_s - x.steps_s - float(rest[i, x.split])) for x in later[-3:]]
+        excess = [max(0.0, x.session_s - x.steps_s - float(rest[i, 0, x.split])) for x in later[-3:]]
         devices.append(replace(device, session_overhead_s=statistics.median(excess)) if excess else device)
     return replace(problem, devices=tuple(devices))
 

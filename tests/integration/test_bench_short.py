@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from ares.core.messages import Telemetry
-from ares.core.optimiser import evaluate
+from ares.core.costmodel import evaluate
 from ares.roles import testbed
 from ares.roles.comparison import Comparison, VariantResult, VersusFL
 

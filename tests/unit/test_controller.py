@@ -91,7 +91,7 @@ def test_measured_latency_and_duplex_reach_the_model_and_change_its_prediction()
     fast, lagged = problem_from_telemetry(t), problem_from_telemetry(slow)
     a = next(d for d in lagged.devices if d.name == "a")
     assert (a.latency_s, a.duplex) == (0.05, "half")
-    from ares.core.optimiser import evaluate
+    from ares.core.costmodel import evaluate
     splits = {"a": 1, "b": 1}
     # 50 iterations each paying a 50 ms request round trip, and up + down on one shared rate
     assert evaluate(lagged, splits).round_s > evaluate(fast, splits).round_s + 50 * 0.05
@@ -157,7 +157,7 @@ def test_round_overhead_is_the_time_outside_the_longest_session_after_round_0():
 
 def test_measured_step_time_beyond_the_model_is_charged_per_setting_it_was_measured_at():
     from ares.core.messages import StepSample
-    from ares.core.optimiser import evaluate
+    from ares.core.costmodel import evaluate
 
     t = telemetry(2.5e6)
     base = problem_from_telemetry(t)
@@ -194,7 +194,7 @@ def test_measured_step_time_beyond_the_model_is_charged_per_setting_it_was_measu
 
 def test_a_settings_step_excess_is_averaged_over_its_last_rounds_each_held_against_its_own_round():
     from ares.core.messages import STEP_ROUNDS, StepSample
-    from ares.core.optimiser import evaluate
+    from ares.core.costmodel import evaluate
 
     def with_a(t, **fields):
         return t.model_copy(update={"devices": [d.model_copy(update=fields) if d.name == "a" else d for d in t.devices]})
@@ -234,7 +234,7 @@ def test_a_settings_step_excess_is_averaged_over_its_last_rounds_each_held_again
 
 
 def test_each_device_is_planned_from_the_setting_its_last_round_ran():
-    from ares.core.optimiser import column_of
+    from ares.core.costmodel import column_of
 
     t = telemetry(2.5e6)
     offer = [("fp32", 1), ("int8", 4)]
@@ -257,12 +257,12 @@ def test_each_device_is_planned_from_the_setting_its_last_round_ran():
 
 def test_a_sessions_time_beyond_its_steps_and_weights_is_charged_once_per_round_at_every_split():
     from ares.core.messages import SessionSample
-    from ares.core.optimiser import evaluate, session_table
+    from ares.core.costmodel import evaluate, session_table
     from ares.core.rounds import recent_sessions
 
     t = telemetry(2.5e6)
     base = problem_from_telemetry(t)
-    rest = session_table(base)[0]  # what the model charges a's round beyond its iterations, per split
+    rest = session_table(base)[0, 0]  # what the model charges a's round beyond its iterations, per split
 
     def with_sessions(*samples):
         return problem_from_telemetry(t.model_copy(update={"devices": [

@@ -26,9 +26,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ares.core.energy import PowerModel
+from ares.core.costmodel import Column, DeviceInput, ModelCosts, Problem, evaluate, model_costs
 from ares.core.optimiser import (
-    AresPolicy, DeviceInput, FixedPolicy, ModelCosts, NonePolicy, Problem, StragglerPolicy, evaluate,
-    model_costs, oracle_round_time, parse_policy, weighted_cost,
+    AresPolicy, FixedPolicy, NonePolicy, StragglerPolicy, oracle_round_time, parse_policy, weighted_cost,
 )
 from ares.core.profiles import ComputeProfile, ServerProfile
 
@@ -149,6 +149,27 @@ def test_choose_gives_the_splits_of_decide_and_decide_predicts_like_evaluate(pol
     plan = policy.decide(p)
     assert policy.choose(p).tolist() == [plan.split_of("A"), plan.split_of("B")]
     assert evaluate(p, plan.splits, share_server=plan.server_shared).devices == plan.devices
+    assert policy.choose_columns(p) == [Column(0, plan.split_of("A")), Column(0, plan.split_of("B"))]
+
+
+def test_a_column_is_an_option_and_a_split():
+    """With several options a column names both; the choice, and what a device runs now, are columns."""
+    from ares.core.costmodel import Option, column_of
+
+    fp16 = ModelCosts(up_bytes=(200, 50, 0), down_bytes=(200, 50, 0), weight_bytes=(100, 200, 300))
+    p = Problem((dev_a(),), SERVER, MODEL, options=(Option("fp32", 1, MODEL), Option("fp16", 1, fp16)))
+    assert column_of(p, "fp16", 1, 2) == Column(1, 2) and column_of(p, "int8", 1, 2) is None
+    assert Column(1, 2).flat(3) == 5 and Column.at(5, 3) == Column(1, 2)
+    [col] = StragglerPolicy().choose_columns(p)
+    plan = StragglerPolicy().decide(p)
+    assert (p.options[col.option].codec, col.split) == (plan.devices[0].codec, plan.devices[0].split)
+    # per-column step overheads: one row per option, one figure per split
+    rows = ((0.0, 0.5, 0.0), (0.0, 0.25, 0.0))
+    charged = Problem((dev_a(step_overheads=rows),), SERVER, MODEL, options=p.options)
+    fp16_at_1 = evaluate(charged, {"A": 1}, options={"A": ("fp16", 1)}).devices[0].iteration_s
+    assert fp16_at_1 == pytest.approx(evaluate(p, {"A": 1}, options={"A": ("fp16", 1)}).devices[0].iteration_s + 0.25)
+    with pytest.raises(ValueError, match=r"one figure per option and split \(2 x 3\), got \[3\]"):
+        Problem((dev_a(step_overheads=rows[:1]),), SERVER, MODEL, options=p.options)
 
 
 def test_a_device_keeps_its_current_split_unless_another_is_clearly_better():
@@ -164,11 +185,15 @@ def test_a_device_keeps_its_current_split_unless_another_is_clearly_better():
     near = next(b for b in np.arange(200.0, 40.0, -1.0)
                 if (c := costs(b)).argmin() == 2 and c[1] <= c[2] * (1 + STAY_MARGIN))
     assert AresPolicy(0.5).decide(problem(dev_a(bps=near))).split_of("A") == 2  # fresh: the best
-    assert AresPolicy(0.5).decide(problem(dev_a(bps=near, current=1))).split_of("A") == 1  # a near-tie: it stays
+    assert AresPolicy(0.5).decide(problem(dev_a(bps=near, current=Column(0, 1)))).split_of("A") == 1  # a near-tie: it stays
     assert costs(50.0)[1] > costs(50.0)[2] * (1 + STAY_MARGIN)
-    assert AresPolicy(0.5).decide(problem(dev_a(bps=50.0, current=1))).split_of("A") == 2  # a clear gain: it moves
-    with pytest.raises(ValueError, match="current column 3"):
-        problem(dev_a(current=3))
+    assert AresPolicy(0.5).decide(problem(dev_a(bps=50.0, current=Column(0, 1)))).split_of("A") == 2  # a clear gain: it moves
+    with pytest.raises(ValueError, match=r"current column \(option 0, split 3\) is not one of the 1 x 3"):
+        problem(dev_a(current=Column(0, 3)))
+    with pytest.raises(ValueError, match=r"current column \(option 1, split 0\)"):
+        problem(dev_a(current=Column(1, 0)))
+    with pytest.raises(ValueError, match=r"must be a Column\(option, split\)"):
+        dev_a(current=1)
 
 
 def test_straggler_keeps_a_device_with_slack_where_it_is_but_never_gives_up_the_round():
@@ -182,13 +207,13 @@ def test_straggler_keeps_a_device_with_slack_where_it_is_but_never_gives_up_the_
 
     watts = next(w for w in np.arange(10.0, 1.0, -0.1) if energy(w)[1] < energy(w)[0] <= energy(w)[1] * (1 + STAY_MARGIN))
     fresh = StragglerPolicy().decide(problem(dev_a(), b(watts)))
-    staying = StragglerPolicy().decide(problem(dev_a(current=1), b(watts, current=1)))
+    staying = StragglerPolicy().decide(problem(dev_a(current=Column(0, 1)), b(watts, current=Column(0, 1))))
     assert (fresh.splits, staying.splits) == ({"A": 1, "B": 2}, {"A": 1, "B": 1})
     assert staying.round_s == fresh.round_s == pytest.approx(37)
     # a straggler's current split that is slower than the best round is left whatever it costs
-    assert StragglerPolicy().decide(problem(dev_a(current=0), b(watts))).split_of("A") == 1
+    assert StragglerPolicy().decide(problem(dev_a(current=Column(0, 0)), b(watts))).split_of("A") == 1
     # and a clear energy gain moves a device with slack: B at 10 W spends 32 J at split 1, 43 J at 2
-    assert StragglerPolicy().decide(problem(dev_a(), b(10.0, current=2))).split_of("B") == 1
+    assert StragglerPolicy().decide(problem(dev_a(), b(10.0, current=Column(0, 2)))).split_of("B") == 1
 
 
 def test_straggler_with_full_time_weight_takes_the_fastest_allowed_split():

@@ -9,8 +9,8 @@ import random
 import pytest
 
 from ares.core.energy import PowerModel
-from ares.core.optimiser import (DeviceInput, NonePolicy, Problem, StragglerPolicy, AresPolicy, evaluate,
-                                 options_for, oracle_round_time, pipelined_iteration)
+from ares.core.costmodel import DeviceInput, Problem, evaluate, options_for, pipelined_iteration
+from ares.core.optimiser import AresPolicy, NonePolicy, StragglerPolicy, oracle_round_time
 from ares.core.profiles import PUBLISHED, ComputeProfile, ServerProfile
 
 VGG5_NUMEL = [32768, 8192, 16384, 4096, 4096, 128]  # values per sample after layers 0..5

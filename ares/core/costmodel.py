@@ -1,0 +1,536 @@
+"""The cost model: every device's predicted time and energy at every split, a pure function.
+
+The cost model (per device i at split s; one "iteration" is one batch):
+
+    device_s(s)    = fwd[s] + bwd[s]                       (device part, from its ComputeProfile)
+    server_s(s)    = server.fwd[s] + server.bwd[s]          (server part; 0 at s = L-1)
+    up_s(s)        = up_bytes[s] / up_bps                   (activations + labels, device -> server)
+    down_s(s)      = down_bytes[s] / down_bps               (their gradient, server -> device)
+    iteration_s(s) = device_s + server_s + up_s + down_s + latency     (k = 1: one request per batch)
+    round_s(s)     = iterations * iteration_s(s) + weight_bytes[s] / down_bps + weight_bytes[s] / up_bps
+                     + 2 * latency + session_overhead               (join and upload requests)
+    E_iteration(s) = P_compute * device_s + P_tx * up_s + P_rx * down_s
+    E_round(s)     = iterations * E_iteration(s) + P_rx * weight_bytes[s] / down_bps + P_tx * weight_bytes[s] / up_bps
+
+Byte counts are true: 4 bytes per fp32 value (2 for fp16, 1 for int8), labels included
+(`model_costs`). `latency` is a device's per-request overhead in seconds (`DeviceInput.latency_s`);
+`step_overhead` (`DeviceInput.step_overhead_s`) is what a device's offloaded steps took beyond
+this model, measured (codec work, framing, a busy server), added to every iteration that
+offloads (s < L-1); `session_overhead` (`DeviceInput.session_overhead_s`) is what its sessions
+took beyond their steps and this model's weight transfers, measured (encoding, decoding and
+checking the weights, building the device part), added once per round at every split.
+The round of the whole fleet lasts as long as its slowest device; its energy is the sum.
+
+Pipelined steps (k micro-batches per batch, `Option.micro_batches`). Per micro-batch the stages
+take f = fwd/k, u = up/k + latency, v = server/k, d = down/k, b = bwd/k. The device runs all k
+forwards first (each sent as soon as it exists), then each backward as its gradient arrives.
+Forward, uplink, server and downlink form a flow shop of k identical jobs, so micro-batch j
+leaves the downlink at A + (j-1) M with A = f + u + v + d and M the slowest of those stages
+(full duplex: max(f, u, v, d); half duplex, where up and down share one rate: max(f, u + d, v)).
+The backwards then end at
+
+    iteration_s = max(k (f + b),  A + k b,  A + (k-1) M + b)
+
+(exact for full duplex: `tests/unit/test_pipeline_model.py` checks it against an event-driven
+simulation of the same schedule; for half duplex it is the flow-shop approximation, checked
+against the simulation within a stated bound). k = 1 gives the sequential step above. Energy
+does not depend on k: the same compute, the same bytes.
+
+Options. A problem may offer several (codec, k) `Option`s, each with its own byte counts; the
+policies then choose a split *and* an option per device (a column of the (devices x options
+x splits) cost matrix), restricted per device by `DeviceInput.codecs` / `.micro_batches`.
+At the last split nothing travels, so only the first option is offered there.
+
+Columns. The model's matrices have one row per device and one column per (option, split): a
+`Column` names one, by the option's index in `Problem.options` and the split. A device's
+current choice (`DeviceInput.current`) is a `Column`; so is what `column_of` finds. Inside,
+the matrices' columns run option-major (`Column.flat`), which the vectorised code indexes.
+
+`evaluate` predicts any assignment of splits (and options); the policies (`ares.core.optimiser`)
+choose columns and turn them into a `Plan` through `plan_columns`, so the predictions of every
+policy are comparable. No torch here: plain numbers and numpy.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass, replace
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from ares.core.energy import PowerModel
+from ares.core.profiles import ComputeProfile, ServerProfile
+
+
+@dataclass(frozen=True)
+class ModelCosts:
+    """Bytes moved per batch for each split (already codec-aware) and device-side weight bytes per split."""
+
+    up_bytes: tuple[int, ...]  # activations of layer s for one batch + labels; 0 at s = L-1
+    down_bytes: tuple[int, ...]  # gradient of those activations; 0 at s = L-1
+    weight_bytes: tuple[int, ...]  # device-side params+buffers for split s (down at join, up at round end)
+
+    def __post_init__(self) -> None:
+        lengths = {len(self.up_bytes), len(self.down_bytes), len(self.weight_bytes)}
+        if len(lengths) != 1 or not self.up_bytes:
+            raise ValueError(f"ModelCosts lists must be non-empty and equally long, got lengths {sorted(lengths)}")
+        for name in ("up_bytes", "down_bytes", "weight_bytes"):
+            values = tuple(int(v) for v in getattr(self, name))
+            if any(v < 0 for v in values):
+                raise ValueError(f"ModelCosts.{name} must be >= 0, got {values}")
+            object.__setattr__(self, name, values)
+        if self.up_bytes[-1] or self.down_bytes[-1]:
+            raise ValueError("ModelCosts: nothing travels per batch at the last split (all on the device)")
+
+    @property
+    def n_splits(self) -> int:
+        return len(self.weight_bytes)
+
+
+CODEC_BYTES = {"fp32": 4, "fp16": 2, "int8": 1}  # bytes per value on the wire (int8's per-channel scale is negligible)
+DUPLEX = ("full", "half")
+# Link rates a device may have, bytes/s (8 mbit/s .. 8 Tbit/s): outside them the cost model's
+# seconds and joules lose all meaning (1e-300 B/s overflows to inf), so they are refused.
+MIN_BPS, MAX_BPS = 1e-3, 1e12
+
+
+@dataclass(frozen=True)
+class Option:
+    """One way to run a split step: the wire codec, micro-batches per batch, and the bytes that follow."""
+
+    codec: str
+    micro_batches: int
+    model: "ModelCosts"
+
+    def __post_init__(self) -> None:
+        if self.codec not in CODEC_BYTES:
+            raise ValueError(f"unknown codec {self.codec!r}; accepted: {', '.join(CODEC_BYTES)}")
+        if isinstance(self.micro_batches, bool) or not isinstance(self.micro_batches, int) or self.micro_batches < 1:
+            raise ValueError(f"micro_batches must be an integer >= 1, got {self.micro_batches!r}")
+
+    @property
+    def label(self) -> str:
+        return self.codec + (f"/k{self.micro_batches}" if self.micro_batches > 1 else "")
+
+
+def options_for(activation_numel: Sequence[int], weight_bytes: Sequence[int], batch_size: int,
+                codecs: Sequence[str] = ("fp32",), micro_batches: Sequence[int] = (1,)) -> tuple[Option, ...]:
+    """Every (codec, k) pair the job allows, each with its byte counts; the first is the default."""
+    return tuple(Option(c, k, model_costs(activation_numel, weight_bytes, batch_size, CODEC_BYTES[c]))
+                 for c in codecs for k in micro_batches)
+
+
+def model_costs(activation_numel: Sequence[int], weight_bytes: Sequence[int], batch_size: int,
+                codec_bytes: int = 4, label_bytes: int = 8) -> ModelCosts:
+    """Per-batch bytes for every split from values per sample after each layer.
+
+    `activation_numel` may list L-1 layers or all L (the last one's output never travels).
+    Up carries activations plus one label per sample (int64 by default); down their gradient.
+    """
+    n = len(weight_bytes)
+    numel = list(activation_numel)
+    if len(numel) == n:
+        numel = numel[:-1]
+    if len(numel) != n - 1:
+        raise ValueError(f"activation_numel has {len(activation_numel)} entries; with {n} splits "
+                         f"it needs {n - 1} or {n}")
+    if batch_size < 1 or codec_bytes < 1 or label_bytes < 0:
+        raise ValueError("batch_size and codec_bytes must be >= 1 and label_bytes >= 0")
+    up = tuple(batch_size * (v * codec_bytes + label_bytes) for v in numel) + (0,)
+    down = tuple(batch_size * v * codec_bytes for v in numel) + (0,)
+    return ModelCosts(up, down, tuple(weight_bytes))
+
+
+@dataclass(frozen=True)
+class Column:
+    """One column of the cost matrices: a split, run with one of the problem's options (its index
+    in `Problem.options`; with one option, always 0)."""
+
+    option: int
+    split: int
+
+    def flat(self, n_splits: int) -> int:
+        """Where this column lies in the matrices' flat column axis (option-major)."""
+        return self.option * n_splits + self.split
+
+    @classmethod
+    def at(cls, flat: int, n_splits: int) -> "Column":
+        """The column at a position of the matrices' flat column axis."""
+        return cls(*divmod(int(flat), n_splits))
+
+
+@dataclass(frozen=True)
+class DeviceInput:
+    """Everything the optimiser knows about one device."""
+
+    name: str
+    compute: ComputeProfile
+    up_bps: float  # bytes per second, device -> server
+    down_bps: float  # bytes per second, server -> device
+    power: PowerModel
+    iterations: int  # batches per round
+    alpha: float | None = None  # this device's time weight (energy sensitivity = 1 - alpha); None -> policy's
+    pinned_split: int | None = None
+    duplex: str = "full"  # "half": up and down share one rate (Wi-Fi); up_bps is that rate
+    latency_s: float = 0.0  # per request (one per micro-batch, plus join and upload)
+    step_overhead_s: float = 0.0  # per offloaded iteration, measured beyond the model (controller)
+    # or, where known per column, one figure per split for each of the problem's options, in their order
+    step_overheads: tuple[tuple[float, ...], ...] | None = None
+    session_overhead_s: float = 0.0  # per round, measured beyond its steps and the weights' transfer (controller)
+    codecs: tuple[str, ...] | None = None  # options this device may take (None: every option of the problem)
+    micro_batches: tuple[int, ...] | None = None
+    current: Column | None = None  # the column it runs now: kept unless clearly beaten
+
+    def __post_init__(self) -> None:
+        if self.duplex not in DUPLEX:
+            raise ValueError(f"device {self.name!r}: duplex must be one of {DUPLEX}, got {self.duplex!r}")
+        if not math.isfinite(self.latency_s) or self.latency_s < 0:
+            raise ValueError(f"device {self.name!r}: latency_s must be >= 0 seconds, got {self.latency_s!r}")
+        if not math.isfinite(self.step_overhead_s) or self.step_overhead_s < 0:
+            raise ValueError(f"device {self.name!r}: step_overhead_s must be >= 0 seconds, got {self.step_overhead_s!r}")
+        if not math.isfinite(self.session_overhead_s) or self.session_overhead_s < 0:
+            raise ValueError(f"device {self.name!r}: session_overhead_s must be >= 0 seconds, "
+                             f"got {self.session_overhead_s!r}")
+        if self.step_overheads is not None and not all(math.isfinite(v) and v >= 0
+                                                       for row in self.step_overheads for v in row):
+            raise ValueError(f"device {self.name!r}: step_overheads must be finite seconds >= 0")
+        if self.current is not None and not isinstance(self.current, Column):
+            raise ValueError(f"device {self.name!r}: current must be a Column(option, split), got {self.current!r}")
+        for name in ("up_bps", "down_bps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not MIN_BPS <= value <= MAX_BPS:
+                raise ValueError(f"device {self.name!r}: {name} must be within {MIN_BPS:g}..{MAX_BPS:g} bytes/s "
+                                 f"({MIN_BPS * 8e-6:g}..{MAX_BPS * 8e-6:g} Mbit/s), got {value!r}")
+        if isinstance(self.iterations, bool) or not isinstance(self.iterations, int) or self.iterations < 0:
+            raise ValueError(f"device {self.name!r}: iterations must be an integer >= 0, got {self.iterations!r}")
+        if self.alpha is not None:
+            check_alpha(self.alpha)
+
+
+@dataclass(frozen=True)
+class Problem:
+    """A fleet, the server and the model: the whole input of a decision."""
+
+    devices: tuple[DeviceInput, ...]
+    server: ServerProfile
+    model: ModelCosts
+    options: tuple[Option, ...] = ()  # (codec, k) choices; empty: one, (codec, 1) with `model`
+    codec: str = "fp32"  # the codec `model`'s byte counts are for
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "devices", tuple(self.devices))
+        if not self.devices:
+            raise ValueError("a problem needs at least one device")
+        if not self.options:
+            object.__setattr__(self, "options", (Option(self.codec, 1, self.model),))
+        object.__setattr__(self, "options", tuple(self.options))
+        n = self.model.n_splits
+        if any(o.model.n_splits != n for o in self.options):
+            raise ValueError(f"every option's byte counts need {n} splits")
+        labels = [(o.codec, o.micro_batches) for o in self.options]
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"options repeat a (codec, micro_batches) pair: {labels}")
+        if self.server.n_splits != n:
+            raise ValueError(f"server profile has {self.server.n_splits} splits, the model {n}")
+        names = [d.name for d in self.devices]
+        if len(set(names)) != len(names):
+            dupes = sorted({x for x in names if names.count(x) > 1})
+            raise ValueError(f"device names must be unique; repeated: {dupes}")
+        for d in self.devices:
+            if d.compute.n_splits != n:
+                raise ValueError(f"device {d.name!r}: profile has {d.compute.n_splits} splits, the model {n}")
+            if d.step_overheads is not None and [len(row) for row in d.step_overheads] != [n] * len(self.options):
+                raise ValueError(f"device {d.name!r}: step_overheads needs one figure per option and split "
+                                 f"({len(self.options)} x {n}), got {[len(row) for row in d.step_overheads]}")
+            if d.compute.batch_size != self.server.batch_size:
+                raise ValueError(f"device {d.name!r}: profile is for batch {d.compute.batch_size}, the server's "
+                                 f"for {self.server.batch_size}; rescale one (profile.rescaled(batch))")
+            if d.pinned_split is not None:
+                check_split(d.pinned_split, n, f"device {d.name!r}: pinned split")
+            if d.current is not None and not (0 <= d.current.option < len(self.options) and 0 <= d.current.split < n):
+                raise ValueError(f"device {d.name!r}: current column (option {d.current.option}, split "
+                                 f"{d.current.split}) is not one of the {len(self.options)} x {n} (option x split) columns")
+
+    @property
+    def n_splits(self) -> int:
+        return self.model.n_splits
+
+
+
+@dataclass(frozen=True)
+class DevicePlan:
+    """One device's split and its predicted costs (the four times are per iteration)."""
+
+    name: str
+    split: int
+    iteration_s: float
+    round_s: float
+    energy_iteration_j: float
+    energy_round_j: float
+    device_s: float
+    server_s: float
+    up_s: float
+    down_s: float
+    energy_source: str = "modelled"  # "measured" when the power model came from a sensor
+    codec: str = "fp32"
+    micro_batches: int = 1
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A decision for the whole fleet: the round lasts as long as the slowest device."""
+
+    policy: str
+    devices: tuple[DevicePlan, ...]
+    round_s: float
+    energy_round_j: float
+    server_shared: bool = False
+
+    def split_of(self, name: str) -> int:
+        for d in self.devices:
+            if d.name == name:
+                return d.split
+        raise KeyError(f"no device {name!r} in this plan; devices: {[d.name for d in self.devices]}")
+
+    @property
+    def splits(self) -> dict[str, int]:
+        return {d.name: d.split for d in self.devices}
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"policy": self.policy, "round_s": self.round_s, "energy_round_j": self.energy_round_j,
+                "server_shared": self.server_shared,
+                "devices": [dict(d.__dict__) for d in self.devices]}
+
+
+
+def check_alpha(alpha: float) -> float:
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha (time weight) must be within 0..1, got {alpha!r}")
+    return float(alpha)
+
+
+def check_split(split: int, n: int, what: str) -> int:
+    if isinstance(split, bool) or not isinstance(split, (int, np.integer)) or not 0 <= split < n:
+        raise ValueError(f"{what} {split!r} is out of range: valid split points are 0..{n - 1} "
+                         f"({n - 1} keeps every layer on the device)")
+    return int(split)
+
+
+
+# ---- the cost model, vectorised over devices (rows) and columns (options x splits) -----------
+# Flat column c is option c // S at split c % S (`Column.flat`); with one option the columns are the splits.
+
+@dataclass(frozen=True)
+class CostInputs:
+    """The problem as arrays: one row per device; per option, one column per split."""
+
+    fwd: np.ndarray  # (N, S)
+    bwd: np.ndarray  # (N, S)
+    server_s: np.ndarray  # (S,)
+    up_bytes: np.ndarray  # (O, S)
+    down_bytes: np.ndarray  # (O, S)
+    micro: np.ndarray  # (O,)
+    weight_bytes: np.ndarray  # (S,)
+    up_bps: np.ndarray  # (N, 1)
+    down_bps: np.ndarray  # (N, 1)
+    iterations: np.ndarray  # (N, 1)
+    power: np.ndarray  # (N, 3): compute, tx, rx watts
+    latency: np.ndarray  # (N, 1)
+    session: np.ndarray  # (N, 1) seconds per round beyond steps and weights (session_overhead_s)
+    step_overhead: np.ndarray  # (N, options x splits), 0 at the last split
+    half: np.ndarray  # (N, 1) bool
+    names: tuple[str, ...]  # for errors
+
+    @classmethod
+    def of(cls, problem: Problem) -> "CostInputs":
+        d, m = problem.devices, problem.model
+        n, s = len(d), problem.n_splits
+
+        def matrix(values: Any, width: int) -> np.ndarray:  # fromiter over a flat stream: fast for big fleets
+            return np.fromiter(itertools.chain.from_iterable(values), float, n * width).reshape(n, width)
+
+        def column(values: Any) -> np.ndarray:
+            return np.fromiter(values, float, n)[:, None]
+
+        opts = problem.options
+        return cls(
+            fwd=matrix((x.compute.fwd for x in d), s), bwd=matrix((x.compute.bwd for x in d), s),
+            server_s=np.array(problem.server.fwd) + np.array(problem.server.bwd),
+            up_bytes=np.array([o.model.up_bytes for o in opts], dtype=float),
+            down_bytes=np.array([o.model.down_bytes for o in opts], dtype=float),
+            micro=np.array([o.micro_batches for o in opts], dtype=float),
+            weight_bytes=np.array(m.weight_bytes, dtype=float),
+            up_bps=column(x.up_bps for x in d), down_bps=column(x.down_bps for x in d),
+            iterations=column(x.iterations for x in d),
+            power=matrix(((x.power.compute_w, x.power.tx_w, x.power.rx_w) for x in d), 3),
+            latency=column(x.latency_s for x in d),
+            session=column(x.session_overhead_s for x in d),
+            step_overhead=_step_overheads(d, len(opts) * s) * np.tile(np.arange(s) < s - 1, len(opts)),
+            half=np.fromiter((x.duplex == "half" for x in d), bool, n)[:, None],
+            names=tuple(x.name for x in d))
+
+    def rows(self, idx: np.ndarray) -> "CostInputs":
+        return replace(self, fwd=self.fwd[idx], bwd=self.bwd[idx], up_bps=self.up_bps[idx],
+                       down_bps=self.down_bps[idx], iterations=self.iterations[idx], power=self.power[idx],
+                       latency=self.latency[idx], session=self.session[idx], step_overhead=self.step_overhead[idx], half=self.half[idx],
+                       names=tuple(self.names[i] for i in np.asarray(idx).tolist()))
+
+
+@dataclass(frozen=True)
+class Costs:
+    device_s: np.ndarray
+    server_s: np.ndarray
+    up_s: np.ndarray
+    down_s: np.ndarray
+    iteration_s: np.ndarray
+    round_s: np.ndarray
+    energy_iteration_j: np.ndarray
+    energy_round_j: np.ndarray
+
+
+def pipelined_iteration(f: Any, u: Any, v: Any, d: Any, b: Any, k: Any, half: Any = False) -> Any:
+    """Seconds per batch for k micro-batches with per-micro-batch stage times f, u, v, d, b (see the
+    module docstring). Works elementwise on numpy arrays; k = 1 is f + u + v + d + b."""
+    a = f + u + v + d
+    m = np.where(half, np.maximum(np.maximum(f, u + d), v), np.maximum(np.maximum(f, u), np.maximum(v, d)))
+    flow = np.maximum(np.maximum(k * (f + b), a + k * b), a + (k - 1) * m + b)
+    # half duplex: the one link carries every upload and download, after the first forward
+    return np.where(half, np.maximum(flow, f + k * (u + d) + b), flow)
+
+
+def _step_overheads(devices: Sequence[DeviceInput], columns: int) -> np.ndarray:
+    """(N, columns): each device's per-column figures where given, else its one figure everywhere."""
+    out = np.repeat(np.fromiter((x.step_overhead_s for x in devices), float, len(devices))[:, None], columns, axis=1)
+    for i, x in enumerate(devices):
+        if x.step_overheads is not None:
+            out[i] = [v for row in x.step_overheads for v in row]
+    return out
+
+
+def cost_matrices(x: CostInputs, server_share: float | np.ndarray = 1.0) -> Costs:
+    """Every device's costs in every column; server time multiplied by `server_share` (>= 1 when shared;
+    a scalar, or an array that broadcasts to (N, C): one share per device or per cell)."""
+    n_opt, s = x.up_bytes.shape
+    last = np.zeros(s, dtype=bool)
+    last[-1] = True
+    with np.errstate(over="ignore", invalid="ignore"):  # absurd inputs overflow: refused just below
+        device = np.tile(x.fwd + x.bwd, n_opt)
+        server = np.broadcast_to(np.tile(x.server_s, n_opt) * server_share, device.shape)
+        up_bytes, down_bytes = x.up_bytes.reshape(-1), x.down_bytes.reshape(-1)
+        up = up_bytes / x.up_bps
+        down = down_bytes / x.down_bps
+        k = np.repeat(x.micro, s)
+        lat = np.where(np.tile(last, n_opt), 0.0, x.latency)  # one request per micro-batch; none at the last split
+        f, b = np.tile(x.fwd, n_opt) / k, np.tile(x.bwd, n_opt) / k
+        iteration = pipelined_iteration(f, up / k + lat, server / k, down / k, b, k, x.half)
+        iteration = iteration + x.step_overhead
+        weights_down = x.weight_bytes / x.down_bps
+        weights_up = x.weight_bytes / x.up_bps
+        pc, ptx, prx = (x.power[:, i:i + 1] for i in range(3))
+        energy = pc * device + ptx * up + prx * down
+        round_s = x.iterations * iteration + np.tile(weights_down + weights_up, n_opt) + 2 * x.latency + x.session
+        energy_round = x.iterations * energy + np.tile(prx * weights_down + ptx * weights_up, n_opt)
+        bad = ~np.isfinite(round_s + energy_round).all(axis=1)
+    if bad.any():  # round finite implies iteration finite, and likewise for energy
+        i = int(np.flatnonzero(bad)[0])
+        raise ValueError(f"device {x.names[i]!r}: its predicted time or energy is not finite (overflow); "
+                         "its profile, link rates, power or iterations are out of any sensible range")
+    return Costs(device_s=device, server_s=server, up_s=up, down_s=down, iteration_s=iteration,
+                  round_s=round_s, energy_iteration_j=energy, energy_round_j=energy_round)
+
+
+
+def valid_columns(problem: Problem) -> np.ndarray:
+    """(N, C): the options each device may take; at the last split only the first option (nothing travels)."""
+    s, opts = problem.n_splits, problem.options
+    valid = np.ones((len(problem.devices), len(opts) * s), dtype=bool)
+    valid[:, [o * s + s - 1 for o in range(1, len(opts))]] = False
+    for i, d in enumerate(problem.devices):
+        for o, opt in enumerate(opts):
+            if ((d.codecs is not None and opt.codec not in d.codecs)
+                    or (d.micro_batches is not None and opt.micro_batches not in d.micro_batches)):
+                valid[i, o * s:o * s + s - 1] = False
+    return valid
+
+
+def allowed_columns(problem: Problem) -> np.ndarray:
+    """(N, C) mask of the columns each device may take: valid options, at its pinned split if it has one."""
+    allowed = valid_columns(problem)
+    s = problem.n_splits
+    for i, d in enumerate(problem.devices):
+        if d.pinned_split is not None:
+            allowed[i, np.arange(allowed.shape[1]) % s != d.pinned_split] = False
+    return allowed
+
+
+
+def _plan(policy: str, problem: Problem, c: Costs, cols: np.ndarray, shared: bool) -> Plan:
+    rows = np.arange(len(cols))
+    s = problem.n_splits
+    pick = [getattr(c, f)[rows, cols].tolist() for f in
+            ("iteration_s", "round_s", "energy_iteration_j", "energy_round_j", "device_s", "server_s", "up_s", "down_s")]
+    sources = [d.power.source for d in problem.devices]
+    names = [d.name for d in problem.devices]
+    opts = [problem.options[o] for o in (cols // s).tolist()]
+    devices = tuple(map(DevicePlan, names, (cols % s).tolist(), *pick, sources,
+                        [o.codec for o in opts], [o.micro_batches for o in opts]))
+    return Plan(policy, devices, round_s=max(pick[1]), energy_round_j=math.fsum(pick[3]), server_shared=shared)
+
+
+def plan_columns(problem: Problem, x: CostInputs, cols: np.ndarray, policy: str, share_server: bool) -> Plan:
+    """The one way every plan is made: the cost model at the given columns."""
+    share = float(np.count_nonzero(cols % problem.n_splits < problem.n_splits - 1)) if share_server else 1.0
+    return _plan(policy, problem, cost_matrices(x, share), cols, share_server)
+
+
+def _option_index(problem: Problem, codec: str, micro_batches: int) -> int:
+    for o, opt in enumerate(problem.options):
+        if (opt.codec, opt.micro_batches) == (codec, micro_batches):
+            return o
+    raise ValueError(f"no option {codec}/k={micro_batches} in this problem; options: "
+                     f"{[o.label for o in problem.options]}")
+
+
+def iteration_table(problem: Problem) -> tuple[np.ndarray, np.ndarray]:
+    """(iteration seconds, bytes moved per iteration), each indexed [device, option, split], as the
+    model sees them without any device's step overheads: what a measured step is held against."""
+    x = CostInputs.of(problem)
+    c = cost_matrices(replace(x, step_overhead=np.zeros_like(x.step_overhead)))
+    shape = (len(problem.devices), len(problem.options), problem.n_splits)
+    return c.iteration_s.reshape(shape), np.broadcast_to(x.up_bytes + x.down_bytes, shape)
+
+
+def session_table(problem: Problem) -> np.ndarray:
+    """Indexed [device, option, split]: what the model charges a round beyond its iterations (the
+    weights each way, the join and upload requests), without any session overhead: what the rest
+    of a measured session, beyond its steps, is held against."""
+    x = CostInputs.of(problem)
+    c = cost_matrices(replace(x, session=np.zeros_like(x.session)))
+    return (c.round_s - x.iterations * c.iteration_s).reshape(len(problem.devices), len(problem.options),
+                                                              problem.n_splits)
+
+
+def column_of(problem: Problem, codec: str, micro_batches: int, split: int) -> Column | None:
+    """The column of (codec, k, split) in the problem's cost matrices; None when not offered."""
+    try:
+        return Column(_option_index(problem, codec, micro_batches), split)
+    except ValueError:
+        return None
+
+
+def evaluate(problem: Problem, splits: Mapping[str, int], share_server: bool = False,
+             policy: str = "given", options: Mapping[str, tuple[str, int]] | None = None) -> Plan:
+    """Predicted costs of any assignment of splits (every device named exactly once), each device
+    with its (codec, micro_batches) from `options` (default: the problem's first option)."""
+    names = [d.name for d in problem.devices]
+    missing, extra = sorted(set(names) - set(splits)), sorted(set(splits) - set(names))
+    if missing or extra:
+        raise ValueError(f"splits must name every device once; missing {missing}, unknown {extra}")
+    s = problem.n_splits
+    arr = np.array([check_split(splits[n], s, f"device {n!r}: split") for n in names])
+    opt = np.array([_option_index(problem, *options[n]) if options and n in options else 0 for n in names])
+    opt = np.where(arr == s - 1, 0, opt)
+    return plan_columns(problem, CostInputs.of(problem), opt * s + arr, policy, share_server)
+
