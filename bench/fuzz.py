@@ -1,4 +1,4 @@
-"""The long fuzz of issue 12: property-based requests to every route of a real `ares server`
+"""A long fuzz: property-based requests to every route of a real `ares server`
 process over HTTP/2 (granian, the real httpx client), as a device holding valid tokens would
 send them. Passes when no request got a 5xx, the server is alive, and the global model's hash
 (`model_sha256` in /v1/status) is the one it had before.

@@ -1,4 +1,4 @@
-"""Load: many emulated devices against one real `ares server` process over HTTP/2 (issue 12).
+"""Load: many emulated devices against one real `ares server` process over HTTP/2.
 
 Each emulated device is the real device client (`HttpLink`: httpx, HTTP/2 prior knowledge, one
 connection) doing what a device does each round: wait for the round to open, join, send its

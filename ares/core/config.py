@@ -60,7 +60,7 @@ class DataConfig(_Strict):
 
 
 class AggregationConfig(_Strict):
-    """How uploads are bounded and merged (issue 12). Costs in time and accuracy: README "Robustness"."""
+    """How uploads are bounded and merged. Costs in time and accuracy: README "Robustness"."""
 
     method: Literal["fedavg", "norm_clip", "median", "trimmed_mean"] = Field(
         "fedavg", description="fedavg: weighted by samples; norm_clip: every update scaled to at most clip_norm, "
@@ -75,7 +75,7 @@ class AggregationConfig(_Strict):
 
 
 class LimitsConfig(_Strict):
-    """What one device may hold of the server at once (issue 12)."""
+    """What one device may hold of the server at once (ares.runtime.limits)."""
 
     requests_per_device: int = Field(16, ge=1, description="concurrent requests per device (pipelined micro-batch "
                                      "steps are concurrent too); more get 429")

@@ -1,4 +1,4 @@
-"""Issue 3's closed loop: a device's link is throttled mid-run (the in-process rate limit on its
+"""The closed loop: a device's link is throttled mid-run (the in-process rate limit on its
 transport) and the controller moves its split within two rounds; the results folder shows it."""
 
 from __future__ import annotations

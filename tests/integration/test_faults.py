@@ -1,4 +1,4 @@
-"""Issue 12's faults, with real processes over HTTP/2: a device killed mid-step, the server killed
+"""Faults, with real processes over HTTP/2: a device killed mid-step, the server killed
 mid-round, a device that uploads a poisoned model. (A link cut in a network namespace:
 tests/host/test_link_cut.py.) Deadlines are short so each test takes well under a minute of
 waiting; they are marked slow (device processes profile their model at start-up)."""

@@ -1,5 +1,5 @@
-"""Issue 12 through the real FastAPI app (in-process ASGI): frames that made the server answer
-5xx, a device that stalls it, /metrics, and a short property-based fuzz of every route.
+"""Hostile requests through the real FastAPI app (in-process ASGI): frames that could make a
+server answer 5xx, a device that stalls it, /metrics, and a short property-based fuzz of every route.
 The long fuzz (>= 10,000 requests against a real HTTP/2 server) is `bench/fuzz.py`."""
 
 from __future__ import annotations
@@ -131,7 +131,7 @@ def test_decoding_runs_off_the_event_loop(tmp_path, monkeypatch):
 
 def test_joins_waiting_for_the_next_round_hold_no_worker_thread(tmp_path):
     """60 joins wait for a round that is not open; an upload (a worker-thread route) still
-    answers at once. Before issue 12 each waiting join held one of anyio's 40 threads for 20 s."""
+    answers at once. A join that waited in a worker thread would hold one of anyio's 40 threads for 20 s."""
     server, client, auth = async_env(tmp_path, requests_per_device=64, join_wait_s=5)
 
     async def scenario():
