@@ -21,6 +21,9 @@ FedAvg, evaluation, checkpoint, HTTP); and the controller's prediction for those
 Timing changes at round r (links and power modes) hold from round r on; the adaptive policies
 see them one round later (they decide from measurements), so `settle_rounds` after each change
 are left out of a policy's "adapted" ratio to the oracle.
+
+`compare` runs every variant of a scenario (what `ares bench` does): each variant's figures are
+a `VariantResult`, the whole a `Comparison` (ares.roles.comparison), written as JSON.
 """
 
 from __future__ import annotations

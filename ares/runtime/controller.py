@@ -132,7 +132,7 @@ def with_step_overheads(problem: Problem, samples: Mapping[str, Sequence[StepSam
     cap is there because only part of the excess grows with the bytes (codec work, framing) and
     part does not (a server turn, pipeline fill): charged all per byte, a Nano's move to a setting
     that moves twice the bytes was charged +0.46 s a step for +0.08 s measured. Over the twelve
-    first runs of a setting in the bench results, the cap took the charge's error from 17.7% mean
+    first runs of a setting in the `ares bench` comparisons, the cap took the charge's error from 17.7% mean
     (51% at worst) to 14.1% (29%). A device that never offloaded gets none. A setting is
     mispredicted once at most: after one round with it, its own figure holds."""
     if not any(samples.values()):

@@ -56,6 +56,7 @@ STATUS: dict[type[Exception], int] = {
     BodyTimeout: 408,
     DeviceBusy: 429,              # for now: with a Retry-After (`headers_of`)
     ValidationError: 422,         # a JSON message that its schema refuses
+    RequestValidationError: 422,  # a query parameter missing or of the wrong type
     # the round state (ares.runtime.training)
     Unauthorized: 401,
     UnknownDevice: 404,
@@ -183,7 +184,7 @@ def create_app(cfg: ServerConfig, trainer: Optional[TrainingServer] = None, tick
     async def _invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
         """A query parameter missing or of the wrong type: answered like every other refusal."""
         problems = [f"{'.'.join(map(str, e.get('loc', ())))}: {e.get('msg', '')}" for e in exc.errors()[:3]]
-        return JSONResponse({"error": f"invalid request: {'; '.join(problems)}"}, status_code=422)
+        return JSONResponse({"error": f"invalid request: {'; '.join(problems)}"}, status_code=status_of(exc))
 
     @app.get("/healthz")
     async def healthz() -> dict:

@@ -390,7 +390,7 @@ class TrainingServer:
         return grad.cpu(), float(loss.detach()), elapsed
 
     def activation_shape(self, split: int) -> tuple[int, ...]:
-        """Per-sample shape of the activations a step at `split` carries (422 for a split out of
+        """Per-sample shape of the activations a step at `split` carries (`WrongSplit` for a split out of
         range, or the local split, which has no server step)."""
         _check_split(split, self.layers)
         if split == self.layers - 1:
@@ -425,7 +425,7 @@ class TrainingServer:
 
         One upload per device and round is merged. A repeat of the accepted one (the same
         weights and report: a retry whose first reply was lost) is answered as a success and
-        changes nothing, even after the round closed; a different one is refused with 409 and
+        changes nothing, even after the round closed; a different one is refused (`ConflictingUpload`) and
         the first stands: it is never replaced, nor counted twice.
 
         Bounded before it can be merged: the sample count may not exceed what the
@@ -571,7 +571,7 @@ class TrainingServer:
         log.info("round %d closed (%s): accuracy %.4f, %d/%d devices", self.round, why, accuracy,
                  len(done), len(self.slots))
         for s in self.slots.values():
-            with s.lock:  # a step in flight finishes first; later ones find no replica (409)
+            with s.lock:  # a step in flight finishes first; later ones find no replica (`RoundClosed`)
                 s.replica, s.optimizer, s.uploaded = None, None, None
             if s.phase in ("uploaded", "refused"):
                 s.phase = "idle"
