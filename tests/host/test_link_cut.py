@@ -1,4 +1,4 @@
-"""Issue 12: a device's link cut for 30 s (its veth pair down) is the same as a kill: the round
+"""A device's link cut for 30 s (its veth pair down) is the same as a kill: the round
 closes at its deadline without it, and once the link is back the device rejoins on its own.
 The device runs in its own network namespace; the server in the root namespace."""
 

@@ -6,7 +6,7 @@ containers' command and args with container paths mapped to those directories (i
 ConfigMap files), maps the job's server Service to one loopback port, and writes the pod's phase
 and container statuses back through `pods/<name>/status`. Deleting a pod kills its processes.
 
-Faithful to a real kubelet where it matters (issue 10):
+Faithful to a real kubelet where it matters:
 - each container runs as its security context's user and group (pod level, overridden per
   container), with the pod's fsGroup and supplementalGroups as extra groups; `runAsNonRoot`
   with uid 0 is refused (CreateContainerConfigError). The interpreter under a private home

@@ -1,4 +1,4 @@
-"""Issue 10 end to end: pods as a real kubelet runs them, and the job lifecycle cluster users expect.
+"""End to end: pods as a real kubelet runs them, and the job lifecycle cluster users expect.
 
 Three runs of a two-device job on tiny synthetic data, each checking several things at once:
 1. `test_restricted_pods_kill_and_metrics`: every trainer and server process runs as uid/gid

@@ -1,4 +1,4 @@
-"""Issue 13 through the operator: a job's `training.offer` lets the adaptive controller choose each
+"""Step options through the operator: a job's `training.offer` lets the adaptive controller choose each
 device's (codec, micro-batches); the choice reaches the device pod as the `ares.io/step-options`
 annotation, the downwardAPI projects it beside the split file (`split-point.options`) and the
 device trains with it. A job without an offer gets neither annotation nor file.

@@ -203,16 +203,6 @@ HISTORY = re.compile("|".join([
 
 # Tracked files owned elsewhere that still carry such wording, until their owners reword them.
 # The test fails on any other file, and does not fail when one of these is fixed.
-PENDING_REWORDING = {
-    "tests/host/test_link_cut.py",
-    "tests/k8s/k8s_kubelet.py",
-    "tests/k8s/test_lifecycle_e2e.py",
-    "tests/k8s/test_step_options_e2e.py",
-    "tests/unit/test_builders.py",
-    "tests/unit/test_robust_aggregation.py",
-}
-
-
 @pytest.mark.parametrize("text, history", [
     ("measured on the eighth session's final code", True),
     ("the seventh issue-13 session's code", True),
@@ -244,7 +234,7 @@ def test_no_development_history_in_tracked_files():
     found: dict[str, list[str]] = {}
     for name in tracked_files():
         path = ROOT / name
-        if name in PENDING_REWORDING or path == Path(__file__) or not path.is_file():
+        if path == Path(__file__) or not path.is_file():
             continue  # this file names the patterns it looks for
         hits = [f"file name: {name}"] if HISTORY.search(name) else []
         try:

@@ -1,4 +1,4 @@
-"""The aggregations a job may choose (issue 12), on tiny literal models."""
+"""The aggregations a job may choose, on tiny literal models."""
 
 from __future__ import annotations
 
