@@ -189,6 +189,9 @@ class ControlPlane:
             "--service-account-key-file", str(p / "sa.pub"),
             "--service-account-signing-key-file", str(p / "sa.key"),
             "--service-cluster-ip-range", "10.96.0.0/16", "--allow-privileged=true",
+            # No Endpoints for the `kubernetes` Service: loopback is not a valid endpoint address
+            # (before 1.37 the reconciler failed every 10 s; 1.37 refuses to start with one).
+            "--endpoint-reconciler-type", "none",
             "--authorization-mode", "RBAC",
             # On top of the defaults (PodSecurity among them): what stricter clusters enforce, so
             # that children with blockOwnerDeletion need `update` on aresjobs/finalizers.
