@@ -18,8 +18,7 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "tests"))
-from cluster.controlplane import ControlPlaneUnavailable, bin_dir  # noqa: E402
+from cluster.controlplane import ControlPlaneUnavailable, bin_dir
 
 CHART = ROOT / "charts" / "ares"
 CRD_SOURCE = ROOT / "crds" / "aresjobs.ares.io.yaml"

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,9 +21,6 @@ from typing import Any
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-for extra in (ROOT, ROOT / "operator", ROOT / "tests"):
-    if str(extra) not in sys.path:
-        sys.path.insert(0, str(extra))
 # The reconcile timer's interval is read when the handlers module is imported: keep ticks short.
 os.environ.setdefault("ARES_TICK_SECONDS", "1")
 # The kubernetes client reads KUBECONFIG's *path* once, at import: one path for the whole session,
@@ -32,11 +28,11 @@ os.environ.setdefault("ARES_TICK_SECONDS", "1")
 KUBECONFIG = Path(tempfile.mkdtemp(prefix="ares-k8s-")) / "kubeconfig"
 os.environ["KUBECONFIG"] = str(KUBECONFIG)
 
-from cluster.controlplane import ControlPlane  # noqa: E402
-from cluster.fixtures import OPERATOR_NS, OPERATOR_SA, Kubectl  # noqa: E402
-from k8s_kubelet import Kubelet  # noqa: E402
+from cluster.controlplane import ControlPlane
+from cluster.fixtures import OPERATOR_NS, OPERATOR_SA, Kubectl
+from k8s_kubelet import Kubelet
 
-from tests.conftest import free_port  # noqa: E402
+from tests.conftest import free_port
 
 CRD = ROOT / "crds" / "aresjobs.ares.io.yaml"
 

@@ -5,22 +5,20 @@ from __future__ import annotations
 import base64
 import dataclasses
 import datetime
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "operator"))
 
-from ares.core.config import ServerConfig  # noqa: E402
-from ares.core.messages import DeviceStatus, ServerStatus  # noqa: E402
-from ares_operator import builders, conditions, reconcile, status  # noqa: E402
-from ares_operator import constants as c  # noqa: E402
-from ares_operator.builders import JobRef  # noqa: E402
-from ares_operator.settings import ImageSettings, OperatorSettings, ServerAccessSettings, from_env  # noqa: E402
-from ares_operator.spec import parse_spec  # noqa: E402
+from ares.core.config import ServerConfig
+from ares.core.messages import DeviceStatus, ServerStatus
+from ares_operator import builders, conditions, reconcile, status
+from ares_operator import constants as c
+from ares_operator.builders import JobRef
+from ares_operator.settings import ImageSettings, OperatorSettings, ServerAccessSettings, from_env
+from ares_operator.spec import parse_spec
 
 JOB = JobRef("demo", "lab", "uid-1")
 SETTINGS = OperatorSettings(images=ImageSettings(server="srv:1", device="dev:1", device_jetson="jet:1"))

@@ -11,7 +11,6 @@ both are checked here. CEL rules are evaluated by a real API server in tests/k8s
 from __future__ import annotations
 
 import copy
-import sys
 import types
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
@@ -26,11 +25,10 @@ from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "operator"))
 
-from ares_operator import constants as c  # noqa: E402
-from ares_operator import spec as spec_py  # noqa: E402
-from ares_operator import validation  # noqa: E402
+from ares_operator import constants as c
+from ares_operator import spec as spec_py
+from ares_operator import validation
 
 CRD = yaml.safe_load((ROOT / "crds" / "aresjobs.ares.io.yaml").read_text())
 VERSION = CRD["spec"]["versions"][0]

@@ -8,7 +8,6 @@ The same attempts run through the real API server in tests/k8s/test_job_safety.p
 from __future__ import annotations
 
 import logging
-import sys
 from decimal import Decimal
 from pathlib import Path
 
@@ -16,15 +15,14 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "operator"))
 
-from ares_operator import builders, handlers, quota, validation  # noqa: E402
-from ares_operator import constants as c  # noqa: E402
-from ares_operator import status as job_status  # noqa: E402
-from ares_operator.builders import JobRef  # noqa: E402
-from ares_operator.reconcile import Outcome, PodView  # noqa: E402
-from ares_operator.settings import ImageSettings, JobPolicy, OperatorSettings, from_env  # noqa: E402
-from ares_operator.spec import parse_spec  # noqa: E402
+from ares_operator import builders, handlers, quota, validation
+from ares_operator import constants as c
+from ares_operator import status as job_status
+from ares_operator.builders import JobRef
+from ares_operator.reconcile import Outcome, PodView
+from ares_operator.settings import ImageSettings, JobPolicy, OperatorSettings, from_env
+from ares_operator.spec import parse_spec
 
 JOB = JobRef("demo", "team-a", "uid-1")
 IMAGES = ImageSettings(server="reg.example/ares-server:1", device="reg.example/ares-device:1",

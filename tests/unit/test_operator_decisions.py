@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -11,16 +10,15 @@ import yaml
 from kubernetes.client.rest import ApiException
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "operator"))
 
-from ares.core.messages import ServerStatus  # noqa: E402
-from ares_operator import builders, handlers  # noqa: E402
-from ares_operator import status as job_status  # noqa: E402
-from ares_operator import constants as c  # noqa: E402
-from ares_operator.builders import JobRef  # noqa: E402
-from ares_operator.kube import NotOurs, QuotaShortfall, Refused, controller_uid  # noqa: E402
-from ares_operator.settings import from_env  # noqa: E402
-from ares_operator.spec import parse_spec  # noqa: E402
+from ares.core.messages import ServerStatus
+from ares_operator import builders, handlers
+from ares_operator import status as job_status
+from ares_operator import constants as c
+from ares_operator.builders import JobRef
+from ares_operator.kube import NotOurs, QuotaShortfall, Refused, controller_uid
+from ares_operator.settings import from_env
+from ares_operator.spec import parse_spec
 
 JOB = JobRef("demo", "team-a", "uid-1")
 

@@ -3,16 +3,11 @@
 from __future__ import annotations
 
 import socket
-import sys
-from pathlib import Path
 
 import httpx
 from prometheus_client import generate_latest
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "operator"))
-
-from ares_operator.metrics import OperatorMetrics  # noqa: E402
+from ares_operator.metrics import OperatorMetrics
 
 
 def sample(m: OperatorMetrics, name: str, **labels: str) -> float | None:

@@ -3,21 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "operator"))
 
-from ares.core.messages import ServerStatus  # noqa: E402
-from ares_operator import constants as c  # noqa: E402
-from ares_operator import reconcile, status  # noqa: E402
-from ares_operator.builders import JobRef  # noqa: E402
-from ares_operator.settings import ImageSettings, OperatorSettings  # noqa: E402
-from ares_operator.spec import parse_spec  # noqa: E402
+from ares.core.messages import ServerStatus
+from ares_operator import constants as c
+from ares_operator import reconcile, status
+from ares_operator.builders import JobRef
+from ares_operator.settings import ImageSettings, OperatorSettings
+from ares_operator.spec import parse_spec
 
 JOB = JobRef("demo", "lab", "uid-1")
 SETTINGS = OperatorSettings(images=ImageSettings(server="srv:1", device="dev:1", device_jetson="jet:1"))

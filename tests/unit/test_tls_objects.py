@@ -7,7 +7,6 @@ from __future__ import annotations
 import base64
 import datetime
 import ssl
-import sys
 import tempfile
 from pathlib import Path
 
@@ -15,15 +14,14 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "operator"))
 
-from ares.core import pki  # noqa: E402
-from ares.runtime.tlsclient import ClientTls, explain  # noqa: E402
-from ares_operator import builders, tls  # noqa: E402
-from ares_operator import constants as c  # noqa: E402
-from ares_operator.builders import JobRef  # noqa: E402
-from ares_operator.settings import ImageSettings, OperatorSettings  # noqa: E402
-from ares_operator.spec import parse_spec  # noqa: E402
+from ares.core import pki
+from ares.runtime.tlsclient import ClientTls, explain
+from ares_operator import builders, tls
+from ares_operator import constants as c
+from ares_operator.builders import JobRef
+from ares_operator.settings import ImageSettings, OperatorSettings
+from ares_operator.spec import parse_spec
 
 JOB = JobRef("demo", "lab", "uid-1")
 SETTINGS = OperatorSettings(images=ImageSettings(server="srv:1", device="dev:1", device_jetson="jet:1"))
