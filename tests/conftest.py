@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import os
 import secrets
 import signal
@@ -31,6 +32,16 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def model_hash(server) -> str:
+    """A digest of a TrainingServer's global model (names and bytes of every tensor): equal
+    digests, the same model to the bit."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(server.global_state().items()):
+        h.update(name.encode())
+        h.update(tensor.numpy().tobytes())
+    return h.hexdigest()
 
 
 def die_with_pytest() -> None:

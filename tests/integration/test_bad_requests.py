@@ -3,7 +3,6 @@ is untouched. Runs the real FastAPI app in-process (httpx over Starlette's test 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import struct
 
@@ -13,15 +12,7 @@ import torch
 from ares.core import wire
 from ares.core.messages import DeviceReport
 from ares.runtime.training import TrainingServer
-from tests.conftest import joined_app
-
-
-def model_hash(server: TrainingServer) -> str:
-    h = hashlib.sha256()
-    for k, v in sorted(server.global_state().items()):
-        h.update(k.encode())
-        h.update(v.numpy().tobytes())
-    return h.hexdigest()
+from tests.conftest import joined_app, model_hash
 
 
 @pytest.fixture(scope="module")

@@ -21,12 +21,7 @@ from ares.core import wire
 from ares.core.config import LimitsConfig
 from ares.runtime.server import create_app
 from ares.runtime.training import TrainingServer, read_tokens
-from tests.conftest import ROOT, joined_app, small_config
-
-
-def model_hash(server: TrainingServer) -> str:
-    server._refresh_global()
-    return server.model_sha256
+from tests.conftest import ROOT, joined_app, model_hash, small_config
 
 
 @pytest.fixture(scope="module")

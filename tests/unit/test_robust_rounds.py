@@ -13,7 +13,7 @@ from ares.core.messages import DeviceReport, StepTimings
 from ares.runtime.server import status_of
 from ares.runtime.training import (AlreadyFinished, ConflictingUpload, RoundClosed, TrainingServer, UnknownDevice,
                                    UnsafeUpdate, read_tokens)
-from tests.conftest import small_config
+from tests.conftest import model_hash, small_config
 
 
 class Clock:
@@ -44,11 +44,6 @@ def step(server, name, split=3, x=None, round_index=0):
 
 def report(samples=5, split=3, round_index=0, **timings) -> DeviceReport:
     return DeviceReport(round=round_index, split=split, samples=samples, timings=StepTimings(**timings))
-
-
-def model_hash(server: TrainingServer) -> str:
-    server._refresh_global()
-    return server.model_sha256
 
 
 # ----- class 2: one upload cannot take over or destroy the model ---------------------------------
