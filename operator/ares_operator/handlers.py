@@ -183,15 +183,15 @@ def start(name: str, namespace: str, uid: str, spec: Mapping[str, Any], status: 
     if status.get("phase") in c.TERMINAL_PHASES:
         return  # a finished job keeps what it has; nothing is recreated on resume
     call = Call.of(name, namespace, uid, status, meta, body, memo, patch, logger)
-    _guarded(call, spec)
+    reconcile_job(call, spec)
     patch.status.setdefault("startTime", status.get("startTime") or _now())
 
 
-def _guarded(call: Call, raw_spec: Mapping[str, Any]) -> None:
+def reconcile_job(call: Call, raw_spec: Mapping[str, Any]) -> None:
     """Validate, create what is missing, reconcile: every error ends on the job, none in a log only."""
     try:
         parsed = _valid_spec(call, raw_spec)
-        if parsed is not None and _ensure_children(call, parsed):
+        if parsed is not None and ensure_children(call, parsed):
             _guarded_reconcile(call, parsed)
     except Exception as exc:  # noqa: BLE001 -- reported on the job, retried or ended by _error
         call.ctx.metrics.reconcile_errors.labels(call.job.namespace, call.job.name).inc()
@@ -249,7 +249,7 @@ def _remove_children(call: Call) -> str:
     return f"removed what was created for it ({', '.join(gone)})" if gone else "nothing was created for it"
 
 
-def _ensure_children(call: Call, spec: JobSpec) -> bool:
+def ensure_children(call: Call, spec: JobSpec) -> bool:
     """Every child is first created as a dry run and the namespace's quotas checked against the
     whole job, so that a refusal (RBAC, Pod Security, RuntimeClass, quota, a leftover namesake)
     is reported on the job and nothing is left half-created; then created for real."""
@@ -399,7 +399,7 @@ def tick(name: str, namespace: str, uid: str, spec: Mapping[str, Any], status: M
         return
     if call.state.retry_at is not None and time.monotonic() < call.state.retry_at:
         return  # backing off after an error
-    _guarded(call, spec)
+    reconcile_job(call, spec)
     call.ctx.metrics.phase(namespace, name, patch.status.get("phase") or status.get("phase"))
 
 
@@ -418,7 +418,7 @@ def spec_changed(name: str, namespace: str, uid: str, spec: Mapping[str, Any], s
         return  # the next tick marks it Failed
     try:
         pods = [reconcile.PodView.of(p) for p in call.ctx.kube.list_pods(namespace, name, uid)]
-        _annotate(call, parsed, pods)
+        annotate(call, parsed, pods)
     except Exception as exc:  # noqa: BLE001 -- the next tick applies them again; said on the job now
         _error(call, exc)
 
@@ -454,10 +454,10 @@ def _reconcile(call: Call, spec: JobSpec) -> None:
         call.logger.warning("%s", message)
         call.event("Warning", reason, message)
 
-    server = _server_status(call, pods) if not actions.outcome else None
+    server = server_status(call, pods) if not actions.outcome else None
     if server is not None and server.phase in ("waiting", "training") and spec.split.mode == "adaptive":
-        _optimise(call, spec)
-    _annotate(call, spec, pods)
+        optimise(call, spec)
+    annotate(call, spec, pods)
 
     outcome = (actions.outcome or reconcile.deadline_outcome(spec, status.get("startTime"), _utcnow())
                or reconcile.training_outcome(server))
@@ -484,7 +484,7 @@ def _phase_event(call: Call, new: Mapping[str, Any], outcome: Optional[reconcile
         call.event("Normal", str(phase), f"job is {phase}: round {new.get('progress', '?')}")
 
 
-def _server_status(call: Call, pods: list[reconcile.PodView]) -> Optional[ServerStatus]:
+def server_status(call: Call, pods: list[reconcile.PodView]) -> Optional[ServerStatus]:
     from ares.runtime import controller  # the same controller code the local runner uses
 
     job, st = call.job, call.state
@@ -509,7 +509,7 @@ def _server_status(call: Call, pods: list[reconcile.PodView]) -> Optional[Server
     return found
 
 
-def _optimise(call: Call, spec: JobSpec) -> None:
+def optimise(call: Call, spec: JobSpec) -> None:
     """Telemetry -> optimiser -> plan in the job's state, at most every split.reoptimiseIntervalSeconds.
 
     With a training.offer the policy also chooses each device's (codec, micro-batches), as the
@@ -567,7 +567,7 @@ class AnnotationSink:
         return changed
 
 
-def _annotate(call: Call, spec: JobSpec, pods: list[reconcile.PodView]) -> None:
+def annotate(call: Call, spec: JobSpec, pods: list[reconcile.PodView]) -> None:
     st, job = call.state, call.job
     changed = AnnotationSink(call.ctx.kube, job, spec, pods, call.logger).write(
         reconcile.desired_splits(spec, st.planned), reconcile.desired_options(spec, st.planned_options))

@@ -246,7 +246,7 @@ def _conditions(call) -> dict[str, dict]:
 def test_an_error_while_creating_ends_the_job_and_removes_what_was_made(step):
     kube = _Kube(fail_on=step)
     call = _call(kube)
-    handlers._guarded(call, _spec())
+    handlers.reconcile_job(call, _spec())
     conds = _conditions(call)
     assert call.patch.status["phase"] == c.PHASE_FAILED
     assert conds[c.COND_FAILED]["reason"] == conds[c.COND_RECONCILED]["reason"] == c.REASON_RECONCILE_ERROR
@@ -262,7 +262,7 @@ def test_a_transient_error_is_retried_with_backoff_and_said_once(monkeypatch):
 
     kube = _Kube(fail_on="create Service", exc=ApiException(status=503, reason="Service Unavailable"))
     call = _call(kube)
-    handlers._guarded(call, _spec())
+    handlers.reconcile_job(call, _spec())
     conds = _conditions(call)
     assert "phase" not in call.patch.status or call.patch.status["phase"] != c.PHASE_FAILED
     assert conds[c.COND_RECONCILED]["status"] == "False" and "try 1" in conds[c.COND_RECONCILED]["message"]
@@ -271,14 +271,14 @@ def test_a_transient_error_is_retried_with_backoff_and_said_once(monkeypatch):
     # The next try fails the same way: no second event, a longer wait.
     again = _call(kube, status={"conditions": call.patch.status["conditions"]})
     again.state = call.state
-    handlers._guarded(again, _spec())
+    handlers.reconcile_job(again, _spec())
     assert len(kube.events) == 1 and again.state.failures == 2
     assert again.state.retry_at - first_wait > call.ctx.settings.tick_s * 0.9
     # It clears: Reconciled=True, counters reset.
     kube.fail_on = ""
     cleared = _call(kube, status={"conditions": again.patch.status["conditions"]})
     cleared.state = again.state
-    handlers._guarded(cleared, _spec())
+    handlers.reconcile_job(cleared, _spec())
     assert _conditions(cleared)[c.COND_RECONCILED]["status"] == "True" and cleared.state.failures == 0
 
 

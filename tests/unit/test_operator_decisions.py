@@ -112,14 +112,14 @@ def test_a_lost_children_created_condition_is_put_back():
     lost = {"conditions": [{"type": c.COND_SPEC_VALID, "status": "True"}]}
     # Created earlier: nothing is created again (no API client at all).
     call = _call(lost, children_ok=True)
-    assert handlers._ensure_children(call, spec)
+    assert handlers.ensure_children(call, spec)
     created = [cond for cond in call.patch.status["conditions"] if cond["type"] == c.COND_CREATED]
     assert [cond["status"] for cond in created] == ["True"] and created[0]["reason"] == c.REASON_CREATED
     assert {cond["type"] for cond in call.patch.status["conditions"]} == {c.COND_SPEC_VALID, c.COND_CREATED}
     # Present (True, or False with a refusal's reason): left alone, no patch.
     for value in ("True", "False"):
         kept = _call({"conditions": [{"type": c.COND_CREATED, "status": value, "reason": "x"}]}, children_ok=True)
-        assert handlers._ensure_children(kept, spec)
+        assert handlers.ensure_children(kept, spec)
         assert not kept.patch
 
 
@@ -237,7 +237,7 @@ def test_a_replaced_device_pod_starts_with_its_planned_step_options():
 
 
 def test_the_operator_asks_the_controller_for_step_options_and_annotates_them(monkeypatch):
-    """`_optimise` runs the local runner's `decide` with the job's offer; the sink then writes what it chose."""
+    """`optimise` runs the local runner's `decide` with the job's offer; the sink then writes what it chose."""
     import logging
 
     import kopf
@@ -260,7 +260,7 @@ def test_the_operator_asks_the_controller_for_step_options_and_annotates_them(mo
     monkeypatch.setattr(controller, "fetch_telemetry", lambda *a, **k: slow)
     spec = _offered(codecs=["fp16", "int8"], microBatches=[2, 4])
     call = _call(tokens={"controller.token": "t"})
-    handlers._optimise(call, spec)
+    handlers.optimise(call, spec)
     memo = call.state
     want = controller.decide(slow, parse_policy(spec.split.policy, spec.split.alpha), builders.pinned_splits(spec),
                              spec.training.offer_pairs())
@@ -279,13 +279,13 @@ def test_the_operator_asks_the_controller_for_step_options_and_annotates_them(mo
     kube = Recorder()
     call.ctx.kube = kube
     pods = [reconcile.PodView.of(builders.device_pod(JOB, spec, d, from_env(), split=3)) for d in spec.devices]
-    handlers._annotate(call, spec, pods)
+    handlers.annotate(call, spec, pods)
     got = {name: values.get(c.ANNOTATION_STEP_OPTIONS) for name, values in kube.calls}
     assert got == {f"demo-{d}": builders.step_options_annotation(*pair) for d, pair in memo.planned_options.items()
                    if pair != ("fp32", 1)}  # the job's own is on the pods already
     # No offer: the same telemetry, no options planned, none written.
     plain = _call(tokens={"controller.token": "t"})
-    handlers._optimise(plain, _offered())
+    handlers.optimise(plain, _offered())
     assert plain.state.planned and plain.state.planned_options == {}
 
 

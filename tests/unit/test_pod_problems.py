@@ -314,8 +314,8 @@ def test_a_server_still_starting_is_never_called_unreachable(monkeypatch):
                          logging.getLogger("test"), ctx, handlers.JobState(tokens={"controller.token": "t"}))
     loading = PodView(name="demo-server", role="server", device="", phase="Running", attempt=0, terminating=False,
                       annotations={}, started=False)
-    assert handlers._server_status(call, [loading]) is None and call.state.unreachable_since is None
+    assert handlers.server_status(call, [loading]) is None and call.state.unreachable_since is None
     serving = dataclasses.replace(loading, started=True)
-    assert handlers._server_status(call, [serving]) is None and call.state.unreachable_since is not None
+    assert handlers.server_status(call, [serving]) is None and call.state.unreachable_since is not None
     assert PodView.of({"metadata": {"name": "demo-server"}, "status": {"phase": "Running", "containerStatuses": [
         {"name": "server", "started": True, "state": {"running": {}}}]}}).started
