@@ -248,3 +248,10 @@ def test_no_development_history_in_tracked_files():
             found[name] = hits
     assert not found, "development history in tracked files (describe the software; history goes in git " \
                       "and CHANGELOG.md):\n" + "\n".join(f"{n}\n  " + "\n  ".join(h) for n, h in found.items())
+
+
+def test_no_two_test_modules_share_a_name():
+    """pytest imports test modules by their file name (no packages): two of one name in different
+    folders stop the whole run at collection."""
+    names = [p.name for p in (ROOT / "tests").rglob("*.py") if p.name not in ("conftest.py", "__init__.py")]
+    assert sorted({n for n in names if names.count(n) > 1}) == []
