@@ -34,7 +34,10 @@ from tests.conftest import ROOT, wait_for
 
 MARK = "ARES_TEST_STOPPING"
 NS_INDEX = 150  # the bench's namespaces: 150.. (the host tests use 200..)
-EXIT_S = 10.0  # the command unwinds and exits within this (a few seconds; more on a loaded 2-core CI machine)
+# The command unwinds and exits within this: a few seconds when idle; on a loaded 2-core CI machine
+# a bench stopped while its server imports torch took over 10 s (children's grace, SIGKILL, the
+# namespaces' `ip` commands, its own exit). What is asserted is that everything goes, not how fast.
+EXIT_S = 30.0
 GONE_S = 5.0  # then nothing of it is left within this
 
 # one emulated device, two rounds of two steps on a tiny synthetic set, two policies
