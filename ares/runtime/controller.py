@@ -181,11 +181,11 @@ def _step_excess(problem: Problem, samples: Mapping[str, Sequence[StepSample]]) 
 
 
 def with_session_overheads(problem: Problem, samples: Mapping[str, Sequence[SessionSample]]) -> Problem:
-    """The problem with what each device's recent sessions took beyond their steps and the model's
+    """The problem with what each device's recent turns (join to accepted upload) took beyond their steps and the model's
     weight transfers (decoding, building and checking the weights, the requests' waits): the median
-    over its last three sessions after round 0, charged once per round whatever the split. Round 0
-    says nothing: its sessions pay every process's start-up (seconds beyond their steps in a local
-    run, where later sessions pay tenths). Without it a sub-second session is predicted far off."""
+    over its last three turns after round 0, charged once per round whatever the split. Round 0
+    says nothing: its turns pay every process's start-up (seconds beyond their steps in a local
+    run, where later turns pay tenths). Without it a sub-second turn is predicted far off."""
     if not any(samples.values()):
         return problem
     rest = session_table(problem)

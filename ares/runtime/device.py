@@ -243,13 +243,13 @@ class DeviceTrainer:
     def _measured_steps(self, entry: RoundLog, whole: bool) -> list[StepSample]:
         """This round's offloaded steps joined to the ones measured before (the last `STEP_ROUNDS`
         rounds of each of 16 settings at most), so the controller can hold its model against each
-        setting this device has really run, over more than one round: a Nano's sessions at one
+        setting this device has really run, over more than one round: a Nano's turns at one
         setting went 3.5, 2.6, 3.3, 2.6 s, and the last round alone, taken as the next one, was off by
         up to 34%. Each sample carries the link estimates and compute factor of its round; its
         `compute_scale` is that factor over today's, which the report's profile already holds.
         The process's first round gives none: it pays start-up, its own (the first step: 0.1-3 s)
         and at round 0 everyone's (every process starts and profiles at once), and a figure taken
-        then was extrapolated to other settings (a sub-second session predicted 70% long)."""
+        then was extrapolated to other settings (a sub-second turn predicted 70% long)."""
         if entry.steps and not whole and not entry.cold:
             key = (entry.split, self.codec, self.micro_batches)
             kept = self._steps.pop(key, None) or deque(maxlen=STEP_ROUNDS)
