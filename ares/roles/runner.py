@@ -312,7 +312,7 @@ class Cluster:
         config = self.root / "server.yaml"
         config.write_text(yaml.safe_dump(self.server_config(host).model_dump(mode="json"), sort_keys=False))
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        self._spawn(["server", "--config", str(config), *self._server_tls()], "server", env)
+        self._spawn(["server", "--config", str(config), *self.server_tls_args()], "server", env)
         self.wait_healthy()
         for spec in self.specs:
             self.start_device(spec, env)
@@ -332,7 +332,7 @@ class Cluster:
             args += ["--profile", str(resolve_profile(spec.profile, self.root / "profiles"))]
         self._spawn(args, spec.name, env, self.device_prefix.get(spec.name, []))
 
-    def _server_tls(self) -> list[str]:
+    def server_tls_args(self) -> list[str]:
         """With cfg.tls: a throwaway CA (its key never written), a server certificate for every
         address a device dials, and the `ares server` flags that serve it."""
         if not self.cfg.tls:

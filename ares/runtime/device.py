@@ -71,7 +71,7 @@ def _union(spans: list[tuple[float, float]]) -> float:
     return total
 
 
-def _busy_seconds(up: list[tuple[float, float]], down: list[tuple[float, float]], up_bytes: int,
+def busy_seconds(up: list[tuple[float, float]], down: list[tuple[float, float]], up_bytes: int,
                   down_bytes: int, shared: bool) -> tuple[float, float]:
     """Each direction's busy seconds, for its rate estimate. On a shared (half-duplex) link the
     moments when both directions move split the one rate between them: they are divided in
@@ -208,7 +208,7 @@ class DeviceTrainer:
                     round_index = max(status.round, round_index)  # behind: catch up; ahead: wait
                     continue
                 raise
-            entry = self._train_round(reply, weights)
+            entry = self.train_round(reply, weights)
             logs.append(entry)
             self.on_round(entry)
             round_index = reply.round + 1
@@ -267,7 +267,7 @@ class DeviceTrainer:
         something): what every request pays besides its bytes, the cost model's latency term."""
         return min(self._rtts) if self._rtts else None
 
-    def _train_round(self, reply, weights: dict[str, torch.Tensor]) -> RoundLog:
+    def train_round(self, reply, weights: dict[str, torch.Tensor]) -> RoundLog:
         split = reply.split
         entry = RoundLog(round=reply.round, split=split)
         started = time.perf_counter()
@@ -408,7 +408,7 @@ class DeviceTrainer:
         entry.up_s += _union(up_spans)  # the radio's time in each direction (energy)
         entry.down_s += _union(down_spans)
         up_bytes, down_bytes = sum(r.up_bytes for r in results), sum(r.down_bytes for r in results)
-        up_s, down_s = _busy_seconds(up_spans, down_spans, up_bytes, down_bytes, self.settings.duplex == "half")
+        up_s, down_s = busy_seconds(up_spans, down_spans, up_bytes, down_bytes, self.settings.duplex == "half")
         self._learn(self.up, up_bytes, up_s)
         self._learn(self.down, down_bytes, down_s)
         return loss, compute

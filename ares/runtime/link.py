@@ -141,7 +141,7 @@ def _unreachable_is_503(method):
     return wrapper
 
 
-def _server_timing(header: Optional[str]) -> dict[str, float]:
+def parse_server_timing(header: Optional[str]) -> dict[str, float]:
     """`Server-Timing: compute;dur=12.3, held;dur=15.0` as seconds by name (milliseconds on the wire)."""
     found: dict[str, float] = {}
     for metric in (header or "").split(","):
@@ -254,7 +254,7 @@ class HttpLink:
             params.update(micro=micro, micros=micros, total=len(y) if total is None else total)
         response, body, (t0, t_head, t_end), up_bytes = self._send(
             f"/v1/devices/{self.device}/step", {**codecs.pack("x", x, codec), "y": y}, {}, params=params)
-        timing = _server_timing(response.headers.get("server-timing"))
+        timing = parse_server_timing(response.headers.get("server-timing"))
         server_s = timing.get("compute", 0.0)
         bundle = wire.decode(body)
         names = codecs.names(bundle.tensors, "grad")
@@ -268,7 +268,7 @@ class HttpLink:
     def upload(self, report: DeviceReport, weights: dict[str, torch.Tensor]) -> Transfer:
         response, _, (t0, t_head, _), total = self._send(f"/v1/devices/{self.device}/update", weights,
                                                          report.model_dump(mode="json"))
-        return Transfer(total, _upload_end(_server_timing(response.headers.get("server-timing")), t0, t_head) - t0)
+        return Transfer(total, _upload_end(parse_server_timing(response.headers.get("server-timing")), t0, t_head) - t0)
 
     def close(self) -> None:
         self.client.close()

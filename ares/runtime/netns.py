@@ -269,8 +269,8 @@ class DeviceNamespace:
         """
         p = self.plan
         self._unshare()
-        self._apply(self.exec_args, p.device_if, p.host_addr, up)
-        self._apply(list, p.host_if, p.device_addr, down)
+        self.apply_rate(self.exec_args, p.device_if, p.host_addr, up)
+        self.apply_rate(list, p.host_if, p.device_addr, down)
 
     def shape_shared(self, kbit: int) -> None:
         """Half duplex: device->server and server->device together at most `kbit` kbit/s.
@@ -278,8 +278,8 @@ class DeviceNamespace:
         if kbit < 1:
             raise ValueError(f"rate must be at least 1 kbit/s, got {kbit}")
         p = self.plan
-        self._apply(self.exec_args, p.device_if, p.host_addr, None)
-        self._apply(list, p.host_if, p.device_addr, None)
+        self.apply_rate(self.exec_args, p.device_if, p.host_addr, None)
+        self.apply_rate(list, p.host_if, p.device_addr, None)
         tc = self._tc_in_ns
         if self.run(["ip", "link", "show", p.shared_if], capture_output=True).returncode != 0:
             _ip("-n", p.namespace, "link", "add", p.shared_if, "type", "ifb")
@@ -320,7 +320,7 @@ class DeviceNamespace:
             raise NetnsError(f"tc {' '.join(args)} failed: {result.stderr.strip()}")
 
     @staticmethod
-    def _apply(wrap: Any, iface: str, addr: str, rate: Optional[str]) -> None:
+    def apply_rate(wrap: Any, iface: str, addr: str, rate: Optional[str]) -> None:
         if rate is None:
             cmd = [str(hostscript("ares-unshape")), iface]
         else:

@@ -158,7 +158,7 @@ def create_app(cfg: ServerConfig, trainer: Optional[TrainingServer] = None, tick
             tokens, controller = read_tokens(cfg)
             device = "cuda" if torch.cuda.is_available() else "cpu"
             app.state.trainer = await to_thread.run_sync(lambda: TrainingServer(cfg, tokens, controller, device=device))
-        ticker = asyncio.create_task(_tick(app.state.trainer, tick_s))
+        ticker = asyncio.create_task(tick_rounds(app.state.trainer, tick_s))
         try:
             yield
         finally:
@@ -253,7 +253,7 @@ def create_app(cfg: ServerConfig, trainer: Optional[TrainingServer] = None, tick
     return app
 
 
-async def _tick(trainer: TrainingServer, period: float) -> None:
+async def tick_rounds(trainer: TrainingServer, period: float) -> None:
     """Closes rounds at their deadline. An error is logged and counted, never the end of the ticker."""
     while True:
         await asyncio.sleep(period)

@@ -3,37 +3,21 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Sequence
 
 import pytest
 
-from ares.runtime.netns import TCP_PAYLOAD_SHARE, DeviceNamespace
+from ares.runtime.netns import DeviceNamespace
+from tests.support import host_skip_reason
 
 TRANSFER = str(Path(__file__).with_name("transfer.py"))
 
 
-def payload_mbit(wire_mbit: float) -> float:
-    """What a transfer can measure on a link capped at `wire_mbit`: every frame's headers count
-    against the cap (htb counts a super-packet with the headers of every segment it becomes)."""
-    return wire_mbit * TCP_PAYLOAD_SHARE
-
-
 def pytest_configure(config):
     config.addinivalue_line("markers", "ns_index(i): network namespace index for device_ns")
-
-
-def host_skip_reason() -> Optional[str]:
-    if os.geteuid() != 0:
-        return "host tests need root (network namespaces, tc)"
-    for tool in ("ip", "tc"):
-        if shutil.which(tool) is None:
-            return f"host tests need '{tool}' from iproute2"
-    return None
 
 
 @pytest.fixture

@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from tests.conftest import wait_for
-from tests.integration.test_faults import Devices, fault_config, history, status
+from tests.support import wait_for
+from tests.support import Devices, fault_config, history, status
 
 pytestmark = [pytest.mark.host, pytest.mark.slow]
 CUT_S = 30.0

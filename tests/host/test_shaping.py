@@ -17,7 +17,7 @@ import pytest
 
 from ares.runtime.hostscripts import hostscript
 from ares.runtime.netns import DeviceNamespace, NetnsError, plan
-from tests.host.conftest import payload_mbit
+from tests.support import payload_mbit
 
 SECONDS = 3.0
 TRANSFER = str(Path(__file__).with_name("transfer.py"))
@@ -148,7 +148,7 @@ def test_shape_errors_carry_the_script_message():
     """A failing script becomes NetnsError with its stderr, not a silent no-op."""
     ns = DeviceNamespace(215)
     with pytest.raises(NetnsError, match="bad rate"):
-        ns._apply(list, "lo", "127.0.0.1", "fast")
+        ns.apply_rate(list, "lo", "127.0.0.1", "fast")
 
 
 @pytest.mark.parametrize(

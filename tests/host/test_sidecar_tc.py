@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import wait_for
-from tests.host.conftest import payload_mbit
+from tests.support import wait_for
+from tests.support import payload_mbit
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 from ares.roles import testbed
-from tests.host.conftest import payload_mbit
+from tests.support import payload_mbit
 
 SECONDS = 2.0
 

@@ -27,9 +27,9 @@ from ares.core import pki, wire
 from ares.core.models import build_model
 from ares.runtime.link import HttpLink
 from ares.runtime.tlsclient import ClientTls
-from tests.conftest import ROOT, free_port, small_config, token
+from tests.support import ROOT, free_port, small_config, token
 
-from tests.host.conftest import host_skip_reason
+from tests.support import host_skip_reason
 
 pytestmark = [pytest.mark.host, pytest.mark.slow]
 NAME = "ares-server.lab.svc"

@@ -15,8 +15,8 @@ import httpx
 import pytest
 
 from ares.core.config import CONTROLLER_TOKEN_NAME, DataConfig
-from tests.conftest import small_config, token, wait_for
-from tests.integration.test_faults import Devices
+from tests.support import small_config, token, wait_for
+from tests.support import Devices
 
 pytestmark = [pytest.mark.host]
 KBIT = 4000  # each way, 500 KB/s: a 0.4 MB int8 batch takes ~0.8 s up and again down

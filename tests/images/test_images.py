@@ -25,7 +25,7 @@ import yaml
 
 from ares.core.config import CONTROLLER_TOKEN_NAME, DataConfig, ServerConfig, TrainingConfig
 from cluster.fixtures import OPERATOR_NS, OPERATOR_SA
-from tests.conftest import ROOT, free_port, wait_for
+from tests.support import ROOT, free_port, wait_for
 
 # The first run builds the images (a cold build is minutes: torch); later runs only hash inputs.
 pytestmark = [pytest.mark.images, pytest.mark.timeout(3600)]

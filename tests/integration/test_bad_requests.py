@@ -12,7 +12,7 @@ import torch
 from ares.core import wire
 from ares.core.messages import DeviceReport
 from ares.runtime.training import TrainingServer
-from tests.conftest import joined_app, model_hash
+from tests.support import joined_app, model_hash
 
 
 @pytest.fixture(scope="module")

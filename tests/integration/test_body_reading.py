@@ -9,7 +9,7 @@ import asyncio
 import torch
 
 from ares.core import wire
-from tests.integration.test_hostile_routes import async_env
+from tests.support import async_env
 
 STEP = "/v1/devices/dev-a/step?round=0&split=3"
 

@@ -5,59 +5,21 @@ waiting; they are marked slow (device processes profile their model at start-up)
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Optional
 
 import httpx
 import pytest
 import torch
 
-from ares.core.config import DataConfig, ServerConfig
+from ares.core.config import ServerConfig
 from ares.core.messages import DeviceReport
 from ares.core.profiles import PUBLISHED
 from ares.runtime.link import HttpLink, LinkError
-from tests.conftest import ROOT, small_config, token, wait_for
+from tests.support import Devices, fault_config, history, status, token, wait_for
 
 pytestmark = pytest.mark.slow
-
-
-def fault_config(tmp: Path, devices: Sequence[str], rounds: int, deadline_s: float) -> ServerConfig:
-    cfg = small_config(tmp, devices=tuple(devices), rounds=rounds, batch_size=20, max_steps_per_round=4)
-    return cfg.model_copy(update={"round_deadline_s": deadline_s, "round_gap_s": 0.2,
-                                  "data": DataConfig(name="synthetic", synthetic_train=80 * len(devices),
-                                                     synthetic_test=100, seed=1)})
-
-
-class Devices:
-    """`ares device` processes; killed when the test ends."""
-
-    def __init__(self, tmp: Path, cfg: ServerConfig, url: Optional[str] = None):
-        self.tmp, self.cfg, self.url = tmp, cfg, url or f"http://127.0.0.1:{cfg.port}"
-        self.procs: list[subprocess.Popen] = []
-
-    def start(self, name: str, split: int = 3, profile: Optional[Path] = None,
-              wrap: Callable[[list[str]], list[str]] = list, extra: Sequence[str] = ()) -> subprocess.Popen:
-        split_file = self.tmp / f"{name}.split"
-        split_file.write_text(str(split))
-        cmd = [sys.executable, "-m", "ares", "device", "--server", self.url, "--name", name,
-               "--token-file", str(Path(self.cfg.tokens_dir) / name), "--split-file", str(split_file), "--cpu",
-               *(["--profile", str(profile)] if profile else []), *extra]
-        log = open(self.tmp / f"{name}.log", "ab")
-        proc = subprocess.Popen(wrap(cmd), stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
-                                env={**os.environ, "OMP_NUM_THREADS": "1"})
-        log.close()
-        self.procs.append(proc)
-        return proc
-
-    def stop(self) -> None:
-        for p in self.procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait(10)
 
 
 @pytest.fixture
@@ -71,22 +33,6 @@ def devices(tmp_path):
     yield make
     for d in made:
         d.stop()
-
-
-def status(url: str, cfg: ServerConfig) -> dict:
-    try:
-        r = httpx.get(f"{url}/v1/status", headers={"Authorization": f"Bearer {token(cfg, 'controller.token')}"},
-                      timeout=5)
-        return r.json() if r.status_code == 200 else {}
-    except httpx.HTTPError:
-        return {}
-
-
-def history(cfg: ServerConfig) -> list[dict]:
-    import json
-
-    path = Path(cfg.checkpoint_dir) / "state.json"
-    return json.loads(path.read_text())["history"] if path.exists() else []
 
 
 def slow_profile(tmp: Path) -> Path:

@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from ares.runtime.h2client import H2Transport
-from tests.conftest import free_port, stop_process
+from tests.support import free_port, stop_process
 
 APP = '''
 import asyncio

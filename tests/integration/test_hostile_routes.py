@@ -11,17 +11,14 @@ import threading
 import time
 import tomllib
 
-import httpx
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ares.core import wire
-from ares.core.config import LimitsConfig
-from ares.runtime.server import create_app
-from ares.runtime.training import TrainingServer, read_tokens
-from tests.conftest import ROOT, joined_app, model_hash, small_config
+from ares.runtime.training import TrainingServer
+from tests.support import ROOT, async_env, joined_app, model_hash
 
 
 @pytest.fixture(scope="module")
@@ -92,16 +89,6 @@ def test_metrics_is_declared_in_the_server_extra_and_scrapes(env):
 
 
 # ----- class 4: one device cannot stall the server ------------------------------------------------
-def async_env(tmp_path, **limits):
-    cfg = small_config(tmp_path, devices=("dev-a", "dev-b"), rounds=3, batch_size=20)
-    cfg = cfg.model_copy(update={"limits": LimitsConfig(**limits)})
-    tokens, controller = read_tokens(cfg)
-    server = TrainingServer(cfg, tokens, controller, profile=False)
-    app = create_app(cfg, trainer=server)
-    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test", timeout=60)
-    return server, client, {n: {"Authorization": f"Bearer {t}"} for n, t in tokens.items()}
-
-
 def test_decoding_runs_off_the_event_loop(tmp_path, monkeypatch):
     server, client, auth = async_env(tmp_path)
     threads = []

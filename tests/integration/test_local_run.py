@@ -12,7 +12,7 @@ import pytest
 from ares.core.config import DataConfig, TrainingConfig
 from ares.roles.runconfig import DeviceSpec, RunConfig
 from ares.roles.runner import run
-from tests.conftest import wait_for
+from tests.support import wait_for
 
 pytestmark = pytest.mark.slow
 

@@ -14,7 +14,7 @@ from ares.core.config import DeviceSettings
 from ares.core.models import build_model
 from ares.runtime.device import DeviceTrainer
 from ares.runtime.link import HttpLink
-from tests.conftest import small_config, token
+from tests.support import small_config, token
 
 
 def first_batch(trainer: DeviceTrainer, round_index: int):
@@ -55,7 +55,7 @@ def test_pipelined_steps_match_unsplit_micro_batched_steps(tmp_path: Path, serve
             trainer.settings = settings.model_copy(update={"micro_batches": k, "codec": codec})
             x, y = first_batch(trainer, r)
             reply, weights, _ = link.join(r, split)
-            entry = trainer._train_round(reply, weights)
+            entry = trainer.train_round(reply, weights)
             assert entry.uploaded and entry.steps == 1 and entry.up_s > 0 and entry.server_s > 0
             merged = load_file(str(ckpt))
             want = micro_batched_reference(cfg, state, x, y, k, r)

@@ -16,7 +16,7 @@ from ares.core import wire
 from ares.core.fedavg import aggregate
 from ares.core.messages import DeviceReport
 from ares.runtime.tlsclient import transport
-from tests.conftest import small_config, token, wait_for
+from tests.support import small_config, token, wait_for
 
 LOCAL = 6  # VGG5's local split: the device holds every layer, the upload is the whole model
 SAMPLES = {"dev-a": 40, "dev-b": 60}

@@ -31,7 +31,7 @@ from ares.core.config import LimitsConfig
 from ares.core.messages import DeviceReport
 from ares.runtime.limits import device_budget
 from ares.runtime.link import HttpLink
-from tests.conftest import small_config, token, wait_for
+from tests.support import small_config, token, wait_for
 
 TIMEOUT_S = 5.0       # limits.body_read_timeout_s of these servers
 MARGIN_S = 20.0       # an answer's allowance past it on a loaded 2-core machine

@@ -11,7 +11,7 @@ import torch
 
 from ares.core import wire
 from ares.runtime.tlsclient import transport
-from tests.conftest import ServerProcess, small_config, token
+from tests.support import ServerProcess, small_config, token
 
 SPLIT = 2
 SHAPE = (64, 16, 16)  # VGG5's activations after layer 2, per sample
@@ -104,7 +104,7 @@ def test_a_step_of_any_rank_shape_or_dtype_is_never_a_5xx(tmp_path):
     from hypothesis import HealthCheck, given, settings
     from hypothesis import strategies as st
 
-    from tests.conftest import joined_app
+    from tests.support import joined_app
 
     server, client, auth, _, _ = joined_app(tmp_path)  # dev-a joined round 0 at split 2
     dtypes = st.sampled_from([torch.float32, torch.float16, torch.int8, torch.int64])

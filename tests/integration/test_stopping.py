@@ -30,7 +30,7 @@ from typing import Callable, Optional
 import pytest
 import yaml
 
-from tests.conftest import ROOT, wait_for
+from tests.support import ROOT, wait_for
 
 MARK = "ARES_TEST_STOPPING"
 NS_INDEX = 150  # the bench's namespaces: 150.. (the host tests use 200..)
@@ -57,7 +57,7 @@ RUN = {
 
 
 def tc_skip_reason() -> Optional[str]:
-    from tests.host.conftest import host_skip_reason
+    from tests.support import host_skip_reason
 
     return host_skip_reason()
 

@@ -20,7 +20,7 @@ from ares.core.models import build_model
 from ares.runtime.controller import fetch_status
 from ares.runtime.link import HttpLink
 from ares.runtime.tlsclient import ClientTls, TlsError
-from tests.conftest import ROOT, ServerProcess, small_config, token
+from tests.support import ROOT, ServerProcess, small_config, token
 
 NAME = "ares-server.lab.svc"
 

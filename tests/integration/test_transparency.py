@@ -13,7 +13,7 @@ from ares.core.data import make_synthetic
 from ares.core.messages import DeviceReport
 from ares.core.models import build_model, n_layers, split_model
 from ares.runtime.link import HttpLink
-from tests.conftest import small_config, token
+from tests.support import small_config, token
 
 
 def _batch(i: int, n: int = 20):

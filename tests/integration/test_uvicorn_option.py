@@ -5,7 +5,7 @@ import torch
 from ares.core.messages import DeviceReport
 from ares.core.models import build_model, split_model
 from ares.runtime.link import HttpLink
-from tests.conftest import small_config, token
+from tests.support import small_config, token
 
 
 def test_a_round_over_uvicorn(tmp_path, server_process):

@@ -32,7 +32,7 @@ from cluster.controlplane import ControlPlane
 from cluster.fixtures import OPERATOR_NS, OPERATOR_SA, Kubectl
 from k8s_kubelet import Kubelet
 
-from tests.conftest import free_port
+from tests.support import free_port
 
 CRD = ROOT / "crds" / "aresjobs.ares.io.yaml"
 

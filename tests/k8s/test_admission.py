@@ -20,7 +20,7 @@ import yaml
 
 from cluster.controlplane import ControlPlane
 from cluster.fixtures import Kubectl
-from tests.conftest import ROOT
+from tests.support import ROOT
 from tests.k8s.k8s_jobs import example_job as _job
 
 pytestmark = pytest.mark.k8s

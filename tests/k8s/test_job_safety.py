@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from cluster.fixtures import OPERATOR_NS, OPERATOR_SA
-from tests.conftest import ROOT, wait_for
+from tests.support import ROOT, wait_for
 from tests.k8s.k8s_jobs import example_job as _job
 
 pytestmark = pytest.mark.k8s
@@ -267,7 +267,7 @@ def _inject(monkeypatch) -> None:
     real_create = kube.Kube.create
 
     def create(self, obj, dry_run=False):
-        name, kind = obj["metadata"]["name"], obj["kind"]
+        kind = obj["kind"]
         job = obj["metadata"].get("labels", {}).get("ares.io/job", "")
         step = {("Pod", True): "dry-run", ("ConfigMap", False): "config", ("Service", False): "service",
                 ("Pod", False): "pod"}.get((kind, dry_run))

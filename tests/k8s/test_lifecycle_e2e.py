@@ -27,7 +27,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.conftest import free_port, wait_for
+from tests.support import free_port, wait_for
 from tests.k8s.k8s_jobs import device_status as _device
 
 pytestmark = [pytest.mark.k8s, pytest.mark.slow]

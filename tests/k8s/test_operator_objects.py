@@ -7,7 +7,7 @@ import base64
 import pytest
 import yaml
 
-from tests.conftest import ROOT, wait_for
+from tests.support import ROOT, wait_for
 from tests.k8s.k8s_jobs import example_job as _job
 
 pytestmark = pytest.mark.k8s

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.conftest import wait_for
+from tests.support import wait_for
 from tests.k8s.k8s_jobs import device_status, example_job
 
 pytestmark = pytest.mark.k8s

@@ -16,7 +16,7 @@ import sys
 import pytest
 import yaml
 
-from tests.conftest import wait_for
+from tests.support import wait_for
 
 pytestmark = [pytest.mark.k8s, pytest.mark.slow]
 DEVICES = ("a", "b")

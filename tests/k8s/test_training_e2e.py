@@ -19,7 +19,7 @@ import yaml
 from ares.core import pki
 from ares.runtime.controller import fetch_status
 from ares.runtime.tlsclient import ClientTls
-from tests.conftest import ROOT, wait_for
+from tests.support import ROOT, wait_for
 from tests.k8s.k8s_jobs import device_status as _device
 
 pytestmark = [pytest.mark.k8s, pytest.mark.slow]

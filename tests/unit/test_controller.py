@@ -9,7 +9,7 @@ from ares.core.optimiser import parse_policy
 from ares.core.profiles import PUBLISHED
 from ares.runtime.controller import Controller, FileSplitSink, decide, problem_from_telemetry
 from ares.runtime.splitfile import read_split
-from tests.unit.test_round_records import device_round, round_record
+from tests.support import device_round, round_record
 
 NANO = PUBLISHED["jetson-nano/MAXN"]
 

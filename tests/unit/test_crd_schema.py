@@ -22,7 +22,6 @@ import pytest
 import yaml
 from pydantic import AfterValidator, BaseModel
 from pydantic.fields import FieldInfo
-from pydantic_core import PydanticUndefined
 
 ROOT = Path(__file__).resolve().parents[2]
 

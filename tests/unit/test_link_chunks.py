@@ -40,9 +40,9 @@ def test_chunk_size_follows_the_uplink_cap(tmp_path, monkeypatch, cap, expected)
 
 
 def test_server_timing_is_read_by_name_and_bad_values_are_left_out():
-    from ares.runtime.link import _server_timing
+    from ares.runtime.link import parse_server_timing
 
-    assert _server_timing("compute;dur=12.5, held;dur=20") == {"compute": 0.0125, "held": 0.02}
-    assert _server_timing("held;desc=x;dur=3,compute;dur=1") == {"held": 0.003, "compute": 0.001}
-    assert _server_timing("compute;dur=abc, held;dur=-1, x;dur=inf, y;dur=nan") == {}
-    assert _server_timing(None) == {} and _server_timing("") == {}
+    assert parse_server_timing("compute;dur=12.5, held;dur=20") == {"compute": 0.0125, "held": 0.02}
+    assert parse_server_timing("held;desc=x;dur=3,compute;dur=1") == {"held": 0.003, "compute": 0.001}
+    assert parse_server_timing("compute;dur=abc, held;dur=-1, x;dur=inf, y;dur=nan") == {}
+    assert parse_server_timing(None) == {} and parse_server_timing("") == {}

@@ -1,105 +1,73 @@
-"""Round lifecycle in the server core: deadlines leave devices out, checkpoints resume."""
+"""ares.core.rounds: a closed round's record reads and writes the JSON records have always had,
+older records included, and the figures read off it."""
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
+import math
 
 import pytest
-import torch
 
-from ares.core.messages import DeviceReport, StepTimings
-from ares.runtime.server import status_of
-from ares.runtime.training import RoundClosed, RoundNotOpen, TrainingOver, TrainingServer, read_tokens
-from tests.conftest import small_config
+from ares.core.messages import StepTimings
+from ares.core.rounds import DeviceRound, RoundRecord, load_history, parse_history
+from tests.support import device_round, round_record
 
 
-class Clock:
-    def __init__(self):
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def one_device_round(server: TrainingServer, name: str, round_index: int, split: int = 3) -> None:
-    _, weights = server.join(name, round_index, split)
-    x = torch.randn(5, *server.shapes[split])
-    server.step(name, round_index, split, x, torch.randint(0, 10, (5,)))
-    server.upload(name, DeviceReport(round=round_index, split=split, samples=5), weights)
-
-
-def test_deadline_closes_round_without_the_missing_device(tmp_path):
-    cfg = small_config(tmp_path, devices=("dev-a", "dev-b"), rounds=3)
-    clock = Clock()
-    server = TrainingServer(cfg, *read_tokens(cfg), profile=False, clock=clock)
-    one_device_round(server, "dev-a", 0)
-    assert server.round == 0 and server.phase == "training"  # dev-b not done: the round waits
-    clock.now += cfg.round_deadline_s - 1
-    server.tick()
-    assert server.round == 0
-    clock.now += 2
-    server.tick()
-    assert server.round == 1
-    record = server.history[-1]
-    assert record.missed == ["dev-b"] and list(record.devices) == ["dev-a"]
-    assert record.closed_by == "deadline"
-    with pytest.raises(RoundClosed) as err:  # dev-b wakes up late
-        server.join("dev-b", 0, 3)
-    assert status_of(err.value) == 409 and "closed" in str(err.value)
-    assert server.status().devices["dev-b"].phase == "idle"
+# What the server writes for a round today (every field), and for one written before sessions,
+# latency, the steps' time and the close time were kept: key for key, in this order.
+CURRENT = {"round": 2, "accuracy": 0.41, "loss": 1.7, "closed_by": "deadline", "duration_s": 12.5, "close_s": 0.3,
+           "devices": {"nano": {"split": 3, "samples": 100, "joined_s": 0.1, "uploaded_s": 11.9,
+                                **StepTimings(steps=5, device_fwd_s=0.1, device_bwd_s=0.2, up_bps=2.5e6, down_bps=2.4e6,
+                                              round_s=11.2, energy_j=40.0, energy_source="modelled", latency_s=0.004,
+                                              steps_s=10.5).model_dump()}},
+           "missed": ["pi"]}
+OLDER = {"round": 0, "accuracy": 0.1, "loss": 2.3, "closed_by": "all devices done", "duration_s": 30.0,
+         "devices": {"pi": {"split": 6, "samples": 500, "steps": 5, "device_fwd_s": 1.8, "device_bwd_s": 2.0,
+                            "up_bps": None, "down_bps": None, "round_s": 20.0, "energy_j": None,
+                            "energy_source": "none"}},
+         "missed": []}
 
 
-def test_all_devices_done_closes_at_once_and_late_steps_are_refused(tmp_path):
-    cfg = small_config(tmp_path, devices=("dev-a", "dev-b"), rounds=2)
-    clock = Clock()
-    server = TrainingServer(cfg, *read_tokens(cfg), profile=False, clock=clock)
-    one_device_round(server, "dev-a", 0, split=3)
-    one_device_round(server, "dev-b", 0, split=5)
-    assert server.round == 1 and server.history[0].closed_by == "all devices done"
-    # the gap: round 1 exists but takes no joins until the controller has had its chance
-    assert not server.status().accepting
-    with pytest.raises(RoundNotOpen, match="opens in"):
-        server.join("dev-a", 1, 3)
-    clock.now += cfg.round_gap_s
-    assert server.status().accepting
-    with pytest.raises(RoundClosed, match="closed"):
-        server.step("dev-a", 0, 3, torch.randn(2, 64, 8, 8), torch.zeros(2, dtype=torch.long))
-    one_device_round(server, "dev-a", 1)
-    one_device_round(server, "dev-b", 1)
-    assert server.phase == "finished"
-    with pytest.raises(TrainingOver) as err:
-        server.join("dev-a", 2, 3)
-    assert status_of(err.value) == 410
+@pytest.mark.parametrize("stored", [CURRENT, OLDER], ids=["current", "older"])
+def test_a_stored_record_reads_and_writes_back_as_it_was(stored):
+    record = RoundRecord.model_validate(stored)
+    assert json.dumps(record.as_json()) == json.dumps(stored)
 
 
-def test_restarted_server_resumes_from_its_checkpoint(tmp_path):
-    cfg = small_config(tmp_path, devices=("dev-a",), rounds=3)
-    first = TrainingServer(cfg, *read_tokens(cfg), profile=False)
-    one_device_round(first, "dev-a", 0)
-    trained = first.global_state()
-    second = TrainingServer(cfg, *read_tokens(cfg), profile=False)
-    assert second.round == 1 and len(second.history) == 1
-    assert second.history == first.history
-    # the checkpoint's history is the JSON records have always been: these keys, in this order
-    stored = json.loads((Path(cfg.checkpoint_dir) / "state.json").read_text())["history"][0]
-    assert list(stored) == ["round", "accuracy", "loss", "closed_by", "duration_s", "close_s", "devices", "missed"]
-    assert list(stored["devices"]["dev-a"]) == ["split", "samples", "joined_s", "uploaded_s", *StepTimings.model_fields]
-    for key, value in trained.items():
-        assert torch.equal(second.global_state()[key], value), key
-    fresh = TrainingServer(cfg.model_copy(update={"checkpoint_dir": str(tmp_path / "other")}), *read_tokens(cfg), profile=False)
-    assert fresh.round == 0
+def test_the_device_fields_are_the_reported_timings_after_split_samples_and_session():
+    timings = list(StepTimings.model_fields)
+    assert list(DeviceRound.model_fields) == ["split", "samples", "joined_s", "uploaded_s", *timings]
 
 
-def test_checkpoint_of_another_model_is_refused(tmp_path):
-    cfg = small_config(tmp_path, devices=("dev-a",))
-    one_device_round(TrainingServer(cfg, *read_tokens(cfg), profile=False), "dev-a", 0)
-    with pytest.raises(ValueError, match="vgg5"):
-        TrainingServer(cfg.model_copy(update={"model": "resnet18"}), *read_tokens(cfg), profile=False)
+def test_an_older_record_reads_as_none_where_it_has_nothing():
+    record = RoundRecord.model_validate(OLDER)
+    assert record.close_s is None and record.devices["pi"].steps_s is None and record.devices["pi"].latency_s is None
+    assert record.sessions() == {} and record.outside_sessions() is None
 
 
-def test_missing_token_file_is_a_clear_error(tmp_path):
-    cfg = small_config(tmp_path, devices=("dev-a",))
-    (tmp_path / "tokens" / "dev-a").unlink()
-    with pytest.raises(ValueError, match="no token file for device 'dev-a'"):
-        read_tokens(cfg)
+def test_nan_accuracy_and_unknown_fields_survive_the_round_trip(tmp_path):
+    stored = {**CURRENT, "accuracy": float("nan"), "from_elsewhere": {"k": 1}}
+    state = tmp_path / "state.json"
+    state.write_text(json.dumps({"round": 3, "model": "vgg5", "history": [stored]}))
+    [record] = load_history(state)
+    assert math.isnan(record.accuracy)
+    assert json.dumps(record.as_json()) == json.dumps(stored)  # NaN as the server has always written it
+
+
+def test_a_record_is_fixed_once_made():
+    with pytest.raises(ValueError):
+        round_record(0).round = 1
+
+
+def test_closed_by_is_one_of_the_two_reasons():
+    with pytest.raises(ValueError):
+        parse_history([{**CURRENT, "closed_by": "tired"}])
+
+
+def test_sessions_are_join_to_upload_and_the_rest_of_the_round_is_outside_them():
+    record = round_record(1, duration_s=12.0, devices={
+        "a": device_round(joined_s=0.5, uploaded_s=10.5), "b": device_round(joined_s=1.0, uploaded_s=6.0),
+        "c": device_round()})  # no session: a record from before sessions were kept
+    assert record.sessions() == {"a": 10.0, "b": 5.0}
+    assert record.outside_sessions() == 2.0
+    assert record.devices["a"].session_s == 10.0 and record.devices["c"].session_s is None

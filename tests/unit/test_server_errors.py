@@ -59,7 +59,7 @@ def test_the_in_process_link_answers_with_the_servers_statuses(tmp_path):
     from ares.runtime.inprocess import InProcessLink
     from ares.runtime.link import LinkError
     from ares.runtime.training import TrainingServer, read_tokens
-    from tests.conftest import small_config
+    from tests.support import small_config
 
     cfg = small_config(tmp_path, devices=("dev-a",), rounds=1)
     link = InProcessLink(TrainingServer(cfg, *read_tokens(cfg), profile=False), "dev-a")

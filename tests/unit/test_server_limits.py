@@ -12,7 +12,7 @@ from ares.core.messages import DeviceReport
 from ares.runtime.limits import BODIES_PER_DEVICE, device_budget, largest_body
 from ares.runtime.server import status_of
 from ares.runtime.training import ConflictingUpload, TrainingServer, read_tokens, upload_digest
-from tests.conftest import ROOT, small_config
+from tests.support import ROOT, small_config
 
 MIB = 1 << 20
 HEADER = MIB + 8  # the largest bundle header and the bundle's preamble

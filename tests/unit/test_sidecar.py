@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import wait_for
+from tests.support import wait_for
 
 from ares.roles.sidecar import (
     ANN_BANDWIDTH,

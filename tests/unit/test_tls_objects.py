@@ -156,14 +156,14 @@ def test_ares_run_tls_makes_a_throwaway_ca_and_points_everyone_at_it(tmp_path):
 
     cluster = Cluster(RunConfig(tls=True, devices=1), tmp_path, 43999, server_host={"device-0": "10.231.3.1"})
     assert cluster.url == "https://127.0.0.1:43999"
-    args = cluster._server_tls()
+    args = cluster.server_tls_args()
     assert args == ["--tls-cert", str(tmp_path / "tls" / "tls.crt"), "--tls-key", str(tmp_path / "tls" / "tls.key")]
     info = pki.inspect((tmp_path / "tls" / "tls.crt").read_bytes())
     assert info.ip_addresses == ("10.231.3.1", "127.0.0.1") and info.issuer == "ares run"
     assert (tmp_path / "tls" / "tls.key").stat().st_mode & 0o077 == 0
     assert b"PRIVATE" not in (tmp_path / "tls" / "ca.crt").read_bytes()
     assert cluster.client_tls == ClientTls(ca_file=str(tmp_path / "tls" / "ca.crt"))
-    assert Cluster(RunConfig(devices=1), tmp_path / "plain", 43998)._server_tls() == []
+    assert Cluster(RunConfig(devices=1), tmp_path / "plain", 43998).server_tls_args() == []
 
 
 def test_a_device_refusing_the_server_is_reported_on_the_job():

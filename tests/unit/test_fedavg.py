@@ -1,11 +1,11 @@
-"""The aggregations a job may choose, on tiny literal models."""
+"""FedAvg and the robust aggregations a job may choose, on tiny literal models."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from ares.core.fedavg import aggregate, clip_update, coordinate_median, trimmed_mean, update_norm
+from ares.core.fedavg import aggregate, fedavg, clip_update, coordinate_median, trimmed_mean, update_norm
 
 REF = {"w": torch.zeros(3), "n": torch.tensor(0)}
 
@@ -52,3 +52,18 @@ def test_trimmed_mean_without_trimming_is_the_mean_and_the_fraction_is_checked()
 def test_unknown_method_lists_the_accepted_ones():
     with pytest.raises(ValueError, match="fedavg, norm_clip, median, trimmed_mean"):
         aggregate("krum", HONEST, [1] * 4, REF)
+
+
+def test_fedavg_is_sample_weighted_and_maxes_counters():
+    a = {"w": torch.tensor([0.0, 4.0]), "n": torch.tensor(3)}
+    b = {"w": torch.tensor([4.0, 0.0]), "n": torch.tensor(5)}
+    out = fedavg([a, b], [1, 3])
+    torch.testing.assert_close(out["w"], torch.tensor([3.0, 1.0]))
+    assert out["n"].item() == 5
+
+
+def test_fedavg_refuses_mismatched_states():
+    with pytest.raises(ValueError, match="different keys"):
+        fedavg([{"a": torch.zeros(1)}, {"b": torch.zeros(1)}], [1, 1])
+    with pytest.raises(ValueError):
+        fedavg([], [])

@@ -104,10 +104,6 @@ def test_codec_pipelining_and_aggregation_reach_the_server_config():
 def test_a_lost_children_created_condition_is_put_back():
     """A tick that read the job before the create handler's status landed rewrites the
     conditions without ChildrenCreated; the next call finds it missing and sets it again."""
-    import logging
-
-    import kopf
-
     spec = parse_spec(yaml.safe_load((ROOT / "examples" / "job.yaml").read_text())["spec"])
     lost = {"conditions": [{"type": c.COND_SPEC_VALID, "status": "True"}]}
     # Created earlier: nothing is created again (no API client at all).
@@ -238,15 +234,11 @@ def test_a_replaced_device_pod_starts_with_its_planned_step_options():
 
 def test_the_operator_asks_the_controller_for_step_options_and_annotates_them(monkeypatch):
     """`optimise` runs the local runner's `decide` with the job's offer; the sink then writes what it chose."""
-    import logging
-
-    import kopf
-
     from ares.core.messages import DeviceTelemetry, Telemetry
     from ares.core.optimiser import parse_policy
     from ares.core.profiles import PUBLISHED
     from ares.runtime import controller
-    from ares_operator import metrics, reconcile
+    from ares_operator import reconcile
 
     nano = PUBLISHED["jetson-nano/MAXN"]
     tail = [nano.fwd[-1] / 10 - t / 10 for t in nano.fwd]

@@ -13,7 +13,7 @@ from ares.core.messages import DeviceReport, StepTimings
 from ares.runtime.server import status_of
 from ares.runtime.training import (AlreadyFinished, ConflictingUpload, RoundClosed, TrainingServer, UnknownDevice,
                                    UnsafeUpdate, read_tokens)
-from tests.conftest import model_hash, small_config
+from tests.support import model_hash, small_config
 
 
 class Clock:
@@ -202,7 +202,7 @@ def test_the_round_closes_by_its_deadline_even_when_closing_fails(tmp_path):
 def test_the_ticker_task_logs_and_keeps_going(tmp_path):
     import asyncio
 
-    from ares.runtime.server import _tick
+    from ares.runtime.server import tick_rounds
 
     class Flaky:
         calls = 0
@@ -217,7 +217,7 @@ def test_the_ticker_task_logs_and_keeps_going(tmp_path):
             self.counters[name] = self.counters.get(name, 0) + 1
 
     async def run():
-        task = asyncio.create_task(_tick(Flaky(), 0.01))
+        task = asyncio.create_task(tick_rounds(Flaky(), 0.01))
         for _ in range(200):
             await asyncio.sleep(0.01)
             if Flaky.calls >= 3:

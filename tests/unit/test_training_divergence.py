@@ -7,7 +7,7 @@ import torch
 
 from ares.runtime.server import status_of
 from ares.runtime.training import DIVERGED_ROUNDS, RunFailure, TrainingFailed, TrainingServer, UnsafeUpdate, read_tokens
-from tests.conftest import small_config
+from tests.support import small_config
 
 
 class Clock:
