@@ -8,6 +8,11 @@ problem's dataclasses) and `policy.decide(problem)` (the decision plus a full `P
 clock and this process's CPU time (other work on a shared machine inflates the first), each
 with its ratio to the budget.
 
+`--modes`: the same fleet with every Jetson's other power modes in the decision (MAXN, 5W,
+custom1, custom3; profiles derived from the one it runs in), first with the one fp32 option
+(4 x 7 = 28 columns per Nano), then with six (codec, micro-batches) options (4 x 6 x 7 = 168);
+each policy timed with and without the modes in the same run (the ratio is the modes' cost).
+
 `--fleet-file`: `ares optimise` end to end on a generated fleet file of that many devices
 (profiles from examples/profiles, random links and iteration counts): the YAML parse alone with
 PyYAML's pure-Python `yaml.safe_load` and with the C loader the command uses, then the whole
@@ -18,7 +23,7 @@ three devices (one emulating the published Raspberry Pi); after each round the c
 predicted round time for every device (splits.csv) is set against that device's session as the
 server clocked it (join to accepted upload, state.json), and the error printed (goal: within 15%).
 
-    python bench/optimiser.py [--devices 10000] [--repeats 7] [--fleet-file] [--local-run]
+    python bench/optimiser.py [--devices 10000] [--repeats 7] [--modes] [--fleet-file] [--local-run]
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ares.core.energy import power_model  # noqa: E402
-from ares.core.costmodel import DeviceInput, Problem, model_costs  # noqa: E402
+from ares.core.costmodel import DeviceInput, Problem, model_costs, options_for, other_modes  # noqa: E402
 from ares.core.optimiser import AresPolicy, FixedPolicy, NonePolicy, StragglerPolicy  # noqa: E402
 from ares.core.profiles import PUBLISHED, ServerProfile, derive_power_mode  # noqa: E402
 from ares.core.rounds import RoundRecord  # noqa: E402
@@ -59,6 +64,39 @@ def random_fleet(n: int, seed: int = 0) -> Problem:
                                    power_model(cls, mode), int(iters)))
     server = ServerProfile.from_cumulative(nano.scaled(0.1))
     return Problem(tuple(devices), server, model_costs(VGG5_NUMEL, VGG5_WEIGHT_BYTES, 100))
+
+
+def with_modes(problem: Problem, modes: bool, options: bool = True) -> Problem:
+    """The fleet with every Jetson's other power modes when `modes`, and with six (codec, k)
+    options when `options` (else the one fp32 option)."""
+    from dataclasses import replace
+
+    offered = options_for(VGG5_NUMEL, VGG5_WEIGHT_BYTES, 100, ("fp32", "fp16", "int8"), (1, 4)) if options else ()
+    devices = tuple(replace(d, modes=other_modes(d.compute)) if modes else d for d in problem.devices)
+    return Problem(devices, problem.server, problem.model, options=offered)
+
+
+def modes_timing(n: int, repeats: int) -> float:
+    """Each adaptive policy's decision with the Jetsons' modes against the same without them, with
+    the job's one option and with six."""
+    base = random_fleet(n)
+    worst = 0.0
+    for options in (False, True):
+        plain, moded = with_modes(base, False, options), with_modes(base, True, options)
+        print(f"with power modes: {n} devices, {moded.n_columns} columns ({moded.n_modes} modes x "
+              f"{len(moded.options)} options x {moded.n_splits} splits) against {plain.n_columns} without modes")
+        for policy in (AresPolicy(0.5), StragglerPolicy()):
+            for what in ("choose", "decide"):
+                without = median_seconds(lambda: getattr(policy, what)(plain), repeats)
+                with_ = median_seconds(lambda: getattr(policy, what)(moded), repeats)
+                if what == "choose":
+                    worst = max(worst, with_[0])
+                print(row(f"{policy.name} {what} modes", *with_) + f"   {with_[0] / without[0]:4.2f} x without modes")
+        switched = sum(d.switches_mode for d in StragglerPolicy().decide(moded).devices)
+        print(f"  straggler: {switched} of {n} devices switch mode")
+    print(f"slowest decision (choose) with modes {worst * 1000:.1f} ms wall = {worst / BUDGET_S:.2f} x budget "
+          f"({'within' if worst < BUDGET_S else 'OVER'} budget)")
+    return worst
 
 
 def slack_fleet(n: int, seed: int = 0) -> Problem:
@@ -96,7 +134,11 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--local-run", action="store_true", help="also: predicted vs measured round time")
     parser.add_argument("--fleet-file", action="store_true", help="only: `ares optimise` on a generated fleet file")
+    parser.add_argument("--modes", action="store_true", help="only: the decision with the Jetsons' power modes")
     args = parser.parse_args()
+    if args.modes:
+        modes_timing(args.devices, args.repeats)
+        return 0
     if args.fleet_file:
         fleet_file_timing(args.devices, args.repeats)
         return 0

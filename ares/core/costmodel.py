@@ -31,7 +31,7 @@ The backwards then end at
 
     iteration_s = max(k (f + b),  A + k b,  A + (k-1) M + b)
 
-(exact for full duplex: `tests/unit/test_pipeline_model.py` checks it against an event-driven
+(exact for full duplex: `tests/unit/test_costmodel_pipelining.py` checks it against an event-driven
 simulation of the same schedule; for half duplex it is the flow-shop approximation, checked
 against the simulation within a stated bound). k = 1 gives the sequential step above. Energy
 does not depend on k: the same compute, the same bytes.
@@ -45,6 +45,15 @@ Columns. The model's matrices have one row per device and one column per (option
 `Column` names one, by the option's index in `Problem.options` and the split. A device's
 current choice (`DeviceInput.current`) is a `Column`; so is what `column_of` finds. Inside,
 the matrices' columns run option-major (`Column.flat`), which the vectorised code indexes.
+
+Power modes. A device whose class has power modes (a Jetson) may list in `DeviceInput.modes`
+the other modes it can be switched to, each a `PowerMode` with its own compute profile (measured,
+or derived from MAXN and marked so) and power model; the mode in force is the device's own
+`compute` and `power`. The columns then run over (mode, option, split), mode-major, mode 0 being
+the mode in force: compute time and power follow the mode, bytes do not. A column in another
+mode adds the switch's pause (`DeviceInput.switch_s`) to that device's round: a mode is switched
+between rounds only, and the round that starts in it waits for the switch. `pinned_mode` keeps a
+device at one mode. A device without `modes` has one mode, and the matrices are as before.
 
 `evaluate` predicts any assignment of splits (and options); the policies (`ares.core.optimiser`)
 choose columns and turn them into a `Plan` through `plan_columns`, so the predictions of every
@@ -60,8 +69,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from ares.core.energy import PowerModel
-from ares.core.profiles import ComputeProfile, ServerProfile
+from ares.core.energy import PowerModel, power_model
+from ares.core.profiles import ComputeProfile, ServerProfile, modes_of, profile_in_mode
 
 
 @dataclass(frozen=True)
@@ -146,19 +155,55 @@ def model_costs(activation_numel: Sequence[int], weight_bytes: Sequence[int], ba
 @dataclass(frozen=True)
 class Column:
     """One column of the cost matrices: a split, run with one of the problem's options (its index
-    in `Problem.options`; with one option, always 0)."""
+    in `Problem.options`; with one option, always 0), in one of the device's power modes (0: the
+    mode in force, i >= 1: `DeviceInput.modes[i - 1]`)."""
 
     option: int
     split: int
+    mode: int = 0
 
-    def flat(self, n_splits: int) -> int:
-        """Where this column lies in the matrices' flat column axis (option-major)."""
-        return self.option * n_splits + self.split
+    def flat(self, n_splits: int, n_options: int | None = None) -> int:
+        """Where this column lies in the matrices' flat column axis (mode-major, then option-major;
+        `n_options` is needed only past the mode in force)."""
+        if n_options is None:
+            if self.mode:
+                raise ValueError("a column in another power mode needs n_options to find its place")
+            return self.option * n_splits + self.split
+        return (self.mode * n_options + self.option) * n_splits + self.split
 
     @classmethod
-    def at(cls, flat: int, n_splits: int) -> "Column":
-        """The column at a position of the matrices' flat column axis."""
-        return cls(*divmod(int(flat), n_splits))
+    def at(cls, flat: int, n_splits: int, n_options: int | None = None) -> "Column":
+        """The column at a position of the matrices' flat column axis (without `n_options`: one
+        with a single power mode, the one in force)."""
+        if n_options is None:
+            return cls(*divmod(int(flat), n_splits))
+        mode, rest = divmod(int(flat), n_options * n_splits)
+        option, split = divmod(rest, n_splits)
+        return cls(option, split, mode)
+
+
+@dataclass(frozen=True)
+class PowerMode:
+    """A power mode a device may be switched to: its compute profile and board power in that mode.
+    `compute.source` says whether the profile was measured in the mode or derived from another."""
+
+    name: str
+    compute: ComputeProfile
+    power: PowerModel
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise ValueError("a power mode needs a name")
+
+
+def other_modes(profile: ComputeProfile, measured: Mapping[str, ComputeProfile] | None = None,
+                power: Mapping[str, PowerModel] | None = None) -> tuple[PowerMode, ...]:
+    """Every power mode of the profile's device class but the one it is in, each with its profile
+    (measured where `measured` has it, else derived from `profile`) and power model (`power`'s
+    where given, e.g. measured, else the table's); () for a class without modes."""
+    return tuple(PowerMode(m, profile_in_mode(profile, m, measured),
+                           (power or {}).get(m) or power_model(profile.device_class, m))
+                 for m in modes_of(profile.device_class) if m != profile.power_mode)
 
 
 @dataclass(frozen=True)
@@ -181,9 +226,32 @@ class DeviceInput:
     session_overhead_s: float = 0.0  # per round, measured beyond its steps and the weights' transfer (controller)
     codecs: tuple[str, ...] | None = None  # options this device may take (None: every option of the problem)
     micro_batches: tuple[int, ...] | None = None
-    current: Column | None = None  # the column it runs now: kept unless clearly beaten
+    current: Column | None = None  # the column it runs now (in the mode in force): kept unless clearly beaten
+    modes: tuple[PowerMode, ...] = ()  # other power modes it may be switched to (the one in force: compute, power)
+    pinned_mode: str | None = None  # the only mode it may run in (None: any of its modes)
+    switch_s: float = 0.0  # the pause a mode switch costs, charged to the round that starts in the new mode
+
+    @property
+    def mode(self) -> str:
+        """The power mode in force (its profile's)."""
+        return self.compute.power_mode
+
+    @property
+    def mode_names(self) -> tuple[str, ...]:
+        """Its modes in column order: the one in force, then `modes`."""
+        return (self.compute.power_mode, *(m.name for m in self.modes))
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "modes", tuple(self.modes))
+        names = self.mode_names
+        if len(set(names)) != len(names):
+            raise ValueError(f"device {self.name!r}: power modes repeat a name (the one in force first): {list(names)}")
+        if self.pinned_mode is not None and self.pinned_mode not in names:
+            raise ValueError(f"device {self.name!r}: pinned mode {self.pinned_mode!r} is not one of its modes {list(names)}")
+        if not math.isfinite(self.switch_s) or self.switch_s < 0:
+            raise ValueError(f"device {self.name!r}: switch_s must be >= 0 seconds, got {self.switch_s!r}")
+        if self.current is not None and isinstance(self.current, Column) and self.current.mode != 0:
+            raise ValueError(f"device {self.name!r}: its current column runs in the mode in force (mode 0)")
         if self.duplex not in DUPLEX:
             raise ValueError(f"device {self.name!r}: duplex must be one of {DUPLEX}, got {self.duplex!r}")
         if not math.isfinite(self.latency_s) or self.latency_s < 0:
@@ -244,6 +312,11 @@ class Problem:
             if d.step_overheads is not None and [len(row) for row in d.step_overheads] != [n] * len(self.options):
                 raise ValueError(f"device {d.name!r}: step_overheads needs one figure per option and split "
                                  f"({len(self.options)} x {n}), got {[len(row) for row in d.step_overheads]}")
+            for m in d.modes:
+                if m.compute.n_splits != n or m.compute.batch_size != d.compute.batch_size:
+                    raise ValueError(f"device {d.name!r}: mode {m.name!r} has a profile of {m.compute.n_splits} "
+                                     f"splits at batch {m.compute.batch_size}; the mode in force, {n} at "
+                                     f"{d.compute.batch_size}")
             if d.compute.batch_size != self.server.batch_size:
                 raise ValueError(f"device {d.name!r}: profile is for batch {d.compute.batch_size}, the server's "
                                  f"for {self.server.batch_size}; rescale one (profile.rescaled(batch))")
@@ -256,6 +329,15 @@ class Problem:
     @property
     def n_splits(self) -> int:
         return self.model.n_splits
+
+    @property
+    def n_modes(self) -> int:
+        """Power modes on the column axis: the most any device has (1 when none lists other modes)."""
+        return 1 + max(len(d.modes) for d in self.devices)
+
+    @property
+    def n_columns(self) -> int:
+        return self.n_modes * len(self.options) * self.n_splits
 
 
 
@@ -276,6 +358,9 @@ class DevicePlan:
     energy_source: str = "modelled"  # "measured" when the power model came from a sensor
     codec: str = "fp32"
     micro_batches: int = 1
+    power_mode: str = ""  # the mode it runs the round in
+    mode_source: str = ""  # its profile's source in that mode: "measured" | "derived" | "published"
+    switches_mode: bool = False  # the mode differs from the one in force (the round pays the switch)
 
 
 @dataclass(frozen=True)
@@ -298,6 +383,11 @@ class Plan:
     def splits(self) -> dict[str, int]:
         return {d.name: d.split for d in self.devices}
 
+    @property
+    def power_modes(self) -> dict[str, str]:
+        """Each device's power mode for the round (its mode in force where it has no other)."""
+        return {d.name: d.power_mode for d in self.devices}
+
     def as_dict(self) -> dict[str, Any]:
         return {"policy": self.policy, "round_s": self.round_s, "energy_round_j": self.energy_round_j,
                 "server_shared": self.server_shared,
@@ -319,15 +409,16 @@ def check_split(split: int, n: int, what: str) -> int:
 
 
 
-# ---- the cost model, vectorised over devices (rows) and columns (options x splits) -----------
-# Flat column c is option c // S at split c % S (`Column.flat`); with one option the columns are the splits.
+# ---- the cost model, vectorised over devices (rows) and columns (modes x options x splits) -----
+# Flat column c is `Column.at(c, S, O)`: mode-major, then option-major; with one mode and one option
+# the columns are the splits.
 
 @dataclass(frozen=True)
 class CostInputs:
-    """The problem as arrays: one row per device; per option, one column per split."""
+    """The problem as arrays: one row per device; per mode and option, one column per split."""
 
-    fwd: np.ndarray  # (N, S)
-    bwd: np.ndarray  # (N, S)
+    fwd: np.ndarray  # (N, M, S): per power mode (0: the one in force; padded with it past a device's own)
+    bwd: np.ndarray  # (N, M, S)
     server_s: np.ndarray  # (S,)
     up_bytes: np.ndarray  # (O, S)
     down_bytes: np.ndarray  # (O, S)
@@ -336,17 +427,18 @@ class CostInputs:
     up_bps: np.ndarray  # (N, 1)
     down_bps: np.ndarray  # (N, 1)
     iterations: np.ndarray  # (N, 1)
-    power: np.ndarray  # (N, 3): compute, tx, rx watts
+    power: np.ndarray  # (N, M, 3): compute, tx, rx watts per power mode
     latency: np.ndarray  # (N, 1)
     session: np.ndarray  # (N, 1) seconds per round beyond steps and weights (session_overhead_s)
     step_overhead: np.ndarray  # (N, options x splits), 0 at the last split
     half: np.ndarray  # (N, 1) bool
     names: tuple[str, ...]  # for errors
+    switch: np.ndarray | None = None  # (N, M) seconds a round in that mode waits for the switch (0 for mode 0)
 
     @classmethod
     def of(cls, problem: Problem) -> "CostInputs":
         d, m = problem.devices, problem.model
-        n, s = len(d), problem.n_splits
+        n, s, n_modes = len(d), problem.n_splits, problem.n_modes
 
         def matrix(values: Any, width: int) -> np.ndarray:  # fromiter over a flat stream: fast for big fleets
             return np.fromiter(itertools.chain.from_iterable(values), float, n * width).reshape(n, width)
@@ -355,8 +447,25 @@ class CostInputs:
             return np.fromiter(values, float, n)[:, None]
 
         opts = problem.options
+        if n_modes == 1:
+            fwd = matrix((x.compute.fwd for x in d), s)[:, None, :]
+            bwd = matrix((x.compute.bwd for x in d), s)[:, None, :]
+            power = matrix(((x.power.compute_w, x.power.tx_w, x.power.rx_w) for x in d), 3)[:, None, :]
+            switch = None
+        else:  # one pass: per device and mode, fwd + bwd + watts; padded with the mode in force (never valid)
+            rows: list[tuple[float, ...]] = []
+            for x in d:
+                first = x.compute.fwd + x.compute.bwd + (x.power.compute_w, x.power.tx_w, x.power.rx_w)
+                rows.append(first)
+                for y in x.modes:
+                    rows.append(y.compute.fwd + y.compute.bwd + (y.power.compute_w, y.power.tx_w, y.power.rx_w))
+                rows.extend([first] * (n_modes - 1 - len(x.modes)))
+            table = np.fromiter(itertools.chain.from_iterable(rows), float, n * n_modes * (2 * s + 3)).reshape(
+                n, n_modes, 2 * s + 3)
+            fwd, bwd, power = table[:, :, :s], table[:, :, s:2 * s], table[:, :, 2 * s:]
+            switch = np.column_stack([np.zeros(n), np.repeat(column(x.switch_s for x in d), n_modes - 1, axis=1)])
         return cls(
-            fwd=matrix((x.compute.fwd for x in d), s), bwd=matrix((x.compute.bwd for x in d), s),
+            fwd=fwd, bwd=bwd,
             server_s=np.array(problem.server.fwd) + np.array(problem.server.bwd),
             up_bytes=np.array([o.model.up_bytes for o in opts], dtype=float),
             down_bytes=np.array([o.model.down_bytes for o in opts], dtype=float),
@@ -364,37 +473,67 @@ class CostInputs:
             weight_bytes=np.array(m.weight_bytes, dtype=float),
             up_bps=column(x.up_bps for x in d), down_bps=column(x.down_bps for x in d),
             iterations=column(x.iterations for x in d),
-            power=matrix(((x.power.compute_w, x.power.tx_w, x.power.rx_w) for x in d), 3),
+            power=power,
             latency=column(x.latency_s for x in d),
             session=column(x.session_overhead_s for x in d),
             step_overhead=_step_overheads(d, len(opts) * s) * np.tile(np.arange(s) < s - 1, len(opts)),
             half=np.fromiter((x.duplex == "half" for x in d), bool, n)[:, None],
-            names=tuple(x.name for x in d))
+            names=tuple(x.name for x in d), switch=switch)
 
     def rows(self, idx: np.ndarray) -> "CostInputs":
         return replace(self, fwd=self.fwd[idx], bwd=self.bwd[idx], up_bps=self.up_bps[idx],
                        down_bps=self.down_bps[idx], iterations=self.iterations[idx], power=self.power[idx],
-                       latency=self.latency[idx], session=self.session[idx], step_overhead=self.step_overhead[idx], half=self.half[idx],
+                       latency=self.latency[idx], session=self.session[idx], step_overhead=self.step_overhead[idx],
+                       half=self.half[idx], switch=None if self.switch is None else self.switch[idx],
                        names=tuple(self.names[i] for i in np.asarray(idx).tolist()))
 
+    @property
+    def n_modes(self) -> int:
+        return self.fwd.shape[1]
 
-@dataclass(frozen=True)
+
 class Costs:
-    device_s: np.ndarray
-    server_s: np.ndarray
-    up_s: np.ndarray
-    down_s: np.ndarray
-    iteration_s: np.ndarray
-    round_s: np.ndarray
-    energy_iteration_j: np.ndarray
-    energy_round_j: np.ndarray
+    """Every device's costs in every column, as flat (N, C) matrices. Inside they are kept over
+    (device, mode, option, split) with broadcasting, and a matrix is laid out in full only when
+    asked for (`pick` reads single cells without it)."""
+
+    FIELDS = ("device_s", "server_s", "up_s", "down_s", "iteration_s", "round_s", "energy_iteration_j",
+              "energy_round_j")
+
+    def __init__(self, shape: tuple[int, int, int, int], **parts: np.ndarray) -> None:
+        self._shape, self._parts, self._flat = shape, parts, {}
+
+    def _get(self, name: str) -> np.ndarray:
+        if name not in self._flat:
+            n, m, o, s = self._shape
+            self._flat[name] = np.broadcast_to(self._parts[name], self._shape).reshape(n, m * o * s)
+        return self._flat[name]
+
+    def pick(self, name: str, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        """The cells (rows[i], cols[i]) of one matrix."""
+        _, m, o, s = self._shape
+        mode, rest = np.divmod(cols, o * s)
+        option, split = np.divmod(rest, s)
+        return np.broadcast_to(self._parts[name], self._shape)[rows, mode, option, split]
+
+    device_s = property(lambda self: self._get("device_s"))
+    server_s = property(lambda self: self._get("server_s"))
+    up_s = property(lambda self: self._get("up_s"))
+    down_s = property(lambda self: self._get("down_s"))
+    iteration_s = property(lambda self: self._get("iteration_s"))
+    round_s = property(lambda self: self._get("round_s"))
+    energy_iteration_j = property(lambda self: self._get("energy_iteration_j"))
+    energy_round_j = property(lambda self: self._get("energy_round_j"))
 
 
 def pipelined_iteration(f: Any, u: Any, v: Any, d: Any, b: Any, k: Any, half: Any = False) -> Any:
     """Seconds per batch for k micro-batches with per-micro-batch stage times f, u, v, d, b (see the
     module docstring). Works elementwise on numpy arrays; k = 1 is f + u + v + d + b."""
     a = f + u + v + d
-    m = np.where(half, np.maximum(np.maximum(f, u + d), v), np.maximum(np.maximum(f, u), np.maximum(v, d)))
+    full = np.maximum(np.maximum(f, u), np.maximum(v, d))
+    if not np.any(half):  # every link full duplex: no half-duplex arithmetic at all
+        return np.maximum(np.maximum(k * (f + b), a + k * b), a + (k - 1) * full + b)
+    m = np.where(half, np.maximum(np.maximum(f, u + d), v), full)
     flow = np.maximum(np.maximum(k * (f + b), a + k * b), a + (k - 1) * m + b)
     # half duplex: the one link carries every upload and download, after the first forward
     return np.where(half, np.maximum(flow, f + k * (u + d) + b), flow)
@@ -413,69 +552,112 @@ def cost_matrices(x: CostInputs, server_share: float | np.ndarray = 1.0) -> Cost
     """Every device's costs in every column; server time multiplied by `server_share` (>= 1 when shared;
     a scalar, or an array that broadcasts to (N, C): one share per device or per cell)."""
     n_opt, s = x.up_bytes.shape
+    n, n_modes = x.fwd.shape[0], x.n_modes
+    shape = (n, n_modes, n_opt, s)  # computed with broadcasting over (device, mode, option, split)
     last = np.zeros(s, dtype=bool)
     last[-1] = True
+
+    def cells(v: Any) -> np.ndarray:  # a result over (N, M, O, S) as the flat (N, C) matrix
+        return np.broadcast_to(v, shape).reshape(n, n_modes * n_opt * s)
+
+    def col(v: np.ndarray) -> np.ndarray:  # (N, 1) -> (N, 1, 1, 1)
+        return v.reshape(n, 1, 1, 1)
+
+    share = np.asarray(server_share, dtype=float)
     with np.errstate(over="ignore", invalid="ignore"):  # absurd inputs overflow: refused just below
-        device = np.tile(x.fwd + x.bwd, n_opt)
-        server = np.broadcast_to(np.tile(x.server_s, n_opt) * server_share, device.shape)
-        up_bytes, down_bytes = x.up_bytes.reshape(-1), x.down_bytes.reshape(-1)
-        up = up_bytes / x.up_bps
-        down = down_bytes / x.down_bps
-        k = np.repeat(x.micro, s)
-        lat = np.where(np.tile(last, n_opt), 0.0, x.latency)  # one request per micro-batch; none at the last split
-        f, b = np.tile(x.fwd, n_opt) / k, np.tile(x.bwd, n_opt) / k
-        iteration = pipelined_iteration(f, up / k + lat, server / k, down / k, b, k, x.half)
-        iteration = iteration + x.step_overhead
-        weights_down = x.weight_bytes / x.down_bps
+        fwd, bwd = x.fwd[:, :, None, :], x.bwd[:, :, None, :]  # (N, M, 1, S)
+        device = fwd + bwd
+        server_s = np.tile(x.server_s, n_opt)  # (O*S,)
+        if share.ndim == 0:
+            server = (server_s * share).reshape(1, 1, n_opt, s)
+        else:
+            width = n_modes * n_opt * s
+            server = (np.tile(server_s, n_modes) * np.broadcast_to(share, (n, width))).reshape(shape)
+        up = x.up_bytes[None, None] / col(x.up_bps)  # (N, 1, O, S)
+        down = x.down_bytes[None, None] / col(x.down_bps)
+        k = x.micro[None, None, :, None]
+        lat = np.where(last, 0.0, col(x.latency))  # one request per micro-batch; none at the last split
+        iteration = pipelined_iteration(fwd / k, up / k + lat, server / k, down / k, bwd / k, k,
+                                        col(x.half.astype(float)) > 0)
+        iteration = iteration + x.step_overhead.reshape(n, 1, n_opt, s)
+        weights_down = x.weight_bytes / x.down_bps  # (N, S)
         weights_up = x.weight_bytes / x.up_bps
-        pc, ptx, prx = (x.power[:, i:i + 1] for i in range(3))
+        pc, ptx, prx = (x.power[:, :, i].reshape(n, n_modes, 1, 1) for i in range(3))
         energy = pc * device + ptx * up + prx * down
-        round_s = x.iterations * iteration + np.tile(weights_down + weights_up, n_opt) + 2 * x.latency + x.session
-        energy_round = x.iterations * energy + np.tile(prx * weights_down + ptx * weights_up, n_opt)
-        bad = ~np.isfinite(round_s + energy_round).all(axis=1)
+        extra = (weights_down + weights_up + 2 * x.latency + x.session)[:, None, None, :]
+        round_s = col(x.iterations) * iteration + extra
+        if x.switch is not None:
+            round_s = round_s + x.switch.reshape(n, n_modes, 1, 1)
+        energy_round = col(x.iterations) * energy + (prx * weights_down[:, None, None, :] + ptx * weights_up[:, None, None, :])
+        round_flat, energy_round_flat = cells(round_s), cells(energy_round)
+        bad = ~np.isfinite(round_flat + energy_round_flat).all(axis=1)
     if bad.any():  # round finite implies iteration finite, and likewise for energy
         i = int(np.flatnonzero(bad)[0])
         raise ValueError(f"device {x.names[i]!r}: its predicted time or energy is not finite (overflow); "
                          "its profile, link rates, power or iterations are out of any sensible range")
-    return Costs(device_s=device, server_s=server, up_s=up, down_s=down, iteration_s=iteration,
-                  round_s=round_s, energy_iteration_j=energy, energy_round_j=energy_round)
+    out = Costs(shape, device_s=device, server_s=server, up_s=up, down_s=down, iteration_s=iteration,
+                round_s=round_s, energy_iteration_j=energy, energy_round_j=energy_round)
+    out._flat.update(round_s=round_flat, energy_round_j=energy_round_flat)
+    return out
 
 
 
 def valid_columns(problem: Problem) -> np.ndarray:
-    """(N, C): the options each device may take; at the last split only the first option (nothing travels)."""
-    s, opts = problem.n_splits, problem.options
-    valid = np.ones((len(problem.devices), len(opts) * s), dtype=bool)
+    """(N, C): the options and power modes each device may take; at the last split only the first
+    option (nothing travels); no mode beyond a device's own."""
+    s, opts, n_modes = problem.n_splits, problem.options, problem.n_modes
+    width = len(opts) * s
+    valid = np.ones((len(problem.devices), width), dtype=bool)
     valid[:, [o * s + s - 1 for o in range(1, len(opts))]] = False
     for i, d in enumerate(problem.devices):
+        if d.codecs is None and d.micro_batches is None:
+            continue
         for o, opt in enumerate(opts):
             if ((d.codecs is not None and opt.codec not in d.codecs)
                     or (d.micro_batches is not None and opt.micro_batches not in d.micro_batches)):
                 valid[i, o * s:o * s + s - 1] = False
-    return valid
+    if n_modes == 1:
+        return valid
+    count = np.fromiter((1 + len(d.modes) for d in problem.devices), int, len(problem.devices))
+    return np.tile(valid, (1, n_modes)) & (np.repeat(np.arange(n_modes), width)[None, :] < count[:, None])
 
 
 def allowed_columns(problem: Problem) -> np.ndarray:
-    """(N, C) mask of the columns each device may take: valid options, at its pinned split if it has one."""
+    """(N, C) mask of the columns each device may take: valid options and modes, at its pinned split
+    and in its pinned mode where it has them."""
     allowed = valid_columns(problem)
-    s = problem.n_splits
+    s, width = problem.n_splits, len(problem.options) * problem.n_splits
+    cols = np.arange(allowed.shape[1])
     for i, d in enumerate(problem.devices):
+        if d.pinned_split is None and d.pinned_mode is None:
+            continue
         if d.pinned_split is not None:
-            allowed[i, np.arange(allowed.shape[1]) % s != d.pinned_split] = False
+            allowed[i, cols % s != d.pinned_split] = False
+        if d.pinned_mode is not None:
+            allowed[i, cols // width != d.mode_names.index(d.pinned_mode)] = False
     return allowed
+
+
+def column_modes(problem: Problem) -> np.ndarray:
+    """(C,): the mode index (0: the one in force) of every flat column."""
+    return np.arange(problem.n_columns) // (len(problem.options) * problem.n_splits)
 
 
 
 def _plan(policy: str, problem: Problem, c: Costs, cols: np.ndarray, shared: bool) -> Plan:
     rows = np.arange(len(cols))
-    s = problem.n_splits
-    pick = [getattr(c, f)[rows, cols].tolist() for f in
+    s, n_opt = problem.n_splits, len(problem.options)
+    pick = [c.pick(f, rows, cols).tolist() for f in
             ("iteration_s", "round_s", "energy_iteration_j", "energy_round_j", "device_s", "server_s", "up_s", "down_s")]
     sources = [d.power.source for d in problem.devices]
     names = [d.name for d in problem.devices]
-    opts = [problem.options[o] for o in (cols // s).tolist()]
-    devices = tuple(map(DevicePlan, names, (cols % s).tolist(), *pick, sources,
-                        [o.codec for o in opts], [o.micro_batches for o in opts]))
+    opts = [problem.options[o] for o in ((cols // s) % n_opt).tolist()]
+    mode_of = (cols // (s * n_opt)).tolist()
+    profiles = [(d.compute if m == 0 else d.modes[m - 1].compute) for d, m in zip(problem.devices, mode_of)]
+    powers = [(d.power if m == 0 else d.modes[m - 1].power) for d, m in zip(problem.devices, mode_of)]
+    devices = tuple(map(DevicePlan, names, (cols % s).tolist(), *pick, [p.source for p in powers] if problem.n_modes > 1
+                        else sources, [o.codec for o in opts], [o.micro_batches for o in opts],
+                        [p.power_mode for p in profiles], [p.source for p in profiles], [m > 0 for m in mode_of]))
     return Plan(policy, devices, round_s=max(pick[1]), energy_round_j=math.fsum(pick[3]), server_shared=shared)
 
 
@@ -499,7 +681,8 @@ def iteration_table(problem: Problem) -> tuple[np.ndarray, np.ndarray]:
     x = CostInputs.of(problem)
     c = cost_matrices(replace(x, step_overhead=np.zeros_like(x.step_overhead)))
     shape = (len(problem.devices), len(problem.options), problem.n_splits)
-    return c.iteration_s.reshape(shape), np.broadcast_to(x.up_bytes + x.down_bytes, shape)
+    in_force = c.iteration_s[:, :shape[1] * shape[2]]  # mode 0: the mode the steps ran in
+    return in_force.reshape(shape), np.broadcast_to(x.up_bytes + x.down_bytes, shape)
 
 
 def session_table(problem: Problem) -> np.ndarray:
@@ -507,9 +690,10 @@ def session_table(problem: Problem) -> np.ndarray:
     weights each way, the join and upload requests), without any session overhead: what the rest
     of a measured session, beyond its steps, is held against."""
     x = CostInputs.of(problem)
-    c = cost_matrices(replace(x, session=np.zeros_like(x.session)))
-    return (c.round_s - x.iterations * c.iteration_s).reshape(len(problem.devices), len(problem.options),
-                                                              problem.n_splits)
+    c = cost_matrices(replace(x, session=np.zeros_like(x.session), switch=None))
+    width = len(problem.options) * problem.n_splits  # mode 0: the mode the sessions ran in
+    return (c.round_s - x.iterations * c.iteration_s)[:, :width].reshape(len(problem.devices), len(problem.options),
+                                                                          problem.n_splits)
 
 
 def column_of(problem: Problem, codec: str, micro_batches: int, split: int) -> Column | None:
@@ -521,9 +705,11 @@ def column_of(problem: Problem, codec: str, micro_batches: int, split: int) -> C
 
 
 def evaluate(problem: Problem, splits: Mapping[str, int], share_server: bool = False,
-             policy: str = "given", options: Mapping[str, tuple[str, int]] | None = None) -> Plan:
+             policy: str = "given", options: Mapping[str, tuple[str, int]] | None = None,
+             modes: Mapping[str, str] | None = None) -> Plan:
     """Predicted costs of any assignment of splits (every device named exactly once), each device
-    with its (codec, micro_batches) from `options` (default: the problem's first option)."""
+    with its (codec, micro_batches) from `options` (default: the problem's first option) and in its
+    power mode from `modes` (default: the one in force)."""
     names = [d.name for d in problem.devices]
     missing, extra = sorted(set(names) - set(splits)), sorted(set(splits) - set(names))
     if missing or extra:
@@ -532,5 +718,12 @@ def evaluate(problem: Problem, splits: Mapping[str, int], share_server: bool = F
     arr = np.array([check_split(splits[n], s, f"device {n!r}: split") for n in names])
     opt = np.array([_option_index(problem, *options[n]) if options and n in options else 0 for n in names])
     opt = np.where(arr == s - 1, 0, opt)
-    return plan_columns(problem, CostInputs.of(problem), opt * s + arr, policy, share_server)
+    mode = np.zeros_like(arr)
+    for i, d in enumerate(problem.devices):
+        if modes and d.name in modes:
+            if modes[d.name] not in d.mode_names:
+                raise ValueError(f"device {d.name!r}: no power mode {modes[d.name]!r}; its modes: {list(d.mode_names)}")
+            mode[i] = d.mode_names.index(modes[d.name])
+    return plan_columns(problem, CostInputs.of(problem), (mode * len(problem.options) + opt) * s + arr, policy,
+                        share_server)
 

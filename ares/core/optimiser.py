@@ -52,7 +52,7 @@ from typing import ClassVar, Protocol
 import numpy as np
 
 from ares.core.costmodel import (Column, CostInputs, Plan, Problem, allowed_columns, check_alpha, check_split,
-                                 cost_matrices, plan_columns, valid_columns)
+                                 column_modes, cost_matrices, plan_columns, valid_columns)
 
 
 class SplitPolicy(Protocol):
@@ -104,15 +104,30 @@ def _argmin_where(cost: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 
 STAY_MARGIN = 0.10  # a device moves only for a cost at least 10% below its current column's
+MODE_MARGIN = 0.10  # a device switches power mode only for a cost at least 10% below its best in the mode in force
 
 
-def _stay_or_move(problem: Problem, cost: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """The best allowed column per row, except that a device keeps its current column while that
-    is allowed and costs at most `STAY_MARGIN` more than the best (costs are >= 0)."""
-    best = _argmin_where(cost, mask)
+def _keep_mode(problem: Problem, cost: np.ndarray, mask: np.ndarray, best: np.ndarray, margin: float) -> np.ndarray:
+    """`best`, except that a device stays in the mode in force while its best column there is
+    allowed and costs at most `margin` more than `best` (costs are >= 0)."""
+    if problem.n_modes == 1:
+        return best
+    here = mask & (column_modes(problem) == 0)[None, :]
+    best_here = _argmin_where(cost, here)
+    rows = np.arange(len(best))
+    keep = here.any(axis=1) & (cost[rows, best_here] <= cost[rows, best] * (1 + margin))
+    return np.where(keep, best_here, best)
+
+
+def _stay_or_move(problem: Problem, cost: np.ndarray, mask: np.ndarray, mode_margin: float = MODE_MARGIN) -> np.ndarray:
+    """The best allowed column per row, except that a device stays in its power mode while the
+    best there costs at most `mode_margin` more, and keeps its current column while that is
+    allowed and costs at most `STAY_MARGIN` more than the best (costs are >= 0)."""
+    best = _keep_mode(problem, cost, mask, _argmin_where(cost, mask), mode_margin)
     rows = np.array([i for i, d in enumerate(problem.devices) if d.current is not None], dtype=int)
     if rows.size:
-        current = np.array([problem.devices[i].current.flat(problem.n_splits) for i in rows], dtype=int)
+        current = np.array([problem.devices[i].current.flat(problem.n_splits, len(problem.options)) for i in rows],
+                           dtype=int)
         keep = mask[rows, current] & (cost[rows, current] <= cost[rows, best[rows]] * (1 + STAY_MARGIN))
         best[rows[keep]] = current[keep]
     return best
@@ -132,8 +147,8 @@ class _Chooser:
 
     def choose_columns(self, problem: Problem) -> list[Column]:
         """The (option, split) column of every device, in the problem's order."""
-        s = problem.n_splits
-        return [Column.at(c, s) for c in self._choose(problem, CostInputs.of(problem)).tolist()]
+        s, o = problem.n_splits, len(problem.options)
+        return [Column.at(c, s, o) for c in self._choose(problem, CostInputs.of(problem)).tolist()]
 
     def choose(self, problem: Problem) -> np.ndarray:
         """Just the split of every device, in the problem's order (no plan objects built)."""
@@ -146,9 +161,11 @@ class _Chooser:
 
 @dataclass(frozen=True)
 class AresPolicy(_Chooser):
-    """The published ARES rule: per device, least weighted per-iteration time and energy."""
+    """The published ARES rule: per device, least weighted per-iteration time and energy (over its
+    power modes too, where it has them)."""
 
     alpha: float = 0.5
+    mode_margin: float = MODE_MARGIN
     name: ClassVar[str] = "ares"
 
     def __post_init__(self) -> None:
@@ -157,7 +174,7 @@ class AresPolicy(_Chooser):
     def _choose(self, problem: Problem, x: CostInputs) -> np.ndarray:
         c = cost_matrices(x)
         cost = weighted_cost(c.iteration_s, c.energy_iteration_j, _alphas(problem, self.alpha), valid_columns(problem))
-        return _stay_or_move(problem, cost, allowed_columns(problem))
+        return _stay_or_move(problem, cost, allowed_columns(problem), self.mode_margin)
 
 
 @dataclass(frozen=True)
@@ -166,6 +183,7 @@ class StragglerPolicy(_Chooser):
 
     alpha: float = 0.0  # default: pure energy among round-preserving splits
     share_server: bool = False
+    mode_margin: float = MODE_MARGIN
     name: ClassVar[str] = "straggler"
 
     def __post_init__(self) -> None:
@@ -179,12 +197,23 @@ class StragglerPolicy(_Chooser):
         allowed = allowed_columns(problem)
         s = problem.n_splits
         if self.share_server:
-            return _shared_choice(x, allowed, s, _alphas(problem, self.alpha), valid_columns(problem))
+            cols = _shared_choice(x, allowed, s, _alphas(problem, self.alpha), valid_columns(problem))
+            if problem.n_modes == 1:
+                return cols
+            # the mode in force where it costs at most the margin more, with the same split and option
+            # (the same sharing: its round and energy change with the mode alone)
+            c = cost_matrices(x, float(np.count_nonzero(cols % s < s - 1)))
+            rows, width = np.arange(len(cols)), len(problem.options) * s
+            target = c.round_s[rows, cols].max()
+            here = cols % width
+            ok = allowed[rows, here] & (c.round_s[rows, here] <= target) & (
+                c.energy_round_j[rows, here] <= c.energy_round_j[rows, cols] * (1 + self.mode_margin))
+            return np.where(ok, here, cols)
         c = cost_matrices(x)
         target = np.where(allowed, c.round_s, np.inf).min(axis=1).max()
         feasible = allowed & (c.round_s <= target)
         cost = weighted_cost(c.round_s, c.energy_round_j, _alphas(problem, self.alpha), valid_columns(problem))
-        return _stay_or_move(problem, cost, feasible)
+        return _stay_or_move(problem, cost, feasible, self.mode_margin)
 
 
 def _shared_target(x: CostInputs, allowed: np.ndarray, s: int) -> tuple[float, np.ndarray]:
@@ -195,9 +224,9 @@ def _shared_target(x: CostInputs, allowed: np.ndarray, s: int) -> tuple[float, n
     prefixes of the devices sorted by on-device round time, slowest first; try each prefix size m
     with the server shared m ways. Offload times only grow with m, which allows stopping early.
     """
-    n, local = allowed.shape[0], s - 1  # column s-1: option 0 at the last split
-    off = np.arange(allowed.shape[1]) % s < local
-    on_device = np.where(allowed[:, local], cost_matrices(x).round_s[:, local], np.inf)
+    n, local = allowed.shape[0], np.arange(allowed.shape[1]) % s == s - 1  # the last split, in every mode
+    off = ~local
+    on_device = np.where(allowed & local, cost_matrices(x).round_s, np.inf).min(axis=1)
     can_offload = (allowed & off).any(axis=1)
     order = np.argsort(-on_device, kind="stable")
     best_t, best_m = math.inf, 0
@@ -231,13 +260,19 @@ def _shared_choice(x: CostInputs, allowed: np.ndarray, s: int, alphas: np.ndarra
     choices (exact for a = 0, where the scores do not depend on k).
     """
     target, offloaders = _shared_target(x, allowed, s)
-    n, local = allowed.shape[0], s - 1
-    off = np.arange(allowed.shape[1]) % s < local
-    cols = np.full(n, local)
+    n = allowed.shape[0]
+    local_cols = np.arange(allowed.shape[1]) % s == s - 1  # the last split, in every power mode
+    off = ~local_cols
+    c_all = cost_matrices(x)
+    on_device_ok = allowed & local_cols & (c_all.round_s <= target)
+    # every device not offloading runs at its best last-split column that keeps the round
+    cols = _argmin_where(weighted_cost(c_all.round_s, c_all.energy_round_j, alphas, valid) * row_norm(
+        c_all.energy_round_j, valid), on_device_ok | (allowed & local_cols & ~on_device_ok.any(axis=1, keepdims=True)))
     cand = np.flatnonzero((allowed & off).any(axis=1))  # the only devices that may offload (the rest: local)
     xc, allowed_c, alphas_c, valid_c = x.rows(cand), allowed[cand], alphas[cand], valid[cand]
     c = cost_matrices(xc)
-    local_ok = allowed_c[:, local] & (c.round_s[:, local] <= target)
+    local_mask = allowed_c & local_cols & (c.round_s <= target)
+    local_ok = local_mask.any(axis=1)
     forced = ~local_ok
     n_forced, rows = int(forced.sum()), np.arange(len(cand))
     most = _most_sharers(xc, allowed_c & off, target, len(cand))
@@ -256,15 +291,17 @@ def _shared_choice(x: CostInputs, allowed: np.ndarray, s: int, alphas: np.ndarra
                      * row_norm(ck.energy_round_j, valid_c))
         col_off = np.where(feasible, score, np.inf).argmin(axis=1)
         score_off = score[rows, col_off]
-        gain = np.where(local_ok & can_off, score[:, local] - score_off, -np.inf)
+        col_local = _argmin_where(score, local_mask)
+        score_local = np.where(local_ok, score[rows, col_local], np.inf)
+        gain = np.where(local_ok & can_off, score_local - score_off, -np.inf)
         chosen = forced.copy()
         slots = k - n_forced
         if slots:
             top = np.argpartition(-gain, slots - 1)[:slots] if slots < len(gain) else rows
             chosen[top[gain[top] > 0]] = True
-        total = float(np.where(chosen, score_off, score[:, local]).sum())
+        total = float(np.where(chosen, score_off, score_local).sum())
         if total < best_total:
-            best_total, best_cols = total, np.where(chosen, col_off, local)
+            best_total, best_cols = total, np.where(chosen, col_off, col_local)
         if k and slots >= np.count_nonzero(gain > 0):
             break  # every saving taken: a larger k only removes choices (exact at a = 0)
     if best_cols is None:  # not reached when the arithmetic is exact; the prefix plan is still valid

@@ -190,6 +190,31 @@ PUBLISHED: dict[str, ComputeProfile] = {
 POWER_MODE_SLOWDOWN: dict[str, float] = {"MAXN": 1.0, "5W": 1.6, "custom3": 1.5, "custom1": 2.2}
 
 
+#: The power modes of each device class that has them (names as in hostscripts/nvpmodel.conf).
+POWER_MODES: dict[str, tuple[str, ...]] = {"jetson-nano": ("MAXN", "5W", "custom1", "custom3")}
+
+#: Seconds a round waits for a power-mode switch when none was measured: `nvpmodel -m` takes cores
+#: off line and sets clocks (tenths of a second); the process then runs its next step cold. An
+#: assumption, on the long side, charged once to the round that starts in the new mode.
+DEFAULT_SWITCH_S = 1.0
+
+
+def modes_of(device_class: str) -> tuple[str, ...]:
+    """The power modes a device class offers; () for classes without modes."""
+    return POWER_MODES.get(device_class, ())
+
+
+def profile_in_mode(profile: ComputeProfile, mode: str,
+                    measured: Mapping[str, ComputeProfile] | None = None) -> ComputeProfile:
+    """A device's profile in `mode`: measured in that mode where known, else derived from the one
+    given (its own mode's) and marked `source="derived"`."""
+    if measured and mode in measured:
+        return measured[mode]
+    if mode == profile.power_mode:
+        return profile
+    return derive_power_mode(profile, mode)
+
+
 def derive_power_mode(profile: ComputeProfile, mode: str) -> ComputeProfile:
     """Estimate a Jetson Nano profile in another power mode from one in MAXN (see POWER_MODE_SLOWDOWN)."""
     if mode not in POWER_MODE_SLOWDOWN:
