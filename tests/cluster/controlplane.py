@@ -18,7 +18,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import time
@@ -27,6 +26,8 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import httpx
+
+from tests.support import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 PR_SET_PDEATHSIG = 1
@@ -40,6 +41,12 @@ CONTROLLERS = ("garbage-collector-controller,namespace-controller,serviceaccount
                # what RBAC and quotas need to behave as on a real cluster: the built-in admin/edit/view
                # roles take in aggregated rules; a ResourceQuota's status.used is kept.
                "clusterrole-aggregation-controller,resourcequota-controller")
+# With real nodes (tests/cluster/nodes.py): what kubelets, a scheduler and kube-proxy need besides.
+# Nodes become Ready and lose the not-ready taint, Deployments roll out, Services get EndpointSlices.
+NODE_CONTROLLERS = (CONTROLLERS + ",node-lifecycle-controller,deployment-controller,replicaset-controller,"
+                    "endpointslice-controller,endpointslice-mirroring-controller,pod-garbage-collector-controller")
+# The first address of the Service range: the `kubernetes` Service, which pods reach the API server by.
+KUBERNETES_SERVICE_IP = "10.96.0.1"
 
 
 class ControlPlaneUnavailable(RuntimeError):
@@ -77,23 +84,21 @@ def _die_with_parent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _openssl(*args: str, stdin: Optional[bytes] = None) -> bytes:
     return subprocess.run(["openssl", *args], input=stdin, capture_output=True, check=True).stdout
 
 
-def _make_pki(d: Path) -> None:
-    """A CA, the API server's serving cert (127.0.0.1), an admin client cert, the SA signing key."""
+def _make_pki(d: Path, address: str = "127.0.0.1") -> None:
+    """A CA, the API server's serving cert (127.0.0.1, `address`, the `kubernetes` Service's IP and
+    names), an admin client cert, the SA signing key."""
     ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
     _openssl("req", "-x509", *ec, "-keyout", str(d / "ca.key"), "-out", str(d / "ca.crt"), "-days", "2",
              "-subj", "/CN=ares-test-ca")
+    names = ",".join(dict.fromkeys([
+        "IP:127.0.0.1", f"IP:{address}", f"IP:{KUBERNETES_SERVICE_IP}", "DNS:localhost", "DNS:kubernetes",
+        "DNS:kubernetes.default", "DNS:kubernetes.default.svc", "DNS:kubernetes.default.svc.cluster.local"]))
     for name, subj, ext in (
-        ("apiserver", "/CN=kube-apiserver", "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth"),
+        ("apiserver", "/CN=kube-apiserver", f"subjectAltName={names}\nextendedKeyUsage=serverAuth"),
         ("admin", "/O=system:masters/CN=admin", "extendedKeyUsage=clientAuth"),
     ):
         csr = _openssl("req", *ec, "-keyout", str(d / f"{name}.key"), "-subj", subj)
@@ -116,10 +121,15 @@ class ControlPlane:
     # the garbage collector's first discovery (later ones wait for its 30 s resync: a first delete
     # of a custom resource's children used to take ~40 s).
     before_controllers: Optional[Callable[["ControlPlane"], None]] = None
+    # Where the API server listens and what it advertises. Loopback (the default) serves the test
+    # kubelet; pods on real nodes need an address they route to (a host bridge's, nodes.py), which
+    # then also becomes the `kubernetes` Service's endpoint.
+    address: str = "127.0.0.1"
+    controllers: str = CONTROLLERS
 
     @property
     def url(self) -> str:
-        return f"https://127.0.0.1:{self.api_port}"
+        return f"https://{self.address}:{self.api_port}"
 
     @property
     def pki(self) -> Path:
@@ -166,7 +176,7 @@ class ControlPlane:
     def start(self, timeout: float = 90.0) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.pki.mkdir(exist_ok=True)
-        _make_pki(self.pki)
+        _make_pki(self.pki, self.address)
         etcd_port, peer_port, self.api_port, cm_port = free_port(), free_port(), free_port(), free_port()
         logs = self.workdir / "logs"
         logs.mkdir(exist_ok=True)
@@ -181,7 +191,7 @@ class ControlPlane:
         p = self.pki
         self._spawn("kube-apiserver", [
             str(self.bin / "kube-apiserver"), "--etcd-servers", f"http://127.0.0.1:{etcd_port}",
-            "--bind-address", "127.0.0.1", "--advertise-address", "127.0.0.1",
+            "--bind-address", self.address, "--advertise-address", self.address,
             "--secure-port", str(self.api_port), "--cert-dir", str(self.workdir / "apiserver-certs"),
             "--tls-cert-file", str(p / "apiserver.crt"), "--tls-private-key-file", str(p / "apiserver.key"),
             "--client-ca-file", str(p / "ca.crt"),
@@ -191,7 +201,10 @@ class ControlPlane:
             "--service-cluster-ip-range", "10.96.0.0/16", "--allow-privileged=true",
             # No Endpoints for the `kubernetes` Service: loopback is not a valid endpoint address
             # (before 1.37 the reconciler failed every 10 s; 1.37 refuses to start with one).
-            "--endpoint-reconciler-type", "none",
+            "--endpoint-reconciler-type", "none" if self.address.startswith("127.") else "lease",
+            # `kubectl logs`/`exec` reach a real kubelet at its node's InternalIP, with a client cert.
+            "--kubelet-preferred-address-types", "InternalIP",
+            "--kubelet-client-certificate", str(p / "admin.crt"), "--kubelet-client-key", str(p / "admin.key"),
             "--authorization-mode", "RBAC",
             # On top of the defaults (PodSecurity among them): what stricter clusters enforce, so
             # that children with blockOwnerDeletion need `update` on aresjobs/finalizers.
@@ -206,7 +219,7 @@ class ControlPlane:
             "--authentication-kubeconfig", str(self.admin_kubeconfig),
             "--authorization-kubeconfig", str(self.admin_kubeconfig),
             "--bind-address", "127.0.0.1", "--secure-port", str(cm_port),
-            "--leader-elect=false", "--controllers", CONTROLLERS,
+            "--leader-elect=false", "--controllers", self.controllers,
             "--service-account-private-key-file", str(p / "sa.key"), "--root-ca-file", str(p / "ca.crt"),
             "--concurrent-gc-syncs", "5", "--v", "1"])
         self.wait_service_account("default", timeout=timeout)
