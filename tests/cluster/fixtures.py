@@ -14,6 +14,7 @@ One plugin, so that tests/k8s and tests/images share a single session control pl
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -98,21 +99,35 @@ def _install_chart(cp: ControlPlane) -> None:
                    text=True)
 
 
-@pytest.fixture
-def namespace(control_plane: ControlPlane, request: pytest.FixtureRequest) -> Iterator[str]:
+@contextlib.contextmanager
+def fresh_namespace(control_plane: ControlPlane, labels: Optional[dict[str, str]] = None) -> Iterator[str]:
+    """A new namespace (privileged Pod Security unless `labels` say otherwise), deleted on exit."""
     name = f"t{next(_counter)}-{os.getpid() % 10000}"
-    labels = getattr(request, "param", None) or {"pod-security.kubernetes.io/enforce": "privileged"}
+    labels = labels or {"pod-security.kubernetes.io/enforce": "privileged"}
     with control_plane.http() as http:
         resp = http.post("/api/v1/namespaces", json={"apiVersion": "v1", "kind": "Namespace",
                                                      "metadata": {"name": name, "labels": labels}})
         resp.raise_for_status()
-        control_plane.wait_service_account(name)
+        try:
+            control_plane.wait_service_account(name)
+            yield name
+        finally:
+            http.delete(f"/api/v1/namespaces/{name}")
+
+
+def admin_kubectl(control_plane: ControlPlane, namespace: str, folder: Path) -> Kubectl:
+    """kubectl as cluster admin, in `namespace`; its kubeconfig written into `folder`."""
+    config = folder / "admin.kubeconfig"
+    config.write_text(json.dumps(control_plane.kubeconfig(control_plane.admin_user(), namespace)))
+    return Kubectl(config, control_plane)
+
+
+@pytest.fixture
+def namespace(control_plane: ControlPlane, request: pytest.FixtureRequest) -> Iterator[str]:
+    with fresh_namespace(control_plane, getattr(request, "param", None)) as name:
         yield name
-        http.delete(f"/api/v1/namespaces/{name}")
 
 
 @pytest.fixture
 def kubectl(control_plane: ControlPlane, namespace: str, tmp_path: Path) -> Kubectl:
-    config = tmp_path / "admin.kubeconfig"
-    config.write_text(json.dumps(control_plane.kubeconfig(control_plane.admin_user(), namespace)))
-    return Kubectl(config, control_plane)
+    return admin_kubectl(control_plane, namespace, tmp_path)

@@ -15,6 +15,7 @@ import json
 import os
 import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ KUBECONFIG = Path(tempfile.mkdtemp(prefix="ares-k8s-")) / "kubeconfig"
 os.environ["KUBECONFIG"] = str(KUBECONFIG)
 
 from cluster.controlplane import ControlPlane
-from cluster.fixtures import OPERATOR_NS, OPERATOR_SA, Kubectl
+from cluster.fixtures import OPERATOR_NS, OPERATOR_SA, Kubectl, admin_kubectl, fresh_namespace
 from k8s_kubelet import Kubelet
 
 from tests.support import free_port
@@ -96,7 +97,56 @@ def server_port(monkeypatch: pytest.MonkeyPatch) -> int:
 def kubelet(control_plane: ControlPlane, namespace: str, server_port: int, tmp_path: Path) -> Iterator[Kubelet]:
     with Kubelet(control_plane.http(), tmp_path / "node", server_port, namespace) as k:
         yield k
-        # Shown by pytest only when the test failed: what each pod printed, and the kubelet's own errors.
-        for name in sorted({p.name for p in k.pods.values()}):
-            print(f"--- {name} ---\n{k.log(name)[-2500:]}")
-        print(f"kubelet errors: {k.errors}")
+        _print_logs(k)
+
+
+def _print_logs(k: Kubelet) -> None:
+    """Shown by pytest only when a test failed: what each pod printed, and the kubelet's own errors."""
+    for name in sorted({p.name for p in k.pods.values()}):
+        print(f"--- {name} ---\n{k.log(name)[-2500:]}")
+    print(f"kubelet errors: {k.errors}")
+
+
+@dataclass(frozen=True)
+class SharedCluster:
+    """A namespace with the operator and a kubelet, shared by the steps of one test class: one job
+    whose start is costly, each step a test of one behaviour (see `pytest_runtest_setup`)."""
+
+    namespace: str
+    kubectl: Kubectl
+    kubelet: Kubelet
+    operator: Operator
+    server_port: int
+    metrics_port: int  # the operator's own /metrics, on loopback
+
+
+@pytest.fixture(scope="class")
+def shared_cluster(control_plane: ControlPlane, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SharedCluster]:
+    folder = tmp_path_factory.mktemp("shared")
+    with fresh_namespace(control_plane) as namespace, pytest.MonkeyPatch.context() as env:
+        server_port, metrics_port = free_port(), free_port()
+        env.setenv("ARES_SERVER_URL_TEMPLATE", f"https://127.0.0.1:{server_port}")
+        env.setenv("ARES_METRICS_PORT", str(metrics_port))
+        env.setenv("ARES_METRICS_ADDRESS", "127.0.0.1")
+        with Kubelet(control_plane.http(), folder / "node", server_port, namespace) as k:
+            op = Operator(control_plane, namespace)
+            op.start()
+            try:
+                yield SharedCluster(namespace, admin_kubectl(control_plane, namespace, folder), k, op,
+                                    server_port, metrics_port)
+            finally:
+                op.stop()
+                _print_logs(k)
+                print(f"--- operator ---\n{op.output[-5000:]}")
+
+
+# The steps of a class marked `steps` run in order on one job: after a failed step the rest are
+# skipped (they would fail for its reason, not theirs).
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> None:
+    if call.excinfo is not None and call.when == "call" and item.get_closest_marker("steps") and item.cls:
+        item.cls.failed_step = item.name
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if item.get_closest_marker("steps") and item.cls and getattr(item.cls, "failed_step", None):
+        pytest.skip(f"an earlier step failed: {item.cls.failed_step}")

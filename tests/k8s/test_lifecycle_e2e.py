@@ -1,16 +1,15 @@
 """End to end: pods as a real kubelet runs them, and the job lifecycle cluster users expect.
 
-Three runs of a two-device job on tiny synthetic data, each checking several things at once:
-1. `test_restricted_pods_kill_and_metrics`: every trainer and server process runs as uid/gid
-   10001 (token files 0440 through the fsGroup); a killed trainer's pod is replaced within a
-   tick or two and the job still succeeds; the operator's /metrics shows the job's phase and its
-   optimiser runs.
-2. `test_delayed_split_suspend_resume_deadline_namesake`: with downwardAPI updates delayed by
-   10 s (two round deadlines, ten reconcile ticks) a split decision still reaches the device;
-   suspend removes the pods and keeps the checkpoint, resume continues from it,
-   activeDeadlineSeconds fails the job (DeadlineExceeded); deleted and re-created under the
-   same name, the job starts from round 0.
-3. `test_lr_10_diverges`: lr 10 ends the job Failed, reason TrainingDiverged.
+Runs of a two-device job on tiny synthetic data. Starting one takes most of the time, so a class
+shares one job and each of its tests is one step of its life, in order (marker `steps`):
+- `TestARunningJob`: its processes run as uid/gid 10001 with the token through the fsGroup; a
+  killed trainer's pod is replaced within a tick or two; the operator's /metrics shows the
+  job's phase; the job succeeds with the restart counted; /metrics shows its optimiser runs.
+- `TestAPausedJob`: with downwardAPI updates delayed by 10 s (two round deadlines, ten reconcile
+  ticks) a split decision still reaches the device; suspend removes the pods and keeps the
+  checkpoint; resume continues from it; activeDeadlineSeconds fails the job
+  (DeadlineExceeded); deleted and re-created under the same name, the job starts from round 0.
+- `test_lr_10_diverges`: lr 10 ends the job Failed, reason TrainingDiverged.
 Jobs that must outlive a wait have many rounds and are ended by the test, so no assertion
 depends on how fast this machine trains.
 """
@@ -22,12 +21,14 @@ import os
 import re
 import sys
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import pytest
 import yaml
 
-from tests.support import free_port, wait_for
+from tests.support import wait_for
 from tests.k8s.k8s_jobs import device_status as _device
 
 pytestmark = [pytest.mark.k8s, pytest.mark.slow]
@@ -83,15 +84,6 @@ class Job:
                         timeout, f"{self.name} to end", interval=0.2)
 
 
-@pytest.fixture
-def metrics_port(monkeypatch: pytest.MonkeyPatch) -> int:
-    """The operator's own /metrics port (read at its start: list this before `operator`)."""
-    port = free_port()
-    monkeypatch.setenv("ARES_METRICS_PORT", str(port))
-    monkeypatch.setenv("ARES_METRICS_ADDRESS", "127.0.0.1")
-    return port
-
-
 def _sample(text: str, name: str, **labels: str) -> float | None:
     for line in text.splitlines():
         if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
@@ -99,108 +91,141 @@ def _sample(text: str, name: str, **labels: str) -> float | None:
     return None
 
 
+
+def metrics(c) -> str:
+    return httpx.get(f"http://127.0.0.1:{c.metrics_port}/metrics", timeout=5).text
+
+
+@pytest.mark.steps
 @pytest.mark.skipif(os.geteuid() != 0, reason="the test kubelet switches users only as root")
-def test_restricted_pods_kill_and_metrics(metrics_port, server_port, kubelet, operator, kubectl):
-    kubectl.run("apply", "-f", "-", stdin=job("life", rounds=12))
-    j = Job(kubectl, "life")
-    wait_for(lambda: j.status().get("round", 0) >= 1, 180, "round 1", interval=0.2)
+class TestARunningJob:
+    @pytest.fixture(scope="class")
+    def life(self, shared_cluster) -> Job:
+        shared_cluster.kubectl.run("apply", "-f", "-", stdin=job("life", rounds=12))
+        j = Job(shared_cluster.kubectl, "life")
+        wait_for(lambda: j.status().get("round", 0) >= 1, 180, "round 1", interval=0.2)
+        return j
 
-    # 1. Nothing of the trainers or the server runs as root; the token reaches them through the group.
-    for pod, container in (("life-server", "server"), ("life-a", "device"), ("life-b", "device")):
-        procs = kubelet.processes(pod)
-        assert procs.get(container), (pod, procs)
-        assert {(uid, gid) for _, uid, gid in procs[container]} == {(APP_UID, APP_UID)}, (pod, procs)
-    token = kubelet.volume_dir("life-a", "token") / "token"
-    info = token.stat()
-    assert (info.st_mode & 0o777, info.st_uid, info.st_gid) == (0o440, 0, APP_UID)
+    def test_trainers_and_server_run_as_the_app_user_with_the_token_through_the_group(self, shared_cluster, life):
+        for pod, container in (("life-server", "server"), ("life-a", "device"), ("life-b", "device")):
+            procs = shared_cluster.kubelet.processes(pod)
+            assert procs.get(container), (pod, procs)
+            assert {(uid, gid) for _, uid, gid in procs[container]} == {(APP_UID, APP_UID)}, (pod, procs)
+        info = (shared_cluster.kubelet.volume_dir("life-a", "token") / "token").stat()
+        assert (info.st_mode & 0o777, info.st_uid, info.st_gid) == (0o440, 0, APP_UID)
 
-    # 2. A trainer dies: its pod is replaced within a tick (1 s) or two, and the job goes on.
-    old_a = j.pods()["life-a"]["metadata"]["uid"]
-    killed = time.monotonic()
-    kubelet.kill("life-a", container="device")
-    wait_for(lambda: (p := j.running("life-a")) and p["metadata"]["uid"] != old_a, 20, "a's replacement", interval=0.2)
-    replaced_s = time.monotonic() - killed
-    sys.__stdout__.write(f"\ntrainer killed -> replacement pod running: {replaced_s:.1f} s\n")  # kopf captures sys.stdout
-    assert replaced_s < 5.0, replaced_s
-    assert _device(j.status(), "a")["restarts"] == 1
+    def test_a_killed_trainers_pod_is_replaced_within_two_ticks(self, shared_cluster, life):
+        old_a = life.pods()["life-a"]["metadata"]["uid"]
+        killed = time.monotonic()
+        shared_cluster.kubelet.kill("life-a", container="device")
+        wait_for(lambda: (p := life.running("life-a")) and p["metadata"]["uid"] != old_a, 20, "a's replacement",
+                 interval=0.2)
+        replaced_s = time.monotonic() - killed
+        sys.__stdout__.write(f"\ntrainer killed -> replacement pod running: {replaced_s:.1f} s\n")  # kopf captures sys.stdout
+        assert replaced_s < 5.0, replaced_s
+        assert _device(life.status(), "a")["restarts"] == 1
 
-    # 6. The operator's own metrics: the job's phase and its optimiser runs.
-    ns = kubectl.json("get", "aresjobs", "life")["metadata"]["namespace"]
-    metrics = lambda: httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).text
-    assert _sample(metrics(), "ares_operator_job_phase", namespace=ns, job="life", phase="Running") == 1.0
-    assert _sample(metrics(), "ares_operator_jobs", phase="Running") >= 1
+    def test_the_operators_metrics_show_the_running_job(self, shared_cluster, life):
+        ns = shared_cluster.namespace
+        assert _sample(metrics(shared_cluster), "ares_operator_job_phase", namespace=ns, job="life", phase="Running") == 1.0
+        assert _sample(metrics(shared_cluster), "ares_operator_jobs", phase="Running") >= 1
 
-    final = j.ended(timeout=240)
-    assert final["phase"] == "Succeeded", final.get("conditions")
-    assert _device(final, "a")["restarts"] == 1
-    text = wait_for(lambda: (t := metrics()) and _sample(
-        t, "ares_operator_job_phase", namespace=ns, job="life", phase="Succeeded") == 1.0 and t,
-        30, "the final phase in /metrics", interval=0.2)
-    assert (_sample(text, "ares_operator_optimiser_runs_total", namespace=ns, job="life") or 0) >= 1
-    assert _sample(text, "ares_operator_optimiser_duration_seconds_count", namespace=ns, job="life") >= 1
+    def test_the_job_succeeds_with_the_restart_counted(self, life):
+        final = life.ended(timeout=240)
+        assert final["phase"] == "Succeeded", final.get("conditions")
+        assert _device(final, "a")["restarts"] == 1
+
+    def test_the_operators_metrics_show_the_end_and_the_optimiser_runs(self, shared_cluster, life):
+        ns = shared_cluster.namespace
+        text = wait_for(lambda: (t := metrics(shared_cluster)) and _sample(
+            t, "ares_operator_job_phase", namespace=ns, job="life", phase="Succeeded") == 1.0 and t,
+            30, "the final phase in /metrics", interval=0.2)
+        assert (_sample(text, "ares_operator_optimiser_runs_total", namespace=ns, job="life") or 0) >= 1
+        assert _sample(text, "ares_operator_optimiser_duration_seconds_count", namespace=ns, job="life") >= 1
 
 
-def test_delayed_split_suspend_resume_deadline_namesake(server_port, kubelet, operator, kubectl):
-    kubelet.downward_delay_s = DOWNWARD_DELAY_S  # a changed annotation reaches the files this much later
-    # b is pinned from the start, so its split annotation never changed before the patch below: an
-    # adaptive b's earlier decisions were still on their way to the file, and one of them could be
-    # the value patched in, landing "early" (CI saw 7.7 s).
-    kubectl.run("apply", "-f", "-", stdin=job("pause", rounds=500, b_split=2))
-    j = Job(kubectl, "pause")
-    wait_for(lambda: j.status().get("round", 0) >= 2, 180, "round 2", interval=0.2)
+@dataclass
+class Paused:
+    """The paused job's story so far, told from step to step."""
 
-    # 3. A split decision with the downwardAPI late: pin b elsewhere; the annotation moves at
-    # once, the file (and so the device) only after the delay, and then it trains with it.
-    assert j.pods()["pause-b"]["metadata"]["annotations"]["ares.io/split-point"] == "2"
-    new = 1
-    rounds_with_new = kubelet.log("pause-b").count(f" split {new}:")  # the device logs "round N split S: ..."
-    annotated = time.monotonic()  # no earlier than the annotation changes
-    kubectl.run("patch", "aresjobs", "pause", "--type=json", "-p",
-                f'[{{"op": "add", "path": "/spec/devices/1/split", "value": {new}}}]')
-    wait_for(lambda: j.pods()["pause-b"]["metadata"]["annotations"]["ares.io/split-point"] == str(new),
-             30, "b's annotation", interval=0.2)
-    split_file = kubelet.volume_dir("pause-b", "podinfo") / "split-point"
-    wait_for(lambda: split_file.read_text() == str(new), 60, "b's file", interval=0.2)
-    landed = time.monotonic() - annotated
-    assert landed >= DOWNWARD_DELAY_S, landed  # the file did not change before the delay
-    wait_for(lambda: _device(j.status(), "b").get("split") == new
-             and kubelet.log("pause-b").count(f" split {new}:") > rounds_with_new,
-             60, "b training with the new split", interval=0.2)
-    sys.__stdout__.write(f"\nannotation -> file {landed:.1f} s -> device trains with it {time.monotonic() - annotated:.1f} s\n")
+    job: Job
+    checkpoint: Path | None = None
+    saved_round: int | None = None
 
-    # suspend: no pods, the checkpoint stays; phase Suspended, condition Suspended=True
-    kubectl.run("patch", "aresjobs", "pause", "--type=merge", "-p", '{"spec": {"runPolicy": {"suspend": true}}}')
-    wait_for(lambda: not j.pods(), 30, "no pods", interval=0.2)
-    wait_for(lambda: j.status().get("phase") == "Suspended", 30, "Suspended", interval=0.2)
-    assert j.condition("Suspended")["status"] == "True"
-    uid = kubectl.json("get", "aresjobs", "pause")["metadata"]["uid"]
-    ckpt = kubelet.root / "host" / "var/lib/ares/checkpoints" / kubectl.json("get", "aresjobs", "pause")["metadata"]["namespace"] / f"pause-{uid}"
-    saved = json.loads((ckpt / "state.json").read_text())["round"]
-    assert saved >= 2 and (ckpt / "global.safetensors").exists()
-    assert ckpt.stat().st_uid == (APP_UID if os.geteuid() == 0 else os.geteuid())  # the init step's chown
 
-    # resume: the new server continues from the checkpoint
-    kubectl.run("patch", "aresjobs", "pause", "--type=merge", "-p", '{"spec": {"runPolicy": {"suspend": false}}}')
-    resumed = wait_for(lambda: re.findall(r"resumed from checkpoint at round (\d+)", kubelet.log("pause-server")),
-                       90, "resumed from the checkpoint", interval=0.2)
-    assert int(resumed[-1]) == saved
-    assert j.condition("Suspended")["status"] == "False" and j.condition("Suspended")["reason"] == "JobResumed"
+@pytest.mark.steps
+class TestAPausedJob:
+    @pytest.fixture(scope="class")
+    def pause(self, shared_cluster) -> Paused:
+        shared_cluster.kubelet.downward_delay_s = DOWNWARD_DELAY_S  # a changed annotation reaches the files this much later
+        # b is pinned from the start, so its split annotation never changed before the patch in the
+        # first step: an adaptive b's earlier decisions were still on their way to the file, and one
+        # of them could be the value patched in, landing "early" (CI saw 7.7 s).
+        shared_cluster.kubectl.run("apply", "-f", "-", stdin=job("pause", rounds=500, b_split=2))
+        j = Job(shared_cluster.kubectl, "pause")
+        wait_for(lambda: j.status().get("round", 0) >= 2, 180, "round 2", interval=0.2)
+        return Paused(j)
 
-    # activeDeadlineSeconds (counted from the resume) ends it
-    kubectl.run("patch", "aresjobs", "pause", "--type=merge", "-p", '{"spec": {"runPolicy": {"activeDeadlineSeconds": 2}}}')
-    final = j.ended(timeout=30)
-    assert final["phase"] == "Failed" and j.condition("Failed")["reason"] == "DeadlineExceeded"
-    wait_for(lambda: not [p for p in j.pods().values() if p["status"].get("phase") == "Running"],
-             30, "no running pods", interval=0.2)
+    def test_a_split_decision_reaches_the_device_through_a_late_downward_api(self, shared_cluster, pause):
+        # Pin b elsewhere: the annotation moves at once, the file (and so the device) only after the
+        # delay, and then it trains with it.
+        kubectl, kubelet, j = shared_cluster.kubectl, shared_cluster.kubelet, pause.job
+        assert j.pods()["pause-b"]["metadata"]["annotations"]["ares.io/split-point"] == "2"
+        new = 1
+        rounds_with_new = kubelet.log("pause-b").count(f" split {new}:")  # the device logs "round N split S: ..."
+        annotated = time.monotonic()  # no earlier than the annotation changes
+        kubectl.run("patch", "aresjobs", "pause", "--type=json", "-p",
+                    f'[{{"op": "add", "path": "/spec/devices/1/split", "value": {new}}}]')
+        wait_for(lambda: j.pods()["pause-b"]["metadata"]["annotations"]["ares.io/split-point"] == str(new),
+                 30, "b's annotation", interval=0.2)
+        split_file = kubelet.volume_dir("pause-b", "podinfo") / "split-point"
+        wait_for(lambda: split_file.read_text() == str(new), 60, "b's file", interval=0.2)
+        landed = time.monotonic() - annotated
+        assert landed >= DOWNWARD_DELAY_S, landed  # the file did not change before the delay
+        wait_for(lambda: _device(j.status(), "b").get("split") == new
+                 and kubelet.log("pause-b").count(f" split {new}:") > rounds_with_new,
+                 60, "b training with the new split", interval=0.2)
+        sys.__stdout__.write(f"\nannotation -> file {landed:.1f} s -> device trains with it "
+                             f"{time.monotonic() - annotated:.1f} s\n")
 
-    # deleted and re-created under the same name: round 0, nothing resumed
-    kubectl.run("delete", "aresjobs", "pause")
-    kubectl.run("apply", "-f", "-", stdin=job("pause", rounds=200))
-    wait_for(lambda: j.running("pause-server"), 120, "the new job's server", interval=0.2)
-    wait_for(lambda: "round" in j.status() and j.status().get("phase") == "Running",
-             120, "its first status", interval=0.2)
-    assert j.status()["round"] <= 1
-    assert "resumed from checkpoint" not in kubelet.log("pause-server")
+    def test_suspend_removes_the_pods_and_keeps_the_checkpoint(self, shared_cluster, pause):
+        kubectl, kubelet, j = shared_cluster.kubectl, shared_cluster.kubelet, pause.job
+        kubectl.run("patch", "aresjobs", "pause", "--type=merge", "-p", '{"spec": {"runPolicy": {"suspend": true}}}')
+        wait_for(lambda: not j.pods(), 30, "no pods", interval=0.2)
+        wait_for(lambda: j.status().get("phase") == "Suspended", 30, "Suspended", interval=0.2)
+        assert j.condition("Suspended")["status"] == "True"
+        uid = kubectl.json("get", "aresjobs", "pause")["metadata"]["uid"]
+        pause.checkpoint = kubelet.root / "host" / "var/lib/ares/checkpoints" / shared_cluster.namespace / f"pause-{uid}"
+        pause.saved_round = json.loads((pause.checkpoint / "state.json").read_text())["round"]
+        assert pause.saved_round >= 2 and (pause.checkpoint / "global.safetensors").exists()
+        assert pause.checkpoint.stat().st_uid == (APP_UID if os.geteuid() == 0 else os.geteuid())  # the init step's chown
+
+    def test_resume_continues_from_the_checkpoint(self, shared_cluster, pause):
+        kubectl, kubelet, j = shared_cluster.kubectl, shared_cluster.kubelet, pause.job
+        kubectl.run("patch", "aresjobs", "pause", "--type=merge", "-p", '{"spec": {"runPolicy": {"suspend": false}}}')
+        resumed = wait_for(lambda: re.findall(r"resumed from checkpoint at round (\d+)", kubelet.log("pause-server")),
+                           90, "resumed from the checkpoint", interval=0.2)
+        assert int(resumed[-1]) == pause.saved_round
+        assert j.condition("Suspended")["status"] == "False" and j.condition("Suspended")["reason"] == "JobResumed"
+
+    def test_active_deadline_seconds_counted_from_the_resume_fails_the_job(self, shared_cluster, pause):
+        kubectl, j = shared_cluster.kubectl, pause.job
+        kubectl.run("patch", "aresjobs", "pause", "--type=merge", "-p",
+                    '{"spec": {"runPolicy": {"activeDeadlineSeconds": 2}}}')
+        final = j.ended(timeout=30)
+        assert final["phase"] == "Failed" and j.condition("Failed")["reason"] == "DeadlineExceeded"
+        wait_for(lambda: not [p for p in j.pods().values() if p["status"].get("phase") == "Running"],
+                 30, "no running pods", interval=0.2)
+
+    def test_a_namesake_job_starts_from_round_0(self, shared_cluster, pause):
+        kubectl, kubelet, j = shared_cluster.kubectl, shared_cluster.kubelet, pause.job
+        kubectl.run("delete", "aresjobs", "pause")
+        kubectl.run("apply", "-f", "-", stdin=job("pause", rounds=200))
+        wait_for(lambda: j.running("pause-server"), 120, "the new job's server", interval=0.2)
+        wait_for(lambda: "round" in j.status() and j.status().get("phase") == "Running",
+                 120, "its first status", interval=0.2)
+        assert j.status()["round"] <= 1
+        assert "resumed from checkpoint" not in kubelet.log("pause-server")
 
 
 def test_lr_10_diverges(server_port, kubelet, operator, kubectl):
