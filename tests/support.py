@@ -271,3 +271,39 @@ def async_env(tmp_path, **limits):
     app = create_app(cfg, trainer=server)
     client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test", timeout=60)
     return server, client, {n: {"Authorization": f"Bearer {t}"} for n, t in tokens.items()}
+
+
+FAKE_NVPMODEL = r"""#!/bin/sh
+# A stand-in for a Jetson's nvpmodel: -q says the mode in force, -m ID switches to the mode of
+# that ID in the -f conf (after a short pause, as the real one takes); IDs in FAIL_IDS fail.
+state="{state}"
+conf=/etc/nvpmodel.conf
+echo "nvpmodel $*" >> "{log}"
+while [ $# -gt 0 ]; do
+    case $1 in
+        -f) conf=$2; shift 2 ;;
+        -q) [ -f "$state" ] || printf 'MAXN 0\n' > "$state"
+            read -r name id < "$state"
+            printf 'NV Fan Mode:quiet\nNV Power Mode: %s\n%s\n' "$name" "$id"; exit 0 ;;
+        -m) for bad in {fail_ids}; do
+                if [ "$2" = "$bad" ]; then echo "NVPM ERROR: failed to set power mode $2" >&2; exit 1; fi
+            done
+            name=$(sed -n "s/.*POWER_MODEL ID=$2 NAME=\([^ >]*\).*/\1/p" "$conf")
+            [ -n "$name" ] || {{ echo "NVPM ERROR: no mode $2" >&2; exit 1; }}
+            sleep 0.2
+            printf '%s %s\n' "$name" "$2" > "$state"; exit 0 ;;
+        *) shift ;;
+    esac
+done
+"""
+
+
+def install_fake_nvpmodel(folder: Path, fail_ids: Sequence[int] = ()) -> Path:
+    """An `nvpmodel` in `folder` that keeps its mode in `folder/nvpmodel.state` and logs its calls
+    to `folder/nvpmodel.log` (FAKE_NVPMODEL); returns its path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    exe = folder / "nvpmodel"
+    exe.write_text(FAKE_NVPMODEL.format(state=folder / "nvpmodel.state", log=folder / "nvpmodel.log",
+                                        fail_ids=" ".join(str(i) for i in fail_ids) or "none"))
+    exe.chmod(0o755)
+    return exe

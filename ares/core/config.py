@@ -132,6 +132,8 @@ class DeviceSettings(_Strict):
     split_file: str
     data_dir: Optional[str] = None  # overrides the server's data.path on this device
     power_file: Optional[str] = None  # written by the host-control sidecar (measured power)
+    hostctl_file: Optional[str] = None  # the sidecar's report: the power mode in force (ares.runtime.hostmode)
+    trainer_file: Optional[str] = None  # where the trainer says whether it is inside a round (for the sidecar)
     device_class: str = "cpu"
     power_mode: str = ""
     profile_file: Optional[str] = None  # emulate a device class: pad compute to this profile

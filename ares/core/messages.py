@@ -117,6 +117,11 @@ class DeviceReport(_Msg):
     # the (codec, k) this round ran with: with `split`, the setting a policy keeps it at unless clearly beaten
     codec: Optional[Literal["fp32", "fp16", "int8"]] = None
     micro_batches: Optional[int] = Field(None, ge=1, le=64)
+    # power modes: the one this round ran in is `power_mode`; a mode the host could not switch to
+    # (with why, in words), and how long its last switch took, as the host-control sidecar reports them
+    power_mode_failed: Label = ""
+    power_mode_problem: str = Field("", max_length=500)
+    switch_s: Optional[Seconds] = None
 
 
 class DeviceStatus(_Msg):
@@ -179,6 +184,9 @@ class DeviceTelemetry(_Msg):
     # the server's own figure for the link of the device's last upload (bytes over the time from
     # the request's head to its whole body), which its report, written before it, cannot hold
     upload_bps: Optional[float] = None
+    power_mode_failed: str = ""            # a mode its host could not switch to (the mode in force: power_mode)
+    power_mode_problem: str = ""           # why, in words
+    switch_s: Optional[float] = None       # how long its last mode switch took, measured
 
 
 class Telemetry(_Msg):

@@ -102,6 +102,7 @@ def _device(args: argparse.Namespace) -> int:
 
     settings = DeviceSettings(name=args.name, server_url=args.server, token_file=args.token_file,
                               split_file=args.split_file, data_dir=args.data_dir, power_file=args.power_file,
+                              hostctl_file=args.hostctl_file, trainer_file=args.trainer_file,
                               device_class=args.device_class, power_mode=args.power_mode,
                               profile_file=args.profile, rate_limit_file=args.rate_limit_file,
                               request_timeout_s=args.timeout, micro_batches=args.micro_batches, codec=args.codec,
@@ -183,6 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split-file", required=True, help="re-read at every round start")
     p.add_argument("--data-dir")
     p.add_argument("--power-file", help="power.json written by the host-control sidecar")
+    p.add_argument("--hostctl-file", help="hostctl.json written by the host-control sidecar: the power mode in force")
+    p.add_argument("--trainer-file", help="where to say whether a round is under way (the sidecar switches modes between rounds)")
     p.add_argument("--device-class", default="cpu", help="jetson-nano | jetson-orin | raspberry-pi | cpu")
     p.add_argument("--power-mode", default="", help="MAXN | 5W | custom1 | custom3")
     p.add_argument("--profile", help="emulate this compute profile (JSON) by padding compute time")

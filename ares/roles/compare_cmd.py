@@ -112,14 +112,15 @@ def table(report: Comparison) -> str:
     """The comparison as plain text (one row per policy; ratios are measured side by side)."""
     links = {"tc": "tc htb in network namespaces", "inprocess": "IN-PROCESS rate limit (no root: not tc)"}[report.links]
     head = ["policy", "round s", "x FL", "J/round", "x FL", "model J x FL", "accuracy", "pts vs FL",
-            "oracle s", "x oracle", "choice x oracle", "pred err", "worst dev err"]
+            "oracle s", "x oracle", "choice x oracle", "pred err", "worst dev err", "worst dev mean"]
     rows = [[v.label, _f(v.mean_round_s, ".2f"), _f(fl.time_vs_fl, ".3f"), _f(v.energy_per_round_j, ".1f"),
              _f(fl.energy_vs_fl, ".3f"), _f(fl.model_energy_vs_fl, ".3f"),
              "-" if v.final_accuracy is None else f"{v.final_accuracy * 100:.1f}%",
              _f(fl.accuracy_points_vs_fl, "+.1f"), _f(v.adapted_oracle_s, ".2f"), _f(v.vs_oracle, ".3f"),
              _f(v.choice_vs_oracle, ".3f"),
              "-" if v.prediction_error is None else f"{v.prediction_error * 100:.1f}%",
-             "-" if v.worst_device_prediction_error is None else f"{v.worst_device_prediction_error * 100:.1f}%"]
+             "-" if v.worst_device_prediction_error is None else f"{v.worst_device_prediction_error * 100:.1f}%",
+             "-" if not v.device_prediction_error else f"{max(v.device_prediction_error.values()) * 100:.1f}%"]
             for v, fl in ((c.result, c.vs_fl) for c in report.variants)]
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
     lines = [f"scenario {report.scenario.name}, links: {links}"]
@@ -136,7 +137,13 @@ def table(report: Comparison) -> str:
         "accuracy: the global model's test accuracy after the last round; pts vs FL: minus FL's, in points",
         "pred err: the controller's predicted vs measured round time (telemetry at the round's start), mean |error|",
         "worst dev err: the same for each device's session (join to upload), the worst single device and round",
+        "worst dev mean: each device's session error averaged over rounds, the worst device's",
+        ("J/round of a variant with modes: each device's power table in the mode it ran in (emulated modes); "
+         "a Jetson's measured energy where its sidecar reads an INA3221 (energy_source: measured)"),
     ]
+    for v in results:
+        if v.power_modes:
+            lines.append(f"power modes chosen, {v.label}: " + ", ".join(f"{n} {m}" for n, m in v.power_modes.items()))
     # FL's server never runs a split step, so its server profile is the start-up self-profile: left out
     best = [v.adapted_oracle_any_s for v in results if v.adapted_oracle_any_s and v.mode != "none"]
     if best:

@@ -44,6 +44,7 @@ class RoundResult:
     predicted_s: Optional[float]       # the controller's prediction at the round's start (from round 1)
     device_predicted_s: dict[str, float]
     device_measured_s: dict[str, float]  # each device's session, join to accepted upload
+    power_modes: dict[str, str] = field(default_factory=dict)  # each Jetson's power mode in the round
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,9 @@ class VariantResult:
     wall_s: Optional[float] = None
     results_dir: str = ""
     slower_than_profile: list[str] = field(default_factory=list)  # devices this machine could not pad
+    # per Jetson, the power modes it ran in over the steady rounds, in order ("MAXN>custom3"); a
+    # variant whose policy chooses modes only
+    power_modes: dict[str, str] = field(default_factory=dict)
 
     def as_json(self) -> dict[str, Any]:
         return asdict(self)

@@ -20,6 +20,7 @@ class DeviceSpec(_Strict):
     power_mode: str = ""
     profile: Optional[str] = Field(None, description="emulate: a profile JSON path or a published key like jetson-nano/MAXN")
     pinned_split: Optional[int] = Field(None, ge=0)
+    pinned_mode: Optional[str] = Field(None, description="with power_modes: the only power mode this device may run in")
     initial_split: Optional[int] = Field(None, ge=0)
     up_mbps: Optional[float] = Field(None, gt=0, description="in-process link cap, Mbit/s")
     down_mbps: Optional[float] = Field(None, gt=0)
@@ -47,6 +48,7 @@ class RunConfig(_Strict):
     micro_batches: int = Field(1, ge=1, le=8, description="pipelined split steps: micro-batches per batch")
     offer_codecs: list[Literal["fp32", "fp16", "int8"]] = Field(
         [], description="adaptive: the policy also chooses each device's codec among these (and `codec`)")
+    power_modes: bool = Field(False, description="adaptive: the policy also chooses each emulated Jetson's power mode")
     offer_micro_batches: list[int] = Field(
         [], description="adaptive: the policy also chooses each device's micro-batches among these (and `micro_batches`)")
     results_dir: str = "results/latest"

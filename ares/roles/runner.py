@@ -454,7 +454,9 @@ def _run(cfg: RunConfig, progress: bool, cluster: Optional[Cluster], on_round) -
         policy = parse_policy(cfg.policy, cfg.alpha)
         controller = Controller(lambda: fetch_telemetry(cluster.url, cluster.controller_token, tls=cluster.client_tls),
                                 policy,
-                                FileSplitSink(root / "splits"), pinned, offer=cfg.offer())
+                                FileSplitSink(root / "splits"), pinned, offer=cfg.offer(),
+                                power_modes=cfg.power_modes,
+                                pinned_modes={s.name: s.pinned_mode for s in specs.values() if s.pinned_mode})
     view = None
     grace_s = 10.0
     started = time.time()
@@ -477,7 +479,8 @@ def _run(cfg: RunConfig, progress: bool, cluster: Optional[Cluster], on_round) -
                             splits_log.append({"time": round(time.time() - started, 3), "round": status.round,
                                                "device": p.name, "split": p.split, "predicted_round_s": p.round_s,
                                                "predicted_iteration_s": p.iteration_s, "policy": plan.policy,
-                                               "codec": p.codec, "micro_batches": p.micro_batches})
+                                               "codec": p.codec, "micro_batches": p.micro_batches,
+                                               "power_mode": p.power_mode, "mode_source": p.mode_source})
                 if on_round:
                     on_round(cluster, status)
             if status.phase in ("finished", "failed"):
@@ -529,7 +532,8 @@ def write_results(cfg: RunConfig, root: Path, splits_log: list[dict], wall_s: fl
                 w.writerow({"round": r.round, "device": name, **d.as_json()})
     with open(root / "splits.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=["time", "round", "device", "split", "predicted_round_s",
-                                          "predicted_iteration_s", "policy", "codec", "micro_batches"])
+                                          "predicted_iteration_s", "policy", "codec", "micro_batches",
+                                          "power_mode", "mode_source"])
         w.writeheader()
         w.writerows(splits_log)
     energy: dict[str, float] = {}

@@ -8,6 +8,13 @@ with one log line and the last good setting stays. It also samples board power
 into ``<state-dir>/power.json`` for the trainer and records what it applied in
 ``<state-dir>/hostctl.json``.
 
+Power modes (ares.runtime.hostmode): the mode in force is asked of ``nvpmodel -q`` at start,
+after every switch and every ``QUERY_EVERY_S``, so a mode changed by hand is reported too. A
+switch waits while the trainer says it is inside a round (``--trainer-file``), never mid-round;
+its duration is measured. A mode that could not be applied (refused, or nvpmodel failed) is
+reported as ``power_mode_failure`` until a later switch succeeds: the trainer passes it on and
+the controller plans for the mode in force.
+
 Deciding (``plan``) is a pure function of the annotations, what was applied and
 what the host offers; everything else here is I/O around it.
 """
@@ -18,6 +25,7 @@ import argparse
 import ast
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -30,6 +38,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Tuple, Union
 
+from ares.runtime.hostmode import trainer_busy
 from ares.runtime.hostscripts import hostscript
 from ares.runtime.power import INA3221_PATH, Ina3221Source, PowerSampler, write_power_file
 
@@ -49,6 +58,7 @@ _ZERO_RATE = re.compile(r"^0+(\.0+)?[kmgt]?bit$")
 _UNLIMITED = ("", "unlimited", "none")
 _GO_QUOTED = re.compile(r'^"(?:[^"\\]|\\.)*"$')
 _POWER_MODEL = re.compile(r"<\s*POWER_MODEL\s+ID=(\d+)\s+NAME=(\S+)\s*>")
+_MODE_IN_FORCE = re.compile(r"^NV Power Mode:\s*(\S+)\s*$", re.MULTILINE)
 
 #: A failed command is not retried with the same arguments sooner than this.
 RETRY_AFTER_S = 30.0
@@ -56,6 +66,8 @@ RETRY_AFTER_S = 30.0
 RESOLVE_EVERY_S = 30.0
 #: hostctl.json keeps this many past actions.
 HISTORY = 20
+#: How often the mode in force is asked of nvpmodel again (it may be changed by hand).
+QUERY_EVERY_S = 30.0
 
 
 # --- decisions (pure) -------------------------------------------------------
@@ -141,6 +153,12 @@ def parse_annotations(text: str) -> Dict[str, str]:
 def parse_nvpmodel_conf(text: str) -> Dict[str, int]:
     """Power-mode names to nvpmodel ids, from ``< POWER_MODEL ID=n NAME=x >`` lines."""
     return {name: int(mode_id) for mode_id, name in _POWER_MODEL.findall(text)}
+
+
+def parse_nvpmodel_query(text: str) -> Optional[str]:
+    """The mode in force from ``nvpmodel -q`` (its ``NV Power Mode: NAME`` line), or None."""
+    found = _MODE_IN_FORCE.search(text)
+    return found.group(1) if found else None
 
 
 def normalize_bandwidth(value: str) -> Optional[str]:
@@ -265,6 +283,33 @@ class Agent:
         self.annotations_missing = False
         self.power_source: Optional[str] = None
         self._last_report: Optional[dict] = None
+        self.switching = False
+        self.switch_s: Optional[float] = None
+        self.mode_failure: Optional[dict] = None  # {"mode", "reason", "time"}: the last mode not applied
+        self.queried_at = -math.inf
+        self.deferred: Optional[str] = None  # a mode waiting for the trainer's round to end
+
+    def query_mode(self) -> None:
+        """Ask nvpmodel which mode is in force (at most every QUERY_EVERY_S unless forced by a switch)."""
+        if self.power_modes_problem:
+            return
+        self.queried_at = time.monotonic()
+        try:
+            result = subprocess.run([self.args.nvpmodel, "-f", str(self.args.nvpmodel_conf), "-q"],
+                                    capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            log.warning("nvpmodel -q failed: %s", exc)
+            return
+        mode = parse_nvpmodel_query(result.stdout) if result.returncode == 0 else None
+        if mode is None:
+            log.warning("nvpmodel -q did not say the mode in force: %s", (result.stderr or result.stdout).strip()[-200:])
+            return
+        if mode != self.applied.power_mode:
+            log.info("power mode in force: %s", mode)
+            self.applied = replace(self.applied, power_mode=mode)
+
+    def trainer_busy(self) -> bool:
+        return bool(self.args.trainer_file) and trainer_busy(self.args.trainer_file)
 
     def facts(self) -> HostFacts:
         now = time.monotonic()
@@ -286,6 +331,8 @@ class Agent:
         return parse_annotations(text)
 
     def step(self) -> None:
+        if time.monotonic() - self.queried_at >= self.args.mode_query:
+            self.query_mode()
         annotations = self.read_annotations()
         if annotations is not None:
             decided = plan(annotations, self.applied, self.facts())
@@ -293,19 +340,52 @@ class Agent:
                 if refusal not in self.refusals:
                     log.warning("refused %s=%r: %s; keeping %s", refusal.annotation,
                                 refusal.value, refusal.reason, self._current(refusal.annotation))
+                    if refusal.annotation == ANN_POWER_MODE:
+                        self.mode_failure = {"mode": refusal.value, "reason": refusal.reason, "time": time.time()}
             self.refusals = decided.refusals
             for action in decided.actions:
-                self.execute(action)
+                if isinstance(action, SetPowerMode):
+                    self.switch_mode(action)
+                else:
+                    self.execute(action)
         self.report()
+
+    def switch_mode(self, action: SetPowerMode) -> None:
+        """Switch between rounds only: not while the trainer is inside one. The flag `switching` is
+        written before the trainer's is read again, so a round cannot start unseen (hostmode)."""
+        if self.trainer_busy():
+            if self.deferred != action.name:
+                log.info("power mode %s waits for the round under way to end", action.name)
+                self.deferred = action.name
+            return
+        self.switching = True
+        self.report()
+        try:
+            if self.trainer_busy():  # a round began meanwhile: the next gap
+                return
+            self.deferred = None
+            started = time.monotonic()
+            ok = self.execute(action)
+            if ok:
+                self.switch_s = time.monotonic() - started
+                self.mode_failure = None
+                self.query_mode()  # what nvpmodel says is in force now
+            else:
+                detail = self.history[-1]["detail"] if self.history else ""
+                self.mode_failure = {"mode": action.name, "reason": f"nvpmodel failed: {detail}"[:500],
+                                     "time": time.time()}
+        finally:
+            self.switching = False
 
     def _current(self, annotation: str) -> str:
         value = self.applied.power_mode if annotation == ANN_POWER_MODE else self.applied.bandwidth
         return "no setting" if value is None else f"last good value {value!r}"
 
-    def execute(self, action: Action) -> None:
+    def execute(self, action: Action) -> bool:
+        """Run one action; True when it succeeded."""
         failed_at = self.failed.get(action)
         if failed_at is not None and time.monotonic() - failed_at < RETRY_AFTER_S:
-            return
+            return False
         what, value = describe(action)
         cmd = [what]
         try:
@@ -324,6 +404,7 @@ class Agent:
         entry = {"time": time.time(), "setting": what, "value": value, "ok": ok,
                  "command": cmd, "detail": detail[-500:]}
         self.history = (self.history + [entry])[-HISTORY:]
+        return ok
 
     def report(self) -> None:
         """Write hostctl.json when something in it changed."""
@@ -334,6 +415,9 @@ class Agent:
             "power_source": self.power_source,
             "power_modes": self.power_modes,
             "power_modes_problem": self.power_modes_problem,
+            "switching": self.switching,
+            "switch_s": self.switch_s,
+            "power_mode_failure": self.mode_failure,
         }
         if report != self._last_report:
             write_json(self.state_dir / "hostctl.json", dict(report, updated=time.time()))
@@ -402,6 +486,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"sysfs file with board power in mW (default: {INA3221_PATH})")
     parser.add_argument("--power-period", default=0.5, type=_positive,
                         help="seconds between power samples (default: 0.5)")
+    parser.add_argument("--mode-query", default=QUERY_EVERY_S, type=_positive,
+                        help=f"seconds between asking nvpmodel the mode in force (default: {QUERY_EVERY_S:g})")
+    parser.add_argument("--trainer-file", default=None, type=Path,
+                        help="the trainer's trainer.json: power modes switch only while it is not inside a round")
     parser.add_argument("--state-dir", required=True, type=Path,
                         help="shared folder for power.json and hostctl.json")
     parser.add_argument("--poll", default=1.0, type=_positive,

@@ -196,16 +196,18 @@ class Variant:
     codec: Literal["fp32", "fp16", "int8"]
     micro_batches: int = 1
     auto: bool = False  # the policy chooses each device's codec and micro-batches (EVERY_OPTION)
+    power_modes: bool = False  # the policy chooses each Jetson's power mode (emulated: profile and power table)
 
     @property
     def label(self) -> str:
         base = {"none": "FL (none)"}.get(self.key.split("+")[0], self.key.split("+")[0])
         if self.mode.startswith("fixed:"):
             base = f"split learning ({self.mode})"
+        modes = " + modes" if self.power_modes else ""
         if self.auto:
-            return base + " + auto (codec, k)"
+            return base + " + auto (codec, k)" + modes
         return base + (f" + {self.codec}" if self.codec != "fp32" else "") + (
-            f" + pipe{self.micro_batches}" if self.micro_batches > 1 else "")
+            f" + pipe{self.micro_batches}" if self.micro_batches > 1 else "") + modes
 
     @property
     def folder(self) -> str:
@@ -220,8 +222,13 @@ class Variant:
 def variant_of(key: str) -> Variant:
     """A policy (`none`, `fixed:N`, `ares`, `straggler`) and optional modifiers joined by `+`:
     a codec (`fp16` or `int8`; default fp32) and `pipeK` (K micro-batches per batch, 1..8); or
-    `auto` alone (adaptive policies only): the policy chooses each device's codec and K."""
+    `auto` (adaptive policies only): the policy chooses each device's codec and K; and, last,
+    `modes` (adaptive policies only): the policy chooses each Jetson's power mode too."""
     base, *mods = key.split("+")
+    if mods and mods[-1] == "modes":
+        if base == "none" or base.startswith("fixed:"):
+            raise ValueError(f"policy {key!r}: +modes goes after an adaptive policy (ares, straggler)")
+        return replace(variant_of("+".join([base, *mods[:-1]])), key=key, power_modes=True)
     if "auto" in mods:
         if mods != ["auto"] or base == "none" or base.startswith("fixed:"):
             raise ValueError(f"policy {key!r}: +auto goes alone after an adaptive policy (ares+auto, straggler+auto)")
@@ -339,6 +346,7 @@ def run_config(scenario: Scenario, variant: Variant, results: Path, port: int = 
                      micro_batches=variant.micro_batches, results_dir=str(results),
                      offer_codecs=list(CODECS) if variant.auto else [],
                      offer_micro_batches=sorted({k for _, k in EVERY_OPTION}) if variant.auto else [],
+                     power_modes=variant.power_modes,
                      port=port, round_deadline_s=scenario.round_deadline_s, schedule=schedule)
 
 
@@ -495,6 +503,23 @@ def options_used(decisions: Sequence[dict], round_index: int) -> dict[str, tuple
     return used
 
 
+def modes_used(decisions: Sequence[dict], round_index: int) -> dict[str, str]:
+    """Each device's power mode in a round, where the controller chose one: its last decision made
+    at or before the round (splits.csv), as `options_used`."""
+    used: dict[str, str] = {}
+    for d in decisions:
+        if int(d["round"]) <= round_index and d.get("power_mode"):
+            used[d["device"]] = d["power_mode"]
+    return used
+
+
+def in_modes(states: dict[str, DeviceState], modes: dict[str, str]) -> dict[str, DeviceState]:
+    """The round's device states with each Jetson in the mode it ran in (its emulated profile derived)."""
+    return {n: replace(s, profile=derive_power_mode(s.profile, modes[n]))
+            if modes.get(n) and modes[n] != s.profile.power_mode and modes[n] in POWER_MODE_SLOWDOWN else s
+            for n, s in states.items()}
+
+
 def analyse(scenario: Scenario, variant: Variant, history: Sequence[RoundRecord], telemetry: dict[int, object],
             links: LinkMode, decisions: Sequence[dict] = ()) -> VariantResult:
     """Per round: measured time and energy, the oracle, the emulated truth and the controller's
@@ -504,7 +529,8 @@ def analyse(scenario: Scenario, variant: Variant, history: Sequence[RoundRecord]
     server = telemetry.get(max(telemetry)) if telemetry else None
     own = (variant.codec, variant.micro_batches)
     rounds = [_round_result(scenario, variant, h, states[h.round], server, telemetry.get(h.round), links, own,
-                            options_used(decisions, h.round))
+                            options_used(decisions, h.round),
+                            modes_used(decisions, h.round) if variant.power_modes else {})
               for h in history]
     adapted = [x for x in rounds if x.round in adapted_rounds(scenario)]
     changes = {c.round for c in scenario.schedule}
@@ -539,21 +565,36 @@ def analyse(scenario: Scenario, variant: Variant, history: Sequence[RoundRecord]
         # each device's predicted session (join to upload) against the server's clock of it
         device_prediction_error={n: _mean(e) for n, e in device_errors.items()},
         worst_device_prediction_error=max((max(e) for e in device_errors.values()), default=None),
+        power_modes=_mode_sequences(steady) if variant.power_modes else {},
     )
 
 
+def _mode_sequences(rounds: Sequence[RoundResult]) -> dict[str, str]:
+    """Per device, the modes it ran in, in order, each once per run of rounds ("MAXN>custom3")."""
+    seqs: dict[str, list[str]] = {}
+    for x in rounds:
+        for n, m in x.power_modes.items():
+            if not seqs.get(n) or seqs[n][-1] != m:
+                seqs.setdefault(n, []).append(m)
+    return {n: ">".join(v) for n, v in seqs.items()}
+
+
 def _round_result(scenario: Scenario, variant: Variant, h: RoundRecord, states: dict[str, DeviceState], server,
-                  telemetry, links: LinkMode, own: tuple[str, int], decided: dict[str, tuple[str, int]]) -> RoundResult:
+                  telemetry, links: LinkMode, own: tuple[str, int], decided: dict[str, tuple[str, int]],
+                  modes: Optional[dict[str, str]] = None) -> RoundResult:
     """One round: what was measured, the oracle and the model for it (with the last telemetry's
-    server), and the controller's prediction from the telemetry at its start (from round 1)."""
+    server), and the controller's prediction from the telemetry at its start (from round 1).
+    A variant whose policy chooses power modes is modelled in the modes it ran in (`modes`)."""
     r = h.round
+    modes = modes or {}
+    states = in_modes(states, modes)
     splits = {n: d.split for n, d in h.devices.items()}
     options = {n: decided.get(n, own) for n in splits}
     steps = {n: (d.steps if (d := h.devices.get(n)) else 0) or scenario.training.max_steps_per_round or 1
              for n in states}
     energy = [d.energy_j for d in h.devices.values() if d.energy_j is not None]
     fixed_s = h.outside_sessions()
-    predicted_s, device_predicted_s = (_predicted(telemetry, splits, variant, options) if r > 0 else (None, {}))
+    predicted_s, device_predicted_s = (_predicted(telemetry, splits, variant, options, modes) if r > 0 else (None, {}))
     oracle_s = oracle_any_s = model_s = model_energy_j = oracle_model_s = None
     if server is not None:
         # the oracle's round: the best split vector's slowest device plus this round's measured
@@ -571,6 +612,7 @@ def _round_result(scenario: Scenario, variant: Variant, h: RoundRecord, states: 
         energy_j=math.fsum(energy) if energy else None, oracle_s=oracle_s, oracle_any_s=oracle_any_s,
         model_s=model_s, model_energy_j=model_energy_j, fixed_s=fixed_s, oracle_model_s=oracle_model_s,
         options={n: f"{c}/k{k}" for n, (c, k) in options.items()}, predicted_s=predicted_s,
+        power_modes={n: s.profile.power_mode for n, s in states.items() if s.profile.power_mode},
         device_predicted_s=device_predicted_s, device_measured_s=h.sessions())
 
 
@@ -587,17 +629,21 @@ def _diff(a: Optional[float], b: Optional[float]) -> Optional[float]:
     return a - b if a is not None and b is not None else None
 
 
-def _predicted(telemetry, splits: dict[str, int], variant: Variant,
-               options: dict[str, tuple[str, int]]) -> tuple[Optional[float], dict[str, float]]:
-    """The controller's model of the splits (and options) used in a round, from the telemetry at its
-    start: the round's time, and each device's session (join to upload)."""
+def _predicted(telemetry, splits: dict[str, int], variant: Variant, options: dict[str, tuple[str, int]],
+               modes: Optional[dict[str, str]] = None) -> tuple[Optional[float], dict[str, float]]:
+    """The controller's model of the splits (and options, and power modes) used in a round, from the
+    telemetry at its start: the round's time, and each device's session (join to upload). A mode
+    switch happens before the device joins: in the round's time, not in its session."""
     if telemetry is None:
         return None, {}
-    problem = problem_from_telemetry(telemetry, offer=variant.options)
+    problem = problem_from_telemetry(telemetry, offer=variant.options, power_modes=variant.power_modes)
     if problem is None or {d.name for d in problem.devices} != set(splits):
         return None, {}  # a device not measured yet (no transfer seen): no prediction
-    plan = evaluate(problem, splits, options=options)
-    return plan.round_s + telemetry.round_overhead_s, {d.name: d.round_s for d in plan.devices}
+    known = {d.name: m for d in problem.devices if (m := (modes or {}).get(d.name)) in d.mode_names}
+    plan = evaluate(problem, splits, options=options, modes=known)
+    switch = {d.name: d.switch_s for d in problem.devices}
+    return plan.round_s + telemetry.round_overhead_s, {
+        d.name: d.round_s - (switch[d.name] if d.switches_mode else 0.0) for d in plan.devices}
 
 
 def _mean(values) -> float:

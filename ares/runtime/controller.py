@@ -3,6 +3,13 @@
 The same code runs in the local runner and in the Kubernetes operator; they differ only in
 the `SplitSink` (split files on disk, or the `ares.io/split-point` pod annotation). The
 policy decides and never does I/O; this module owns the I/O around it.
+
+Power modes (`power_modes=True`): every device of a class with modes (a Jetson) that reports
+the mode it ran in gets its other modes in the decision, their profiles derived from the one
+it measured (marked derived) and their power from the table, and a switch charged at the
+pause its host last measured (else `DEFAULT_SWITCH_S`). A mode pinned for a device is the only
+one it may take; a device whose host could not switch it (`power_mode_failed`) is kept at the
+mode in force, so the next plan is made for the mode it really runs in.
 """
 
 from __future__ import annotations
@@ -18,10 +25,10 @@ import httpx
 from ares.core.energy import PowerModel, power_model
 from ares.core.messages import LINK_SMOOTHING, STEP_ROUNDS, DeviceTelemetry, ServerStatus, SessionSample, StepSample, Telemetry
 from ares.core.costmodel import (CODEC_BYTES, MAX_BPS, MIN_BPS, Column, DeviceInput, Option, Plan, Problem, column_of,
-                                 iteration_table, model_costs, options_for, session_table)
+                                 iteration_table, model_costs, options_for, other_modes, session_table)
 from ares.core.optimiser import SplitPolicy
-from ares.core.profiles import ComputeProfile, ServerProfile
-from ares.runtime.splitfile import write_options, write_split
+from ares.core.profiles import DEFAULT_SWITCH_S, ComputeProfile, ServerProfile, modes_of
+from ares.runtime.splitfile import write_mode, write_options, write_split
 from ares.runtime.tlsclient import ClientTls, transport
 
 log = logging.getLogger("ares.controller")
@@ -53,12 +60,27 @@ def _power(device_class: str, power_mode: str) -> PowerModel:
         return ASSUMED_POWER
 
 
+def with_modes(device: DeviceInput, measured: DeviceTelemetry, pinned_mode: Optional[str] = None) -> DeviceInput:
+    """The device with its class's other power modes in the decision (see the module docstring);
+    as it was when its class has none or its mode in force is not known."""
+    names = modes_of(device.compute.device_class)
+    if device.compute.power_mode not in names:
+        return device
+    pin = pinned_mode if pinned_mode in names else None
+    if measured.power_mode_failed:
+        pin = device.compute.power_mode  # the host could not switch it: plan for the mode in force
+    switch = measured.switch_s if measured.switch_s is not None else DEFAULT_SWITCH_S
+    return replace(device, modes=other_modes(device.compute), pinned_mode=pin, switch_s=switch)
+
+
 def problem_from_telemetry(telemetry: Telemetry, pinned: Mapping[str, int] | None = None,
-                           offer: Sequence[tuple[str, int]] = ()) -> Optional[Problem]:
+                           offer: Sequence[tuple[str, int]] = (), power_modes: bool = False,
+                           pinned_modes: Mapping[str, str] | None = None) -> Optional[Problem]:
     """The optimiser's input from measurements. Devices not yet measured are left out.
 
     The problem's options are the job's own (codec, micro-batches), then every pair in `offer`
-    (the choices the controller may hand each device beside its split)."""
+    (the choices the controller may hand each device beside its split). With `power_modes`,
+    each Jetson's modes too (`with_modes`), a device in `pinned_modes` at that mode only."""
     pinned = pinned or {}
     layers = len(telemetry.activation_numel)
     server = ServerProfile(fwd=tuple(telemetry.server_fwd), bwd=tuple(telemetry.server_bwd), batch_size=telemetry.batch_size)
@@ -75,9 +97,10 @@ def problem_from_telemetry(telemetry: Telemetry, pinned: Mapping[str, int] | Non
                                  device_class=d.device_class, power_mode=d.power_mode, source="measured")
         if profile.batch_size != telemetry.batch_size:
             profile = profile.rescaled(telemetry.batch_size)
-        devices.append(DeviceInput(name=d.name, compute=profile, up_bps=d.up_bps, down_bps=d.down_bps,
-                                   power=_power(d.device_class, d.power_mode), iterations=d.iterations,
-                                   pinned_split=pinned.get(d.name), latency_s=d.latency_s or 0.0, duplex=d.duplex))
+        device = DeviceInput(name=d.name, compute=profile, up_bps=d.up_bps, down_bps=d.down_bps,
+                             power=_power(d.device_class, d.power_mode), iterations=d.iterations,
+                             pinned_split=pinned.get(d.name), latency_s=d.latency_s or 0.0, duplex=d.duplex)
+        devices.append(with_modes(device, d, (pinned_modes or {}).get(d.name)) if power_modes else device)
         measured[d.name] = d
     if not devices:
         return None
@@ -198,9 +221,10 @@ def with_session_overheads(problem: Problem, samples: Mapping[str, Sequence[Sess
 
 
 def decide(telemetry: Telemetry, policy: SplitPolicy, pinned: Mapping[str, int] | None = None,
-           offer: Sequence[tuple[str, int]] = ()) -> Optional[Plan]:
+           offer: Sequence[tuple[str, int]] = (), power_modes: bool = False,
+           pinned_modes: Mapping[str, str] | None = None) -> Optional[Plan]:
     """A plan for the measured devices, or None when nothing has been measured yet."""
-    problem = problem_from_telemetry(telemetry, pinned, offer)
+    problem = problem_from_telemetry(telemetry, pinned, offer, power_modes, pinned_modes)
     return policy.decide(problem) if problem is not None else None
 
 
@@ -219,6 +243,11 @@ def plan_options(plan: Plan) -> dict[str, tuple[str, int]]:
     return {p.name: (p.codec, p.micro_batches) for p in plan.devices}
 
 
+def plan_modes(plan: Plan) -> dict[str, str]:
+    """Each device's power mode as the plan chose it (devices with a known mode only)."""
+    return {p.name: p.power_mode for p in plan.devices if p.power_mode}
+
+
 class SplitSink(Protocol):
     def write(self, splits: Mapping[str, int]) -> None: ...
 
@@ -228,6 +257,14 @@ class OptionSink(Protocol):
     """A sink that can also hand a device its (codec, micro-batches); called before `write`."""
 
     def write_options(self, options: Mapping[str, tuple[str, int]]) -> None: ...
+
+
+@runtime_checkable
+class ModeSink(Protocol):
+    """A sink that can also hand a device its power mode; called before `write`. The device's
+    host applies it between rounds (the local runner's devices at their next round start)."""
+
+    def write_modes(self, modes: Mapping[str, str]) -> None: ...
 
 
 @dataclass
@@ -248,10 +285,18 @@ class FileSplitSink:
         for device, (codec, micro_batches) in options.items():
             write_options(self.path(device), codec, micro_batches)
 
+    def write_modes(self, modes: Mapping[str, str]) -> None:
+        """`<device>.split.mode` beside each split file: the power mode (ares.runtime.splitfile)."""
+        for device, mode in modes.items():
+            write_mode(self.path(device), mode)
+
 
 @dataclass
 class Controller:
     """One decision per call: telemetry -> policy -> sink. The caller decides how often.
+
+    With `power_modes` the policy also chooses each Jetson's power mode; where the sink can
+    (`ModeSink`), the modes that changed are written first, like the step options.
 
     With `offer` (pairs of codec and micro-batches) the policy also chooses each device's pair
     among the job's own and those; where the sink can (`OptionSink`), the pairs that changed
@@ -265,12 +310,22 @@ class Controller:
     last: dict[str, int] = field(default_factory=dict)
     offer: tuple[tuple[str, int], ...] = ()
     last_options: dict[str, tuple[str, int]] = field(default_factory=dict)
+    power_modes: bool = False  # the policy also chooses each Jetson's power mode (a `ModeSink` applies it)
+    pinned_modes: Mapping[str, str] = field(default_factory=dict)
+    last_modes: dict[str, str] = field(default_factory=dict)
 
     def run_once(self) -> Optional[Plan]:
         telemetry = self.telemetry()
-        plan = decide(telemetry, self.policy, self.pinned, self.offer)
+        plan = decide(telemetry, self.policy, self.pinned, self.offer, self.power_modes, self.pinned_modes)
         if plan is None:
             return None
+        if self.power_modes and isinstance(self.sink, ModeSink):
+            chosen_modes = plan_modes(plan)
+            switched = {k: v for k, v in chosen_modes.items() if self.last_modes.get(k, "") != v}
+            if switched:
+                log.info("%s policy: power modes %s", plan.policy, switched)
+                self.sink.write_modes(switched)
+                self.last_modes.update(switched)
         if self.offer and isinstance(self.sink, OptionSink):
             chosen = plan_options(plan)
             moved = {k: v for k, v in chosen.items() if self.last_options.get(k) != v}

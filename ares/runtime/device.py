@@ -28,11 +28,12 @@ from ares.core.data import load_data, shard
 from ares.core.energy import energy_j, power_model
 from ares.core.messages import LINK_SMOOTHING, MIN_SAMPLE_BYTES, STEP_ROUNDS, DeviceReport, StepSample, StepTimings
 from ares.core.models import build_model, model_spec, n_layers, split_model
-from ares.core.profiles import ComputeProfile
+from ares.core.profiles import ComputeProfile, derive_power_mode, modes_of
+from ares.runtime.hostmode import SWITCH_WAIT_S, read_host_mode, write_trainer_state
 from ares.runtime.link import LinkError, ServerLink
 from ares.runtime.power import read_power_file
 from ares.runtime.profiler import LiveScale, Throughput, device_profile, time_layers, warm_optimiser
-from ares.runtime.splitfile import StepOptions, read_options, read_split
+from ares.runtime.splitfile import StepOptions, read_mode, read_options, read_split
 
 log = logging.getLogger("ares.device")
 
@@ -131,6 +132,9 @@ class DeviceTrainer:
         # (split, codec, k) -> its last rounds' steps, each with the links and compute factor it ran under
         self._steps: dict[tuple[int, str, int], deque[tuple[float, Optional[float], Optional[float], float]]] = {}
         self._warm = False  # the process's first step was taken (it pays one-off start-up)
+        # power modes: a mode the host could not switch to (with why), and the last switch's seconds
+        self.mode_failed, self.mode_problem, self.switch_s = "", "", None
+        self._mode_warned = False
 
     def _startup_profile(self) -> ComputeProfile:
         """Measured at start-up on this device; an emulated profile is the floor it is padded to."""
@@ -184,6 +188,8 @@ class DeviceTrainer:
             if round_index is None:
                 break
             self._reload_profile()
+            self._trainer_state(round_index, busy=True)
+            self._power_mode()
             split = read_split(self.settings.split_file, self.layers, self.split)
             if split is None:
                 split = self.layers - 1
@@ -213,6 +219,47 @@ class DeviceTrainer:
             self.on_round(entry)
             round_index = reply.round + 1
         return logs
+
+    def _trainer_state(self, round_index: int, busy: bool) -> None:
+        """Tell the sidecar whether a round is under way (it switches power modes only between rounds)."""
+        if self.settings.trainer_file:
+            try:
+                write_trainer_state(self.settings.trainer_file, round_index, busy)
+            except OSError as exc:
+                log.warning("cannot write %s (%s): the sidecar may switch modes mid-round",
+                            self.settings.trainer_file, exc.strerror)
+
+    def _power_mode(self) -> None:
+        """At a round start: the power mode this round runs in. On a host with a sidecar, the mode in
+        force as it reports it (after any switch under way has ended); in a local run with an emulated
+        Jetson, the controller's mode from beside the split file, applied here (the emulated nvpmodel:
+        the emulated profile derived for that mode, and its power table)."""
+        if self.settings.hostctl_file:
+            deadline = time.monotonic() + SWITCH_WAIT_S
+            host = read_host_mode(self.settings.hostctl_file)
+            while host is not None and host.switching and time.monotonic() < deadline:
+                time.sleep(0.1)
+                host = read_host_mode(self.settings.hostctl_file)
+            if host is not None:
+                if host.power_mode and host.power_mode != self.settings.power_mode:
+                    log.info("power mode in force: %s (was %s)", host.power_mode, self.settings.power_mode or "unknown")
+                    self.settings = self.settings.model_copy(update={"power_mode": host.power_mode})
+                self.mode_failed, self.mode_problem, self.switch_s = host.failed, host.problem, host.switch_s
+            return
+        mode = read_mode(self.settings.split_file) if self.settings.split_file else None
+        if mode is None or mode == self.settings.power_mode:
+            return
+        if self.emulate is None or mode not in modes_of(self.emulate.device_class):
+            if not self._mode_warned:
+                log.warning("power mode %s asked, but this device has no emulated %s profile and no host "
+                            "sidecar to switch it; running as it is", mode, self.settings.device_class)
+                self._mode_warned = True
+            self.mode_failed, self.mode_problem = mode, "no host sidecar and no emulated profile for this mode"
+            return
+        started = time.perf_counter()
+        log.info("power mode %s -> %s (emulated)", self.emulate.power_mode, mode)
+        self.set_emulation(derive_power_mode(self.emulate, mode))
+        self.switch_s = time.perf_counter() - started
 
     def _wait_for_round(self, round_index: int, poll_s: float = 0.1) -> Optional[int]:
         """Wait until the round takes joins, then read the split: the controller decides in the gap."""
@@ -311,6 +358,7 @@ class DeviceTrainer:
             measured_steps=self._measured_steps(entry, whole),
             duplex=self.settings.duplex, codec=self.codec, micro_batches=self.micro_batches,
             device_class=self.settings.device_class, power_mode=self.settings.power_mode,
+            power_mode_failed=self.mode_failed, power_mode_problem=self.mode_problem, switch_s=self.switch_s,
             profile_fwd=[v * self.live.factor for v in self.profile.fwd],
             profile_bwd=[v * self.live.factor for v in self.profile.bwd], profile_batch=self.profile.batch_size)
         try:

@@ -5,6 +5,11 @@ chooses how a device runs its split steps (wire codec, micro-batches per batch),
 beside it, in `<split file>.options`: JSON such as `{"codec": "int8", "micro_batches": 4}`.
 A device without that file (an old controller, or a job that offers no options) runs as its
 settings and the server say; a device too old to know the file ignores it and keeps working.
+
+In a local run whose controller chooses power modes it also writes `<split file>.mode`: the
+name of the mode (MAXN, 5W, custom1, custom3). A device with an emulated profile runs its next
+round in that mode (the emulated nvpmodel); on Kubernetes the sidecar applies the pod's
+`ares.io/power-mode` instead.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -19,6 +25,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 log = logging.getLogger("ares.device")
 OPTIONS_SUFFIX = ".options"
+MODE_SUFFIX = ".mode"
+_MODE_NAME = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
 MAX_OPTIONS_BYTES = 4096
 
 
@@ -65,6 +73,36 @@ def write_options(split_file: str | Path, codec: str, micro_batches: int) -> Non
     text = StepOptions(codec=codec, micro_batches=micro_batches).model_dump_json()
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tmp.write_text(text + "\n")
+    tmp.replace(path)
+
+
+def mode_path(split_file: str | Path) -> Path:
+    path = Path(split_file)
+    return path.with_name(path.name + MODE_SUFFIX)
+
+
+def read_mode(split_file: str | Path) -> Optional[str]:
+    """The power mode beside a split file; None when there is none or it is not a mode name."""
+    path = mode_path(split_file)
+    try:
+        with open(path, "rb") as f:
+            text = f.read(64).decode("ascii", "replace").strip()
+    except OSError:
+        return None
+    if not _MODE_NAME.match(text):
+        log.warning("mode file %s holds %r, not a power mode name; ignored", path, text[:40])
+        return None
+    return text
+
+
+def write_mode(split_file: str | Path, mode: str) -> None:
+    """Atomic write of the power mode beside a split file (before the split it goes with)."""
+    if not _MODE_NAME.match(mode):
+        raise ValueError(f"not a power mode name: {mode!r}")
+    path = mode_path(split_file)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(mode + "\n")
     tmp.replace(path)
 
 

@@ -695,7 +695,10 @@ class TrainingServer:
                     round_s=t.round_s if t else None, latency_s=t.latency_s if t else None,
                     duplex=rep.duplex if rep else "full", measured_steps=rep.measured_steps if rep else [],
                     codec=rep.codec if rep else None, micro_batches=rep.micro_batches if rep else None,
-                    sessions=recent.get(s.name, []), upload_bps=s.upload_bps))
+                    sessions=recent.get(s.name, []), upload_bps=s.upload_bps,
+                    power_mode_failed=rep.power_mode_failed if rep else "",
+                    power_mode_problem=rep.power_mode_problem if rep else "",
+                    switch_s=rep.switch_s if rep else None))
             zeros = [0.0] * self.layers
             return Telemetry(round=self.round, model=self.cfg.model, batch_size=batch, codec=self.cfg.codec,
                              micro_batches=self.cfg.micro_batches,

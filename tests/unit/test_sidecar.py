@@ -201,7 +201,8 @@ def set_annotations(path: Path, **values: str) -> None:
 
 
 def calls(host) -> list[str]:
-    return host["calls"].read_text().splitlines()
+    """What the sidecar ran to change the host (not its `nvpmodel -q` queries of the mode in force)."""
+    return [c for c in host["calls"].read_text().splitlines() if not c.endswith(" -q")]
 
 
 def hostctl(host) -> dict:
