@@ -28,6 +28,14 @@ Policies (all respect a device's `pinned_split`):
   case (every device gains by offloading): about a second for 2,000 devices.
 - `fixed:N` and `none` (= split L-1, all layers on the device) are the baselines.
 
+Power modes. Where devices list other power modes (`DeviceInput.modes`) the columns run over
+(mode, option, split) and every policy chooses among them as among splits: `straggler` keeps the
+round time the fleet would have with every device at its fastest setting and spends each
+device's slack on the mode and setting of least energy; `ares` weighs time and energy across
+modes too. A policy weighs every round's costs (`steady`: without a switch's one-off pause);
+a device leaves the mode in force only for a cost at least `MODE_MARGIN` (10%) below its best
+there; the plan predicts the round that starts in a new mode with the pause.
+
 Staying put. `ares` and `straggler` (unshared) keep a device at the column it runs now
 (`DeviceInput.current`) while that column is allowed (for `straggler`: keeps the round) and its
 cost is within `STAY_MARGIN` (10%) of the best one. Every move costs a round predicted from
@@ -46,7 +54,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar, Protocol
 
 import numpy as np
@@ -148,15 +156,22 @@ class _Chooser:
     def choose_columns(self, problem: Problem) -> list[Column]:
         """The (option, split) column of every device, in the problem's order."""
         s, o = problem.n_splits, len(problem.options)
-        return [Column.at(c, s, o) for c in self._choose(problem, CostInputs.of(problem)).tolist()]
+        return [Column.at(c, s, o) for c in self._choose(problem, steady(CostInputs.of(problem))).tolist()]
 
     def choose(self, problem: Problem) -> np.ndarray:
         """Just the split of every device, in the problem's order (no plan objects built)."""
-        return self._choose(problem, CostInputs.of(problem)) % problem.n_splits
+        return self._choose(problem, steady(CostInputs.of(problem))) % problem.n_splits
 
     def decide(self, problem: Problem) -> Plan:
         x = CostInputs.of(problem)
-        return plan_columns(problem, x, self._choose(problem, x), self.name, self.shares_server)
+        return plan_columns(problem, x, self._choose(problem, steady(x)), self.name, self.shares_server)
+
+
+def steady(x: CostInputs) -> CostInputs:
+    """The costs a policy weighs: every round's, without a mode switch's one-off pause (a switch
+    pays once, the mode's gain or loss recurs every round; `MODE_MARGIN` keeps near-ties from
+    switching). The plan still predicts the round that starts in a new mode with its pause."""
+    return replace(x, switch=None) if x.switch is not None else x
 
 
 @dataclass(frozen=True)

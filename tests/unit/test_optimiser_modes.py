@@ -63,6 +63,12 @@ def choices(p: Problem, d: DeviceInput) -> list[tuple[str, int, str]]:
     return out
 
 
+def without_switch(p: Problem) -> Problem:
+    """The problem as the policies weigh it: every round's costs, no one-off switch pause."""
+    return Problem(tuple(DeviceInput(**{**d.__dict__, "switch_s": 0.0}) for d in p.devices), p.server, p.model,
+                   options=p.options)
+
+
 def plan_of(p: Problem, vector, share_server: bool = False):
     names = [d.name for d in p.devices]
     return evaluate(p, {n: v[2] for n, v in zip(names, vector)}, share_server=share_server,
@@ -84,11 +90,14 @@ def test_straggler_with_modes_matches_brute_force(seed):
     rng = np.random.default_rng(seed)
     p = random_problem(rng, n_devices=3, n_splits=4, n_options=2, pins=seed % 2 == 1)
     alpha = float(rng.uniform(0, 1))
-    plan = StragglerPolicy(alpha=alpha, mode_margin=0.0).decide(p)
+    predicted = StragglerPolicy(alpha=alpha, mode_margin=0.0).decide(p)
+    picked = chosen(predicted, p)
+    assert predicted.round_s == pytest.approx(plan_of(p, picked).round_s, rel=1e-12)  # the pause in the prediction
+    p = without_switch(p)  # the choice: on every round's costs
+    plan = plan_of(p, picked)
     per_device = [choices(p, d) for d in p.devices]
     best = min(plan_of(p, v).round_s for v in itertools.product(*per_device))
     assert plan.round_s == pytest.approx(best, rel=1e-12)
-    picked = chosen(plan, p)
     for i, d in enumerate(p.devices):
         # device i's costs at every choice, the others as planned: each device's round is its own
         alternatives = [plan_of(p, picked[:i] + [c] + picked[i + 1:]) for c in per_device[i]]
@@ -105,8 +114,8 @@ def test_ares_with_modes_matches_brute_force(seed):
     rng = np.random.default_rng(100 + seed)
     p = random_problem(rng, n_devices=3, n_splits=4, n_options=2, pins=seed % 2 == 1)
     alpha = float(rng.uniform(0, 1))
-    plan = AresPolicy(alpha=alpha, mode_margin=0.0).decide(p)
-    picked = chosen(plan, p)
+    picked = chosen(AresPolicy(alpha=alpha, mode_margin=0.0).decide(p), p)
+    p = without_switch(p)
     for i, d in enumerate(p.devices):
         # the norms run over every valid column of the device (pins restrict the choice, not the norm)
         every = choices(p, DeviceInput(**{**d.__dict__, "pinned_split": None, "pinned_mode": None}))
@@ -122,7 +131,7 @@ def test_ares_with_modes_matches_brute_force(seed):
 @pytest.mark.parametrize("seed", range(8))
 def test_shared_server_straggler_with_modes_spends_the_least_energy_of_the_fastest_plans(seed):
     rng = np.random.default_rng(200 + seed)
-    p = random_problem(rng, n_devices=3, n_splits=3, n_options=1)
+    p = without_switch(random_problem(rng, n_devices=3, n_splits=3, n_options=1))
     p = Problem(tuple(DeviceInput(**{**d.__dict__, "alpha": None}) for d in p.devices), p.server, p.model,
                 options=p.options)
     plans = [plan_of(p, v, share_server=True) for v in itertools.product(*(choices(p, d) for d in p.devices))]
@@ -177,6 +186,20 @@ def test_a_pinned_mode_is_respected():
         assert policy.decide(p).power_modes["nano"] == "5W"
     with pytest.raises(ValueError, match="pinned mode 'turbo' is not one of its modes"):
         nano("nano", 20, pinned_mode="turbo")
+
+
+def test_a_switch_is_weighed_by_every_round_and_predicted_with_its_pause():
+    """A pause longer than the slack does not keep a device in a mode that costs more every round:
+    the Nano's slack is under 60 s here, yet it switches, and the plan predicts its round with the pause."""
+    p = Problem((pi("pi", 2), nano("nano", 20, switch_s=200.0)), SERVER, MODEL)
+    plan = StragglerPolicy().decide(p)
+    [at] = [d for d in plan.devices if d.name == "nano"]
+    assert at.switches_mode and plan.round_s == pytest.approx(at.round_s)  # this round: the pause sets it
+    stay = Problem((pi("pi", 2), nano("nano", 20, switch_s=200.0, pinned_mode="MAXN")), SERVER, MODEL)
+    assert at.energy_round_j < StragglerPolicy().decide(stay).energy_round_j
+    every_round = evaluate(without_switch(p), plan.splits, modes=plan.power_modes)
+    assert at.round_s == pytest.approx(every_round.devices[1].round_s + 200.0)
+    assert every_round.round_s == pytest.approx(StragglerPolicy().decide(stay).round_s)
 
 
 def test_a_switch_pays_its_pause_in_the_round_it_starts():
