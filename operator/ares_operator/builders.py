@@ -295,6 +295,22 @@ def _prepare_checkpoints(job: JobRef, spec: JobSpec, image: str) -> Obj:
             "volumeMounts": [_checkpoint_mount(job, spec)]}
 
 
+# The server's startup probe: exits 0 as soon as something accepts TCP connections on 127.0.0.1:PORT
+# (the server listens only once it can serve), 1 after SECONDS without.
+WAIT_FOR_PORT = """import socket, sys, time
+port, end = int(sys.argv[1]), time.monotonic() + float(sys.argv[2])
+while True:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        sys.exit(0)
+    except OSError:
+        if time.monotonic() > end:
+            sys.exit(1)
+        time.sleep(0.2)
+"""
+STARTUP_WAIT_S = 60
+
+
 def server_pod(job: JobRef, spec: JobSpec, settings: OperatorSettings) -> Obj:
     image = spec.server.image or settings.images.server
     # The init step runs as root (CHOWN): always the administrator's image, never the job's.
@@ -310,12 +326,15 @@ def server_pod(job: JobRef, spec: JobSpec, settings: OperatorSettings) -> Obj:
         # It serves HTTP once torch is imported, the data set loaded, the model built and the
         # checkpoint read: seconds to minutes (25 s for the example job on two cores busy with
         # other work), longer with a large data set or checkpoint. The startup probe waits for
-        # that: first asked after 10 s, then every 5 s for up to 5 minutes more (only then is the
-        # server killed, and its pod replaced as a failed one). The kubelet runs the readiness
-        # probe only once it has passed, so a start no longer logs an Unhealthy "connection
-        # refused" from its first second; readiness then follows serving (the Service's endpoints).
-        "startupProbe": {"httpGet": {"path": "/healthz", "port": c.SERVER_PORT_NAME, "scheme": "HTTPS"},
-                         "initialDelaySeconds": 10, "periodSeconds": 5, "timeoutSeconds": 3, "failureThreshold": 60},
+        # that inside one attempt (`WAIT_FOR_PORT`, up to a minute), so that a start of normal
+        # length fails no probe: the kubelet records a Warning Event (Unhealthy) for every failed
+        # attempt, and an httpGet probe asked every few seconds failed "connection refused" until
+        # the server listened. Only after 5 minutes is the server killed, and its pod replaced as
+        # a failed one. The readiness probe runs once it has passed and follows serving (the
+        # Service's endpoints).
+        "startupProbe": {"exec": {"command": ["python3", "-c", WAIT_FOR_PORT, str(c.SERVER_PORT),
+                                              str(STARTUP_WAIT_S)]},
+                         "periodSeconds": 1, "timeoutSeconds": STARTUP_WAIT_S + 5, "failureThreshold": 5},
         "readinessProbe": {"httpGet": {"path": "/healthz", "port": c.SERVER_PORT_NAME, "scheme": "HTTPS"},
                            "periodSeconds": 5, "timeoutSeconds": 3, "failureThreshold": 3},
         "resources": resources(c.CONTAINER_SERVER, spec.server.resources),

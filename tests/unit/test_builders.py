@@ -5,6 +5,10 @@ from __future__ import annotations
 import base64
 import dataclasses
 import datetime
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -334,9 +338,30 @@ def test_server_probes():
     probe = server["readinessProbe"]["httpGet"]
     assert (probe["path"], probe["port"]) == ("/healthz", "http")
     startup = server["startupProbe"]
-    assert startup["httpGet"] == {"path": "/healthz", "port": "http", "scheme": "HTTPS"}
-    # A server that loads torch, its data and a checkpoint has minutes before it is killed.
-    assert startup["initialDelaySeconds"] + startup["periodSeconds"] * startup["failureThreshold"] >= 300
+    python, flag, script, port, wait = startup["exec"]["command"]
+    assert (python, flag, script, port) == ("python3", "-c", builders.WAIT_FOR_PORT, "43000")
+    # One attempt waits for the port (a start of normal length fails none: no Unhealthy Event),
+    # within the kubelet's timeout; a server that loads torch, its data and a checkpoint has
+    # minutes before it is killed.
+    assert int(wait) < startup["timeoutSeconds"]
+    assert startup["failureThreshold"] * int(wait) >= 300
+
+
+def test_the_startup_probe_waits_for_the_port_then_succeeds_or_fails():
+    """The probe's script, run as the kubelet runs it: success as soon as the port listens (here
+    after a second), failure when it never does within its wait."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        started = time.monotonic()
+        probe = subprocess.Popen([sys.executable, "-c", builders.WAIT_FOR_PORT, str(port), "20"])
+        time.sleep(1)
+        s.listen()
+        assert probe.wait(timeout=20) == 0
+        assert 1 <= time.monotonic() - started < 10
+    started = time.monotonic()
+    assert subprocess.run([sys.executable, "-c", builders.WAIT_FOR_PORT, str(port), "1"], timeout=20).returncode == 1
+    assert time.monotonic() - started >= 1
 
 
 def test_checkpoints_are_keyed_by_uid():
