@@ -343,6 +343,8 @@ class Agent:
                     if refusal.annotation == ANN_POWER_MODE:
                         self.mode_failure = {"mode": refusal.value, "reason": refusal.reason, "time": time.time()}
             self.refusals = decided.refusals
+            if not any(isinstance(a, SetPowerMode) for a in decided.actions):
+                self.deferred = None  # nothing waits any more (the annotation went back)
             for action in decided.actions:
                 if isinstance(action, SetPowerMode):
                     self.switch_mode(action)
@@ -353,6 +355,10 @@ class Agent:
     def switch_mode(self, action: SetPowerMode) -> None:
         """Switch between rounds only: not while the trainer is inside one. The flag `switching` is
         written before the trainer's is read again, so a round cannot start unseen (hostmode)."""
+        failed_at = self.failed.get(action)
+        if failed_at is not None and time.monotonic() - failed_at < RETRY_AFTER_S:
+            self.deferred = None
+            return  # failed moments ago: not again yet (reported as power_mode_failure)
         if self.trainer_busy():
             if self.deferred != action.name:
                 log.info("power mode %s waits for the round under way to end", action.name)
@@ -416,6 +422,7 @@ class Agent:
             "power_modes": self.power_modes,
             "power_modes_problem": self.power_modes_problem,
             "switching": self.switching,
+            "pending": self.deferred,
             "switch_s": self.switch_s,
             "power_mode_failure": self.mode_failure,
         }
@@ -457,7 +464,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         while not stop.is_set():
             agent.step()
-            stop.wait(args.poll)
+            stop.wait(args.poll if agent.deferred is None else min(args.poll, 0.05))  # a gap is short
     finally:
         if sampler is not None:
             sampler.stop()

@@ -134,7 +134,7 @@ class DeviceTrainer:
         self._warm = False  # the process's first step was taken (it pays one-off start-up)
         # power modes: a mode the host could not switch to (with why), and the last switch's seconds
         self.mode_failed, self.mode_problem, self.switch_s = "", "", None
-        self._mode_warned = False
+        self._mode_warned, self._round_started = False, 0
 
     def _startup_profile(self) -> ComputeProfile:
         """Measured at start-up on this device; an emulated profile is the floor it is padded to."""
@@ -222,6 +222,7 @@ class DeviceTrainer:
 
     def _trainer_state(self, round_index: int, busy: bool) -> None:
         """Tell the sidecar whether a round is under way (it switches power modes only between rounds)."""
+        self._round_started = round_index
         if self.settings.trainer_file:
             try:
                 write_trainer_state(self.settings.trainer_file, round_index, busy)
@@ -237,8 +238,14 @@ class DeviceTrainer:
         if self.settings.hostctl_file:
             deadline = time.monotonic() + SWITCH_WAIT_S
             host = read_host_mode(self.settings.hostctl_file)
+            if host is not None and host.pending:  # a switch waits for a gap between rounds: make one
+                self._trainer_state(self._round_started, busy=False)
+                while host is not None and host.pending and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                    host = read_host_mode(self.settings.hostctl_file)
+                self._trainer_state(self._round_started, busy=True)
             while host is not None and host.switching and time.monotonic() < deadline:
-                time.sleep(0.1)
+                time.sleep(0.05)
                 host = read_host_mode(self.settings.hostctl_file)
             if host is not None:
                 if host.power_mode and host.power_mode != self.settings.power_mode:

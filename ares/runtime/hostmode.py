@@ -14,7 +14,9 @@ a round (`write_trainer_state`), and the sidecar defers a switch while it is
 (`trainer_busy`), for at most `BUSY_MAX_AGE_S` after the trainer last said so. Each side sets
 its own flag before it reads the other's: the sidecar writes `"switching": true` and looks
 at the trainer's again before it runs nvpmodel; the trainer says "busy" and then waits for a
-switch under way to end (`SWITCH_WAIT_S` at most) before it joins the round.
+switch under way to end (`SWITCH_WAIT_S` at most) before it joins the round. A switch that has
+been waiting (`"pending"`, rounds back to back leave little gap) is let through the same way:
+the trainer says "not busy" until it is done.
 
 Pure Python (no torch), Python 3.10 compatible: it runs on the device. Readers never raise: a
 missing, malformed or stale file means "not known".
@@ -49,6 +51,7 @@ class HostMode:
     problem: str = ""  # why, in words
     switch_s: Optional[float] = None  # how long its last switch took
     switching: bool = False  # a switch is under way (the trainer waits for it before its round)
+    pending: bool = False  # a switch waits for the gap between rounds (the trainer makes one)
 
 
 def _read_json(path: "os.PathLike[str] | str") -> Optional[dict]:
@@ -80,7 +83,8 @@ def read_host_mode(path: "os.PathLike[str] | str") -> Optional[HostMode]:
     reason = failure.get("reason")
     return HostMode(power_mode=_mode(applied.get("power_mode")), failed=_mode(failure.get("mode")) or "",
                     problem=reason[:500] if isinstance(reason, str) else "",
-                    switch_s=float(switch) if ok_switch else None, switching=data.get("switching") is True)
+                    switch_s=float(switch) if ok_switch else None, switching=data.get("switching") is True,
+                    pending=_mode(data.get("pending")) is not None)
 
 
 def write_trainer_state(path: "os.PathLike[str] | str", round_index: int, busy: bool) -> None:

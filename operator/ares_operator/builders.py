@@ -120,9 +120,15 @@ def step_options_annotation(codec: str, micro_batches: int) -> str:
     return StepOptions(codec=codec, micro_batches=micro_batches).model_dump_json()
 
 
-def host_control_annotations(device: DeviceSpec) -> dict[str, str]:
-    """What the sidecar applies: power mode and bandwidth cap ('' = leave as is / no cap)."""
-    return {c.ANNOTATION_POWER_MODE: device.power_mode, c.ANNOTATION_BANDWIDTH: device.bandwidth or ""}
+def host_control_annotations(device: DeviceSpec, planned_mode: str | None = None) -> dict[str, str]:
+    """What the sidecar applies: power mode and bandwidth cap ('' = leave as is / no cap). A mode in
+    the spec wins; else the plan's (a job with split.choosePowerModes), where there is one."""
+    return {c.ANNOTATION_POWER_MODE: device.power_mode or planned_mode or "", c.ANNOTATION_BANDWIDTH: device.bandwidth or ""}
+
+
+def pinned_modes(spec: JobSpec) -> dict[str, str]:
+    """Power modes the optimiser must leave alone: the Jetsons whose powerMode the spec sets."""
+    return {d.name: d.power_mode for d in spec.devices if d.power_mode}
 
 
 # --- tokens and config -------------------------------------------------------------------------
@@ -395,9 +401,11 @@ def _sidecar(job: JobRef, device: DeviceSpec, image: str) -> Obj:
     """Applies power mode and bandwidth from the annotations; reads board power for the trainer."""
     jetson = device.device_class in c.JETSON_CLASSES
     args = ["sidecar", "--annotations", f"{c.PODINFO_DIR}/{c.PODINFO_ANNOTATIONS}",
-            "--server", job.server_host(), "--interface", c.NETWORK_INTERFACE, "--state-dir", c.STATE_DIR]
+            "--server", job.server_host(), "--interface", c.NETWORK_INTERFACE, "--state-dir", c.STATE_DIR,
+            "--trainer-file", f"{c.TRAINER_STATE_DIR}/{c.TRAINER_FILE}"]
     mounts = [{"name": "podinfo", "mountPath": c.PODINFO_DIR, "readOnly": True},
-              {"name": "state", "mountPath": c.STATE_DIR}]
+              {"name": "state", "mountPath": c.STATE_DIR},
+              {"name": "trainer-state", "mountPath": c.TRAINER_STATE_DIR, "readOnly": True}]
     if jetson:
         args += ["--nvpmodel", c.NVPMODEL_BIN, "--nvpmodel-conf", c.NVPMODEL_CONF, "--power-path", c.JETSON_POWER_PATH]
         mounts += [{"name": "nvpmodel", "mountPath": c.NVPMODEL_CONF, "readOnly": True},
@@ -435,6 +443,8 @@ def device_pod(job: JobRef, spec: JobSpec, device: DeviceSpec, settings: Operato
             "--split-file", f"{c.PODINFO_DIR}/{c.PODINFO_SPLIT}",
             "--data-dir", c.DATA_DIR,
             "--power-file", f"{c.STATE_DIR}/{c.POWER_FILE}",
+            "--hostctl-file", f"{c.STATE_DIR}/{c.HOSTCTL_FILE}",
+            "--trainer-file", f"{c.TRAINER_STATE_DIR}/{c.TRAINER_FILE}",
             "--device-class", device.device_class]
     if device.power_mode:
         args += ["--power-mode", device.power_mode]
@@ -448,6 +458,7 @@ def device_pod(job: JobRef, spec: JobSpec, device: DeviceSpec, settings: Operato
             {"name": "ca", "mountPath": c.CA_DIR, "readOnly": True},
             {"name": "podinfo", "mountPath": c.PODINFO_DIR, "readOnly": True},
             {"name": "state", "mountPath": c.STATE_DIR, "readOnly": True},
+            {"name": "trainer-state", "mountPath": c.TRAINER_STATE_DIR},
             dict(_DATA_MOUNT),
         ],
     }
@@ -464,6 +475,7 @@ def device_pod(job: JobRef, spec: JobSpec, device: DeviceSpec, settings: Operato
                                      "items": [{"key": device.name, "path": "token"}]}},
         {"name": "podinfo", "downwardAPI": {"items": podinfo}},
         {"name": "state", "emptyDir": {}},
+        {"name": "trainer-state", "emptyDir": {}},  # the trainer's own: the root sidecar only reads it
         {"name": "ca", "secret": {"secretName": job.tls_secret_name, "defaultMode": c.TLS_FILE_MODE,
                                   "items": [{"key": c.TLS_CA_KEY, "path": c.TLS_CA_KEY}]}},
         _data_volume(spec),

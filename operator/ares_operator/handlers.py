@@ -72,6 +72,8 @@ class JobState:
     optimised_at: Optional[float] = None       # monotonic; the last plan
     planned: dict[str, int] = dataclasses.field(default_factory=dict)
     planned_options: dict[str, tuple[str, int]] = dataclasses.field(default_factory=dict)
+    planned_modes: dict[str, str] = dataclasses.field(default_factory=dict)  # split.choosePowerModes
+    mode_failures: frozenset[tuple[str, str, str]] = frozenset()  # failed switches already posted as Events
     failures: int = 0                          # consecutive unexpected errors
     retry_at: Optional[float] = None           # monotonic; no reconcile before then (backoff)
 
@@ -513,7 +515,8 @@ def optimise(call: Call, spec: JobSpec) -> None:
     """Telemetry -> optimiser -> plan in the job's state, at most every split.reoptimiseIntervalSeconds.
 
     With a training.offer the policy also chooses each device's (codec, micro-batches), as the
-    local runner's controller does (the same `decide`)."""
+    local runner's controller does (the same `decide`); with split.choosePowerModes, each Jetson's
+    power mode (a switch its host reports failed is an Event; the plan keeps the mode in force)."""
     from ares.core.optimiser import parse_policy
     from ares.runtime import controller
 
@@ -528,9 +531,12 @@ def optimise(call: Call, spec: JobSpec) -> None:
         return
     began = time.perf_counter()
     offer = spec.training.offer_pairs()
+    modes = spec.split.choose_power_modes
     plan = controller.decide(telemetry, parse_policy(spec.split.policy, spec.split.alpha),
-                             builders.pinned_splits(spec), offer)
+                             builders.pinned_splits(spec), offer, modes, builders.pinned_modes(spec))
     call.ctx.metrics.optimised(job.namespace, job.name, time.perf_counter() - began)
+    if modes:
+        power_mode_events(call, telemetry)
     if plan is None:
         return  # not enough measurements yet; ask again next tick
     st.optimised_at = time.monotonic()
@@ -540,6 +546,18 @@ def optimise(call: Call, spec: JobSpec) -> None:
         call.logger.info("new split plan for %s: %s%s", job.name, splits,
                          f", step options {options}" if options else "")
     st.planned, st.planned_options = splits, options
+    st.planned_modes = controller.plan_modes(plan) if modes else {}
+
+
+def power_mode_events(call: Call, telemetry: Any) -> None:
+    """A Warning Event per device and mode its host-control sidecar could not switch to (once each)."""
+    failed = {(d.name, d.power_mode_failed, d.power_mode) for d in telemetry.devices if d.power_mode_failed}
+    for name, mode, in_force in sorted(failed - call.state.mode_failures):
+        problem = next(d.power_mode_problem for d in telemetry.devices if d.name == name)
+        call.event("Warning", "PowerModeNotApplied",
+                   f"device {name}: power mode {mode} could not be applied ({problem or 'no reason given'}); "
+                   f"planning for the mode in force, {in_force or 'unknown'}"[:1000])
+    call.state.mode_failures = frozenset(failed)
 
 
 class AnnotationSink:
@@ -554,12 +572,13 @@ class AnnotationSink:
                  logger: logging.Logger):
         self.kube, self.job, self.spec, self.pods, self.logger = kube, job, spec, pods, logger
 
-    def write(self, splits: Mapping[str, int],
-              options: Mapping[str, tuple[str, int]] | None = None) -> dict[str, int]:
+    def write(self, splits: Mapping[str, int], options: Mapping[str, tuple[str, int]] | None = None,
+              modes: Mapping[str, str] | None = None) -> dict[str, int]:
         """Returns, per device, the split it is changed to (only those that change)."""
         changed: dict[str, int] = {}
         by_name = {p.name: p for p in self.pods}
-        for pod_name, values in reconcile.annotation_patches(self.spec, self.job, self.pods, splits, options).items():
+        for pod_name, values in reconcile.annotation_patches(self.spec, self.job, self.pods, splits, options,
+                                                             modes).items():
             self.logger.info("annotating %s: %s", pod_name, values)
             self.kube.annotate_pod(self.job.namespace, pod_name, values)
             if c.ANNOTATION_SPLIT in values:
@@ -570,7 +589,8 @@ class AnnotationSink:
 def annotate(call: Call, spec: JobSpec, pods: list[reconcile.PodView]) -> None:
     st, job = call.state, call.job
     changed = AnnotationSink(call.ctx.kube, job, spec, pods, call.logger).write(
-        reconcile.desired_splits(spec, st.planned), reconcile.desired_options(spec, st.planned_options))
+        reconcile.desired_splits(spec, st.planned), reconcile.desired_options(spec, st.planned_options),
+        reconcile.desired_modes(spec, st.planned_modes))
     for device in changed:
         call.ctx.metrics.split_changes.labels(job.namespace, job.name, device).inc()
 

@@ -324,8 +324,18 @@ def desired_options(spec: JobSpec, planned: Mapping[str, tuple[str, int]]) -> di
     return {name: pair for name, pair in planned.items() if name in names}
 
 
+def desired_modes(spec: JobSpec, planned: Mapping[str, str]) -> dict[str, str]:
+    """The plan's power mode per Jetson, for a job that lets the policy choose them; none otherwise
+    (the spec's powerMode is what the pods carry)."""
+    if not spec.split.choose_power_modes:
+        return {}
+    jetsons = {d.name for d in spec.devices if d.device_class in c.JETSON_CLASSES}
+    return {name: mode for name, mode in planned.items() if name in jetsons and mode}
+
+
 def annotation_patches(spec: JobSpec, job: JobRef, pods: Sequence[PodView], splits: Mapping[str, int],
-                       options: Mapping[str, tuple[str, int]] | None = None) -> dict[str, dict[str, str]]:
+                       options: Mapping[str, tuple[str, int]] | None = None,
+                       modes: Mapping[str, str] | None = None) -> dict[str, dict[str, str]]:
     """Per pod, the host-control annotations that differ from the spec (and the plan).
 
     Step options that changed go in the same patch as the split (first in it): the API server
@@ -337,18 +347,21 @@ def annotation_patches(spec: JobSpec, job: JobRef, pods: Sequence[PodView], spli
         pod = by_name.get(job.device_pod_name(dev.name))
         if pod is None or not pod.active:
             continue
-        want = _wanted(dev, splits.get(dev.name), (options or {}).get(dev.name))
+        want = _wanted(dev, splits.get(dev.name), (options or {}).get(dev.name), (modes or {}).get(dev.name))
+        if spec.split.choose_power_modes and not want[c.ANNOTATION_POWER_MODE]:
+            del want[c.ANNOTATION_POWER_MODE]  # no plan for it yet: what the pod carries stays
         diff = {k: v for k, v in want.items() if pod.annotations.get(k) != v}
         if diff:
             patches[pod.name] = diff
     return patches
 
 
-def _wanted(dev: DeviceSpec, split: Optional[int], options: Optional[tuple[str, int]]) -> dict[str, str]:
+def _wanted(dev: DeviceSpec, split: Optional[int], options: Optional[tuple[str, int]],
+            mode: Optional[str] = None) -> dict[str, str]:
     want: dict[str, str] = {}
     if options is not None:
         want[c.ANNOTATION_STEP_OPTIONS] = builders.step_options_annotation(*options)
-    want.update(builders.host_control_annotations(dev))
+    want.update(builders.host_control_annotations(dev, mode))
     if split is not None:
         want[c.ANNOTATION_SPLIT] = str(split)
     return want

@@ -138,6 +138,14 @@ class SplitSpec(_Spec):
     alpha: float = Field(0.5, ge=0, le=1)
     point: Optional[int] = Field(None, ge=0, le=SPLIT_MAX)
     reoptimise_interval_seconds: int = Field(30, ge=1, le=86_400)
+    # adaptive only: the policy also chooses each Jetson's power mode (a device's powerMode pins it)
+    choose_power_modes: bool = False
+
+    @model_validator(mode="after")
+    def _modes_need_adaptive(self) -> "SplitSpec":
+        if self.choose_power_modes and self.mode != "adaptive":
+            raise ValueError("split.choosePowerModes is only for mode adaptive")
+        return self
 
 
 # --- scheduling (server and devices) -------------------------------------------------------------

@@ -26,6 +26,10 @@ Faithful to a real kubelet where it matters:
   Container statuses (running, terminated with exit code, restartCount) are reported.
 - The host-control sidecar's process is a stand-in that only sleeps: the real one shapes the
   pod's own eth0 (in the pod's network namespace) with tc (its own tests live in tests/host).
+  With `real_sidecar` set (a folder of stand-in ares-shape/ares-unshape scripts) the real sidecar
+  runs instead, its power modes on whatever `nvpmodel` the test put at the node's
+  /usr/sbin/nvpmodel (a hostPath), its shaping on an interface that does not exist and through
+  those scripts: it never touches this machine's network.
 """
 
 from __future__ import annotations
@@ -147,8 +151,9 @@ class Kubelet:
 
     def __init__(self, http: httpx.Client, root: Path, server_port: int, namespace: str,
                  nodes: tuple[str, ...] = ("edge-server", "jetson-nano-1", "jetson-nano-2", "raspberry-pi-1"),
-                 python: str = sys.executable):
+                 python: str = sys.executable, real_sidecar: Optional[Path] = None):
         self.http = http
+        self.real_sidecar = real_sidecar  # stand-in host scripts: run the real host-control sidecar
         # The node's directories must be reachable by the pods' users (pytest's tmp_path is 0700):
         # a fresh directory under the system's temp dir, linked from `root` for whoever looks.
         self.root = Path(tempfile.mkdtemp(prefix="ares-node-"))
@@ -320,8 +325,13 @@ class Kubelet:
         mounts.sort(key=lambda kv: -len(kv[0]))
         self._rewrite_files(pod, mounts)
         argv = [self._map(a, pod, mounts) for a in spec.get("command", []) + spec.get("args", [])]
-        if c.name in STAND_INS:
+        extra_env: dict[str, str] = {}
+        if c.name in STAND_INS and self.real_sidecar is None:
             argv = list(STAND_INS[c.name])
+        elif c.name in STAND_INS:  # the real sidecar, shaping nothing (see the module docstring)
+            argv = [self.python, "-m", "ares", *[("ares-none0" if prev == "--interface" else a)
+                                                 for prev, a in zip([""] + argv[1:], argv[1:])]]
+            extra_env["ARES_HOSTSCRIPTS"] = str(self.real_sidecar)
         elif argv[:1] == ["ares"]:
             argv = [self.python, "-m", "ares", *argv[1:]]
         if "server" in argv[3:4]:
@@ -333,7 +343,8 @@ class Kubelet:
         home.mkdir(parents=True, exist_ok=True)
         if AS_ROOT:
             os.chown(home, uid, gid)
-        env = dict(os.environ, HOME=str(home), **{e["name"]: e.get("value", "") for e in spec.get("env") or []})
+        env = dict(os.environ, HOME=str(home), **{e["name"]: e.get("value", "") for e in spec.get("env") or []},
+                   **extra_env)
         if (uid != 0 or gid != 0) and AS_ROOT:
             argv = self._as_user(argv, uid, gid, groups)
         log = open(pod.dir / f"{c.name}.log", "ab")

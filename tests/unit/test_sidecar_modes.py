@@ -68,12 +68,13 @@ def test_modes_switch_between_rounds_only_and_are_reported(jetson):
     annotate(host["annotations"], "custom3")
     with pytest.raises(AssertionError):
         wait_for(lambda: switches(host), 1.5, "a switch mid-round")
-    assert mode_in_force(host).power_mode == "MAXN"
+    waiting = mode_in_force(host)
+    assert waiting.power_mode == "MAXN" and waiting.pending  # the trainer is told a switch waits
 
     write_trainer_state(host["trainer"], 3, busy=False)  # the round ended: the switch goes ahead
     now = wait_for(lambda: (m := mode_in_force(host)) and m.power_mode == "custom3" and m, 5, "switched")
     assert switches(host) == [f"nvpmodel -f {ROOT / 'hostscripts' / 'nvpmodel.conf'} -m 3"]
-    assert now.switch_s >= 0.2 and not now.failed and not now.switching  # the fake nvpmodel pauses 0.2 s
+    assert now.switch_s >= 0.2 and not now.failed and not now.switching and not now.pending  # the fake pauses 0.2 s
     assert host["state"].read_text().split() == ["custom3", "3"]
 
     # a switch that nvpmodel refuses: reported with why, the mode in force kept
