@@ -142,8 +142,14 @@ def table(report: Comparison) -> str:
          "a Jetson's measured energy where its sidecar reads an INA3221 (energy_source: measured)"),
     ]
     for v in results:
+        sources = sorted(set(v.energy_sources.values()))
+        if sources:
+            lines.append(f"energy, {v.label}: " + (f"all {sources[0]}" if len(sources) == 1 else ", ".join(
+                f"{n} {s}" for n, s in v.energy_sources.items())))
         if v.power_modes:
             lines.append(f"power modes chosen, {v.label}: " + ", ".join(f"{n} {m}" for n, m in v.power_modes.items()))
+            lines.append(f"  rounds over 1.1x their prediction because a slowed device overran: "
+                         f"{v.slowed_overruns or 'none'}")
     # FL's server never runs a split step, so its server profile is the start-up self-profile: left out
     best = [v.adapted_oracle_any_s for v in results if v.adapted_oracle_any_s and v.mode != "none"]
     if best:

@@ -82,6 +82,12 @@ class VariantResult:
     # per Jetson, the power modes it ran in over the steady rounds, in order ("MAXN>custom3"); a
     # variant whose policy chooses modes only
     power_modes: dict[str, str] = field(default_factory=dict)
+    # per device, where its J/round came from: "measured" (a power sensor), "modelled" (power table x
+    # measured times) or "mixed" (both, in different rounds)
+    energy_sources: dict[str, str] = field(default_factory=dict)
+    # rounds over 1.1x their prediction whose longest session was a device the policy had slowed (a
+    # power mode slower than its fastest) that overran its own prediction by over 10%
+    slowed_overruns: list[int] = field(default_factory=list)
 
     def as_json(self) -> dict[str, Any]:
         return asdict(self)

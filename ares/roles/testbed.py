@@ -566,7 +566,30 @@ def analyse(scenario: Scenario, variant: Variant, history: Sequence[RoundRecord]
         device_prediction_error={n: _mean(e) for n, e in device_errors.items()},
         worst_device_prediction_error=max((max(e) for e in device_errors.values()), default=None),
         power_modes=_mode_sequences(steady) if variant.power_modes else {},
+        energy_sources=_energy_sources([h for h in history if h.round >= WARMUP_ROUNDS] or list(history)),
+        slowed_overruns=[x.round for x in predicted if _slowed_overrun(x)] if variant.power_modes else [],
     )
+
+
+def _slowed_overrun(x: RoundResult, over: float = 0.10) -> bool:
+    """The round took over (1 + over)x its prediction, and its longest session was a device in a mode
+    slower than its class's fastest that overran its own prediction by as much."""
+    if not x.predicted_s or x.measured_s <= x.predicted_s * (1 + over) or not x.device_measured_s:
+        return False
+    name = max(x.device_measured_s, key=x.device_measured_s.__getitem__)
+    mode, predicted = x.power_modes.get(name), x.device_predicted_s.get(name)
+    slowed = mode in POWER_MODE_SLOWDOWN and POWER_MODE_SLOWDOWN[mode] > min(POWER_MODE_SLOWDOWN.values())
+    return slowed and predicted is not None and x.device_measured_s[name] > predicted * (1 + over)
+
+
+def _energy_sources(history: Sequence[RoundRecord]) -> dict[str, str]:
+    """Per device, the source of its reported energy over the rounds ("mixed" where it changed)."""
+    seen: dict[str, set[str]] = {}
+    for h in history:
+        for n, d in h.devices.items():
+            if d.energy_j is not None:
+                seen.setdefault(n, set()).add(d.energy_source)
+    return {n: next(iter(v)) if len(v) == 1 else "mixed" for n, v in sorted(seen.items())}
 
 
 def _mode_sequences(rounds: Sequence[RoundResult]) -> dict[str, str]:

@@ -136,10 +136,14 @@ class DeviceTrainer:
         self.mode_failed, self.mode_problem, self.switch_s = "", "", None
         self._mode_warned, self._round_started = False, 0
 
-    def _startup_profile(self) -> ComputeProfile:
-        """Measured at start-up on this device; an emulated profile is the floor it is padded to."""
-        times = time_layers(self.model, self.spec.input_shape, self.cfg.training.batch_size, self.torch_device, repeats=2)
-        measured = device_profile(times, self.settings.device_class, self.settings.power_mode)
+    def _startup_profile(self, remeasure: bool = True) -> ComputeProfile:
+        """Measured at start-up on this device; an emulated profile is the floor it is padded to.
+        Without `remeasure` this machine's last measurement is reused (an emulated mode switch
+        changes the floor, not the machine)."""
+        if remeasure or getattr(self, "_machine_times", None) is None:
+            self._machine_times = time_layers(self.model, self.spec.input_shape, self.cfg.training.batch_size,
+                                              self.torch_device, repeats=2)
+        measured = device_profile(self._machine_times, self.settings.device_class, self.settings.power_mode)
         if self.emulate is None:
             return measured
         target = self.emulate
@@ -168,14 +172,14 @@ class DeviceTrainer:
         except (OSError, ValueError) as exc:
             log.warning("profile file %s unreadable (%s); keeping the current profile", path, exc)
 
-    def set_emulation(self, profile: Optional[ComputeProfile]) -> None:
+    def set_emulation(self, profile: Optional[ComputeProfile], remeasure: bool = True) -> None:
         """A power-mode change in the testbed: new profile, new power model."""
         batch = self.cfg.training.batch_size
         self.emulate = profile.rescaled(batch) if profile is not None and profile.batch_size != batch else profile
         if profile is not None:
             self.settings = self.settings.model_copy(update={"device_class": profile.device_class,
                                                              "power_mode": profile.power_mode})
-        self.profile = self._startup_profile()
+        self.profile = self._startup_profile(remeasure)
         self.live = LiveScale()
 
     # ---------------------------------------------------------------------------------------
@@ -265,7 +269,8 @@ class DeviceTrainer:
             return
         started = time.perf_counter()
         log.info("power mode %s -> %s (emulated)", self.emulate.power_mode, mode)
-        self.set_emulation(derive_power_mode(self.emulate, mode))
+        # this machine is not re-timed: five devices profiling at once slow every round they share
+        self.set_emulation(derive_power_mode(self.emulate, mode), remeasure=False)
         self.switch_s = time.perf_counter() - started
 
     def _wait_for_round(self, round_index: int, poll_s: float = 0.1) -> Optional[int]:
