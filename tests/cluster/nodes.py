@@ -30,7 +30,10 @@ kernel.panic_on_oops, ...).
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import ctypes
+import fcntl
 import hashlib
 import io
 import json
@@ -43,7 +46,7 @@ import tarfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 from cluster.controlplane import ControlPlane, KUBERNETES_SERVICE_IP, tool_env
 
@@ -79,6 +82,9 @@ FAKE_NVPMODEL = f"""#!/bin/sh
 echo "$@" >> {NVPMODEL_CALLS}
 """
 PR_SET_PDEATHSIG = 1
+LOCK = Path("/run/ares-nodes.lock")  # one user of the nodes' names, bridges and stores at a time
+PREFIX = os.environ.get("ARES_IMAGE_PREFIX", "localhost/ares")
+TAG = os.environ.get("ARES_IMAGE_TAG", "dev")
 
 
 class NodesUnavailable(RuntimeError):
@@ -109,6 +115,27 @@ class NodeSpec:
 PI = NodeSpec("raspberry-pi-1", 1, {"node.kubernetes.io/instance-type": "raspberry-pi"})
 JETSON = NodeSpec("jetson-nano-1", 2, {"node.kubernetes.io/instance-type": "jetson-nano"})
 NODES = (PI, JETSON)
+
+
+def image(name: str) -> str:
+    """The reference of a project image scripts/build-images built (podman's)."""
+    return f"{PREFIX}-{name}:{TAG}"
+
+
+# Which node needs which image: the server runs on the Jetson node only (the tests' job places it
+# there), the operator on the Pi node (the chart's nodeSelector in the tests), device pods on both.
+# The 6 GB images take minutes to import: each goes only where a pod needs it.
+IMAGES_BY_NODE = {PI.name: [image("operator"), image("device")], JETSON.name: [image("device"), image("server")]}
+
+
+@contextlib.contextmanager
+def node_lock() -> Iterator[None]:
+    with open(LOCK, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def node_bin(version: Optional[str] = None) -> Path:
@@ -367,6 +394,11 @@ class Nodes:
     control_plane: ControlPlane
     bin: Path
     specs: tuple[NodeSpec, ...] = NODES
+    # Imported into each node's containerd before its kubelet starts (a kubelet that found an older
+    # image of the same name would start pods from it at once): {node name: [podman reference]}.
+    images: dict[str, list[str]] = field(default_factory=dict)
+    podman_env: Optional[dict[str, str]] = None
+    import_seconds: float = 0.0
     nodes: dict[str, Node] = field(default_factory=dict)
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
 
@@ -438,15 +470,12 @@ class Nodes:
                         (d / f).write_text((d.parent / f).read_text())
             self._spawn(f"containerd-{spec.name}", [str(self.bin / "containerd"), "--config", str(run / "containerd.toml")],
                         run / "logs")
-        for node in self.nodes.values():
-            deadline = time.monotonic() + 60
-            while subprocess.run([str(self.bin / "ctr"), "-a", str(node.socket), "version"],
-                                 capture_output=True, timeout=10).returncode != 0:
-                self._check_alive()
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"containerd of {node.name} did not start:\n{self.log('containerd-' + node.name)[-3000:]}")
-                time.sleep(0.2)
-            self.import_images(node, {PAUSE_IMAGE: None})
+        started = time.monotonic()
+        from concurrent.futures import ThreadPoolExecutor
+        with ThreadPoolExecutor(len(self.nodes)) as pool:  # the nodes' imports side by side
+            list(pool.map(lambda n: self.import_images(n, dict.fromkeys([PAUSE_IMAGE, *self.images.get(n.name, [])]),
+                                                       self.podman_env), self.nodes.values()))
+        self.import_seconds = time.monotonic() - started
         kubeconfig = str(cp.admin_kubeconfig)
         for node in self.nodes.values():
             (node.run / "kubelet.yaml").write_text(json.dumps(node.kubelet_config(ca)))
@@ -562,6 +591,13 @@ class Nodes:
     def import_images(self, node: Node, refs: dict[str, Optional[dict]], podman_env: Optional[dict] = None) -> list[str]:
         """Import each image (podman's, by reference) into the node's containerd, unless the image
         podman has now (its ID) is already there. Returns the references imported."""
+        deadline = time.monotonic() + 60
+        while subprocess.run([str(self.bin / "ctr"), "-a", str(node.socket), "version"],
+                             capture_output=True, timeout=10).returncode != 0:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"containerd of {node.name} did not start:\n"
+                                   f"{self.log('containerd-' + node.name)[-3000:]}")
+            time.sleep(0.2)
         imported = []
         marks = node.store / "imported"
         marks.mkdir(exist_ok=True)
@@ -730,3 +766,57 @@ def host_changes(before_rules: str) -> list[str]:
     now = set(_iptables_save().splitlines())
     was = set(before_rules.splitlines())
     return sorted(now - was) + [f"missing: {r}" for r in sorted(was - now)]
+
+
+def prefetch(bin: Path, podman_env: dict[str, str]) -> float:
+    """Import the images into the nodes' containerd stores (IMAGES_BY_NODE) with only containerd
+    running, nothing else of a node: what CI does at the lowest CPU priority while the rest of
+    the suite runs, so that the real-node tests find them there. Returns the seconds it took."""
+    started = time.monotonic()
+    with node_lock():
+        cleanup_host(bin)
+        STATE.mkdir(parents=True, exist_ok=True)
+        nodes = Nodes(None, bin)  # type: ignore[arg-type]
+        try:
+            nodes._write_pause()
+            (STATE / "logs").mkdir(exist_ok=True)
+            for spec in NODES:
+                run = STATE / spec.name
+                run.mkdir(parents=True, exist_ok=True)
+                node = Node(spec, bin, run, {})
+                nodes.nodes[spec.name] = node
+                node.store.mkdir(parents=True, exist_ok=True)
+                (run / "containerd.toml").write_text(node.containerd_config())
+                nodes._spawn(f"containerd-{spec.name}", [str(bin / "containerd"), "--config", str(run / "containerd.toml")],
+                             STATE / "logs")
+            from concurrent.futures import ThreadPoolExecutor
+            with ThreadPoolExecutor(len(nodes.nodes)) as pool:
+                list(pool.map(lambda n: nodes.import_images(n, dict.fromkeys([PAUSE_IMAGE, *IMAGES_BY_NODE[n.name]]),
+                                                            podman_env), nodes.nodes.values()))
+        finally:
+            for proc in nodes.procs.values():
+                proc.terminate()
+                proc.wait(15)
+            nodes.procs.clear()
+            cleanup_host(bin)
+    return time.monotonic() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="The tests' real nodes, by hand.")
+    parser.add_argument("--prefetch", action="store_true",
+                        help="import the project's images (podman's) into the nodes' containerd stores")
+    parser.add_argument("--cleanup", action="store_true", help="undo what a killed run left on this host")
+    args = parser.parse_args()
+    bin = node_bin(os.environ.get("ARES_K8S_VERSION"))
+    if args.cleanup:
+        with node_lock():
+            cleanup_host(bin)
+    if args.prefetch:
+        conf = subprocess.run([str(ROOT / "scripts" / "build-images"), "--print-config"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+        print(f"nodes: images imported in {prefetch(bin, dict(os.environ, CONTAINERS_CONF=conf)):.0f} s")
+
+
+if __name__ == "__main__":
+    main()

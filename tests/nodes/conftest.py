@@ -1,6 +1,6 @@
 """The real-node cluster: a control plane whose API server pods reach, two real nodes, the chart.
 
-`real_cluster` (session, for tests marked `nodes`): a control plane of its own
+`real_cluster` (module-scoped, for tests marked `nodes`): a control plane of its own
 (tests/cluster/controlplane.py with the node controllers, listening on the host bridge's
 address) and the nodes of tests/cluster/nodes.py (`raspberry-pi-1`, `jetson-nano-1`, kubelet +
 containerd + runc each; kube-scheduler, kube-proxy and CoreDNS for both), the project's images
@@ -15,7 +15,6 @@ run, no podman), except under CI=true, where .ci/run builds everything and a ski
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import subprocess
@@ -28,26 +27,14 @@ import pytest
 
 from cluster.controlplane import NODE_CONTROLLERS, ControlPlane, ControlPlaneUnavailable, bin_dir, k8s_version, tool_env
 from cluster.fixtures import Kubectl
-from cluster.nodes import HOST_IP, JETSON, PI, Nodes, NodesUnavailable, host_changes, node_bin, read_sysctl
+from cluster.nodes import (HOST_IP, IMAGES_BY_NODE, PI, PREFIX, TAG, Nodes, NodesUnavailable, cleanup_host,
+                           host_changes, node_bin, node_lock, read_sysctl)
 
 ROOT = Path(__file__).resolve().parents[2]
 IMAGES_SCRIPT = ROOT / "scripts" / "build-images"
 NAMESPACE = "team-a"
 OPERATOR_NS = "ares-system"
-PREFIX = os.environ.get("ARES_IMAGE_PREFIX", "localhost/ares")
-TAG = os.environ.get("ARES_IMAGE_TAG", "dev")
-LOCK = Path("/run/ares-nodes.lock")
-
-
-def image(name: str) -> str:
-    return f"{PREFIX}-{name}:{TAG}"
-
-
-# Which node needs which image: the server runs on the Jetson node only (the test's job places it
-# there), the operator on the Pi node (the chart's nodeSelector), device pods on both. The 6 GB
-# images take minutes to import: each goes only where a pod needs it.
-IMAGES_BY_NODE = {PI.name: [image("operator"), image("device")],
-                  JETSON.name: [image("device"), image("server")]}
+UNPULLABLE = "localhost/ares-unpullable:none"  # no node has it, and no registry serves it
 
 
 @dataclass
@@ -91,7 +78,9 @@ def _install_chart(cp: ControlPlane) -> None:
               f"jobImages.device.repository={PREFIX}-device", f"jobImages.device.tag={TAG}",
               # No Jetson image here: the Jetson node runs the device image (its RuntimeClass is runc).
               f"jobImages.deviceJetson.repository={PREFIX}-device", f"jobImages.deviceJetson.tag={TAG}",
-              f"watchNamespaces={{{NAMESPACE}}}", f"nodeSelector.kubernetes\\.io/hostname={PI.name}"]
+              f"watchNamespaces={{{NAMESPACE}}}", f"nodeSelector.kubernetes\\.io/hostname={PI.name}",
+              # A job may name this image (test_what_real_nodes_refuse): the node, not the policy, refuses it.
+              f"jobPolicy.allowedImages={{{UNPULLABLE}}}"]
     argv = ["helm", "install", "ares", str(ROOT / "charts" / "ares"), "-n", OPERATOR_NS, "--create-namespace"]
     for v in values:
         argv += ["--set", v]
@@ -99,7 +88,9 @@ def _install_chart(cp: ControlPlane) -> None:
     assert proc.returncode == 0, proc.stderr
 
 
-@pytest.fixture(scope="session")
+# Module-scoped: one set-up for all the tests of tests/nodes/test_real_nodes.py, torn down after
+# them rather than at the end of the whole run (idle kubelets and pods would load the rest).
+@pytest.fixture(scope="module")
 def real_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealCluster]:
     if os.geteuid() != 0:
         _unavailable("real nodes need root (bridges, iptables, cgroups, mounts)")
@@ -108,8 +99,12 @@ def real_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealClust
     except (ControlPlaneUnavailable, NodesUnavailable) as exc:
         _unavailable(str(exc))
     podman_env = _podman_env()
-    lock = open(LOCK, "w")
-    fcntl.flock(lock, fcntl.LOCK_EX)  # one set of nodes per host at a time (fixed bridge names)
+    with node_lock():  # one set of nodes per host at a time (fixed names, bridges, stores)
+        yield from _real_cluster(tmp_path_factory, cp_bin, n_bin, podman_env)
+
+
+def _real_cluster(tmp_path_factory: pytest.TempPathFactory, cp_bin: Path, n_bin: Path,
+                  podman_env: dict[str, str]) -> Iterator[RealCluster]:
     started = time.monotonic()
     try:
         Nodes.prepare_host(n_bin)
@@ -117,11 +112,8 @@ def real_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealClust
         before_rules, before_sysctls = record["rules"], record["sysctls"]
         cp = ControlPlane(tmp_path_factory.mktemp("node-control-plane"), bin=cp_bin, address=HOST_IP,
                           controllers=NODE_CONTROLLERS, before_controllers=_install_chart)
-        with cp, Nodes(cp, n_bin) as nodes:
-            t0 = time.monotonic()
-            for node in nodes.nodes.values():
-                nodes.import_images(node, dict.fromkeys(IMAGES_BY_NODE[node.name]), podman_env)
-            import_seconds = time.monotonic() - t0
+        with cp, Nodes(cp, n_bin, images=IMAGES_BY_NODE, podman_env=podman_env) as nodes:
+            import_seconds = nodes.import_seconds
             config = tmp_path_factory.mktemp("node-kubectl") / "admin.kubeconfig"
             config.write_text(json.dumps(cp.kubeconfig(cp.admin_user(), NAMESPACE)))
             yield RealCluster(cp, nodes, Kubectl(config, cp), NAMESPACE, import_seconds,
@@ -131,7 +123,4 @@ def real_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealClust
         changed = {n: (v, read_sysctl(n)) for n, v in before_sysctls.items() if read_sysctl(n) != v}
         assert not changed, f"sysctls not restored (before, now): {changed}"
     finally:
-        from cluster.nodes import cleanup_host
         cleanup_host(n_bin)
-        fcntl.flock(lock, fcntl.LOCK_UN)
-        lock.close()
