@@ -113,6 +113,23 @@ def _argmin_where(cost: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 STAY_MARGIN = 0.10  # a device moves only for a cost at least 10% below its current column's
 MODE_MARGIN = 0.10  # a device switches power mode only for a cost at least 10% below its best in the mode in force
+# A device slowed to spend its slack (a mode slower than its fastest) must finish 15% inside the round:
+# predictions of a setting not yet run are off by up to that much, and a slowed device that overran
+# would become the straggler.
+SLOW_HEADROOM = 0.15
+
+
+def slowed_columns(problem: Problem, x: CostInputs) -> np.ndarray:
+    """(N, C): the columns in a mode whose device part at that split is slower than in the device's
+    fastest mode (its valid modes only)."""
+    n, n_modes, s = x.fwd.shape
+    compute = x.fwd + x.bwd
+    count = np.fromiter((1 + len(d.modes) for d in problem.devices), int, n)
+    own = np.arange(n_modes)[None, :, None] < count[:, None, None]
+    fastest = np.where(own, compute, np.inf).min(axis=1, keepdims=True)
+    slowed = compute > fastest * (1 + 1e-9)
+    n_opt = len(problem.options)
+    return np.broadcast_to(slowed[:, :, None, :], (n, n_modes, n_opt, s)).reshape(n, n_modes * n_opt * s)
 
 
 def _keep_mode(problem: Problem, cost: np.ndarray, mask: np.ndarray, best: np.ndarray, margin: float) -> np.ndarray:
@@ -199,6 +216,7 @@ class StragglerPolicy(_Chooser):
     alpha: float = 0.0  # default: pure energy among round-preserving splits
     share_server: bool = False
     mode_margin: float = MODE_MARGIN
+    headroom: float = SLOW_HEADROOM  # unshared: a slowed device's round stays within (1 - headroom) x the round
     name: ClassVar[str] = "straggler"
 
     def __post_init__(self) -> None:
@@ -227,6 +245,8 @@ class StragglerPolicy(_Chooser):
         c = cost_matrices(x)
         target = np.where(allowed, c.round_s, np.inf).min(axis=1).max()
         feasible = allowed & (c.round_s <= target)
+        if problem.n_modes > 1 and self.headroom:
+            feasible &= ~slowed_columns(problem, x) | (c.round_s <= target * (1 - self.headroom))
         cost = weighted_cost(c.round_s, c.energy_round_j, _alphas(problem, self.alpha), valid_columns(problem))
         return _stay_or_move(problem, cost, feasible, self.mode_margin)
 

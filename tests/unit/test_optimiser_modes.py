@@ -17,7 +17,7 @@ import pytest
 from ares.core.costmodel import (Column, DeviceInput, ModelCosts, Option, PowerMode, Problem, evaluate, model_costs,
                                  other_modes)
 from ares.core.energy import PowerModel, power_model
-from ares.core.optimiser import MODE_MARGIN, AresPolicy, StragglerPolicy
+from ares.core.optimiser import MODE_MARGIN, SLOW_HEADROOM, AresPolicy, StragglerPolicy
 from ares.core.profiles import PUBLISHED, ComputeProfile, ServerProfile
 
 
@@ -90,7 +90,7 @@ def test_straggler_with_modes_matches_brute_force(seed):
     rng = np.random.default_rng(seed)
     p = random_problem(rng, n_devices=3, n_splits=4, n_options=2, pins=seed % 2 == 1)
     alpha = float(rng.uniform(0, 1))
-    predicted = StragglerPolicy(alpha=alpha, mode_margin=0.0).decide(p)
+    predicted = StragglerPolicy(alpha=alpha, mode_margin=0.0, headroom=0.0).decide(p)
     picked = chosen(predicted, p)
     assert predicted.round_s == pytest.approx(plan_of(p, picked).round_s, rel=1e-12)  # the pause in the prediction
     p = without_switch(p)  # the choice: on every round's costs
@@ -137,7 +137,7 @@ def test_shared_server_straggler_with_modes_spends_the_least_energy_of_the_faste
     plans = [plan_of(p, v, share_server=True) for v in itertools.product(*(choices(p, d) for d in p.devices))]
     best = min(x.round_s for x in plans)
     least = min(x.energy_round_j for x in plans if x.round_s <= best * (1 + 1e-12))
-    plan = StragglerPolicy(share_server=True, mode_margin=0.0).decide(p)
+    plan = StragglerPolicy(share_server=True, mode_margin=0.0, headroom=0.0).decide(p)
     assert plan.round_s == pytest.approx(best, rel=1e-12)
     assert plan.energy_round_j == pytest.approx(least, rel=1e-9)
 
@@ -172,6 +172,26 @@ def test_a_nano_with_slack_runs_in_a_low_power_mode_and_the_round_stays_the_fast
     # the modes' profiles: derived from MAXN, marked so
     assert {m.name: m.compute.source for m in p.devices[1].modes} == {"5W": "derived", "custom1": "derived",
                                                                       "custom3": "derived"}
+
+
+def test_a_slowed_device_keeps_headroom_inside_the_round():
+    """custom3 would fit the round with 10% to spare: with 15% headroom asked, the Nano stays fast."""
+    base = ComputeProfile((1.0, 2.0), (1.0, 2.0), power_mode="MAXN", device_class="jetson-nano")
+    model = ModelCosts((100, 0), (100, 0), (10, 20))
+    server = ServerProfile((0.1, 0.0), (0.1, 0.0))
+    slow = PowerMode("custom3", base.scaled(1.5, power_mode="custom3"), power_model("jetson-nano", "custom3"))
+
+    def problem(spare: float) -> Problem:
+        nano = DeviceInput("nano", base, 1e3, 1e3, power_model("jetson-nano", "MAXN"), 5, modes=(slow,), pinned_split=1)
+        # the other device's round: the Nano's in custom3 (30 s at split 1) with `spare` to spare
+        times = (1.5 / (1 - spare), 3.0 / (1 - spare))
+        other = DeviceInput("pi", ComputeProfile(times, times), 1e3, 1e3, PowerModel(5, 1, 1), 5, pinned_split=1)
+        return Problem((nano, other), server, model)
+
+    assert SLOW_HEADROOM == 0.15
+    assert StragglerPolicy().decide(problem(0.10)).power_modes["nano"] == "MAXN"
+    assert StragglerPolicy(headroom=0.0).decide(problem(0.10)).power_modes["nano"] == "custom3"
+    assert StragglerPolicy().decide(problem(0.20)).power_modes["nano"] == "custom3"
 
 
 def test_the_straggler_itself_keeps_its_fastest_mode():
