@@ -67,7 +67,7 @@ class Job:
         return {c["type"]: c for c in self.status().get("conditions") or []}
 
     def pods(self) -> dict[str, dict]:
-        return {p["metadata"]["name"]: p for p in self.k.json("get", "pods")["items"]}
+        return {p["metadata"]["name"]: p for p in self.k.json("get", "pods", "-l", f"ares.io/job={self.name}")["items"]}
 
     def events(self, reason: str | None = None) -> list[dict]:
         return [e for e in self.k.json("get", "events")["items"]
