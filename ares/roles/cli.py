@@ -202,7 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpu", action="store_true", help="do not use CUDA even if present")
     p.set_defaults(func=_device)
 
-    for module in ("ares.roles.optimise_cmd", "ares.roles.sidecar", "ares.roles.compare_cmd"):
+    for module in ("ares.roles.optimise_cmd", "ares.roles.sidecar", "ares.roles.compare_cmd",
+                   "ares.roles.simulate_cmd"):
         try:
             __import__(module, fromlist=["register"]).register(sub)
         except ImportError as exc:  # an optional role whose dependencies this install lacks
