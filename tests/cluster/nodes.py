@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional
 
-from cluster.controlplane import ControlPlane, KUBERNETES_SERVICE_IP, tool_env
+from cluster.controlplane import ControlPlane, tool_env
 
 ROOT = Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = ROOT / "scripts" / "build-node"
