@@ -61,9 +61,6 @@ MODELLED = ("compute (published profiles x a hidden speed factor x a per-round j
             "server part slowed by its offloading devices), availability and every change in a trace")
 REAL = "the decisions: ares.runtime.controller.decide with the real policy, on the telemetry the devices would report"
 
-_Pos = Field(gt=0)
-
-
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
@@ -497,7 +494,7 @@ def run_policies(cfg: SimConfig, out: Optional[Path] = None,
             np.add.at(err_sum, idx, np.abs(err))
             np.add.at(err_count, idx, 1)
             rows_out.append(rec)
-            if progress and (r == cfg.rounds - 1 or time.perf_counter() - started > 0 and r % max(1, cfg.rounds // 10) == 0):
+            if progress and (r == cfg.rounds - 1 or r % max(1, cfg.rounds // 10) == 0):
                 progress(f"{policy}: round {r + 1}/{cfg.rounds}, {rec['devices']} devices, simulated round "
                          f"{rec['round_s']:.2f} s (oracle {rec['oracle_s']:.2f} s), decision {rec['decision_s'] * 1e3:.0f} ms, "
                          f"{time.perf_counter() - started:.0f} s so far")
