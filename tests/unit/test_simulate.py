@@ -21,7 +21,7 @@ QUIET = Noise(speed_sigma=0, compute_jitter=0, link_jitter=0, step_overhead_ms=0
 
 
 def small(**kw) -> SimConfig:
-    base = dict(rounds=6, fleet=[DeviceGroup(count=12), DeviceGroup(count=8, profile="raspberry-pi")], seed=3)
+    base = dict(rounds=4, fleet=[DeviceGroup(count=12), DeviceGroup(count=8, profile="raspberry-pi")], seed=3)
     return SimConfig(**{**base, **kw})
 
 
