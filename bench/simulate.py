@@ -9,7 +9,7 @@ Three parts, each with a baseline measured in the same run:
    policy's own `decide(problem)` on the problem the controller builds, and the shared-server
    straggler policy on the same problem. Baseline: the same at 1,000 devices. Printed against
    the budgets (100 ms for the decision, 1 s for the shared-server policy) and 10,000 against 1,000.
-2. The straggler policy against the oracle (1,000 devices, 100 rounds): with the simulator's
+2. The straggler policy against the oracle (`--oracle-devices`, default 1,000; `--rounds`): with the simulator's
    default noise and with the per-round jitter off (the hidden speed factors and step overhead
    kept), so the share of the gap that the noise makes is seen; `none` (every layer on the
    device) as the baseline.
@@ -17,6 +17,7 @@ Three parts, each with a baseline measured in the same run:
    CPU time against the 10-minute budget, and 1,000 devices x 100 rounds as its baseline.
 
     python bench/simulate.py [--devices 10000] [--repeats 5] [--full] [--out results/bench-simulate]
+    python bench/simulate.py --skip-decision --oracle-devices 10000 --rounds 20   (part 2 at 10,000)
 """
 
 from __future__ import annotations
@@ -70,18 +71,7 @@ def decision_times(n: int, repeats: int) -> dict[str, tuple[float, float]]:
     }
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--devices", type=int, default=10_000)
-    ap.add_argument("--baseline-devices", type=int, default=1_000)
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--rounds", type=int, default=100)
-    ap.add_argument("--full", action="store_true", help="also the whole 10,000 x 100 run and its baseline")
-    ap.add_argument("--skip-oracle", action="store_true")
-    ap.add_argument("--out", default="results/bench-simulate")
-    args = ap.parse_args()
-    out = Path(args.out)
-
+def decision_part(args: argparse.Namespace) -> None:
     print("1. decision time (median wall / CPU)", flush=True)
     base = decision_times(args.baseline_devices, args.repeats)
     big = decision_times(args.devices, args.repeats)
@@ -92,12 +82,29 @@ def main() -> int:
               f"{w / budget:6.2f}x the {budget * 1e3:.0f} ms budget; {w / bw:5.1f}x {args.baseline_devices} devices "
               f"({bw * 1e3:.1f} ms)", flush=True)
 
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--devices", type=int, default=10_000)
+    ap.add_argument("--baseline-devices", type=int, default=1_000)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=100)
+    ap.add_argument("--full", action="store_true", help="also the whole 10,000 x 100 run and its baseline")
+    ap.add_argument("--skip-decision", action="store_true", help="leave out part 1")
+    ap.add_argument("--skip-oracle", action="store_true", help="leave out part 2")
+    ap.add_argument("--oracle-devices", type=int, help="part 2's fleet (default --baseline-devices)")
+    ap.add_argument("--out", default="results/bench-simulate")
+    args = ap.parse_args()
+    out = Path(args.out)
+
+    if not args.skip_decision:
+        decision_part(args)
+    n_oracle = args.oracle_devices or args.baseline_devices
     if not args.skip_oracle:
-        print(f"\n2. straggler against the oracle, {args.baseline_devices} devices x {args.rounds} rounds", flush=True)
+        print(f"\n2. straggler against the oracle, {n_oracle} devices x {args.rounds} rounds", flush=True)
         for label, noise in (("default noise", Noise()), ("no per-round jitter", Noise(compute_jitter=0, link_jitter=0))):
-            cfg = SimConfig(rounds=args.rounds, fleet=fleet(args.baseline_devices), policies=["straggler", "none"],
-                            noise=noise)
-            summary = run_policies(cfg, out / f"oracle-{label.replace(' ', '-')}")
+            cfg = SimConfig(rounds=args.rounds, fleet=fleet(n_oracle), policies=["straggler", "none"], noise=noise)
+            summary = run_policies(cfg, out / f"oracle-{n_oracle}-{label.replace(' ', '-')}")
             s, none = summary["policies"]["straggler"], summary["policies"]["none"]
             print(f"  {label}: straggler {s['ratio_to_oracle']:.4f}x the oracle (worst round "
                   f"{s['worst_ratio_to_oracle']:.4f}x); none {none['ratio_to_oracle']:.4f}x; straggler/none "
