@@ -65,6 +65,7 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass, replace
+from functools import cached_property
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -330,10 +331,16 @@ class Problem:
     def n_splits(self) -> int:
         return self.model.n_splits
 
-    @property
+    @cached_property
+    def mode_counts(self) -> np.ndarray:
+        """(N,): how many power modes each device has (1 + its other modes), read once per problem
+        (a problem never changes)."""
+        return np.fromiter((1 + len(d.modes) for d in self.devices), int, len(self.devices))
+
+    @cached_property
     def n_modes(self) -> int:
         """Power modes on the column axis: the most any device has (1 when none lists other modes)."""
-        return 1 + max(len(d.modes) for d in self.devices)
+        return int(self.mode_counts.max())
 
     @property
     def n_columns(self) -> int:
@@ -618,14 +625,14 @@ def valid_columns(problem: Problem) -> np.ndarray:
                 valid[i, o * s:o * s + s - 1] = False
     if n_modes == 1:
         return valid
-    count = np.fromiter((1 + len(d.modes) for d in problem.devices), int, len(problem.devices))
+    count = problem.mode_counts
     return np.tile(valid, (1, n_modes)) & (np.repeat(np.arange(n_modes), width)[None, :] < count[:, None])
 
 
-def allowed_columns(problem: Problem) -> np.ndarray:
+def allowed_columns(problem: Problem, valid: np.ndarray | None = None) -> np.ndarray:
     """(N, C) mask of the columns each device may take: valid options and modes, at its pinned split
-    and in its pinned mode where it has them."""
-    allowed = valid_columns(problem)
+    and in its pinned mode where it has them (`valid`: `valid_columns(problem)`, where already made)."""
+    allowed = valid_columns(problem) if valid is None else valid.copy()
     s, width = problem.n_splits, len(problem.options) * problem.n_splits
     cols = np.arange(allowed.shape[1])
     for i, d in enumerate(problem.devices):

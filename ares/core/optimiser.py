@@ -124,7 +124,7 @@ def slowed_columns(problem: Problem, x: CostInputs) -> np.ndarray:
     fastest mode (its valid modes only)."""
     n, n_modes, s = x.fwd.shape
     compute = x.fwd + x.bwd
-    count = np.fromiter((1 + len(d.modes) for d in problem.devices), int, n)
+    count = problem.mode_counts
     own = np.arange(n_modes)[None, :, None] < count[:, None, None]
     fastest = np.where(own, compute, np.inf).min(axis=1, keepdims=True)
     slowed = compute > fastest * (1 + 1e-9)
@@ -205,8 +205,9 @@ class AresPolicy(_Chooser):
 
     def _choose(self, problem: Problem, x: CostInputs) -> np.ndarray:
         c = cost_matrices(x)
-        cost = weighted_cost(c.iteration_s, c.energy_iteration_j, _alphas(problem, self.alpha), valid_columns(problem))
-        return _stay_or_move(problem, cost, allowed_columns(problem), self.mode_margin)
+        valid = valid_columns(problem)
+        cost = weighted_cost(c.iteration_s, c.energy_iteration_j, _alphas(problem, self.alpha), valid)
+        return _stay_or_move(problem, cost, allowed_columns(problem, valid), self.mode_margin)
 
 
 @dataclass(frozen=True)
@@ -227,10 +228,11 @@ class StragglerPolicy(_Chooser):
         return self.share_server
 
     def _choose(self, problem: Problem, x: CostInputs) -> np.ndarray:
-        allowed = allowed_columns(problem)
+        valid = valid_columns(problem)
+        allowed = allowed_columns(problem, valid)
         s = problem.n_splits
         if self.share_server:
-            cols = _shared_choice(x, allowed, s, _alphas(problem, self.alpha), valid_columns(problem))
+            cols = _shared_choice(x, allowed, s, _alphas(problem, self.alpha), valid)
             if problem.n_modes == 1:
                 return cols
             # the mode in force where it costs at most the margin more, with the same split and option
@@ -247,7 +249,7 @@ class StragglerPolicy(_Chooser):
         feasible = allowed & (c.round_s <= target)
         if problem.n_modes > 1 and self.headroom:
             feasible &= ~slowed_columns(problem, x) | (c.round_s <= target * (1 - self.headroom))
-        cost = weighted_cost(c.round_s, c.energy_round_j, _alphas(problem, self.alpha), valid_columns(problem))
+        cost = weighted_cost(c.round_s, c.energy_round_j, _alphas(problem, self.alpha), valid)
         return _stay_or_move(problem, cost, feasible, self.mode_margin)
 
 

@@ -21,11 +21,12 @@ from pathlib import Path
 from typing import Callable, Mapping, Optional, Protocol, Sequence, runtime_checkable
 
 import httpx
+import numpy as np
 
 from ares.core.energy import PowerModel, power_model
 from ares.core.messages import LINK_SMOOTHING, STEP_ROUNDS, DeviceTelemetry, ServerStatus, SessionSample, StepSample, Telemetry
-from ares.core.costmodel import (CODEC_BYTES, MAX_BPS, MIN_BPS, Column, DeviceInput, Option, Plan, Problem, column_of,
-                                 iteration_table, model_costs, options_for, other_modes, session_table)
+from ares.core.costmodel import (CODEC_BYTES, MAX_BPS, MIN_BPS, Column, CostInputs, DeviceInput, Option, Plan, Problem,
+                                 column_of, cost_matrices, model_costs, options_for, other_modes, session_table)
 from ares.core.optimiser import SplitPolicy
 from ares.core.profiles import DEFAULT_SWITCH_S, ComputeProfile, ServerProfile, modes_of
 from ares.runtime.splitfile import write_mode, write_options, write_split
@@ -160,16 +161,18 @@ def with_step_overheads(problem: Problem, samples: Mapping[str, Sequence[StepSam
     mispredicted once at most: after one round with it, its own figure holds."""
     if not any(samples.values()):
         return problem
-    _, moved = iteration_table(problem)
+    # bytes moved per iteration, [option, split] (the same for every device)
+    moved = (np.array([o.model.up_bytes for o in problem.options], dtype=float)
+             + np.array([o.model.down_bytes for o in problem.options], dtype=float)).tolist()
     devices = []
     for i, (device, known) in enumerate(zip(problem.devices, _step_excess(problem, samples))):
         if not known:
             devices.append(device)
             continue
-        carried = sum(float(moved[i, col.option, col.split]) for col in known)
+        carried = sum(moved[col.option][col.split] for col in known)
         per_byte = sum(known.values()) / carried if carried > 0 else 0.0
         cap = sum(known.values()) / len(known)
-        table = tuple(tuple(known.get(Column(o, s), min(per_byte * float(moved[i, o, s]), cap))
+        table = tuple(tuple(known.get(Column(o, s), min(per_byte * moved[o][s], cap))
                             for s in range(problem.n_splits)) for o in range(len(problem.options)))
         devices.append(replace(device, step_overheads=table))
     return replace(problem, devices=tuple(devices))
@@ -180,27 +183,49 @@ def _step_excess(problem: Problem, samples: Mapping[str, Sequence[StepSample]]) 
     each round's step beyond the model of that round (the link estimates and compute speed it ran
     under), never below 0. Held against today's model instead, a round that ran before the link
     fell would hide the fall; the last round alone takes one noisy round for the next. Every
-    device's rounds are modelled in one table, as if each round were a device of its own."""
-    runs = [(i, col, x) for i, d in enumerate(problem.devices) for x in samples.get(d.name, ())
-            if x.split < problem.n_splits - 1
-            and (col := column_of(problem, x.codec, x.micro_batches, x.split)) is not None]
-    if not runs:
+    device's rounds are modelled in one table, as if each round were a device of its own: the
+    device's row of the cost model's inputs with that round's link rates and compute speed (in the
+    mode in force, without step overheads), as arrays, no object per round."""
+    s = problem.n_splits
+    option_of: dict[tuple[str, int], int] = {}
+    for o, opt in enumerate(problem.options):
+        option_of.setdefault((opt.codec, opt.micro_batches), o)
+    columns: dict[tuple[int, int], Column] = {}
+    dev, flat, step, up, down, scale = [], [], [], [], [], []
+    keys: list[Column] = []
+    for i, d in enumerate(problem.devices):
+        for x in samples.get(d.name, ()):
+            o = option_of.get((x.codec, x.micro_batches))
+            if x.split >= s - 1 or o is None:
+                continue
+            col = columns.get((o, x.split))
+            if col is None:
+                col = columns[(o, x.split)] = Column(o, x.split)
+            dev.append(i)
+            flat.append(o * s + x.split)
+            keys.append(col)
+            step.append(x.step_s)
+            up.append(_rate(x.up_bps, d.up_bps))
+            down.append(_rate(x.down_bps, d.down_bps))
+            scale.append(x.compute_scale)
+    if not dev:
         return [{} for _ in problem.devices]
-
-    def rate(measured: Optional[float], now: float) -> float:
-        return measured if measured is not None and MIN_BPS <= measured <= MAX_BPS else now
-
-    def as_it_ran(j: int, d: DeviceInput, x: StepSample) -> DeviceInput:
-        return replace(d, name=f"{d.name}#{j}", up_bps=rate(x.up_bps, d.up_bps), down_bps=rate(x.down_bps, d.down_bps),
-                       compute=d.compute.scaled(x.compute_scale, source=d.compute.source),
-                       step_overheads=None, current=None)
-
-    then = tuple(as_it_ran(j, problem.devices[i], x) for j, (i, _, x) in enumerate(runs))
-    modelled, _ = iteration_table(replace(problem, devices=then))
+    x = CostInputs.of(problem)
+    idx = np.array(dev)
+    factor = np.array(scale, dtype=float)[:, None, None]
+    then = replace(x.rows(idx), fwd=x.fwd[idx, :1] * factor, bwd=x.bwd[idx, :1] * factor, power=x.power[idx, :1],
+                   up_bps=np.array(up, dtype=float)[:, None], down_bps=np.array(down, dtype=float)[:, None],
+                   step_overhead=np.zeros((len(dev), x.step_overhead.shape[1])), switch=None)
+    modelled = cost_matrices(then).pick("iteration_s", np.arange(len(dev)), np.array(flat)).tolist()
     excess: list[dict[Column, list[float]]] = [{} for _ in problem.devices]
-    for j, (i, col, x) in enumerate(runs):
-        excess[i].setdefault(col, []).append(x.step_s - float(modelled[j, col.option, col.split]))
+    for i, col, step_s, m in zip(dev, keys, step, modelled):
+        excess[i].setdefault(col, []).append(step_s - m)
     return [{col: max(0.0, statistics.fmean(v[-STEP_ROUNDS:])) for col, v in e.items()} for e in excess]
+
+
+def _rate(measured: Optional[float], now: float) -> float:
+    """A step sample's link rate where it has one the model takes, else the report's."""
+    return measured if measured is not None and MIN_BPS <= measured <= MAX_BPS else now
 
 
 def with_session_overheads(problem: Problem, samples: Mapping[str, Sequence[SessionSample]]) -> Problem:
