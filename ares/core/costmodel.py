@@ -692,11 +692,12 @@ def iteration_table(problem: Problem) -> tuple[np.ndarray, np.ndarray]:
     return in_force.reshape(shape), np.broadcast_to(x.up_bytes + x.down_bytes, shape)
 
 
-def session_table(problem: Problem) -> np.ndarray:
+def session_table(problem: Problem, x: CostInputs | None = None) -> np.ndarray:
     """Indexed [device, option, split]: what the model charges a round beyond its iterations (the
     weights each way, the join and upload requests), without any session overhead: what the rest
-    of a measured session, beyond its steps, is held against."""
-    x = CostInputs.of(problem)
+    of a measured session, beyond its steps, is held against (`x`: the problem's inputs, where
+    already made)."""
+    x = CostInputs.of(problem) if x is None else x
     c = cost_matrices(replace(x, session=np.zeros_like(x.session), switch=None))
     width = len(problem.options) * problem.n_splits  # mode 0: the mode the sessions ran in
     return (c.round_s - x.iterations * c.iteration_s)[:, :width].reshape(len(problem.devices), len(problem.options),

@@ -25,9 +25,11 @@ SOURCES = ("published", "measured", "derived")
 
 def _times(name: str, values: Sequence[float]) -> tuple[float, ...]:
     """Validate one list of per-split seconds: non-empty, finite, not negative."""
-    out = tuple(float(v) for v in values)
+    out = tuple(map(float, values))
     if not out:
         raise ValueError(f"{name} needs one entry per split point, got none")
+    if min(out) >= 0 and all(map(math.isfinite, out)):  # the common case, without a loop in Python
+        return out
     bad = [v for v in out if not math.isfinite(v) or v < 0]
     if bad:
         raise ValueError(f"{name} must hold finite seconds >= 0, got {bad[0]!r}")

@@ -89,16 +89,16 @@ def problem_from_telemetry(telemetry: Telemetry, pinned: Mapping[str, int] | Non
     for d in telemetry.devices:
         if not (d.fwd and d.bwd and d.up_bps and d.down_bps and d.iterations) or len(d.fwd) != layers:
             continue
-        d = d.model_copy(update={"up_bps": with_last_upload(d.up_bps, d.upload_bps)})
-        if not (MIN_BPS <= d.up_bps <= MAX_BPS and MIN_BPS <= d.down_bps <= MAX_BPS):
+        up_bps = with_last_upload(d.up_bps, d.upload_bps)
+        if not (MIN_BPS <= up_bps <= MAX_BPS and MIN_BPS <= d.down_bps <= MAX_BPS):
             log.warning("device %s: measured link rate %.3g/%.3g B/s is outside what the model takes; "
-                        "left out of this decision", d.name, d.up_bps, d.down_bps)
+                        "left out of this decision", d.name, up_bps, d.down_bps)
             continue
         profile = ComputeProfile(fwd=tuple(d.fwd), bwd=tuple(d.bwd), batch_size=d.batch_size,
                                  device_class=d.device_class, power_mode=d.power_mode, source="measured")
         if profile.batch_size != telemetry.batch_size:
             profile = profile.rescaled(telemetry.batch_size)
-        device = DeviceInput(name=d.name, compute=profile, up_bps=d.up_bps, down_bps=d.down_bps,
+        device = DeviceInput(name=d.name, compute=profile, up_bps=up_bps, down_bps=d.down_bps,
                              power=_power(d.device_class, d.power_mode), iterations=d.iterations,
                              pinned_split=pinned.get(d.name), latency_s=d.latency_s or 0.0, duplex=d.duplex)
         devices.append(with_modes(device, d, (pinned_modes or {}).get(d.name)) if power_modes else device)
@@ -113,9 +113,26 @@ def problem_from_telemetry(telemetry: Telemetry, pinned: Mapping[str, int] | Non
     options = (own, *(o for c, k in extra for o in options_for(telemetry.activation_numel, telemetry.weight_bytes,
                                                                 telemetry.batch_size, (c,), (k,))))
     problem = Problem(devices=tuple(devices), server=server, model=costs, codec=codec, options=options)
-    problem = with_current(problem, measured, (telemetry.codec, telemetry.micro_batches))
-    problem = with_step_overheads(problem, {n: d.measured_steps for n, d in measured.items()})
-    return with_session_overheads(problem, {n: d.sessions for n, d in measured.items()})
+    # with_current, with_step_overheads and with_session_overheads in one pass: each device is
+    # rebuilt once, with all three, and the session overheads are held against the cost model's
+    # inputs with the step overheads put in as arrays
+    current = _current_columns(problem, measured, (telemetry.codec, telemetry.micro_batches))
+    steps = {n: d.measured_steps for n, d in measured.items()}
+    tables = _step_overhead_tables(problem, steps) if any(steps.values()) else [d.step_overheads for d in problem.devices]
+    sessions = {n: d.sessions for n, d in measured.items()}
+    session: list[Optional[float]] = [None] * len(devices)
+    if any(sessions.values()):
+        x = CostInputs.of(problem)
+        changed = [i for i, (d, t) in enumerate(zip(problem.devices, tables)) if t is not d.step_overheads]
+        if changed:
+            per_column = x.step_overhead.copy()
+            mask = np.tile(np.arange(problem.n_splits) < problem.n_splits - 1, len(problem.options))
+            per_column[changed] = np.array([[v for row in tables[i] for v in row] for i in changed], dtype=float) * mask
+            x = replace(x, step_overhead=per_column)
+        session = _session_overheads(problem, sessions, session_table(problem, x))
+    return replace(problem, devices=tuple(
+        replace(d, current=c, step_overheads=t, **({} if o is None else {"session_overhead_s": o}))
+        for d, c, t, o in zip(problem.devices, current, tables, session)))
 
 
 def with_last_upload(up_bps: float, upload_bps: Optional[float]) -> float:
@@ -134,17 +151,25 @@ def with_last_upload(up_bps: float, upload_bps: Optional[float]) -> float:
 def with_current(problem: Problem, measured: Mapping[str, DeviceTelemetry], own: tuple[str, int]) -> Problem:
     """The problem with the column each device ran its last round at (its split, and its codec and k,
     else the job's), which the policies keep unless clearly beaten (`STAY_MARGIN`)."""
-    devices = []
+    current = _current_columns(problem, measured, own)
+    return replace(problem, devices=tuple(d if c is d.current else replace(d, current=c)
+                                          for d, c in zip(problem.devices, current)))
+
+
+def _current_columns(problem: Problem, measured: Mapping[str, DeviceTelemetry],
+                     own: tuple[str, int]) -> list[Optional[Column]]:
+    """Each device's `current` as `with_current` sets it (its own where its report has no split)."""
+    out = []
     for device in problem.devices:
         d = measured[device.name]
         split = d.split
         if split is None or not 0 <= split < problem.n_splits:
-            devices.append(device)
+            out.append(device.current)
             continue
         option = (d.codec or own[0], d.micro_batches or own[1]) if split < problem.n_splits - 1 else (
             problem.options[0].codec, problem.options[0].micro_batches)  # at the last split only the first
-        devices.append(replace(device, current=column_of(problem, *option, split)))
-    return replace(problem, devices=tuple(devices))
+        out.append(column_of(problem, *option, split))
+    return out
 
 
 def with_step_overheads(problem: Problem, samples: Mapping[str, Sequence[StepSample]]) -> Problem:
@@ -161,21 +186,27 @@ def with_step_overheads(problem: Problem, samples: Mapping[str, Sequence[StepSam
     mispredicted once at most: after one round with it, its own figure holds."""
     if not any(samples.values()):
         return problem
+    tables = _step_overhead_tables(problem, samples)
+    return replace(problem, devices=tuple(d if t is d.step_overheads else replace(d, step_overheads=t)
+                                          for d, t in zip(problem.devices, tables)))
+
+
+def _step_overhead_tables(problem: Problem, samples: Mapping[str, Sequence[StepSample]]) -> list:
+    """Each device's `step_overheads` as `with_step_overheads` sets them (its own where it has no sample)."""
     # bytes moved per iteration, [option, split] (the same for every device)
     moved = (np.array([o.model.up_bytes for o in problem.options], dtype=float)
              + np.array([o.model.down_bytes for o in problem.options], dtype=float)).tolist()
-    devices = []
-    for i, (device, known) in enumerate(zip(problem.devices, _step_excess(problem, samples))):
+    out = []
+    for device, known in zip(problem.devices, _step_excess(problem, samples)):
         if not known:
-            devices.append(device)
+            out.append(device.step_overheads)
             continue
         carried = sum(moved[col.option][col.split] for col in known)
         per_byte = sum(known.values()) / carried if carried > 0 else 0.0
         cap = sum(known.values()) / len(known)
-        table = tuple(tuple(known.get(Column(o, s), min(per_byte * moved[o][s], cap))
-                            for s in range(problem.n_splits)) for o in range(len(problem.options)))
-        devices.append(replace(device, step_overheads=table))
-    return replace(problem, devices=tuple(devices))
+        out.append(tuple(tuple(known.get(Column(o, s), min(per_byte * moved[o][s], cap))
+                               for s in range(problem.n_splits)) for o in range(len(problem.options))))
+    return out
 
 
 def _step_excess(problem: Problem, samples: Mapping[str, Sequence[StepSample]]) -> list[dict[Column, float]]:
@@ -236,13 +267,21 @@ def with_session_overheads(problem: Problem, samples: Mapping[str, Sequence[Sess
     run, where later turns pay tenths). Without it a sub-second turn is predicted far off."""
     if not any(samples.values()):
         return problem
-    rest = session_table(problem)
-    devices = []
+    overheads = _session_overheads(problem, samples, session_table(problem))
+    return replace(problem, devices=tuple(d if o is None else replace(d, session_overhead_s=o)
+                                          for d, o in zip(problem.devices, overheads)))
+
+
+def _session_overheads(problem: Problem, samples: Mapping[str, Sequence[SessionSample]],
+                       rest: np.ndarray) -> list[Optional[float]]:
+    """Each device's `session_overhead_s` as `with_session_overheads` sets it (None: left as it is),
+    from `session_table`'s `rest`."""
+    out: list[Optional[float]] = []
     for i, device in enumerate(problem.devices):
         later = [x for x in samples.get(device.name, ()) if x.round > 0 and x.split < problem.n_splits]
         excess = [max(0.0, x.session_s - x.steps_s - float(rest[i, 0, x.split])) for x in later[-3:]]
-        devices.append(replace(device, session_overhead_s=statistics.median(excess)) if excess else device)
-    return replace(problem, devices=tuple(devices))
+        out.append(statistics.median(excess) if excess else None)
+    return out
 
 
 def decide(telemetry: Telemetry, policy: SplitPolicy, pinned: Mapping[str, int] | None = None,

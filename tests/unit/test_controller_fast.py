@@ -99,3 +99,29 @@ def test_the_decision_is_the_one_the_previous_step_excess_gives(monkeypatch):
     monkeypatch.setattr(controller, "_step_excess", previous_step_excess)
     assert problem_from_telemetry(t, offer=offer, power_modes=True) == fast_problem
     assert decide(t, StragglerPolicy(), offer=offer, power_modes=True) == fast
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("power_modes", [False, True])
+def test_the_problem_built_in_one_pass_equals_the_one_built_step_by_step(seed, power_modes):
+    """`problem_from_telemetry` rebuilds each device once with its current column, step overheads and
+    session overhead; `with_current`, `with_step_overheads` and `with_session_overheads` one after
+    the other (each over a whole problem, as before) give the same problem, and the same plan."""
+    from ares.runtime.controller import with_current, with_session_overheads, with_step_overheads
+
+    t = random_telemetry(seed + 10, 60)
+    offer = [("fp32", 1), ("int8", 1), ("fp16", 4)]
+    bare = t.model_copy(update={"devices": [d.model_copy(update={"split": None, "measured_steps": [], "sessions": []})
+                                            for d in t.devices]})
+    measured = {d.name: d for d in t.devices}
+    step_by_step = with_session_overheads(
+        with_step_overheads(with_current(problem_from_telemetry(bare, offer=offer, power_modes=power_modes),
+                                         measured, (t.codec, t.micro_batches)),
+                            {n: d.measured_steps for n, d in measured.items()}),
+        {n: d.sessions for n, d in measured.items()})
+    one_pass = problem_from_telemetry(t, offer=offer, power_modes=power_modes)
+    assert one_pass == step_by_step
+    assert sum(d.current is not None for d in one_pass.devices) > 10
+    assert sum(d.step_overheads is not None for d in one_pass.devices) > 20
+    assert sum(d.session_overhead_s > 0 for d in one_pass.devices) > 10
+    assert StragglerPolicy().decide(one_pass) == StragglerPolicy().decide(step_by_step)
