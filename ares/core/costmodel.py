@@ -244,10 +244,12 @@ class DeviceInput:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "modes", tuple(self.modes))
-        names = self.mode_names
-        if len(set(names)) != len(names):
-            raise ValueError(f"device {self.name!r}: power modes repeat a name (the one in force first): {list(names)}")
-        if self.pinned_mode is not None and self.pinned_mode not in names:
+        if self.modes:  # one mode alone cannot repeat
+            names = self.mode_names
+            if len(set(names)) != len(names):
+                raise ValueError(f"device {self.name!r}: power modes repeat a name (the one in force first): "
+                                 f"{list(names)}")
+        if self.pinned_mode is not None and self.pinned_mode not in (names := self.mode_names):
             raise ValueError(f"device {self.name!r}: pinned mode {self.pinned_mode!r} is not one of its modes {list(names)}")
         if not math.isfinite(self.switch_s) or self.switch_s < 0:
             raise ValueError(f"device {self.name!r}: switch_s must be >= 0 seconds, got {self.switch_s!r}")

@@ -61,17 +61,24 @@ def _power(device_class: str, power_mode: str) -> PowerModel:
         return ASSUMED_POWER
 
 
+
 def with_modes(device: DeviceInput, measured: DeviceTelemetry, pinned_mode: Optional[str] = None) -> DeviceInput:
     """The device with its class's other power modes in the decision (see the module docstring);
     as it was when its class has none or its mode in force is not known."""
-    names = modes_of(device.compute.device_class)
-    if device.compute.power_mode not in names:
-        return device
+    fields = _mode_fields(device.compute, measured, pinned_mode)
+    return replace(device, **fields) if fields else device
+
+
+def _mode_fields(profile: ComputeProfile, measured: DeviceTelemetry, pinned_mode: Optional[str]) -> dict:
+    """What `with_modes` changes in a device with this profile ({} where nothing)."""
+    names = modes_of(profile.device_class)
+    if profile.power_mode not in names:
+        return {}
     pin = pinned_mode if pinned_mode in names else None
     if measured.power_mode_failed:
-        pin = device.compute.power_mode  # the host could not switch it: plan for the mode in force
+        pin = profile.power_mode  # the host could not switch it: plan for the mode in force
     switch = measured.switch_s if measured.switch_s is not None else DEFAULT_SWITCH_S
-    return replace(device, modes=other_modes(device.compute), pinned_mode=pin, switch_s=switch)
+    return {"modes": other_modes(profile), "pinned_mode": pin, "switch_s": switch}
 
 
 def problem_from_telemetry(telemetry: Telemetry, pinned: Mapping[str, int] | None = None,
@@ -85,7 +92,8 @@ def problem_from_telemetry(telemetry: Telemetry, pinned: Mapping[str, int] | Non
     pinned = pinned or {}
     layers = len(telemetry.activation_numel)
     server = ServerProfile(fwd=tuple(telemetry.server_fwd), bwd=tuple(telemetry.server_bwd), batch_size=telemetry.batch_size)
-    devices, measured = [], {}
+    devices, measured, fields = [], {}, []
+    powers: dict[tuple[str, str], PowerModel] = {}
     for d in telemetry.devices:
         if not (d.fwd and d.bwd and d.up_bps and d.down_bps and d.iterations) or len(d.fwd) != layers:
             continue
@@ -98,10 +106,15 @@ def problem_from_telemetry(telemetry: Telemetry, pinned: Mapping[str, int] | Non
                                  device_class=d.device_class, power_mode=d.power_mode, source="measured")
         if profile.batch_size != telemetry.batch_size:
             profile = profile.rescaled(telemetry.batch_size)
-        device = DeviceInput(name=d.name, compute=profile, up_bps=up_bps, down_bps=d.down_bps,
-                             power=_power(d.device_class, d.power_mode), iterations=d.iterations,
-                             pinned_split=pinned.get(d.name), latency_s=d.latency_s or 0.0, duplex=d.duplex)
-        devices.append(with_modes(device, d, (pinned_modes or {}).get(d.name)) if power_modes else device)
+        key = (d.device_class, d.power_mode)
+        power = powers[key] if key in powers else powers.setdefault(key, _power(*key))  # once per class and mode
+        kw = dict(name=d.name, compute=profile, up_bps=up_bps, down_bps=d.down_bps, power=power,
+                  iterations=d.iterations, pinned_split=pinned.get(d.name), latency_s=d.latency_s or 0.0,
+                  duplex=d.duplex)
+        if power_modes:  # as `with_modes`, without building the device twice
+            kw.update(_mode_fields(profile, d, (pinned_modes or {}).get(d.name)))
+        devices.append(DeviceInput(**kw))
+        fields.append(kw)
         measured[d.name] = d
     if not devices:
         return None
@@ -131,8 +144,8 @@ def problem_from_telemetry(telemetry: Telemetry, pinned: Mapping[str, int] | Non
             x = replace(x, step_overhead=per_column)
         session = _session_overheads(problem, sessions, session_table(problem, x))
     return replace(problem, devices=tuple(
-        replace(d, current=c, step_overheads=t, **({} if o is None else {"session_overhead_s": o}))
-        for d, c, t, o in zip(problem.devices, current, tables, session)))
+        DeviceInput(**kw, current=c, step_overheads=t, session_overhead_s=d.session_overhead_s if o is None else o)
+        for kw, d, c, t, o in zip(fields, problem.devices, current, tables, session)))
 
 
 def with_last_upload(up_bps: float, upload_bps: Optional[float]) -> float:
@@ -159,16 +172,21 @@ def with_current(problem: Problem, measured: Mapping[str, DeviceTelemetry], own:
 def _current_columns(problem: Problem, measured: Mapping[str, DeviceTelemetry],
                      own: tuple[str, int]) -> list[Optional[Column]]:
     """Each device's `current` as `with_current` sets it (its own where its report has no split)."""
+    n = problem.n_splits
+    first = (problem.options[0].codec, problem.options[0].micro_batches)
+    found: dict[tuple[str, int, int], Optional[Column]] = {}  # column_of, once per (codec, k, split)
     out = []
     for device in problem.devices:
         d = measured[device.name]
         split = d.split
-        if split is None or not 0 <= split < problem.n_splits:
+        if split is None or not 0 <= split < n:
             out.append(device.current)
             continue
-        option = (d.codec or own[0], d.micro_batches or own[1]) if split < problem.n_splits - 1 else (
-            problem.options[0].codec, problem.options[0].micro_batches)  # at the last split only the first
-        out.append(column_of(problem, *option, split))
+        # at the last split only the first option
+        key = (d.codec or own[0], d.micro_batches or own[1], split) if split < n - 1 else (*first, split)
+        if key not in found:
+            found[key] = column_of(problem, *key)
+        out.append(found[key])
     return out
 
 
@@ -196,16 +214,24 @@ def _step_overhead_tables(problem: Problem, samples: Mapping[str, Sequence[StepS
     # bytes moved per iteration, [option, split] (the same for every device)
     moved = (np.array([o.model.up_bytes for o in problem.options], dtype=float)
              + np.array([o.model.down_bytes for o in problem.options], dtype=float)).tolist()
-    out = []
-    for device, known in zip(problem.devices, _step_excess(problem, samples)):
-        if not known:
-            out.append(device.step_overheads)
-            continue
+    excess = _step_excess(problem, samples)
+    rows = [i for i, known in enumerate(excess) if known]
+    out = [d.step_overheads for d in problem.devices]
+    if not rows:
+        return out
+    per_byte, cap = [], []
+    for i in rows:
+        known = excess[i]
         carried = sum(moved[col.option][col.split] for col in known)
-        per_byte = sum(known.values()) / carried if carried > 0 else 0.0
-        cap = sum(known.values()) / len(known)
-        out.append(tuple(tuple(known.get(Column(o, s), min(per_byte * moved[o][s], cap))
-                               for s in range(problem.n_splits)) for o in range(len(problem.options))))
+        per_byte.append(sum(known.values()) / carried if carried > 0 else 0.0)
+        cap.append(sum(known.values()) / len(known))
+    # every cell min(per_byte * moved, cap) at once (the same float arithmetic), then the known cells
+    tables = np.minimum(np.array(per_byte)[:, None, None] * np.array(moved)[None],
+                        np.array(cap)[:, None, None]).tolist()
+    for i, table in zip(rows, tables):
+        for col, v in excess[i].items():
+            table[col.option][col.split] = v
+        out[i] = tuple(map(tuple, table))
     return out
 
 
