@@ -125,3 +125,21 @@ def test_the_problem_built_in_one_pass_equals_the_one_built_step_by_step(seed, p
     assert sum(d.step_overheads is not None for d in one_pass.devices) > 20
     assert sum(d.session_overhead_s > 0 for d in one_pass.devices) > 10
     assert StragglerPolicy().decide(one_pass) == StragglerPolicy().decide(step_by_step)
+
+
+def test_the_collector_paused_for_a_decision_is_running_again_after_it_even_when_it_fails():
+    import gc
+
+    t = random_telemetry(3, 20)
+    assert gc.isenabled()
+    assert decide(t, StragglerPolicy()) is not None and gc.isenabled()
+    broken = t.model_copy(update={"server_fwd": t.server_fwd[:-1]})  # a server profile the model refuses
+    with pytest.raises(ValueError):
+        decide(broken, StragglerPolicy())
+    assert gc.isenabled()
+    gc.disable()
+    try:  # paused by its caller: left paused
+        decide(t, StragglerPolicy())
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
