@@ -504,7 +504,7 @@ class Nodes:
             "--authorization-kubeconfig", kubeconfig, "--bind-address", "127.0.0.1", "--secure-port", str(sched_port),
             "--leader-elect=false", "--v", "1"], STATE / "logs")
         self._start_dns(kubeconfig, free_port())
-        self.kubectl("apply", "-f", "-", stdin=_runtime_class())
+        self.kubectl("apply", "-f", "-", stdin=runtime_class_manifest())
         self._wait_ready(timeout)
 
     def _start_dns(self, kubeconfig: str, port: int) -> None:
@@ -691,7 +691,7 @@ class Nodes:
         cleanup_host(self.bin)
 
 
-def _runtime_class() -> str:
+def runtime_class_manifest() -> str:
     """What the NVIDIA container toolkit registers on a Jetson k3s node; runc runs it here."""
     return "apiVersion: node.k8s.io/v1\nkind: RuntimeClass\nmetadata: {name: nvidia}\nhandler: runc\n"
 

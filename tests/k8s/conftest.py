@@ -110,7 +110,7 @@ def _print_logs(k: Kubelet) -> None:
 @dataclass(frozen=True)
 class SharedCluster:
     """A namespace with the operator and a kubelet, shared by the steps of one test class: one job
-    whose start is costly, each step a test of one behaviour (see `pytest_runtest_setup`)."""
+    whose start is costly, each step a test of one behaviour (marker `steps`, tests/conftest.py)."""
 
     namespace: str
     kubectl: Kubectl
@@ -139,14 +139,3 @@ def shared_cluster(control_plane: ControlPlane, tmp_path_factory: pytest.TempPat
                 _print_logs(k)
                 print(f"--- operator ---\n{op.output[-5000:]}")
 
-
-# The steps of a class marked `steps` run in order on one job: after a failed step the rest are
-# skipped (they would fail for its reason, not theirs).
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> None:
-    if call.excinfo is not None and call.when == "call" and item.get_closest_marker("steps") and item.cls:
-        item.cls.failed_step = item.name
-
-
-def pytest_runtest_setup(item: pytest.Item) -> None:
-    if item.get_closest_marker("steps") and item.cls and getattr(item.cls, "failed_step", None):
-        pytest.skip(f"an earlier step failed: {item.cls.failed_step}")

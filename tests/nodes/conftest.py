@@ -79,7 +79,7 @@ def _install_chart(cp: ControlPlane) -> None:
               # No Jetson image here: the Jetson node runs the device image (its RuntimeClass is runc).
               f"jobImages.deviceJetson.repository={PREFIX}-device", f"jobImages.deviceJetson.tag={TAG}",
               f"watchNamespaces={{{NAMESPACE}}}", f"nodeSelector.kubernetes\\.io/hostname={PI.name}",
-              # A job may name this image (test_what_real_nodes_refuse): the node, not the policy, refuses it.
+              # A job may name this image (test_an_image_no_node_can_pull_is_named_on_the_job_with_an_event): the node, not the policy, refuses it.
               f"jobPolicy.allowedImages={{{UNPULLABLE}}}"]
     argv = ["helm", "install", "ares", str(ROOT / "charts" / "ares"), "-n", OPERATOR_NS, "--create-namespace"]
     for v in values:
