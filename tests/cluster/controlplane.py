@@ -27,7 +27,7 @@ from typing import Callable, Optional
 
 import httpx
 
-from tests.support import free_port
+from tests.support import free_port, stop_process
 
 ROOT = Path(__file__).resolve().parents[2]
 PR_SET_PDEATHSIG = 1
@@ -228,12 +228,7 @@ class ControlPlane:
         for name in ("kube-controller-manager", "kube-apiserver", "etcd"):
             proc = self.procs.pop(name, None)
             if proc is not None and proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(5)
+                stop_process(proc, 10)
         shutil.rmtree(self.workdir / "etcd", ignore_errors=True)
 
     def _spawn(self, name: str, argv: list[str]) -> None:

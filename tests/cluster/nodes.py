@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from cluster.controlplane import ControlPlane, tool_env
+from tests.support import stop_process
 
 ROOT = Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = ROOT / "scripts" / "build-node"
@@ -682,12 +683,7 @@ class Nodes:
                 [n for n in self.procs if n.startswith("containerd")]:
             proc = self.procs.pop(name)
             if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(15)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(5)
+                stop_process(proc, 15)
         cleanup_host(self.bin)
 
 

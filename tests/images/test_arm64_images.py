@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import ast
 import json
-import os
 import re
-import secrets
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -27,10 +25,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-import yaml
 
-from ares.core.config import CONTROLLER_TOKEN_NAME, DataConfig, ServerConfig, TrainingConfig
-from images.conftest import CANNOT_PROVIDE_PODMAN, SCRIPT, Podman
+from images.podman_cli import CANNOT_PROVIDE_PODMAN, SCRIPT, Podman, container_job
 from tests.support import ROOT, free_port, wait_for
 
 # Not in the default run (pyproject's addopts): `pytest -m arm64`, as .ci/arm64 does.
@@ -243,31 +239,9 @@ def test_device_side_unit_tests_pass_on_the_arm64_torch(arm64, tmp_path):
 
 def test_arm64_device_trains_one_round_against_an_x86_64_server(arm64, podman, tmp_path):
     port = free_port()
-    job = tmp_path / "job"
-    (job / "tokens").mkdir(parents=True)
-    device_token = secrets.token_urlsafe(24)
-    controller_token = secrets.token_urlsafe(24)
-    (job / "tokens" / "pi").write_text(device_token)
-    (job / "tokens" / CONTROLLER_TOKEN_NAME).write_text(controller_token)
-    cfg = ServerConfig(devices=("pi",), tokens_dir="/job/tokens", checkpoint_dir="/ckpt",
-                       data=DataConfig(name="synthetic", synthetic_train=40, synthetic_test=20, seed=1),
-                       training=TrainingConfig(rounds=1, batch_size=8, max_steps_per_round=1, seed=1),
-                       host="127.0.0.1", port=port, round_deadline_s=900)
-    (job / "server.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
-    ckpt = tmp_path / "ckpt"
-    ckpt.mkdir()
-    os.chown(ckpt, UID, UID)
-    podinfo = tmp_path / "podinfo"
-    podinfo.mkdir()
-    (podinfo / "split-point").write_text("2\n")
-    secret = tmp_path / "secret"
-    secret.mkdir()
-    (secret / "token").write_text(device_token)
-    for d in (job, job / "tokens", podinfo, secret):
-        d.chmod(0o755)
-    for f in [*job.rglob("*"), podinfo / "split-point", secret / "token"]:
-        if f.is_file():
-            f.chmod(0o644)
+    cj = container_job(tmp_path, "pi", port, train=40, test=20, batch=8, deadline_s=900, max_steps=1)
+    job, ckpt, podinfo, secret = cj.job, cj.ckpt, cj.podinfo, cj.secret
+    controller_token = cj.controller_token
     limits = ("--network", "host", "--env", "OMP_NUM_THREADS=1")
 
     server = podman.start("server", "server", "--config", "/job/server.yaml",

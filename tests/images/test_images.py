@@ -13,24 +13,20 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import secrets
 import subprocess
 from pathlib import Path
 
 import httpx
 import pytest
-import yaml
 
-from ares.core.config import CONTROLLER_TOKEN_NAME, DataConfig, ServerConfig, TrainingConfig
 from cluster.fixtures import OPERATOR_NS, OPERATOR_SA
+from images.podman_cli import UID, container_job
 from tests.support import ROOT, free_port, wait_for
 
 # The first run builds the images (a cold build is minutes: torch); later runs only hash inputs.
 pytestmark = [pytest.mark.images, pytest.mark.timeout(3600)]
 
-UID = 10001
 ENTRYPOINTS = {
     "operator": ["kopf", "run", "--standalone", "-m", "ares_operator.handlers"],
     "server": ["ares"],
@@ -180,31 +176,9 @@ def test_operator_image_runs_the_operator_against_the_control_plane(control_plan
 
 def test_server_and_device_containers_train_one_round(podman, tmp_path):
     port = free_port()
-    job = tmp_path / "job"
-    (job / "tokens").mkdir(parents=True)
-    device_token = secrets.token_urlsafe(24)
-    controller_token = secrets.token_urlsafe(24)
-    (job / "tokens" / "dev-a").write_text(device_token)
-    (job / "tokens" / CONTROLLER_TOKEN_NAME).write_text(controller_token)
-    cfg = ServerConfig(devices=("dev-a",), tokens_dir="/job/tokens", checkpoint_dir="/ckpt",
-                       data=DataConfig(name="synthetic", synthetic_train=200, synthetic_test=100, seed=1),
-                       training=TrainingConfig(rounds=1, batch_size=20, seed=1),
-                       host="127.0.0.1", port=port, round_deadline_s=120)
-    (job / "server.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
-    ckpt = tmp_path / "ckpt"
-    ckpt.mkdir()
-    os.chown(ckpt, UID, UID)
-    podinfo = tmp_path / "podinfo"
-    podinfo.mkdir()
-    (podinfo / "split-point").write_text("2\n")
-    secret = tmp_path / "secret"
-    secret.mkdir()
-    (secret / "token").write_text(device_token)
-    for d in (job, job / "tokens", podinfo, secret):
-        d.chmod(0o755)
-    for f in [*job.rglob("*"), podinfo / "split-point", secret / "token"]:
-        if f.is_file():
-            f.chmod(0o644)
+    cj = container_job(tmp_path, "dev-a", port, train=200, test=100, batch=20, deadline_s=120)
+    job, ckpt, podinfo, secret = cj.job, cj.ckpt, cj.podinfo, cj.secret
+    controller_token = cj.controller_token
     limits = ("--network", "host", "--env", "OMP_NUM_THREADS=1")
 
     # The device first: it waits for the server, so its uid is checked while it surely runs.
