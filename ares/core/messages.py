@@ -135,6 +135,16 @@ class DeviceStatus(_Msg):
     round_s: Optional[float] = None
 
 
+class RoundState(_Msg):
+    """Where the rounds stand, and nothing of the fleet: what a waiting device polls (`GET /v1/round`),
+    the same size whatever the number of devices."""
+
+    round: int               # index of the round in progress (== rounds when finished)
+    rounds: int
+    phase: RoundPhase
+    accepting: bool = True   # the current round takes joins now (False during the gap after a round)
+
+
 class ServerStatus(_Msg):
     round: int               # index of the round in progress (== rounds when finished)
     rounds: int

@@ -186,7 +186,7 @@ class DeviceTrainer:
     def run(self, stop: Callable[[], bool] = lambda: False) -> list[RoundLog]:
         """Train until the server says it has finished; returns one log per round taken part in."""
         logs: list[RoundLog] = []
-        round_index = self.link.status().round
+        round_index = self.link.round_state().round
         while not stop():
             round_index = self._wait_for_round(round_index)
             if round_index is None:
@@ -212,7 +212,7 @@ class DeviceTrainer:
                 if exc.status == 503:  # server gone: wait for it in _wait_for_round
                     continue
                 if exc.status == 409:
-                    status = self.link.status()
+                    status = self.link.round_state()
                     if status.phase == "finished":
                         break
                     round_index = max(status.round, round_index)  # behind: catch up; ahead: wait
@@ -279,7 +279,7 @@ class DeviceTrainer:
         while True:
             try:
                 t0 = time.perf_counter()
-                status = self.link.status()
+                status = self.link.round_state()
                 self._rtts.append(time.perf_counter() - t0)
             except LinkError as exc:
                 if exc.status != 503:

@@ -15,7 +15,7 @@ import torch
 
 from ares.core import codec as codecs
 from ares.core.config import ServerConfig
-from ares.core.messages import DeviceReport, ServerStatus
+from ares.core.messages import DeviceReport, RoundState, ServerStatus
 from ares.runtime.link import LinkError, StepResult, Transfer
 from ares.runtime.server import status_of
 from ares.runtime.training import Refusal, TrainingServer
@@ -38,6 +38,9 @@ class InProcessLink:
 
     def status(self) -> ServerStatus:
         return self.server.status()
+
+    def round_state(self) -> RoundState:
+        return self.server.round_state()
 
     def join(self, round_index: int, split: int):
         return (*self._call(self.server.join, self.device, round_index, split, 20.0), Transfer())

@@ -25,7 +25,7 @@ import torch
 from ares.core import codec as codecs
 from ares.core import wire
 from ares.core.config import ServerConfig
-from ares.core.messages import DeviceReport, JoinReply, JoinRequest, ServerStatus
+from ares.core.messages import DeviceReport, JoinReply, JoinRequest, RoundState, ServerStatus
 from ares.runtime.tlsclient import ClientTls, TlsError, explain, transport
 
 UNPACED_CHUNK = 1 << 20  # request body chunk on an uncapped link: the server's MAX_FRAME_SIZE
@@ -65,6 +65,7 @@ class Transfer:
 class ServerLink(Protocol):
     def config(self) -> ServerConfig: ...
     def status(self) -> ServerStatus: ...
+    def round_state(self) -> RoundState: ...
     def join(self, round_index: int, split: int) -> tuple[JoinReply, dict[str, torch.Tensor], Transfer]: ...
     def step(self, round_index: int, split: int, x: torch.Tensor, y: torch.Tensor, codec: str = "fp32",
              micro: int = 0, micros: int = 1, total: Optional[int] = None) -> StepResult: ...
@@ -200,6 +201,16 @@ class HttpLink:
     @_unreachable_is_503
     def status(self) -> ServerStatus:
         return ServerStatus.model_validate(self._check(self.client.get("/v1/status")).json())
+
+    @_unreachable_is_503
+    def round_state(self) -> RoundState:
+        """`GET /v1/round`: what a waiting device needs, of a size that does not grow with the fleet.
+        A server without it (an older release, 404) is asked for its whole status instead."""
+        response = self.client.get("/v1/round")
+        if response.status_code == 404:
+            status = self.status()
+            return RoundState(round=status.round, rounds=status.rounds, phase=status.phase, accepting=status.accepting)
+        return RoundState.model_validate(self._check(response).json())
 
     @_unreachable_is_503
     def join(self, round_index: int, split: int) -> tuple[JoinReply, dict[str, torch.Tensor], Transfer]:

@@ -195,6 +195,12 @@ def create_app(cfg: ServerConfig, trainer: Optional[TrainingServer] = None, tick
         srv().check_any_token(token)
         return JSONResponse(cfg.model_dump(mode="json"))
 
+    @app.get("/v1/round")
+    async def round_state(token: Token) -> JSONResponse:
+        """What a waiting device polls: the round and its phase, no fleet, no round lock."""
+        srv().check_any_token(token)
+        return JSONResponse(srv().round_state().model_dump(mode="json"))
+
     # status, telemetry and metrics take the round lock, which a closing round holds while it
     # evaluates: they run in a worker thread so the event loop never waits for it
     @app.get("/v1/status")

@@ -40,7 +40,7 @@ from ares.core.config import ServerConfig
 from ares.core.data import DataSplit, load_data, partition
 from ares.core.fedavg import aggregate, clip_update, update_norm
 from ares.core.messages import (MIN_UPLOAD_SAMPLE_BYTES, DeviceReport, DeviceStatus, DeviceTelemetry, FailureReason,
-                                JoinReply, ServerStatus, Telemetry)
+                                JoinReply, RoundState, ServerStatus, Telemetry)
 from ares.core.models import (LayerStack, activation_numel, activation_shapes, build_model, check_split,
                               model_spec, n_layers, split_model, weight_bytes)
 from ares.core.rounds import ClosedBy, DeviceRound, RoundRecord, parse_history, recent_sessions, round_overhead
@@ -653,6 +653,12 @@ class TrainingServer:
         log.info("resumed from checkpoint at round %d", self.round)
 
     # ----- reporting ------------------------------------------------------------------------
+    def round_state(self) -> RoundState:
+        """The round, its phase and whether it takes joins: read without the round lock (a closing
+        round holds it while it evaluates), so a waiting device's poll costs the same at any fleet size."""
+        return RoundState(round=self.round, rounds=self.cfg.training.rounds, phase=self.phase,
+                          accepting=self._accepting())
+
     def status(self) -> ServerStatus:
         with self.lock:
             last = self.history[-1] if self.history else None

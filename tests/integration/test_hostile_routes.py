@@ -193,7 +193,7 @@ def test_bytes_buffered_per_device_are_capped(tmp_path):
 
 
 # ----- a short property-based fuzz of every route (the long one: bench/fuzz.py) -------------------
-ROUTES = ["/healthz", "/v1/config", "/v1/status", "/v1/telemetry", "/metrics",
+ROUTES = ["/healthz", "/v1/config", "/v1/round", "/v1/status", "/v1/telemetry", "/metrics",
           "/v1/devices/{d}/join", "/v1/devices/{d}/step", "/v1/devices/{d}/update"]
 names = st.sampled_from(["dev-a", "dev-b", "mallory", "", "..", "%00", "a" * 300])
 queries = st.dictionaries(st.sampled_from(["round", "split", "micro", "micros", "total", "x"]),
