@@ -10,9 +10,11 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import httpx
 import yaml
 
 from ares.core.config import CONTROLLER_TOKEN_NAME, DataConfig, ServerConfig, TrainingConfig
+from tests.support import wait_for
 
 UID = 10001  # the images' user
 
@@ -97,3 +99,18 @@ def container_job(tmp_path: Path, device: str, port: int, *, train: int, test: i
         if f.is_file():
             f.chmod(0o644)
     return ContainerJob(job, ckpt, podinfo, secret, device_token, controller_token)
+
+
+def first_round_closed(port: int, controller_token: str, timeout: float, what: str, details,
+                       interval: float = 0.25) -> httpx.Response:
+    """The server's `/v1/status` over HTTP/2 (prior knowledge) once round 0 has closed."""
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", http1=False, http2=True, timeout=5,
+                      headers={"Authorization": f"Bearer {controller_token}"}) as client:
+        def closed():
+            try:
+                reply = client.get("/v1/status")
+            except httpx.HTTPError:
+                return None
+            return reply if reply.status_code == 200 and reply.json()["round"] >= 1 else None
+
+        return wait_for(closed, timeout, what, interval=interval, details=details)

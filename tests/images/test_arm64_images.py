@@ -23,11 +23,10 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 
-from images.podman_cli import CANNOT_PROVIDE_PODMAN, SCRIPT, Podman, container_job
-from tests.support import ROOT, free_port, wait_for
+from images.podman_cli import CANNOT_PROVIDE_PODMAN, SCRIPT, Podman, container_job, first_round_closed
+from tests.support import ROOT, free_port
 
 # Not in the default run (pyproject's addopts): `pytest -m arm64`, as .ci/arm64 does.
 pytestmark = [pytest.mark.images, pytest.mark.arm64, pytest.mark.timeout(3600)]
@@ -263,23 +262,13 @@ def test_arm64_device_trains_one_round_against_an_x86_64_server(arm64, podman, t
     status = Path(f"/proc/{pid}/status").read_text()
     assert re.search(rf"^Uid:\s+{UID}\s", status, re.M), status
 
-    url = f"http://127.0.0.1:{port}"
-    with httpx.Client(base_url=url, http1=False, http2=True, timeout=5,
-                      headers={"Authorization": f"Bearer {controller_token}"}) as client:
-        def closed():
-            try:
-                reply = client.get("/v1/status")
-            except httpx.HTTPError:
-                return None
-            return reply if reply.status_code == 200 and reply.json()["round"] >= 1 else None
-
-        reply = wait_for(closed, 900, "round 0 closed by the arm64 device", interval=1, details=logs)
-        assert reply.http_version == "HTTP/2"
-        body = reply.json()
-        assert body["rounds"] == 1
-        assert body["accuracy"] is not None and 0.0 <= body["accuracy"] <= 1.0, body
-        dev = body["devices"]["pi"]
-        assert dev["last_round"] == 0 and dev["split"] == 2, body
+    reply = first_round_closed(port, controller_token, 900, "round 0 closed by the arm64 device", logs, interval=1)
+    assert reply.http_version == "HTTP/2"
+    body = reply.json()
+    assert body["rounds"] == 1
+    assert body["accuracy"] is not None and 0.0 <= body["accuracy"] <= 1.0, body
+    dev = body["devices"]["pi"]
+    assert dev["last_round"] == 0 and dev["split"] == 2, body
     assert (ckpt / "global.safetensors").is_file(), "the server wrote no checkpoint"
     assert re.search(r"round 0 closed .*accuracy \d", podman.logs(server)), logs()
 

@@ -21,7 +21,7 @@ import httpx
 import pytest
 
 from cluster.fixtures import OPERATOR_NS, OPERATOR_SA
-from images.podman_cli import UID, container_job
+from images.podman_cli import UID, container_job, first_round_closed
 from tests.support import ROOT, free_port, wait_for
 
 # The first run builds the images (a cold build is minutes: torch); later runs only hash inputs.
@@ -193,23 +193,13 @@ def test_server_and_device_containers_train_one_round(podman, tmp_path):
     def logs() -> str:
         return f"--- server\n{podman.logs(server)[-4000:]}\n--- device\n{podman.logs(device)[-4000:]}"
 
-    url = f"http://127.0.0.1:{port}"
-    with httpx.Client(base_url=url, http1=False, http2=True, timeout=5,
-                      headers={"Authorization": f"Bearer {controller_token}"}) as client:
-        def status():
-            try:
-                reply = client.get("/v1/status")
-            except httpx.HTTPError:
-                return None
-            return reply if reply.status_code == 200 and reply.json()["round"] >= 1 else None
-
-        reply = wait_for(status, 240, "round 0 closed", interval=0.25, details=logs)
-        assert reply.http_version == "HTTP/2"  # prior knowledge: the server speaks h2c
-        body = reply.json()
-        assert body["rounds"] == 1
-        assert body["accuracy"] is not None and 0.0 <= body["accuracy"] <= 1.0, body
-        dev = body["devices"]["dev-a"]
-        assert dev["last_round"] == 0 and dev["split"] == 2, body  # trained, at the split from the file
+    reply = first_round_closed(port, controller_token, 240, "round 0 closed", logs, interval=0.25)
+    assert reply.http_version == "HTTP/2"  # prior knowledge: the server speaks h2c
+    body = reply.json()
+    assert body["rounds"] == 1
+    assert body["accuracy"] is not None and 0.0 <= body["accuracy"] <= 1.0, body
+    dev = body["devices"]["dev-a"]
+    assert dev["last_round"] == 0 and dev["split"] == 2, body  # trained, at the split from the file
     assert (ckpt / "global.safetensors").is_file(), "the server (uid 10001) wrote no checkpoint"
     server_log = podman.logs(server)
     assert re.search(r"round 0 closed .*accuracy \d", server_log), logs()
