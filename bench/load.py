@@ -1,180 +1,517 @@
-"""Load: many emulated devices against one real `ares server` process over HTTP/2.
+"""Load: up to thousands of emulated devices against real `ares server` processes over HTTP/2.
 
-Each emulated device is the real device client (`HttpLink`: httpx, HTTP/2 prior knowledge, one
-connection) doing what a device does each round: wait for the round to open, join, send its
-steps (random activations of the right shape for its split, real labels range), upload its
-weights and sample count. No device-side compute: the server and the wire are what is measured.
-Devices run as threads spread over a few processes (one process would measure the client's GIL).
+For each fleet size in `--devices` (the first is the baseline the others are divided by), a
+fresh server is started, its resident memory read with no device joined, then the devices run
+`--rounds` rounds of `--steps` steps each. The devices are bench/load_devices.py processes
+(`--procs`, threads inside), which import no torch: each is the real device HTTP/2 client
+sending bodies this process encoded once with the real encoder (`ares.core.wire`): the real
+device part's activations of a synthetic batch and their labels for every step, and for every
+round an upload of the global model's device-side weights (a zero update of the device part;
+the server's replica is what trains) with the round's report. Every round passes the server's
+checks: shapes and dtypes of the split, a sample count equal to the data share the server
+assigned (`synthetic_train` = devices x steps x batch), an update within bounds.
 
-Printed: errors (must be 0), step latency p50/p99 as the devices saw it, server CPU per step
-(the server process's user+system CPU over the run divided by the steps; round overhead
-included), and the same latency for one device alone measured first in the same run, as the
-baseline the fleet's figures are divided by.
+Reported per fleet size, and as ratios to the baseline:
+- errors: refusals, broken replies, dropped connections, missed rounds (must be 0);
+- server memory per device: (the server's peak resident memory during the rounds - its memory
+  with no device joined) / devices; RSS of the server process and its children (granian's
+  worker), sampled every 0.2 s; also at the end of the run and the marginal memory between one
+  fleet size and the next (which the server's fixed start-up costs do not inflate);
+- server CPU per step: the server's user+system CPU over the rounds / steps (joins, uploads,
+  waiting devices' polls and round closes included);
+- step latency p50/p99 as the devices saw it (request start to the reply's last byte);
+- the time from the last upload of a round (its request's start: the last upload's reply
+  comes only after the close it triggers) to the first device seeing the next round open
+  (`GET /v1/round`), beside the server's own close time (merge + evaluation, its round record)
+  and the merge alone (`ares.core.fedavg.aggregate` on as many VGG5 models, timed here).
 
-    python bench/load.py [--devices 32] [--rounds 10] [--steps 3] [--split 3] [--batch 20]
+A progress line is printed every `--progress-s`; the results go to `--out` (JSON). Every
+process started (servers, device processes) is stopped at the end, on an error and on Ctrl-C
+or SIGTERM (and dies with this process: PR_SET_PDEATHSIG).
+
+    python bench/load.py --devices 32,100,300,1000 [--rounds 3] [--steps 2] [--batch 20] [--split 3]
+
+`--shards K` (K > 1) needs server shards (a root and K shard processes, devices told their
+shard by `ares.core.sharding`); until this version has them it says so and stops.
 """
 
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
+import importlib.util
+import json
 import os
+import platform
+import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+for path in (ROOT, ROOT / "tests"):
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
 
 import torch  # noqa: E402
 
-from ares.core.config import DataConfig  # noqa: E402
+from ares.core import codec as codecs  # noqa: E402
+from ares.core import wire  # noqa: E402
+from ares.core.config import AggregationConfig, DataConfig, ServerConfig  # noqa: E402
+from ares.core.data import make_synthetic_hard  # noqa: E402
+from ares.core.fedavg import aggregate  # noqa: E402
 from ares.core.messages import DeviceReport, StepTimings  # noqa: E402
-from ares.core.models import activation_shapes  # noqa: E402
-from ares.runtime.link import HttpLink, LinkError  # noqa: E402
-from tests.conftest import ServerProcess, small_config, token  # noqa: E402
+from ares.core.models import build_model, model_spec, split_model  # noqa: E402
+from tests.support import ServerProcess, die_with_pytest, history, small_config, stop_process, token  # noqa: E402
+
+DEVICES_SCRIPT = Path(__file__).with_name("load_devices.py")
+MB = 1_000_000  # memory in MB of 10^6 bytes, as the requirement states it
 
 
-def cpu_seconds(pid: int) -> float:
-    """user + system CPU of a process and all its descendants (granian serves from a child)."""
-    total = 0.0
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        total += sum(int(v) for v in fields[11:15]) / os.sysconf("SC_CLK_TCK")
-        for task in Path(f"/proc/{pid}/task").iterdir():
-            for child in (task / "children").read_text().split():
-                total += cpu_seconds(int(child))
-    except (OSError, ValueError):
-        pass
+# ---- processes: memory and CPU of a process and its descendants --------------------------------
+
+def tree(pid: int) -> list[int]:
+    """`pid` and every live descendant (granian serves from a worker process)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        try:
+            for task in Path(f"/proc/{p}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except (OSError, ValueError):
+            pass
+    return out
+
+
+def rss_bytes(pid: int) -> int:
+    total = 0
+    for p in tree(pid):
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+        except (OSError, ValueError):
+            pass
     return total
 
 
-def run_device(url: str, name: str, tok: str, rounds: int, steps: int, split: int, batch: int,
-               shape: tuple, out: list, errors: list) -> None:
-    link = HttpLink(url, name, tok, timeout_s=300.0)
-    x, y = torch.randn(batch, *shape), torch.randint(0, 10, (batch,))
-    try:
-        for r in range(rounds):
-            deadline = time.monotonic() + 600
-            while True:
-                status = link.status()
-                if status.phase == "finished":
-                    return
-                if status.round >= r and status.accepting:
-                    break
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"round {r} did not open")
-                time.sleep(0.05)
-            reply, weights, _ = link.join(r, split)
-            for _ in range(steps):
-                t0 = time.perf_counter()
-                link.step(r, split, x, y)
-                out.append(time.perf_counter() - t0)
-            link.upload(DeviceReport(round=r, split=split, samples=steps * batch,
-                                     timings=StepTimings(steps=steps)), weights)
-    except (LinkError, OSError, TimeoutError, ValueError) as exc:
-        errors.append(f"{name}: {exc.__class__.__name__}: {exc}")
-    finally:
-        link.close()
+def cpu_seconds(pid: int) -> float:
+    """user + system CPU of a process and its descendants (live ones, and reaped ones via cutime)."""
+    total, tick = 0.0, os.sysconf("SC_CLK_TCK")
+    for p in tree(pid):
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += sum(int(v) for v in fields[11:15]) / tick
+        except (OSError, ValueError, IndexError):
+            pass
+    return total
 
 
-def worker(url: str, devices: list[tuple[str, str]], rounds: int, steps: int, split: int, batch: int,
-           shape: tuple, queue) -> None:
-    torch.set_num_threads(1)
-    latencies: list[float] = []
-    errors: list[str] = []
-    threads = [threading.Thread(target=run_device, args=(url, n, t, rounds, steps, split, batch, shape,
-                                                        latencies, errors)) for n, t in devices]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    queue.put((latencies, errors))
+class Sampler(threading.Thread):
+    """Resident memory of each server process tree every `period` s: peak and last."""
+
+    def __init__(self, pids: list[int], period: float = 0.2):
+        super().__init__(daemon=True)
+        self.pids, self.period = pids, period
+        self.peak = [0] * len(pids)
+        self.last = [0] * len(pids)
+        self.halt = threading.Event()
+
+    def sample(self) -> None:
+        for i, pid in enumerate(self.pids):
+            self.last[i] = rss_bytes(pid)
+            self.peak[i] = max(self.peak[i], self.last[i])
+
+    def run(self) -> None:
+        while not self.halt.wait(self.period):
+            self.sample()
+
+    def stop(self) -> None:
+        self.halt.set()
+        self.join()
+        self.sample()
 
 
-def fleet(url: str, devices: list[tuple[str, str]], procs: int, rounds: int, steps: int, split: int,
-          batch: int, shape: tuple) -> tuple[list[float], list[str]]:
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    groups = [devices[i::procs] for i in range(procs)]
-    ps = [ctx.Process(target=worker, args=(url, g, rounds, steps, split, batch, shape, queue)) for g in groups if g]
-    for p in ps:
-        p.start()
-    latencies, errors = [], []
-    for _ in ps:
-        lat, err = queue.get()
-        latencies += lat
-        errors += err
-    for p in ps:
-        p.join()
-    return latencies, errors
+# ---- the servers ---------------------------------------------------------------------------------
+
+class Servers:
+    """The server processes of one fleet and which one each device talks to. One `ares server`
+    (`--shards 1`), or a root and K shard processes once the server has shards."""
+
+    def __init__(self, cfg: ServerConfig, tmp: Path, shards: int):
+        if shards != 1:
+            if importlib.util.find_spec("ares.core.sharding") is None:
+                raise SystemExit(f"--shards {shards}: this version of the server has no shards (no ares.core.sharding, "
+                                 "no `ares server --shard I --root URL`); run with --shards 1")
+            raise SystemExit(f"--shards {shards}: bench/load.py does not start shards yet")
+        self.cfg = cfg
+        self.procs = [ServerProcess(cfg, tmp)]
+        self.roles = ["server"]
+        self.devices_of = [list(cfg.devices)]  # per process: the devices it serves
+
+    def url_of(self, device: str) -> str:
+        return self.procs[0].url
+
+    def pids(self) -> list[int]:
+        return [p.proc.pid for p in self.procs]
+
+    def alive(self) -> bool:
+        return all(p.proc.poll() is None for p in self.procs)
+
+    def history(self) -> list[dict]:
+        return history(self.cfg)
+
+    def stop(self) -> None:
+        for p in self.procs:
+            p.stop()
+
+
+# ---- the bodies the devices send ---------------------------------------------------------------
+
+@dataclass
+class Settings:
+    model: str
+    split: int
+    batch: int
+    steps: int
+    rounds: int
+    codec: str
+    poll_s: float
+    procs: int
+    shards: int
+    deadline_s: float
+    seed: int = 1
+    round_gap_s: float = 0.0  # the close itself is measured, not the gap the controller gets
+
+
+def encode_bodies(s: Settings, folder: Path) -> dict:
+    """Written once per run: one step body (the real device part's activations of a synthetic
+    batch, in the codec, with their labels) and one upload per round (the global model's
+    device-side weights with that round's report), each with the real encoder."""
+    folder.mkdir(parents=True, exist_ok=True)
+    model = build_model(s.model, seed=s.seed)  # the server's initial model (same seed)
+    device_part, _ = split_model(model, s.split)
+    data = make_synthetic_hard(s.batch, 10, seed=s.seed)
+    x, y = data.train.tensors
+    with torch.no_grad():
+        acts = device_part.train()(x)  # what the device sends: its part's output on its batch
+    step = wire.encode({**codecs.pack("x", acts, s.codec), "y": y}, {})
+    (folder / "step.bin").write_bytes(step)
+    weights = {f"layers.{k}": v.detach().clone() for k, v in device_part.layers.state_dict().items()}
+    uploads = []
+    for r in range(s.rounds):
+        report = DeviceReport(round=r, split=s.split, samples=s.steps * s.batch, timings=StepTimings(steps=s.steps))
+        uploads.append(folder / f"upload-{r}.bin")
+        uploads[-1].write_bytes(wire.encode(weights, report.model_dump(mode="json")))
+    return {"step": str(folder / "step.bin"), "uploads": [str(p) for p in uploads],
+            "step_bytes": len(step), "upload_bytes": uploads[0].stat().st_size}
+
+
+def fleet_config(tmp: Path, names: list[str], s: Settings) -> ServerConfig:
+    cfg = small_config(tmp, devices=tuple(names), rounds=s.rounds, batch_size=s.batch, max_steps_per_round=s.steps,
+                       seed=s.seed)
+    return cfg.model_copy(update={
+        "model": s.model, "codec": s.codec, "round_deadline_s": s.deadline_s, "round_gap_s": s.round_gap_s,
+        "aggregation": AggregationConfig(),
+        # each device's share is exactly steps x batch samples: the sample count it reports
+        "data": DataConfig(name="synthetic", synthetic_train=len(names) * s.steps * s.batch, synthetic_test=100,
+                           seed=s.seed)})
+
+
+# ---- one fleet size ----------------------------------------------------------------------------
+
+@dataclass
+class Clients:
+    """The device processes of one fleet; stopped (killed) if still running."""
+
+    procs: list[subprocess.Popen] = field(default_factory=list)
+    results: list[Path] = field(default_factory=list)
+    progress: list[Path] = field(default_factory=list)
+
+    def start(self, tmp: Path, servers: Servers, names: list[str], s: Settings, bodies: dict) -> None:
+        groups = [names[i::s.procs] for i in range(s.procs)]
+        for i, group in enumerate(g for g in groups if g):
+            spec = {"devices": [{"name": n, "token": token(servers.cfg, n), "url": servers.url_of(n)} for n in group],
+                    "rounds": s.rounds, "steps": s.steps, "split": s.split, "poll_s": s.poll_s,
+                    "timeout_s": s.deadline_s, "bodies": bodies, "progress": str(tmp / f"progress-{i}.json")}
+            (tmp / f"spec-{i}.json").write_text(json.dumps(spec))
+            self.results.append(tmp / f"result-{i}.json")
+            self.progress.append(tmp / f"progress-{i}.json")
+            log = open(tmp / f"devices-{i}.log", "wb")
+            self.procs.append(subprocess.Popen(
+                [sys.executable, str(DEVICES_SCRIPT), str(tmp / f"spec-{i}.json"), str(self.results[-1])],
+                stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, preexec_fn=die_with_pytest,
+                env={**os.environ, "OMP_NUM_THREADS": "1"}))
+            log.close()
+
+    def running(self) -> bool:
+        return any(p.poll() is None for p in self.procs)
+
+    def totals(self) -> dict:
+        out: dict = {}
+        for path in self.progress:
+            try:
+                for k, v in json.loads(path.read_text()).items():
+                    out[k] = out.get(k, 0) + v
+            except (OSError, ValueError):
+                pass
+        return out
+
+    def stop(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                stop_process(p, grace_s=2)
 
 
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
 
-def main() -> int:
+def merge_seconds(s: Settings, devices: int) -> float:
+    """`aggregate` (fedavg) of `devices` whole models, one thread, the best of three: the merge a close
+    cannot avoid when every upload is kept to the end of the round."""
+    reference = {k: v.clone() for k, v in build_model(s.model, seed=s.seed).state_dict().items()}
+    states = [{k: v.clone() for k, v in reference.items()} for _ in range(devices)]
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        aggregate(AggregationConfig().method, states, [float(s.steps * s.batch)] * devices, reference)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def run_fleet(n: int, s: Settings, bodies: dict, progress_s: float, say, workdir: Optional[str] = None) -> dict:
+    names = [f"dev-{i:04d}" for i in range(n)]
+    with tempfile.TemporaryDirectory(prefix=f"ares-load-{n}-", dir=workdir) as d:
+        tmp = Path(d)
+        cfg = fleet_config(tmp, names, s)
+        say(f"[{n} devices] starting the server ({cfg.data.synthetic_train} synthetic samples)")
+        t_start = time.monotonic()
+        servers = Servers(cfg, tmp, s.shards)
+        clients = Clients()
+        try:
+            time.sleep(1.0)  # settle after start-up
+            idle = [rss_bytes(pid) for pid in servers.pids()]
+            sampler = Sampler(servers.pids())
+            sampler.sample()
+            sampler.start()
+            cpu0 = [cpu_seconds(pid) for pid in servers.pids()]
+            t0 = time.monotonic()
+            clients.start(tmp, servers, names, s, bodies)
+            expected = n * s.rounds * s.steps
+            next_line = t0 + progress_s
+            while clients.running():
+                time.sleep(0.2)
+                if not servers.alive():
+                    raise RuntimeError("a server process died: " + (tmp / "server.log").read_text()[-2000:])
+                if time.monotonic() >= next_line:
+                    next_line += progress_s
+                    p = clients.totals()
+                    say(f"[{n} devices] {time.monotonic() - t0:5.0f} s: joins {p.get('joins', 0)}/{n * s.rounds}, "
+                        f"steps {p.get('steps', 0)}/{expected}, uploads {p.get('uploads', 0)}/{n * s.rounds}, "
+                        f"errors {p.get('errors', 0)}; server {sum(sampler.last) / MB:,.0f} MB "
+                        f"(+{(sum(sampler.last) - sum(idle)) / MB:,.0f})")
+            wall = time.monotonic() - t0
+            cpu = sum(cpu_seconds(pid) for pid in servers.pids()) - sum(cpu0)
+            sampler.stop()
+            alive = servers.alive()
+            records = servers.history()
+        finally:
+            clients.stop()
+            servers.stop()
+            if "sampler" in locals():
+                sampler.halt.set()
+        results = []
+        for i, path in enumerate(clients.results):
+            try:
+                results.append(json.loads(path.read_text()))
+            except (OSError, ValueError):
+                log = (tmp / f"devices-{i}.log").read_text()[-1500:]
+                results.append({"error_list": [f"device process {i} left no result: {log}"], "step_s": [],
+                                "rounds": {}, "cpu_s": 0.0, "torch_loaded": False, "polls": 0})
+    total_wall = time.monotonic() - t_start
+
+    steps = [v for r in results for v in r["step_s"]]
+    errors = [e for r in results for e in r["error_list"]]
+    if len(steps) != n * s.rounds * s.steps:
+        errors.append(f"{len(steps)} steps answered of {n * s.rounds * s.steps}")
+    if not alive:
+        errors.append("a server process was not alive at the end")
+    if len(records) != s.rounds or any(rec.get("missed") for rec in records):
+        errors.append(f"{len(records)} rounds closed of {s.rounds}; missed: "
+                      f"{sorted({m for rec in records for m in rec.get('missed', [])})[:5]}")
+    rounds = []
+    for r in range(s.rounds):
+        seen = [res["rounds"].get(str(r), {}) for res in results]
+        row = {"round": r}
+        for key, pick in (("open_seen", min), ("first_join", min), ("last_upload_sent", max), ("last_upload_done", max)):
+            values = [x[key] for x in seen if key in x]
+            row[key] = pick(values) if values else None
+        rec = records[r] if r < len(records) else {}
+        row["close_s"] = rec.get("close_s")
+        row["closed_by"] = rec.get("closed_by")
+        rounds.append(row)
+    gaps = [rounds[r]["open_seen"] - rounds[r - 1]["last_upload_sent"] for r in range(1, s.rounds)
+            if rounds[r]["open_seen"] is not None and rounds[r - 1]["last_upload_sent"] is not None]
+    for r in range(s.rounds):  # times relative to the fleet's start, for the JSON
+        for key in ("open_seen", "first_join", "last_upload_sent", "last_upload_done"):
+            if rounds[r][key] is not None:
+                rounds[r][key] = round(rounds[r][key] - t0, 4)
+    closes = [x["close_s"] for x in rounds if x["close_s"] is not None]
+    say(f"[{n} devices] timing the merge of {n} models")
+    merge = merge_seconds(s, n)
+    per_process = [{"role": role, "devices": len(devs), "rss_idle_mb": i / MB, "rss_peak_mb": p / MB,
+                    "rss_end_mb": e / MB, "rss_per_device_mb": (p - i) / MB / max(len(devs), 1)}
+                   for role, devs, i, p, e in zip(servers.roles, servers.devices_of, idle, sampler.peak, sampler.last)]
+    served = [x for x in per_process if x["devices"]]
+    return {
+        "devices": n, "shards": s.shards, "errors": len(errors), "error_samples": errors[:10],
+        "steps_expected": n * s.rounds * s.steps, "steps_done": len(steps),
+        "rss_idle_mb": sum(idle) / MB, "rss_peak_mb": sum(sampler.peak) / MB, "rss_end_mb": sum(sampler.last) / MB,
+        "rss_per_device_mb": (sum(sampler.peak) - sum(idle)) / MB / n,
+        "rss_end_per_device_mb": (sum(sampler.last) - sum(idle)) / MB / n,
+        "rss_per_device_per_shard_mb": max(x["rss_per_device_mb"] for x in served),
+        "processes": per_process,
+        "cpu_s": cpu, "cpu_per_step_ms": cpu / max(len(steps), 1) * 1000,
+        "step_p50_ms": pct(steps, 0.50) * 1000, "step_p99_ms": pct(steps, 0.99) * 1000,
+        "step_mean_ms": statistics.fmean(steps) * 1000 if steps else float("nan"),
+        "last_upload_to_open_s": statistics.fmean(gaps) if gaps else None,
+        "last_upload_to_open_max_s": max(gaps) if gaps else None,
+        "close_s": statistics.fmean(closes) if closes else None, "merge_s": merge,
+        "close_minus_merge_s": statistics.fmean(closes) - merge if closes else None,
+        "rounds": rounds, "wall_s": wall, "wall_with_start_s": total_wall,
+        "polls": sum(r.get("polls", 0) for r in results), "client_cpu_s": sum(r["cpu_s"] for r in results),
+        "torch_in_device_processes": any(r["torch_loaded"] for r in results),
+    }
+
+
+# ---- the report --------------------------------------------------------------------------------
+
+RATIOS = {"rss_per_device_mb": "rss_per_device", "cpu_per_step_ms": "cpu_per_step", "step_p50_ms": "step_p50",
+          "step_p99_ms": "step_p99", "last_upload_to_open_s": "last_upload_to_open", "close_s": "close"}
+
+
+def ratios(run: dict, base: dict) -> dict:
+    out = {}
+    for key, name in RATIOS.items():
+        a, b = run.get(key), base.get(key)
+        out[name] = a / b if a is not None and b else None
+    return out
+
+
+def table(runs: list[dict]) -> str:
+    def f(v, fmt: str) -> str:
+        return "-" if v is None else format(v, fmt)
+
+    head = ("devices", "errors", "MB/dev (end)", "marginal", "CPU ms/step", "p50 ms", "p99 ms",
+            "upload->open s", "close s", "merge s")
+    rows = [head]
+    for run in runs:
+        rows.append((str(run["devices"]), str(run["errors"]),
+                     f"{f(run['rss_per_device_mb'], '.2f')} ({f(run['rss_end_per_device_mb'], '.2f')})",
+                     f(run.get("rss_marginal_mb"), ".2f"), f(run["cpu_per_step_ms"], ".1f"),
+                     f(run["step_p50_ms"], ".0f"), f(run["step_p99_ms"], ".0f"),
+                     f(run["last_upload_to_open_s"], ".2f"), f(run["close_s"], ".2f"), f(run["merge_s"], ".2f")))
+    base = runs[0]
+    rows.append(())
+    rows.append(("ratio to", str(base["devices"]), "MB/dev", "", "CPU/step", "p50", "p99", "upload->open", "close", ""))
+    for run in runs[1:]:
+        r = run["ratios"]
+        rows.append((str(run["devices"]), "", f(r["rss_per_device"], ".2f") + "x", "", f(r["cpu_per_step"], ".2f") + "x",
+                     f(r["step_p50"], ".2f") + "x", f(r["step_p99"], ".2f") + "x",
+                     f(r["last_upload_to_open"], ".2f") + "x", f(r["close"], ".2f") + "x", ""))
+    widths = [max(len(row[i]) for row in rows if row) for i in range(len(head))]
+    return "\n".join("  ".join(c.rjust(w) for c, w in zip(row, widths)) if row else "" for row in rows)
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "ares", "bench"], cwd=ROOT,
+                               capture_output=True, text=True, check=True).stdout.strip()
+        return out.stdout.strip() + ("+changes" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--devices", type=int, default=32)
-    ap.add_argument("--rounds", type=int, default=10)
-    ap.add_argument("--steps", type=int, default=3, help="steps per device per round")
-    ap.add_argument("--split", type=int, default=3)
+    ap.add_argument("--devices", default="32,100,300,1000",
+                    help="fleet sizes, comma-separated; the first is the baseline (default 32,100,300,1000)")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=2, help="steps per device per round")
     ap.add_argument("--batch", type=int, default=20)
-    ap.add_argument("--procs", type=int, default=4, help="client processes the devices are spread over")
-    args = ap.parse_args()
-    shape = activation_shapes("vgg5")[args.split]
-    names = [f"dev-{i:02d}" for i in range(args.devices)]
+    ap.add_argument("--split", type=int, default=3, help="every device's split (VGG5: 0..5 offload)")
+    ap.add_argument("--model", default="vgg5")
+    ap.add_argument("--codec", choices=codecs.CODECS, default="fp32")
+    ap.add_argument("--poll-s", type=float, default=0.1, help="a waiting device's poll period (the device's: 0.1 s)")
+    ap.add_argument("--procs", type=int, default=4, help="device processes the fleet is spread over")
+    ap.add_argument("--shards", type=int, default=1, help="server processes the fleet is spread over")
+    ap.add_argument("--deadline-s", type=float, default=600.0, help="round deadline and the devices' request timeout")
+    ap.add_argument("--progress-s", type=float, default=10.0)
+    ap.add_argument("--out", default="results/bench-load/load.json")
+    ap.add_argument("--workdir", help="where each fleet's folder (configs, tokens, logs) is made; default: the temp dir")
+    args = ap.parse_args(argv)
+    counts = [int(v) for v in args.devices.split(",") if v.strip()]
+    if not counts or min(counts) < 1:
+        ap.error("--devices: one or more positive fleet sizes")
+    spec = model_spec(args.model)
+    if not 0 <= args.split < len(spec.build_layers()) - 1:
+        ap.error(f"--split: a split with a server part (0..{len(spec.build_layers()) - 2} for {args.model})")
+    s = Settings(model=args.model, split=args.split, batch=args.batch, steps=args.steps, rounds=args.rounds,
+                 codec=args.codec, poll_s=args.poll_s, procs=args.procs, shards=args.shards, deadline_s=args.deadline_s)
+    torch.set_num_threads(1)  # the merge timing: one thread, as the server runs (OMP_NUM_THREADS=1)
 
-    def start(tmp: Path, devices: list[str], rounds: int) -> ServerProcess:
-        cfg = small_config(tmp, devices=tuple(devices), rounds=rounds, batch_size=args.batch,
-                           max_steps_per_round=args.steps)
-        per_device = args.steps * args.batch
-        cfg = cfg.model_copy(update={
-            "round_deadline_s": 600.0, "round_gap_s": 0.2,
-            "data": DataConfig(name="synthetic", synthetic_train=per_device * len(devices), synthetic_test=100, seed=1)})
-        return ServerProcess(cfg, tmp)
+    def stop_on_sigterm(*_):
+        raise KeyboardInterrupt
 
-    # baseline: one device alone, same server settings
-    with tempfile.TemporaryDirectory() as d:
-        server = start(Path(d), ["solo"], 3)
-        try:
-            base, base_err = fleet(server.url, [("solo", token(server.cfg, "solo"))], 1, 3, args.steps,
-                                   args.split, args.batch, shape)
-        finally:
-            server.stop()
+    signal.signal(signal.SIGTERM, stop_on_sigterm)
 
-    with tempfile.TemporaryDirectory() as d:
-        server = start(Path(d), names, args.rounds)
-        try:
-            cpu0, t0 = cpu_seconds(server.proc.pid), time.perf_counter()
-            lat, errors = fleet(server.url, [(n, token(server.cfg, n)) for n in names], args.procs,
-                                args.rounds, args.steps, args.split, args.batch, shape)
-            wall, cpu = time.perf_counter() - t0, cpu_seconds(server.proc.pid) - cpu0
-            alive = server.proc.poll() is None
-        finally:
-            server.stop()
+    def say(text: str) -> None:
+        print(f"{time.strftime('%H:%M:%S')} {text}", flush=True)
 
-    errors += base_err
-    expected = args.devices * args.rounds * args.steps
-    print(f"load: {args.devices} devices x {args.rounds} rounds x {args.steps} steps, split {args.split}, "
-          f"batch {args.batch}, HTTP/2 (granian), {args.procs} client processes")
-    print(f"steps answered: {len(lat)} of {expected}; errors: {len(errors)}; server alive: {alive}")
-    for e in errors[:10]:
-        print("  ", e)
-    p50, p99 = pct(lat, 0.50), pct(lat, 0.99)
-    b50, b99 = pct(base, 0.50), pct(base, 0.99)
-    print(f"step latency p50 {p50 * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms "
-          f"(one device alone: p50 {b50 * 1000:.1f} ms, p99 {b99 * 1000:.1f} ms; "
-          f"ratio p50 {p50 / b50:.2f}x, p99 {p99 / b99:.2f}x)")
-    print(f"server CPU per step: {cpu / max(len(lat), 1) * 1000:.1f} ms (round overhead included; "
-          f"{cpu:.1f} s CPU over {wall:.1f} s wall, {len(lat) / wall:.1f} steps/s)")
-    print(f"mean step latency {statistics.fmean(lat) * 1000:.1f} ms")
-    return 0 if not errors and len(lat) == expected and alive else 1
+    commit = git_commit()
+    load0 = os.getloadavg()
+    runs = []
+    with tempfile.TemporaryDirectory(prefix="ares-load-bodies-", dir=args.workdir) as d:
+        bodies = encode_bodies(s, Path(d))
+        say(f"load: fleets {counts}, {s.model} split {s.split}, batch {s.batch}, {s.steps} steps x {s.rounds} rounds, "
+            f"{s.codec}, step body {bodies['step_bytes']:,} B, upload {bodies['upload_bytes']:,} B, "
+            f"{s.procs} device processes, {s.shards} server process(es), poll {s.poll_s} s")
+        for n in counts:
+            run = run_fleet(n, s, bodies, args.progress_s, say, args.workdir)
+            if runs:
+                prev = runs[-1]
+                run["rss_marginal_mb"] = ((run["rss_peak_mb"] - run["rss_idle_mb"])
+                                           - (prev["rss_peak_mb"] - prev["rss_idle_mb"])) / (n - prev["devices"]) \
+                    if n != prev["devices"] else None
+            run["ratios"] = ratios(run, runs[0] if runs else run)
+            runs.append(run)
+            say(f"[{n} devices] done in {run['wall_s']:.0f} s: errors {run['errors']}, "
+                f"{run['rss_per_device_mb']:.2f} MB/device, {run['cpu_per_step_ms']:.1f} ms CPU/step, "
+                f"p50 {run['step_p50_ms']:.0f} ms, p99 {run['step_p99_ms']:.0f} ms")
+            for e in run["error_samples"]:
+                say(f"    {e}")
+    report = {"command": " ".join(["python", "bench/load.py", *(argv if argv is not None else sys.argv[1:])]),
+              "commit": commit, "date": time.strftime("%Y-%m-%d"), "machine": platform.node(),
+              "cores": os.cpu_count(), "load_before": load0, "load_after": os.getloadavg(),
+              "settings": s.__dict__, "bodies": {k: bodies[k] for k in ("step_bytes", "upload_bytes")}, "runs": runs}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1))
+    print()
+    print(f"load at {commit}, {s.model} split {s.split}, batch {s.batch}, {s.steps} steps x {s.rounds} rounds, "
+          f"{s.shards} server process(es); load average {load0[0]:.1f} -> {report['load_after'][0]:.1f}")
+    print(table(runs))
+    print(f"results: {out}")
+    return 0 if all(r["errors"] == 0 and not r["torch_in_device_processes"] for r in runs) else 1
 
 
 if __name__ == "__main__":
