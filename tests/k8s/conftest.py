@@ -11,8 +11,10 @@ tests/conftest.py loads, so tests/images shares the session's control plane).
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,6 +30,7 @@ os.environ.setdefault("ARES_TICK_SECONDS", "1")
 # rewritten with the operator's identity for every test.
 KUBECONFIG = Path(tempfile.mkdtemp(prefix="ares-k8s-")) / "kubeconfig"
 os.environ["KUBECONFIG"] = str(KUBECONFIG)
+atexit.register(shutil.rmtree, KUBECONFIG.parent, ignore_errors=True)
 
 from cluster.controlplane import ControlPlane
 from cluster.fixtures import OPERATOR_NS, OPERATOR_SA, Kubectl, admin_kubectl, fresh_namespace
