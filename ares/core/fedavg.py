@@ -1,36 +1,158 @@
 """Federated averaging of whole models, weighted by the samples each device trained on, and
-the robust alternatives a job may choose: norm clipping, coordinate-wise median, trimmed mean."""
+the robust alternatives a job may choose: norm clipping, coordinate-wise median, trimmed mean.
+
+A weighted mean (`fedavg`, and `norm_clip`, which clips each update and then takes it) is
+folded in one state at a time (`RunningMean`): the server keeps a float64 running sum of
+weight x state and the total weight, O(model) memory whatever the number of devices, and drops
+each upload as soon as it is folded. Two running sums add up (`RunningMean.add_sum`), which is
+how a job's server shards merge. The median and the trimmed mean need every upload at once
+(`Buffered`), so they keep buffering and cannot be split over shards (`STREAMING`).
+"""
 
 from __future__ import annotations
 
 import math
-from typing import Mapping, Sequence
+from typing import Mapping, Optional, Sequence, Union
 
 import torch
 
+# The methods whose merge is a weighted mean: folded as uploads come, and split over shards.
+STREAMING = ("fedavg", "norm_clip")
+METHODS = ("fedavg", "norm_clip", "median", "trimmed_mean")
+
+
+class RunningMean:
+    """A weighted mean folded in one state at a time: float tensors as a float64 sum of weight x
+    state, integer buffers (BatchNorm's step counters) as their running max, and the total
+    weight. `like` gives the keys, shapes and dtypes of the result; with `clip_norm`, each state's
+    update is first clipped to that norm against `like` (the round's global model: `norm_clip`)."""
+
+    def __init__(self, like: Mapping[str, torch.Tensor], clip_norm: Optional[float] = None):
+        self.like = like
+        self.clip_norm = clip_norm
+        self.sums = {k: torch.zeros(v.shape, dtype=torch.float64) for k, v in like.items() if v.is_floating_point()}
+        self.maxes: dict[str, torch.Tensor] = {}  # integer tensors: filled by the first state
+        self.weight = 0.0
+        self.count = 0
+
+    def _check(self, state: Mapping[str, torch.Tensor]) -> None:
+        if state.keys() != self.like.keys():
+            missing, extra = sorted(self.like.keys() - state.keys())[:5], sorted(state.keys() - self.like.keys())[:5]
+            raise ValueError(f"a state with different keys from the model's: missing {missing}, unexpected {extra}")
+        for key, want in self.like.items():
+            if tuple(state[key].shape) != tuple(want.shape):
+                raise ValueError(f"{key} has shape {list(state[key].shape)}, expected {list(want.shape)}")
+
+    def add(self, state: Mapping[str, torch.Tensor], weight: float) -> None:
+        """Fold in one state with its weight (finite, >= 0); the state itself is not kept."""
+        weight = float(weight)
+        if not math.isfinite(weight) or weight < 0:
+            raise ValueError(f"a weight must be finite and >= 0, not {weight}")
+        self._check(state)
+        if self.clip_norm is not None:
+            state = clip_update(state, self.like, self.clip_norm)
+        for key, acc in self.sums.items():
+            acc.add_(state[key].to(torch.float64), alpha=weight)
+        self._max(state)
+        self.weight += weight
+        self.count += 1
+
+    def add_sum(self, sums: Mapping[str, torch.Tensor], maxes: Mapping[str, torch.Tensor], weight: float,
+                count: int) -> None:
+        """Fold in another running mean's sums (float64 weight x state), integer maxes, total weight
+        and count: a shard's part of the round."""
+        weight = float(weight)
+        if not math.isfinite(weight) or weight < 0 or count < 0:
+            raise ValueError(f"a partial sum needs a finite weight >= 0 and a count >= 0, not {weight}, {count}")
+        if count == 0:
+            return
+        if sums.keys() != self.sums.keys() or maxes.keys() != {k for k in self.like if k not in self.sums}:
+            raise ValueError("a partial sum with different keys from the model's")
+        for key, acc in self.sums.items():
+            acc.add_(sums[key].to(torch.float64))
+        self._max(maxes)
+        self.weight += weight
+        self.count += count
+
+    def _max(self, state: Mapping[str, torch.Tensor]) -> None:
+        for key, want in self.like.items():
+            if key in self.sums:
+                continue
+            value = state[key].to(want.dtype)
+            seen = self.maxes.get(key)
+            self.maxes[key] = value.clone() if seen is None else torch.maximum(seen, value)
+
+    def mean(self) -> dict[str, torch.Tensor]:
+        """The float tensors' weighted mean, in float64 (what a shard sends its root)."""
+        if self.weight <= 0:
+            raise ValueError("fedavg weights must sum to a positive number")
+        return {k: acc / self.weight for k, acc in self.sums.items()}
+
+    def result(self) -> dict[str, torch.Tensor]:
+        """The merged model, in the keys' order and dtypes of `like`."""
+        if not self.count:
+            raise ValueError("fedavg needs at least one state")
+        mean = self.mean()
+        return {k: mean[k].to(v.dtype) if k in mean else self.maxes[k].clone() for k, v in self.like.items()}
+
+
+class Buffered:
+    """A merge that needs every state at once (median, trimmed mean): keeps them, as the running
+    mean's interface does not (one per device in memory until the round closes)."""
+
+    def __init__(self, method: str, reference: Mapping[str, torch.Tensor], clip_norm: float = 10.0,
+                 trim_fraction: float = 0.2):
+        self.method, self.reference = method, reference
+        self.clip_norm, self.trim_fraction = clip_norm, trim_fraction
+        self.states: list[dict[str, torch.Tensor]] = []
+        self.weights: list[float] = []
+
+    @property
+    def count(self) -> int:
+        return len(self.states)
+
+    @property
+    def weight(self) -> float:
+        return float(sum(self.weights))
+
+    def add(self, state: Mapping[str, torch.Tensor], weight: float) -> None:
+        self.states.append({k: v.detach().clone() for k, v in state.items()})
+        self.weights.append(float(weight))
+
+    def result(self) -> dict[str, torch.Tensor]:
+        return aggregate(self.method, self.states, self.weights, self.reference, clip_norm=self.clip_norm,
+                         trim_fraction=self.trim_fraction)
+
+
+Merge = Union[RunningMean, Buffered]
+
+
+def merger(method: str, reference: Mapping[str, torch.Tensor], clip_norm: float = 10.0,
+           trim_fraction: float = 0.2) -> Merge:
+    """An empty merge for one round of `method` (`AggregationConfig.method`) against the round's
+    global model: a running mean for the weighted means, a buffer for the others."""
+    if method not in METHODS:
+        raise ValueError(f"unknown aggregation {method!r}; accepted: {', '.join(METHODS)}")
+    if method in STREAMING:
+        return RunningMean(reference, clip_norm if method == "norm_clip" else None)
+    return Buffered(method, reference, clip_norm, trim_fraction)
+
 
 def fedavg(states: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float]) -> dict[str, torch.Tensor]:
-    """Weighted mean of float tensors; integer buffers (BatchNorm's step counters) take the max."""
+    """Weighted mean of float tensors; integer buffers (BatchNorm's step counters) take the max.
+    The running mean's sum, in the order given: a server folding the same states in the same
+    order gets the same bits."""
     if not states or len(states) != len(weights):
         raise ValueError("fedavg needs one weight per state and at least one state")
     total = float(sum(weights))
     if not math.isfinite(total) or total <= 0:
         raise ValueError("fedavg weights must sum to a positive number")
-    keys = list(states[0].keys())
-    for i, s in enumerate(states[1:], 1):
-        if list(s.keys()) != keys:
+    mean = RunningMean(states[0])
+    for i, (s, w) in enumerate(zip(states, weights)):
+        if s.keys() != states[0].keys():
             raise ValueError(f"state {i} has different keys from state 0")
-    out: dict[str, torch.Tensor] = {}
-    for key in keys:
-        tensors = [s[key] for s in states]
-        if tensors[0].is_floating_point():
-            acc = torch.zeros_like(tensors[0], dtype=torch.float64)
-            for t, w in zip(tensors, weights):
-                acc += t.to(torch.float64) * (w / total)
-            out[key] = acc.to(tensors[0].dtype)
-        else:
-            out[key] = torch.stack([t for t in tensors]).max(dim=0).values.clone()
-    return out
+        mean.add(s, w)
+    return mean.result()
 
 
 def update_norm(state: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor]) -> float:
@@ -101,4 +223,4 @@ def aggregate(method: str, states: Sequence[Mapping[str, torch.Tensor]], weights
         return coordinate_median(states)
     if method == "trimmed_mean":
         return trimmed_mean(states, trim_fraction)
-    raise ValueError(f"unknown aggregation {method!r}; accepted: fedavg, norm_clip, median, trimmed_mean")
+    raise ValueError(f"unknown aggregation {method!r}; accepted: {', '.join(METHODS)}")

@@ -10,7 +10,14 @@ weights; they send steps (activations in, gradient out); they upload their devic
 with their sample count and timings. The round closes when every configured device has
 uploaded, or when the deadline (counted from the first join) passes: then whoever uploaded is
 averaged (FedAvg of whole models, weighted by samples), the model is evaluated, checkpointed,
-and round r+1 opens. Each closed round is kept as a `RoundRecord` (ares.core.rounds).
+and round r+1 opens. Each closed round is kept as a `RoundRecord` (ares.core.rounds). An
+accepted upload is folded into the round's merge at once (`ares.core.fedavg.merger`: a running
+weighted sum for FedAvg, O(model) memory) and not kept.
+
+Closing a round is two halves: `_seal` ends it for this server's devices (who uploaded, who
+missed it, their records) and `_conclude` merges, evaluates, checkpoints and opens the next
+one. A job with server shards splits them: a shard (ares.runtime.shard) seals its devices'
+part and sends it to the root; the root (ares.runtime.root) concludes from every shard's part.
 
 What the server does not take it refuses with an exception whose type says what went wrong
 (`Refusal` and its kinds: `UnknownDevice`, `Unauthorized`, `RoundClosed`, `TrainingOver`,
@@ -31,14 +38,14 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import nn
 
 from ares.core.config import ServerConfig
 from ares.core.data import DataSplit, load_data, partition
-from ares.core.fedavg import aggregate, clip_update, update_norm
+from ares.core.fedavg import Merge, clip_update, merger, update_norm
 from ares.core.messages import (MIN_UPLOAD_SAMPLE_BYTES, DeviceReport, DeviceStatus, DeviceTelemetry, FailureReason,
                                 JoinReply, RoundState, ServerStatus, Telemetry)
 from ares.core.models import (LayerStack, activation_numel, activation_shapes, build_model, check_split,
@@ -143,7 +150,7 @@ class DeviceSlot:
     split: Optional[int] = None
     replica: Optional[LayerStack] = None  # server-side layers split+1..L-1
     optimizer: Optional[torch.optim.Optimizer] = None
-    uploaded: Optional[dict[str, torch.Tensor]] = None
+    uploaded: bool = False              # its upload for `round` is taken (folded into the round's merge)
     report: Optional[DeviceReport] = None
     last_report: Optional[DeviceReport] = None
     upload_bps: Optional[float] = None  # the server's figure for the link of the upload that brought it
@@ -159,6 +166,19 @@ class DeviceSlot:
 
     def __post_init__(self) -> None:
         self.micro_turn = threading.Condition(self.lock)
+
+
+@dataclass
+class RoundOutcome:
+    """A round as one server saw it when it ended: the merge its accepted uploads were folded
+    into, the record of each device that was merged, the devices that were not, and who joined
+    it and whose loss turned non-finite (for the divergence check)."""
+
+    merge: Merge
+    devices: dict[str, DeviceRound]
+    missed: list[str]
+    joined: set[str]
+    nonfinite: set[str]
 
 
 def _offset(at: Optional[float], start: float) -> Optional[float]:
@@ -177,8 +197,10 @@ def upload_rate(received: Optional[tuple[int, float]]) -> Optional[float]:
 class TrainingServer:
     def __init__(self, cfg: ServerConfig, tokens: dict[str, str], controller_token: Optional[str] = None,
                  data: Optional[DataSplit] = None, device: str = "cpu", profile: bool = True,
-                 clock: Callable[[], float] = time.time):
-        missing = [d for d in cfg.devices if d not in tokens]
+                 clock: Callable[[], float] = time.time, devices: Optional[Sequence[str]] = None):
+        """`devices`: those this server holds sessions for (a shard's); default: every device of the job."""
+        devices = tuple(cfg.devices if devices is None else devices)
+        missing = [d for d in devices if d not in tokens]
         if missing:
             raise ValueError(f"no token for devices {missing} (expected files in {cfg.tokens_dir})")
         self.cfg = cfg
@@ -191,7 +213,7 @@ class TrainingServer:
         self.layers = n_layers(self.model)
         self.shapes = activation_shapes(cfg.model)
         self.data = data if data is not None else load_data(cfg.data)
-        self.slots = {name: DeviceSlot(name) for name in cfg.devices}
+        self.slots = {name: DeviceSlot(name) for name in devices}
         self.lock = threading.RLock()
         self.changed = threading.Condition(self.lock)
         self.round = 0
@@ -212,6 +234,7 @@ class TrainingServer:
         self.assigned = self._assigned_samples()
         self._resume()
         self._refresh_global()
+        self._merge = self._new_merge()
         warm_optimiser()
         if profile:
             times = time_layers(self.model, self.spec.input_shape, cfg.training.batch_size, self.torch_device, repeats=2)
@@ -257,7 +280,7 @@ class TrainingServer:
             if not self._accepting():
                 raise RoundNotOpen(f"round {round_index} opens in {self.opens_at - self.clock():.1f} s")
             slot = self.slots[device]
-            if slot.round == round_index and (slot.uploaded is not None or slot.phase == "refused"):
+            if slot.round == round_index and (slot.uploaded or slot.phase == "refused"):
                 raise AlreadyFinished(f"device {device} already finished round {round_index}")
             if self.round_started is None:
                 self.round_started = self.clock()
@@ -265,7 +288,7 @@ class TrainingServer:
             lr = self.cfg.training.lr_for_round(round_index)
             device_part, server_part = split_model(self.model, split)
             slot.round, slot.split, slot.uploaded, slot.report, slot.phase, slot.steps = (
-                round_index, split, None, None, "training", 0)
+                round_index, split, False, None, "training", 0)
             slot.micro_next = 0
             slot.samples_seen, slot.weight = 0, 0.0
             slot.joined_at, slot.uploaded_at = self.clock(), None
@@ -275,9 +298,13 @@ class TrainingServer:
             weights = {f"layers.{k}": v.detach().cpu().clone() for k, v in device_part.layers.state_dict().items()}
             reply = JoinReply(round=round_index, split=split, lr=lr, momentum=self.cfg.training.momentum,
                               batch_size=self.cfg.training.batch_size, max_steps=self.cfg.training.max_steps_per_round,
-                              deadline_unix=self.round_started + self.cfg.round_deadline_s)
+                              deadline_unix=self._deadline_unix())
             self.changed.notify_all()
             return reply, weights
+
+    def _deadline_unix(self) -> float:
+        """When the round in progress closes, by this server's clock (its first join + the deadline)."""
+        return self.round_started + self.cfg.round_deadline_s
 
     def join_would_wait(self, round_index: int) -> bool:
         """Whether `join` would wait for this round to open (read without the lock: the server's
@@ -293,11 +320,9 @@ class TrainingServer:
         if device in self.slots:
             self._nonfinite.add(device)
 
-    def _judge_divergence(self) -> None:
+    def _judge_divergence(self, joined: set[str], nonfinite: set[str]) -> None:
         """At the close of a round: did every device that joined it see a non-finite loss?"""
-        joined = {s.name for s in self.slots.values() if s.round == self.round}
-        self._diverging = self._diverging + 1 if joined and joined <= self._nonfinite else 0
-        self._nonfinite = set()
+        self._diverging = self._diverging + 1 if joined and joined <= nonfinite else 0
         if self._diverging >= DIVERGED_ROUNDS and self.failure is None:
             self.failure = RunFailure("diverged", f"training diverged: every device's loss was non-finite in rounds "
                                       f"{self.round - DIVERGED_ROUNDS + 1}..{self.round} "
@@ -320,7 +345,7 @@ class TrainingServer:
             slot = self.slots[device]
             if slot.round != round_index or slot.replica is None:
                 raise NotJoined(f"device {device} has not joined round {round_index}")
-            if slot.uploaded is not None:
+            if slot.uploaded:
                 raise AlreadyFinished(f"device {device} already uploaded its weights for round {round_index}")
             if slot.phase == "refused":
                 raise AlreadyFinished(f"device {device}'s upload for round {round_index} was refused; it sits the round out")
@@ -458,7 +483,7 @@ class TrainingServer:
             replica = slot.replica
             if replica is None:
                 raise RoundClosed(f"round {report.round} closed before this upload")
-            whole = {k: v.detach().clone() for k, v in weights.items()}
+            whole = dict(weights)  # folded into the merge before this request ends; a buffering merge copies it
             whole.update({f"layers.{k}": v.detach().cpu().clone() for k, v in replica.layers.state_dict().items()})
         agg = self.cfg.aggregation
         norm = update_norm(whole, self._global_cpu)
@@ -480,12 +505,13 @@ class TrainingServer:
                 raise self._refused("uploads_refused", device, f"update norm {norm:.3g} exceeds the bound "
                                     f"{agg.max_update_norm:.3g} (aggregation.max_update_norm); the device sits "
                                     "this round out")
-            slot.uploaded = whole
-            slot.accepted = (report.round, digest)
-            slot.uploaded_at = self.clock()
             # the server saw every sample of a split step: a device cannot weigh more than those
             seen = slot.samples_seen if report.split < self.layers - 1 else report.samples
             slot.weight = float(max(1, min(report.samples, seen)))
+            self._merge.add(whole, slot.weight)  # folded now; the upload itself is not kept
+            slot.uploaded = True
+            slot.accepted = (report.round, digest)
+            slot.uploaded_at = self.clock()
             slot.phase = "uploaded"
             self._close_if_all_done()
         return True
@@ -504,7 +530,7 @@ class TrainingServer:
         return True
 
     def _close_if_all_done(self) -> None:
-        if all(s.round == self.round and (s.uploaded is not None or s.phase == "refused")
+        if all(s.round == self.round and (s.uploaded or s.phase == "refused")
                for s in self.slots.values()):
             self._close_round("all devices done")
 
@@ -534,15 +560,38 @@ class TrainingServer:
         """Merge, evaluate, checkpoint and open the next round. Each of these may fail without
         stopping the round from closing: the model is then kept as it was."""
         closing = self.clock()
-        done = [s for s in self.slots.values() if s.round == self.round and s.uploaded is not None]
+        self._conclude(self._seal(), why, closing)
+
+    def _seal(self) -> RoundOutcome:
+        """End the round for this server's devices: who was merged (with their records), who missed
+        it; replicas freed (a step in flight finishes first; later ones find none: `RoundClosed`)."""
+        start = self.round_started or self.clock()
+        done = [s for s in self.slots.values() if s.round == self.round and s.uploaded]
         for s in self.slots.values():
             if s not in done and s.phase != "refused":
                 s.phase = "missed" if s.round == self.round else s.phase
-        if done:
+        outcome = RoundOutcome(
+            merge=self._merge,
+            devices={s.name: DeviceRound(split=s.split, samples=s.report.samples,
+                                         joined_s=_offset(s.joined_at, start), uploaded_s=_offset(s.uploaded_at, start),
+                                         **s.report.timings.model_dump()) for s in done},
+            missed=sorted(s.name for s in self.slots.values() if s not in done),
+            joined={s.name for s in self.slots.values() if s.round == self.round},
+            nonfinite=self._nonfinite)
+        self._nonfinite = set()
+        for s in self.slots.values():
+            with s.lock:
+                s.replica, s.optimizer, s.uploaded = None, None, False
+            if s.phase in ("uploaded", "refused"):
+                s.phase = "idle"
+        return outcome
+
+    def _conclude(self, outcome: RoundOutcome, why: ClosedBy, closing: float) -> None:
+        """The merge of the round's uploads becomes the global model; it is evaluated, the round
+        recorded and checkpointed, and the next round opens after the gap."""
+        if outcome.merge.count:
             try:
-                agg = self.cfg.aggregation
-                merged = aggregate(agg.method, [s.uploaded for s in done], [s.weight for s in done],
-                                   self._global_cpu, clip_norm=agg.clip_norm, trim_fraction=agg.trim_fraction)
+                merged = outcome.merge.result()
                 if all(bool(torch.isfinite(v).all()) for v in merged.values() if v.is_floating_point()):
                     self.model.load_state_dict({k: v.to(self.torch_device) for k, v in merged.items()})
                 else:
@@ -562,20 +611,11 @@ class TrainingServer:
             round=self.round, accuracy=accuracy, loss=loss, closed_by=why, duration_s=self.clock() - start,
             # merge + evaluation: the per-round cost no split choice changes (telemetry's
             # round_overhead_s, which the controller adds to its predictions)
-            close_s=self.clock() - closing,
-            devices={s.name: DeviceRound(split=s.split, samples=s.report.samples, joined_s=_offset(s.joined_at, start),
-                                         uploaded_s=_offset(s.uploaded_at, start), **s.report.timings.model_dump())
-                     for s in done},
-            missed=sorted(s.name for s in self.slots.values() if s not in done))
+            close_s=self.clock() - closing, devices=outcome.devices, missed=outcome.missed)
         self.history.append(record)
         log.info("round %d closed (%s): accuracy %.4f, %d/%d devices", self.round, why, accuracy,
-                 len(done), len(self.slots))
-        for s in self.slots.values():
-            with s.lock:  # a step in flight finishes first; later ones find no replica (`RoundClosed`)
-                s.replica, s.optimizer, s.uploaded = None, None, None
-            if s.phase in ("uploaded", "refused"):
-                s.phase = "idle"
-        self._judge_divergence()
+                 len(outcome.devices), len(self.cfg.devices))
+        self._judge_divergence(outcome.joined, outcome.nonfinite)
         self.round += 1
         self.round_started = None
         self.opens_at = self.clock() + self.cfg.round_gap_s
@@ -583,6 +623,7 @@ class TrainingServer:
         if self.failure is not None:
             self.phase = "failed"
         self._refresh_global()
+        self._merge = self._new_merge()
         try:
             self._checkpoint()
         except Exception:
@@ -590,14 +631,15 @@ class TrainingServer:
             log.exception("round %d: checkpoint failed", self.round - 1)
         self.changed.notify_all()
 
+    def _new_merge(self) -> Merge:
+        """An empty merge for the round that opens, against its global model."""
+        agg = self.cfg.aggregation
+        return merger(agg.method, self._global_cpu, clip_norm=agg.clip_norm, trim_fraction=agg.trim_fraction)
+
     def _refresh_global(self) -> None:
         """The global model on the CPU (the reference for update norms) and its hash."""
         self._global_cpu = self.global_state()
-        h = hashlib.sha256()
-        for k, v in sorted(self._global_cpu.items()):
-            h.update(k.encode())
-            h.update(v.reshape(-1).contiguous().view(torch.uint8).numpy().tobytes() if v.numel() else b"")
-        self.model_sha256 = h.hexdigest()
+        self.model_sha256 = model_digest(self._global_cpu)
 
     def _assigned_samples(self) -> dict[str, int]:
         """Samples each device trains on per round: its shard, capped by max_steps_per_round."""
@@ -717,6 +759,15 @@ class TrainingServer:
         return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
 
 
+def model_digest(state: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of a model's state (names and bytes of every tensor, in name order): `model_sha256`."""
+    h = hashlib.sha256()
+    for k, v in sorted(state.items()):
+        h.update(k.encode())
+        h.update(v.reshape(-1).contiguous().view(torch.uint8).numpy().tobytes() if v.numel() else b"")
+    return h.hexdigest()
+
+
 def upload_digest(report: DeviceReport, weights: dict[str, torch.Tensor]) -> str:
     """SHA-256 of an upload's report and weights (names, dtypes, shapes, bytes): equal for the
     same upload sent twice."""
@@ -770,13 +821,14 @@ def _check_split(split: int, layers: int) -> None:
         raise WrongSplit(str(exc)) from None
 
 
-def read_tokens(cfg: ServerConfig) -> tuple[dict[str, str], Optional[str]]:
-    """Device tokens from files named after each device; the controller's from controller.token."""
+def read_tokens(cfg: ServerConfig, devices: Optional[Sequence[str]] = None) -> tuple[dict[str, str], Optional[str]]:
+    """Device tokens from files named after each device (`devices`, default every device of the
+    job); the controller's from controller.token."""
     from ares.core.config import CONTROLLER_TOKEN_NAME
 
     root = Path(cfg.tokens_dir)
     tokens = {}
-    for name in cfg.devices:
+    for name in cfg.devices if devices is None else devices:
         path = root / name
         if not path.exists():
             raise ValueError(f"no token file for device {name!r}: expected {path}")
