@@ -1,44 +1,44 @@
 """Load: up to thousands of emulated devices against real `ares server` processes over HTTP/2.
 
-For each fleet size in `--devices` (the first is the baseline the others are divided by), a
-fresh server is started, its resident memory read with no device joined, then the devices run
-`--rounds` rounds of `--steps` steps each. The devices are bench/load_devices.py processes
-(`--procs`, threads inside), which import no torch: each is the real device HTTP/2 client
-sending bodies this process encoded once with the real encoder (`ares.core.wire`): the real
-device part's activations of a synthetic batch and their labels for every step, and for every
-round an upload of the global model's device-side weights (a zero update of the device part;
-the server's replica is what trains) with the round's report. Every round passes the server's
-checks: shapes and dtypes of the split, a sample count equal to the data share the server
-assigned (`synthetic_train` = devices x steps x batch), an update within bounds.
+For each fleet size in `--devices` (the first is the baseline the others are divided by), fresh
+server processes are started (one server, or with `--shards K` a root and K shards, each device
+on the shard `ares.core.sharding` assigns it), their resident memory read with no device
+joined, then the devices run `--rounds` rounds of `--steps` steps each. The devices are
+bench/load_devices.py processes (`--procs`, threads inside) that import no torch: each device
+is the devices' own HTTP/2 client sending bodies this process encoded once with the real
+encoder (`ares.core.wire`): the real device part's activations of a synthetic batch and their
+labels for every step, and for every round an upload of the global model's device-side weights
+(a zero update of the device part; the server's replica is what trains) with the round's
+report. Every round passes the server's checks: the split's shapes and dtypes, a sample count
+equal to the share the server assigned (`synthetic_train` = devices x steps x batch), an update
+within bounds. Waiting devices poll `GET /v1/round` every `--poll-s`, as a device does.
 
 Reported per fleet size, and as ratios to the baseline:
 - errors: refusals, broken replies, dropped connections, missed rounds (must be 0);
-- server memory per device: (the server's peak resident memory during the rounds - its memory
-  with no device joined) / devices; RSS of the server process and its children (granian's
-  worker), sampled every 0.2 s; also at the end of the run and the marginal memory between one
-  fleet size and the next (which the server's fixed start-up costs do not inflate);
-- server CPU per step: the server's user+system CPU over the rounds / steps (joins, uploads,
-  waiting devices' polls and round closes included);
+- server memory per device: (peak resident memory during the rounds - memory with no device
+  joined) / devices, RSS of each server process with its children (granian's worker) sampled
+  every 0.2 s; also at the end of the run, per shard (its own devices), and the marginal
+  memory from one fleet size to the next (which fixed costs, such as freed memory the
+  allocator keeps and worker threads, do not inflate);
+- server CPU per step: the servers' user+system CPU over the rounds / steps (joins, uploads,
+  the waiting devices' polls and the round closes included);
 - step latency p50/p99 as the devices saw it (request start to the reply's last byte);
-- the time from the last upload of a round (its request's start: the last upload's reply
-  comes only after the close it triggers) to the first device seeing the next round open
-  (`GET /v1/round`), beside the server's own close time (merge + evaluation, its round record)
-  and the merge alone (`ares.core.fedavg.aggregate` on as many VGG5 models, timed here).
+- the time from a round's last upload (its request's start: the last upload's reply comes only
+  after the close it triggers) to the first device seeing the next round open, beside the
+  close as the server records it (merge and evaluation: `close_s` of its round record) and
+  what the merge itself costs at that fleet size (`ares.core.fedavg.merger`, timed here: per
+  upload folded in, and the merged model at the close).
 
 A progress line is printed every `--progress-s`; the results go to `--out` (JSON). Every
 process started (servers, device processes) is stopped at the end, on an error and on Ctrl-C
-or SIGTERM (and dies with this process: PR_SET_PDEATHSIG).
+or SIGTERM, and dies with this process (PR_SET_PDEATHSIG).
 
-    python bench/load.py --devices 32,100,300,1000 [--rounds 3] [--steps 2] [--batch 20] [--split 3]
-
-`--shards K` (K > 1) needs server shards (a root and K shard processes, devices told their
-shard by `ares.core.sharding`); until this version has them it says so and stops.
+    python bench/load.py --devices 32,100,300,1000 [--shards 4] [--rounds 3] [--steps 2] [--batch 20] [--split 3]
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import platform
@@ -64,7 +64,7 @@ from ares.core import codec as codecs  # noqa: E402
 from ares.core import wire  # noqa: E402
 from ares.core.config import AggregationConfig, DataConfig, ServerConfig  # noqa: E402
 from ares.core.data import make_synthetic_hard  # noqa: E402
-from ares.core.fedavg import aggregate  # noqa: E402
+from ares.core.fedavg import merger  # noqa: E402
 from ares.core.messages import DeviceReport, StepTimings  # noqa: E402
 from ares.core.models import build_model, model_spec, split_model  # noqa: E402
 from tests.support import ServerProcess, die_with_pytest, history, small_config, stop_process, token  # noqa: E402
@@ -141,22 +141,67 @@ class Sampler(threading.Thread):
 # ---- the servers ---------------------------------------------------------------------------------
 
 class Servers:
-    """The server processes of one fleet and which one each device talks to. One `ares server`
-    (`--shards 1`), or a root and K shard processes once the server has shards."""
+    """The server processes of one fleet and which one each device talks to: one `ares server`
+    (`--shards 1`), or a root (`ares server`) and K shard processes (`ares server --shard I --root
+    URL`), each device on the shard `ares.core.sharding` assigns it. Started together; stopped
+    together, also when one fails to start."""
 
     def __init__(self, cfg: ServerConfig, tmp: Path, shards: int):
-        if shards != 1:
-            if importlib.util.find_spec("ares.core.sharding") is None:
-                raise SystemExit(f"--shards {shards}: this version of the server has no shards (no ares.core.sharding, "
-                                 "no `ares server --shard I --root URL`); run with --shards 1")
-            raise SystemExit(f"--shards {shards}: bench/load.py does not start shards yet")
-        self.cfg = cfg
-        self.procs = [ServerProcess(cfg, tmp)]
-        self.roles = ["server"]
-        self.devices_of = [list(cfg.devices)]  # per process: the devices it serves
+        self.cfg, self.tmp = cfg, tmp
+        if shards == 1:
+            self.procs = [ServerProcess(cfg, tmp)]
+            self.roles = ["server"]
+            self.devices_of = [list(cfg.devices)]  # per process: the devices it holds sessions for
+            self.home = {d: 0 for d in cfg.devices}
+            return
+        try:  # the shards' interface (ares.core.sharding, the suite's shard processes)
+            from ares.core.sharding import assign
+            from tests.support import ShardProcess, write_shard_token
+        except ImportError as exc:
+            raise SystemExit(f"--shards {shards}: this version of the server has no shards ({exc}); "
+                             "run with --shards 1") from None
+        write_shard_token(cfg)
+        (tmp / "root").mkdir()
+        root_url = f"http://127.0.0.1:{cfg.port}"
+        self.procs = self._start_together([lambda: ServerProcess(cfg, tmp / "root")]
+                                          + [lambda i=i: ShardProcess(cfg, tmp, i, root_url) for i in range(shards)])
+        homes = assign(cfg.devices, shards, cfg.shard_pins)
+        self.roles = ["root"] + [f"shard {i}" for i in range(shards)]
+        self.devices_of = [[]] + [list(h) for h in homes]
+        self.home = {d: 1 + i for i, h in enumerate(homes) for d in h}
+
+    def _start_together(self, makers: list) -> list[ServerProcess]:
+        """Each maker on a thread of its own, which lives until `stop`: a server dies with the
+        thread that started it (PR_SET_PDEATHSIG is per thread), so that thread must outlive its
+        start. If one fails to start, those started are stopped and its error raised."""
+        self._release = threading.Event()
+        started: list[Optional[ServerProcess]] = [None] * len(makers)
+        failed: list[BaseException] = []
+        ready = [threading.Event() for _ in makers]
+
+        def hold(i: int) -> None:
+            try:
+                started[i] = makers[i]()
+            except BaseException as exc:  # noqa: BLE001 - raised below, in the caller
+                failed.append(exc)
+            finally:
+                ready[i].set()
+            self._release.wait()
+
+        for i in range(len(makers)):
+            threading.Thread(target=hold, args=(i,), daemon=True).start()
+        for event in ready:
+            event.wait()
+        if failed:
+            for p in started:
+                if p is not None:
+                    p.stop()
+            self._release.set()
+            raise failed[0]
+        return [p for p in started if p is not None]
 
     def url_of(self, device: str) -> str:
-        return self.procs[0].url
+        return self.procs[self.home[device]].url
 
     def pids(self) -> list[int]:
         return [p.proc.pid for p in self.procs]
@@ -164,12 +209,19 @@ class Servers:
     def alive(self) -> bool:
         return all(p.proc.poll() is None for p in self.procs)
 
+    def logs(self) -> str:
+        """The end of each process's log (for an error)."""
+        return "\n".join(f"--- {role}: {p.tmp / 'server.log'}\n" + (p.tmp / "server.log").read_text()[-1500:]
+                         for role, p in zip(self.roles, self.procs))
+
     def history(self) -> list[dict]:
-        return history(self.cfg)
+        return history(self.cfg)  # the root's (or the one server's) round records
 
     def stop(self) -> None:
         for p in self.procs:
             p.stop()
+        if hasattr(self, "_release"):
+            self._release.set()
 
 
 # ---- the bodies the devices send ---------------------------------------------------------------
@@ -216,12 +268,14 @@ def encode_bodies(s: Settings, folder: Path) -> dict:
 def fleet_config(tmp: Path, names: list[str], s: Settings) -> ServerConfig:
     cfg = small_config(tmp, devices=tuple(names), rounds=s.rounds, batch_size=s.batch, max_steps_per_round=s.steps,
                        seed=s.seed)
-    return cfg.model_copy(update={
-        "model": s.model, "codec": s.codec, "round_deadline_s": s.deadline_s, "round_gap_s": s.round_gap_s,
-        "aggregation": AggregationConfig(),
+    sharded = {"shards": s.shards} if s.shards > 1 else {}  # (a config field only where the server has shards)
+    cfg = cfg.model_copy(update={
+        **sharded, "model": s.model, "codec": s.codec, "round_deadline_s": s.deadline_s,
+        "round_gap_s": s.round_gap_s, "aggregation": AggregationConfig(),
         # each device's share is exactly steps x batch samples: the sample count it reports
         "data": DataConfig(name="synthetic", synthetic_train=len(names) * s.steps * s.batch, synthetic_test=100,
                            seed=s.seed)})
+    return type(cfg).model_validate(cfg.model_dump())  # its validators see the whole config
 
 
 # ---- one fleet size ----------------------------------------------------------------------------
@@ -274,17 +328,23 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
 
-def merge_seconds(s: Settings, devices: int) -> float:
-    """`aggregate` (fedavg) of `devices` whole models, one thread, the best of three: the merge a close
-    cannot avoid when every upload is kept to the end of the round."""
+def merge_costs(s: Settings, devices: int) -> tuple[float, float]:
+    """What the server's merge costs (`ares.core.fedavg.merger`, the job's method, one thread, the
+    best of three): seconds per upload folded in, and seconds for the merged model at the close
+    after `devices` uploads (for a weighted mean a float64 running sum: the same at any count)."""
     reference = {k: v.clone() for k, v in build_model(s.model, seed=s.seed).state_dict().items()}
-    states = [{k: v.clone() for k, v in reference.items()} for _ in range(devices)]
-    best = float("inf")
+    upload = {k: v.clone() for k, v in reference.items()}
+    fold, close = float("inf"), float("inf")
     for _ in range(3):
+        merge = merger(AggregationConfig().method, reference)
         t0 = time.perf_counter()
-        aggregate(AggregationConfig().method, states, [float(s.steps * s.batch)] * devices, reference)
-        best = min(best, time.perf_counter() - t0)
-    return best
+        for _ in range(devices):
+            merge.add(upload, float(s.steps * s.batch))
+        t1 = time.perf_counter()
+        merge.result()
+        t2 = time.perf_counter()
+        fold, close = min(fold, (t1 - t0) / devices), min(close, t2 - t1)
+    return fold, close
 
 
 def run_fleet(n: int, s: Settings, bodies: dict, progress_s: float, say, workdir: Optional[str] = None) -> dict:
@@ -292,7 +352,7 @@ def run_fleet(n: int, s: Settings, bodies: dict, progress_s: float, say, workdir
     with tempfile.TemporaryDirectory(prefix=f"ares-load-{n}-", dir=workdir) as d:
         tmp = Path(d)
         cfg = fleet_config(tmp, names, s)
-        say(f"[{n} devices] starting the server ({cfg.data.synthetic_train} synthetic samples)")
+        say(f"[{n} devices] starting {servers_label(s.shards)} ({cfg.data.synthetic_train} synthetic samples)")
         t_start = time.monotonic()
         servers = Servers(cfg, tmp, s.shards)
         clients = Clients()
@@ -310,7 +370,7 @@ def run_fleet(n: int, s: Settings, bodies: dict, progress_s: float, say, workdir
             while clients.running():
                 time.sleep(0.2)
                 if not servers.alive():
-                    raise RuntimeError("a server process died: " + (tmp / "server.log").read_text()[-2000:])
+                    raise RuntimeError("a server process died:\n" + servers.logs())
                 if time.monotonic() >= next_line:
                     next_line += progress_s
                     p = clients.totals()
@@ -365,8 +425,8 @@ def run_fleet(n: int, s: Settings, bodies: dict, progress_s: float, say, workdir
             if rounds[r][key] is not None:
                 rounds[r][key] = round(rounds[r][key] - t0, 4)
     closes = [x["close_s"] for x in rounds if x["close_s"] is not None]
-    say(f"[{n} devices] timing the merge of {n} models")
-    merge = merge_seconds(s, n)
+    say(f"[{n} devices] timing the merge of {n} uploads")
+    fold, merge = merge_costs(s, n)
     per_process = [{"role": role, "devices": len(devs), "rss_idle_mb": i / MB, "rss_peak_mb": p / MB,
                     "rss_end_mb": e / MB, "rss_per_device_mb": (p - i) / MB / max(len(devs), 1)}
                    for role, devs, i, p, e in zip(servers.roles, servers.devices_of, idle, sampler.peak, sampler.last)]
@@ -384,7 +444,7 @@ def run_fleet(n: int, s: Settings, bodies: dict, progress_s: float, say, workdir
         "step_mean_ms": statistics.fmean(steps) * 1000 if steps else float("nan"),
         "last_upload_to_open_s": statistics.fmean(gaps) if gaps else None,
         "last_upload_to_open_max_s": max(gaps) if gaps else None,
-        "close_s": statistics.fmean(closes) if closes else None, "merge_s": merge,
+        "close_s": statistics.fmean(closes) if closes else None, "merge_s": merge, "fold_per_upload_ms": fold * 1000,
         "close_minus_merge_s": statistics.fmean(closes) - merge if closes else None,
         "rounds": rounds, "wall_s": wall, "wall_with_start_s": total_wall,
         "polls": sum(r.get("polls", 0) for r in results), "client_cpu_s": sum(r["cpu_s"] for r in results),
@@ -410,25 +470,30 @@ def table(runs: list[dict]) -> str:
     def f(v, fmt: str) -> str:
         return "-" if v is None else format(v, fmt)
 
-    head = ("devices", "errors", "MB/dev (end)", "marginal", "CPU ms/step", "p50 ms", "p99 ms",
-            "upload->open s", "close s", "merge s")
+    sharded = runs[0]["shards"] > 1
+    head = ("devices", "errors", "MB/dev", "on a shard" if sharded else "at the end", "marginal", "CPU ms/step",
+            "p50 ms", "p99 ms", "upload->open s", "close s", "merge ms")
     rows = [head]
     for run in runs:
-        rows.append((str(run["devices"]), str(run["errors"]),
-                     f"{f(run['rss_per_device_mb'], '.2f')} ({f(run['rss_end_per_device_mb'], '.2f')})",
+        rows.append((str(run["devices"]), str(run["errors"]), f(run["rss_per_device_mb"], ".2f"),
+                     f(run["rss_per_device_per_shard_mb"] if sharded else run["rss_end_per_device_mb"], ".2f"),
                      f(run.get("rss_marginal_mb"), ".2f"), f(run["cpu_per_step_ms"], ".1f"),
                      f(run["step_p50_ms"], ".0f"), f(run["step_p99_ms"], ".0f"),
-                     f(run["last_upload_to_open_s"], ".2f"), f(run["close_s"], ".2f"), f(run["merge_s"], ".2f")))
-    base = runs[0]
+                     f(run["last_upload_to_open_s"], ".2f"), f(run["close_s"], ".2f"), f(run["merge_s"] * 1000, ".1f")))
     rows.append(())
-    rows.append(("ratio to", str(base["devices"]), "MB/dev", "", "CPU/step", "p50", "p99", "upload->open", "close", ""))
+    rows.append(("ratio to", str(runs[0]["devices"]), "MB/dev", "", "", "CPU/step", "p50", "p99", "upload->open",
+                 "close", ""))
     for run in runs[1:]:
         r = run["ratios"]
-        rows.append((str(run["devices"]), "", f(r["rss_per_device"], ".2f") + "x", "", f(r["cpu_per_step"], ".2f") + "x",
-                     f(r["step_p50"], ".2f") + "x", f(r["step_p99"], ".2f") + "x",
+        rows.append((str(run["devices"]), "", f(r["rss_per_device"], ".2f") + "x", "", "",
+                     f(r["cpu_per_step"], ".2f") + "x", f(r["step_p50"], ".2f") + "x", f(r["step_p99"], ".2f") + "x",
                      f(r["last_upload_to_open"], ".2f") + "x", f(r["close"], ".2f") + "x", ""))
     widths = [max(len(row[i]) for row in rows if row) for i in range(len(head))]
     return "\n".join("  ".join(c.rjust(w) for c, w in zip(row, widths)) if row else "" for row in rows)
+
+
+def servers_label(shards: int) -> str:
+    return "one server" if shards == 1 else f"a root and {shards} shards"
 
 
 def git_commit() -> str:
@@ -453,7 +518,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--codec", choices=codecs.CODECS, default="fp32")
     ap.add_argument("--poll-s", type=float, default=0.1, help="a waiting device's poll period (the device's: 0.1 s)")
     ap.add_argument("--procs", type=int, default=4, help="device processes the fleet is spread over")
-    ap.add_argument("--shards", type=int, default=1, help="server processes the fleet is spread over")
+    ap.add_argument("--shards", type=int, default=1, help="server shards: 1 = one server; K > 1 = a root and K shard processes")
     ap.add_argument("--deadline-s", type=float, default=600.0, help="round deadline and the devices' request timeout")
     ap.add_argument("--progress-s", type=float, default=10.0)
     ap.add_argument("--out", default="results/bench-load/load.json")
@@ -465,6 +530,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     spec = model_spec(args.model)
     if not 0 <= args.split < len(spec.build_layers()) - 1:
         ap.error(f"--split: a split with a server part (0..{len(spec.build_layers()) - 2} for {args.model})")
+    if args.shards < 1 or (args.shards > 1 and "shards" not in ServerConfig.model_fields):
+        ap.error(f"--shards {args.shards}: this version of the server has no shards (ServerConfig.shards); use 1")
     s = Settings(model=args.model, split=args.split, batch=args.batch, steps=args.steps, rounds=args.rounds,
                  codec=args.codec, poll_s=args.poll_s, procs=args.procs, shards=args.shards, deadline_s=args.deadline_s)
     torch.set_num_threads(1)  # the merge timing: one thread, as the server runs (OMP_NUM_THREADS=1)
@@ -484,7 +551,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         bodies = encode_bodies(s, Path(d))
         say(f"load: fleets {counts}, {s.model} split {s.split}, batch {s.batch}, {s.steps} steps x {s.rounds} rounds, "
             f"{s.codec}, step body {bodies['step_bytes']:,} B, upload {bodies['upload_bytes']:,} B, "
-            f"{s.procs} device processes, {s.shards} server process(es), poll {s.poll_s} s")
+            f"{s.procs} device processes, {servers_label(s.shards)}, poll {s.poll_s} s")
         for n in counts:
             run = run_fleet(n, s, bodies, args.progress_s, say, args.workdir)
             if runs:
@@ -508,7 +575,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     out.write_text(json.dumps(report, indent=1))
     print()
     print(f"load at {commit}, {s.model} split {s.split}, batch {s.batch}, {s.steps} steps x {s.rounds} rounds, "
-          f"{s.shards} server process(es); load average {load0[0]:.1f} -> {report['load_after'][0]:.1f}")
+          f"{servers_label(s.shards)}; load average {load0[0]:.1f} -> {report['load_after'][0]:.1f}")
     print(table(runs))
     print(f"results: {out}")
     return 0 if all(r["errors"] == 0 and not r["torch_in_device_processes"] for r in runs) else 1

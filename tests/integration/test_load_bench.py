@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]  # two server starts: minutes on a loaded 2-core VM
+
 ROOT = Path(__file__).resolve().parents[2]
 FLEETS, ROUNDS, STEPS = (4, 8), 2, 2
 
@@ -46,13 +48,12 @@ def bench(tmp_path_factory):
         [sys.executable, "bench/load.py", "--devices", ",".join(map(str, FLEETS)), "--rounds", str(ROUNDS),
          "--steps", str(STEPS), "--batch", "4", "--split", "3", "--procs", "2", "--progress-s", "1",
          "--workdir", str(work), "--out", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=240, check=False,
+        cwd=ROOT, capture_output=True, text=True, timeout=540, check=False,
         env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     return json.loads(out.read_text()), done.stdout, work
 
 
-@pytest.mark.slow
 def test_every_device_completes_every_round_without_torch(bench):
     report, _, _ = bench
     assert [r["devices"] for r in report["runs"]] == list(FLEETS)
@@ -64,7 +65,6 @@ def test_every_device_completes_every_round_without_torch(bench):
         assert all(r["closed_by"] == "all devices done" for r in run["rounds"])
 
 
-@pytest.mark.slow
 def test_the_report_holds_sane_figures_and_ratios_to_the_baseline(bench):
     report, stdout, _ = bench
     base, bigger = report["runs"]
@@ -74,7 +74,7 @@ def test_the_report_holds_sane_figures_and_ratios_to_the_baseline(bench):
         assert run["cpu_per_step_ms"] > 0
         assert run["step_p99_ms"] >= run["step_p50_ms"] > 0
         assert run["last_upload_to_open_s"] > 0
-        assert run["close_s"] > 0 and run["merge_s"] > 0
+        assert run["close_s"] > 0 and run["merge_s"] > 0 and run["fold_per_upload_ms"] > 0
         for r in run["rounds"]:  # a round opens after the previous one's last upload was sent
             assert r["first_join"] >= r["open_seen"]
             assert r["last_upload_done"] >= r["last_upload_sent"] > r["open_seen"]
@@ -85,10 +85,9 @@ def test_the_report_holds_sane_figures_and_ratios_to_the_baseline(bench):
     assert report["settings"]["split"] == 3 and report["commit"]
     # the printed table and the progress lines
     assert "upload->open" in stdout and "ratio to" in stdout
-    assert "[8 devices]" in stdout and "starting the server" in stdout
+    assert "[8 devices]" in stdout and "starting one server" in stdout
 
 
-@pytest.mark.slow
 def test_nothing_the_bench_started_is_left_running(bench):
     _, _, work = bench
     assert processes_under(work) == []
