@@ -62,6 +62,7 @@ policy are comparable. No torch here: plain numbers and numpy.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from dataclasses import dataclass, replace
@@ -348,6 +349,10 @@ class Problem:
     def n_columns(self) -> int:
         return self.n_modes * len(self.options) * self.n_splits
 
+    def arrays(self) -> "ProblemArrays":
+        """The problem as arrays, what the policies decide over (made anew on every call)."""
+        return ProblemArrays.of(self)
+
 
 
 @dataclass(frozen=True)
@@ -494,36 +499,145 @@ class CostInputs:
                        down_bps=self.down_bps[idx], iterations=self.iterations[idx], power=self.power[idx],
                        latency=self.latency[idx], session=self.session[idx], step_overhead=self.step_overhead[idx],
                        half=self.half[idx], switch=None if self.switch is None else self.switch[idx],
-                       names=tuple(self.names[i] for i in np.asarray(idx).tolist()))
+                       names=tuple(map(self.names.__getitem__, np.asarray(idx).tolist())))
 
     @property
     def n_modes(self) -> int:
         return self.fwd.shape[1]
 
 
+@dataclass(frozen=True)
+class ProblemArrays:
+    """A problem as arrays, one row per device: what the policies decide over and `plan_columns`
+    turns into a plan. `Problem.arrays()` makes one from the dataclasses; the controller makes one
+    from telemetry directly (at 10,000 devices, building a `DeviceInput` per device and reading
+    them back into arrays took most of a decision's time)."""
+
+    x: CostInputs  # the cost model's inputs; `x.names` are the devices' names
+    options: tuple[Option, ...]
+    mode_counts: np.ndarray  # (N,) int: its power modes, the one in force included
+    valid: np.ndarray  # (N, C) bool: the columns it may take before pins (`valid_columns`)
+    alpha: np.ndarray  # (N,) its own time weight; nan: the policy's
+    pinned_split: np.ndarray  # (N,) int; -1: none
+    pinned_mode: np.ndarray  # (N,) int, the index of its pinned mode (0: the one in force); -1: none
+    current: np.ndarray  # (N,) int, the flat column it runs now (`Column.flat`); -1: none
+    mode_labels: np.ndarray  # (N, M) int: per mode, its row in `labels` (past its own modes: mode 0's)
+    labels: tuple[tuple[str, str, str], ...]  # (power mode, its profile's source, its power model's source)
+
+    @classmethod
+    def of(cls, problem: Problem) -> "ProblemArrays":
+        s, opts, d, n = problem.n_splits, problem.options, problem.devices, len(problem.devices)
+        barred = np.zeros((n, len(opts) * s), dtype=bool)  # the options a device's codecs or ks rule out
+        for i, x in enumerate(d):
+            if x.codecs is None and x.micro_batches is None:
+                continue
+            for o, opt in enumerate(opts):
+                if ((x.codecs is not None and opt.codec not in x.codecs)
+                        or (x.micro_batches is not None and opt.micro_batches not in x.micro_batches)):
+                    barred[i, o * s:o * s + s - 1] = True
+        labels: dict[tuple[str, str, str], int] = {}
+        mode_labels = np.zeros((n, problem.n_modes), dtype=int)
+        for i, x in enumerate(d):
+            own = [labels.setdefault((c.power_mode, c.source, p.source), len(labels))
+                   for c, p in ((x.compute, x.power), *((m.compute, m.power) for m in x.modes))]
+            mode_labels[i] = own + own[:1] * (problem.n_modes - len(own))
+
+        def ints(values: Any) -> np.ndarray:
+            return np.fromiter(values, int, n)
+
+        return cls(x=CostInputs.of(problem), options=opts, mode_counts=problem.mode_counts,
+                   valid=valid_columns(s, len(opts), problem.mode_counts, barred),
+                   alpha=np.fromiter((math.nan if x.alpha is None else x.alpha for x in d), float, n),
+                   pinned_split=ints(-1 if x.pinned_split is None else x.pinned_split for x in d),
+                   pinned_mode=ints(-1 if x.pinned_mode is None else x.mode_names.index(x.pinned_mode) for x in d),
+                   current=ints(-1 if x.current is None else x.current.flat(s, len(opts)) for x in d),
+                   mode_labels=mode_labels, labels=tuple(labels))
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return self.x.names
+
+    @property
+    def n_splits(self) -> int:
+        return self.x.weight_bytes.shape[0]
+
+    @property
+    def n_modes(self) -> int:
+        return self.x.n_modes
+
+    @property
+    def n_columns(self) -> int:
+        return self.n_modes * len(self.options) * self.n_splits
+
+    def rows(self, idx: np.ndarray, n_modes: int | None = None) -> "ProblemArrays":
+        """These devices alone (`idx`), with the columns of their first `n_modes` power modes only
+        (default: every mode's)."""
+        m = self.n_modes if n_modes is None else n_modes
+        x = self.x.rows(idx)
+        if m < self.n_modes:
+            x = replace(x, fwd=x.fwd[:, :m], bwd=x.bwd[:, :m], power=x.power[:, :m],
+                        switch=None if x.switch is None or m == 1 else x.switch[:, :m])
+        width = m * len(self.options) * self.n_splits
+        return replace(self, x=x, mode_counts=self.mode_counts[idx], valid=self.valid[idx, :width],
+                       alpha=self.alpha[idx], pinned_split=self.pinned_split[idx], pinned_mode=self.pinned_mode[idx],
+                       current=self.current[idx], mode_labels=self.mode_labels[idx, :m])
+
+    def column_modes(self) -> np.ndarray:
+        """(C,): the mode index (0: the one in force) of every flat column."""
+        return np.arange(self.n_columns) // (len(self.options) * self.n_splits)
+
+    def allowed(self) -> np.ndarray:
+        """(N, C) mask of the columns each device may take: valid ones, at its pinned split and in its
+        pinned mode where it has them."""
+        cols = np.arange(self.n_columns)
+        split_ok = (self.pinned_split[:, None] < 0) | (cols % self.n_splits == self.pinned_split[:, None])
+        mode_ok = (self.pinned_mode[:, None] < 0) | (self.column_modes()[None, :] == self.pinned_mode[:, None])
+        return self.valid & split_ok & mode_ok
+
+
+def valid_columns(n_splits: int, n_options: int, mode_counts: np.ndarray, barred: np.ndarray | None = None) -> np.ndarray:
+    """(N, C): the columns each device may take: at the last split only the first option (nothing
+    travels), no mode beyond a device's own (`mode_counts`), no (option, split) cell that `barred`
+    (N, options x splits) rules out (the device's codecs and micro-batches)."""
+    s, width = n_splits, n_options * n_splits
+    valid = np.ones((len(mode_counts), width), dtype=bool)
+    valid[:, [o * s + s - 1 for o in range(1, n_options)]] = False
+    if barred is not None:
+        valid &= ~barred
+    n_modes = int(mode_counts.max())
+    if n_modes == 1:
+        return valid
+    return np.tile(valid, (1, n_modes)) & (np.repeat(np.arange(n_modes), width)[None, :] < mode_counts[:, None])
+
+
 class Costs:
-    """Every device's costs in every column, as flat (N, C) matrices. Inside they are kept over
-    (device, mode, option, split) with broadcasting, and a matrix is laid out in full only when
-    asked for (`pick` reads single cells without it)."""
+    """Every device's costs in every column, as flat (N, C) matrices. Inside they are kept per option
+    over (device, mode, split), with broadcasting, and a matrix is laid out in full only when asked
+    for (`pick` reads single cells without it)."""
 
     FIELDS = ("device_s", "server_s", "up_s", "down_s", "iteration_s", "round_s", "energy_iteration_j",
               "energy_round_j")
 
-    def __init__(self, shape: tuple[int, int, int, int], **parts: np.ndarray) -> None:
+    def __init__(self, shape: tuple[int, int, int, int], parts: Mapping[str, Sequence[np.ndarray]]) -> None:
         self._shape, self._parts, self._flat = shape, parts, {}
 
     def _get(self, name: str) -> np.ndarray:
         if name not in self._flat:
             n, m, o, s = self._shape
-            self._flat[name] = np.broadcast_to(self._parts[name], self._shape).reshape(n, m * o * s)
+            self._flat[name] = np.stack([np.broadcast_to(v, (n, m, s)) for v in self._parts[name]],
+                                        axis=2).reshape(n, m * o * s)
         return self._flat[name]
 
     def pick(self, name: str, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
         """The cells (rows[i], cols[i]) of one matrix."""
-        _, m, o, s = self._shape
+        n, m, o, s = self._shape
         mode, rest = np.divmod(cols, o * s)
         option, split = np.divmod(rest, s)
-        return np.broadcast_to(self._parts[name], self._shape)[rows, mode, option, split]
+        out = np.empty(len(cols))
+        for j, part in enumerate(self._parts[name]):
+            at = option == j
+            out[at] = np.broadcast_to(part, (n, m, s))[rows[at], mode[at], split[at]]
+        return out
 
     device_s = property(lambda self: self._get("device_s"))
     server_s = property(lambda self: self._get("server_s"))
@@ -539,11 +653,16 @@ def pipelined_iteration(f: Any, u: Any, v: Any, d: Any, b: Any, k: Any, half: An
     """Seconds per batch for k micro-batches with per-micro-batch stage times f, u, v, d, b (see the
     module docstring). Works elementwise on numpy arrays; k = 1 is f + u + v + d + b."""
     a = f + u + v + d
-    full = np.maximum(np.maximum(f, u), np.maximum(v, d))
+    if np.ndim(k) == 0 and k == 1:
+        # one micro-batch: the stages one after another; each bound below is then a + b, to the bit
+        # (k (f + b) <= a + b, and (k - 1) M adds 0), without their passes over the arrays
+        flow = a + b
+    else:
+        full = np.maximum(np.maximum(f, u), np.maximum(v, d))
+        m = np.where(half, np.maximum(np.maximum(f, u + d), v), full) if np.any(half) else full
+        flow = np.maximum(np.maximum(k * (f + b), a + k * b), a + (k - 1) * m + b)
     if not np.any(half):  # every link full duplex: no half-duplex arithmetic at all
-        return np.maximum(np.maximum(k * (f + b), a + k * b), a + (k - 1) * full + b)
-    m = np.where(half, np.maximum(np.maximum(f, u + d), v), full)
-    flow = np.maximum(np.maximum(k * (f + b), a + k * b), a + (k - 1) * m + b)
+        return flow
     # half duplex: the one link carries every upload and download, after the first forward
     return np.where(half, np.maximum(flow, f + k * (u + d) + b), flow)
 
@@ -557,126 +676,163 @@ def _step_overheads(devices: Sequence[DeviceInput], columns: int) -> np.ndarray:
     return out
 
 
+def _predicted(*, fwd: Any, bwd: Any, server: Any, up_bytes: Any, down_bytes: Any, k: Any, last: Any,
+               weight_bytes: Any, up_bps: Any, down_bps: Any, iterations: Any, latency: Any, session: Any,
+               step_overhead: Any, half: Any, pc: Any, ptx: Any, prx: Any, switch: Any,
+               energy: tuple[Any, Any] | None = None) -> dict[str, Any]:
+    """The cost model's arithmetic (the module docstring), elementwise over operands that broadcast
+    together: `cost_matrices` passes them per option, shaped over (device, mode, split), `cell_costs`
+    one value per cell. One place for it, so that both give the same floats. `energy`: the
+    (iteration, round) energies already made for the same byte counts, which they alone depend on
+    beside the device (not on k or the server)."""
+    with np.errstate(over="ignore", invalid="ignore"):  # absurd inputs overflow: refused by the callers
+        device = fwd + bwd
+        up = up_bytes / up_bps
+        down = down_bytes / down_bps
+        lat = np.where(last, 0.0, latency)  # one request per micro-batch; none at the last split
+        iteration = pipelined_iteration(_per_micro_batch(fwd, k), up / k + lat, server / k, down / k,
+                                        _per_micro_batch(bwd, k), k, half)
+        iteration = iteration + step_overhead
+        weights_down = weight_bytes / down_bps
+        weights_up = weight_bytes / up_bps
+        round_s = iterations * iteration + (weights_down + weights_up + 2 * latency + session)
+        if switch is not None:
+            round_s = round_s + switch
+        if energy is None:
+            e = pc * device + ptx * up + prx * down
+            energy = e, iterations * e + (prx * weights_down + ptx * weights_up)
+    return dict(device_s=device, server_s=server, up_s=up, down_s=down, iteration_s=iteration, round_s=round_s,
+                energy_iteration_j=energy[0], energy_round_j=energy[1])
+
+
+def _per_micro_batch(v: Any, k: Any) -> Any:
+    """v / k; v itself for one micro-batch (the same floats, without a pass over a large array)."""
+    return v if np.ndim(k) == 0 and k == 1 else v / k
+
+
+def _refuse_overflow(arrays: Sequence[np.ndarray], names: Sequence[str]) -> None:
+    """A ValueError naming the first device whose predicted round time or energy is not finite, in
+    any of `arrays` (over (device, ...)). A finite round implies a finite iteration, likewise for
+    energy, so those two are the ones to look at."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        # every cell is >= 0, so finite sums mean finite cells: one pass each without a temporary in
+        # the common case; sums that overflow from huge finite cells are looked at cell by cell
+        if all(math.isfinite(v.sum()) for v in arrays):
+            return
+    bad = np.zeros(len(names), dtype=bool)
+    for v in arrays:
+        bad |= ~np.isfinite(v.reshape(len(names), -1)).all(axis=1)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise ValueError(f"device {names[i]!r}: its predicted time or energy is not finite (overflow); "
+                         "its profile, link rates, power or iterations are out of any sensible range")
+
+
 def cost_matrices(x: CostInputs, server_share: float | np.ndarray = 1.0) -> Costs:
     """Every device's costs in every column; server time multiplied by `server_share` (>= 1 when shared;
-    a scalar, or an array that broadcasts to (N, C): one share per device or per cell)."""
+    a scalar, or an array that broadcasts to (N, C): one share per device or per cell). Computed one
+    option at a time over (device, mode, split): with one micro-batch the pipelining arithmetic
+    drops out, and options that move the same bytes (a codec with several k) share their energies."""
     n_opt, s = x.up_bytes.shape
     n, n_modes = x.fwd.shape[0], x.n_modes
-    shape = (n, n_modes, n_opt, s)  # computed with broadcasting over (device, mode, option, split)
-    last = np.zeros(s, dtype=bool)
-    last[-1] = True
 
-    def cells(v: Any) -> np.ndarray:  # a result over (N, M, O, S) as the flat (N, C) matrix
-        return np.broadcast_to(v, shape).reshape(n, n_modes * n_opt * s)
-
-    def col(v: np.ndarray) -> np.ndarray:  # (N, 1) -> (N, 1, 1, 1)
-        return v.reshape(n, 1, 1, 1)
+    def col(v: np.ndarray) -> np.ndarray:  # (N, 1) -> (N, 1, 1)
+        return v.reshape(n, 1, 1)
 
     share = np.asarray(server_share, dtype=float)
-    with np.errstate(over="ignore", invalid="ignore"):  # absurd inputs overflow: refused just below
-        fwd, bwd = x.fwd[:, :, None, :], x.bwd[:, :, None, :]  # (N, M, 1, S)
-        device = fwd + bwd
-        server_s = np.tile(x.server_s, n_opt)  # (O*S,)
+    with np.errstate(over="ignore", invalid="ignore"):
         if share.ndim == 0:
-            server = (server_s * share).reshape(1, 1, n_opt, s)
-        else:
+            server = [x.server_s * share] * n_opt
+        else:  # one share per device or cell: per option, over (device, mode, split)
             width = n_modes * n_opt * s
-            server = (np.tile(server_s, n_modes) * np.broadcast_to(share, (n, width))).reshape(shape)
-        up = x.up_bytes[None, None] / col(x.up_bps)  # (N, 1, O, S)
-        down = x.down_bytes[None, None] / col(x.down_bps)
-        k = x.micro[None, None, :, None]
-        lat = np.where(last, 0.0, col(x.latency))  # one request per micro-batch; none at the last split
-        iteration = pipelined_iteration(fwd / k, up / k + lat, server / k, down / k, bwd / k, k,
-                                        col(x.half.astype(float)) > 0)
-        iteration = iteration + x.step_overhead.reshape(n, 1, n_opt, s)
-        weights_down = x.weight_bytes / x.down_bps  # (N, S)
-        weights_up = x.weight_bytes / x.up_bps
-        pc, ptx, prx = (x.power[:, :, i].reshape(n, n_modes, 1, 1) for i in range(3))
-        energy = pc * device + ptx * up + prx * down
-        extra = (weights_down + weights_up + 2 * x.latency + x.session)[:, None, None, :]
-        round_s = col(x.iterations) * iteration + extra
-        if x.switch is not None:
-            round_s = round_s + x.switch.reshape(n, n_modes, 1, 1)
-        energy_round = col(x.iterations) * energy + (prx * weights_down[:, None, None, :] + ptx * weights_up[:, None, None, :])
-        round_flat, energy_round_flat = cells(round_s), cells(energy_round)
-        bad = ~np.isfinite(round_flat + energy_round_flat).all(axis=1)
-    if bad.any():  # round finite implies iteration finite, and likewise for energy
-        i = int(np.flatnonzero(bad)[0])
-        raise ValueError(f"device {x.names[i]!r}: its predicted time or energy is not finite (overflow); "
-                         "its profile, link rates, power or iterations are out of any sensible range")
-    out = Costs(shape, device_s=device, server_s=server, up_s=up, down_s=down, iteration_s=iteration,
-                round_s=round_s, energy_iteration_j=energy, energy_round_j=energy_round)
-    out._flat.update(round_s=round_flat, energy_round_j=energy_round_flat)
-    return out
+            per_cell = (np.tile(x.server_s, n_modes * n_opt) * np.broadcast_to(share, (n, width))).reshape(
+                n, n_modes, n_opt, s)
+            server = [per_cell[:, :, o] for o in range(n_opt)]
+    pc, ptx, prx = (x.power[:, :, i, None] for i in range(3))  # (N, M, 1)
+    half = col(x.half) if x.half.any() else False
+    switch = None if x.switch is None else x.switch[:, :, None]
+    parts: dict[str, list[np.ndarray]] = {f: [] for f in Costs.FIELDS}
+    energies: dict[tuple[bytes, bytes], tuple[Any, Any]] = {}
+    for o in range(n_opt):
+        moved = (x.up_bytes[o].tobytes(), x.down_bytes[o].tobytes())
+        part = _predicted(
+            fwd=x.fwd, bwd=x.bwd, server=server[o], up_bytes=x.up_bytes[o], down_bytes=x.down_bytes[o],
+            k=float(x.micro[o]), last=np.arange(s) == s - 1, weight_bytes=x.weight_bytes, up_bps=col(x.up_bps),
+            down_bps=col(x.down_bps), iterations=col(x.iterations), latency=col(x.latency), session=col(x.session),
+            step_overhead=x.step_overhead[:, None, o * s:(o + 1) * s], half=half, pc=pc, ptx=ptx, prx=prx,
+            switch=switch, energy=energies.get(moved))
+        energies.setdefault(moved, (part["energy_iteration_j"], part["energy_round_j"]))
+        for f in Costs.FIELDS:
+            parts[f].append(part[f])
+    _refuse_overflow([*parts["round_s"], *(e for _, e in energies.values())], x.names)
+    return Costs((n, n_modes, n_opt, s), parts)
 
 
+def cell_costs(x: CostInputs, rows: np.ndarray, cols: np.ndarray, server_share: float = 1.0) -> dict[str, np.ndarray]:
+    """The cost model at the cells (rows[i], cols[i]) alone, by `Costs.FIELDS`: what a plan needs,
+    without a matrix laid out. The same arithmetic as `cost_matrices`, so the same floats."""
+    n_opt, s = x.up_bytes.shape
+    mode, rest = np.divmod(cols, n_opt * s)
+    option, split = np.divmod(rest, s)
 
-def valid_columns(problem: Problem) -> np.ndarray:
-    """(N, C): the options and power modes each device may take; at the last split only the first
-    option (nothing travels); no mode beyond a device's own."""
-    s, opts, n_modes = problem.n_splits, problem.options, problem.n_modes
-    width = len(opts) * s
-    valid = np.ones((len(problem.devices), width), dtype=bool)
-    valid[:, [o * s + s - 1 for o in range(1, len(opts))]] = False
-    for i, d in enumerate(problem.devices):
-        if d.codecs is None and d.micro_batches is None:
-            continue
-        for o, opt in enumerate(opts):
-            if ((d.codecs is not None and opt.codec not in d.codecs)
-                    or (d.micro_batches is not None and opt.micro_batches not in d.micro_batches)):
-                valid[i, o * s:o * s + s - 1] = False
-    if n_modes == 1:
-        return valid
-    count = problem.mode_counts
-    return np.tile(valid, (1, n_modes)) & (np.repeat(np.arange(n_modes), width)[None, :] < count[:, None])
+    def per_row(v: np.ndarray) -> np.ndarray:  # (N, 1) -> one value per cell
+        return v[rows, 0]
 
-
-def allowed_columns(problem: Problem, valid: np.ndarray | None = None) -> np.ndarray:
-    """(N, C) mask of the columns each device may take: valid options and modes, at its pinned split
-    and in its pinned mode where it has them (`valid`: `valid_columns(problem)`, where already made)."""
-    allowed = valid_columns(problem) if valid is None else valid.copy()
-    s, width = problem.n_splits, len(problem.options) * problem.n_splits
-    cols = np.arange(allowed.shape[1])
-    for i, d in enumerate(problem.devices):
-        if d.pinned_split is None and d.pinned_mode is None:
-            continue
-        if d.pinned_split is not None:
-            allowed[i, cols % s != d.pinned_split] = False
-        if d.pinned_mode is not None:
-            allowed[i, cols // width != d.mode_names.index(d.pinned_mode)] = False
-    return allowed
+    with np.errstate(over="ignore", invalid="ignore"):
+        server = x.server_s[split] * float(server_share)
+    power = x.power[rows, mode]
+    parts = _predicted(
+        fwd=x.fwd[rows, mode, split], bwd=x.bwd[rows, mode, split], server=server, up_bytes=x.up_bytes[option, split],
+        down_bytes=x.down_bytes[option, split], k=x.micro[option], last=split == s - 1,
+        weight_bytes=x.weight_bytes[split], up_bps=per_row(x.up_bps), down_bps=per_row(x.down_bps),
+        iterations=per_row(x.iterations), latency=per_row(x.latency), session=per_row(x.session),
+        step_overhead=x.step_overhead[rows, option * s + split], half=per_row(x.half), pc=power[:, 0],
+        ptx=power[:, 1], prx=power[:, 2], switch=None if x.switch is None else x.switch[rows, mode])
+    _refuse_overflow([parts["round_s"], parts["energy_round_j"]], [x.names[i] for i in np.asarray(rows).tolist()])
+    return parts
 
 
-def column_modes(problem: Problem) -> np.ndarray:
-    """(C,): the mode index (0: the one in force) of every flat column."""
-    return np.arange(problem.n_columns) // (len(problem.options) * problem.n_splits)
-
-
-
-def _plan(policy: str, problem: Problem, c: Costs, cols: np.ndarray, shared: bool) -> Plan:
-    rows = np.arange(len(cols))
-    s, n_opt = problem.n_splits, len(problem.options)
-    pick = [c.pick(f, rows, cols).tolist() for f in
+def _plan(policy: str, p: ProblemArrays, cols: np.ndarray, shared: bool, cells: dict[str, np.ndarray]) -> Plan:
+    s, n_opt = p.n_splits, len(p.options)
+    mode, rest = np.divmod(cols, s * n_opt)
+    option, split = np.divmod(rest, s)
+    pick = [cells[f].tolist() for f in
             ("iteration_s", "round_s", "energy_iteration_j", "energy_round_j", "device_s", "server_s", "up_s", "down_s")]
-    sources = [d.power.source for d in problem.devices]
-    names = [d.name for d in problem.devices]
-    opts = [problem.options[o] for o in ((cols // s) % n_opt).tolist()]
-    mode_of = (cols // (s * n_opt)).tolist()
-    profiles = [(d.compute if m == 0 else d.modes[m - 1].compute) for d, m in zip(problem.devices, mode_of)]
-    powers = [(d.power if m == 0 else d.modes[m - 1].power) for d, m in zip(problem.devices, mode_of)]
-    devices = tuple(map(DevicePlan, names, (cols % s).tolist(), *pick, [p.source for p in powers] if problem.n_modes > 1
-                        else sources, [o.codec for o in opts], [o.micro_batches for o in opts],
-                        [p.power_mode for p in profiles], [p.source for p in profiles], [m > 0 for m in mode_of]))
-    return Plan(policy, devices, round_s=max(pick[1]), energy_round_j=math.fsum(pick[3]), server_shared=shared)
+    labels = [p.labels[i] for i in p.mode_labels[np.arange(len(cols)), mode].tolist()]
+    power_mode, mode_source, energy_source = zip(*labels) if labels else ((), (), ())
+    chosen = [p.options[o] for o in option.tolist()]
+    fields = (p.names, split.tolist(), *pick, energy_source, [o.codec for o in chosen],
+              [o.micro_batches for o in chosen], power_mode, mode_source, (mode > 0).tolist())
+    return Plan(policy, _device_plans(fields), round_s=max(pick[1]), energy_round_j=math.fsum(pick[3]),
+                server_shared=shared)
 
 
-def plan_columns(problem: Problem, x: CostInputs, cols: np.ndarray, policy: str, share_server: bool) -> Plan:
-    """The one way every plan is made: the cost model at the given columns."""
-    share = float(np.count_nonzero(cols % problem.n_splits < problem.n_splits - 1)) if share_server else 1.0
-    return _plan(policy, problem, cost_matrices(x, share), cols, share_server)
+_PLAN_FIELDS = tuple(f.name for f in dataclasses.fields(DevicePlan))
 
 
-def _option_index(problem: Problem, codec: str, micro_batches: int) -> int:
+def _device_plans(fields: Sequence[Sequence[Any]]) -> tuple[DevicePlan, ...]:
+    """One `DevicePlan` per device from one sequence per field (in the dataclass's order), each
+    made as `copy` and `pickle` make an object: its attribute dict filled, `__init__` not run. A
+    frozen dataclass's `__init__` sets every field through `object.__setattr__`: 1.7 us for the 16
+    fields of a plan, 17 ms of a 10,000-device decision, against 11 ms so. `DevicePlan` checks
+    nothing in `__init__` (it has no `__post_init__`), so nothing is skipped."""
+    new, out = object.__new__, []
+    for values in zip(*fields):
+        plan = new(DevicePlan)
+        plan.__dict__.update(zip(_PLAN_FIELDS, values))
+        out.append(plan)
+    return tuple(out)
+
+
+def plan_columns(p: ProblemArrays, cols: np.ndarray, policy: str, share_server: bool) -> Plan:
+    """The one way every plan is made: the cost model at the given columns (in the mode it runs in:
+    a round in a new mode pays the switch)."""
+    cols = np.asarray(cols, dtype=int)
+    share = float(np.count_nonzero(cols % p.n_splits < p.n_splits - 1)) if share_server else 1.0
+    return _plan(policy, p, cols, share_server, cell_costs(p.x, np.arange(len(cols)), cols, share))
+
+
+def _option_index(problem: Problem | ProblemArrays, codec: str, micro_batches: int) -> int:
     for o, opt in enumerate(problem.options):
         if (opt.codec, opt.micro_batches) == (codec, micro_batches):
             return o
@@ -694,19 +850,22 @@ def iteration_table(problem: Problem) -> tuple[np.ndarray, np.ndarray]:
     return in_force.reshape(shape), np.broadcast_to(x.up_bytes + x.down_bytes, shape)
 
 
-def session_table(problem: Problem, x: CostInputs | None = None) -> np.ndarray:
+def session_table(problem: Problem | ProblemArrays | None = None, x: CostInputs | None = None) -> np.ndarray:
     """Indexed [device, option, split]: what the model charges a round beyond its iterations (the
     weights each way, the join and upload requests), without any session overhead: what the rest
     of a measured session, beyond its steps, is held against (`x`: the problem's inputs, where
-    already made)."""
-    x = CostInputs.of(problem) if x is None else x
-    c = cost_matrices(replace(x, session=np.zeros_like(x.session), switch=None))
-    width = len(problem.options) * problem.n_splits  # mode 0: the mode the sessions ran in
-    return (c.round_s - x.iterations * c.iteration_s)[:, :width].reshape(len(problem.devices), len(problem.options),
-                                                                          problem.n_splits)
+    already made; given alone, for its rows)."""
+    if x is None:
+        x = problem.x if isinstance(problem, ProblemArrays) else CostInputs.of(problem)
+    n_opt, s = x.up_bytes.shape
+    # the mode in force only, the mode the sessions ran in (the same floats as in the whole matrices)
+    in_force = replace(x, fwd=x.fwd[:, :1], bwd=x.bwd[:, :1], power=x.power[:, :1], session=np.zeros_like(x.session),
+                       switch=None)
+    c = cost_matrices(in_force)
+    return (c.round_s - x.iterations * c.iteration_s).reshape(-1, n_opt, s)
 
 
-def column_of(problem: Problem, codec: str, micro_batches: int, split: int) -> Column | None:
+def column_of(problem: Problem | ProblemArrays, codec: str, micro_batches: int, split: int) -> Column | None:
     """The column of (codec, k, split) in the problem's cost matrices; None when not offered."""
     try:
         return Column(_option_index(problem, codec, micro_batches), split)
@@ -734,6 +893,4 @@ def evaluate(problem: Problem, splits: Mapping[str, int], share_server: bool = F
             if modes[d.name] not in d.mode_names:
                 raise ValueError(f"device {d.name!r}: no power mode {modes[d.name]!r}; its modes: {list(d.mode_names)}")
             mode[i] = d.mode_names.index(modes[d.name])
-    return plan_columns(problem, CostInputs.of(problem), (mode * len(problem.options) + opt) * s + arr, policy,
-                        share_server)
-
+    return plan_columns(problem.arrays(), (mode * len(problem.options) + opt) * s + arr, policy, share_server)

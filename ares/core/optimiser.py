@@ -55,20 +55,20 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass, replace
-from typing import ClassVar, Protocol
+from typing import Callable, ClassVar, Protocol
 
 import numpy as np
 
-from ares.core.costmodel import (Column, CostInputs, Plan, Problem, allowed_columns, check_alpha, check_split,
-                                 column_modes, cost_matrices, plan_columns, valid_columns)
+from ares.core.costmodel import (Column, CostInputs, Plan, Problem, ProblemArrays, check_alpha, check_split,
+                                 cost_matrices, plan_columns)
 
 
 class SplitPolicy(Protocol):
     name: str
 
-    def decide(self, problem: Problem) -> Plan: ...
+    def decide(self, problem: Problem | ProblemArrays) -> Plan: ...
 
-    def choose(self, problem: Problem) -> np.ndarray: ...
+    def choose(self, problem: Problem | ProblemArrays) -> np.ndarray: ...
 
 
 
@@ -91,19 +91,25 @@ def weighted_cost(time: np.ndarray, energy: np.ndarray, alpha: np.ndarray,
                   valid: np.ndarray | None = None) -> np.ndarray:
     """Row by row: alpha * T/||T||2 + (1 - alpha) * E/||E||2 (norms over the row's valid columns);
     a zero row adds 0. Norms are taken on values scaled by the row's maximum, so no square
-    overflows; an inf or nan among the valid values is refused (it would rank as garbage)."""
+    overflows; an inf or nan among the valid values is refused (it would rank as garbage). A term
+    weighted 0 on every row is left out, its values unread: it would add exactly 0 (the straggler
+    policy's default, a = 0, is the energy alone)."""
     def normalised(v: np.ndarray) -> np.ndarray:
         scaled, _ = _scaled(v, valid)
         norm = np.linalg.norm(scaled, axis=1, keepdims=True)
         return np.divide(scaled, norm, out=np.zeros_like(scaled), where=norm > 0)
 
     a = np.asarray(alpha, dtype=float).reshape(-1, 1)
+    if not a.any():
+        return normalised(energy)
+    if (a == 1).all():
+        return normalised(time)
     return a * normalised(time) + (1 - a) * normalised(energy)
 
 
 
-def _alphas(problem: Problem, default: float) -> np.ndarray:
-    return np.array([default if d.alpha is None else d.alpha for d in problem.devices], dtype=float)
+def _alphas(p: ProblemArrays, default: float) -> np.ndarray:
+    return np.where(np.isnan(p.alpha), default, p.alpha)
 
 
 def _argmin_where(cost: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -119,76 +125,111 @@ MODE_MARGIN = 0.10  # a device switches power mode only for a cost at least 10% 
 SLOW_HEADROOM = 0.15
 
 
-def slowed_columns(problem: Problem, x: CostInputs) -> np.ndarray:
+def slowed_columns(p: ProblemArrays, x: CostInputs) -> np.ndarray:
     """(N, C): the columns in a mode whose device part at that split is slower than in the device's
     fastest mode (its valid modes only)."""
     n, n_modes, s = x.fwd.shape
     compute = x.fwd + x.bwd
-    count = problem.mode_counts
-    own = np.arange(n_modes)[None, :, None] < count[:, None, None]
+    own = np.arange(n_modes)[None, :, None] < p.mode_counts[:, None, None]
     fastest = np.where(own, compute, np.inf).min(axis=1, keepdims=True)
     slowed = compute > fastest * (1 + 1e-9)
-    n_opt = len(problem.options)
+    n_opt = len(p.options)
     return np.broadcast_to(slowed[:, :, None, :], (n, n_modes, n_opt, s)).reshape(n, n_modes * n_opt * s)
 
 
-def _keep_mode(problem: Problem, cost: np.ndarray, mask: np.ndarray, best: np.ndarray, margin: float) -> np.ndarray:
+def _keep_mode(p: ProblemArrays, cost: np.ndarray, mask: np.ndarray, best: np.ndarray, margin: float) -> np.ndarray:
     """`best`, except that a device stays in the mode in force while its best column there is
     allowed and costs at most `margin` more than `best` (costs are >= 0)."""
-    if problem.n_modes == 1:
+    if p.n_modes == 1:
         return best
-    here = mask & (column_modes(problem) == 0)[None, :]
+    here = mask & (p.column_modes() == 0)[None, :]
     best_here = _argmin_where(cost, here)
     rows = np.arange(len(best))
     keep = here.any(axis=1) & (cost[rows, best_here] <= cost[rows, best] * (1 + margin))
     return np.where(keep, best_here, best)
 
 
-def _stay_or_move(problem: Problem, cost: np.ndarray, mask: np.ndarray, mode_margin: float = MODE_MARGIN) -> np.ndarray:
+def _stay_or_move(p: ProblemArrays, cost: np.ndarray, mask: np.ndarray, mode_margin: float = MODE_MARGIN) -> np.ndarray:
     """The best allowed column per row, except that a device stays in its power mode while the
     best there costs at most `mode_margin` more, and keeps its current column while that is
     allowed and costs at most `STAY_MARGIN` more than the best (costs are >= 0)."""
-    best = _keep_mode(problem, cost, mask, _argmin_where(cost, mask), mode_margin)
-    rows = np.array([i for i, d in enumerate(problem.devices) if d.current is not None], dtype=int)
+    best = _keep_mode(p, cost, mask, _argmin_where(cost, mask), mode_margin)
+    rows = np.flatnonzero(p.current >= 0)
     if rows.size:
-        current = np.array([problem.devices[i].current.flat(problem.n_splits, len(problem.options)) for i in rows],
-                           dtype=int)
+        current = p.current[rows]
         keep = mask[rows, current] & (cost[rows, current] <= cost[rows, best[rows]] * (1 + STAY_MARGIN))
         best[rows[keep]] = current[keep]
     return best
 
 
 
+# A block of devices at a time. The policies that choose for each device on its own (all but the
+# shared-server straggler) go through the fleet in blocks of at most BLOCK_ROWS devices with the
+# same number of power modes, each block's matrices with only those modes' columns: a block's
+# matrices (~1 MB each) stay in the processor's cache between the passes over them, and a Pi
+# beside Jetsons has no padded mode columns to compute. At 10,000 devices, half of them Jetsons
+# with 4 modes x 6 options x 7 splits, the cost model took 34 ms of CPU this way, 135 ms whole
+# (a 2-core machine under load; `bench/decision.py`).
+BLOCK_ROWS = 1024
+
+
+def blocks(p: ProblemArrays) -> list[tuple[np.ndarray, ProblemArrays]]:
+    """(rows, those devices alone with their own power modes' columns) for every block of `p`."""
+    out = []
+    for m in np.unique(p.mode_counts).tolist():
+        idx = np.flatnonzero(p.mode_counts == m)
+        for lo in range(0, len(idx), BLOCK_ROWS):
+            rows = idx[lo:lo + BLOCK_ROWS]
+            out.append((rows, p if len(rows) == len(p.names) and m == p.n_modes else p.rows(rows, m)))
+    return out
+
+
+def _by_block(p: ProblemArrays, choose: Callable[[ProblemArrays], np.ndarray]) -> np.ndarray:
+    """Every device's column, chosen block by block (`blocks`)."""
+    cols = np.empty(len(p.names), dtype=int)
+    for rows, q in blocks(p):
+        cols[rows] = choose(q)
+    return cols
+
+
 # ---- policies: each only chooses columns; `_Chooser.decide` turns them into a plan -------------
 
+def _arrays(problem: Problem | ProblemArrays) -> ProblemArrays:
+    return problem if isinstance(problem, ProblemArrays) else problem.arrays()
+
+
 class _Chooser:
-    """Shared `decide` and `choose` for policies that implement `_choose(problem, inputs)`."""
+    """Shared `decide` and `choose` for policies that implement `_choose(p)`, over the costs a policy
+    weighs (`steady`). Each takes a `Problem` or, made without an object per device (the
+    controller's), its `ProblemArrays`."""
 
     name: str
     shares_server: bool = False
 
-    def _choose(self, problem: Problem, x: CostInputs) -> np.ndarray:
+    def _choose(self, p: ProblemArrays) -> np.ndarray:
         raise NotImplementedError
 
-    def choose_columns(self, problem: Problem) -> list[Column]:
-        """The (option, split) column of every device, in the problem's order."""
-        s, o = problem.n_splits, len(problem.options)
-        return [Column.at(c, s, o) for c in self._choose(problem, steady(CostInputs.of(problem))).tolist()]
+    def choose_columns(self, problem: Problem | ProblemArrays) -> list[Column]:
+        """The (mode, option, split) column of every device, in the problem's order."""
+        p = _arrays(problem)
+        s, o = p.n_splits, len(p.options)
+        return [Column.at(c, s, o) for c in self._choose(steady(p)).tolist()]
 
-    def choose(self, problem: Problem) -> np.ndarray:
+    def choose(self, problem: Problem | ProblemArrays) -> np.ndarray:
         """Just the split of every device, in the problem's order (no plan objects built)."""
-        return self._choose(problem, steady(CostInputs.of(problem))) % problem.n_splits
+        p = _arrays(problem)
+        return self._choose(steady(p)) % p.n_splits
 
-    def decide(self, problem: Problem) -> Plan:
-        x = CostInputs.of(problem)
-        return plan_columns(problem, x, self._choose(problem, steady(x)), self.name, self.shares_server)
+    def decide(self, problem: Problem | ProblemArrays) -> Plan:
+        p = _arrays(problem)
+        return plan_columns(p, self._choose(steady(p)), self.name, self.shares_server)
 
 
-def steady(x: CostInputs) -> CostInputs:
+def steady(p: ProblemArrays) -> ProblemArrays:
     """The costs a policy weighs: every round's, without a mode switch's one-off pause (a switch
     pays once, the mode's gain or loss recurs every round; `MODE_MARGIN` keeps near-ties from
     switching). The plan still predicts the round that starts in a new mode with its pause."""
-    return replace(x, switch=None) if x.switch is not None else x
+    return replace(p, x=replace(p.x, switch=None)) if p.x.switch is not None else p
 
 
 @dataclass(frozen=True)
@@ -203,11 +244,13 @@ class AresPolicy(_Chooser):
     def __post_init__(self) -> None:
         check_alpha(self.alpha)
 
-    def _choose(self, problem: Problem, x: CostInputs) -> np.ndarray:
-        c = cost_matrices(x)
-        valid = valid_columns(problem)
-        cost = weighted_cost(c.iteration_s, c.energy_iteration_j, _alphas(problem, self.alpha), valid)
-        return _stay_or_move(problem, cost, allowed_columns(problem, valid), self.mode_margin)
+    def _choose(self, p: ProblemArrays) -> np.ndarray:
+        return _by_block(p, self._choose_block)
+
+    def _choose_block(self, p: ProblemArrays) -> np.ndarray:
+        c = cost_matrices(p.x)
+        cost = weighted_cost(c.iteration_s, c.energy_iteration_j, _alphas(p, self.alpha), p.valid)
+        return _stay_or_move(p, cost, p.allowed(), self.mode_margin)
 
 
 @dataclass(frozen=True)
@@ -227,30 +270,41 @@ class StragglerPolicy(_Chooser):
     def shares_server(self) -> bool:  # type: ignore[override]
         return self.share_server
 
-    def _choose(self, problem: Problem, x: CostInputs) -> np.ndarray:
-        valid = valid_columns(problem)
-        allowed = allowed_columns(problem, valid)
-        s = problem.n_splits
+    def _choose(self, p: ProblemArrays) -> np.ndarray:
         if self.share_server:
-            cols = _shared_choice(x, allowed, s, _alphas(problem, self.alpha), valid)
-            if problem.n_modes == 1:
-                return cols
-            # the mode in force where it costs at most the margin more, with the same split and option
-            # (the same sharing: its round and energy change with the mode alone)
-            c = cost_matrices(x, float(np.count_nonzero(cols % s < s - 1)))
-            rows, width = np.arange(len(cols)), len(problem.options) * s
-            target = c.round_s[rows, cols].max()
-            here = cols % width
-            ok = allowed[rows, here] & (c.round_s[rows, here] <= target) & (
-                c.energy_round_j[rows, here] <= c.energy_round_j[rows, cols] * (1 + self.mode_margin))
-            return np.where(ok, here, cols)
-        c = cost_matrices(x)
-        target = np.where(allowed, c.round_s, np.inf).min(axis=1).max()
-        feasible = allowed & (c.round_s <= target)
-        if problem.n_modes > 1 and self.headroom:
-            feasible &= ~slowed_columns(problem, x) | (c.round_s <= target * (1 - self.headroom))
-        cost = weighted_cost(c.round_s, c.energy_round_j, _alphas(problem, self.alpha), valid)
-        return _stay_or_move(problem, cost, feasible, self.mode_margin)
+            return self._shared(p)
+        parts = [(rows, q, q.allowed(), cost_matrices(q.x)) for rows, q in blocks(p)]
+        # the best round any joint choice gives: every device at its fastest, the slowest of them
+        target = max(float(np.where(allowed, c.round_s, np.inf).min(axis=1).max()) for _, _, allowed, c in parts)
+        cols = np.empty(len(p.names), dtype=int)
+        for rows, q, allowed, c in parts:
+            cols[rows] = self._spend_slack(q, allowed, c.round_s, c.energy_round_j, target)
+        return cols
+
+    def _spend_slack(self, p: ProblemArrays, allowed: np.ndarray, round_s: np.ndarray, energy: np.ndarray,
+                     target: float) -> np.ndarray:
+        """Each device's preferred column among those that keep the round within `target`."""
+        feasible = allowed & (round_s <= target)
+        if p.n_modes > 1 and self.headroom:
+            feasible &= ~slowed_columns(p, p.x) | (round_s <= target * (1 - self.headroom))
+        cost = weighted_cost(round_s, energy, _alphas(p, self.alpha), p.valid)
+        return _stay_or_move(p, cost, feasible, self.mode_margin)
+
+    def _shared(self, p: ProblemArrays) -> np.ndarray:
+        """The shared-server choice (`_shared_choice`), over the whole fleet at once: the devices share."""
+        x, allowed, s = p.x, p.allowed(), p.n_splits
+        cols = _shared_choice(x, allowed, s, _alphas(p, self.alpha), p.valid)
+        if p.n_modes == 1:
+            return cols
+        # the mode in force where it costs at most the margin more, with the same split and option
+        # (the same sharing: its round and energy change with the mode alone)
+        c = cost_matrices(x, float(np.count_nonzero(cols % s < s - 1)))
+        rows, width = np.arange(len(cols)), len(p.options) * s
+        target = c.round_s[rows, cols].max()
+        here = cols % width
+        ok = allowed[rows, here] & (c.round_s[rows, here] <= target) & (
+            c.energy_round_j[rows, here] <= c.energy_round_j[rows, cols] * (1 + self.mode_margin))
+        return np.where(ok, here, cols)
 
 
 def _shared_target(x: CostInputs, allowed: np.ndarray, s: int) -> tuple[float, np.ndarray]:
@@ -297,7 +351,6 @@ def _shared_choice(x: CostInputs, allowed: np.ndarray, s: int, alphas: np.ndarra
     choices (exact for a = 0, where the scores do not depend on k).
     """
     target, offloaders = _shared_target(x, allowed, s)
-    n = allowed.shape[0]
     local_cols = np.arange(allowed.shape[1]) % s == s - 1  # the last split, in every power mode
     off = ~local_cols
     c_all = cost_matrices(x)
@@ -372,9 +425,9 @@ class FixedPolicy(_Chooser):
     def name(self) -> str:  # type: ignore[override]
         return f"fixed:{self.split}"
 
-    def _choose(self, problem: Problem, x: CostInputs) -> np.ndarray:
-        s = check_split(self.split, problem.n_splits, "fixed split")
-        return np.array([s if d.pinned_split is None else d.pinned_split for d in problem.devices])
+    def _choose(self, p: ProblemArrays) -> np.ndarray:
+        s = check_split(self.split, p.n_splits, "fixed split")
+        return np.where(p.pinned_split >= 0, p.pinned_split, s)
 
 
 @dataclass(frozen=True)
@@ -383,8 +436,8 @@ class NonePolicy(_Chooser):
 
     name: ClassVar[str] = "none"
 
-    def _choose(self, problem: Problem, x: CostInputs) -> np.ndarray:
-        return FixedPolicy(problem.n_splits - 1)._choose(problem, x)
+    def _choose(self, p: ProblemArrays) -> np.ndarray:
+        return FixedPolicy(p.n_splits - 1)._choose(p)
 
 
 POLICY_NAMES = ("ares", "straggler", "fixed:N", "none")
@@ -408,20 +461,20 @@ def parse_policy(text: str, alpha: float | None = None, share_server: bool = Fal
     raise ValueError(f"unknown policy {text!r}; accepted: {', '.join(POLICY_NAMES)} (N = a split point)")
 
 
-def oracle_round_time(problem: Problem, share_server: bool = False, max_vectors: int = 1_000_000) -> float:
+def oracle_round_time(problem: Problem | ProblemArrays, share_server: bool = False, max_vectors: int = 1_000_000) -> float:
     """Best round time over all joint choices of split and option (pins and options respected).
 
     Without server sharing each device's round time depends only on its own choice, so the
     optimum is exactly max over devices of min over its columns. With sharing it is found by
     enumerating every joint vector (refused beyond `max_vectors`).
     """
-    x = CostInputs.of(problem)
-    allowed = allowed_columns(problem)
+    p = _arrays(problem)
+    allowed = p.allowed()
     if not share_server:
-        return float(np.where(allowed, cost_matrices(x).round_s, np.inf).min(axis=1).max())
+        return float(np.where(allowed, cost_matrices(p.x).round_s, np.inf).min(axis=1).max())
     choices = [np.flatnonzero(row).tolist() for row in allowed]
     count = math.prod(len(c) for c in choices)
     if count > max_vectors:
         raise ValueError(f"{count} joint choices exceed max_vectors={max_vectors}")
-    return min(plan_columns(problem, x, np.array(v), "oracle", True).round_s for v in itertools.product(*choices))
+    return min(plan_columns(p, np.array(v), "oracle", True).round_s for v in itertools.product(*choices))
 

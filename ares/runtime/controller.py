@@ -15,20 +15,26 @@ mode in force, so the next plan is made for the mode it really runs in.
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
+import itertools
 import logging
+import math
 import statistics
+import threading
+from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Iterator, Mapping, Optional, Protocol, Sequence, runtime_checkable
+from typing import Any, Callable, Iterator, Mapping, Optional, Protocol, Sequence, runtime_checkable
 
 import httpx
 import numpy as np
 
 from ares.core.energy import PowerModel, power_model
 from ares.core.messages import LINK_SMOOTHING, STEP_ROUNDS, DeviceTelemetry, ServerStatus, SessionSample, StepSample, Telemetry
-from ares.core.costmodel import (CODEC_BYTES, MAX_BPS, MIN_BPS, Column, CostInputs, DeviceInput, Option, Plan, Problem,
-                                 column_of, cost_matrices, model_costs, options_for, other_modes, session_table)
+from ares.core.costmodel import (CODEC_BYTES, MAX_BPS, MIN_BPS, Column, CostInputs, DeviceInput, ModelCosts, Option, Plan,
+                                 PowerMode, Problem, ProblemArrays, cell_costs, check_split, model_costs, options_for,
+                                 other_modes, session_table, valid_columns)
 from ares.core.optimiser import SplitPolicy
 from ares.core.profiles import DEFAULT_SWITCH_S, ComputeProfile, ServerProfile, modes_of
 from ares.runtime.splitfile import write_mode, write_options, write_split
@@ -73,29 +79,97 @@ def with_modes(device: DeviceInput, measured: DeviceTelemetry, pinned_mode: Opti
 
 def _mode_fields(profile: ComputeProfile, measured: DeviceTelemetry, pinned_mode: Optional[str]) -> dict:
     """What `with_modes` changes in a device with this profile ({} where nothing)."""
-    names = modes_of(profile.device_class)
-    if profile.power_mode not in names:
+    rule = _mode_rule(profile.device_class, profile.power_mode, measured, pinned_mode)
+    if rule is None:
         return {}
+    return {"modes": other_modes(profile), "pinned_mode": rule[0], "switch_s": rule[1]}
+
+
+def _mode_rule(device_class: str, power_mode: str, measured: DeviceTelemetry,
+               pinned_mode: Optional[str]) -> Optional[tuple[Optional[str], float]]:
+    """(the mode it is pinned to, the seconds a switch costs) for a device of a class with modes whose
+    mode in force is known; None for any other."""
+    names = modes_of(device_class)
+    if power_mode not in names:
+        return None
     pin = pinned_mode if pinned_mode in names else None
     if measured.power_mode_failed:
-        pin = profile.power_mode  # the host could not switch it: plan for the mode in force
-    switch = measured.switch_s if measured.switch_s is not None else DEFAULT_SWITCH_S
-    return {"modes": other_modes(profile), "pinned_mode": pin, "switch_s": switch}
+        pin = power_mode  # the host could not switch it: plan for the mode in force
+    return pin, measured.switch_s if measured.switch_s is not None else DEFAULT_SWITCH_S
+
+
+@functools.lru_cache(maxsize=64)
+def _unit_modes(device_class: str, power_mode: str, n_splits: int) -> tuple[PowerMode, ...]:
+    """`other_modes` of a profile of this class and mode whose every time is 1 s: in each other mode
+    its times are the factors that mode's derived profile multiplies a measured one's by
+    (`derive_power_mode`), so a whole fleet's are derived with one multiplication per mode."""
+    unit = (1.0,) * n_splits
+    return other_modes(ComputeProfile(unit, unit, device_class=device_class, power_mode=power_mode, source="measured"))
+
+
+@dataclass(frozen=True)
+class _Reading:
+    """What a decision reads from the telemetry: the reports it takes, in the problem's order, and
+    their problem as arrays (with each device's current column, step and session overheads)."""
+
+    reports: list[DeviceTelemetry]
+    arrays: ProblemArrays
+    powers: list[PowerModel]  # each device's in its mode in force
+    timed: np.ndarray  # (N,) bool: its step overheads are its own (it has step samples)
+    server: ServerProfile
+    model: ModelCosts
+    codec: str
 
 
 def problem_from_telemetry(telemetry: Telemetry, pinned: Mapping[str, int] | None = None,
                            offer: Sequence[tuple[str, int]] = (), power_modes: bool = False,
                            pinned_modes: Mapping[str, str] | None = None) -> Optional[Problem]:
-    """The optimiser's input from measurements. Devices not yet measured are left out.
+    """The optimiser's input from measurements, as dataclasses: a `DeviceInput` per device with the
+    figures `arrays_from_telemetry` reads (what `decide` decides over, without these objects).
+    Devices not yet measured are left out.
 
     The problem's options are the job's own (codec, micro-batches), then every pair in `offer`
     (the choices the controller may hand each device beside its split). With `power_modes`,
-    each Jetson's modes too (`with_modes`), a device in `pinned_modes` at that mode only."""
-    pinned = pinned or {}
+    each Jetson's modes too (`with_modes`), a device in `pinned_modes` at that mode only. Each
+    device comes with the column it ran its last round at (`with_current`), its step overheads
+    (`with_step_overheads`) and its session overhead (`with_session_overheads`)."""
+    pinned, pinned_modes = pinned or {}, pinned_modes or {}
+    read = _read(telemetry, pinned, offer, power_modes, pinned_modes)
+    if read is None:
+        return None
+    x, s, n_opt = read.arrays.x, read.arrays.n_splits, len(read.arrays.options)
+    devices = []
+    for i, d in enumerate(read.reports):
+        profile = ComputeProfile(fwd=tuple(d.fwd), bwd=tuple(d.bwd), batch_size=d.batch_size,
+                                 device_class=d.device_class, power_mode=d.power_mode, source="measured")
+        if profile.batch_size != telemetry.batch_size:
+            profile = profile.rescaled(telemetry.batch_size)
+        current = int(read.arrays.current[i])
+        steps = tuple(map(tuple, x.step_overhead[i].reshape(n_opt, s).tolist())) if read.timed[i] else None
+        modes = _mode_fields(profile, d, pinned_modes.get(d.name)) if power_modes else {}
+        devices.append(DeviceInput(
+            name=d.name, compute=profile, up_bps=float(x.up_bps[i, 0]), down_bps=d.down_bps, power=read.powers[i],
+            iterations=d.iterations, pinned_split=pinned.get(d.name), latency_s=d.latency_s or 0.0, duplex=d.duplex,
+            current=Column.at(current, s, n_opt) if current >= 0 else None, step_overheads=steps,
+            session_overhead_s=float(x.session[i, 0]), **modes))
+    return Problem(devices=tuple(devices), server=read.server, model=read.model, codec=read.codec,
+                   options=read.arrays.options)
+
+
+def arrays_from_telemetry(telemetry: Telemetry, pinned: Mapping[str, int] | None = None,
+                          offer: Sequence[tuple[str, int]] = (), power_modes: bool = False,
+                          pinned_modes: Mapping[str, str] | None = None) -> Optional[ProblemArrays]:
+    """`problem_from_telemetry`'s problem as arrays, read from the reports without an object per
+    device: what `decide` decides over. None when no device has been measured yet."""
+    read = _read(telemetry, pinned or {}, offer, power_modes, pinned_modes or {})
+    return None if read is None else read.arrays
+
+
+def _usable(telemetry: Telemetry) -> tuple[list[DeviceTelemetry], list[float]]:
+    """The reports a decision takes, each with its uplink estimate (`with_last_upload`): measured,
+    with a profile of the model's layers and link rates the model takes (a warning for the rest)."""
     layers = len(telemetry.activation_numel)
-    server = ServerProfile(fwd=tuple(telemetry.server_fwd), bwd=tuple(telemetry.server_bwd), batch_size=telemetry.batch_size)
-    devices, measured, fields = [], {}, []
-    powers: dict[tuple[str, str], PowerModel] = {}
+    reports, up = [], []
     for d in telemetry.devices:
         if not (d.fwd and d.bwd and d.up_bps and d.down_bps and d.iterations) or len(d.fwd) != layers:
             continue
@@ -104,50 +178,175 @@ def problem_from_telemetry(telemetry: Telemetry, pinned: Mapping[str, int] | Non
             log.warning("device %s: measured link rate %.3g/%.3g B/s is outside what the model takes; "
                         "left out of this decision", d.name, up_bps, d.down_bps)
             continue
-        profile = ComputeProfile(fwd=tuple(d.fwd), bwd=tuple(d.bwd), batch_size=d.batch_size,
-                                 device_class=d.device_class, power_mode=d.power_mode, source="measured")
-        if profile.batch_size != telemetry.batch_size:
-            profile = profile.rescaled(telemetry.batch_size)
-        key = (d.device_class, d.power_mode)
-        power = powers[key] if key in powers else powers.setdefault(key, _power(*key))  # once per class and mode
-        kw = dict(name=d.name, compute=profile, up_bps=up_bps, down_bps=d.down_bps, power=power,
-                  iterations=d.iterations, pinned_split=pinned.get(d.name), latency_s=d.latency_s or 0.0,
-                  duplex=d.duplex)
-        if power_modes:  # as `with_modes`, without building the device twice
-            kw.update(_mode_fields(profile, d, (pinned_modes or {}).get(d.name)))
-        devices.append(DeviceInput(**kw))
-        fields.append(kw)
-        measured[d.name] = d
-    if not devices:
-        return None
+        reports.append(d)
+        up.append(up_bps)
+    return reports, up
+
+
+def _options(telemetry: Telemetry, offer: Sequence[tuple[str, int]]) -> tuple[ModelCosts, str, tuple[Option, ...]]:
+    """The model's byte counts with the job's codec, that codec, and the options: the job's own
+    (codec, micro-batches) first, then every other pair in `offer`."""
     costs = model_costs(telemetry.activation_numel, telemetry.weight_bytes, telemetry.batch_size,
                         codec_bytes=CODEC_BYTES.get(telemetry.codec, 4))
     codec = telemetry.codec if telemetry.codec in CODEC_BYTES else "fp32"
     own = Option(codec, telemetry.micro_batches, costs)
     extra = [pair for pair in dict.fromkeys(offer) if pair != (own.codec, own.micro_batches)]
-    options = (own, *(o for c, k in extra for o in options_for(telemetry.activation_numel, telemetry.weight_bytes,
-                                                                telemetry.batch_size, (c,), (k,))))
-    problem = Problem(devices=tuple(devices), server=server, model=costs, codec=codec, options=options)
-    # with_current, with_step_overheads and with_session_overheads in one pass: each device is
-    # rebuilt once, with all three, and the session overheads are held against the cost model's
-    # inputs with the step overheads put in as arrays
-    current = _current_columns(problem, measured, (telemetry.codec, telemetry.micro_batches))
-    steps = {n: d.measured_steps for n, d in measured.items()}
-    tables = _step_overhead_tables(problem, steps) if any(steps.values()) else [d.step_overheads for d in problem.devices]
-    sessions = {n: d.sessions for n, d in measured.items()}
-    session: list[Optional[float]] = [None] * len(devices)
-    if any(sessions.values()):
-        x = CostInputs.of(problem)
-        changed = [i for i, (d, t) in enumerate(zip(problem.devices, tables)) if t is not d.step_overheads]
-        if changed:
-            per_column = x.step_overhead.copy()
-            mask = np.tile(np.arange(problem.n_splits) < problem.n_splits - 1, len(problem.options))
-            per_column[changed] = np.array([[v for row in tables[i] for v in row] for i in changed], dtype=float) * mask
-            x = replace(x, step_overhead=per_column)
-        session = _session_overheads(problem, sessions, session_table(problem, x))
-    return replace(problem, devices=tuple(
-        DeviceInput(**kw, current=c, step_overheads=t, session_overhead_s=d.session_overhead_s if o is None else o)
-        for kw, d, c, t, o in zip(fields, problem.devices, current, tables, session)))
+    return costs, codec, (own, *(o for c, k in extra for o in options_for(
+        telemetry.activation_numel, telemetry.weight_bytes, telemetry.batch_size, (c,), (k,))))
+
+
+def _profiles(reports: Sequence[DeviceTelemetry], n_splits: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(N, S) each: every report's forward and backward seconds per split, checked as `ComputeProfile`
+    and `Problem` check them, at the telemetry's batch size (`ComputeProfile.rescaled`'s arithmetic:
+    the same floats)."""
+    for what in ("fwd", "bwd"):
+        if {len(getattr(d, what)) for d in reports} != {n_splits}:
+            d = next(d for d in reports if len(getattr(d, what)) != n_splits)
+            raise ValueError(f"device {d.name!r}: its profile has {len(d.fwd)} forward and {len(d.bwd)} backward "
+                             f"times; the model has {n_splits} splits")
+    batch = np.array([d.batch_size for d in reports])
+    if (batch < 1).any():
+        raise ValueError(f"ComputeProfile: batch_size must be a positive integer, got {int(batch[batch < 1][0])}")
+    other = np.flatnonzero(batch != batch_size)
+    out = []
+    for what in ("fwd", "bwd"):
+        times = np.fromiter(itertools.chain.from_iterable(getattr(d, what) for d in reports), float,
+                            len(reports) * n_splits).reshape(len(reports), n_splits)
+        ok = np.isfinite(times) & (times >= 0)
+        if not ok.all():
+            raise ValueError(f"{what} must hold finite seconds >= 0, got {float(times[~ok][0])!r}")
+        if other.size:
+            times[other] *= (batch_size / batch[other])[:, None]
+        out.append(times)
+    return out[0], out[1]
+
+
+def _read(telemetry: Telemetry, pinned: Mapping[str, int], offer: Sequence[tuple[str, int]], power_modes: bool,
+          pinned_modes: Mapping[str, str]) -> Optional[_Reading]:
+    """The decision's input, as arrays, from the reports (None when none is usable), with the checks
+    the dataclasses make of the same figures."""
+    reports, up = _usable(telemetry)
+    if not reports:
+        return None
+    model, codec, options = _options(telemetry, offer)
+    s, n_opt, n = model.n_splits, len(options), len(reports)
+    server = ServerProfile(fwd=tuple(telemetry.server_fwd), bwd=tuple(telemetry.server_bwd),
+                           batch_size=telemetry.batch_size)
+    if server.n_splits != s:
+        raise ValueError(f"server profile has {server.n_splits} splits, the model {s}")
+    names = tuple(d.name for d in reports)
+    if len(set(names)) != n:
+        raise ValueError(f"device names must be unique; repeated: {sorted(k for k, v in Counter(names).items() if v > 1)}")
+    fwd, bwd = _profiles(reports, s, telemetry.batch_size)
+    kinds = [(d.device_class, d.power_mode) for d in reports]
+    table = {kind: _power(*kind) for kind in dict.fromkeys(kinds)}  # once per class and mode
+    powers = [table[kind] for kind in kinds]
+    iterations = np.array([d.iterations for d in reports])
+    latency = np.array([d.latency_s or 0.0 for d in reports], dtype=float)
+    for bad, what in ((iterations < 0, "iterations must be an integer >= 0"),
+                      (latency < 0, "latency_s must be >= 0 seconds")):
+        if bad.any():
+            raise ValueError(f"device {names[int(np.argmax(bad))]!r}: {what}")
+    pins, index = np.full(n, -1), {name: i for i, name in enumerate(names)}
+    for name, split in pinned.items():
+        if name in index:
+            pins[index[name]] = check_split(split, s, f"device {name!r}: pinned split")
+    modes = _modes(reports, kinds, table, fwd, bwd, power_modes, pinned_modes)
+    x = CostInputs(
+        fwd=modes.fwd, bwd=modes.bwd, server_s=np.array(server.fwd) + np.array(server.bwd),
+        up_bytes=np.array([o.model.up_bytes for o in options], dtype=float),
+        down_bytes=np.array([o.model.down_bytes for o in options], dtype=float),
+        micro=np.array([o.micro_batches for o in options], dtype=float),
+        weight_bytes=np.array(model.weight_bytes, dtype=float), up_bps=np.array(up, dtype=float)[:, None],
+        down_bps=np.array([d.down_bps for d in reports], dtype=float)[:, None],
+        iterations=iterations.astype(float)[:, None], power=modes.watts, latency=latency[:, None],
+        session=np.zeros((n, 1)), step_overhead=np.zeros((n, n_opt * s)),
+        half=np.array([d.duplex == "half" for d in reports])[:, None], names=names, switch=modes.switch)
+    # the step overheads, then the session overheads held against a model with them in
+    rows, tables = _overhead_tables(options, s, _excess(x, options, [d.measured_steps for d in reports]))
+    timed = np.zeros(n, dtype=bool)
+    if rows:
+        step = x.step_overhead.copy()
+        step[rows] = tables.reshape(len(rows), n_opt * s) * np.tile(np.arange(s) < s - 1, n_opt)
+        x, timed[rows] = replace(x, step_overhead=step), True
+    with_sessions = [i for i, d in enumerate(reports) if d.sessions]
+    if with_sessions:
+        rest = session_table(x=x.rows(np.array(with_sessions)))
+        found = _session_excess(s, [reports[i].sessions for i in with_sessions], rest)
+        session = x.session.copy()
+        for i, v in zip(with_sessions, found):
+            if v is not None:
+                session[i, 0] = v
+        x = replace(x, session=session)
+    own = (telemetry.codec, telemetry.micro_batches)
+    current = _current_columns(options, s, reports, own, [-1] * n, lambda o, split: o * s + split)
+    arrays = ProblemArrays(x=x, options=options, mode_counts=modes.counts,
+                           valid=valid_columns(s, n_opt, modes.counts), alpha=np.full(n, math.nan),
+                           pinned_split=pins, pinned_mode=modes.pinned, current=np.array([-1 if c is None else c for c in current]),
+                           mode_labels=modes.labels_of, labels=modes.labels)
+    return _Reading(reports, arrays, powers, timed, server, model, codec)
+
+
+@dataclass(frozen=True)
+class _Modes:
+    """Every device's power modes as arrays (`CostInputs` and `ProblemArrays` fields)."""
+
+    fwd: np.ndarray  # (N, M, S)
+    bwd: np.ndarray
+    watts: np.ndarray  # (N, M, 3)
+    switch: Optional[np.ndarray]  # (N, M); None with one mode
+    counts: np.ndarray  # (N,)
+    pinned: np.ndarray  # (N,) the pinned mode's index; -1: none
+    labels_of: np.ndarray  # (N, M) rows of `labels`
+    labels: tuple[tuple[str, str, str], ...]
+
+
+def _modes(reports: Sequence[DeviceTelemetry], kinds: Sequence[tuple[str, str]],
+           power: Mapping[tuple[str, str], PowerModel], fwd: np.ndarray, bwd: np.ndarray, power_modes: bool,
+           pinned_modes: Mapping[str, str]) -> _Modes:
+    """Each device's power modes as arrays: the one in force (its `kinds`: class and mode, and
+    their `power`), and, with `power_modes` (in the decision), its class's other modes
+    (`with_modes`) with their profiles derived from the one measured and their power from the
+    table; past a device's own modes, its mode in force again (never valid)."""
+    n, s = fwd.shape
+    labels: dict[tuple[str, str, str], int] = {}
+    in_force = {kind: labels.setdefault((kind[1], "measured", p.source), len(labels)) for kind, p in power.items()}
+    watts = {kind: (p.compute_w, p.tx_w, p.rx_w) for kind, p in power.items()}
+    out_w = np.array([watts[kind] for kind in kinds], dtype=float)[:, None]
+    labels_of = np.array([in_force[kind] for kind in kinds])[:, None]
+    # the devices with other modes, by class and mode in force
+    groups: dict[tuple[str, str], list[int]] = {kind: [] for kind in power if power_modes and kind[1] in modes_of(kind[0])}
+    for i, kind in enumerate(kinds):
+        if kind in groups:
+            groups[kind].append(i)
+    counts = np.ones(n, dtype=int)
+    for (cls, mode), members in groups.items():
+        counts[members] = 1 + len(_unit_modes(cls, mode, s))
+    m = int(counts.max())
+    if m == 1:
+        return _Modes(fwd[:, None], bwd[:, None], out_w, None, counts, np.full(n, -1), labels_of, tuple(labels))
+    out_f, out_b = np.repeat(fwd[:, None], m, axis=1), np.repeat(bwd[:, None], m, axis=1)
+    out_w, labels_of = np.repeat(out_w, m, axis=1), np.repeat(labels_of, m, axis=1)
+    pinned, switch = np.full(n, -1), np.zeros((n, m))
+    for (cls, mode), members in groups.items():
+        rows = np.array(members)
+        others = _unit_modes(cls, mode, s)
+        for j, other in enumerate(others, start=1):
+            # `ComputeProfile.scaled`'s arithmetic (each time times the factor): the same floats
+            out_f[rows, j] = fwd[rows] * np.array(other.compute.fwd)
+            out_b[rows, j] = bwd[rows] * np.array(other.compute.bwd)
+            out_w[rows, j] = (other.power.compute_w, other.power.tx_w, other.power.rx_w)
+            labels_of[rows, j] = labels.setdefault((other.name, other.compute.source, other.power.source), len(labels))
+        names = [mode, *(o.name for o in others)]
+        for i in members:
+            d = reports[i]
+            pin, switch_s = _mode_rule(cls, mode, d, pinned_modes.get(d.name))  # type: ignore[misc]
+            if not math.isfinite(switch_s) or switch_s < 0:
+                raise ValueError(f"device {d.name!r}: switch_s must be >= 0 seconds, got {switch_s!r}")
+            switch[i, 1:] = switch_s
+            if pin is not None:
+                pinned[i] = names.index(pin)
+    return _Modes(out_f, out_b, out_w, switch, counts, pinned, labels_of, tuple(labels))
 
 
 def with_last_upload(up_bps: float, upload_bps: Optional[float]) -> float:
@@ -166,28 +365,31 @@ def with_last_upload(up_bps: float, upload_bps: Optional[float]) -> float:
 def with_current(problem: Problem, measured: Mapping[str, DeviceTelemetry], own: tuple[str, int]) -> Problem:
     """The problem with the column each device ran its last round at (its split, and its codec and k,
     else the job's), which the policies keep unless clearly beaten (`STAY_MARGIN`)."""
-    current = _current_columns(problem, measured, own)
+    current = _current_columns(problem.options, problem.n_splits, [measured[d.name] for d in problem.devices], own,
+                               [d.current for d in problem.devices])
     return replace(problem, devices=tuple(d if c is d.current else replace(d, current=c)
                                           for d, c in zip(problem.devices, current)))
 
 
-def _current_columns(problem: Problem, measured: Mapping[str, DeviceTelemetry],
-                     own: tuple[str, int]) -> list[Optional[Column]]:
-    """Each device's `current` as `with_current` sets it (its own where its report has no split)."""
-    n = problem.n_splits
-    first = (problem.options[0].codec, problem.options[0].micro_batches)
-    found: dict[tuple[str, int, int], Optional[Column]] = {}  # column_of, once per (codec, k, split)
+def _current_columns(options: Sequence[Option], n_splits: int, reports: Sequence[DeviceTelemetry],
+                     own: tuple[str, int], keep: Sequence[Any], make: Callable[[int, int], Any] = Column) -> list:
+    """Each report's column as `with_current` sets it: `make(option, split)` (a `Column`, or where
+    made for arrays, its flat index), None where that option is not offered, `keep`'s where its
+    report has no split."""
+    n = n_splits
+    index = {(o.codec, o.micro_batches): i for i, o in enumerate(options)}  # a problem's pairs are unique
+    first = (options[0].codec, options[0].micro_batches)
+    found: dict[tuple[str, int, int], Any] = {}  # once per (codec, k, split)
     out = []
-    for device in problem.devices:
-        d = measured[device.name]
+    for d, kept in zip(reports, keep):
         split = d.split
         if split is None or not 0 <= split < n:
-            out.append(device.current)
+            out.append(kept)
             continue
         # at the last split only the first option
         key = (d.codec or own[0], d.micro_batches or own[1], split) if split < n - 1 else (*first, split)
         if key not in found:
-            found[key] = column_of(problem, *key)
+            found[key] = make(index[key[:2]], split) if key[:2] in index else None
         out.append(found[key])
     return out
 
@@ -213,78 +415,90 @@ def with_step_overheads(problem: Problem, samples: Mapping[str, Sequence[StepSam
 
 def _step_overhead_tables(problem: Problem, samples: Mapping[str, Sequence[StepSample]]) -> list:
     """Each device's `step_overheads` as `with_step_overheads` sets them (its own where it has no sample)."""
-    # bytes moved per iteration, [option, split] (the same for every device)
-    moved = (np.array([o.model.up_bytes for o in problem.options], dtype=float)
-             + np.array([o.model.down_bytes for o in problem.options], dtype=float)).tolist()
-    excess = _step_excess(problem, samples)
-    rows = [i for i, known in enumerate(excess) if known]
+    excess = [{(col.option, col.split): v for col, v in e.items()} for e in _step_excess(problem, samples)]
+    rows, tables = _overhead_tables(problem.options, problem.n_splits, excess)
     out = [d.step_overheads for d in problem.devices]
-    if not rows:
-        return out
-    per_byte, cap = [], []
-    for i in rows:
-        known = excess[i]
-        carried = sum(moved[col.option][col.split] for col in known)
-        per_byte.append(sum(known.values()) / carried if carried > 0 else 0.0)
-        cap.append(sum(known.values()) / len(known))
-    # every cell min(per_byte * moved, cap) at once (the same float arithmetic), then the known cells
-    tables = np.minimum(np.array(per_byte)[:, None, None] * np.array(moved)[None],
-                        np.array(cap)[:, None, None]).tolist()
-    for i, table in zip(rows, tables):
-        for col, v in excess[i].items():
-            table[col.option][col.split] = v
+    for i, table in zip(rows, tables.tolist()):
         out[i] = tuple(map(tuple, table))
     return out
 
 
+def _overhead_tables(options: Sequence[Option], n_splits: int,
+                     excess: Sequence[Mapping[tuple[int, int], float]]) -> tuple[list[int], np.ndarray]:
+    """The rows with a step excess (`_excess`: per (option, split)), and their step overheads
+    [row, option, split] from it (see `with_step_overheads`)."""
+    # bytes moved per iteration, [option, split] (the same for every device)
+    moved = (np.array([o.model.up_bytes for o in options], dtype=float)
+             + np.array([o.model.down_bytes for o in options], dtype=float))
+    rows = [i for i, known in enumerate(excess) if known]
+    if not rows:
+        return rows, np.zeros((0, len(options), n_splits))
+    carried_by = moved.tolist()
+    per_byte, cap = [], []
+    for i in rows:
+        known = excess[i]
+        carried = sum(carried_by[o][split] for o, split in known)
+        per_byte.append(sum(known.values()) / carried if carried > 0 else 0.0)
+        cap.append(sum(known.values()) / len(known))
+    # every cell min(per_byte * moved, cap) at once, then the known cells
+    tables = np.minimum(np.array(per_byte)[:, None, None] * moved[None], np.array(cap)[:, None, None])
+    for j, i in enumerate(rows):
+        for (o, split), v in excess[i].items():
+            tables[j, o, split] = v
+    return rows, tables
+
+
 def _step_excess(problem: Problem, samples: Mapping[str, Sequence[StepSample]]) -> list[dict[Column, float]]:
     """Per device, per column it has run: the mean, over its last `STEP_ROUNDS` rounds there, of
-    each round's step beyond the model of that round (the link estimates and compute speed it ran
-    under), never below 0. Held against today's model instead, a round that ran before the link
-    fell would hide the fall; the last round alone takes one noisy round for the next. Every
-    device's rounds are modelled in one table, as if each round were a device of its own: the
-    device's row of the cost model's inputs with that round's link rates and compute speed (in the
-    mode in force, without step overheads), as arrays, no object per round."""
-    s = problem.n_splits
+    each round's step beyond the model of that round (`_excess`)."""
+    excess = _excess(CostInputs.of(problem), problem.options, [samples.get(d.name, ()) for d in problem.devices])
+    return [{Column(o, split): v for (o, split), v in e.items()} for e in excess]
+
+
+def _excess(x: CostInputs, options: Sequence[Option],
+            samples: Sequence[Sequence[StepSample]]) -> list[dict[tuple[int, int], float]]:
+    """Per row of `x`, per (option, split) its `samples` ran at: the mean, over the last
+    `STEP_ROUNDS` rounds there, of each round's step beyond the model of that round (the link
+    estimates and compute speed it ran under), never below 0. Held against today's model instead,
+    a round that ran before the link fell would hide the fall; the last round alone takes one noisy
+    round for the next. Every row's rounds are modelled at once, as if each round were a device of
+    its own: the row of the cost model's inputs with that round's link rates and compute speed (in
+    the mode in force, without step overheads), as arrays, no object per round."""
+    s = x.weight_bytes.shape[0]
     option_of: dict[tuple[str, int], int] = {}
-    for o, opt in enumerate(problem.options):
+    for o, opt in enumerate(options):
         option_of.setdefault((opt.codec, opt.micro_batches), o)
-    columns: dict[tuple[int, int], Column] = {}
-    dev, flat, step, up, down, scale = [], [], [], [], [], []
-    keys: list[Column] = []
-    for i, d in enumerate(problem.devices):
-        for x in samples.get(d.name, ()):
-            o = option_of.get((x.codec, x.micro_batches))
-            if x.split >= s - 1 or o is None:
-                continue
-            col = columns.get((o, x.split))
-            if col is None:
-                col = columns[(o, x.split)] = Column(o, x.split)
-            dev.append(i)
-            flat.append(o * s + x.split)
-            keys.append(col)
-            step.append(x.step_s)
-            up.append(_rate(x.up_bps, d.up_bps))
-            down.append(_rate(x.down_bps, d.down_bps))
-            scale.append(x.compute_scale)
-    if not dev:
-        return [{} for _ in problem.devices]
-    x = CostInputs.of(problem)
-    idx = np.array(dev)
-    factor = np.array(scale, dtype=float)[:, None, None]
-    then = replace(x.rows(idx), fwd=x.fwd[idx, :1] * factor, bwd=x.bwd[idx, :1] * factor, power=x.power[idx, :1],
-                   up_bps=np.array(up, dtype=float)[:, None], down_bps=np.array(down, dtype=float)[:, None],
-                   step_overhead=np.zeros((len(dev), x.step_overhead.shape[1])), switch=None)
-    modelled = cost_matrices(then).pick("iteration_s", np.arange(len(dev)), np.array(flat)).tolist()
-    excess: list[dict[Column, list[float]]] = [{} for _ in problem.devices]
-    for i, col, step_s, m in zip(dev, keys, step, modelled):
-        excess[i].setdefault(col, []).append(step_s - m)
-    return [{col: max(0.0, statistics.fmean(v[-STEP_ROUNDS:])) for col, v in e.items()} for e in excess]
+    owner = [i for i, taken in enumerate(samples) for _ in taken]
+    if not owner:
+        return [{} for _ in samples]
+    # one pass over the samples' fields, then arrays (a rate of None: nan, not one the model takes)
+    split, codec, k, step, up, down, scale = zip(*[(v.split, v.codec, v.micro_batches, v.step_s, v.up_bps, v.down_bps,
+                                                    v.compute_scale) for taken in samples for v in taken])
+    option = np.array([option_of.get(pair, -1) for pair in zip(codec, k)])
+    kept = np.flatnonzero((option >= 0) & (np.array(split) < s - 1))  # the rest ran at no column of this problem
+    if not kept.size:
+        return [{} for _ in samples]
+    rows, option, split = np.array(owner)[kept], option[kept], np.array(split)[kept]
 
+    def rate(measured: Sequence[Optional[float]], now: np.ndarray) -> np.ndarray:  # the sample's where the model takes it
+        v = np.array(measured, dtype=float)[kept]
+        with np.errstate(invalid="ignore"):
+            return np.where((v >= MIN_BPS) & (v <= MAX_BPS), v, now[rows, 0])
 
-def _rate(measured: Optional[float], now: float) -> float:
-    """A step sample's link rate where it has one the model takes, else the report's."""
-    return measured if measured is not None and MIN_BPS <= measured <= MAX_BPS else now
+    factor = np.array(scale, dtype=float)[kept, None, None]
+    then = replace(x.rows(rows), fwd=x.fwd[rows, :1] * factor, bwd=x.bwd[rows, :1] * factor, power=x.power[rows, :1],
+                   up_bps=rate(up, x.up_bps)[:, None], down_bps=rate(down, x.down_bps)[:, None],
+                   step_overhead=np.zeros((len(rows), x.step_overhead.shape[1])), switch=None)
+    modelled = cell_costs(then, np.arange(len(rows)), option * s + split)["iteration_s"]
+    beyond = (np.array(step, dtype=float)[kept] - modelled).tolist()
+    runs: dict[tuple[int, int, int], list[float]] = {}  # (row, option, split): oldest first
+    for key, v in zip(zip(rows.tolist(), option.tolist(), split.tolist()), beyond):
+        runs.setdefault(key, []).append(v)
+    excess: list[dict[tuple[int, int], float]] = [{} for _ in samples]
+    for (i, o, sp), v in runs.items():
+        last = v[-STEP_ROUNDS:]
+        excess[i][(o, sp)] = max(0.0, math.fsum(last) / len(last))  # `statistics.fmean`'s arithmetic
+    return excess
 
 
 def with_session_overheads(problem: Problem, samples: Mapping[str, Sequence[SessionSample]]) -> Problem:
@@ -304,9 +518,14 @@ def _session_overheads(problem: Problem, samples: Mapping[str, Sequence[SessionS
                        rest: np.ndarray) -> list[Optional[float]]:
     """Each device's `session_overhead_s` as `with_session_overheads` sets it (None: left as it is),
     from `session_table`'s `rest`."""
+    return _session_excess(problem.n_splits, [samples.get(d.name, ()) for d in problem.devices], rest)
+
+
+def _session_excess(n_splits: int, samples: Sequence[Sequence[SessionSample]], rest: np.ndarray) -> list[Optional[float]]:
+    """Per row of `rest` (`session_table`), its session overhead from its `samples` (None: none)."""
     out: list[Optional[float]] = []
-    for i, device in enumerate(problem.devices):
-        later = [x for x in samples.get(device.name, ()) if x.round > 0 and x.split < problem.n_splits]
+    for i, taken in enumerate(samples):
+        later = [x for x in taken if x.round > 0 and x.split < n_splits]
         excess = [max(0.0, x.session_s - x.steps_s - float(rest[i, 0, x.split])) for x in later[-3:]]
         out.append(statistics.median(excess) if excess else None)
     return out
@@ -315,26 +534,44 @@ def _session_overheads(problem: Problem, samples: Mapping[str, Sequence[SessionS
 def decide(telemetry: Telemetry, policy: SplitPolicy, pinned: Mapping[str, int] | None = None,
            offer: Sequence[tuple[str, int]] = (), power_modes: bool = False,
            pinned_modes: Mapping[str, str] | None = None) -> Optional[Plan]:
-    """A plan for the measured devices, or None when nothing has been measured yet.
+    """A plan for the measured devices, or None when nothing has been measured yet. The policy
+    decides over the problem as arrays (`arrays_from_telemetry`): no object per device but the plan's.
 
     Python's cyclic garbage collector is paused while it runs: a decision makes a few objects per
     device (none in a cycle), and at 10,000 devices the collections they set off, each walking
     every live object (the telemetry's too), took a third of its CPU time (0.13 s of 0.39 s)."""
     with _collector_paused():
-        problem = problem_from_telemetry(telemetry, pinned, offer, power_modes, pinned_modes)
+        problem = arrays_from_telemetry(telemetry, pinned, offer, power_modes, pinned_modes)
         return policy.decide(problem) if problem is not None else None
+
+
+# The collector is one switch for the whole process, and decisions may run in several threads at
+# once (an operator serves several jobs). The first decision in pauses it, the last one out turns it
+# back on if it was on before the first came in: each reading and turning it under one lock.
+# (Each decision saving and restoring it on its own let one that had read "off" from another
+# turn it off again after that one had finished: left off for good.)
+_collector_lock = threading.Lock()
+_collector_pausers = 0  # decisions running with the collector paused
+_collector_was_on = False  # whether it was on when the first of them came in
 
 
 @contextlib.contextmanager
 def _collector_paused() -> Iterator[None]:
-    """Python's cyclic garbage collector off inside, as it was after (reference counting still frees)."""
-    was = gc.isenabled()
-    gc.disable()
+    """Python's cyclic garbage collector off inside, as it was after the last decision running
+    leaves (reference counting still frees)."""
+    global _collector_pausers, _collector_was_on
+    with _collector_lock:
+        if _collector_pausers == 0:
+            _collector_was_on = gc.isenabled()
+            gc.disable()
+        _collector_pausers += 1
     try:
         yield
     finally:
-        if was:
-            gc.enable()
+        with _collector_lock:
+            _collector_pausers -= 1
+            if _collector_pausers == 0 and _collector_was_on:
+                gc.enable()
 
 
 def offer_pairs(codec: str, micro_batches: int, codecs: Sequence[str],

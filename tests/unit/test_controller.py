@@ -293,3 +293,163 @@ def test_a_sessions_time_beyond_its_steps_and_weights_is_charged_once_per_round_
     assert [(x.round, x.split, x.session_s, x.steps_s) for x in got["a"]] == [
         (r, r % 3, pytest.approx(2.5 + r), 1.0) for r in (2, 3, 4, 5)]
     assert "old" not in got  # a record without its steps' time (an older checkpoint) says nothing
+
+
+# ---- the decision over arrays: the same problem and plan as over one object per device --------
+
+def varied_telemetry(seed: int, n: int) -> Telemetry:
+    """A fleet with every kind of report a decision reads: Jetsons (modes, a failed switch, a measured
+    switch) and Pis, another batch size, half duplex, latency, the server's upload figure, step samples
+    (some at settings the problem does not offer), sessions, devices not measured or with links the
+    model refuses."""
+    import numpy as np
+
+    from ares.core.messages import SessionSample, StepSample
+
+    rng = np.random.default_rng(seed)
+    pi = PUBLISHED["raspberry-pi"]
+    devices = []
+    for i in range(n):
+        kind = int(rng.integers(0, 10))
+        if kind == 0:
+            devices.append(DeviceTelemetry(name=f"d{i}"))  # joined, nothing measured yet
+            continue
+        jetson = kind % 2 == 1
+        base, f = (NANO if jetson else pi), float(rng.uniform(0.5, 2.0))
+        batch = 50 if kind == 2 else 100  # a profile measured at another batch size: rescaled
+        steps = [StepSample(split=int(rng.integers(0, 7)), codec=str(rng.choice(["fp32", "fp16", "int8"])),
+                            micro_batches=int(rng.choice([1, 2, 4])), step_s=float(rng.uniform(0, 2)),
+                            up_bps=rng.choice([None, float(rng.uniform(1e5, 5e7)), 1e-4]),
+                            compute_scale=float(rng.uniform(0.5, 2.0))) for _ in range(int(rng.integers(0, 5)))]
+        sessions = [SessionSample(round=r, split=int(rng.integers(0, 7)), session_s=float(rng.uniform(5, 20)),
+                                  steps_s=float(rng.uniform(0, 5))) for r in range(int(rng.integers(0, 4)))]
+        devices.append(DeviceTelemetry(
+            name=f"d{i}", device_class="jetson-nano" if jetson else "raspberry-pi",
+            power_mode=str(rng.choice(["MAXN", "5W"])) if jetson else "",
+            fwd=[v * f * batch / 100 for v in base.fwd], bwd=[v * f * batch / 100 for v in base.bwd], batch_size=batch,
+            up_bps=1e-300 if kind == 9 and i % 3 == 0 else float(rng.uniform(1e5, 5e7)),
+            down_bps=float(rng.uniform(1e5, 5e7)), iterations=int(rng.integers(1, 100)),
+            latency_s=float(rng.uniform(0, 0.05)) if rng.integers(2) else None,
+            duplex=str(rng.choice(["full", "half"])), split=int(rng.integers(0, 7)) if rng.integers(4) else None,
+            codec=str(rng.choice(["fp32", "int8"])), micro_batches=int(rng.choice([1, 4])),
+            upload_bps=float(rng.uniform(1e5, 5e7)) if rng.integers(2) else None, measured_steps=steps,
+            sessions=sessions, power_mode_failed="custom1" if jetson and kind == 3 else "",
+            switch_s=float(rng.uniform(0.1, 2)) if jetson and rng.integers(2) else None))
+    server = [t / 10 for t in NANO.fwd]
+    tail = [server[-1] - v for v in server]
+    return Telemetry(round=3, model="vgg5", batch_size=100, codec="fp32", activation_numel=activation_numel("vgg5"),
+                     weight_bytes=weight_bytes("vgg5"), server_fwd=tail, server_bwd=tail, devices=devices)
+
+
+def same_arrays(a, b) -> None:
+    """Two `ProblemArrays` hold the same figures, to the bit (their labels compared by what they name)."""
+    import numpy as np
+
+    for name in ("fwd", "bwd", "server_s", "up_bytes", "down_bytes", "micro", "weight_bytes", "up_bps", "down_bps",
+                 "iterations", "power", "latency", "session", "step_overhead", "half"):
+        assert np.array_equal(getattr(a.x, name), getattr(b.x, name)), name
+    assert (a.x.switch is None) == (b.x.switch is None) and (a.x.switch is None or np.array_equal(a.x.switch, b.x.switch))
+    assert a.x.names == b.x.names and a.options == b.options
+    for name in ("mode_counts", "valid", "pinned_split", "pinned_mode", "current"):
+        assert np.array_equal(getattr(a, name), getattr(b, name)), name
+    assert np.array_equal(a.alpha, b.alpha, equal_nan=True)
+    assert [[a.labels[i] for i in row] for row in a.mode_labels.tolist()] == [
+        [b.labels[i] for i in row] for row in b.mode_labels.tolist()]
+
+
+@pytest.mark.parametrize("power_modes", [False, True], ids=["one mode", "power modes"])
+@pytest.mark.parametrize("seed", range(3))
+def test_the_arrays_read_from_telemetry_are_the_problems_and_decide_the_same_plan(seed, power_modes):
+    """`decide` reads the telemetry into arrays without an object per device; `problem_from_telemetry`
+    builds a `DeviceInput` per device. The arrays must be the ones the dataclasses give, to the bit,
+    and so must every policy's plan over them."""
+    from ares.runtime.controller import arrays_from_telemetry
+
+    t = varied_telemetry(seed, 90)
+    kw = dict(pinned={"d4": 2, "d7": 6, "nobody": 1}, offer=[("fp32", 1), ("int8", 4), ("fp16", 2)],
+              power_modes=power_modes, pinned_modes={"d5": "custom3", "d11": "MAXN", "d6": "5W"})
+    problem, arrays = problem_from_telemetry(t, **kw), arrays_from_telemetry(t, **kw)
+    same_arrays(arrays, problem.arrays())
+    assert len(problem.devices) > 60 and (problem.n_modes == 4) == power_modes
+    assert sum(d.step_overheads is not None for d in problem.devices) > 10
+    assert sum(d.session_overhead_s > 0 for d in problem.devices) > 10 and sum(d.current is not None for d in problem.devices) > 30
+    for text in ("straggler", "ares", "none", "fixed:2"):
+        policy = parse_policy(text)
+        assert decide(t, policy, **kw) == policy.decide(problem), text
+    shared = parse_policy("straggler", share_server=True)
+    assert decide(t, shared, **kw) == shared.decide(problem)
+
+
+def test_the_arrays_refuse_what_the_dataclasses_refuse():
+    from ares.runtime.controller import arrays_from_telemetry
+
+    t = varied_telemetry(5, 20)
+    one = problem_from_telemetry(t).devices[0].name
+    ok = next(d for d in t.devices if d.name == one)
+    bad = [t.model_copy(update={"devices": [ok.model_copy(update={"fwd": [-1.0] * 7})]}),
+           t.model_copy(update={"devices": [ok.model_copy(update={"bwd": [1.0] * 6})]}),
+           t.model_copy(update={"devices": [ok.model_copy(update={"iterations": -3})]}),
+           t.model_copy(update={"devices": [ok, ok]}),  # one name twice
+           t.model_copy(update={"server_fwd": t.server_fwd[:-1]})]
+    for case in bad:
+        with pytest.raises(ValueError):
+            problem_from_telemetry(case)
+        with pytest.raises(ValueError):
+            arrays_from_telemetry(case)
+    with pytest.raises(ValueError, match="pinned split 9"):
+        arrays_from_telemetry(t, pinned={one: 9})
+    assert arrays_from_telemetry(t.model_copy(update={"devices": [DeviceTelemetry(name="new")]})) is None
+
+
+# ---- the garbage collector, paused by decisions in several threads at once --------------------
+
+def test_decisions_in_two_threads_leave_the_collector_running_as_it_was(monkeypatch):
+    """The collector is one switch for the process. Decision A pauses it; B starts while A runs and
+    ends after it. Each saving and restoring the switch on its own, B read "off" (A's pause) and
+    turned it off again after A had turned it back on: off for good. Paused while either runs, on
+    again after the last one."""
+    import threading
+
+    from ares.runtime import controller
+
+    class Collector:  # `gc`'s switch, which tells when B reads it
+        def __init__(self) -> None:
+            self.on, self.during = True, []
+
+        def isenabled(self) -> bool:
+            seen = self.on
+            if threading.current_thread().name == "b":
+                b_started.set()  # B has read the switch: let A finish before B goes on
+                a_done.wait(5)
+            return seen
+
+        def enable(self) -> None:
+            self.on = True
+
+        def disable(self) -> None:
+            self.on = False
+
+    collector, b_started, a_done = Collector(), threading.Event(), threading.Event()
+    monkeypatch.setattr(controller, "gc", collector)
+
+    def a() -> None:
+        with controller._collector_paused():
+            b_started.wait(5)
+        collector.during.append(collector.on)  # A is done, B still deciding
+        a_done.set()
+
+    def b() -> None:
+        with controller._collector_paused():
+            b_started.set()
+            a_done.wait(5)
+
+    first = threading.Thread(target=a, name="a")
+    first.start()
+    while not controller._collector_pausers:  # A is inside
+        threading.Event().wait(0.001)
+    second = threading.Thread(target=b, name="b")
+    second.start()
+    first.join(10)
+    second.join(10)
+    assert collector.on  # running again after both
+    assert collector.during == [False]  # and paused while B still ran

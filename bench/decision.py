@@ -1,0 +1,121 @@
+"""How long the controller takes to decide a fleet from its telemetry: `controller.decide`, end to end.
+
+The fleet: `ares simulate`'s (half published Nanos, half Pis, links 5-50 Mbit/s) runs four rounds
+under the straggler policy with power modes, so its telemetry holds what a fleet reports after a
+few rounds (profiles, links, up to three step samples per offloading device, Jetsons in several
+modes); each device's last four sessions are added as the server reports them. Timed, each the
+median of `--repeats` (wall and this process's CPU time), `controller.decide(telemetry, policy)`
+for:
+
+- straggler: the default policy, the job's one (codec, micro-batches) option;
+- straggler + power modes: every Jetson's four modes in the decision (4 x 7 columns);
+- straggler + modes + 6 options: and six (codec, k) options (4 x 6 x 7 = 168 columns per Jetson);
+- straggler, shared server (`share_server=True`, one option; budget 1 s);
+- ares: the published rule (one option).
+
+Two baselines, measured in the same run: the same decisions at `--baseline-devices` (1,000), and
+the same decision made over one object per device, as the controller made it before it read the
+telemetry into arrays: `policy.decide(problem_from_telemetry(telemetry))` (a `DeviceInput` and a
+`ComputeProfile` per device, read back into arrays by the policy). The collector is paused for
+both, as `decide` pauses it. Budgets: 100 ms, 1 s for the shared server.
+
+    python bench/decision.py [--devices 10000] [--baseline-devices 1000] [--repeats 7]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Callable
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ares.core.messages import SessionSample, Telemetry  # noqa: E402
+from ares.core.optimiser import AresPolicy, SplitPolicy, StragglerPolicy  # noqa: E402
+from ares.roles.simulate import DeviceGroup, SimConfig, Simulation  # noqa: E402
+from ares.runtime import controller  # noqa: E402
+
+BUDGET_S, SHARED_BUDGET_S = 0.100, 1.0
+OFFER = tuple((c, k) for c in ("fp32", "fp16", "int8") for k in (1, 4))
+CASES: dict[str, tuple[SplitPolicy, dict]] = {
+    "straggler": (StragglerPolicy(), {}),
+    "straggler + power modes": (StragglerPolicy(), {"power_modes": True}),
+    "straggler + modes + 6 options": (StragglerPolicy(), {"power_modes": True, "offer": OFFER}),
+    "straggler, shared server": (StragglerPolicy(share_server=True), {}),
+    "ares": (AresPolicy(), {}),
+}
+
+
+def fleet_telemetry(n: int) -> Telemetry:
+    """The telemetry of n simulated devices after four rounds, with their last four sessions."""
+    sim = Simulation(SimConfig(rounds=4, power_modes=True, fleet=[
+        DeviceGroup(count=n - n // 2), DeviceGroup(count=n // 2, profile="raspberry-pi")]), "straggler")
+    for r in range(4):
+        sim.step(r)
+    t = sim._telemetry(4, sim.fleet.available.nonzero()[0])
+    return t.model_copy(update={"devices": [d.model_copy(update={"sessions": [
+        SessionSample(round=r, split=d.split, session_s=d.round_s * (1.02 + 0.01 * r), steps_s=d.round_s * 0.9)
+        for r in range(1, 5)]}) for d in t.devices]})
+
+
+def median_ms(fn: Callable[[], object], repeats: int) -> tuple[float, float]:
+    """(median wall ms, median CPU ms of this process) of `fn()`, after one run to warm up."""
+    fn()
+    wall, cpu = [], []
+    for _ in range(repeats):
+        w, c = time.perf_counter(), time.process_time()
+        fn()
+        wall.append(time.perf_counter() - w)
+        cpu.append(time.process_time() - c)
+    return statistics.median(wall) * 1e3, statistics.median(cpu) * 1e3
+
+
+def over_objects(t: Telemetry, policy: SplitPolicy, kw: dict) -> object:
+    """The decision over one object per device, the collector paused as `decide` pauses it."""
+    with controller._collector_paused():
+        return policy.decide(controller.problem_from_telemetry(t, **kw))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--devices", type=int, default=10_000)
+    ap.add_argument("--baseline-devices", type=int, default=1_000)
+    ap.add_argument("--repeats", type=int, default=7)
+    args = ap.parse_args()
+    print(f"controller.decide(telemetry), median of {args.repeats}, wall / CPU ms; load average "
+          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs", flush=True)
+    fleets = {n: fleet_telemetry(n) for n in (args.baseline_devices, args.devices)}
+    for n, t in fleets.items():
+        steps = sum(len(d.measured_steps) for d in t.devices)
+        modes = Counter(d.power_mode for d in t.devices if d.device_class == "jetson-nano")
+        print(f"  {n} devices: {steps} step samples; Jetsons by power mode: {dict(modes)}", flush=True)
+    times = {(name, n): median_ms(lambda: controller.decide(t, policy, **kw), args.repeats)
+             for name, (policy, kw) in CASES.items() for n, t in fleets.items()}
+    big = fleets[args.devices]
+    objects = {name: median_ms(lambda: over_objects(big, policy, kw), max(3, args.repeats // 2))
+               for name, (policy, kw) in CASES.items()}
+    for name, (policy, kw) in CASES.items():  # the same plan both ways
+        assert controller.decide(big, policy, **kw) == over_objects(big, policy, kw), name
+    n, base = args.devices, args.baseline_devices
+    print(f"\n{'decision':<31}{base:>7} devices{n:>8} devices   x budget (CPU)   {n}/{base}   arrays/objects "
+          f"(objects: CPU ms)")
+    for name in CASES:
+        budget = SHARED_BUDGET_S if "shared" in name else BUDGET_S
+        (bw, bc), (w, c), (_, oc) = times[(name, base)], times[(name, n)], objects[name]
+        print(f"  {name:<29}{bw:6.1f} /{bc:6.1f}{w:7.1f} /{c:6.1f}   {c / (budget * 1e3):5.2f} of {budget * 1e3:4.0f} ms"
+              f"   {c / bc:7.1f}x   {c / oc:6.2f} ({oc:.0f} ms)")
+    worst = max(times[(name, n)][1] for name in CASES if "shared" not in name)
+    shared = times[("straggler, shared server", n)][1]
+    print(f"slowest decision at {n} devices {worst:.1f} ms CPU ({'within' if worst < BUDGET_S * 1e3 else 'OVER'} "
+          f"{BUDGET_S * 1e3:.0f} ms); shared server {shared:.1f} ms CPU "
+          f"({'within' if shared < SHARED_BUDGET_S * 1e3 else 'OVER'} {SHARED_BUDGET_S:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
