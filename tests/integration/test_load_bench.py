@@ -92,3 +92,24 @@ def test_nothing_the_bench_started_is_left_running(bench):
     _, _, work = bench
     assert processes_under(work) == []
     assert list(work.iterdir()) == []  # every fleet's folder removed
+
+
+def test_a_root_and_two_shards_each_device_on_its_shard(tmp_path):
+    from ares.core.config import ServerConfig
+
+    if "shards" not in ServerConfig.model_fields:
+        pytest.skip("this version of the server has no shards")
+    out = tmp_path / "load.json"
+    done = subprocess.run(
+        [sys.executable, "bench/load.py", "--devices", "6", "--shards", "2", "--rounds", str(ROUNDS),
+         "--steps", str(STEPS), "--batch", "4", "--procs", "2", "--workdir", str(tmp_path), "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=540, check=False,
+        env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    (run,) = json.loads(out.read_text())["runs"]
+    assert run["errors"] == 0 and run["steps_done"] == 6 * ROUNDS * STEPS, run["error_samples"]
+    assert [p["role"] for p in run["processes"]] == ["root", "shard 0", "shard 1"]
+    assert run["processes"][0]["devices"] == 0 and sum(p["devices"] for p in run["processes"]) == 6
+    assert run["rss_per_device_per_shard_mb"] > 0
+    assert [r["closed_by"] for r in run["rounds"]] == ["all devices done"] * ROUNDS
+    assert processes_under(tmp_path) == []
