@@ -4,6 +4,9 @@ Thin handlers over pure functions. On create/resume: validate, then Secret, Conf
 and pods. Every tick (a timer): pods are reconciled (missing ones created, failed ones replaced
 within their backoff limit), the server's status read, the optimiser run when due and its
 splits written as pod annotations, and the job's status patched when it changed.
+A tick reads the job's pods from a kopf index (`job_pods`, fed by one watch on the pods the
+jobs own), not from a LIST, and writes only what changed: a steady tick of a 1,000-device job
+makes no pod call at all (podindex.py says when it lists the pods instead).
 Per-job state (tokens, the last plan, when it was made) is one typed `JobState` in kopf's
 per-object memo; what every job shares (settings, the API client, metrics) is one `Context`.
 
@@ -19,8 +22,9 @@ import dataclasses
 import datetime
 import logging
 import secrets
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Optional
 
 import kopf
@@ -30,20 +34,23 @@ from kubernetes.client.rest import ApiException
 from ares.core.config import CONTROLLER_TOKEN_NAME
 from ares.core.messages import ServerStatus
 from ares.runtime.tlsclient import ClientTls, explain
-from ares_operator import builders, conditions, quota, reconcile, refusals, release, validation
+from ares_operator import builders, conditions, podindex, quota, reconcile, refusals, release, validation
 from ares_operator import metrics as operator_metrics
 from ares_operator import constants as c
 from ares_operator import settings as ares_settings
 from ares_operator import tls
 from ares_operator import status as job_status
 from ares_operator.builders import JobRef
+from ares_operator.diffbase import CompressedDiffBaseStorage
 from ares_operator.kube import Kube, NotOurs, QuotaShortfall, Refused, load_config
 from ares_operator.kube import controller_uid as kube_controller_uid
 from ares_operator.spec import JobSpec
 
 RESOURCE = (c.GROUP, c.VERSION, c.PLURAL)
+POD_RESOURCE = ("v1", "pods")  # core/v1 pods
 MAX_BACKOFF_S = 300.0        # the longest wait between two tries after an error
 MAX_FAILURES = 8             # consecutive errors of a running job before it is marked Failed
+EVENTS_PER_TICK = 10         # Events of one kind a tick posts one by one; the rest in one more
 
 
 @dataclasses.dataclass
@@ -76,6 +83,12 @@ class JobState:
     mode_failures: frozenset[tuple[str, str, str]] = frozenset()  # failed switches already posted as Events
     failures: int = 0                          # consecutive unexpected errors
     retry_at: Optional[float] = None           # monotonic; no reconcile before then (backoff)
+    pending: podindex.PendingWrites = podindex.PendingWrites()  # pod writes the index has not shown yet
+    devices: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # every device's last entry
+    # Held by whichever handler of this job is at work: the create, resume and spec-change handlers
+    # wait for it; a tick that finds it held skips (the next one comes soon). Re-entrant: a
+    # reconcile annotates under it too.
+    lock: threading.RLock = dataclasses.field(default_factory=threading.RLock, repr=False, compare=False)
 
 
 def context(memo: kopf.Memo) -> Context:
@@ -104,8 +117,10 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logging.
     logging.getLogger("ares_operator").setLevel(ours.log_level)
     settings.persistence.finalizer = c.FINALIZER
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=c.KOPF_PREFIX)
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+    settings.persistence.diffbase_storage = CompressedDiffBaseStorage(
         prefix=c.KOPF_PREFIX, key="last-handled-configuration")
+    # The pod index's watch: only pods of some job, filtered by the API server, not all of a namespace's.
+    settings.watching.label_selectors[POD_RESOURCE] = c.LABEL_JOB
     # Our Events are posted by us (Kube.post_event: phases, replacements, refusals, errors);
     # kopf's posting of log records is kept for its own failures only, so nothing is said twice.
     settings.posting.level = logging.ERROR
@@ -157,11 +172,14 @@ class Call:
     logger: logging.Logger
     ctx: Context
     state: JobState
+    pods_index: Optional[Mapping[podindex.Key, Any]] = None  # kopf's `job_pods`; None: LIST the pods
 
     @classmethod
     def of(cls, name: str, namespace: str, uid: str, status: Mapping[str, Any], meta: Mapping[str, Any],
-           body: kopf.Body, memo: kopf.Memo, patch: kopf.Patch, logger: logging.Logger) -> "Call":
-        return cls(JobRef(name, namespace, uid), status, meta, body, patch, logger, context(memo), state(memo))
+           body: kopf.Body, memo: kopf.Memo, patch: kopf.Patch, logger: logging.Logger,
+           pods_index: Optional[Mapping[podindex.Key, Any]] = None) -> "Call":
+        return cls(JobRef(name, namespace, uid), status, meta, body, patch, logger, context(memo), state(memo),
+                   pods_index)
 
     def conditions(self) -> list[dict[str, Any]]:
         """The conditions as this call has left them so far (its patch over what kopf read)."""
@@ -181,11 +199,12 @@ class Call:
 @kopf.on.create(*RESOURCE)
 def start(name: str, namespace: str, uid: str, spec: Mapping[str, Any], status: Mapping[str, Any],
           meta: Mapping[str, Any], body: kopf.Body, memo: kopf.Memo, patch: kopf.Patch,
-          logger: logging.Logger, **_: Any) -> None:
+          logger: logging.Logger, job_pods: Optional[kopf.Index] = None, **_: Any) -> None:
     if status.get("phase") in c.TERMINAL_PHASES:
         return  # a finished job keeps what it has; nothing is recreated on resume
-    call = Call.of(name, namespace, uid, status, meta, body, memo, patch, logger)
-    reconcile_job(call, spec)
+    call = Call.of(name, namespace, uid, status, meta, body, memo, patch, logger, job_pods)
+    with call.state.lock:
+        reconcile_job(call, spec)
     patch.status.setdefault("startTime", status.get("startTime") or _now())
 
 
@@ -388,39 +407,77 @@ def _tls(call: Call, spec: JobSpec, reread: bool = False) -> None:
     st.tls = ClientTls(ca_pem=tls.ca_pem(existing), server_name=job.server_host())
 
 
+# --- the pods, as the index or a LIST shows them ----------------------------------------------
+
+@kopf.index(*POD_RESOURCE, labels={c.LABEL_JOB: kopf.PRESENT})
+async def job_pods(body: kopf.Body, **_: Any) -> dict[podindex.Key, reconcile.PodView]:
+    """Every pod a job controls, by (namespace, job uid): what a tick reads instead of a LIST."""
+    return podindex.entry(body)
+
+
+def observed_pods(call: Call) -> list[reconcile.PodView]:
+    """The job's pods: from the index once it shows this operator's last pod writes; else listed."""
+    st, job = call.state, call.job
+    indexed = podindex.view(call.pods_index, job.namespace, job.uid)
+    if indexed is None:
+        st.pending = podindex.PendingWrites()  # a LIST every time: nothing to wait for
+        return list_pods(call, "no-index")
+    behind = podindex.unseen(indexed, st.pending)
+    if not behind:
+        st.pending = behind
+        return indexed
+    listed = list_pods(call, "index-behind")
+    st.pending = podindex.after_list(listed, behind)
+    return listed
+
+
+def list_pods(call: Call, reason: str) -> list[reconcile.PodView]:
+    job = call.job
+    call.ctx.metrics.pod_lists.labels(job.namespace, job.name, reason).inc()
+    return [reconcile.PodView.of(p) for p in call.ctx.kube.list_pods(job.namespace, job.name, job.uid)]
+
+
 # --- the tick --------------------------------------------------------------------------------
 
 @kopf.timer(*RESOURCE, interval=ares_settings.tick_seconds(), initial_delay=ares_settings.tick_seconds())
 def tick(name: str, namespace: str, uid: str, spec: Mapping[str, Any], status: Mapping[str, Any],
          meta: Mapping[str, Any], body: kopf.Body, memo: kopf.Memo, patch: kopf.Patch,
-         logger: logging.Logger, **_: Any) -> None:
-    call = Call.of(name, namespace, uid, status, meta, body, memo, patch, logger)
+         logger: logging.Logger, job_pods: Optional[kopf.Index] = None, **_: Any) -> None:
+    began = time.perf_counter()
+    call = Call.of(name, namespace, uid, status, meta, body, memo, patch, logger, job_pods)
     call.ctx.metrics.phase(namespace, name, status.get("phase"))
     if status.get("phase") in c.TERMINAL_PHASES:
         _finished(call, spec)
         return
     if call.state.retry_at is not None and time.monotonic() < call.state.retry_at:
         return  # backing off after an error
-    reconcile_job(call, spec)
+    if not call.state.lock.acquire(blocking=False):
+        logger.debug("another handler of %s is at work; the next tick looks again", name)
+        return
+    try:
+        reconcile_job(call, spec)
+    finally:
+        call.state.lock.release()
     call.ctx.metrics.phase(namespace, name, patch.status.get("phase") or status.get("phase"))
+    call.ctx.metrics.tick_seconds.labels(namespace, name).observe(time.perf_counter() - began)
 
 
 @kopf.on.update(*RESOURCE, field="spec")
 def spec_changed(name: str, namespace: str, uid: str, spec: Mapping[str, Any], status: Mapping[str, Any],
                  meta: Mapping[str, Any], body: kopf.Body, memo: kopf.Memo, patch: kopf.Patch,
-                 logger: logging.Logger, **_: Any) -> None:
+                 logger: logging.Logger, job_pods: Optional[kopf.Index] = None, **_: Any) -> None:
     """Pinned splits, power modes and bandwidth caps reach the pods now, not at the next tick.
     (Every other field is immutable, or read by each tick: the CRD refuses edits nothing applies.)"""
     if status.get("phase") in c.TERMINAL_PHASES:
         patch.status["observedGeneration"] = meta.get("generation")  # seen; nothing left to change
         return
-    call = Call.of(name, namespace, uid, status, meta, body, memo, patch, logger)
+    call = Call.of(name, namespace, uid, status, meta, body, memo, patch, logger, job_pods)
     parsed, problems = validation.validate(name, spec, call.ctx.settings)
     if parsed is None or problems:
         return  # the next tick marks it Failed
     try:
-        pods = [reconcile.PodView.of(p) for p in call.ctx.kube.list_pods(namespace, name, uid)]
-        annotate(call, parsed, pods)
+        with call.state.lock:
+            annotate(call, parsed, observed_pods(call))
     except Exception as exc:  # noqa: BLE001 -- the next tick applies them again; said on the job now
         _error(call, exc)
 
@@ -430,7 +487,7 @@ def _reconcile(call: Call, spec: JobSpec) -> None:
     ours = call.ctx.settings
     # Read before the pods are listed: a pod seen by a concurrent call is then in this listing too.
     seen = st.server_seen if st.server_seen is not None else job_status.server_ran(status)
-    pods = [reconcile.PodView.of(p) for p in kube.list_pods(job.namespace, job.name, job.uid)]
+    pods = observed_pods(call)
     devices_status = job_status.devices_by_name(status)
     restarts = {d.name: max(int((devices_status.get(d.name) or {}).get("restarts") or 0),
                             st.restarts.get(d.name, 0)) for d in spec.devices}
@@ -443,17 +500,21 @@ def _reconcile(call: Call, spec: JobSpec) -> None:
     st.server_seen = actions.server_seen
     for note in actions.notes:
         call.logger.info(note)
-        call.event("Warning", c.REASON_PODS_REPLACED, note)
-    for pod_name in actions.delete:
-        kube.delete_pod(job.namespace, pod_name)
+    for reason, message in job_status.capped_events([(c.REASON_PODS_REPLACED, n) for n in actions.notes],
+                                                    EVENTS_PER_TICK):
+        call.event("Warning", reason, message)
+    delete_pods(call, pods, actions.delete)
     for obj in actions.create:
         if kube.create(obj):
             call.logger.info("created pod %s", obj["metadata"]["name"])
+        st.pending = st.pending.add(created=[obj["metadata"]["name"]])  # made now or before: the index must show it
     if actions.delete or actions.create:
-        pods = [reconcile.PodView.of(p) for p in kube.list_pods(job.namespace, job.name, job.uid)]
+        pods = list_pods(call, "after-changes")
+        st.pending = podindex.after_list(pods, st.pending)
     st.pod_problems, stuck = job_status.problem_events(pods, st.pod_problems)
     for reason, message in stuck:  # a container the kubelet cannot start: once, when it appears
         call.logger.warning("%s", message)
+    for reason, message in job_status.capped_events(stuck, EVENTS_PER_TICK):
         call.event("Warning", reason, message)
 
     server = server_status(call, pods) if not actions.outcome else None
@@ -466,15 +527,23 @@ def _reconcile(call: Call, spec: JobSpec) -> None:
     cleaned: tuple[str, ...] = ()
     if outcome is not None:
         cleaned = reconcile.pods_to_clean(spec, pods, outcome)  # runPolicy.cleanPodPolicy
-        for pod_name in cleaned:
-            kube.delete_pod(job.namespace, pod_name)
+        delete_pods(call, pods, cleaned)
         call.logger.info("job %s: %s (%s)", outcome.phase, outcome.reason, outcome.message)
     new = _status(call, spec, pods, server, actions, outcome, cleaned)
     if new.get("phase") != status.get("phase"):
         _phase_event(call, new, outcome)
-    changed = {k: v for k, v in new.items() if status.get(k) != v}
+    changed = {k: job_status.merge_patch(status.get(k), v) for k, v in new.items() if status.get(k) != v}
     if changed:
         call.patch.status.update(changed)
+
+
+def delete_pods(call: Call, pods: list[reconcile.PodView], names: tuple[str, ...]) -> None:
+    """Delete these pods, each the very pod seen (its uid as precondition), and remember them until
+    the index shows them going."""
+    uids = {p.name: p.uid for p in pods}
+    for pod_name in names:
+        call.ctx.kube.delete_pod(call.job.namespace, pod_name, uids.get(pod_name, ""))
+        call.state.pending = call.state.pending.add(deleted=[uids.get(pod_name, "")])
 
 
 def _phase_event(call: Call, new: Mapping[str, Any], outcome: Optional[reconcile.Outcome]) -> None:
@@ -565,12 +634,14 @@ class AnnotationSink:
     and (a job with a training.offer) each device's step options `ares.io/step-options`.
 
     It writes the host-control annotations from the spec (power mode, bandwidth) at the same
-    time, and only what differs from what the pods (as last listed) already carry.
+    time, and only what differs from what the pods (as last seen) already carry: one patch per
+    pod whose values change, none for the others. `written` hears of each patch made.
     """
 
     def __init__(self, kube: Kube, job: JobRef, spec: JobSpec, pods: list[reconcile.PodView],
-                 logger: logging.Logger):
+                 logger: logging.Logger, written: Optional[Callable[[str, Mapping[str, str]], None]] = None):
         self.kube, self.job, self.spec, self.pods, self.logger = kube, job, spec, pods, logger
+        self.written = written
 
     def write(self, splits: Mapping[str, int], options: Mapping[str, tuple[str, int]] | None = None,
               modes: Mapping[str, str] | None = None) -> dict[str, int]:
@@ -581,14 +652,21 @@ class AnnotationSink:
                                                              modes).items():
             self.logger.info("annotating %s: %s", pod_name, values)
             self.kube.annotate_pod(self.job.namespace, pod_name, values)
+            if self.written is not None:
+                self.written(pod_name, values)
             if c.ANNOTATION_SPLIT in values:
                 changed[by_name[pod_name].device] = int(values[c.ANNOTATION_SPLIT])
         return changed
 
 
 def annotate(call: Call, spec: JobSpec, pods: list[reconcile.PodView]) -> None:
+    """What differs from `pods`, patched; each patch remembered until the index shows it."""
     st, job = call.state, call.job
-    changed = AnnotationSink(call.ctx.kube, job, spec, pods, call.logger).write(
+
+    def written(pod_name: str, values: Mapping[str, str]) -> None:
+        st.pending = st.pending.add(annotated=[(pod_name, k, v) for k, v in values.items()])
+
+    changed = AnnotationSink(call.ctx.kube, job, spec, pods, call.logger, written).write(
         reconcile.desired_splits(spec, st.planned), reconcile.desired_options(spec, st.planned_options),
         reconcile.desired_modes(spec, st.planned_modes))
     for device in changed:
@@ -603,7 +681,8 @@ def _status(call: Call, spec: JobSpec, pods: list[reconcile.PodView], server: Op
             actions: reconcile.Actions, outcome: Optional[reconcile.Outcome],
             cleaned: tuple[str, ...]) -> dict[str, Any]:
     now, gen, status, st, job = _now(), call.meta.get("generation"), call.status, call.state, call.job
-    new = job_status.summary(job, spec, pods, server, status, actions.restarts, actions.server_restarts)
+    new = job_status.summary(job, spec, pods, server, status, actions.restarts, actions.server_restarts,
+                             st.devices)
     conds = status.get("conditions") or []
     conds = conditions.set_condition(conds, c.COND_SPEC_VALID, True, c.REASON_VALID, "spec accepted", now, gen)
     since = st.unreachable_since
@@ -637,6 +716,8 @@ def _status(call: Call, spec: JobSpec, pods: list[reconcile.PodView], server: Op
     new["conditions"] = conds
     if outcome is None:  # runPolicy.suspend: phase Suspended, or resumed (startTime restarts)
         new.update(job_status.suspension(spec, status, conds, now, gen))
+    st.devices = {entry["name"]: entry for entry in new["devices"]}
+    new.update(job_status.bounded(new["devices"]))  # every device counted, the worst listed
     return new
 
 
@@ -647,15 +728,22 @@ def _finished(call: Call, raw_spec: Mapping[str, Any]) -> None:
     but runPolicy.ttlSecondsAfterFinished."""
     job, status = call.job, call.status
     devices = [{"name": name, **entry} for name, entry in job_status.devices_by_name(status).items()]
-    if any(d.get("podPhase") in job_status.LIVE_POD_PHASES for d in devices):
+    counts = status.get("deviceSummary") or {}
+    if any(d.get("podPhase") in job_status.LIVE_POD_PHASES for d in devices) or \
+            job_status.LIVE_POD_PHASES & set(counts.get("podPhases") or {}):
         try:
-            pods = [reconcile.PodView.of(p) for p in call.ctx.kube.list_pods(job.namespace, job.name, job.uid)]
+            pods = observed_pods(call)
         except Exception as exc:  # noqa: BLE001 -- a courtesy: the job's outcome is already recorded
             call.logger.debug("pods of finished job %s not listed: %s", job.name, exc)
         else:
             followed = job_status.followed_devices(job, devices, pods)
             if followed != status.get("devices"):
                 call.patch.status["devices"] = followed
+            if counts:
+                names = [d.get("name") for d in raw_spec.get("devices") or [] if isinstance(d, Mapping)]
+                summary = job_status.followed_summary(job, [n for n in names if n], followed, counts, pods)
+                if summary != counts:
+                    call.patch.status["deviceSummary"] = job_status.merge_patch(counts, summary)
     _expire(job, raw_spec, status, call.ctx.kube)
 
 

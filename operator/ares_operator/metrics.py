@@ -1,7 +1,8 @@
 """The operator's own Prometheus metrics, served on a port of their own.
 
 Jobs by phase, reconcile errors, optimiser runs and how long they took, split changes written to
-pods. One `OperatorMetrics` per operator start, with its own registry, so a restarted operator
+pods, how long each tick took, and the ticks that listed a job's pods rather than read the pod
+index. One `OperatorMetrics` per operator start, with its own registry, so a restarted operator
 (in a test, in one process) registers nothing twice; the handlers reach it through the memo.
 """
 
@@ -62,6 +63,15 @@ class OperatorMetrics:
         self.split_changes = Counter(
             "ares_operator_split_changes", "Split points changed on device pods, by job and device",
             ["namespace", "job", "device"], registry=self.registry)
+        self.tick_seconds = Histogram(
+            "ares_operator_tick_duration_seconds", "Wall time of one reconcile tick (its status patch is kopf's, after it)",
+            ["namespace", "job"], registry=self.registry,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0))
+        self.pod_lists = Counter(
+            "ares_operator_pod_lists", "LISTs of a job's pods, by why the pod index was not read instead: "
+            "no-index (none kept), index-behind (it does not show the operator's last writes yet), "
+            "after-changes (pods were just created or deleted)",
+            ["namespace", "job", "reason"], registry=self.registry)
         self._server: Any = None
 
     # --- what the handlers call --------------------------------------------------------------
@@ -75,13 +85,14 @@ class OperatorMetrics:
         """A deleted job leaves every series."""
         with self._phases.lock:
             self._phases.phases.pop((namespace, job), None)
-        for metric in (self.reconcile_errors, self.optimiser_runs, self.optimiser_seconds):
+        for metric in (self.reconcile_errors, self.optimiser_runs, self.optimiser_seconds, self.tick_seconds):
             try:
                 metric.remove(namespace, job)
             except KeyError:
                 pass
-        for labels in [k for k in _label_sets(self.split_changes) if k[:2] == (namespace, job)]:
-            self.split_changes.remove(*labels)
+        for metric in (self.split_changes, self.pod_lists):
+            for labels in [k for k in _label_sets(metric) if k[:2] == (namespace, job)]:
+                metric.remove(*labels)
 
     def optimised(self, namespace: str, job: str, seconds: float) -> None:
         self.optimiser_runs.labels(namespace, job).inc()

@@ -57,6 +57,7 @@ class PodView:
     exit_message: str = ""           # what it left in its termination log (e.g. why TLS refused the server)
     waiting: tuple[Waiting, ...] = ()  # containers stuck in a waiting reason of c.WAITING_REASONS
     started: bool = False            # the main container's startup probe has passed (kubelet's `started`)
+    uid: str = ""                    # the pod's metadata.uid (tells a pod from its namesake replacement)
 
     @classmethod
     def of(cls, pod: Mapping[str, Any]) -> "PodView":
@@ -75,7 +76,7 @@ class PodView:
                    exit_code=main_exit_code(status.get("containerStatuses") or []),
                    exit_message=main_exit_message(status.get("containerStatuses") or []),
                    waiting=waiting_containers(meta.get("name", ""), status),
-                   started=main_started(status.get("containerStatuses") or []))
+                   started=main_started(status.get("containerStatuses") or []), uid=meta.get("uid", ""))
 
     @property
     def ended(self) -> bool:

@@ -32,6 +32,8 @@ ROUND_DEADLINE_MAX_S = 7 * 86_400     # 7 days
 LONG_MAX_S = 365 * 86_400             # ttlSecondsAfterFinished, activeDeadlineSeconds, tolerationSeconds
 SPLIT_MAX = 63
 BANDWIDTH_MAX_KBIT = 100_000_000      # 100gbit
+DEVICES_MAX = 1000                    # per job: the size the operator's tick, the job object and
+                                      # admission (CEL cost) are measured at (docs/limits.md)
 
 PATH_PATTERN = r"^(/[^/]+)+$"         # absolute, no empty segment, no trailing '/'
 _DOT_SEGMENT = re.compile(r"/[.][.]?(/|$)")
@@ -341,7 +343,7 @@ class JobSpec(_Spec):
     training: TrainingSpec = TrainingSpec()
     split: SplitSpec = SplitSpec()
     server: ServerSpec = ServerSpec()
-    devices: tuple[DeviceSpec, ...] = Field(..., min_length=1, max_length=256)
+    devices: tuple[DeviceSpec, ...] = Field(..., min_length=1, max_length=DEVICES_MAX)
     run_policy: RunPolicySpec = RunPolicySpec()
 
     def device(self, name: str) -> DeviceSpec:

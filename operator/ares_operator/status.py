@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Optional
 
 from ares.core.messages import ServerStatus
@@ -14,18 +14,23 @@ from ares_operator.spec import JobSpec
 
 
 def summary(job: JobRef, spec: JobSpec, pods: Sequence[PodView], server: Optional[ServerStatus],
-            previous: Mapping[str, Any], restarts: Mapping[str, int], server_restarts: int) -> dict[str, Any]:
-    """Progress, accuracy and per-device state; fields the server has not reported keep their last value."""
+            previous: Mapping[str, Any], restarts: Mapping[str, int], server_restarts: int,
+            remembered: Optional[Mapping[str, Mapping[str, Any]]] = None) -> dict[str, Any]:
+    """Progress, accuracy and every device's entry (`devices`, all of them, in the spec's order:
+    `bounded` then keeps what the status holds). A field the server has not reported keeps its
+    last value: from the status, or from `remembered` (the operator's memory of every device's
+    last entry, which a large job's status does not hold)."""
     by_name = {p.name: p for p in pods}
     rounds = server.rounds if server else spec.training.rounds
     done = server.round if server else int(previous.get("round") or 0)
     ready = sum(1 for d in spec.devices if _running(by_name.get(job.device_pod_name(d.name))))
+    before = {**devices_by_name(previous), **(remembered or {})}
     out: dict[str, Any] = {
         "round": done, "rounds": rounds, "progress": f"{done}/{rounds}",
         "devicesReady": ready, "devicesTotal": len(spec.devices), "ready": f"{ready}/{len(spec.devices)}",
         "serverRestarts": server_restarts,
         "devices": [_device(d.name, by_name.get(job.device_pod_name(d.name)), server,
-                            devices_by_name(previous).get(d.name) or {}, restarts.get(d.name, 0))
+                            before.get(d.name) or {}, restarts.get(d.name, 0))
                     for d in spec.devices],
     }
     if server and server.accuracy is not None:
@@ -33,6 +38,87 @@ def summary(job: JobRef, spec: JobSpec, pods: Sequence[PodView], server: Optiona
     if server and server.loss is not None:
         out["loss"] = round(server.loss, 4)
     return out
+
+
+# status.devices holds every device of a job of up to this many; of a larger job, the this many
+# that most need attention, worst first (`attention`), and status.deviceSummary counts them all.
+# An entry is about 250 bytes: the status stays under 10 KB at any fleet size, where listing
+# 1,000 devices would take 250 KB of a job object etcd caps at 1.5 MiB, and rewrite it every tick.
+DEVICES_LISTED_MAX = 32
+_NOT_RUNNING = ("Missing", "Pending", "Unknown", "Terminating", "Deleted")
+_TRAINING_PROBLEMS = ("missed", "refused")
+
+
+def attention(entry: Mapping[str, Any]) -> tuple[int, float, int]:
+    """How much a device entry needs attention, smallest first: a container the kubelet cannot
+    start or keep running; a failed pod or trainer; a pod not running; a round the server says it
+    missed or refused; a replaced pod; then the slowest last round first."""
+    exit_code = entry.get("exitCode")
+    if entry.get("problem"):
+        rank = 0
+    elif entry.get("podPhase") == "Failed" or (exit_code is not None and exit_code != 0):
+        rank = 1
+    elif entry.get("podPhase") in _NOT_RUNNING:
+        rank = 2
+    elif entry.get("phase") in _TRAINING_PROBLEMS:
+        rank = 3
+    elif entry.get("restarts"):
+        rank = 4
+    else:
+        rank = 5
+    return rank, -float(entry.get("roundSeconds") or 0.0), -int(entry.get("restarts") or 0)
+
+
+def bounded(devices: Sequence[Mapping[str, Any]], limit: int = DEVICES_LISTED_MAX) -> dict[str, Any]:
+    """What the status holds of every device's entry: `devices`, all of them in the spec's order
+    for a job of up to `limit` devices, else the `limit` that most need attention, worst first
+    (ties in the spec's order); and `deviceSummary`, counts over all of them."""
+    if len(devices) <= limit:
+        listed = [dict(d) for d in devices]
+    else:
+        listed = [dict(d) for d in sorted(devices, key=attention)[:limit]]
+    return {"devices": listed, "deviceSummary": device_summary(devices, len(listed))}
+
+
+def device_summary(devices: Sequence[Mapping[str, Any]], listed: int) -> dict[str, Any]:
+    """Counts over every device: pod phases, training phases, split points, devices with a stuck
+    container, replacements; the slowest and median last round; the energy used. Zero counts
+    are left out; maps are keyed by the value counted (splits as strings)."""
+    rounds = sorted(float(d["roundSeconds"]) for d in devices if d.get("roundSeconds") is not None)
+    energy = [float(d["energyJ"]) for d in devices if d.get("energyJ") is not None]
+    out: dict[str, Any] = {
+        "listed": listed,
+        "podPhases": _counts(d.get("podPhase") for d in devices),
+        "phases": _counts(d.get("phase") for d in devices),
+        "splits": _counts(str(d["split"]) if d.get("split") is not None else None for d in devices),
+        "problems": sum(1 for d in devices if d.get("problem")),
+        "restarts": sum(int(d.get("restarts") or 0) for d in devices),
+    }
+    if rounds:
+        out["slowestRoundSeconds"] = round(rounds[-1], 3)
+        out["medianRoundSeconds"] = round(rounds[(len(rounds) - 1) // 2], 3)
+    if energy:
+        out["energyJ"] = round(sum(energy), 3)
+    return out
+
+
+def merge_patch(old: Any, new: Any) -> Any:
+    """`new` as a JSON merge patch over `old` (how the status is patched): a key of a map that
+    `new` no longer has is sent as null, or the API server would keep it (a split no device uses
+    any more would still be counted). Lists and other values are replaced whole."""
+    if not isinstance(old, Mapping) or not isinstance(new, Mapping):
+        return new
+    out: dict[str, Any] = {key: None for key in old if key not in new}
+    out.update({key: merge_patch(old.get(key), value) for key, value in new.items()})
+    return out
+
+
+def _counts(values: Iterable[Optional[str]]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for value in values:
+        if value:
+            out[value] = out.get(value, 0) + 1
+    return dict(sorted(out.items()))
 
 
 def devices_by_name(status: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
@@ -80,6 +166,8 @@ def _device(name: str, pod: Optional[PodView], server: Optional[ServerStatus], p
     out["podPhase"] = (pod.phase if not pod.terminating else "Terminating") if pod else "Missing"
     if pod and pod.exit_code is not None:
         out["exitCode"] = pod.exit_code
+    if pod and pod.waiting and not pod.terminating:
+        out["problem"] = pod.waiting[0].kubelet_reason
     out["restarts"] = restarts
     if pod and c.ANNOTATION_SPLIT in pod.annotations:
         try:
@@ -135,6 +223,34 @@ def followed_devices(job: JobRef, devices: Sequence[Mapping[str, Any]], pods: Se
                 entry["exitCode"] = pod.exit_code
         out.append(entry)
     return out
+
+
+def followed_summary(job: JobRef, names: Sequence[str], listed: Sequence[Mapping[str, Any]],
+                     summary: Mapping[str, Any], pods: Sequence[PodView]) -> dict[str, Any]:
+    """After the end: deviceSummary.podPhases counted again as `followed_devices` follows the listed
+    devices: a listed device as its entry says; any other as its pod now is, or Deleted."""
+    by_name = {p.name: p for p in pods}
+    entries = {entry["name"]: entry for entry in listed}
+    phases = []
+    for name in names:
+        if name in entries:
+            phases.append(entries[name].get("podPhase"))
+            continue
+        pod = by_name.get(job.device_pod_name(name))
+        phases.append(("Terminating" if pod.terminating else pod.phase) if pod else "Deleted")
+    return {**summary, "podPhases": _counts(phases)}
+
+
+def capped_events(events: Sequence[tuple[str, str]], limit: int) -> list[tuple[str, str]]:
+    """(reason, message) Events to post: the first `limit` as they are, the rest as one more Event
+    that counts them, with the first one's reason (a fleet of 1,000 pods failing to pull one
+    image is 11 Events, not 1,000 API calls in one tick)."""
+    if len(events) <= limit:
+        return list(events)
+    rest = events[limit:]
+    reasons = ", ".join(sorted({reason for reason, _ in rest}))
+    return [*events[:limit], (rest[0][0], f"and {len(rest)} more ({reasons}): status.devices lists the worst, "
+                                          "status.deviceSummary counts them all")]
 
 
 def server_condition(server: Optional[ServerStatus], unreachable_for: Optional[float],
