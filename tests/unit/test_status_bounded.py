@@ -118,3 +118,15 @@ def test_a_count_that_went_away_is_sent_as_null():
                                                 "podPhases": {"Running": 1000}}
     assert job_status.merge_patch(None, new) == new and job_status.merge_patch(old, [1]) == [1]
     assert job_status.merge_patch([{"a": 1}], [{"b": 2}]) == [{"b": 2}]  # lists: replaced whole
+
+
+def test_the_crd_says_how_many_devices_the_status_lists():
+    from tests.support import ROOT
+    import yaml
+
+    crd = yaml.safe_load((ROOT / "crds" / "aresjobs.ares.io.yaml").read_text())
+    status = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"]
+    assert f"up to {job_status.DEVICES_LISTED_MAX}," in status["devices"]["description"]
+    assert f"the {job_status.DEVICES_LISTED_MAX} that most need attention" in status["devices"]["description"]
+    assert set(status["deviceSummary"]["properties"]) == set(job_status.device_summary(
+        [{"name": "a", "roundSeconds": 1.0, "energyJ": 1.0}], 1))
