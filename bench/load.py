@@ -138,6 +138,62 @@ class Sampler(threading.Thread):
         self.sample()
 
 
+# ---- what outlives this process if it is killed -------------------------------------------------
+
+REAPER = """
+import os, shutil, signal, sys, time
+folders = set()
+for line in sys.stdin:  # '+FOLDER' in use, '-FOLDER' done with; the end of input: the bench has ended
+    (folders.add if line[0] == '+' else folders.discard)(line[1:].rstrip('\\n'))
+for pid in (int(p) for p in os.listdir('/proc') if p.isdigit() and int(p) != os.getpid()):
+    try:
+        with open(f'/proc/{pid}/cmdline', 'rb') as f:
+            cmd = f.read().decode(errors='replace')
+        if any(folder in cmd for folder in folders):
+            os.kill(pid, signal.SIGKILL)
+    except OSError:
+        pass
+if folders:
+    time.sleep(0.5)  # the killed processes' files closed
+for folder in folders:
+    shutil.rmtree(folder, ignore_errors=True)
+"""
+
+
+class Reaper:
+    """A small process that kills (SIGKILL), when this one ends however it ends, every process
+    whose command line names a folder of the bench still in use, then removes those folders: a
+    SIGKILLed bench leaves no server or device process behind, not even one still starting (a
+    server only gets SIGTERM from PR_SET_PDEATHSIG, and a busy granian can take minutes to stop)."""
+
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-c", REAPER], stdin=subprocess.PIPE, text=True,
+                                     start_new_session=True)  # not in our group: a Ctrl-C leaves it to finish
+
+    def _send(self, line: str) -> None:
+        try:
+            self.proc.stdin.write(line + "\n")
+            self.proc.stdin.flush()
+        except (OSError, ValueError):
+            pass
+
+    def watch(self, folder: Path) -> None:
+        self._send(f"+{folder}")
+
+    def forget(self, folder: Path) -> None:
+        self._send(f"-{folder}")
+
+    def close(self) -> None:
+        try:
+            self.proc.stdin.close()
+            self.proc.wait(30)
+        except (OSError, subprocess.TimeoutExpired):
+            self.proc.kill()
+
+
+REAPER_PROCESS: Optional[Reaper] = None  # main() starts it
+
+
 # ---- the servers ---------------------------------------------------------------------------------
 
 class Servers:
@@ -239,6 +295,7 @@ class Settings:
     shards: int
     deadline_s: float
     seed: int = 1
+    fleet_timeout_s: float = 1800.0
     round_gap_s: float = 0.0  # the close itself is measured, not the gap the controller gets
 
 
@@ -349,8 +406,11 @@ def merge_costs(s: Settings, devices: int) -> tuple[float, float]:
 
 def run_fleet(n: int, s: Settings, bodies: dict, progress_s: float, say, workdir: Optional[str] = None) -> dict:
     names = [f"dev-{i:04d}" for i in range(n)]
+    errors_seen: list[str] = []
     with tempfile.TemporaryDirectory(prefix=f"ares-load-{n}-", dir=workdir) as d:
         tmp = Path(d)
+        if REAPER_PROCESS is not None:
+            REAPER_PROCESS.watch(tmp)
         cfg = fleet_config(tmp, names, s)
         say(f"[{n} devices] starting {servers_label(s.shards)} ({cfg.data.synthetic_train} synthetic samples)")
         t_start = time.monotonic()
@@ -369,6 +429,10 @@ def run_fleet(n: int, s: Settings, bodies: dict, progress_s: float, say, workdir
             next_line = t0 + progress_s
             while clients.running():
                 time.sleep(0.2)
+                if time.monotonic() - t0 > s.fleet_timeout_s:
+                    clients.stop()
+                    errors_seen.append(f"the fleet had not finished after {s.fleet_timeout_s:.0f} s: stopped")
+                    break
                 if not servers.alive():
                     raise RuntimeError("a server process died:\n" + servers.logs())
                 if time.monotonic() >= next_line:
@@ -386,6 +450,8 @@ def run_fleet(n: int, s: Settings, bodies: dict, progress_s: float, say, workdir
         finally:
             clients.stop()
             servers.stop()
+            if REAPER_PROCESS is not None:
+                REAPER_PROCESS.forget(tmp)  # all stopped (else the reaper ends what is left)
             if "sampler" in locals():
                 sampler.halt.set()
         results = []
@@ -399,7 +465,7 @@ def run_fleet(n: int, s: Settings, bodies: dict, progress_s: float, say, workdir
     total_wall = time.monotonic() - t_start
 
     steps = [v for r in results for v in r["step_s"]]
-    errors = [e for r in results for e in r["error_list"]]
+    errors = errors_seen + [e for r in results for e in r["error_list"]]
     if len(steps) != n * s.rounds * s.steps:
         errors.append(f"{len(steps)} steps answered of {n * s.rounds * s.steps}")
     if not alive:
@@ -520,6 +586,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--procs", type=int, default=4, help="device processes the fleet is spread over")
     ap.add_argument("--shards", type=int, default=1, help="server shards: 1 = one server; K > 1 = a root and K shard processes")
     ap.add_argument("--deadline-s", type=float, default=600.0, help="round deadline and the devices' request timeout")
+    ap.add_argument("--fleet-timeout-s", type=float, default=1800.0, help="a fleet still running then is stopped")
     ap.add_argument("--progress-s", type=float, default=10.0)
     ap.add_argument("--out", default="results/bench-load/load.json")
     ap.add_argument("--workdir", help="where each fleet's folder (configs, tokens, logs) is made; default: the temp dir")
@@ -533,14 +600,24 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.shards < 1 or (args.shards > 1 and "shards" not in ServerConfig.model_fields):
         ap.error(f"--shards {args.shards}: this version of the server has no shards (ServerConfig.shards); use 1")
     s = Settings(model=args.model, split=args.split, batch=args.batch, steps=args.steps, rounds=args.rounds,
-                 codec=args.codec, poll_s=args.poll_s, procs=args.procs, shards=args.shards, deadline_s=args.deadline_s)
+                 codec=args.codec, poll_s=args.poll_s, procs=args.procs, shards=args.shards, deadline_s=args.deadline_s,
+                 fleet_timeout_s=args.fleet_timeout_s)
     torch.set_num_threads(1)  # the merge timing: one thread, as the server runs (OMP_NUM_THREADS=1)
 
     def stop_on_sigterm(*_):
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, stop_on_sigterm)
+    global REAPER_PROCESS
+    REAPER_PROCESS = Reaper()
+    try:
+        return run_all(args, argv, s, counts)
+    finally:
+        REAPER_PROCESS.close()
+        REAPER_PROCESS = None
 
+
+def run_all(args: argparse.Namespace, argv: Optional[list[str]], s: Settings, counts: list[int]) -> int:
     def say(text: str) -> None:
         print(f"{time.strftime('%H:%M:%S')} {text}", flush=True)
 
@@ -548,6 +625,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     load0 = os.getloadavg()
     runs = []
     with tempfile.TemporaryDirectory(prefix="ares-load-bodies-", dir=args.workdir) as d:
+        if REAPER_PROCESS is not None:
+            REAPER_PROCESS.watch(Path(d))  # (removed by it if this process is killed)
         bodies = encode_bodies(s, Path(d))
         say(f"load: fleets {counts}, {s.model} split {s.split}, batch {s.batch}, {s.steps} steps x {s.rounds} rounds, "
             f"{s.codec}, step body {bodies['step_bytes']:,} B, upload {bodies['upload_bytes']:,} B, "
