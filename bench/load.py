@@ -113,6 +113,17 @@ def cpu_seconds(pid: int) -> float:
     return total
 
 
+def available_mb() -> float:
+    """The machine's MemAvailable, in MB."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024 / MB
+    except (OSError, ValueError):
+        pass
+    return float("inf")
+
+
 class Sampler(threading.Thread):
     """Resident memory of each server process tree every `period` s: peak and last."""
 
@@ -296,6 +307,7 @@ class Settings:
     deadline_s: float
     seed: int = 1
     fleet_timeout_s: float = 1800.0
+    min_available_mb: float = 1000.0
     round_gap_s: float = 0.0  # the close itself is measured, not the gap the controller gets
 
 
@@ -432,6 +444,10 @@ def run_fleet(n: int, s: Settings, bodies: dict, progress_s: float, say, workdir
                 if time.monotonic() - t0 > s.fleet_timeout_s:
                     clients.stop()
                     errors_seen.append(f"the fleet had not finished after {s.fleet_timeout_s:.0f} s: stopped")
+                    break
+                if available_mb() < s.min_available_mb:  # a shared machine: stop before it starves
+                    clients.stop()
+                    errors_seen.append(f"the machine had less than {s.min_available_mb:.0f} MB available: stopped")
                     break
                 if not servers.alive():
                     raise RuntimeError("a server process died:\n" + servers.logs())
@@ -587,6 +603,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--shards", type=int, default=1, help="server shards: 1 = one server; K > 1 = a root and K shard processes")
     ap.add_argument("--deadline-s", type=float, default=600.0, help="round deadline and the devices' request timeout")
     ap.add_argument("--fleet-timeout-s", type=float, default=1800.0, help="a fleet still running then is stopped")
+    ap.add_argument("--min-available-mb", type=float, default=1000.0,
+                    help="a fleet is stopped (an error) when the machine has less memory available")
     ap.add_argument("--progress-s", type=float, default=10.0)
     ap.add_argument("--out", default="results/bench-load/load.json")
     ap.add_argument("--workdir", help="where each fleet's folder (configs, tokens, logs) is made; default: the temp dir")
@@ -601,7 +619,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         ap.error(f"--shards {args.shards}: this version of the server has no shards (ServerConfig.shards); use 1")
     s = Settings(model=args.model, split=args.split, batch=args.batch, steps=args.steps, rounds=args.rounds,
                  codec=args.codec, poll_s=args.poll_s, procs=args.procs, shards=args.shards, deadline_s=args.deadline_s,
-                 fleet_timeout_s=args.fleet_timeout_s)
+                 fleet_timeout_s=args.fleet_timeout_s, min_available_mb=args.min_available_mb)
     torch.set_num_threads(1)  # the merge timing: one thread, as the server runs (OMP_NUM_THREADS=1)
 
     def stop_on_sigterm(*_):
