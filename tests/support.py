@@ -307,3 +307,119 @@ def install_fake_nvpmodel(folder: Path, fail_ids: Sequence[int] = ()) -> Path:
                                         fail_ids=" ".join(str(i) for i in fail_ids) or "none"))
     exe.chmod(0o755)
     return exe
+
+
+# Server shards: a root and its shards as real processes, devices on threads of the test process.
+
+def write_shard_token(cfg: ServerConfig) -> str:
+    """The job's shard token (ares.runtime.shardproto.SHARD_TOKEN_NAME), written once."""
+    path = Path(cfg.tokens_dir) / "shard.token"
+    if not path.exists():
+        path.write_text(secrets.token_urlsafe(24))
+    return path.read_text().strip()
+
+
+class ShardProcess(ServerProcess):
+    """`ares server --shard I --root URL` on a port of its own (the same one again for a restart);
+    its config and log in tmp/shard-I-START."""
+
+    def __init__(self, cfg: ServerConfig, tmp: Path, index: int, root_url: str, port: Optional[int] = None,
+                 start: int = 0, healthy: Optional[Callable[[], bool]] = None, extra: tuple[str, ...] = ()):
+        self.index, self.root_url, self.extra = index, root_url, extra
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        folder = tmp / f"shard-{index}-{start}"
+        folder.mkdir(parents=True, exist_ok=True)
+        super().__init__(cfg, folder, ("--shard", str(index), "--root", root_url, "--port", str(self.port), *extra),
+                         healthy=healthy)
+
+    def restart(self, tmp: Path, start: int = 1) -> "ShardProcess":
+        """A new process for the same shard on the same port (a replaced pod)."""
+        return ShardProcess(self.cfg, tmp, self.index, self.root_url, self.port, start, extra=self.extra)
+
+    def round_state(self, device: str) -> dict:
+        """The shard's `GET /v1/round`, asked with a device's token ({} while it does not answer)."""
+        try:
+            r = httpx.get(f"{self.url}/v1/round", headers={"Authorization": f"Bearer {token(self.cfg, device)}"},
+                          timeout=5)
+            return r.json() if r.status_code == 200 else {}
+        except httpx.HTTPError:
+            return {}
+
+
+def start_together(*makers: Callable[..., ServerProcess], timeout: float = 90) -> list[ServerProcess]:
+    """Start several server processes at once and wait until each answers /healthz. Each maker
+    takes `healthy` and passes it on (started here, in the test's thread: a child's parent-death
+    signal follows the thread that started it). If one fails, all are stopped and its error raised."""
+    started: list[ServerProcess] = []
+    try:
+        for make in makers:
+            started.append(make(healthy=lambda: True))
+        deadline = time.monotonic() + timeout
+        for s in started:
+            while not s._plain_healthy():
+                assert s.proc.poll() is None, (s.tmp / "server.log").read_text()
+                if time.monotonic() > deadline:
+                    raise TimeoutError((s.tmp / "server.log").read_text())
+                time.sleep(0.2)
+    except BaseException:
+        for s in started:
+            s.stop()
+        raise
+    return started
+
+
+class DeviceThreads:
+    """`DeviceTrainer`s on threads of the test process, each over HTTP/2 (`HttpLink`) to its own
+    URL: its server, or its shard. What each run returned or raised is kept by name."""
+
+    def __init__(self, tmp: Path, cfg: ServerConfig, reconnect_s: float = 60.0):
+        import threading
+
+        self.tmp, self.cfg, self.reconnect_s = tmp, cfg, reconnect_s
+        self.threads: dict[str, "threading.Thread"] = {}
+        self.logs: dict[str, list] = {}
+        self.errors: dict[str, BaseException] = {}
+        self.links: list = []
+        self._stop = threading.Event()
+
+    def start(self, name: str, url: str, split: int = 3, profile: Optional[str] = None) -> None:
+        """`profile`: a published device class (ares.core.profiles.PUBLISHED) whose compute it emulates."""
+        import threading
+
+        from ares.core.config import DeviceSettings
+        from ares.core.profiles import PUBLISHED
+        from ares.runtime.device import DeviceTrainer
+        from ares.runtime.link import HttpLink
+
+        split_file = self.tmp / f"{name}.split"
+        split_file.write_text(str(split))
+        settings = DeviceSettings(name=name, server_url=url, token_file=str(Path(self.cfg.tokens_dir) / name),
+                                  split_file=str(split_file))
+        link = HttpLink(url, name, token(self.cfg, name), timeout_s=60)
+        self.links.append(link)
+
+        def run() -> None:
+            try:
+                trainer = DeviceTrainer(settings, link, emulate=PUBLISHED[profile] if profile else None)
+                trainer.reconnect_s = self.reconnect_s
+                self.logs[name] = trainer.run(stop=self._stop.is_set)
+            except BaseException as exc:  # noqa: BLE001 - kept for the test to assert on
+                self.errors[name] = exc
+
+        self.threads[name] = threading.Thread(target=run, name=f"device-{name}", daemon=True)
+        self.threads[name].start()
+
+    def wait(self, timeout: float) -> None:
+        """Until every device's run has returned (the job finished), or fail."""
+        deadline = time.monotonic() + timeout
+        for name, thread in self.threads.items():
+            thread.join(max(0.0, deadline - time.monotonic()))
+            assert not thread.is_alive(), f"device {name} still running after {timeout:g}s"
+
+    def stop(self) -> None:
+        self._stop.set()
+        for link in self.links:
+            link.close()  # a device waiting on its server fails at its next request and ends
+        for thread in self.threads.values():
+            thread.join(10)

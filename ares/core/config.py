@@ -108,6 +108,14 @@ class ServerConfig(_Strict):
     limits: LimitsConfig = LimitsConfig()
     round_gap_s: float = Field(0.5, ge=0, le=600, description="joins for the next round wait this long after a "
                                "round closes, so the controller's new splits are in place before devices read them")
+    shards: int = Field(1, ge=1, le=1024, description="server shards: 1 = one process holds every device's "
+                        "session; k > 1 = a root (`ares server`) and k shard processes (`ares server --shard I "
+                        "--root URL`), each holding the devices ares.core.sharding assigns it")
+    shard_pins: dict[str, int] = Field(default_factory=dict, description="device name -> shard index, in place of "
+                                       "the hashing (ares.core.sharding)")
+    shard_wait_s: float = Field(10.0, gt=0, le=600, description="at a round's deadline the root waits up to this "
+                                "long for the partial sums of the shards it heard from within this time; a shard "
+                                "silent for longer counts as down and its devices miss the round")
 
     @field_validator("devices")
     @classmethod
@@ -118,6 +126,20 @@ class ServerConfig(_Strict):
         if len(set(names)) != len(names):
             raise ValueError(f"duplicate device names: {sorted(n for n in set(names) if names.count(n) > 1)}")
         return names
+
+    @model_validator(mode="after")
+    def _sharding(self) -> "ServerConfig":
+        unknown = sorted(set(self.shard_pins) - set(self.devices))
+        if unknown:
+            raise ValueError(f"shard_pins names devices the job does not have: {unknown[:5]}")
+        bad = sorted(d for d, i in self.shard_pins.items() if not 0 <= i < self.shards)
+        if bad:
+            raise ValueError(f"shard_pins put {bad[:5]} outside shards 0..{self.shards - 1}")
+        if self.shards > 1 and self.aggregation.method not in ("fedavg", "norm_clip"):
+            raise ValueError(f"aggregation.method {self.aggregation.method!r} needs every upload at once, so it "
+                             "cannot be split over server shards; with shards > 1 use fedavg or norm_clip "
+                             "(weighted means, merged from each shard's running sum)")
+        return self
 
     def shard_of(self, device: str) -> int:
         return self.devices.index(device)

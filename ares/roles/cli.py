@@ -64,10 +64,38 @@ def _server(args: argparse.Namespace) -> int:
     for f in (args.tls_cert, args.tls_key):
         if f is not None and not Path(f).is_file():
             raise FileNotFoundError(f"TLS file {f} not found")
+    shard = _shard_role(args, cfg)
+    if cfg.shards > 1:
+        from ares.runtime.shardproto import read_shard_token
+
+        read_shard_token(cfg)  # the root and every shard need it: say so now, not in the worker
     from ares.runtime.server import serve
 
-    serve(cfg, path, tls_cert=args.tls_cert, tls_key=args.tls_key)
+    serve(cfg, path, tls_cert=args.tls_cert, tls_key=args.tls_key, shard=shard)
     return 0
+
+
+def _shard_role(args: argparse.Namespace, cfg):
+    """`--shard I --root URL` (and how to trust the root): this server is shard I of the job."""
+    if (args.shard is None) != (args.root is None):
+        raise ValueError("--shard and --root go together")
+    if args.shard is None:
+        if args.ca or args.tls_server_name:
+            raise ValueError("--ca and --tls-server-name say how a shard trusts its --root")
+        return None
+    if cfg.shards < 2:
+        raise ValueError(f"--shard needs a config with shards > 1 (this one has shards: {cfg.shards})")
+    if not 0 <= args.shard < cfg.shards:
+        raise ValueError(f"--shard {args.shard}: this job's shards are 0..{cfg.shards - 1}")
+    if not args.root.startswith(("http://", "https://")):
+        raise ValueError(f"--root must be an http:// or https:// URL, not {args.root!r}")
+    if not args.root.startswith("https://") and (args.ca or args.tls_server_name):
+        raise ValueError("--ca and --tls-server-name need an https:// root URL")
+    if args.ca is not None and not Path(args.ca).is_file():
+        raise FileNotFoundError(f"CA file {args.ca} not found")
+    from ares.runtime.shard import RootAddress
+
+    return RootAddress(index=args.shard, url=args.root, ca_file=args.ca, server_name=args.tls_server_name)
 
 
 def _client_tls(args: argparse.Namespace):
@@ -173,6 +201,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", help="overrides the config's host")
     p.add_argument("--tls-cert", help="serve HTTPS (ALPN h2, then http/1.1) with this PEM certificate (chain)")
     p.add_argument("--tls-key", help="the certificate's PEM private key")
+    p.add_argument("--shard", type=int, help="serve as shard I (0..shards-1) of a job with shards > 1, following "
+                   "--root; without it, a config with shards > 1 runs the root")
+    p.add_argument("--root", help="a shard's root, e.g. https://job-server.ns.svc:43000 (http:// = plain h2c)")
+    p.add_argument("--ca", help="PEM CA certificate a shard trusts for an https:// root (only it; default: the system's)")
+    p.add_argument("--tls-server-name", help="name the root's certificate must carry, when --root dials an address")
     p.set_defaults(func=_server)
 
     p = sub.add_parser("device", help="a device trainer")

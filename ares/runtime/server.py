@@ -12,6 +12,10 @@ Routes are thin: authenticate, read and validate the body, run the torch work in
     POST /v1/devices/{name}/step          bundle {x, y}, ?round=&split=[&micro=&micros=&total=] -> bundle {grad}, Server-Timing
     POST /v1/devices/{name}/update        bundle of weights + DeviceReport meta -> JSON, Server-Timing (held)
 
+A job with `shards: k > 1` runs this app k + 1 times (docs/how-it-works/shards.md): the root
+(`ares server`: no device routes answer there; the shards' routes, ares.runtime.shardroutes)
+and k shards (`ares server --shard I --root URL`: the routes above, for the shard's devices).
+
 What a route refuses is an exception whose type says what went wrong: `wire.WireError` and its
 kinds for a body (ares.core.wire, ares.runtime.limits), `Refusal` and its kinds for the round
 state (ares.runtime.training). Here, at the edge and only here, `STATUS` gives each kind its
@@ -39,6 +43,9 @@ from ares.core.config import ServerConfig, load_yaml_model
 from ares.core.messages import DeviceReport, JoinRequest
 from ares.runtime.allocator import keep_freed_memory
 from ares.runtime.limits import BodyTimeout, DeviceBudget, DeviceBusy, DeviceGate
+from ares.runtime.root import RootServer
+from ares.runtime.shard import RootAddress, RootLink, ShardFollower, ShardServer
+from ares.runtime.shardproto import read_shard_token
 from ares.runtime.training import (AlreadyFinished, BadMicroBatch, BadTensor, ConflictingUpload, NotJoined, OutOfTurn,
                                    Refusal, RoundClosed, RoundNotOpen, TrainingOver, TrainingServer, TurnTimeout,
                                    Unauthorized, UnknownDevice, UnsafeUpdate, WrongSplit, read_tokens)
@@ -59,7 +66,7 @@ STATUS: dict[type[Exception], int] = {
     RequestValidationError: 422,  # a query parameter missing or of the wrong type
     # the round state (ares.runtime.training)
     Unauthorized: 401,
-    UnknownDevice: 404,
+    UnknownDevice: 404,           # and a device of another shard (at a shard, at the root), a shard index out of range
     TurnTimeout: 408,
     RoundClosed: 409,
     RoundNotOpen: 409,
@@ -146,8 +153,24 @@ async def _wait_for_round(trainer: TrainingServer, round_index: int, wait_s: flo
         await asyncio.sleep(0.05)
 
 
-def create_app(cfg: ServerConfig, trainer: Optional[TrainingServer] = None, tick_s: float = 0.5) -> FastAPI:
-    """The only way to build the app. `trainer` is injectable for tests; else built in lifespan."""
+def build_trainer(cfg: ServerConfig, shard: Optional[RootAddress] = None, device: str = "cpu") -> TrainingServer:
+    """The server's round state for its role: one server (shards: 1), the root of a sharded job,
+    or one of its shards (`shard`)."""
+    if shard is not None:
+        from ares.core.sharding import assign
+
+        tokens, controller = read_tokens(cfg, assign(cfg.devices, cfg.shards, cfg.shard_pins)[shard.index])
+        return ShardServer(cfg, shard.index, tokens, controller, device=device)
+    tokens, controller = read_tokens(cfg)
+    if cfg.shards > 1:
+        return RootServer(cfg, tokens, controller, read_shard_token(cfg), device=device)
+    return TrainingServer(cfg, tokens, controller, device=device)
+
+
+def create_app(cfg: ServerConfig, trainer: Optional[TrainingServer] = None, tick_s: float = 0.5,
+               shard: Optional[RootAddress] = None) -> FastAPI:
+    """The only way to build the app. `trainer` is injectable for tests; else built in lifespan.
+    `shard`: this app is that shard of the job, following its root."""
     limit = cfg.max_body_mib << 20
 
     @contextlib.asynccontextmanager
@@ -155,14 +178,20 @@ def create_app(cfg: ServerConfig, trainer: Optional[TrainingServer] = None, tick
         if app.state.trainer is None:
             import torch
 
-            tokens, controller = read_tokens(cfg)
             device = "cuda" if torch.cuda.is_available() else "cpu"
-            app.state.trainer = await to_thread.run_sync(lambda: TrainingServer(cfg, tokens, controller, device=device))
+            app.state.trainer = await to_thread.run_sync(lambda: build_trainer(cfg, shard, device))
+        follower = None
+        if shard is not None:
+            trainer = app.state.trainer
+            link = RootLink(shard, read_shard_token(cfg), trainer.global_state())
+            follower = ShardFollower(trainer, link).start()
         ticker = asyncio.create_task(tick_rounds(app.state.trainer, tick_s))
         try:
             yield
         finally:
             ticker.cancel()
+            if follower is not None:
+                await to_thread.run_sync(follower.stop)
 
     app = FastAPI(title="ARES edge server", lifespan=lifespan)
     app.state.trainer = trainer
@@ -256,6 +285,10 @@ def create_app(cfg: ServerConfig, trainer: Optional[TrainingServer] = None, tick
         return JSONResponse({"ok": True, "round": report.round, **({} if counted else {"repeat": True})},
                             headers={"Server-Timing": f"held;dur={held * 1000:.3f}"})
 
+    if cfg.shards > 1 and shard is None:
+        from ares.runtime.shardroutes import add_shard_routes
+
+        add_shard_routes(app, cfg)
     return app
 
 
@@ -271,14 +304,25 @@ async def tick_rounds(trainer: TrainingServer, period: float) -> None:
 
 
 def app_from_env() -> FastAPI:
-    """Factory for granian's worker process: the config path travels in ARES_SERVER_CONFIG."""
+    """Factory for granian's worker process: the config path travels in ARES_SERVER_CONFIG, a
+    shard's index and root in ARES_SHARD, ARES_ROOT_URL, ARES_ROOT_CA, ARES_ROOT_TLS_SERVER_NAME."""
     keep_freed_memory()
-    return create_app(load_yaml_model(ServerConfig, os.environ["ARES_SERVER_CONFIG"]))
+    shard = None
+    if os.environ.get("ARES_SHARD"):
+        shard = RootAddress(index=int(os.environ["ARES_SHARD"]), url=os.environ["ARES_ROOT_URL"],
+                            ca_file=os.environ.get("ARES_ROOT_CA") or None,
+                            server_name=os.environ.get("ARES_ROOT_TLS_SERVER_NAME") or None)
+    return create_app(load_yaml_model(ServerConfig, os.environ["ARES_SERVER_CONFIG"]), shard=shard)
 
 
-def serve(cfg: ServerConfig, config_path: str, tls_cert: Optional[str] = None, tls_key: Optional[str] = None) -> None:
-    """Run the server in the foreground until interrupted; HTTPS (ALPN h2) when given a certificate."""
+def serve(cfg: ServerConfig, config_path: str, tls_cert: Optional[str] = None, tls_key: Optional[str] = None,
+          shard: Optional[RootAddress] = None) -> None:
+    """Run the server in the foreground until interrupted; HTTPS (ALPN h2) when given a certificate.
+    With `shard`: that shard of the job, following its root."""
     os.environ["ARES_SERVER_CONFIG"] = str(config_path)
+    if shard is not None:
+        os.environ.update({"ARES_SHARD": str(shard.index), "ARES_ROOT_URL": shard.url,
+                           "ARES_ROOT_CA": shard.ca_file or "", "ARES_ROOT_TLS_SERVER_NAME": shard.server_name or ""})
     if cfg.http_server == "uvicorn":
         import uvicorn  # HTTP/1.1 only: devices must use --http1 against it
 
