@@ -190,6 +190,7 @@ def _splits(pods: dict[str, dict[str, Any]]) -> set[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)  # about 90 s on a quiet 2-core machine; 5 minutes at a load of 20 and more
 def test_a_1000_device_job_through_the_operator(control_plane, namespace, kubectl, fleet_operator):
     port, n = fleet_operator, DEVICES_MAX
     with StandInKubelet(control_plane, namespace, STUCK, n) as kubelet, control_plane.http() as http:
