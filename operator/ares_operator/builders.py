@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from ares.core.config import CONTROLLER_TOKEN_NAME, AggregationConfig, DataConfig, ServerConfig, TrainingConfig
+from ares.core.sharding import shard_for
 from ares.runtime.splitfile import StepOptions
 from ares_operator import constants as c
 from ares_operator.settings import OperatorSettings
@@ -51,9 +52,17 @@ class JobRef:
     def device_pod_name(self, device: str) -> str:
         return f"{self.name}-{device}"
 
+    def shard_name(self, index: int) -> str:
+        """Shard `index`'s pod and Service (a job with spec.server.shards > 1)."""
+        return f"{self.name}-shard-{index}"
+
     def server_host(self) -> str:
-        """The Service's in-cluster DNS name (what device pods and sidecars dial)."""
+        """The Service's in-cluster DNS name (what device pods and sidecars dial; with shards, the root's)."""
         return f"{self.server_name}.{self.namespace}.svc"
+
+    def shard_host(self, index: int) -> str:
+        """Shard `index`'s Service in-cluster DNS name (what its devices dial)."""
+        return f"{self.shard_name(index)}.{self.namespace}.svc"
 
     @property
     def checkpoint_key(self) -> str:
@@ -69,7 +78,8 @@ def owner_reference(job: JobRef) -> Obj:
             "controller": True, "blockOwnerDeletion": True}
 
 
-def labels(job: JobRef, role: str | None = None, device: str | None = None) -> dict[str, str]:
+def labels(job: JobRef, role: str | None = None, device: str | None = None,
+           shard: int | None = None) -> dict[str, str]:
     out = {c.LABEL_JOB: job.name, c.LABEL_MANAGED_BY: c.MANAGED_BY, c.LABEL_APP_NAME: c.APP_NAME,
            c.LABEL_APP_INSTANCE: job.name, c.LABEL_APP_PART_OF: c.APP_NAME}
     if role:
@@ -77,12 +87,14 @@ def labels(job: JobRef, role: str | None = None, device: str | None = None) -> d
         out[c.LABEL_APP_COMPONENT] = role
     if device:
         out[c.LABEL_DEVICE] = device
+    if shard is not None:
+        out[c.LABEL_SHARD] = str(shard)
     return out
 
 
 def _meta(job: JobRef, name: str, role: str | None = None, device: str | None = None,
-          annotations: Mapping[str, str] | None = None) -> Obj:
-    meta: Obj = {"name": name, "namespace": job.namespace, "labels": labels(job, role, device),
+          annotations: Mapping[str, str] | None = None, shard: int | None = None) -> Obj:
+    meta: Obj = {"name": name, "namespace": job.namespace, "labels": labels(job, role, device, shard),
                  "ownerReferences": [owner_reference(job)]}
     if annotations:
         meta["annotations"] = dict(annotations)
@@ -133,10 +145,16 @@ def pinned_modes(spec: JobSpec) -> dict[str, str]:
 
 # --- tokens and config -------------------------------------------------------------------------
 
-def tokens(spec: JobSpec, existing: Mapping[str, str], new_token: Callable[[], str]) -> dict[str, str]:
-    """One bearer token per device plus the controller's; existing ones are kept (idempotent)."""
+def token_names(spec: JobSpec) -> list[str]:
+    """The token Secret's keys: one per device, the controller's, and (with shards) the shards'."""
     names = [d.name for d in spec.devices] + [CONTROLLER_TOKEN_NAME]
-    return {n: existing[n] if n in existing else new_token() for n in names}
+    return names + [c.SHARD_TOKEN_KEY] if spec.server.shards > 1 else names
+
+
+def tokens(spec: JobSpec, existing: Mapping[str, str], new_token: Callable[[], str]) -> dict[str, str]:
+    """One bearer token per device plus the controller's (and the shards' one, shared by the root
+    and every shard); existing ones are kept (idempotent)."""
+    return {n: existing[n] if n in existing else new_token() for n in token_names(spec)}
 
 
 def decode_secret(secret: Mapping[str, Any]) -> dict[str, str]:
@@ -167,6 +185,7 @@ def server_config(spec: JobSpec) -> ServerConfig:
         round_deadline_s=spec.run_policy.round_deadline_seconds,
         checkpoint_dir=c.CHECKPOINT_DIR,
         port=c.SERVER_PORT,
+        shards=spec.server.shards,
     )
 
 
@@ -384,6 +403,92 @@ def service(job: JobRef) -> Obj:
     }
 
 
+# --- shards (spec.server.shards > 1) ----------------------------------------------------------
+# The server pod above is then the root: round clock, global model, merge, evaluation,
+# checkpoints, status; it holds no device sessions. Each shard has a pod and a Service of its own
+# and holds the sessions of the devices `ares.core.sharding` assigns it, the rule the servers use.
+
+def shard_of(spec: JobSpec) -> dict[str, int]:
+    """Each device's shard (0 for every device of an unsharded job), as the servers compute it."""
+    return {d.name: shard_for(d.name, spec.server.shards) for d in spec.devices}
+
+
+def shard_devices(spec: JobSpec) -> list[list[str]]:
+    """Each shard's devices, in the spec's order."""
+    out: list[list[str]] = [[] for _ in range(spec.server.shards)]
+    for name, index in shard_of(spec).items():
+        out[index].append(name)
+    return out
+
+
+def device_server_host(job: JobRef, spec: JobSpec, device: str) -> str:
+    """The host a device's pod dials: its shard's Service, or the server's in an unsharded job."""
+    if spec.server.shards <= 1:
+        return job.server_host()
+    return job.shard_host(shard_for(device, spec.server.shards))
+
+
+def root_url(job: JobRef) -> str:
+    """What each shard follows: the root's Service, over TLS."""
+    return f"https://{job.server_host()}:{c.SERVER_PORT}"
+
+
+def shard_pod(job: JobRef, spec: JobSpec, settings: OperatorSettings, index: int) -> Obj:
+    """Shard `index`: `ares server --shard I --root <root Service>` trusting only the job's CA for
+    the root, serving its devices with the job's certificate (which names every shard Service).
+
+    Built as the server pod is (image, probes, resources, placement, the same config) but without
+    checkpoints (the root keeps them: no init step, an emptyDir where the server's checkpoints
+    are) and with only the tokens it reads: its devices', the controller's and the shard token."""
+    pod = server_pod(job, spec, settings)
+    pod["metadata"] = _meta(job, job.shard_name(index), c.ROLE_SHARD, shard=index)
+    pod_spec = pod["spec"]
+    pod_spec.pop("initContainers")
+    container = pod_spec["containers"][0]
+    container["args"] = [*container["args"], "--shard", str(index), "--root", root_url(job),
+                         "--ca", f"{c.CA_DIR}/{c.TLS_CA_KEY}"]
+    container["volumeMounts"] = [
+        *(m for m in container["volumeMounts"] if m["name"] != "checkpoints"),
+        {"name": "checkpoints", "mountPath": c.CHECKPOINT_DIR},
+        {"name": "ca", "mountPath": c.CA_DIR, "readOnly": True},
+    ]
+    keys = [*shard_devices(spec)[index], CONTROLLER_TOKEN_NAME, c.SHARD_TOKEN_KEY]
+    volumes: list[Obj] = []
+    for volume in pod_spec["volumes"]:
+        if volume["name"] == "tokens":
+            volume = {"name": "tokens", "secret": {"secretName": job.secret_name, "defaultMode": c.TOKEN_FILE_MODE,
+                                                   "items": [{"key": k, "path": k} for k in keys]}}
+        elif volume["name"] == "checkpoints":
+            volume = {"name": "checkpoints", "emptyDir": {}}
+        volumes.append(volume)
+    volumes.append({"name": "ca", "secret": {"secretName": job.tls_secret_name, "defaultMode": c.TLS_FILE_MODE,
+                                             "items": [{"key": c.TLS_CA_KEY, "path": c.TLS_CA_KEY}]}})
+    pod_spec["volumes"] = volumes
+    return pod
+
+
+def shard_service(job: JobRef, index: int) -> Obj:
+    return {
+        "apiVersion": "v1", "kind": "Service", "metadata": _meta(job, job.shard_name(index), c.ROLE_SHARD, shard=index),
+        "spec": {
+            "selector": {c.LABEL_JOB: job.name, c.LABEL_ROLE: c.ROLE_SHARD, c.LABEL_SHARD: str(index)},
+            "ports": [{"name": c.SERVER_PORT_NAME, "port": c.SERVER_PORT,
+                       "targetPort": c.SERVER_PORT_NAME, "protocol": "TCP"}],
+        },
+    }
+
+
+def services(job: JobRef, spec: JobSpec) -> list[Obj]:
+    """The server's (the root's) Service, then one a shard."""
+    shards = spec.server.shards
+    return [service(job), *(shard_service(job, i) for i in range(shards if shards > 1 else 0))]
+
+
+def shard_pods(job: JobRef, spec: JobSpec, settings: OperatorSettings) -> list[Obj]:
+    shards = spec.server.shards
+    return [shard_pod(job, spec, settings, i) for i in range(shards if shards > 1 else 0)]
+
+
 # --- devices ------------------------------------------------------------------------------------
 
 def device_image(device: DeviceSpec, settings: OperatorSettings) -> str:
@@ -397,11 +502,11 @@ def host_control_image(device: DeviceSpec, settings: OperatorSettings) -> str:
     return settings.images.device_jetson if device.device_class in c.JETSON_CLASSES else settings.images.device
 
 
-def _sidecar(job: JobRef, device: DeviceSpec, image: str) -> Obj:
+def _sidecar(job: JobRef, device: DeviceSpec, image: str, server_host: str) -> Obj:
     """Applies power mode and bandwidth from the annotations; reads board power for the trainer."""
     jetson = device.device_class in c.JETSON_CLASSES
     args = ["sidecar", "--annotations", f"{c.PODINFO_DIR}/{c.PODINFO_ANNOTATIONS}",
-            "--server", job.server_host(), "--interface", c.NETWORK_INTERFACE, "--state-dir", c.STATE_DIR,
+            "--server", server_host, "--interface", c.NETWORK_INTERFACE, "--state-dir", c.STATE_DIR,
             "--trainer-file", f"{c.TRAINER_STATE_DIR}/{c.TRAINER_FILE}"]
     mounts = [{"name": "podinfo", "mountPath": c.PODINFO_DIR, "readOnly": True},
               {"name": "state", "mountPath": c.STATE_DIR},
@@ -435,8 +540,9 @@ def device_pod(job: JobRef, spec: JobSpec, device: DeviceSpec, settings: Operato
     file is never empty; a job without one has neither (the device runs the job's settings)."""
     image = device_image(device, settings)
     jetson = device.device_class in c.JETSON_CLASSES
+    server_host = device_server_host(job, spec, device.name)
     args = ["device",
-            "--server", f"https://{job.server_host()}:{c.SERVER_PORT}",
+            "--server", f"https://{server_host}:{c.SERVER_PORT}",
             "--ca", f"{c.CA_DIR}/{c.TLS_CA_KEY}",
             "--name", device.name,
             "--token-file", f"{c.DEVICE_TOKEN_DIR}/token",
@@ -489,7 +595,7 @@ def device_pod(job: JobRef, spec: JobSpec, device: DeviceSpec, settings: Operato
         "automountServiceAccountToken": False,
         "terminationGracePeriodSeconds": 10,
         "securityContext": pod_security(jetson),
-        "initContainers": [_sidecar(job, device, host_control_image(device, settings))],
+        "initContainers": [_sidecar(job, device, host_control_image(device, settings), server_host)],
         "containers": [trainer],
         "volumes": volumes,
         **_placement(device),
@@ -509,6 +615,7 @@ def children(job: JobRef, spec: JobSpec, settings: OperatorSettings) -> list[Obj
     """Every object a job needs, in creation order: what the operator dry-runs before creating any
     (the Secret with placeholder tokens: a dry run stores nothing)."""
     layers = c.MODEL_LAYERS[spec.model]
-    placeholder = {name: "dry-run" for name in [*(d.name for d in spec.devices), CONTROLLER_TOKEN_NAME]}
-    return [tokens_secret(job, placeholder), config_map(job, spec), service(job), server_pod(job, spec, settings),
+    placeholder = {name: "dry-run" for name in token_names(spec)}
+    return [tokens_secret(job, placeholder), config_map(job, spec), *services(job, spec),
+            server_pod(job, spec, settings), *shard_pods(job, spec, settings),
             *(device_pod(job, spec, d, settings, initial_split(spec, d, layers)) for d in spec.devices)]

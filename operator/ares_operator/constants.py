@@ -13,6 +13,7 @@ API_VERSION = f"{GROUP}/{VERSION}"
 LABEL_JOB = "ares.io/job"                # the AresTrainingJob's name
 LABEL_ROLE = "ares.io/role"              # ROLE_SERVER or ROLE_DEVICE
 LABEL_DEVICE = "ares.io/device"          # device name (device pods only)
+LABEL_SHARD = "ares.io/shard"            # shard index (shard pods and Services only)
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 MANAGED_BY = "ares-operator"
 # The recommended app.kubernetes.io labels (kubectl, dashboards and cost tools group by them).
@@ -23,6 +24,7 @@ LABEL_APP_PART_OF = "app.kubernetes.io/part-of"      # always APP_NAME
 APP_NAME = "ares"
 ROLE_SERVER = "server"
 ROLE_DEVICE = "device"
+ROLE_SHARD = "shard"                     # a job with spec.server.shards > 1: one pod and Service a shard
 
 # --- Annotations on device pods, projected into the pod by a downwardAPI volume --------------
 ANNOTATION_SPLIT = "ares.io/split-point"      # the device's split point; re-read every round
@@ -58,6 +60,7 @@ TOKENS_DIR = "/var/run/ares/tokens"              # server: every device token + 
 DEVICE_TOKEN_DIR = "/var/run/ares/token"         # device: its own token only, as file `token`
 TLS_DIR = "/var/run/ares/tls"                    # server: tls.crt and tls.key of the job's TLS Secret
 CA_DIR = "/var/run/ares/ca"                      # device: ca.crt only (it verifies the server)
+SHARD_TOKEN_KEY = "shard.token"                  # key of the token Secret: shards to their root (ares.runtime.shardproto)
 TLS_CA_KEY, TLS_CERT_KEY, TLS_KEY_KEY = "ca.crt", "tls.crt", "tls.key"  # keys of the TLS Secret
 TLS_FILE_MODE = 0o440                            # readable by the pod's group (fsGroup), nobody else
 CLUSTER_DOMAIN = "cluster.local"                 # the last of the Service names the server cert carries

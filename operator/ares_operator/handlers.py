@@ -73,6 +73,8 @@ class JobState:
     restarts: dict[str, int] = dataclasses.field(default_factory=dict)
     server_restarts: int = 0
     server_seen: Optional[bool] = None         # the server pod existed at the last plan (None: not looked yet)
+    shard_restarts: dict[int, int] = dataclasses.field(default_factory=dict)
+    shards_seen: Optional[frozenset[int]] = None  # the shard pods that existed at the last plan
     pod_problems: frozenset[tuple[str, str, str]] = frozenset()  # stuck containers already posted as Events
     unreachable_since: Optional[float] = None  # monotonic; the server's status has failed since
     unreachable_error: str = ""
@@ -290,7 +292,8 @@ def ensure_children(call: Call, spec: JobSpec) -> bool:
         _check_quota(kube, job, objs)
         _tokens(call, spec)
         kube.create(builders.config_map(job, spec))
-        kube.create(builders.service(job))
+        for svc in builders.services(job, spec):
+            kube.create(svc)
     except (Refused, NotOurs, QuotaShortfall) as exc:
         _blocked(call, exc)
         return False
@@ -311,7 +314,7 @@ def _check_quota(kube: Kube, job: JobRef, objs: list[builders.Obj]) -> None:
     pods = [o for o in objs if o["kind"] == "Pod" and o["metadata"]["name"] not in existing]
     others: dict[str, int] = {}
     if not existing:  # a job seen for the first time: its Secrets, ConfigMap and Service are new too
-        others = {"secrets": 2, "configmaps": 1, "services": 1}
+        others = {"secrets": 2, "configmaps": 1, "services": len([o for o in objs if o["kind"] == "Service"])}
     short = quota.shortfalls(quotas, quota.job_demand(pods, others))
     if short:
         raise QuotaShortfall(short)
@@ -487,17 +490,22 @@ def _reconcile(call: Call, spec: JobSpec) -> None:
     ours = call.ctx.settings
     # Read before the pods are listed: a pod seen by a concurrent call is then in this listing too.
     seen = st.server_seen if st.server_seen is not None else job_status.server_ran(status)
+    shards_seen = st.shards_seen if st.shards_seen is not None else job_status.shards_seen(status)
     pods = observed_pods(call)
     devices_status = job_status.devices_by_name(status)
     restarts = {d.name: max(int((devices_status.get(d.name) or {}).get("restarts") or 0),
                             st.restarts.get(d.name, 0)) for d in spec.devices}
     server_restarts = max(int(status.get("serverRestarts") or 0), st.server_restarts)
+    recorded = job_status.shard_restarts(status)
+    shard_restarts = {i: max(recorded.get(i, 0), st.shard_restarts.get(i, 0)) for i in reconcile.shard_indexes(spec)}
     splits = reconcile.desired_splits(spec, st.planned)
     options = reconcile.desired_options(spec, st.planned_options)
-    actions = reconcile.plan_pods(job, spec, ours, pods, restarts, server_restarts, splits, options, seen)
+    actions = reconcile.plan_pods(job, spec, ours, pods, restarts, server_restarts, splits, options, seen,
+                                  shard_restarts, shards_seen)
     _tls(call, spec, reread=bool(actions.create))  # before any pod that mounts it
     st.restarts, st.server_restarts = dict(actions.restarts), actions.server_restarts
     st.server_seen = actions.server_seen
+    st.shard_restarts, st.shards_seen = dict(actions.shard_restarts), actions.shards_seen
     for note in actions.notes:
         call.logger.info(note)
     for reason, message in job_status.capped_events([(c.REASON_PODS_REPLACED, n) for n in actions.notes],
@@ -698,6 +706,8 @@ def _status(call: Call, spec: JobSpec, pods: list[reconcile.PodView], server: Op
                                          c.REASON_PLAN_APPLIED if planned else c.REASON_PLAN_PENDING,
                                          job_status.split_message(planned, st.planned_options) if planned
                                          else "waiting for measurements", now, gen)
+    if spec.server.shards > 1:
+        new["shards"] = job_status.shards(job, spec, pods, actions.shard_restarts)
     new["observedGeneration"] = gen
     if outcome is None:
         new["phase"] = job_status.phase(server, status.get("phase"))

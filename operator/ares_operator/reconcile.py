@@ -153,6 +153,8 @@ class Actions:
     restarts: Mapping[str, int] = dataclasses.field(default_factory=dict)  # device -> replacements
     server_restarts: int = 0
     server_seen: bool = False            # the server pod this plan leaves was seen (see plan_pods)
+    shard_restarts: Mapping[int, int] = dataclasses.field(default_factory=dict)  # shard -> replacements
+    shards_seen: frozenset[int] = frozenset()  # the shard pods this plan leaves that were seen
     gave_up: tuple[str, ...] = ()        # devices past their backoff limit
     notes: tuple[str, ...] = ()          # what happened, for the log and events
     outcome: Optional[Outcome] = None    # the job ends
@@ -160,7 +162,8 @@ class Actions:
 
 def plan_pods(job: JobRef, spec: JobSpec, settings: OperatorSettings, pods: Sequence[PodView],
               restarts: Mapping[str, int], server_restarts: int, splits: Mapping[str, int],
-              options: Mapping[str, tuple[str, int]] | None = None, server_seen: bool = False) -> Actions:
+              options: Mapping[str, tuple[str, int]] | None = None, server_seen: bool = False,
+              shard_restarts: Mapping[int, int] | None = None, shards_seen: frozenset[int] = frozenset()) -> Actions:
     """Create what is missing; replace what failed, within its backoff limit (with the device's
     current split and, where the job offers them, step options).
 
@@ -169,16 +172,22 @@ def plan_pods(job: JobRef, spec: JobSpec, settings: OperatorSettings, pods: Sequ
     failed one is: it counts against serverBackoffLimit and says so. Its first creation, a
     re-creation after a suspension and one after a replacement that is already counted do not.
 
+    A job with shards (spec.server.shards > 1) has a pod a shard beside the server (its root):
+    each is replaced as the server is (`plan_shards`), against serverBackoffLimit of its own.
+
     A suspended job (runPolicy.suspend) has no pods: every active one is deleted and nothing is
     created; counters are kept, and the server resumes from its checkpoint when it comes back.
     """
     by_name = {p.name: p for p in pods}
+    shard_counts = {i: max((shard_restarts or {}).get(i, 0), _attempt(by_name, job.shard_name(i)))
+                    for i in shard_indexes(spec)}
     if spec.run_policy.suspend:
         counts = {d.name: max(restarts.get(d.name, 0), _attempt(by_name, job.device_pod_name(d.name)))
                   for d in spec.devices}
         gone = tuple(p.name for p in pods if not p.terminating)
         return Actions(delete=gone, restarts=counts,
                        server_restarts=max(server_restarts, _attempt(by_name, job.server_name)),
+                       shard_restarts=shard_counts,
                        notes=(f"suspended: deleting pods {list(gone)}",) if gone else ())
     create: list[Obj] = []
     delete: list[str] = []
@@ -219,6 +228,14 @@ def plan_pods(job: JobRef, spec: JobSpec, settings: OperatorSettings, pods: Sequ
     else:
         seen = True
 
+    shards = plan_shards(job, spec, settings, by_name, shard_counts, shards_seen)
+    if shards.outcome is not None:
+        return Actions(restarts=counts, server_restarts=srv_count, shard_restarts=shards.shard_restarts,
+                       outcome=shards.outcome)
+    create += shards.create
+    delete += shards.delete
+    notes += shards.notes
+
     for dev in spec.devices:
         name = job.device_pod_name(dev.name)
         pod = by_name.get(name)
@@ -246,7 +263,55 @@ def plan_pods(job: JobRef, spec: JobSpec, settings: OperatorSettings, pods: Sequ
         outcome = Outcome(c.PHASE_FAILED, c.REASON_ALL_DEVICES_LOST,
                           f"every device failed more than its backoffLimit ({spec.run_policy.backoff_limit})")
     return Actions(create=tuple(create), delete=tuple(delete), restarts=counts, server_restarts=srv_count,
-                   server_seen=seen, gave_up=tuple(gave_up), notes=tuple(notes), outcome=outcome)
+                   server_seen=seen, shard_restarts=shards.shard_restarts, shards_seen=shards.shards_seen,
+                   gave_up=tuple(gave_up), notes=tuple(notes), outcome=outcome)
+
+
+def shard_indexes(spec: JobSpec) -> range:
+    """The job's shards: none for an unsharded job (its server holds every device)."""
+    return range(spec.server.shards if spec.server.shards > 1 else 0)
+
+
+def plan_shards(job: JobRef, spec: JobSpec, settings: OperatorSettings, by_name: Mapping[str, PodView],
+                counts: Mapping[int, int], seen_before: frozenset[int]) -> Actions:
+    """Each shard pod as the server pod: created when missing; replaced when it failed or when it
+    went away after it had been seen (`seen_before`), each replacement counted against
+    serverBackoffLimit for that shard. A replaced shard starts empty and takes the root's round;
+    its devices wait for it (they lose at most the round in progress)."""
+    limit = spec.run_policy.server_backoff_limit
+    create: list[Obj] = []
+    delete: list[str] = []
+    notes: list[str] = []
+    out = dict(counts)
+    seen: set[int] = set()
+    for i in shard_indexes(spec):
+        name = job.shard_name(i)
+        pod = by_name.get(name)
+        if pod is None:
+            if i in seen_before:
+                if out[i] >= limit:
+                    return Actions(shard_restarts=out, outcome=Outcome(
+                        c.PHASE_FAILED, c.REASON_SERVER_FAILED,
+                        f"shard {i} pod deleted after {out[i]} restarts (serverBackoffLimit {limit})"))
+                out[i] += 1
+                notes.append(f"shard {i} pod deleted; re-created (restart {out[i]}), taking the root's round")
+            create.append(_with_attempt(builders.shard_pod(job, spec, settings, i), out[i]))
+        elif pod.terminating:
+            if i in seen_before and pod.attempt >= out[i]:
+                seen.add(i)
+        elif pod.failed:  # one that exited 0 did so because training is over: left alone
+            if out[i] >= limit:
+                return Actions(shard_restarts=out, outcome=Outcome(
+                    c.PHASE_FAILED, c.REASON_SERVER_FAILED,
+                    f"shard {i} pod {pod.phase.lower()} {out[i] + 1} times (serverBackoffLimit {limit})"))
+            out[i] += 1
+            delete.append(name)
+            create.append(_with_attempt(builders.shard_pod(job, spec, settings, i), out[i]))
+            notes.append(f"shard {i} pod {pod.phase.lower()}; replaced (restart {out[i]}), taking the root's round")
+        else:
+            seen.add(i)
+    return Actions(create=tuple(create), delete=tuple(delete), shard_restarts=out, shards_seen=frozenset(seen),
+                   notes=tuple(notes))
 
 
 def _attempt(by_name: Mapping[str, PodView], name: str) -> int:

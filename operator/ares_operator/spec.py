@@ -32,6 +32,7 @@ ROUND_DEADLINE_MAX_S = 7 * 86_400     # 7 days
 LONG_MAX_S = 365 * 86_400             # ttlSecondsAfterFinished, activeDeadlineSeconds, tolerationSeconds
 SPLIT_MAX = 63
 BANDWIDTH_MAX_KBIT = 100_000_000      # 100gbit
+SHARDS_MAX = 64                       # server shards a job may have (spec.server.shards)
 DEVICES_MAX = 1000                    # per job: the size the operator's tick, the job object and
                                       # admission (CEL cost) are measured at (docs/limits.md)
 
@@ -302,6 +303,9 @@ class ServerSpec(_Scheduling):
     image: Optional[Image] = None
     resources: Resources = {}
     checkpoint_claim: Optional[str] = Field(None, max_length=253)
+    # k > 1: a root server pod plus k shard pods, each holding the sessions of the devices
+    # ares.core.sharding assigns it (docs/how-it-works/shards.md); 1: one server pod.
+    shards: int = Field(1, ge=1, le=SHARDS_MAX)
 
 
 def _bandwidth_in_range(rate: Optional[str]) -> Optional[str]:

@@ -6,7 +6,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Optional
 
 from ares.core.messages import ServerStatus
-from ares_operator import conditions
+from ares_operator import builders, conditions
 from ares_operator import constants as c
 from ares_operator.builders import JobRef
 from ares_operator.reconcile import Outcome, PodView, Waiting
@@ -339,3 +339,34 @@ def server_ran(status: Mapping[str, Any]) -> bool:
     ready = conditions.find(status.get("conditions") or [], c.COND_SERVER_READY)
     reason = str((ready or {}).get("reason") or "")
     return reason in (c.REASON_SERVER_SERVING, c.REASON_SERVER_UNREACHABLE) or reason in c.WAITING_REASONS.values()
+
+
+def shards(job: JobRef, spec: JobSpec, pods: Sequence[PodView], restarts: Mapping[int, int]) -> list[dict[str, Any]]:
+    """status.shards of a job with spec.server.shards > 1 (at most spec.SHARDS_MAX entries, about
+    100 bytes each): each shard's pod phase, whether it serves (started, running), its devices
+    and its pod's replacements. Empty for an unsharded job."""
+    by_name = {p.name: p for p in pods}
+    counts = [len(names) for names in builders.shard_devices(spec)] if spec.server.shards > 1 else []
+    out: list[dict[str, Any]] = []
+    for index, devices in enumerate(counts):
+        pod = by_name.get(job.shard_name(index))
+        phase = "Missing" if pod is None else "Terminating" if pod.terminating else pod.phase
+        out.append({"index": index, "pod": job.shard_name(index), "podPhase": phase,
+                    "ready": bool(pod is not None and not pod.terminating and pod.phase == "Running" and pod.started),
+                    "devices": devices, "restarts": int(restarts.get(index, 0))})
+    return out
+
+
+def shards_seen(status: Mapping[str, Any]) -> frozenset[int]:
+    """The shard pods the status shows existing (what the operator goes by when it has not itself
+    seen them yet, as `server_ran` for the server): a missing one of these was deleted."""
+    if status.get("phase") == c.PHASE_SUSPENDED:
+        return frozenset()
+    return frozenset(int(e["index"]) for e in status.get("shards") or []
+                     if isinstance(e, Mapping) and isinstance(e.get("index"), int)
+                     and e.get("podPhase") not in (None, "Missing", "Terminating"))
+
+
+def shard_restarts(status: Mapping[str, Any]) -> dict[int, int]:
+    return {int(e["index"]): int(e.get("restarts") or 0) for e in status.get("shards") or []
+            if isinstance(e, Mapping) and isinstance(e.get("index"), int)}

@@ -5,9 +5,10 @@ that finds it keeps the one in use, so a resumed or restarted operator never re-
 read its CA back to check the server's certificate when they fetch its status.
 
 Secret `<job>-tls` (type kubernetes.io/tls), owned by the job:
-    ca.crt   the job's CA certificate: mounted into every device pod, alone
-    tls.crt  the server's certificate, for every name of its Service (see `server_names`)
-    tls.key  its private key: mounted into the server pod only
+    ca.crt   the job's CA certificate: mounted into every device pod (and shard pod), alone
+    tls.crt  the server's certificate, for every name of its Service and of each shard's
+             (see `server_names`)
+    tls.key  its private key: mounted into the server pod (and the shard pods) only
 The CA's own key is never stored: nothing more can be signed for a job's CA, and rotating
 means deleting the Secret (the operator makes a new one) and restarting the job's pods.
 """
@@ -27,10 +28,12 @@ from ares_operator.spec import JobSpec
 ROUND_GAP_S = 0.5  # the server's default pause between rounds
 
 
-def server_names(job: JobRef, cluster_domain: str = c.CLUSTER_DOMAIN) -> list[str]:
-    """Every DNS name a pod may use for the server's Service."""
-    svc = job.server_name
-    return [svc, f"{svc}.{job.namespace}", f"{svc}.{job.namespace}.svc", f"{svc}.{job.namespace}.svc.{cluster_domain}"]
+def server_names(job: JobRef, cluster_domain: str = c.CLUSTER_DOMAIN, shards: int = 1) -> list[str]:
+    """Every DNS name a pod may use for the server's Service, and (a job with shards > 1) for
+    each shard's: one certificate serves the root and every shard."""
+    services = [job.server_name, *(job.shard_name(i) for i in range(shards if shards > 1 else 0))]
+    return [name for svc in services for name in
+            (svc, f"{svc}.{job.namespace}", f"{svc}.{job.namespace}.svc", f"{svc}.{job.namespace}.svc.{cluster_domain}")]
 
 
 def job_deadline_s(spec: JobSpec) -> float:
@@ -43,7 +46,7 @@ def job_deadline_s(spec: JobSpec) -> float:
 def secret(job: JobRef, spec: JobSpec, now: Optional[datetime.datetime] = None) -> Obj:
     """A new CA and server certificate, valid twice the job's longest run (at least a year)."""
     ca = Authority(f"ares job {job.namespace}/{job.name}", lifetime_for(job_deadline_s(spec)), now)
-    leaf = ca.issue_server(server_names(job), now=now)
+    leaf = ca.issue_server(server_names(job, shards=spec.server.shards), now=now)
     data = {c.TLS_CA_KEY: ca.cert_pem, c.TLS_CERT_KEY: leaf.cert_pem, c.TLS_KEY_KEY: leaf.key_pem}
     return {"apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
             "metadata": {"name": job.tls_secret_name, "namespace": job.namespace, "labels": labels(job),

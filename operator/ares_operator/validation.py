@@ -7,6 +7,7 @@ message) and creates nothing for it.
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from collections.abc import Mapping
 from typing import Any, Optional
@@ -18,6 +19,8 @@ from ares_operator.settings import OperatorSettings
 from ares_operator.spec import JobSpec, parse_spec
 
 MAX_NAME = 63  # Service and pod host names are DNS labels
+SHARD_NAME = re.compile(r"^shard-[0-9]+$")  # device names a sharded job's shard pods take
+STREAMING_METHODS = ("fedavg", "norm_clip")  # the aggregations shards can merge (a running sum)
 
 
 def validate(name: str, raw_spec: Mapping[str, Any], settings: OperatorSettings = OperatorSettings(),
@@ -75,6 +78,7 @@ def _spec_problems(name: str, spec: JobSpec, model_layers: Mapping[str, int]) ->
     if len(f"{name}-server") > MAX_NAME:
         problems.append(f"metadata.name: {name!r} is too long; children are named <job>-<device> "
                         f"and must stay within {MAX_NAME} characters")
+    problems += shard_problems(name, spec)
     layers = model_layers.get(spec.model)
     if layers is None:
         problems.append(f"spec.model: unknown model {spec.model!r}; known models: {', '.join(sorted(model_layers))}")
@@ -101,4 +105,24 @@ def _spec_problems(name: str, spec: JobSpec, model_layers: Mapping[str, int]) ->
         unpinned = [d.name for d in spec.devices if d.split is None]
         if unpinned:
             problems.append(f"spec.split: mode fixed needs split.point or a pinned split on devices {unpinned}")
+    return problems
+
+
+def shard_problems(name: str, spec: JobSpec) -> list[str]:
+    """spec.server.shards > 1: an aggregation shards can merge, shard names within a DNS label,
+    no device whose pod name a shard pod takes (<job>-shard-<i>)."""
+    shards = spec.server.shards
+    if shards <= 1:
+        return []
+    problems: list[str] = []
+    method = spec.training.aggregation.method
+    if method not in STREAMING_METHODS:
+        problems.append(f"spec.server.shards: {shards} shards cannot aggregate with {method}, which needs every "
+                        f"upload at once; use {' or '.join(STREAMING_METHODS)}, or shards: 1")
+    if len(f"{name}-shard-{shards - 1}") > MAX_NAME:
+        problems.append(f"metadata.name: {name!r} is too long for {shards} shards; shard pods are named "
+                        f"<job>-shard-<index> and must stay within {MAX_NAME} characters")
+    taken = [d.name for d in spec.devices if SHARD_NAME.match(d.name)]
+    if taken:
+        problems.append(f"spec.devices: names {taken} are taken by a sharded job's shard pods (<job>-shard-<index>)")
     return problems
