@@ -348,7 +348,7 @@ def refusal_message(exc: Exception, job: JobRef) -> tuple[str, str]:
     if isinstance(exc, NotOurs):
         return c.REASON_NAME_CONFLICT, (
             f"{exc}. Another object holds a name this job needs (children are named <job>-<device>, "
-            "<job>-server, <job>-tokens, <job>-tls, <job>-config): rename the job or the device.")
+            "<job>-server, <job>-shard-<index>, <job>-tokens, <job>-tls, <job>-config): rename the job or the device.")
     if isinstance(exc, QuotaShortfall):
         return c.REASON_QUOTA, (
             f"the namespace's ResourceQuota cannot hold the whole job: {'; '.join(exc.lines)}. "
