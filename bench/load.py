@@ -67,7 +67,9 @@ from ares.core.data import make_synthetic_hard  # noqa: E402
 from ares.core.fedavg import merger  # noqa: E402
 from ares.core.messages import DeviceReport, StepTimings  # noqa: E402
 from ares.core.models import build_model, model_spec, split_model  # noqa: E402
-from tests.support import ServerProcess, die_with_pytest, history, small_config, stop_process, token  # noqa: E402
+from ares.core.sharding import assign  # noqa: E402
+from tests.support import (ServerProcess, ShardProcess, die_with_pytest, history, small_config,  # noqa: E402
+                           start_together, stop_process, token, write_shard_token)
 
 DEVICES_SCRIPT = Path(__file__).with_name("load_devices.py")
 MB = 1_000_000  # memory in MB of 10^6 bytes, as the requirement states it
@@ -213,59 +215,25 @@ class Servers:
     URL`), each device on the shard `ares.core.sharding` assigns it. Started together; stopped
     together, also when one fails to start."""
 
-    def __init__(self, cfg: ServerConfig, tmp: Path, shards: int):
+    def __init__(self, cfg: ServerConfig, tmp: Path, shards: int, start_timeout_s: float = 300.0):
         self.cfg, self.tmp = cfg, tmp
         if shards == 1:
-            self.procs = [ServerProcess(cfg, tmp)]
+            self.procs = start_together(lambda healthy: ServerProcess(cfg, tmp, healthy=healthy), timeout=start_timeout_s)
             self.roles = ["server"]
             self.devices_of = [list(cfg.devices)]  # per process: the devices it holds sessions for
             self.home = {d: 0 for d in cfg.devices}
             return
-        try:  # the shards' interface (ares.core.sharding, the suite's shard processes)
-            from ares.core.sharding import assign
-            from tests.support import ShardProcess, write_shard_token
-        except ImportError as exc:
-            raise SystemExit(f"--shards {shards}: this version of the server has no shards ({exc}); "
-                             "run with --shards 1") from None
         write_shard_token(cfg)
         (tmp / "root").mkdir()
         root_url = f"http://127.0.0.1:{cfg.port}"
-        self.procs = self._start_together([lambda: ServerProcess(cfg, tmp / "root")]
-                                          + [lambda i=i: ShardProcess(cfg, tmp, i, root_url) for i in range(shards)])
+        # started from this thread (a server dies with the thread that started it), then waited for
+        self.procs = start_together(lambda healthy: ServerProcess(cfg, tmp / "root", healthy=healthy),
+                                    *[lambda healthy, i=i: ShardProcess(cfg, tmp, i, root_url, healthy=healthy)
+                                      for i in range(shards)], timeout=start_timeout_s)
         homes = assign(cfg.devices, shards, cfg.shard_pins)
         self.roles = ["root"] + [f"shard {i}" for i in range(shards)]
         self.devices_of = [[]] + [list(h) for h in homes]
         self.home = {d: 1 + i for i, h in enumerate(homes) for d in h}
-
-    def _start_together(self, makers: list) -> list[ServerProcess]:
-        """Each maker on a thread of its own, which lives until `stop`: a server dies with the
-        thread that started it (PR_SET_PDEATHSIG is per thread), so that thread must outlive its
-        start. If one fails to start, those started are stopped and its error raised."""
-        self._release = threading.Event()
-        started: list[Optional[ServerProcess]] = [None] * len(makers)
-        failed: list[BaseException] = []
-        ready = [threading.Event() for _ in makers]
-
-        def hold(i: int) -> None:
-            try:
-                started[i] = makers[i]()
-            except BaseException as exc:  # noqa: BLE001 - raised below, in the caller
-                failed.append(exc)
-            finally:
-                ready[i].set()
-            self._release.wait()
-
-        for i in range(len(makers)):
-            threading.Thread(target=hold, args=(i,), daemon=True).start()
-        for event in ready:
-            event.wait()
-        if failed:
-            for p in started:
-                if p is not None:
-                    p.stop()
-            self._release.set()
-            raise failed[0]
-        return [p for p in started if p is not None]
 
     def url_of(self, device: str) -> str:
         return self.procs[self.home[device]].url
@@ -287,8 +255,6 @@ class Servers:
     def stop(self) -> None:
         for p in self.procs:
             p.stop()
-        if hasattr(self, "_release"):
-            self._release.set()
 
 
 # ---- the bodies the devices send ---------------------------------------------------------------
@@ -307,6 +273,7 @@ class Settings:
     deadline_s: float
     seed: int = 1
     fleet_timeout_s: float = 1800.0
+    start_timeout_s: float = 300.0
     min_available_mb: float = 1000.0
     round_gap_s: float = 0.0  # the close itself is measured, not the gap the controller gets
 
@@ -337,9 +304,8 @@ def encode_bodies(s: Settings, folder: Path) -> dict:
 def fleet_config(tmp: Path, names: list[str], s: Settings) -> ServerConfig:
     cfg = small_config(tmp, devices=tuple(names), rounds=s.rounds, batch_size=s.batch, max_steps_per_round=s.steps,
                        seed=s.seed)
-    sharded = {"shards": s.shards} if s.shards > 1 else {}  # (a config field only where the server has shards)
     cfg = cfg.model_copy(update={
-        **sharded, "model": s.model, "codec": s.codec, "round_deadline_s": s.deadline_s,
+        "shards": s.shards, "model": s.model, "codec": s.codec, "round_deadline_s": s.deadline_s,
         "round_gap_s": s.round_gap_s, "aggregation": AggregationConfig(),
         # each device's share is exactly steps x batch samples: the sample count it reports
         "data": DataConfig(name="synthetic", synthetic_train=len(names) * s.steps * s.batch, synthetic_test=100,
@@ -426,7 +392,7 @@ def run_fleet(n: int, s: Settings, bodies: dict, progress_s: float, say, workdir
         cfg = fleet_config(tmp, names, s)
         say(f"[{n} devices] starting {servers_label(s.shards)} ({cfg.data.synthetic_train} synthetic samples)")
         t_start = time.monotonic()
-        servers = Servers(cfg, tmp, s.shards)
+        servers = Servers(cfg, tmp, s.shards, s.start_timeout_s)
         clients = Clients()
         try:
             time.sleep(1.0)  # settle after start-up
@@ -602,6 +568,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--procs", type=int, default=4, help="device processes the fleet is spread over")
     ap.add_argument("--shards", type=int, default=1, help="server shards: 1 = one server; K > 1 = a root and K shard processes")
     ap.add_argument("--deadline-s", type=float, default=600.0, help="round deadline and the devices' request timeout")
+    ap.add_argument("--start-timeout-s", type=float, default=300.0,
+                    help="how long the servers may take to answer /healthz (each builds its data set and model)")
     ap.add_argument("--fleet-timeout-s", type=float, default=1800.0, help="a fleet still running then is stopped")
     ap.add_argument("--min-available-mb", type=float, default=1000.0,
                     help="a fleet is stopped (an error) when the machine has less memory available")
@@ -615,11 +583,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     spec = model_spec(args.model)
     if not 0 <= args.split < len(spec.build_layers()) - 1:
         ap.error(f"--split: a split with a server part (0..{len(spec.build_layers()) - 2} for {args.model})")
-    if args.shards < 1 or (args.shards > 1 and "shards" not in ServerConfig.model_fields):
-        ap.error(f"--shards {args.shards}: this version of the server has no shards (ServerConfig.shards); use 1")
+    if args.shards < 1:
+        ap.error("--shards: 1 (one server) or more (a root and that many shards)")
     s = Settings(model=args.model, split=args.split, batch=args.batch, steps=args.steps, rounds=args.rounds,
                  codec=args.codec, poll_s=args.poll_s, procs=args.procs, shards=args.shards, deadline_s=args.deadline_s,
-                 fleet_timeout_s=args.fleet_timeout_s, min_available_mb=args.min_available_mb)
+                 fleet_timeout_s=args.fleet_timeout_s, start_timeout_s=args.start_timeout_s, min_available_mb=args.min_available_mb)
     torch.set_num_threads(1)  # the merge timing: one thread, as the server runs (OMP_NUM_THREADS=1)
 
     def stop_on_sigterm(*_):

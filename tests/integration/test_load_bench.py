@@ -95,10 +95,6 @@ def test_nothing_the_bench_started_is_left_running(bench):
 
 
 def test_a_root_and_two_shards_each_device_on_its_shard(tmp_path):
-    from ares.core.config import ServerConfig
-
-    if "shards" not in ServerConfig.model_fields:
-        pytest.skip("this version of the server has no shards")
     out = tmp_path / "load.json"
     done = subprocess.run(
         [sys.executable, "bench/load.py", "--devices", "6", "--shards", "2", "--rounds", str(ROUNDS),
