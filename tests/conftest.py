@@ -35,3 +35,36 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> None:
 def pytest_runtest_setup(item: pytest.Item) -> None:
     if item.get_closest_marker("steps") and item.cls and getattr(item.cls, "failed_step", None):
         pytest.skip(f"an earlier step failed: {item.cls.failed_step}")
+
+
+# Parallel runs (pytest-xdist, `pytest -n 3`; the default run is serial). Tests that share host state run in one worker,
+# in order, as in a serial run; every other module runs whole in one worker, so its module- and
+# class-scoped fixtures are made once. Groups by path (the scheduler sees node ids only):
+# - nodes: the real nodes (their teardown checks the host's iptables and sysctls) and the image
+#   tests (podman changes both);
+# - cluster: the session control plane's tests (the operator, the chart);
+# - netns: whatever makes ares-* network namespaces and veths (tc links; the stopping tests
+#   check that none is left, and the benches number their namespaces from the same indices).
+NETNS_MODULES = {"test_stopping.py", "test_bench_short.py", "test_bench_power_modes.py"}
+
+
+def xdist_group(nodeid: str) -> str:
+    module = nodeid.split("::", 1)[0]
+    folder, _, name = module.rpartition("/")
+    if folder in ("tests/nodes", "tests/images"):
+        return "nodes"
+    if folder in ("tests/k8s", "tests/chart"):
+        return "cluster"
+    if folder == "tests/host" or name in NETNS_MODULES:
+        return "netns"
+    return module
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    from xdist.scheduler import LoadScopeScheduling
+
+    class GroupScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return xdist_group(nodeid)
+
+    return GroupScheduling(config, log)
