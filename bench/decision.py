@@ -2,8 +2,9 @@
 
 The fleet: `ares simulate`'s (half published Nanos, half Pis, links 5-50 Mbit/s) runs four rounds
 under the straggler policy with power modes, so its telemetry holds what a fleet reports after a
-few rounds (profiles, links, up to three step samples per offloading device, Jetsons in several
-modes); each device's last four sessions are added as the server reports them. Timed, each the
+few rounds (profiles, links, up to three step samples per offloading device, Jetsons in their
+modes); each device's last four sessions are added as the server reports them, and the whole
+read back from its JSON, as the controller receives it. Timed, each the
 median of `--repeats` (wall and this process's CPU time), `controller.decide(telemetry, policy)`
 for:
 
@@ -58,9 +59,10 @@ def fleet_telemetry(n: int) -> Telemetry:
     for r in range(4):
         sim.step(r)
     t = sim._telemetry(4, sim.fleet.available.nonzero()[0])
-    return t.model_copy(update={"devices": [d.model_copy(update={"sessions": [
+    t = t.model_copy(update={"devices": [d.model_copy(update={"sessions": [
         SessionSample(round=r, split=d.split, session_s=d.round_s * (1.02 + 0.01 * r), steps_s=d.round_s * 0.9)
         for r in range(1, 5)]}) for d in t.devices]})
+    return Telemetry.model_validate_json(t.model_dump_json())  # as the controller receives it (`fetch_telemetry`)
 
 
 def median_ms(fn: Callable[[], object], repeats: int) -> tuple[float, float]:

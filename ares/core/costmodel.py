@@ -611,9 +611,9 @@ def valid_columns(n_splits: int, n_options: int, mode_counts: np.ndarray, barred
 
 
 class Costs:
-    """Every device's costs in every column, as flat (N, C) matrices. Inside they are kept per option
-    over (device, mode, split), with broadcasting, and a matrix is laid out in full only when asked
-    for (`pick` reads single cells without it)."""
+    """Every device's costs in every column, as flat (N, C) matrices. Inside they are kept per option,
+    over (mode, device, split) with broadcasting (`cost_matrices` says why), and a matrix is laid
+    out in full only when asked for (`pick` reads single cells without it)."""
 
     FIELDS = ("device_s", "server_s", "up_s", "down_s", "iteration_s", "round_s", "energy_iteration_j",
               "energy_round_j")
@@ -623,20 +623,22 @@ class Costs:
 
     def _get(self, name: str) -> np.ndarray:
         if name not in self._flat:
-            n, m, o, s = self._shape
-            self._flat[name] = np.stack([np.broadcast_to(v, (n, m, s)) for v in self._parts[name]],
-                                        axis=2).reshape(n, m * o * s)
+            n, m, n_opt, s = self._shape
+            out = np.empty(self._shape)
+            for o, part in enumerate(self._parts[name]):
+                out[:, :, o, :] = np.broadcast_to(part, (m, n, s)).transpose(1, 0, 2)
+            self._flat[name] = out.reshape(n, m * n_opt * s)
         return self._flat[name]
 
     def pick(self, name: str, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
         """The cells (rows[i], cols[i]) of one matrix."""
-        n, m, o, s = self._shape
-        mode, rest = np.divmod(cols, o * s)
+        n, m, n_opt, s = self._shape
+        mode, rest = np.divmod(cols, n_opt * s)
         option, split = np.divmod(rest, s)
         out = np.empty(len(cols))
-        for j, part in enumerate(self._parts[name]):
-            at = option == j
-            out[at] = np.broadcast_to(part, (n, m, s))[rows[at], mode[at], split[at]]
+        for o, part in enumerate(self._parts[name]):
+            at = option == o
+            out[at] = np.broadcast_to(part, (m, n, s))[mode[at], rows[at], split[at]]
         return out
 
     device_s = property(lambda self: self._get("device_s"))
@@ -710,9 +712,9 @@ def _per_micro_batch(v: Any, k: Any) -> Any:
     return v if np.ndim(k) == 0 and k == 1 else v / k
 
 
-def _refuse_overflow(arrays: Sequence[np.ndarray], names: Sequence[str]) -> None:
+def _refuse_overflow(arrays: Sequence[np.ndarray], names: Sequence[str], axis: int = 0) -> None:
     """A ValueError naming the first device whose predicted round time or energy is not finite, in
-    any of `arrays` (over (device, ...)). A finite round implies a finite iteration, likewise for
+    any of `arrays` (the devices on `axis`). A finite round implies a finite iteration, likewise for
     energy, so those two are the ones to look at."""
     with np.errstate(over="ignore", invalid="ignore"):
         # every cell is >= 0, so finite sums mean finite cells: one pass each without a temporary in
@@ -721,7 +723,7 @@ def _refuse_overflow(arrays: Sequence[np.ndarray], names: Sequence[str]) -> None
             return
     bad = np.zeros(len(names), dtype=bool)
     for v in arrays:
-        bad |= ~np.isfinite(v.reshape(len(names), -1)).all(axis=1)
+        bad |= ~np.isfinite(np.moveaxis(v, axis, 0).reshape(len(names), -1)).all(axis=1)
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
         raise ValueError(f"device {names[i]!r}: its predicted time or energy is not finite (overflow); "
@@ -730,42 +732,50 @@ def _refuse_overflow(arrays: Sequence[np.ndarray], names: Sequence[str]) -> None
 
 def cost_matrices(x: CostInputs, server_share: float | np.ndarray = 1.0) -> Costs:
     """Every device's costs in every column; server time multiplied by `server_share` (>= 1 when shared;
-    a scalar, or an array that broadcasts to (N, C): one share per device or per cell). Computed one
-    option at a time over (device, mode, split): with one micro-batch the pipelining arithmetic
-    drops out, and options that move the same bytes (a codec with several k) share their energies."""
-    n_opt, s = x.up_bytes.shape
-    n, n_modes = x.fwd.shape[0], x.n_modes
+    a scalar, or an array that broadcasts to (N, C): one share per device or per cell).
 
-    def col(v: np.ndarray) -> np.ndarray:  # (N, 1) -> (N, 1, 1)
-        return v.reshape(n, 1, 1)
+    Computed one option at a time, over (mode, device, split): every operand either runs over all
+    three or over (device, split), repeated along the outermost axis, so numpy's loops run over
+    long rows. (Over (device, mode, split) an operand per device and split repeats every 7 values:
+    numpy's loops then run 7 values at a time, four times slower a value.) With one micro-batch the
+    pipelining arithmetic drops out; options that move the same bytes (a codec with several k)
+    share their energies. The arithmetic of each cell is `_predicted`'s, whatever the layout."""
+    n_opt, s = x.up_bytes.shape
+    n, m = x.fwd.shape[0], x.n_modes
+
+    def each_split(v: np.ndarray) -> np.ndarray:  # per device (N, 1) -> (N, S), laid out
+        return np.ascontiguousarray(np.broadcast_to(v, (n, s)))
+
+    def each_mode(v: np.ndarray) -> np.ndarray:  # (N, M) -> (M, N, S), laid out
+        return np.ascontiguousarray(np.broadcast_to(v.T[:, :, None], (m, n, s)))
 
     share = np.asarray(server_share, dtype=float)
     with np.errstate(over="ignore", invalid="ignore"):
         if share.ndim == 0:
-            server = [x.server_s * share] * n_opt
-        else:  # one share per device or cell: per option, over (device, mode, split)
-            width = n_modes * n_opt * s
-            per_cell = (np.tile(x.server_s, n_modes * n_opt) * np.broadcast_to(share, (n, width))).reshape(
-                n, n_modes, n_opt, s)
-            server = [per_cell[:, :, o] for o in range(n_opt)]
-    pc, ptx, prx = (x.power[:, :, i, None] for i in range(3))  # (N, M, 1)
-    half = col(x.half) if x.half.any() else False
-    switch = None if x.switch is None else x.switch[:, :, None]
+            server = [each_split(x.server_s * share)] * n_opt
+        else:  # one share per device or cell
+            per_cell = (np.tile(x.server_s, m * n_opt) * np.broadcast_to(share, (n, m * n_opt * s))).reshape(
+                n, m, n_opt, s)
+            server = [np.ascontiguousarray(per_cell[:, :, o].transpose(1, 0, 2)) for o in range(n_opt)]
+    common = dict(
+        fwd=np.ascontiguousarray(x.fwd.transpose(1, 0, 2)), bwd=np.ascontiguousarray(x.bwd.transpose(1, 0, 2)),
+        last=np.arange(s) == s - 1, weight_bytes=x.weight_bytes, up_bps=x.up_bps, down_bps=x.down_bps,
+        iterations=each_split(x.iterations), latency=x.latency, session=x.session,
+        half=each_split(x.half) if x.half.any() else False, pc=each_mode(x.power[:, :, 0]),
+        ptx=each_mode(x.power[:, :, 1]), prx=each_mode(x.power[:, :, 2]),
+        switch=None if x.switch is None else each_mode(x.switch))
     parts: dict[str, list[np.ndarray]] = {f: [] for f in Costs.FIELDS}
     energies: dict[tuple[bytes, bytes], tuple[Any, Any]] = {}
     for o in range(n_opt):
         moved = (x.up_bytes[o].tobytes(), x.down_bytes[o].tobytes())
-        part = _predicted(
-            fwd=x.fwd, bwd=x.bwd, server=server[o], up_bytes=x.up_bytes[o], down_bytes=x.down_bytes[o],
-            k=float(x.micro[o]), last=np.arange(s) == s - 1, weight_bytes=x.weight_bytes, up_bps=col(x.up_bps),
-            down_bps=col(x.down_bps), iterations=col(x.iterations), latency=col(x.latency), session=col(x.session),
-            step_overhead=x.step_overhead[:, None, o * s:(o + 1) * s], half=half, pc=pc, ptx=ptx, prx=prx,
-            switch=switch, energy=energies.get(moved))
+        part = _predicted(**common, server=server[o], up_bytes=x.up_bytes[o], down_bytes=x.down_bytes[o],
+                          k=float(x.micro[o]), step_overhead=np.ascontiguousarray(x.step_overhead[:, o * s:(o + 1) * s]),
+                          energy=energies.get(moved))
         energies.setdefault(moved, (part["energy_iteration_j"], part["energy_round_j"]))
         for f in Costs.FIELDS:
             parts[f].append(part[f])
-    _refuse_overflow([*parts["round_s"], *(e for _, e in energies.values())], x.names)
-    return Costs((n, n_modes, n_opt, s), parts)
+    _refuse_overflow([*parts["round_s"], *(e for _, e in energies.values())], x.names, axis=1)
+    return Costs((n, m, n_opt, s), parts)
 
 
 def cell_costs(x: CostInputs, rows: np.ndarray, cols: np.ndarray, server_share: float = 1.0) -> dict[str, np.ndarray]:

@@ -1,10 +1,12 @@
 """Choose every device's split point (and step option): the policies, a pure function.
 
-A policy decides over a `Problem` and its cost model (ares.core.costmodel: the predicted time
-and energy of every device at every split and option). `choose` gives one split per device
-(vectorised with numpy over devices x columns), `choose_columns` the (option, split) `Column`
-of each, and `decide` a `Plan` with the cost model's predictions for them. Weighting and
-normalising are module functions (`weighted_cost`, `row_norm`), tested on their own.
+A policy decides over a `Problem`, or the same figures as arrays (`ProblemArrays`, which the
+controller reads from telemetry without an object per device), and its cost model
+(ares.core.costmodel: the predicted time and energy of every device at every split and option).
+`choose` gives one split per device (vectorised with numpy over devices x columns, a block of
+devices at a time: `blocks`), `choose_columns` the (mode, option, split) `Column` of each, and
+`decide` a `Plan` with the cost model's predictions for them. Weighting and normalising are
+module functions (`weighted_cost`, `row_norm`), tested on their own.
 `parse_policy` turns a policy's name into one; `oracle_round_time` is the best round any
 choice could give.
 
@@ -287,7 +289,11 @@ class StragglerPolicy(_Chooser):
         feasible = allowed & (round_s <= target)
         if p.n_modes > 1 and self.headroom:
             feasible &= ~slowed_columns(p, p.x) | (round_s <= target * (1 - self.headroom))
-        cost = weighted_cost(round_s, energy, _alphas(p, self.alpha), p.valid)
+        alphas = _alphas(p, self.alpha)
+        # With a = 0 on every row (the default) the objective is E/||E||2: per row a positive factor
+        # times the energy, which neither the ranking nor the margins (ratios) see; the energy itself
+        # (finite: `cost_matrices` refuses any other) spares ten passes over the matrices.
+        cost = weighted_cost(round_s, energy, alphas, p.valid) if alphas.any() else energy
         return _stay_or_move(p, cost, feasible, self.mode_margin)
 
     def _shared(self, p: ProblemArrays) -> np.ndarray:

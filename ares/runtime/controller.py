@@ -4,6 +4,12 @@ The same code runs in the local runner and in the Kubernetes operator; they diff
 the `SplitSink` (split files on disk, or the `ares.io/split-point` pod annotation). The
 policy decides and never does I/O; this module owns the I/O around it.
 
+A decision reads the telemetry into the optimiser's input as arrays (`arrays_from_telemetry`):
+one pass over the reports, their step and session samples held against the cost model as rows
+of arrays, no object per device. `problem_from_telemetry` gives the same figures as a `Problem`
+of dataclasses, for whoever wants to look at one device (a test asserts that both agree to the
+bit, and decide the same plan).
+
 Power modes (`power_modes=True`): every device of a class with modes (a Jetson) that reports
 the mode it ran in gets its other modes in the decision, their profiles derived from the one
 it measured (marked derived) and their power from the table, and a switch charged at the
@@ -20,7 +26,7 @@ import gc
 import itertools
 import logging
 import math
-import statistics
+import operator
 import threading
 from collections import Counter
 from dataclasses import dataclass, field, replace
@@ -165,22 +171,35 @@ def arrays_from_telemetry(telemetry: Telemetry, pinned: Mapping[str, int] | None
     return None if read is None else read.arrays
 
 
-def _usable(telemetry: Telemetry) -> tuple[list[DeviceTelemetry], list[float]]:
-    """The reports a decision takes, each with its uplink estimate (`with_last_upload`): measured,
-    with a profile of the model's layers and link rates the model takes (a warning for the rest)."""
+# What a decision reads of every report: read once, in one pass (`_fields` says why so).
+_REPORT_FIELDS = ("name", "device_class", "power_mode", "fwd", "bwd", "batch_size", "up_bps", "upload_bps", "down_bps",
+                  "iterations", "latency_s", "duplex", "measured_steps", "sessions", "split", "codec", "micro_batches")
+
+
+def _usable(telemetry: Telemetry) -> tuple[list[DeviceTelemetry], dict[str, tuple], list[float]]:
+    """The reports a decision takes, their `_REPORT_FIELDS` (one tuple per field) and their uplink
+    estimates (`with_last_upload`): measured, with a profile of the model's layers and link rates
+    the model takes (a warning for the rest)."""
     layers = len(telemetry.activation_numel)
-    reports, up = [], []
-    for d in telemetry.devices:
-        if not (d.fwd and d.bwd and d.up_bps and d.down_bps and d.iterations) or len(d.fwd) != layers:
-            continue
-        up_bps = with_last_upload(d.up_bps, d.upload_bps)
-        if not (MIN_BPS <= up_bps <= MAX_BPS and MIN_BPS <= d.down_bps <= MAX_BPS):
-            log.warning("device %s: measured link rate %.3g/%.3g B/s is outside what the model takes; "
-                        "left out of this decision", d.name, up_bps, d.down_bps)
-            continue
-        reports.append(d)
-        up.append(up_bps)
-    return reports, up
+    reports = list(telemetry.devices)
+    if not reports:
+        return [], {}, []
+    f = dict(zip(_REPORT_FIELDS, zip(*map(operator.attrgetter(*_REPORT_FIELDS), reports))))
+    keep = [i for i, (fwd, bwd, up, down, it) in enumerate(zip(f["fwd"], f["bwd"], f["up_bps"], f["down_bps"],
+                                                                 f["iterations"]))
+            if fwd and bwd and up and down and it and len(fwd) == layers]
+    up = [with_last_upload(f["up_bps"][i], f["upload_bps"][i]) for i in keep]
+    fine = [MIN_BPS <= u <= MAX_BPS and MIN_BPS <= f["down_bps"][i] <= MAX_BPS for i, u in zip(keep, up)]
+    if not all(fine):
+        for i, u, ok in zip(keep, up, fine):
+            if not ok:
+                log.warning("device %s: measured link rate %.3g/%.3g B/s is outside what the model takes; "
+                            "left out of this decision", f["name"][i], u, f["down_bps"][i])
+        keep, up = [i for i, ok in zip(keep, fine) if ok], [u for u, ok in zip(up, fine) if ok]
+    if len(keep) < len(reports):
+        reports = [reports[i] for i in keep]
+        f = {name: tuple(values[i] for i in keep) for name, values in f.items()}
+    return reports, f, up
 
 
 def _options(telemetry: Telemetry, offer: Sequence[tuple[str, int]]) -> tuple[ModelCosts, str, tuple[Option, ...]]:
@@ -195,29 +214,28 @@ def _options(telemetry: Telemetry, offer: Sequence[tuple[str, int]]) -> tuple[Mo
         telemetry.activation_numel, telemetry.weight_bytes, telemetry.batch_size, (c,), (k,))))
 
 
-def _profiles(reports: Sequence[DeviceTelemetry], n_splits: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """(N, S) each: every report's forward and backward seconds per split, checked as `ComputeProfile`
-    and `Problem` check them, at the telemetry's batch size (`ComputeProfile.rescaled`'s arithmetic:
-    the same floats)."""
-    for what in ("fwd", "bwd"):
-        if {len(getattr(d, what)) for d in reports} != {n_splits}:
-            d = next(d for d in reports if len(getattr(d, what)) != n_splits)
-            raise ValueError(f"device {d.name!r}: its profile has {len(d.fwd)} forward and {len(d.bwd)} backward "
-                             f"times; the model has {n_splits} splits")
-    batch = np.array([d.batch_size for d in reports])
+def _profiles(f: Mapping[str, tuple], n_splits: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(N, S) each: every report's forward and backward seconds per split (`_usable`'s fields),
+    checked as `ComputeProfile` and `Problem` check them, at the telemetry's batch size
+    (`ComputeProfile.rescaled`'s arithmetic: the same floats)."""
+    n = len(f["name"])
+    out = []
+    for times in (f["fwd"], f["bwd"]):
+        if set(map(len, times)) != {n_splits}:
+            i = next(i for i in range(n) if len(f["fwd"][i]) != n_splits or len(f["bwd"][i]) != n_splits)
+            raise ValueError(f"device {f['name'][i]!r}: its profile has {len(f['fwd'][i])} forward and "
+                             f"{len(f['bwd'][i])} backward times; the model has {n_splits} splits")
+        out.append(np.fromiter(itertools.chain.from_iterable(times), float, n * n_splits).reshape(n, n_splits))
+    batch = np.array(f["batch_size"])
     if (batch < 1).any():
         raise ValueError(f"ComputeProfile: batch_size must be a positive integer, got {int(batch[batch < 1][0])}")
     other = np.flatnonzero(batch != batch_size)
-    out = []
-    for what in ("fwd", "bwd"):
-        times = np.fromiter(itertools.chain.from_iterable(getattr(d, what) for d in reports), float,
-                            len(reports) * n_splits).reshape(len(reports), n_splits)
+    for times, what in zip(out, ("fwd", "bwd")):
         ok = np.isfinite(times) & (times >= 0)
         if not ok.all():
             raise ValueError(f"{what} must hold finite seconds >= 0, got {float(times[~ok][0])!r}")
         if other.size:
             times[other] *= (batch_size / batch[other])[:, None]
-        out.append(times)
     return out[0], out[1]
 
 
@@ -225,7 +243,7 @@ def _read(telemetry: Telemetry, pinned: Mapping[str, int], offer: Sequence[tuple
           pinned_modes: Mapping[str, str]) -> Optional[_Reading]:
     """The decision's input, as arrays, from the reports (None when none is usable), with the checks
     the dataclasses make of the same figures."""
-    reports, up = _usable(telemetry)
+    reports, f, up = _usable(telemetry)
     if not reports:
         return None
     model, codec, options = _options(telemetry, offer)
@@ -234,15 +252,14 @@ def _read(telemetry: Telemetry, pinned: Mapping[str, int], offer: Sequence[tuple
                            batch_size=telemetry.batch_size)
     if server.n_splits != s:
         raise ValueError(f"server profile has {server.n_splits} splits, the model {s}")
-    names = tuple(d.name for d in reports)
+    names, steps, sessions = f["name"], f["measured_steps"], f["sessions"]
     if len(set(names)) != n:
         raise ValueError(f"device names must be unique; repeated: {sorted(k for k, v in Counter(names).items() if v > 1)}")
-    fwd, bwd = _profiles(reports, s, telemetry.batch_size)
-    kinds = [(d.device_class, d.power_mode) for d in reports]
+    fwd, bwd = _profiles(f, s, telemetry.batch_size)
+    kinds = list(zip(f["device_class"], f["power_mode"]))
     table = {kind: _power(*kind) for kind in dict.fromkeys(kinds)}  # once per class and mode
     powers = [table[kind] for kind in kinds]
-    iterations = np.array([d.iterations for d in reports])
-    latency = np.array([d.latency_s or 0.0 for d in reports], dtype=float)
+    iterations, latency = np.array(f["iterations"]), np.array([v or 0.0 for v in f["latency_s"]], dtype=float)
     for bad, what in ((iterations < 0, "iterations must be an integer >= 0"),
                       (latency < 0, "latency_s must be >= 0 seconds")):
         if bad.any():
@@ -258,31 +275,32 @@ def _read(telemetry: Telemetry, pinned: Mapping[str, int], offer: Sequence[tuple
         down_bytes=np.array([o.model.down_bytes for o in options], dtype=float),
         micro=np.array([o.micro_batches for o in options], dtype=float),
         weight_bytes=np.array(model.weight_bytes, dtype=float), up_bps=np.array(up, dtype=float)[:, None],
-        down_bps=np.array([d.down_bps for d in reports], dtype=float)[:, None],
-        iterations=iterations.astype(float)[:, None], power=modes.watts, latency=latency[:, None],
-        session=np.zeros((n, 1)), step_overhead=np.zeros((n, n_opt * s)),
-        half=np.array([d.duplex == "half" for d in reports])[:, None], names=names, switch=modes.switch)
+        down_bps=np.array(f["down_bps"], dtype=float)[:, None], iterations=iterations.astype(float)[:, None],
+        power=modes.watts, latency=latency[:, None], session=np.zeros((n, 1)), step_overhead=np.zeros((n, n_opt * s)),
+        half=np.array([v == "half" for v in f["duplex"]])[:, None], names=names, switch=modes.switch)
     # the step overheads, then the session overheads held against a model with them in
-    rows, tables = _overhead_tables(options, s, _excess(x, options, [d.measured_steps for d in reports]))
+    rows, tables = _overhead_tables(options, s, _excess(x, options, steps))
     timed = np.zeros(n, dtype=bool)
     if rows:
         step = x.step_overhead.copy()
         step[rows] = tables.reshape(len(rows), n_opt * s) * np.tile(np.arange(s) < s - 1, n_opt)
         x, timed[rows] = replace(x, step_overhead=step), True
-    with_sessions = [i for i, d in enumerate(reports) if d.sessions]
+    with_sessions = [i for i, taken in enumerate(sessions) if taken]
     if with_sessions:
         rest = session_table(x=x.rows(np.array(with_sessions)))
-        found = _session_excess(s, [reports[i].sessions for i in with_sessions], rest)
+        found = _session_excess(s, [sessions[i] for i in with_sessions], rest)
         session = x.session.copy()
         for i, v in zip(with_sessions, found):
             if v is not None:
                 session[i, 0] = v
         x = replace(x, session=session)
     own = (telemetry.codec, telemetry.micro_batches)
-    current = _current_columns(options, s, reports, own, [-1] * n, lambda o, split: o * s + split)
+    ran = zip(f["split"], f["codec"], f["micro_batches"])
+    current = _current_columns(options, s, list(ran), own, [-1] * n, lambda o, split: o * s + split)
     arrays = ProblemArrays(x=x, options=options, mode_counts=modes.counts,
                            valid=valid_columns(s, n_opt, modes.counts), alpha=np.full(n, math.nan),
-                           pinned_split=pins, pinned_mode=modes.pinned, current=np.array([-1 if c is None else c for c in current]),
+                           pinned_split=pins, pinned_mode=modes.pinned,
+                           current=np.array([-1 if c is None else c for c in current]),
                            mode_labels=modes.labels_of, labels=modes.labels)
     return _Reading(reports, arrays, powers, timed, server, model, codec)
 
@@ -365,33 +383,32 @@ def with_last_upload(up_bps: float, upload_bps: Optional[float]) -> float:
 def with_current(problem: Problem, measured: Mapping[str, DeviceTelemetry], own: tuple[str, int]) -> Problem:
     """The problem with the column each device ran its last round at (its split, and its codec and k,
     else the job's), which the policies keep unless clearly beaten (`STAY_MARGIN`)."""
-    current = _current_columns(problem.options, problem.n_splits, [measured[d.name] for d in problem.devices], own,
-                               [d.current for d in problem.devices])
+    ran = [(m.split, m.codec, m.micro_batches) for m in (measured[d.name] for d in problem.devices)]
+    current = _current_columns(problem.options, problem.n_splits, ran, own, [d.current for d in problem.devices])
     return replace(problem, devices=tuple(d if c is d.current else replace(d, current=c)
                                           for d, c in zip(problem.devices, current)))
 
 
-def _current_columns(options: Sequence[Option], n_splits: int, reports: Sequence[DeviceTelemetry],
+def _current_columns(options: Sequence[Option], n_splits: int, ran: Sequence[tuple[Optional[int], Optional[str],
+                                                                                   Optional[int]]],
                      own: tuple[str, int], keep: Sequence[Any], make: Callable[[int, int], Any] = Column) -> list:
-    """Each report's column as `with_current` sets it: `make(option, split)` (a `Column`, or where
-    made for arrays, its flat index), None where that option is not offered, `keep`'s where its
-    report has no split."""
-    n = n_splits
+    """Each device's column as `with_current` sets it from what its report says it `ran` (split,
+    codec, micro-batches): `make(option, split)` (a `Column`, or where made for arrays, its flat
+    index), None where that option is not offered, `keep`'s where its report has no split."""
     index = {(o.codec, o.micro_batches): i for i, o in enumerate(options)}  # a problem's pairs are unique
     first = (options[0].codec, options[0].micro_batches)
-    found: dict[tuple[str, int, int], Any] = {}  # once per (codec, k, split)
-    out = []
-    for d, kept in zip(reports, keep):
-        split = d.split
-        if split is None or not 0 <= split < n:
-            out.append(kept)
-            continue
+    no_split = object()
+
+    def column(split: Optional[int], codec: Optional[str], micro_batches: Optional[int]) -> Any:
+        if split is None or not 0 <= split < n_splits:
+            return no_split
         # at the last split only the first option
-        key = (d.codec or own[0], d.micro_batches or own[1], split) if split < n - 1 else (*first, split)
-        if key not in found:
-            found[key] = make(index[key[:2]], split) if key[:2] in index else None
-        out.append(found[key])
-    return out
+        pair = (codec or own[0], micro_batches or own[1]) if split < n_splits - 1 else first
+        return make(index[pair], split) if pair in index else None
+
+    found: dict[tuple, Any] = {}  # once per (split, codec, k) reported
+    columns = [found[r] if r in found else found.setdefault(r, column(*r)) for r in ran]
+    return [kept if c is no_split else c for c, kept in zip(columns, keep)]
 
 
 def with_step_overheads(problem: Problem, samples: Mapping[str, Sequence[StepSample]]) -> Problem:
@@ -415,48 +432,86 @@ def with_step_overheads(problem: Problem, samples: Mapping[str, Sequence[StepSam
 
 def _step_overhead_tables(problem: Problem, samples: Mapping[str, Sequence[StepSample]]) -> list:
     """Each device's `step_overheads` as `with_step_overheads` sets them (its own where it has no sample)."""
-    excess = [{(col.option, col.split): v for col, v in e.items()} for e in _step_excess(problem, samples)]
-    rows, tables = _overhead_tables(problem.options, problem.n_splits, excess)
+    found = [(i, col.option, col.split, v) for i, e in enumerate(_step_excess(problem, samples)) for col, v in e.items()]
+    rows, tables = _overhead_tables(problem.options, problem.n_splits, _Excess(*map(np.array, zip(*found)))
+                                    if found else _Excess.none())
     out = [d.step_overheads for d in problem.devices]
     for i, table in zip(rows, tables.tolist()):
         out[i] = tuple(map(tuple, table))
     return out
 
 
-def _overhead_tables(options: Sequence[Option], n_splits: int,
-                     excess: Sequence[Mapping[tuple[int, int], float]]) -> tuple[list[int], np.ndarray]:
-    """The rows with a step excess (`_excess`: per (option, split)), and their step overheads
-    [row, option, split] from it (see `with_step_overheads`)."""
+@dataclass(frozen=True)
+class _Excess:
+    """Step excesses, one per (row, option, split) that ran, rows ascending, each row's in the order
+    its samples first ran them."""
+
+    rows: np.ndarray
+    option: np.ndarray
+    split: np.ndarray
+    value: np.ndarray
+
+    @classmethod
+    def none(cls) -> "_Excess":
+        empty = np.zeros(0, dtype=int)
+        return cls(empty, empty, empty, np.zeros(0))
+
+
+def _fields(samples: Sequence[Sequence[Any]], names: Sequence[str], count: int) -> list[np.ndarray]:
+    """The numeric fields `names` (two or more) of every sample, in order, one float array each
+    (`count` samples in all). Read in one pass with `operator.attrgetter` and `np.fromiter`: at
+    40,000 samples half the time of a comprehension of tuples turned into arrays."""
+    every = itertools.chain.from_iterable(samples)
+    flat = np.fromiter(itertools.chain.from_iterable(map(operator.attrgetter(*names), every)), float,
+                       count * len(names))
+    return list(flat.reshape(count, len(names)).T)
+
+
+def _in_order_sums(rows: np.ndarray, values: np.ndarray, n: int) -> np.ndarray:
+    """Per row (0..n-1), the sum of its `values` left to right in their order here, as Python's
+    `sum` adds them (the same floats): one vectorised step per position within a row."""
+    if not rows.size:
+        return np.zeros(n)
+    starts = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]])  # `rows` ascend: each row's entries together
+    position = np.arange(len(rows)) - np.repeat(starts, np.diff(np.r_[starts, len(rows)]))
+    total = np.zeros(n)
+    for j in range(int(position.max()) + 1):
+        at = position == j
+        total[rows[at]] += values[at]
+    return total
+
+
+def _overhead_tables(options: Sequence[Option], n_splits: int, excess: _Excess) -> tuple[list[int], np.ndarray]:
+    """The rows with a step excess, and their step overheads [row, option, split] from it (see
+    `with_step_overheads`)."""
     # bytes moved per iteration, [option, split] (the same for every device)
     moved = (np.array([o.model.up_bytes for o in options], dtype=float)
              + np.array([o.model.down_bytes for o in options], dtype=float))
-    rows = [i for i, known in enumerate(excess) if known]
-    if not rows:
-        return rows, np.zeros((0, len(options), n_splits))
-    carried_by = moved.tolist()
-    per_byte, cap = [], []
-    for i in rows:
-        known = excess[i]
-        carried = sum(carried_by[o][split] for o, split in known)
-        per_byte.append(sum(known.values()) / carried if carried > 0 else 0.0)
-        cap.append(sum(known.values()) / len(known))
+    rows, where = np.unique(excess.rows, return_inverse=True)
+    if not rows.size:
+        return [], np.zeros((0, len(options), n_splits))
+    total = _in_order_sums(where, excess.value, len(rows))
+    carried = _in_order_sums(where, moved[excess.option, excess.split], len(rows))
+    per_byte = np.divide(total, carried, out=np.zeros_like(total), where=carried > 0)
+    cap = total / np.bincount(where)
     # every cell min(per_byte * moved, cap) at once, then the known cells
-    tables = np.minimum(np.array(per_byte)[:, None, None] * moved[None], np.array(cap)[:, None, None])
-    for j, i in enumerate(rows):
-        for (o, split), v in excess[i].items():
-            tables[j, o, split] = v
-    return rows, tables
+    tables = np.minimum(per_byte[:, None, None] * moved[None], cap[:, None, None])
+    tables[where, excess.option, excess.split] = excess.value
+    return rows.tolist(), tables
 
 
 def _step_excess(problem: Problem, samples: Mapping[str, Sequence[StepSample]]) -> list[dict[Column, float]]:
     """Per device, per column it has run: the mean, over its last `STEP_ROUNDS` rounds there, of
     each round's step beyond the model of that round (`_excess`)."""
     excess = _excess(CostInputs.of(problem), problem.options, [samples.get(d.name, ()) for d in problem.devices])
-    return [{Column(o, split): v for (o, split), v in e.items()} for e in excess]
+    out: list[dict[Column, float]] = [{} for _ in problem.devices]
+    for i, o, split, v in zip(excess.rows.tolist(), excess.option.tolist(), excess.split.tolist(),
+                              excess.value.tolist()):
+        out[i][Column(o, split)] = v
+    return out
 
 
-def _excess(x: CostInputs, options: Sequence[Option],
-            samples: Sequence[Sequence[StepSample]]) -> list[dict[tuple[int, int], float]]:
+def _excess(x: CostInputs, options: Sequence[Option], samples: Sequence[Sequence[StepSample]]) -> _Excess:
     """Per row of `x`, per (option, split) its `samples` ran at: the mean, over the last
     `STEP_ROUNDS` rounds there, of each round's step beyond the model of that round (the link
     estimates and compute speed it ran under), never below 0. Held against today's model instead,
@@ -468,37 +523,44 @@ def _excess(x: CostInputs, options: Sequence[Option],
     option_of: dict[tuple[str, int], int] = {}
     for o, opt in enumerate(options):
         option_of.setdefault((opt.codec, opt.micro_batches), o)
-    owner = [i for i, taken in enumerate(samples) for _ in taken]
-    if not owner:
-        return [{} for _ in samples]
-    # one pass over the samples' fields, then arrays (a rate of None: nan, not one the model takes)
-    split, codec, k, step, up, down, scale = zip(*[(v.split, v.codec, v.micro_batches, v.step_s, v.up_bps, v.down_bps,
-                                                    v.compute_scale) for taken in samples for v in taken])
+    owner = np.repeat(np.arange(len(samples)), [len(taken) for taken in samples])
+    if not owner.size:
+        return _Excess.none()
+    # every sample's fields in one pass (`_fields` says why so), one tuple per field
+    split, codec, k, step, up, down, scale = zip(*map(operator.attrgetter(
+        "split", "codec", "micro_batches", "step_s", "up_bps", "down_bps", "compute_scale"),
+        itertools.chain.from_iterable(samples)))
     option = np.array([option_of.get(pair, -1) for pair in zip(codec, k)])
-    kept = np.flatnonzero((option >= 0) & (np.array(split) < s - 1))  # the rest ran at no column of this problem
+    split = np.fromiter(split, int, len(owner))
+    kept = np.flatnonzero((option >= 0) & (split < s - 1))  # the rest ran at no column of this problem
     if not kept.size:
-        return [{} for _ in samples]
-    rows, option, split = np.array(owner)[kept], option[kept], np.array(split)[kept]
+        return _Excess.none()
+    rows, option, split = owner[kept], option[kept], split[kept]
 
-    def rate(measured: Sequence[Optional[float]], now: np.ndarray) -> np.ndarray:  # the sample's where the model takes it
-        v = np.array(measured, dtype=float)[kept]
+    def rate(measured: tuple, now: np.ndarray) -> np.ndarray:  # the sample's where the model takes it, else the report's
+        v = np.array(measured, dtype=float)[kept]  # None: nan
         with np.errstate(invalid="ignore"):
             return np.where((v >= MIN_BPS) & (v <= MAX_BPS), v, now[rows, 0])
 
-    factor = np.array(scale, dtype=float)[kept, None, None]
+    factor = np.fromiter(scale, float, len(owner))[kept, None, None]
     then = replace(x.rows(rows), fwd=x.fwd[rows, :1] * factor, bwd=x.bwd[rows, :1] * factor, power=x.power[rows, :1],
                    up_bps=rate(up, x.up_bps)[:, None], down_bps=rate(down, x.down_bps)[:, None],
                    step_overhead=np.zeros((len(rows), x.step_overhead.shape[1])), switch=None)
-    modelled = cell_costs(then, np.arange(len(rows)), option * s + split)["iteration_s"]
-    beyond = (np.array(step, dtype=float)[kept] - modelled).tolist()
-    runs: dict[tuple[int, int, int], list[float]] = {}  # (row, option, split): oldest first
-    for key, v in zip(zip(rows.tolist(), option.tolist(), split.tolist()), beyond):
-        runs.setdefault(key, []).append(v)
-    excess: list[dict[tuple[int, int], float]] = [{} for _ in samples]
-    for (i, o, sp), v in runs.items():
-        last = v[-STEP_ROUNDS:]
-        excess[i][(o, sp)] = max(0.0, math.fsum(last) / len(last))  # `statistics.fmean`'s arithmetic
-    return excess
+    beyond = np.fromiter(step, float, len(owner))[kept] - cell_costs(then, np.arange(len(rows)), option * s + split)["iteration_s"]
+    # the runs of each (row, option, split), in the order first run; each one's samples oldest first
+    _, first, group = np.unique((rows * len(options) + option) * s + split, return_index=True, return_inverse=True)
+    rank = np.empty(len(first), dtype=int)
+    rank[np.argsort(first, kind="stable")] = np.arange(len(first))
+    group = rank[group.ravel()]
+    order = np.lexsort((np.arange(len(group)), group))  # by group, then oldest first
+    group, beyond = group[order], beyond[order]
+    bounds = np.r_[np.flatnonzero(np.r_[True, group[1:] != group[:-1]]), len(group)]
+    last = beyond.tolist()
+    # the mean of each run's last STEP_ROUNDS (`statistics.fmean`'s arithmetic: an exactly rounded sum)
+    mean = [math.fsum(last[max(a, b - STEP_ROUNDS):b]) / min(b - a, STEP_ROUNDS) for a, b in zip(bounds, bounds[1:])]
+    heads = order[bounds[:-1]]  # a sample of each run, for its row and column
+    mean = np.array(mean)
+    return _Excess(rows[heads], option[heads], split[heads], np.where(mean > 0.0, mean, 0.0))  # max(0.0, mean)
 
 
 def with_session_overheads(problem: Problem, samples: Mapping[str, Sequence[SessionSample]]) -> Problem:
@@ -522,12 +584,33 @@ def _session_overheads(problem: Problem, samples: Mapping[str, Sequence[SessionS
 
 
 def _session_excess(n_splits: int, samples: Sequence[Sequence[SessionSample]], rest: np.ndarray) -> list[Optional[float]]:
-    """Per row of `rest` (`session_table`), its session overhead from its `samples` (None: none)."""
-    out: list[Optional[float]] = []
-    for i, taken in enumerate(samples):
-        later = [x for x in taken if x.round > 0 and x.split < n_splits]
-        excess = [max(0.0, x.session_s - x.steps_s - float(rest[i, 0, x.split])) for x in later[-3:]]
-        out.append(statistics.median(excess) if excess else None)
+    """Per row of `rest` (`session_table`), its session overhead from its `samples` (None: none):
+    the median of its last three sessions after round 0, each beyond its steps and `rest`, never
+    below 0. Every row's at once, as arrays: `statistics.median`'s arithmetic on at most three
+    values (the middle one; of two, their mean)."""
+    out: list[Optional[float]] = [None] * len(samples)
+    owner = np.repeat(np.arange(len(samples)), [len(taken) for taken in samples])
+    if not owner.size:
+        return out
+    rounds, split, session_s, steps_s = _fields(samples, ("round", "split", "session_s", "steps_s"), len(owner))
+    split = split.astype(int)
+    later = (rounds > 0) & (split < n_splits)
+    owner, split, session_s, steps_s = owner[later], split[later], session_s[later], steps_s[later]
+    if not owner.size:
+        return out
+    rows, first, count = np.unique(owner, return_index=True, return_counts=True)  # owners ascend: samples in order
+    group = np.searchsorted(rows, owner)
+    from_end = count[group] - 1 - (np.arange(len(owner)) - first[group])
+    last = from_end < 3
+    beyond = (session_s - steps_s - rest[owner, 0, split])[last]
+    beyond = np.where(beyond > 0.0, beyond, 0.0)  # max(0.0, v): v only where v > 0
+    taken = np.full((len(rows), 3), np.inf)  # each row's values, sorted, then inf
+    kept = np.minimum(count, 3)
+    taken[group[last], (kept[group] - 1 - from_end)[last]] = beyond
+    taken.sort(axis=1)
+    middle = np.where(kept == 2, (taken[:, 0] + taken[:, 1]) / 2, taken[np.arange(len(rows)), kept // 2])
+    for i, v in zip(rows.tolist(), middle.tolist()):
+        out[i] = v
     return out
 
 
