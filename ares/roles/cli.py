@@ -49,16 +49,9 @@ def _server(args: argparse.Namespace) -> int:
     from ares.core.config import ServerConfig, load_yaml_model
 
     cfg = load_yaml_model(ServerConfig, args.config)
-    path = args.config
-    if args.port is not None or args.host is not None:
-        import tempfile
-
-        import yaml
-
-        cfg = cfg.model_copy(update={k: v for k, v in (("port", args.port), ("host", args.host)) if v is not None})
-        with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
-            yaml.safe_dump(cfg.model_dump(mode="json"), f)
-            path = f.name
+    # --port and --host choose where to listen, which only `serve` reads: the server's worker
+    # loads the config file itself, unchanged (no copy of it is written anywhere).
+    cfg = cfg.model_copy(update={k: v for k, v in (("port", args.port), ("host", args.host)) if v is not None})
     if (args.tls_cert is None) != (args.tls_key is None):
         raise ValueError("--tls-cert and --tls-key go together")
     for f in (args.tls_cert, args.tls_key):
@@ -71,7 +64,7 @@ def _server(args: argparse.Namespace) -> int:
         read_shard_token(cfg)  # the root and every shard need it: say so now, not in the worker
     from ares.runtime.server import serve
 
-    serve(cfg, path, tls_cert=args.tls_cert, tls_key=args.tls_key, shard=shard)
+    serve(cfg, args.config, tls_cert=args.tls_cert, tls_key=args.tls_key, shard=shard)
     return 0
 
 
