@@ -808,11 +808,15 @@ def _plan(policy: str, p: ProblemArrays, cols: np.ndarray, shared: bool, cells: 
     option, split = np.divmod(rest, s)
     pick = [cells[f].tolist() for f in
             ("iteration_s", "round_s", "energy_iteration_j", "energy_round_j", "device_s", "server_s", "up_s", "down_s")]
-    labels = [p.labels[i] for i in p.mode_labels[np.arange(len(cols)), mode].tolist()]
-    power_mode, mode_source, energy_source = zip(*labels) if labels else ((), (), ())
-    chosen = [p.options[o] for o in option.tolist()]
-    fields = (p.names, split.tolist(), *pick, energy_source, [o.codec for o in chosen],
-              [o.micro_batches for o in chosen], power_mode, mode_source, (mode > 0).tolist())
+    def each(values: Sequence[Any], index: np.ndarray) -> list:  # values[index[i]] for every i
+        table = np.empty(len(values), dtype=object)
+        table[:] = values
+        return table[index].tolist()
+
+    label = p.mode_labels[np.arange(len(cols)), mode]
+    power_mode, mode_source, energy_source = (each([lab[j] for lab in p.labels], label) for j in range(3))
+    fields = (p.names, split.tolist(), *pick, energy_source, each([o.codec for o in p.options], option),
+              each([o.micro_batches for o in p.options], option), power_mode, mode_source, (mode > 0).tolist())
     return Plan(policy, _device_plans(fields), round_s=max(pick[1]), energy_round_j=math.fsum(pick[3]),
                 server_shared=shared)
 

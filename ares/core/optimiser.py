@@ -166,13 +166,12 @@ def _stay_or_move(p: ProblemArrays, cost: np.ndarray, mask: np.ndarray, mode_mar
 
 
 # A block of devices at a time. The policies that choose for each device on its own (all but the
-# shared-server straggler) go through the fleet in blocks of at most BLOCK_ROWS devices with the
-# same number of power modes, each block's matrices with only those modes' columns: a block's
-# matrices (~1 MB each) stay in the processor's cache between the passes over them, and a Pi
-# beside Jetsons has no padded mode columns to compute. At 10,000 devices, half of them Jetsons
-# with 4 modes x 6 options x 7 splits, the cost model took 34 ms of CPU this way, 135 ms whole
-# (a 2-core machine under load; `bench/decision.py`).
-BLOCK_ROWS = 1024
+# shared-server straggler) go through the fleet in blocks of devices with the same number of power
+# modes, each block's matrices with only those modes' columns and about BLOCK_CELLS cells (1 MB of
+# floats): a block's matrices stay in the processor's cache between the passes over them, and a Pi
+# beside Jetsons has no padded mode columns to compute. At 10,000 devices, half of them Jetsons with
+# 4 modes x 6 options x 7 splits, the cost model took a third of the CPU time this way.
+BLOCK_CELLS = 1 << 17
 
 
 def blocks(p: ProblemArrays) -> list[tuple[np.ndarray, ProblemArrays]]:
@@ -180,8 +179,9 @@ def blocks(p: ProblemArrays) -> list[tuple[np.ndarray, ProblemArrays]]:
     out = []
     for m in np.unique(p.mode_counts).tolist():
         idx = np.flatnonzero(p.mode_counts == m)
-        for lo in range(0, len(idx), BLOCK_ROWS):
-            rows = idx[lo:lo + BLOCK_ROWS]
+        size = max(1, BLOCK_CELLS // (m * len(p.options) * p.n_splits))
+        for lo in range(0, len(idx), size):
+            rows = idx[lo:lo + size]
             out.append((rows, p if len(rows) == len(p.names) and m == p.n_modes else p.rows(rows, m)))
     return out
 

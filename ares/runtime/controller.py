@@ -85,23 +85,24 @@ def with_modes(device: DeviceInput, measured: DeviceTelemetry, pinned_mode: Opti
 
 def _mode_fields(profile: ComputeProfile, measured: DeviceTelemetry, pinned_mode: Optional[str]) -> dict:
     """What `with_modes` changes in a device with this profile ({} where nothing)."""
-    rule = _mode_rule(profile.device_class, profile.power_mode, measured, pinned_mode)
+    rule = _mode_rule(profile.device_class, profile.power_mode, measured.power_mode_failed, measured.switch_s,
+                      pinned_mode)
     if rule is None:
         return {}
     return {"modes": other_modes(profile), "pinned_mode": rule[0], "switch_s": rule[1]}
 
 
-def _mode_rule(device_class: str, power_mode: str, measured: DeviceTelemetry,
+def _mode_rule(device_class: str, power_mode: str, failed: str, switch_s: Optional[float],
                pinned_mode: Optional[str]) -> Optional[tuple[Optional[str], float]]:
     """(the mode it is pinned to, the seconds a switch costs) for a device of a class with modes whose
-    mode in force is known; None for any other."""
+    mode in force is known, from its report's `power_mode_failed` and `switch_s`; None for any other."""
     names = modes_of(device_class)
     if power_mode not in names:
         return None
     pin = pinned_mode if pinned_mode in names else None
-    if measured.power_mode_failed:
+    if failed:
         pin = power_mode  # the host could not switch it: plan for the mode in force
-    return pin, measured.switch_s if measured.switch_s is not None else DEFAULT_SWITCH_S
+    return pin, switch_s if switch_s is not None else DEFAULT_SWITCH_S
 
 
 @functools.lru_cache(maxsize=64)
@@ -173,7 +174,8 @@ def arrays_from_telemetry(telemetry: Telemetry, pinned: Mapping[str, int] | None
 
 # What a decision reads of every report: read once, in one pass (`_fields` says why so).
 _REPORT_FIELDS = ("name", "device_class", "power_mode", "fwd", "bwd", "batch_size", "up_bps", "upload_bps", "down_bps",
-                  "iterations", "latency_s", "duplex", "measured_steps", "sessions", "split", "codec", "micro_batches")
+                  "iterations", "latency_s", "duplex", "measured_steps", "sessions", "split", "codec", "micro_batches",
+                  "power_mode_failed", "switch_s")
 
 
 def _usable(telemetry: Telemetry) -> tuple[list[DeviceTelemetry], dict[str, tuple], list[float]]:
@@ -264,11 +266,13 @@ def _read(telemetry: Telemetry, pinned: Mapping[str, int], offer: Sequence[tuple
                       (latency < 0, "latency_s must be >= 0 seconds")):
         if bad.any():
             raise ValueError(f"device {names[int(np.argmax(bad))]!r}: {what}")
-    pins, index = np.full(n, -1), {name: i for i, name in enumerate(names)}
-    for name, split in pinned.items():
-        if name in index:
-            pins[index[name]] = check_split(split, s, f"device {name!r}: pinned split")
-    modes = _modes(reports, kinds, table, fwd, bwd, power_modes, pinned_modes)
+    pins = np.full(n, -1)
+    if pinned:
+        index = {name: i for i, name in enumerate(names)}
+        for name, split in pinned.items():
+            if name in index:
+                pins[index[name]] = check_split(split, s, f"device {name!r}: pinned split")
+    modes = _modes(f, kinds, table, fwd, bwd, power_modes, pinned_modes)
     x = CostInputs(
         fwd=modes.fwd, bwd=modes.bwd, server_s=np.array(server.fwd) + np.array(server.bwd),
         up_bytes=np.array([o.model.up_bytes for o in options], dtype=float),
@@ -287,8 +291,15 @@ def _read(telemetry: Telemetry, pinned: Mapping[str, int], offer: Sequence[tuple
         x, timed[rows] = replace(x, step_overhead=step), True
     with_sessions = [i for i, taken in enumerate(sessions) if taken]
     if with_sessions:
-        rest = session_table(x=x.rows(np.array(with_sessions)))
-        found = _session_excess(s, [sessions[i] for i in with_sessions], rest)
+        # held against the model of the job's own option (the first), in the mode in force: what
+        # `_session_excess` reads of `session_table`
+        rows = np.array(with_sessions)
+        first = replace(x, fwd=x.fwd[rows, :1], bwd=x.bwd[rows, :1], power=x.power[rows, :1], switch=None,
+                        up_bytes=x.up_bytes[:1], down_bytes=x.down_bytes[:1], micro=x.micro[:1],
+                        up_bps=x.up_bps[rows], down_bps=x.down_bps[rows], iterations=x.iterations[rows],
+                        latency=x.latency[rows], session=x.session[rows], step_overhead=x.step_overhead[rows, :s],
+                        half=x.half[rows], names=tuple(map(names.__getitem__, with_sessions)))
+        found = _session_excess(s, [sessions[i] for i in with_sessions], session_table(x=first))
         session = x.session.copy()
         for i, v in zip(with_sessions, found):
             if v is not None:
@@ -319,11 +330,11 @@ class _Modes:
     labels: tuple[tuple[str, str, str], ...]
 
 
-def _modes(reports: Sequence[DeviceTelemetry], kinds: Sequence[tuple[str, str]],
+def _modes(f: Mapping[str, tuple], kinds: Sequence[tuple[str, str]],
            power: Mapping[tuple[str, str], PowerModel], fwd: np.ndarray, bwd: np.ndarray, power_modes: bool,
            pinned_modes: Mapping[str, str]) -> _Modes:
-    """Each device's power modes as arrays: the one in force (its `kinds`: class and mode, and
-    their `power`), and, with `power_modes` (in the decision), its class's other modes
+    """Each device's power modes as arrays (its report's fields `f`): the one in force (its `kinds`:
+    class and mode, and their `power`), and, with `power_modes` (in the decision), its class's other modes
     (`with_modes`) with their profiles derived from the one measured and their power from the
     table; past a device's own modes, its mode in force again (never valid)."""
     n, s = fwd.shape
@@ -357,10 +368,11 @@ def _modes(reports: Sequence[DeviceTelemetry], kinds: Sequence[tuple[str, str]],
             labels_of[rows, j] = labels.setdefault((other.name, other.compute.source, other.power.source), len(labels))
         names = [mode, *(o.name for o in others)]
         for i in members:
-            d = reports[i]
-            pin, switch_s = _mode_rule(cls, mode, d, pinned_modes.get(d.name))  # type: ignore[misc]
+            name = f["name"][i]
+            pin, switch_s = _mode_rule(cls, mode, f["power_mode_failed"][i], f["switch_s"][i],  # type: ignore[misc]
+                                       pinned_modes.get(name))
             if not math.isfinite(switch_s) or switch_s < 0:
-                raise ValueError(f"device {d.name!r}: switch_s must be >= 0 seconds, got {switch_s!r}")
+                raise ValueError(f"device {name!r}: switch_s must be >= 0 seconds, got {switch_s!r}")
             switch[i, 1:] = switch_s
             if pin is not None:
                 pinned[i] = names.index(pin)
@@ -554,11 +566,13 @@ def _excess(x: CostInputs, options: Sequence[Option], samples: Sequence[Sequence
     group = rank[group.ravel()]
     order = np.lexsort((np.arange(len(group)), group))  # by group, then oldest first
     group, beyond = group[order], beyond[order]
-    bounds = np.r_[np.flatnonzero(np.r_[True, group[1:] != group[:-1]]), len(group)]
-    last = beyond.tolist()
+    starts = np.flatnonzero(np.r_[True, group[1:] != group[:-1]])
+    ends = np.r_[starts[1:], len(group)]
+    values = beyond.tolist()
     # the mean of each run's last STEP_ROUNDS (`statistics.fmean`'s arithmetic: an exactly rounded sum)
-    mean = [math.fsum(last[max(a, b - STEP_ROUNDS):b]) / min(b - a, STEP_ROUNDS) for a, b in zip(bounds, bounds[1:])]
-    heads = order[bounds[:-1]]  # a sample of each run, for its row and column
+    mean = [math.fsum(values[a:b]) / (b - a)
+            for a, b in zip(np.maximum(starts, ends - STEP_ROUNDS).tolist(), ends.tolist())]
+    heads = order[starts]  # a sample of each run, for its row and column
     mean = np.array(mean)
     return _Excess(rows[heads], option[heads], split[heads], np.where(mean > 0.0, mean, 0.0))  # max(0.0, mean)
 
@@ -586,18 +600,33 @@ def _session_overheads(problem: Problem, samples: Mapping[str, Sequence[SessionS
 def _session_excess(n_splits: int, samples: Sequence[Sequence[SessionSample]], rest: np.ndarray) -> list[Optional[float]]:
     """Per row of `rest` (`session_table`), its session overhead from its `samples` (None: none):
     the median of its last three sessions after round 0, each beyond its steps and `rest`, never
-    below 0. Every row's at once, as arrays: `statistics.median`'s arithmetic on at most three
-    values (the middle one; of two, their mean)."""
+    below 0. Only each row's last three sessions are read where all three are after round 0 (the
+    common case: a report holds four); the other rows are read in full."""
+    tails = [taken[-3:] for taken in samples]
+    out, later = _session_medians(n_splits, tails, rest)
+    again = [i for i, (taken, n) in enumerate(zip(samples, later)) if len(taken) > 3 and n < 3]
+    if again:
+        for i, v in zip(again, _session_medians(n_splits, [samples[i] for i in again], rest[again])[0]):
+            out[i] = v
+    return out
+
+
+def _session_medians(n_splits: int, samples: Sequence[Sequence[SessionSample]],
+                     rest: np.ndarray) -> tuple[list[Optional[float]], list[int]]:
+    """`_session_excess` of these samples (each row's last three after round 0), and how many of
+    each row's are after round 0. Every row's at once, as arrays: `statistics.median`'s
+    arithmetic on at most three values (the middle one; of two, their mean)."""
     out: list[Optional[float]] = [None] * len(samples)
     owner = np.repeat(np.arange(len(samples)), [len(taken) for taken in samples])
     if not owner.size:
-        return out
+        return out, [0] * len(samples)
     rounds, split, session_s, steps_s = _fields(samples, ("round", "split", "session_s", "steps_s"), len(owner))
     split = split.astype(int)
     later = (rounds > 0) & (split < n_splits)
     owner, split, session_s, steps_s = owner[later], split[later], session_s[later], steps_s[later]
+    counted = np.bincount(owner, minlength=len(samples)).tolist()
     if not owner.size:
-        return out
+        return out, counted
     rows, first, count = np.unique(owner, return_index=True, return_counts=True)  # owners ascend: samples in order
     group = np.searchsorted(rows, owner)
     from_end = count[group] - 1 - (np.arange(len(owner)) - first[group])
@@ -611,7 +640,7 @@ def _session_excess(n_splits: int, samples: Sequence[Sequence[SessionSample]], r
     middle = np.where(kept == 2, (taken[:, 0] + taken[:, 1]) / 2, taken[np.arange(len(rows)), kept // 2])
     for i, v in zip(rows.tolist(), middle.tolist()):
         out[i] = v
-    return out
+    return out, counted
 
 
 def decide(telemetry: Telemetry, policy: SplitPolicy, pinned: Mapping[str, int] | None = None,

@@ -453,3 +453,31 @@ def test_decisions_in_two_threads_leave_the_collector_running_as_it_was(monkeypa
     second.join(10)
     assert collector.on  # running again after both
     assert collector.during == [False]  # and paused while B still ran
+
+
+def test_session_overheads_over_arrays_equal_the_one_device_at_a_time_computation():
+    """`_session_excess` reads every row's sessions at once (only the last three where they are all
+    after round 0). The computation it replaced, kept here: the same floats, row by row."""
+    import random
+    import statistics
+
+    import numpy as np
+
+    from ares.core.messages import SessionSample
+    from ares.runtime.controller import _session_excess
+
+    def one_at_a_time(n_splits, samples, rest):
+        out = []
+        for i, taken in enumerate(samples):
+            later = [x for x in taken if x.round > 0 and x.split < n_splits]
+            excess = [max(0.0, x.session_s - x.steps_s - float(rest[i, 0, x.split])) for x in later[-3:]]
+            out.append(statistics.median(excess) if excess else None)
+        return out
+
+    rng = random.Random(1)
+    for trial in range(60):
+        samples = [[SessionSample(round=rng.randint(0, 4), split=rng.randint(0, 8), session_s=rng.uniform(0, 5),
+                                  steps_s=rng.uniform(0, 5)) for _ in range(rng.randint(0, 6))]
+                   for _ in range(rng.randint(0, 30))]
+        rest = np.random.default_rng(trial).uniform(0, 2, (len(samples), 2, 7))
+        assert _session_excess(7, samples, rest) == one_at_a_time(7, samples, rest)

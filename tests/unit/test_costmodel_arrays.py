@@ -66,11 +66,11 @@ def test_the_cost_model_at_single_cells_is_the_whole_matrices_to_the_bit(seed):
 
 @pytest.mark.parametrize("seed", range(4))
 def test_deciding_block_by_block_gives_the_plan_of_one_block(seed, monkeypatch):
-    """Blocks of 7 devices, each with only its own modes' columns, against one block of all."""
+    """Blocks of a few devices, each with only its own modes' columns, against one block of all."""
     problem = random_problem(100 + seed, n=60)
     policies = (StragglerPolicy(), StragglerPolicy(0.4), AresPolicy(0.5), AresPolicy(0.0))
     whole = [policy.decide(problem) for policy in policies]
-    monkeypatch.setattr(optimiser, "BLOCK_ROWS", 7)
+    monkeypatch.setattr(optimiser, "BLOCK_CELLS", 50)  # 1 to 2 devices a block
     assert len(optimiser.blocks(problem.arrays())) > 9
     assert [policy.decide(problem) for policy in policies] == whole
     assert len({d.power_mode for d in whole[0].devices}) > 2 and len({d.split for d in whole[0].devices}) > 2
