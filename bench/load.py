@@ -476,7 +476,8 @@ def run_fleet(n: int, s: Settings, bodies: dict, progress_s: float, say, workdir
     say(f"[{n} devices] timing the merge of {n} uploads")
     fold, merge = merge_costs(s, n)
     per_process = [{"role": role, "devices": len(devs), "rss_idle_mb": i / MB, "rss_peak_mb": p / MB,
-                    "rss_end_mb": e / MB, "rss_per_device_mb": (p - i) / MB / max(len(devs), 1)}
+                    "rss_end_mb": e / MB, "rss_growth_mb": (p - i) / MB,
+                    "rss_per_device_mb": (p - i) / MB / len(devs) if devs else None}
                    for role, devs, i, p, e in zip(servers.roles, servers.devices_of, idle, sampler.peak, sampler.last)]
     served = [x for x in per_process if x["devices"]]
     return {
