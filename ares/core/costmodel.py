@@ -67,7 +67,7 @@ import itertools
 import math
 from dataclasses import dataclass, replace
 from functools import cached_property
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -681,14 +681,22 @@ def _step_overheads(devices: Sequence[DeviceInput], columns: int) -> np.ndarray:
 def _predicted(*, fwd: Any, bwd: Any, server: Any, up_bytes: Any, down_bytes: Any, k: Any, last: Any,
                weight_bytes: Any, up_bps: Any, down_bps: Any, iterations: Any, latency: Any, session: Any,
                step_overhead: Any, half: Any, pc: Any, ptx: Any, prx: Any, switch: Any,
-               energy: tuple[Any, Any] | None = None) -> dict[str, Any]:
+               memo: dict[Any, Any] | None = None) -> dict[str, Any]:
     """The cost model's arithmetic (the module docstring), elementwise over operands that broadcast
-    together: `cost_matrices` passes them per option, shaped over (device, mode, split), `cell_costs`
-    one value per cell. One place for it, so that both give the same floats. `energy`: the
-    (iteration, round) energies already made for the same byte counts, which they alone depend on
-    beside the device (not on k or the server)."""
+    together: `cost_matrices` passes them per option, shaped over (mode, device, split), `cell_costs`
+    one value per cell. One place for it, so that both give the same floats. `memo`: where
+    `cost_matrices` keeps, from one option to the next, the terms that do not depend on the option
+    (the device part, the weights' energy) and the energies of options that move the same bytes
+    (which do not depend on k or the server)."""
+    def once(key: Any, make: Callable[[], Any]) -> Any:
+        if memo is None:
+            return make()
+        if key not in memo:
+            memo[key] = make()
+        return memo[key]
+
     with np.errstate(over="ignore", invalid="ignore"):  # absurd inputs overflow: refused by the callers
-        device = fwd + bwd
+        device = once("device", lambda: fwd + bwd)
         up = up_bytes / up_bps
         down = down_bytes / down_bps
         lat = np.where(last, 0.0, latency)  # one request per micro-batch; none at the last split
@@ -700,9 +708,13 @@ def _predicted(*, fwd: Any, bwd: Any, server: Any, up_bytes: Any, down_bytes: An
         round_s = iterations * iteration + (weights_down + weights_up + 2 * latency + session)
         if switch is not None:
             round_s = round_s + switch
-        if energy is None:
-            e = pc * device + ptx * up + prx * down
-            energy = e, iterations * e + (prx * weights_down + ptx * weights_up)
+
+        def energies() -> tuple[Any, Any]:
+            e = once("compute energy", lambda: pc * device) + ptx * up + prx * down
+            return e, iterations * e + once("weights' energy", lambda: prx * weights_down + ptx * weights_up)
+
+        moved = None if memo is None else (np.asarray(up_bytes).tobytes(), np.asarray(down_bytes).tobytes())
+        energy = once(("energies", moved), energies)
     return dict(device_s=device, server_s=server, up_s=up, down_s=down, iteration_s=iteration, round_s=round_s,
                 energy_iteration_j=energy[0], energy_round_j=energy[1])
 
@@ -765,16 +777,15 @@ def cost_matrices(x: CostInputs, server_share: float | np.ndarray = 1.0) -> Cost
         ptx=each_mode(x.power[:, :, 1]), prx=each_mode(x.power[:, :, 2]),
         switch=None if x.switch is None else each_mode(x.switch))
     parts: dict[str, list[np.ndarray]] = {f: [] for f in Costs.FIELDS}
-    energies: dict[tuple[bytes, bytes], tuple[Any, Any]] = {}
+    memo: dict[Any, Any] = {}  # what the options share (`_predicted`)
     for o in range(n_opt):
-        moved = (x.up_bytes[o].tobytes(), x.down_bytes[o].tobytes())
         part = _predicted(**common, server=server[o], up_bytes=x.up_bytes[o], down_bytes=x.down_bytes[o],
                           k=float(x.micro[o]), step_overhead=np.ascontiguousarray(x.step_overhead[:, o * s:(o + 1) * s]),
-                          energy=energies.get(moved))
-        energies.setdefault(moved, (part["energy_iteration_j"], part["energy_round_j"]))
+                          memo=memo)
         for f in Costs.FIELDS:
             parts[f].append(part[f])
-    _refuse_overflow([*parts["round_s"], *(e for _, e in energies.values())], x.names, axis=1)
+    energies = {id(e): e for e in parts["energy_round_j"]}.values()  # each once
+    _refuse_overflow([*parts["round_s"], *energies], x.names, axis=1)
     return Costs((n, m, n_opt, s), parts)
 
 

@@ -367,13 +367,13 @@ def _modes(f: Mapping[str, tuple], kinds: Sequence[tuple[str, str]],
             out_w[rows, j] = (other.power.compute_w, other.power.tx_w, other.power.rx_w)
             labels_of[rows, j] = labels.setdefault((other.name, other.compute.source, other.power.source), len(labels))
         names = [mode, *(o.name for o in others)]
-        for i in members:
-            name = f["name"][i]
-            pin, switch_s = _mode_rule(cls, mode, f["power_mode_failed"][i], f["switch_s"][i],  # type: ignore[misc]
-                                       pinned_modes.get(name))
-            if not math.isfinite(switch_s) or switch_s < 0:
-                raise ValueError(f"device {name!r}: switch_s must be >= 0 seconds, got {switch_s!r}")
-            switch[i, 1:] = switch_s
+        pins, pauses = zip(*[_mode_rule(cls, mode, f["power_mode_failed"][i], f["switch_s"][i],  # type: ignore[misc]
+                                        pinned_modes.get(f["name"][i])) for i in members])
+        for i, pause in zip(members, pauses):
+            if not math.isfinite(pause) or pause < 0:
+                raise ValueError(f"device {f['name'][i]!r}: switch_s must be >= 0 seconds, got {pause!r}")
+        switch[rows, 1:] = np.array(pauses, dtype=float)[:, None]
+        for i, pin in zip(members, pins):
             if pin is not None:
                 pinned[i] = names.index(pin)
     return _Modes(out_f, out_b, out_w, switch, counts, pinned, labels_of, tuple(labels))
@@ -600,33 +600,18 @@ def _session_overheads(problem: Problem, samples: Mapping[str, Sequence[SessionS
 def _session_excess(n_splits: int, samples: Sequence[Sequence[SessionSample]], rest: np.ndarray) -> list[Optional[float]]:
     """Per row of `rest` (`session_table`), its session overhead from its `samples` (None: none):
     the median of its last three sessions after round 0, each beyond its steps and `rest`, never
-    below 0. Only each row's last three sessions are read where all three are after round 0 (the
-    common case: a report holds four); the other rows are read in full."""
-    tails = [taken[-3:] for taken in samples]
-    out, later = _session_medians(n_splits, tails, rest)
-    again = [i for i, (taken, n) in enumerate(zip(samples, later)) if len(taken) > 3 and n < 3]
-    if again:
-        for i, v in zip(again, _session_medians(n_splits, [samples[i] for i in again], rest[again])[0]):
-            out[i] = v
-    return out
-
-
-def _session_medians(n_splits: int, samples: Sequence[Sequence[SessionSample]],
-                     rest: np.ndarray) -> tuple[list[Optional[float]], list[int]]:
-    """`_session_excess` of these samples (each row's last three after round 0), and how many of
-    each row's are after round 0. Every row's at once, as arrays: `statistics.median`'s
-    arithmetic on at most three values (the middle one; of two, their mean)."""
+    below 0. Every row's at once, as arrays: `statistics.median`'s arithmetic on at most three
+    values (the middle one; of two, their mean)."""
     out: list[Optional[float]] = [None] * len(samples)
     owner = np.repeat(np.arange(len(samples)), [len(taken) for taken in samples])
     if not owner.size:
-        return out, [0] * len(samples)
+        return out
     rounds, split, session_s, steps_s = _fields(samples, ("round", "split", "session_s", "steps_s"), len(owner))
     split = split.astype(int)
     later = (rounds > 0) & (split < n_splits)
     owner, split, session_s, steps_s = owner[later], split[later], session_s[later], steps_s[later]
-    counted = np.bincount(owner, minlength=len(samples)).tolist()
     if not owner.size:
-        return out, counted
+        return out
     rows, first, count = np.unique(owner, return_index=True, return_counts=True)  # owners ascend: samples in order
     group = np.searchsorted(rows, owner)
     from_end = count[group] - 1 - (np.arange(len(owner)) - first[group])
@@ -640,7 +625,7 @@ def _session_medians(n_splits: int, samples: Sequence[Sequence[SessionSample]],
     middle = np.where(kept == 2, (taken[:, 0] + taken[:, 1]) / 2, taken[np.arange(len(rows)), kept // 2])
     for i, v in zip(rows.tolist(), middle.tolist()):
         out[i] = v
-    return out, counted
+    return out
 
 
 def decide(telemetry: Telemetry, policy: SplitPolicy, pinned: Mapping[str, int] | None = None,

@@ -456,8 +456,8 @@ def test_decisions_in_two_threads_leave_the_collector_running_as_it_was(monkeypa
 
 
 def test_session_overheads_over_arrays_equal_the_one_device_at_a_time_computation():
-    """`_session_excess` reads every row's sessions at once (only the last three where they are all
-    after round 0). The computation it replaced, kept here: the same floats, row by row."""
+    """`_session_excess` reads every row's sessions at once, as arrays. The computation it replaced,
+    kept here: the same floats, row by row."""
     import random
     import statistics
 
