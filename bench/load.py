@@ -31,7 +31,9 @@ Reported per fleet size, and as ratios to the baseline:
 
 A progress line is printed every `--progress-s`; the results go to `--out` (JSON). Every
 process started (servers, device processes) is stopped at the end, on an error and on Ctrl-C
-or SIGTERM, and dies with this process (PR_SET_PDEATHSIG).
+or SIGTERM; if this process is killed outright, a small reaper process (`Reaper`) ends them and
+removes their folders. A fleet is stopped, as an error, after `--fleet-timeout-s` or when the
+machine has less than `--min-available-mb` of memory left.
 
     python bench/load.py --devices 32,100,300,1000 [--shards 4] [--rounds 3] [--steps 2] [--batch 20] [--split 3]
 """
