@@ -567,15 +567,16 @@ class TrainingServer:
         it; replicas freed (a step in flight finishes first; later ones find none: `RoundClosed`)."""
         start = self.round_started or self.clock()
         done = [s for s in self.slots.values() if s.round == self.round and s.uploaded]
+        merged = {s.name for s in done}  # by name: a slot's `==` compares every field
         for s in self.slots.values():
-            if s not in done and s.phase != "refused":
+            if s.name not in merged and s.phase != "refused":
                 s.phase = "missed" if s.round == self.round else s.phase
         outcome = RoundOutcome(
             merge=self._merge,
             devices={s.name: DeviceRound(split=s.split, samples=s.report.samples,
                                          joined_s=_offset(s.joined_at, start), uploaded_s=_offset(s.uploaded_at, start),
                                          **s.report.timings.model_dump()) for s in done},
-            missed=sorted(s.name for s in self.slots.values() if s not in done),
+            missed=sorted(s.name for s in self.slots.values() if s.name not in merged),
             joined={s.name for s in self.slots.values() if s.round == self.round},
             nonfinite=self._nonfinite)
         self._nonfinite = set()
