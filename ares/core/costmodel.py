@@ -65,6 +65,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import operator
 from dataclasses import dataclass, replace
 from functools import cached_property
 from typing import Any, Callable, Mapping, Sequence
@@ -535,12 +536,17 @@ class ProblemArrays:
                 if ((x.codecs is not None and opt.codec not in x.codecs)
                         or (x.micro_batches is not None and opt.micro_batches not in x.micro_batches)):
                     barred[i, o * s:o * s + s - 1] = True
-        labels: dict[tuple[str, str, str], int] = {}
-        mode_labels = np.zeros((n, problem.n_modes), dtype=int)
-        for i, x in enumerate(d):
-            own = [labels.setdefault((c.power_mode, c.source, p.source), len(labels))
-                   for c, p in ((x.compute, x.power), *((m.compute, m.power) for m in x.modes))]
-            mode_labels[i] = own + own[:1] * (problem.n_modes - len(own))
+        # each mode's label: the modes in force, then every device's other modes one after another
+        label = operator.attrgetter("compute.power_mode", "compute.source", "power.source")
+        in_force = list(map(label, d))
+        others = list(map(label, itertools.chain.from_iterable(x.modes for x in d)))
+        labels = {key: i for i, key in enumerate(dict.fromkeys(in_force + others))}
+        mode_labels = np.repeat(np.array([labels[key] for key in in_force], dtype=int)[:, None], problem.n_modes, axis=1)
+        if others:
+            count = problem.mode_counts - 1  # each device's other modes
+            row = np.repeat(np.arange(n), count)
+            mode_labels[row, 1 + np.arange(len(others)) - np.repeat(np.cumsum(count) - count, count)] = [
+                labels[key] for key in others]
 
         def ints(values: Any) -> np.ndarray:
             return np.fromiter(values, int, n)
