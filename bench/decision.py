@@ -18,7 +18,9 @@ Two baselines, measured in the same run: the same decisions at `--baseline-devic
 the same decision made over one object per device, as the controller made it before it read the
 telemetry into arrays: `policy.decide(problem_from_telemetry(telemetry))` (a `DeviceInput` and a
 `ComputeProfile` per device, read back into arrays by the policy). The collector is paused for
-both, as `decide` pauses it. Budgets: 100 ms, 1 s for the shared server.
+both, as `decide` pauses it. Budgets: 100 ms, 1 s for the shared server. Then the parts of each
+decision at `--devices`: reading the telemetry into arrays (`arrays_from_telemetry`), the
+policy's choice over them (`choose`), and its choice with the plan (`decide`).
 
     python bench/decision.py [--devices 10000] [--baseline-devices 1000] [--repeats 7]
 """
@@ -111,6 +113,16 @@ def main() -> int:
         (bw, bc), (w, c), (_, oc) = times[(name, base)], times[(name, n)], objects[name]
         print(f"  {name:<29}{bw:6.1f} /{bc:6.1f}{w:7.1f} /{c:6.1f}   {c / (budget * 1e3):5.2f} of {budget * 1e3:4.0f} ms"
               f"   {c / bc:7.1f}x   {c / oc:6.2f} ({oc:.0f} ms)")
+    if hasattr(controller, "arrays_from_telemetry"):  # the parts, where the decision is made over arrays
+        print(f"\nof which, at {n} devices (CPU ms): reading the telemetry into arrays / the policy's choice over "
+              f"them / its choice and plan")
+        for name, (policy, kw) in CASES.items():
+            with controller._collector_paused():
+                arrays = controller.arrays_from_telemetry(big, **kw)
+                parts = [median_ms(fn, args.repeats)[1] for fn in (
+                    lambda: controller.arrays_from_telemetry(big, **kw), lambda: policy.choose(arrays),
+                    lambda: policy.decide(arrays))]
+            print(f"  {name:<29}{parts[0]:7.1f} /{parts[1]:6.1f} /{parts[2]:6.1f}")
     worst = max(times[(name, n)][1] for name in CASES if "shared" not in name)
     shared = times[("straggler, shared server", n)][1]
     print(f"slowest decision at {n} devices {worst:.1f} ms CPU ({'within' if worst < BUDGET_S * 1e3 else 'OVER'} "
