@@ -29,9 +29,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 from typing import Callable
@@ -42,6 +40,7 @@ from ares.core.messages import SessionSample, Telemetry  # noqa: E402
 from ares.core.optimiser import AresPolicy, SplitPolicy, StragglerPolicy  # noqa: E402
 from ares.roles.simulate import DeviceGroup, SimConfig, Simulation  # noqa: E402
 from ares.runtime import controller  # noqa: E402
+from bench.simulate import median_s  # noqa: E402
 
 BUDGET_S, SHARED_BUDGET_S = 0.100, 1.0
 OFFER = tuple((c, k) for c in ("fp32", "fp16", "int8") for k in (1, 4))
@@ -70,13 +69,8 @@ def fleet_telemetry(n: int) -> Telemetry:
 def median_ms(fn: Callable[[], object], repeats: int) -> tuple[float, float]:
     """(median wall ms, median CPU ms of this process) of `fn()`, after one run to warm up."""
     fn()
-    wall, cpu = [], []
-    for _ in range(repeats):
-        w, c = time.perf_counter(), time.process_time()
-        fn()
-        wall.append(time.perf_counter() - w)
-        cpu.append(time.process_time() - c)
-    return statistics.median(wall) * 1e3, statistics.median(cpu) * 1e3
+    wall, cpu = median_s(fn, repeats)
+    return wall * 1e3, cpu * 1e3
 
 
 def over_objects(t: Telemetry, policy: SplitPolicy, kw: dict) -> object:
