@@ -11,7 +11,8 @@ labels for every step, and for every round an upload of the global model's devic
 (a zero update of the device part; the server's replica is what trains) with the round's
 report. Every round passes the server's checks: the split's shapes and dtypes, a sample count
 equal to the share the server assigned (`synthetic_train` = devices x steps x batch), an update
-within bounds. Waiting devices poll `GET /v1/round` every `--poll-s`, as a device does.
+within bounds. Waiting devices wait on `GET /v1/round` as a device does: a long poll the server
+answers when the round opens (at most 10 s later), `--poll-s` between answers that came early.
 
 Reported per fleet size, and as ratios to the baseline:
 - errors: refusals, broken replies, dropped connections, missed rounds (must be 0);
@@ -329,7 +330,7 @@ class Clients:
         groups = [names[i::s.procs] for i in range(s.procs)]
         for i, group in enumerate(g for g in groups if g):
             spec = {"devices": [{"name": n, "token": token(servers.cfg, n), "url": servers.url_of(n)} for n in group],
-                    "rounds": s.rounds, "steps": s.steps, "split": s.split, "poll_s": s.poll_s,
+                    "rounds": s.rounds, "steps": s.steps, "split": s.split, "poll_s": s.poll_s, "wait_s": 10.0,
                     "timeout_s": s.deadline_s, "bodies": bodies, "progress": str(tmp / f"progress-{i}.json")}
             (tmp / f"spec-{i}.json").write_text(json.dumps(spec))
             self.results.append(tmp / f"result-{i}.json")

@@ -9,9 +9,9 @@ because it imports torch at module level (its tensors in, tensors out); what it 
 is done here the same way: JSON join, bundles streamed in 1 MiB chunks (`link.UNPACED_CHUNK`)
 with a Content-Length, replies read to their end, refusals (status >= 400) are errors.
 
-Each round a device does what `ares.runtime.device.Device` does: polls `GET /v1/round` every
-`poll_s` until the round takes joins, joins with its split, sends its steps, uploads. The bodies
-come pre-encoded by the parent with the real encoder (`ares.core.wire.encode`): one step body
+Each round a device does what `ares.runtime.device.Device` does: waits on `GET /v1/round` (a
+long poll of up to `wait_s`; `poll_s` between early answers) until the round takes joins, joins
+with its split, sends its steps, uploads. The bodies come pre-encoded by the parent with the real encoder (`ares.core.wire.encode`): one step body
 (activations and labels for the split and batch) and one upload body per round (the global
 model's device-side weights and the round's `DeviceReport`). Replies are checked without torch:
 the bundle's magic and JSON header (the join's `JoinReply` and tensor list, the step's `grad`).
@@ -114,10 +114,13 @@ class EmulatedDevice:
         return reply
 
     def wait_for_round(self, r: int) -> float:
-        """Poll as a device does until round `r` takes joins; the time it was seen open."""
+        """Wait as a device does until round `r` takes joins (a long poll: the server answers when
+        it opens, at most `wait_s` later); the time it was seen open."""
         deadline = time.monotonic() + self.spec["timeout_s"]
         while True:
-            response = self.client.get("/v1/round")
+            asked = time.monotonic()
+            wait = max(0.0, min(self.spec["wait_s"], deadline - asked))
+            response = self.client.get("/v1/round", params={"round": r, "wait": wait} if wait > 0 else {})
             seen = time.monotonic()
             with self.tally.lock:
                 self.tally.polls += 1
@@ -130,7 +133,8 @@ class EmulatedDevice:
                 return seen
             if seen > deadline:
                 raise DeviceError(f"round {r} did not open within {self.spec['timeout_s']:.0f} s")
-            time.sleep(self.spec["poll_s"])
+            if seen - asked < self.spec["poll_s"]:  # answered early, still closed: not a long poll
+                time.sleep(self.spec["poll_s"])
 
     def join(self, r: int) -> None:
         body = JoinRequest(round=r, split=self.split).model_dump_json().encode()

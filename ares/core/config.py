@@ -83,6 +83,8 @@ class LimitsConfig(_Strict):
     body_read_timeout_s: float = Field(30.0, gt=0, description="longest wait for the next piece of a body")
     join_wait_s: float = Field(20.0, ge=0, description="a join for a round not yet open waits this long "
                                "(on the event loop, holding no worker thread)")
+    round_wait_s: float = Field(20.0, ge=0, description="the longest a `GET /v1/round?round=&wait=` long poll "
+                                "is held before it is answered with the state as it is")
 
 
 class ServerConfig(_Strict):

@@ -144,6 +144,14 @@ class RoundState(_Msg):
     phase: RoundPhase
     accepting: bool = True   # the current round takes joins now (False during the gap after a round)
 
+    def opens_for(self, round_index: int) -> bool:
+        """Whether a device waiting for `round_index` stops waiting: the job has ended, or a round
+        takes joins that is that one or later, or any round of a server that restarted behind it
+        (a resumed server is at its checkpoint's round and waits for joins: the device rejoins it)."""
+        if self.phase in ("finished", "failed"):
+            return True
+        return self.accepting and (self.round >= round_index or self.phase == "waiting")
+
 
 class ServerStatus(_Msg):
     round: int               # index of the round in progress (== rounds when finished)

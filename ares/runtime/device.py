@@ -273,14 +273,21 @@ class DeviceTrainer:
         self.set_emulation(derive_power_mode(self.emulate, mode), remeasure=False)
         self.switch_s = time.perf_counter() - started
 
-    def _wait_for_round(self, round_index: int, poll_s: float = 0.1) -> Optional[int]:
-        """Wait until the round takes joins, then read the split: the controller decides in the gap."""
+    def _wait_for_round(self, round_index: int, poll_s: float = 0.1, wait_s: float = 10.0) -> Optional[int]:
+        """Wait until the round takes joins, then read the split: the controller decides in the gap.
+        The first ask is answered at once (its round trip is the latency the cost model uses); the
+        next ones are long polls the server answers when the round opens, at most `wait_s` later.
+        An answer that came back early with the round still closed (a server of an older release
+        ignores the wait) is followed by a pause of `poll_s`, as before long polls."""
         give_up = None
+        first = True
         while True:
             try:
                 t0 = time.perf_counter()
-                status = self.link.round_state()
-                self._rtts.append(time.perf_counter() - t0)
+                status = self.link.round_state(round_index, 0.0 if first else wait_s)
+                took = time.perf_counter() - t0
+                if first:
+                    self._rtts.append(took)
             except LinkError as exc:
                 if exc.status != 503:
                     raise
@@ -289,15 +296,18 @@ class DeviceTrainer:
                     raise
                 log.warning("server unreachable (%s); retrying", exc.message)
                 time.sleep(1.0)
+                first = True
                 continue
             give_up = None
             if status.phase == "finished":
                 return None
             # a restarted server resumes behind us (its checkpoint is the last closed round) and
             # waits for joins: rejoin its round instead of waiting for ours
-            if status.accepting and (status.round >= round_index or status.phase == "waiting"):
+            if status.opens_for(round_index):
                 return status.round
-            time.sleep(poll_s)
+            if not first and took < poll_s:
+                time.sleep(poll_s)
+            first = False
 
     def _measured_steps(self, entry: RoundLog, whole: bool) -> list[StepSample]:
         """This round's offloaded steps joined to the ones measured before (the last `STEP_ROUNDS`

@@ -39,7 +39,8 @@ class InProcessLink:
     def status(self) -> ServerStatus:
         return self.server.status()
 
-    def round_state(self) -> RoundState:
+    def round_state(self, round_index: Optional[int] = None, wait_s: float = 0.0) -> RoundState:
+        """Answered at once (no long poll in process: the device's loop waits between asks)."""
         return self.server.round_state()
 
     def join(self, round_index: int, split: int):

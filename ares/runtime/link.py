@@ -65,7 +65,7 @@ class Transfer:
 class ServerLink(Protocol):
     def config(self) -> ServerConfig: ...
     def status(self) -> ServerStatus: ...
-    def round_state(self) -> RoundState: ...
+    def round_state(self, round_index: Optional[int] = None, wait_s: float = 0.0) -> RoundState: ...
     def join(self, round_index: int, split: int) -> tuple[JoinReply, dict[str, torch.Tensor], Transfer]: ...
     def step(self, round_index: int, split: int, x: torch.Tensor, y: torch.Tensor, codec: str = "fp32",
              micro: int = 0, micros: int = 1, total: Optional[int] = None) -> StepResult: ...
@@ -203,10 +203,13 @@ class HttpLink:
         return ServerStatus.model_validate(self._check(self.client.get("/v1/status")).json())
 
     @_unreachable_is_503
-    def round_state(self) -> RoundState:
-        """`GET /v1/round`: what a waiting device needs, of a size that does not grow with the fleet.
-        A server without it (an older release, 404) is asked for its whole status instead."""
-        response = self.client.get("/v1/round")
+    def round_state(self, round_index: Optional[int] = None, wait_s: float = 0.0) -> RoundState:
+        """`GET /v1/round`: what a waiting device needs, of a size that does not grow with the fleet;
+        with `round_index` and `wait_s`, a long poll answered once that round takes joins (or the
+        job ends), at the latest after `wait_s`. A server without the route (an older release,
+        404) is asked for its whole status instead, and answers at once."""
+        params = {} if round_index is None or wait_s <= 0 else {"round": round_index, "wait": wait_s}
+        response = self.client.get("/v1/round", params=params)
         if response.status_code == 404:
             status = self.status()
             return RoundState(round=status.round, rounds=status.rounds, phase=status.phase, accepting=status.accepting)

@@ -5,6 +5,8 @@ Routes are thin: authenticate, read and validate the body, run the torch work in
 
     GET  /healthz                         liveness, no token
     GET  /v1/config                       the server's config (devices learn their training setup)
+    GET  /v1/round                        ?round=R&wait=S: the round's state, once round R takes joins
+                                          (or the job ends, or S seconds pass; a long poll, any token)
     GET  /v1/status                       round, accuracy, per-device phase (any token)
     GET  /v1/telemetry                    what the optimiser needs (controller token)
     GET  /metrics                         Prometheus text (controller token)
@@ -44,6 +46,7 @@ from ares.core.messages import DeviceReport, JoinRequest
 from ares.runtime.allocator import keep_freed_memory
 from ares.runtime.limits import BodyTimeout, DeviceBudget, DeviceBusy, DeviceGate
 from ares.runtime.root import RootServer
+from ares.runtime.roundwatch import RoundWatch
 from ares.runtime.shard import RootAddress, RootLink, ShardFollower, ShardServer
 from ares.runtime.shardproto import read_shard_token
 from ares.runtime.training import (AlreadyFinished, BadMicroBatch, BadTensor, ConflictingUpload, NotJoined, OutOfTurn,
@@ -190,15 +193,24 @@ def create_app(cfg: ServerConfig, trainer: Optional[TrainingServer] = None, tick
             yield
         finally:
             ticker.cancel()
+            if app.state.watch is not None:
+                await app.state.watch.stop()
             if follower is not None:
                 await to_thread.run_sync(follower.stop)
 
     app = FastAPI(title="ARES edge server", lifespan=lifespan)
     app.state.trainer = trainer
     app.state.gate = DeviceGate.for_job(cfg)
+    app.state.watch = None
 
     def srv() -> TrainingServer:
         return app.state.trainer
+
+    def watch() -> RoundWatch:
+        """The long polls' watch, started on first use in the loop that serves them."""
+        if app.state.watch is None or app.state.watch.loop is not asyncio.get_running_loop():
+            app.state.watch = RoundWatch(srv().round_state).start()
+        return app.state.watch
 
     @app.exception_handler(Refusal)
     @app.exception_handler(wire.WireError)
@@ -225,10 +237,15 @@ def create_app(cfg: ServerConfig, trainer: Optional[TrainingServer] = None, tick
         return JSONResponse(cfg.model_dump(mode="json"))
 
     @app.get("/v1/round")
-    async def round_state(token: Token) -> JSONResponse:
-        """What a waiting device polls: the round and its phase, no fleet, no round lock."""
+    async def round_state(token: Token, round: Optional[int] = None, wait: float = 0.0) -> JSONResponse:
+        """What a waiting device asks: the round and its phase, no fleet, no round lock. With
+        `round` and `wait`, answered once that round takes joins (or the job ends), at most `wait`
+        seconds later (capped at `limits.round_wait_s`): one request per device per gap."""
         srv().check_any_token(token)
-        return JSONResponse(srv().round_state().model_dump(mode="json"))
+        state = srv().round_state()
+        if round is not None and wait > 0 and not state.opens_for(round):
+            state = await watch().wait_open(round, min(wait, cfg.limits.round_wait_s))
+        return JSONResponse(state.model_dump(mode="json"))
 
     # status, telemetry and metrics take the round lock, which a closing round holds while it
     # evaluates: they run in a worker thread so the event loop never waits for it

@@ -1,5 +1,6 @@
-"""`GET /v1/round`: what a waiting device polls. It says what `/v1/status` says of the round, costs
-the same at any fleet size, asks for a token, and answers while a closing round holds the lock."""
+"""`GET /v1/round`: what a waiting device asks. It says what `/v1/status` says of the round, costs
+the same at any fleet size, asks for a token, and answers while a closing round holds the lock;
+with `round` and `wait` it is a long poll, answered when that round takes joins."""
 
 from __future__ import annotations
 
@@ -65,9 +66,9 @@ class CountingLink(HttpLink):
         self.asked["status"] += 1
         return super().status()
 
-    def round_state(self):
+    def round_state(self, round_index=None, wait_s=0.0):
         self.asked["round_state"] += 1
-        return super().round_state()
+        return super().round_state(round_index, wait_s)
 
 
 @pytest.mark.slow
@@ -86,7 +87,8 @@ def test_a_waiting_device_polls_the_round_not_the_fleets_status(tmp_path, server
         link.close()
     assert [entry.round for entry in logs] == [0, 1]
     assert link.asked["status"] == 0
-    assert link.asked["round_state"] >= 3  # at start, and polling through the 1 s gap
+    # at start, once before each round, and one long poll through the 1 s gap (never 10 a second)
+    assert 3 <= link.asked["round_state"] <= 6, link.asked
 
 
 class _OlderServer(BaseHTTPRequestHandler):
@@ -131,3 +133,69 @@ def test_an_unreachable_server_is_a_503_the_device_waits_out():
     finally:
         link.close()
     assert err.value.status == 503
+
+
+def _in_the_gap(tmp_path, round_wait_s: float = 20.0):
+    """The real app (its lifespan running) over a server whose clock the test moves: round 0 closed
+    at its deadline, round 1 in the gap before it takes joins. (server, client, auth, clock)."""
+    from ares.core.config import LimitsConfig
+
+    now = [1000.0]
+    cfg = small_config(tmp_path, devices=("dev-a", "dev-b"), rounds=3, batch_size=20).model_copy(
+        update={"round_gap_s": 30.0, "limits": LimitsConfig(round_wait_s=round_wait_s)})
+    tokens, controller = read_tokens(cfg)
+    server = TrainingServer(cfg, tokens, controller, profile=False, clock=lambda: now[0])
+    client = TestClient(create_app(cfg, trainer=server))
+    auth = {"Authorization": f"Bearer {tokens['dev-a']}"}
+    client.__enter__()
+    assert client.post("/v1/devices/dev-a/join", json={"round": 0, "split": 2}, headers=auth).status_code == 200
+    now[0] += cfg.round_deadline_s + 1
+    server.tick()  # round 0 closes at its deadline; round 1 opens 30 s later by this clock
+    assert client.get("/v1/round", headers=auth).json() == {"round": 1, "rounds": 3, "phase": "waiting",
+                                                           "accepting": False}
+    return server, client, auth, now
+
+
+def test_a_long_poll_is_answered_when_its_round_opens(tmp_path):
+    server, client, auth, now = _in_the_gap(tmp_path)
+    try:
+        answered = {}
+        poll = threading.Thread(target=lambda: answered.update(
+            r=client.get("/v1/round", params={"round": 1, "wait": 20}, headers=auth)))
+        poll.start()
+        poll.join(1.0)
+        assert poll.is_alive(), f"answered while round 1 was closed: {answered}"
+        now[0] = server.opens_at  # the gap ends by the server's clock
+        poll.join(15)
+        assert not poll.is_alive(), "the long poll was not answered when its round opened"
+        assert answered["r"].json() == {"round": 1, "rounds": 3, "phase": "waiting", "accepting": True}
+    finally:
+        client.__exit__(None, None, None)
+
+
+def test_a_long_poll_ends_with_the_state_as_it_is_after_its_wait(tmp_path):
+    """The wait asked for is capped by `limits.round_wait_s`: a device cannot hold a request open
+    for longer (here 0.5 s against an ask of an hour)."""
+    server, client, auth, now = _in_the_gap(tmp_path, round_wait_s=0.5)
+    try:
+        answered = {}
+        poll = threading.Thread(target=lambda: answered.update(
+            r=client.get("/v1/round", params={"round": 1, "wait": 3600}, headers=auth)))
+        poll.start()
+        poll.join(30)
+        assert not poll.is_alive(), "a wait of an hour was held past the server's cap"
+        assert answered["r"].json()["accepting"] is False
+        # a round already open (or a later one) is answered at once, whatever the wait
+        assert client.get("/v1/round", params={"round": 0, "wait": 3600}, headers=auth).json()["round"] == 1
+    finally:
+        client.__exit__(None, None, None)
+
+
+def test_a_long_poll_asks_for_a_token_before_it_waits(tmp_path):
+    server, client, auth, now = _in_the_gap(tmp_path)
+    try:
+        for headers in ({}, {"Authorization": "Bearer " + "x" * 32}):
+            assert client.get("/v1/round", params={"round": 1, "wait": 20}, headers=headers).status_code == 401
+        assert client.get("/v1/round", params={"round": "one", "wait": 20}, headers=auth).status_code == 422
+    finally:
+        client.__exit__(None, None, None)
