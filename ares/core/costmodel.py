@@ -291,6 +291,7 @@ class Problem:
     model: ModelCosts
     options: tuple[Option, ...] = ()  # (codec, k) choices; empty: one, (codec, 1) with `model`
     codec: str = "fp32"  # the codec `model`'s byte counts are for
+    noise: float = 0.0  # how much a device's step time moves from one round to the next (`round_noise`)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "devices", tuple(self.devices))
@@ -524,6 +525,7 @@ class ProblemArrays:
     current: np.ndarray  # (N,) int, the flat column it runs now (`Column.flat`); -1: none
     mode_labels: np.ndarray  # (N, M) int: per mode, its row in `labels` (past its own modes: mode 0's)
     labels: tuple[tuple[str, str, str], ...]  # (power mode, its profile's source, its power model's source)
+    noise: float = 0.0  # the fleet's round-to-round spread of step times, a lognormal sigma (`Problem.noise`)
 
     @classmethod
     def of(cls, problem: Problem) -> "ProblemArrays":
@@ -557,7 +559,7 @@ class ProblemArrays:
                    pinned_split=ints(-1 if x.pinned_split is None else x.pinned_split for x in d),
                    pinned_mode=ints(-1 if x.pinned_mode is None else x.mode_names.index(x.pinned_mode) for x in d),
                    current=ints(-1 if x.current is None else x.current.flat(s, len(opts)) for x in d),
-                   mode_labels=mode_labels, labels=tuple(labels))
+                   mode_labels=mode_labels, labels=tuple(labels), noise=problem.noise)
 
     @property
     def names(self) -> tuple[str, ...]:

@@ -20,7 +20,10 @@ The oracle is the best round any choice of splits could give with the true costs
 round (jitter included): without shards max over devices of min over splits; with shards the
 same per shard, the server shared by its offloaders, found exactly (the offloaders are always
 the devices slowest on their own, and a shard's slowest offloader only slows as their number
-grows, so the best count is found by bisection).
+grows, so the best count is found by bisection). It knows this round's jitter, which no decision
+taken before the round can: the informed oracle is the best a decision before the round could do,
+the same choice made on the true inputs without this round's jitter (every hidden value known),
+timed with the round's true costs. A policy is judged against both.
 
 Traces (`SimConfig.events`): from a round on, for the devices whose name matches a pattern (or a
 seeded random fraction of them), a compute factor, a power mode, a link rate or factor, or
@@ -327,8 +330,9 @@ class Simulation:
                           power=pw[:, None, :], latency=f.latency[rows][:, None], session=np.zeros((len(rows), 1)),
                           step_overhead=step, half=f.half[rows][:, None], names=tuple(f.names[i] for i in rows.tolist()))
 
-    def _truth(self, rows: np.ndarray, x: CostInputs) -> tuple[np.ndarray, np.ndarray, float]:
-        """(true round time per row at its split, true iteration time per row, the oracle round time)."""
+    def _truth(self, rows: np.ndarray, x: CostInputs, expected: CostInputs) -> tuple[np.ndarray, np.ndarray, float, float]:
+        """(true round time per row at its split, true iteration time per row, the oracle round time,
+        the informed oracle's round time). `expected`: the same inputs without this round's jitter."""
         s = self.n_splits
         splits = self.split[rows]
         off = splits < s - 1
@@ -339,7 +343,7 @@ class Simulation:
         c = cost_matrices(x, share[:, None])
         idx = np.arange(len(rows))
         round_s = c.round_s[idx, splits] + np.where(self.switching[rows], self.cfg.noise.switch_s, 0.0)
-        return round_s, c.iteration_s[idx, splits], self._oracle(rows, x)
+        return round_s, c.iteration_s[idx, splits], self._oracle(rows, x), self._informed(rows, x, expected)
 
     def _oracle(self, rows: np.ndarray, x: CostInputs) -> float:
         s = self.n_splits
@@ -351,6 +355,29 @@ class Simulation:
             sel = np.flatnonzero(self.fleet.shard[rows] == k)
             if sel.size:
                 worst = max(worst, _shard_oracle(x.rows(sel), alone[sel, s - 1]))
+        return worst
+
+    def _informed(self, rows: np.ndarray, x: CostInputs, expected: CostInputs) -> float:
+        """The round the best choice made before the round gives: chosen knowing every hidden value
+        (speed, changes, the per-step overhead, the sharing) but not this round's jitter, which no
+        decision taken before a round can know; timed with this round's true costs."""
+        s = self.n_splits
+        if not self.cfg.shards:
+            cols = cost_matrices(expected).round_s.argmin(axis=1)
+            return float(cost_matrices(x).round_s[np.arange(len(rows)), cols].max())
+        worst = 0.0
+        alone = cost_matrices(expected).round_s[:, s - 1]
+        for k in range(self.cfg.shards):
+            sel = np.flatnonzero(self.fleet.shard[rows] == k)
+            if not sel.size:
+                continue
+            offloaders, cols = _shard_choice(expected.rows(sel), alone[sel])
+            rest = np.setdiff1d(np.arange(sel.size), offloaders)
+            if rest.size:
+                worst = max(worst, float(cost_matrices(x.rows(sel[rest])).round_s[:, s - 1].max()))
+            if offloaders.size:
+                true = cost_matrices(x.rows(sel[offloaders]), float(offloaders.size)).round_s
+                worst = max(worst, float(true[np.arange(offloaders.size), cols].max()))
         return worst
 
     # ---- one round ---------------------------------------------------------------------------
@@ -374,7 +401,8 @@ class Simulation:
         comp = (f.speed * f.factor * jc)[rows]
         up, down = (f.up * ju)[rows], (f.down * jd)[rows]
         x = self._inputs(rows, comp, up, down)
-        true_s, iter_s, oracle = self._truth(rows, x)
+        expected = self._inputs(rows, (f.speed * f.factor)[rows], f.up[rows], f.down[rows])
+        true_s, iter_s, oracle, informed = self._truth(rows, x, expected)
         predicted = self.predicted[rows]
         known = np.isfinite(predicted)
         err = np.where(known, (predicted - true_s) / true_s, np.nan)
@@ -395,7 +423,8 @@ class Simulation:
         round_s = float(true_s.max())
         self.clock_s += round_s
         return {"round": r, "devices": int(rows.size), "round_s": round_s, "oracle_s": oracle,
-                "ratio_to_oracle": round_s / oracle, "predicted_round_s": None if plan is None else plan.round_s,
+                "ratio_to_oracle": round_s / oracle, "informed_oracle_s": informed,
+                "ratio_to_informed": round_s / informed, "predicted_round_s": None if plan is None else plan.round_s,
                 "decision_s": decision_s, "offloading": int(np.count_nonzero(self.split[rows] < self.n_splits - 1)),
                 "splits": np.bincount(self.split[rows], minlength=self.n_splits).tolist(),
                 "median_abs_error": float(np.nanmedian(np.abs(err))) if known.any() else None,
@@ -449,10 +478,23 @@ def _has_power(cls: str, mode: str) -> bool:
 
 
 def _shard_oracle(x: CostInputs, on_device: np.ndarray) -> float:
-    """Best round of one shard whose server is shared by its m offloaders: over m, the worse of the
-    (m+1)-th slowest on-device round and the slowest of the m slowest devices' best offload round
-    with the server shared m ways. The first only falls with m and the second only grows, so the
-    best m is where they cross (bisection)."""
+    """Best round of one shard whose server is shared by its offloaders (`_shard_choice`)."""
+    offloaders, cols = _shard_choice(x, on_device)
+    s = x.fwd.shape[2]
+    rest = np.setdiff1d(np.arange(len(on_device)), offloaders)
+    worst = float(on_device[rest].max()) if rest.size else 0.0
+    if offloaders.size:
+        c = cost_matrices(x.rows(offloaders), float(offloaders.size)).round_s
+        worst = max(worst, float(c[np.arange(offloaders.size), cols].max()))
+    return worst if offloaders.size or rest.size else 0.0
+
+
+def _shard_choice(x: CostInputs, on_device: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The best choice for one shard whose server is shared by its m offloaders: (the rows that
+    offload, each one's split). Over m, the round is the worse of the (m+1)-th slowest on-device
+    round and the slowest of the m slowest devices' best offload round with the server shared m
+    ways. The first only falls with m and the second only grows, so the best m is where they cross
+    (bisection)."""
     n, s = len(on_device), x.fwd.shape[2]
     order = np.argsort(-on_device, kind="stable")
 
@@ -471,7 +513,11 @@ def _shard_oracle(x: CostInputs, on_device: np.ndarray) -> float:
             hi = mid
         else:
             lo = mid + 1
-    return min(max(offload(m), rest(m)) for m in {max(lo - 1, 0), lo})
+    m = min({max(lo - 1, 0), lo}, key=lambda m: (max(offload(m), rest(m)), m))
+    rows = np.sort(order[:m])
+    if not m:
+        return rows, np.zeros(0, dtype=int)
+    return rows, cost_matrices(x.rows(rows), float(m)).round_s[:, :s - 1].argmin(axis=1)
 
 
 # ---- runs, results, plots ------------------------------------------------------------------------
@@ -517,6 +563,9 @@ def _summarise(rows: list[dict[str, Any]], mean_err: np.ndarray, wall_s: float) 
         "mean_round_s": statistics.fmean(x["round_s"] for x in adapted),
         "mean_oracle_s": statistics.fmean(x["oracle_s"] for x in adapted),
         "ratio_to_oracle": statistics.fmean(x["round_s"] for x in adapted) / statistics.fmean(x["oracle_s"] for x in adapted),
+        "mean_informed_oracle_s": statistics.fmean(x["informed_oracle_s"] for x in adapted),
+        "ratio_to_informed": (statistics.fmean(x["round_s"] for x in adapted)
+                              / statistics.fmean(x["informed_oracle_s"] for x in adapted)),
         "worst_ratio_to_oracle": max(x["ratio_to_oracle"] for x in adapted),
         "decision_p50_s": statistics.median(decisions),
         "decision_max_s": decisions[-1],
@@ -550,6 +599,8 @@ def _plots(out: Path, records: dict[str, list[dict[str, Any]]], per_device: dict
         ax.plot([x["round"] for x in rows], [x["round_s"] for x in rows], label=policy)
         if i == 0:
             ax.plot([x["round"] for x in rows], [x["oracle_s"] for x in rows], "k--", label="oracle")
+            ax.plot([x["round"] for x in rows], [x["informed_oracle_s"] for x in rows], "k:",
+                    label="informed oracle (no jitter known)")
     ax.set_xlabel("round")
     ax.set_ylabel("simulated round time (s)")
     ax.legend()
@@ -572,9 +623,11 @@ def _plots(out: Path, records: dict[str, list[dict[str, Any]]], per_device: dict
 
 def format_summary(summary: dict[str, Any]) -> str:
     lines = [f"modelled: {summary['modelled']}", f"real: {summary['real']}", "",
-             f"{'policy':<22}{'round s':>10}{'oracle s':>10}{'x oracle':>10}{'decide p50':>12}{'pred err p50':>14}"]
+             f"{'policy':<22}{'round s':>10}{'oracle s':>10}{'x oracle':>10}{'x informed':>12}{'decide p50':>12}"
+             f"{'pred err p50':>14}"]
     for policy, s in summary["policies"].items():
         err = s["prediction_error_median"]
         lines.append(f"{policy:<22}{s['mean_round_s']:>10.3f}{s['mean_oracle_s']:>10.3f}{s['ratio_to_oracle']:>10.3f}"
+                     f"{s['ratio_to_informed']:>12.3f}"
                      f"{s['decision_p50_s'] * 1e3:>10.0f}ms{'' if err is None else f'{err * 100:>13.1f}%'}")
     return "\n".join(lines)

@@ -160,7 +160,7 @@ def problem_from_telemetry(telemetry: Telemetry, pinned: Mapping[str, int] | Non
             current=Column.at(current, s, n_opt) if current >= 0 else None, step_overheads=steps,
             session_overhead_s=float(x.session[i, 0]), **modes))
     return Problem(devices=tuple(devices), server=read.server, model=read.model, codec=read.codec,
-                   options=read.arrays.options)
+                   options=read.arrays.options, noise=read.arrays.noise)
 
 
 def arrays_from_telemetry(telemetry: Telemetry, pinned: Mapping[str, int] | None = None,
@@ -315,8 +315,38 @@ def _read(telemetry: Telemetry, pinned: Mapping[str, int], offer: Sequence[tuple
                            valid=valid_columns(s, n_opt, modes.counts), alpha=np.full(n, math.nan),
                            pinned_split=pins, pinned_mode=modes.pinned,
                            current=np.array([-1 if c is None else c for c in current]),
-                           mode_labels=modes.labels_of, labels=modes.labels)
+                           mode_labels=modes.labels_of, labels=modes.labels, noise=round_noise(steps))
     return _Reading(reports, arrays, powers, timed, server, model, codec)
+
+
+NOISE_DEVICES = 1_000  # the devices with step samples a noise estimate reads at most
+NOISE_PAIRS = 8  # fewer pairs of samples than this: no estimate (0)
+
+
+def round_noise(steps: Sequence[Sequence[StepSample]]) -> float:
+    """How much a device's step time moves from one round to the next, as a lognormal sigma, from
+    the fleet's step samples: each device's consecutive samples at one setting (split, codec,
+    micro-batches), their log ratio, over at most `NOISE_DEVICES` devices; the median absolute
+    ratio over 0.6745 (a spread that a few devices whose link or load really changed do not
+    move), over sqrt(2) (a ratio holds two rounds' draws). 0 with fewer than `NOISE_PAIRS` pairs.
+    The straggler policy keeps this much from the round where it spends slack (`noise_headroom`)."""
+    ratios: list[float] = []
+    taken = 0
+    for samples in steps:
+        if len(samples) < 2:
+            continue
+        last: dict[tuple, float] = {}
+        for sample in samples:
+            key = (sample.split, sample.codec, sample.micro_batches)
+            if key in last and last[key] > 0 and sample.step_s > 0:
+                ratios.append(math.log(sample.step_s / last[key]))
+            last[key] = sample.step_s
+        taken += 1
+        if taken >= NOISE_DEVICES:
+            break
+    if len(ratios) < NOISE_PAIRS:
+        return 0.0
+    return float(np.median(np.abs(ratios))) / 0.6745 / math.sqrt(2)
 
 
 @dataclass(frozen=True)

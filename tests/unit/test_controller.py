@@ -481,3 +481,25 @@ def test_session_overheads_over_arrays_equal_the_one_device_at_a_time_computatio
                    for _ in range(rng.randint(0, 30))]
         rest = np.random.default_rng(trial).uniform(0, 2, (len(samples), 2, 7))
         assert _session_excess(7, samples, rest) == one_at_a_time(7, samples, rest)
+
+
+def test_the_round_noise_is_read_from_consecutive_step_samples_at_one_setting():
+    """500 devices whose step time at one setting moves by a lognormal sigma of 0.1 each round: the
+    estimate finds it (within 10%), a change of setting between two samples is not read as noise,
+    and too few pairs give none."""
+    import numpy as np
+
+    from ares.core.messages import StepSample
+    from ares.runtime.controller import round_noise
+
+    rng = np.random.default_rng(7)
+
+    def sample(split, step_s):
+        return StepSample(split=split, codec="fp32", micro_batches=1, step_s=float(step_s), up_bps=1e6, down_bps=1e6)
+
+    fleet = [[sample(1, base * np.exp(rng.normal(0, 0.1))) for _ in range(3)] for base in rng.uniform(0.1, 2.0, 500)]
+    assert round_noise(fleet) == pytest.approx(0.1, rel=0.1)
+    # a device that moved from split 1 (0.1 s) to split 3 (2 s): two settings, no pair between them
+    moved = [[sample(1, 0.1), sample(1, 0.1), sample(3, 2.0), sample(3, 2.0)] for _ in range(20)]
+    assert round_noise(moved) == 0.0
+    assert round_noise(fleet[:3]) == 0.0  # 6 pairs: fewer than NOISE_PAIRS

@@ -474,3 +474,27 @@ def test_the_optimiser_and_its_command_import_no_heavy_or_network_packages():
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_under_round_noise_slack_is_spent_only_inside_the_headroom():
+    """B could spend its slack at split 1 (19 s of A's 37 s round). With a fleet whose step times
+    move enough from round to round, a setting slower than B's fastest must leave `noise_headroom`
+    of the round free: at a headroom of a half, 19 s is too close to 37 s, and B stays at its
+    fastest (split 2, 7 s); the round itself is the same."""
+    from ares.core.optimiser import noise_headroom
+
+    quiet, loud = replace(problem(dev_a(), dev_b()), noise=1.0), replace(problem(dev_a(), dev_b()), noise=3.0)
+    assert noise_headroom(1.0, 2) < 1 - 19 / 37 < noise_headroom(3.0, 2) == 0.5
+    assert StragglerPolicy().decide(quiet).splits == {"A": 1, "B": 1}
+    plan = StragglerPolicy().decide(loud)
+    assert plan.splits == {"A": 1, "B": 2}
+    assert plan.round_s == pytest.approx(37)
+
+
+def test_the_headroom_grows_with_the_noise_and_the_fleet():
+    from ares.core.optimiser import noise_headroom
+
+    assert noise_headroom(0.0, 10_000) == 0.0
+    assert noise_headroom(0.05, 5) < noise_headroom(0.05, 1_000) < noise_headroom(0.05, 10_000) < noise_headroom(0.1, 10_000)
+    # the largest of n lognormal(0, sigma) draws is about exp(sigma z) above 1: z(1,000) = 3.09
+    assert 1 / (1 - noise_headroom(0.05, 1_000)) == pytest.approx(math.exp(0.05 * 3.0902), rel=1e-3)

@@ -35,6 +35,37 @@ def test_the_oracle_is_never_beaten_by_any_policy():
                 assert rec["oracle_s"] <= rec["round_s"] * (1 + 1e-12), (shards, p, r)
 
 
+def test_the_informed_oracle_lies_between_the_oracle_and_the_policies():
+    """It knows every hidden value but not this round's jitter: never better than the oracle, and
+    equal to it where there is no jitter; a fixed split it could have chosen never beats it then."""
+    for shards in (0, 2):
+        for noise, quiet in ((Noise(), False), (Noise(compute_jitter=0, link_jitter=0), True)):
+            cfg = small(policies=["straggler", "fixed:1"], shards=shards, share_server=True, noise=noise)
+            for p in cfg.policies:
+                sim = Simulation(cfg, p)
+                for r in range(cfg.rounds):
+                    rec = sim.step(r)
+                    assert rec["oracle_s"] <= rec["informed_oracle_s"] * (1 + 1e-12), (shards, p, r)
+                    if quiet:
+                        assert rec["informed_oracle_s"] == pytest.approx(rec["oracle_s"], rel=1e-12), (shards, p, r)
+                        assert rec["informed_oracle_s"] <= rec["round_s"] * (1 + 1e-12), (shards, p, r)
+
+
+def test_with_jitter_the_informed_oracle_is_what_its_choice_really_takes():
+    """Without shards: every device at the split fastest without the jitter, timed with it."""
+    cfg = small(policies=["none"], seed=5)
+    sim = Simulation(cfg, "none")
+    rec = sim.step(0)
+    rng = np.random.default_rng([cfg.seed, 1, 0])
+    n = len(sim.fleet.names)
+    jc, ju, jd = (np.exp(rng.normal(0, sigma, n)) for sigma in (cfg.noise.compute_jitter, cfg.noise.link_jitter,
+                                                                 cfg.noise.link_jitter))
+    rows, f = np.arange(n), sim.fleet
+    expected = cost_matrices(sim._inputs(rows, f.speed * f.factor, f.up, f.down)).round_s
+    true = cost_matrices(sim._inputs(rows, f.speed * f.factor * jc, f.up * ju, f.down * jd)).round_s
+    assert rec["informed_oracle_s"] == pytest.approx(true[rows, expected.argmin(axis=1)].max(), rel=1e-12)
+
+
 def test_a_link_drop_in_a_trace_changes_the_round_as_computed_by_hand():
     cfg = SimConfig(rounds=3, policies=["none"], noise=QUIET, fleet=[
         DeviceGroup(count=1, profile="raspberry-pi", prefix="pi", up_mbit=(10, 10), down_mbit=(10, 10),

@@ -52,7 +52,8 @@ def test_hostile_frame_is_a_wire_error(name, body, status, phrase):
 
 def test_a_megabyte_header_decodes_in_linear_time():
     """Many distinct names (the duplicate check was quadratic) and many brackets: well under a
-    second each, where the old decoder took most of a minute."""
+    second each, where the old decoder took most of a minute. Counted in this thread's CPU time,
+    which other work on the machine does not stretch (wall time under a loaded suite did)."""
     names = [{"name": f"n{i:07d}", "dtype": "int64", "shape": [0]} for i in range(wire.MAX_TENSORS)]
     allowed = json.dumps({"tensors": names, "meta": {}})
     allowed = allowed[:-2] + '"pad": "' + "x" * (wire.MAX_HEADER - len(allowed) - 20) + '"}}'
@@ -61,12 +62,12 @@ def test_a_megabyte_header_decodes_in_linear_time():
     strings = '{"tensors": [], "meta": {"s": "' + '\\"' * 500_000 + '"}}'
     for header in (allowed, many, brackets, strings):
         assert len(header) <= wire.MAX_HEADER
-        t0 = time.perf_counter()
+        t0 = time.thread_time()
         try:
             wire.decode(bytearray(frame_with_header(header)))
         except wire.WireError:
             pass
-        assert time.perf_counter() - t0 < 2.0
+        assert time.thread_time() - t0 < 2.0
 
 
 def test_strict_json_still_reads_ordinary_meta():
