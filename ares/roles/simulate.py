@@ -480,13 +480,12 @@ def _has_power(cls: str, mode: str) -> bool:
 def _shard_oracle(x: CostInputs, on_device: np.ndarray) -> float:
     """Best round of one shard whose server is shared by its offloaders (`_shard_choice`)."""
     offloaders, cols = _shard_choice(x, on_device)
-    s = x.fwd.shape[2]
     rest = np.setdiff1d(np.arange(len(on_device)), offloaders)
     worst = float(on_device[rest].max()) if rest.size else 0.0
     if offloaders.size:
         c = cost_matrices(x.rows(offloaders), float(offloaders.size)).round_s
         worst = max(worst, float(c[np.arange(offloaders.size), cols].max()))
-    return worst if offloaders.size or rest.size else 0.0
+    return worst
 
 
 def _shard_choice(x: CostInputs, on_device: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
