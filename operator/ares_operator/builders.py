@@ -186,6 +186,7 @@ def server_config(spec: JobSpec) -> ServerConfig:
         checkpoint_dir=c.CHECKPOINT_DIR,
         port=c.SERVER_PORT,
         shards=spec.server.shards,
+        shard_pins=spec.shard_pins() if spec.server.shards > 1 else {},
     )
 
 
@@ -409,8 +410,10 @@ def service(job: JobRef) -> Obj:
 # and holds the sessions of the devices `ares.core.sharding` assigns it, the rule the servers use.
 
 def shard_of(spec: JobSpec) -> dict[str, int]:
-    """Each device's shard (0 for every device of an unsharded job), as the servers compute it."""
-    return {d.name: shard_for(d.name, spec.server.shards) for d in spec.devices}
+    """Each device's shard (0 for every device of an unsharded job), as the servers compute it: its
+    pin (`devices[].shard`) or the hashing."""
+    pins = spec.shard_pins()
+    return {d.name: shard_for(d.name, spec.server.shards, pins) for d in spec.devices}
 
 
 def shard_devices(spec: JobSpec) -> list[list[str]]:
@@ -425,7 +428,7 @@ def device_server_host(job: JobRef, spec: JobSpec, device: str) -> str:
     """The host a device's pod dials: its shard's Service, or the server's in an unsharded job."""
     if spec.server.shards <= 1:
         return job.server_host()
-    return job.shard_host(shard_for(device, spec.server.shards))
+    return job.shard_host(shard_for(device, spec.server.shards, spec.shard_pins()))
 
 
 def root_url(job: JobRef) -> str:

@@ -323,6 +323,8 @@ class DeviceSpec(_Scheduling):
     bandwidth: Annotated[Optional[str], Field(max_length=24, pattern=BANDWIDTH_PATTERN),
                          AfterValidator(_bandwidth_in_range)] = None
     split: Optional[int] = Field(None, ge=0, le=SPLIT_MAX)
+    # the shard that holds its session (a job with server.shards > 1), in place of the hashing
+    shard: Optional[int] = Field(None, ge=0, le=SHARDS_MAX - 1)
     image: Optional[Image] = None
     resources: Resources = {}
 
@@ -352,6 +354,10 @@ class JobSpec(_Spec):
 
     def device(self, name: str) -> DeviceSpec:
         return next(d for d in self.devices if d.name == name)
+
+    def shard_pins(self) -> dict[str, int]:
+        """The devices pinned to a shard (`devices[].shard`), by name."""
+        return {d.name: d.shard for d in self.devices if d.shard is not None}
 
 
 def parse_spec(spec: Mapping[str, Any]) -> JobSpec:

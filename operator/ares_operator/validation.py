@@ -109,9 +109,14 @@ def _spec_problems(name: str, spec: JobSpec, model_layers: Mapping[str, int]) ->
 
 
 def shard_problems(name: str, spec: JobSpec) -> list[str]:
-    """spec.server.shards > 1: an aggregation shards can merge, shard names within a DNS label,
-    no device whose pod name a shard pod takes (<job>-shard-<i>)."""
+    """Every pinned device's shard below spec.server.shards; with shards > 1: an aggregation shards
+    can merge, shard names within a DNS label, no device whose pod name a shard pod takes
+    (<job>-shard-<i>)."""
     shards = spec.server.shards
+    beyond = sorted(name for name, index in spec.shard_pins().items() if index >= shards)
+    if beyond:
+        return [f"spec.devices: {beyond[:5]} are pinned to a shard the job does not have: with server.shards "
+                f"{shards}, a device's shard is 0..{shards - 1}"]
     if shards <= 1:
         return []
     problems: list[str] = []

@@ -90,6 +90,8 @@ REFUSED = [
         "nodeSelectorTerms": [{"matchExpressions": [{"key": "zone", "operator": "Near"}]}]}}}),
      'spec.devices[0].affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution.nodeSelectorTerms[0]'
      '.matchExpressions[0].operator: Unsupported value: "Near"'),
+    (_job(server__shards=2, devices__0__shard=2), "a device's shard must be below server.shards"),
+    (_job(devices__0__shard=1), "a device's shard must be below server.shards"),
 ]
 
 
@@ -98,7 +100,7 @@ REFUSED = [
     "unqualified-resource-name", "toleration-operator", "toleration-effect", "toleration-without-key",
     "exists-with-value", "seconds-without-noexecute", "huge-synthetic-set", "huge-round-deadline",
     "huge-active-deadline", "seed-beyond-31-bits", "dot-dot-path", "double-slash-path", "zero-bandwidth",
-    "huge-bandwidth", "affinity-operator"])
+    "huge-bandwidth", "affinity-operator", "shard-beyond-shards", "shard-without-shards"])
 def test_refused_at_admission_with_the_rules_message(admin, job, message):
     proc = _dry_run(admin, job)
     assert proc.returncode != 0 and message in proc.stderr, proc.stderr
@@ -143,7 +145,8 @@ def test_yaml_integer_quantities_are_accepted_and_kept(admin):
     _job("j" * 22, devices__0__name="n" * 40),  # 22 + 1 + 40 = 63
     _job(dataset__path="/var/lib/ares/datasets/cifar-10.v2", dataset__seed=2**31 - 1,
          runPolicy__roundDeadlineSeconds=604800, dataset__syntheticTrain=1_000_000),
-], ids=["typed-tolerations", "bandwidth-bounds", "pod-name-of-63", "bounds-themselves"])
+    _job(server__shards=3, devices__0__shard=2, devices__1__shard=0),
+], ids=["typed-tolerations", "bandwidth-bounds", "pod-name-of-63", "bounds-themselves", "shard-pins"])
 def test_valid_edges_are_accepted(admin, job):
     proc = _dry_run(admin, job)
     assert proc.returncode == 0, proc.stderr
@@ -162,7 +165,7 @@ def test_every_example_is_accepted(admin):
 
 SERVER_FIXED = "server is fixed once the job exists"
 DEVICE_FIXED = ("a device's nodeName, nodeSelector, deviceClass, image, resources, tolerations, affinity, "
-                "imagePullSecrets and priorityClassName are fixed once the job exists")
+                "imagePullSecrets, priorityClassName and shard are fixed once the job exists")
 DEADLINE_FIXED = "runPolicy.roundDeadlineSeconds is fixed once the job exists"
 
 
@@ -201,12 +204,13 @@ def _patch(admin: Kubectl, name: str, *ops: dict) -> subprocess.CompletedProcess
     ({"op": "replace", "path": "/spec/devices/1/affinity/nodeAffinity/preferredDuringSchedulingIgnoredDuringExecution"
                                "/0/weight", "value": 20}, DEVICE_FIXED),
     ({"op": "add", "path": "/spec/devices/2/affinity", "value": NODE_AFFINITY}, DEVICE_FIXED),
+    ({"op": "add", "path": "/spec/devices/0/shard", "value": 0}, DEVICE_FIXED),
     ({"op": "replace", "path": "/spec/runPolicy/roundDeadlineSeconds", "value": 301}, DEADLINE_FIXED),
     ({"op": "remove", "path": "/spec/runPolicy/roundDeadlineSeconds"}, DEADLINE_FIXED),  # back to the default
 ], ids=["server-resources", "server-node", "server-image-added", "server-node-removed", "device-node",
         "device-image-added", "device-class", "device-resources-added", "device-tolerations-added",
         "device-node-selector", "device-priority-class-added", "device-affinity-kind", "device-affinity-weight",
-        "device-affinity-added", "round-deadline", "round-deadline-removed"])
+        "device-affinity-added", "device-shard-added", "round-deadline", "round-deadline-removed"])
 def test_what_the_operator_cannot_apply_is_refused(admin, running, op, message):
     before = admin.json("get", "aresjob", running)["spec"]
     proc = _patch(admin, running, op)

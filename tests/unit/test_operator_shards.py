@@ -210,3 +210,31 @@ def test_status_shows_each_shard():
     assert status.shards_seen({"phase": "Running", "shards": out}) == frozenset({0, 1})
     assert status.shard_restarts({"shards": out}) == {0: 0, 1: 2}
     assert status.shards(JOB, spec(shards=1), pods, {}) == []
+
+
+def test_a_device_pinned_to_a_shard_dials_it_and_the_servers_place_it_there():
+    """`devices[].shard` in place of the hashing: the device pod's URL, the shard's device list and
+    the servers' config (`shard_pins`, from which the shards and the root assign) all agree."""
+    hashed = assign(DEVICES, 3)
+    moved = next(d for d in DEVICES if d not in hashed[2])  # a device the hashing puts elsewhere
+    raw = raw_spec(3)
+    raw["devices"] = [{**d, "shard": 2} if d["name"] == moved else d for d in raw["devices"]]
+    parsed, problems = validation.validate("demo", raw, SETTINGS)
+    assert problems == [] and parsed is not None
+    args = builders.device_pod(JOB, parsed, parsed.device(moved), SETTINGS, 1)["spec"]["containers"][0]["args"]
+    assert args[args.index("--server") + 1] == "https://demo-shard-2.lab.svc:43000"
+    assert moved in builders.shard_devices(parsed)[2]
+    objs = builders.children(JOB, parsed, SETTINGS)
+    config = ServerConfig.model_validate(yaml.safe_load(by_kind(objs, "ConfigMap")["demo-config"]["data"]["server.yaml"]))
+    assert config.shard_pins == {moved: 2}
+    assert [list(g) for g in assign(config.devices, config.shards, config.shard_pins)] == builders.shard_devices(parsed)
+
+
+@pytest.mark.parametrize("shards, pin, refused", [(3, 3, True), (1, 1, True), (1, 0, False), (3, 2, False)])
+def test_a_pin_beyond_the_jobs_shards_is_refused(shards, pin, refused):
+    raw = raw_spec(shards)
+    raw["devices"][0]["shard"] = pin
+    parsed, problems = validation.validate("demo", raw, SETTINGS)
+    assert any("pinned to a shard the job does not have" in p for p in problems) == refused, problems
+    if not refused:
+        assert problems == []
