@@ -156,13 +156,19 @@ def _in_the_gap(tmp_path, round_wait_s: float = 20.0):
     return server, client, auth, now
 
 
+def _long_poll(client, auth, wait: float) -> tuple[threading.Thread, dict]:
+    """`GET /v1/round?round=1&wait=` asked in a thread: (the thread, where its answer lands as "r")."""
+    answered: dict = {}
+    poll = threading.Thread(target=lambda: answered.update(
+        r=client.get("/v1/round", params={"round": 1, "wait": wait}, headers=auth)))
+    poll.start()
+    return poll, answered
+
+
 def test_a_long_poll_is_answered_when_its_round_opens(tmp_path):
     server, client, auth, now = _in_the_gap(tmp_path)
     try:
-        answered = {}
-        poll = threading.Thread(target=lambda: answered.update(
-            r=client.get("/v1/round", params={"round": 1, "wait": 20}, headers=auth)))
-        poll.start()
+        poll, answered = _long_poll(client, auth, 20)
         poll.join(1.0)
         assert poll.is_alive(), f"answered while round 1 was closed: {answered}"
         now[0] = server.opens_at  # the gap ends by the server's clock
@@ -178,10 +184,7 @@ def test_a_long_poll_ends_with_the_state_as_it_is_after_its_wait(tmp_path):
     for longer (here 0.5 s against an ask of an hour)."""
     server, client, auth, now = _in_the_gap(tmp_path, round_wait_s=0.5)
     try:
-        answered = {}
-        poll = threading.Thread(target=lambda: answered.update(
-            r=client.get("/v1/round", params={"round": 1, "wait": 3600}, headers=auth)))
-        poll.start()
+        poll, answered = _long_poll(client, auth, 3600)
         poll.join(30)
         assert not poll.is_alive(), "a wait of an hour was held past the server's cap"
         assert answered["r"].json()["accepting"] is False
