@@ -179,28 +179,30 @@ _REPORT_FIELDS = ("name", "device_class", "power_mode", "fwd", "bwd", "batch_siz
                   "power_mode_failed", "switch_s")
 
 
-def _usable(telemetry: Telemetry) -> tuple[list[DeviceTelemetry], dict[str, tuple], list[float]]:
+def _usable(telemetry: Telemetry) -> tuple[list[DeviceTelemetry], dict[str, tuple], np.ndarray]:
     """The reports a decision takes, their `_REPORT_FIELDS` (one tuple per field) and their uplink
-    estimates (`with_last_upload`): measured, with a profile of the model's layers and link rates
+    estimates (`uplinks_with_last_upload`): measured, with a profile of the model's layers and link rates
     the model takes (a warning for the rest)."""
     layers = len(telemetry.activation_numel)
     reports = list(telemetry.devices)
     if not reports:
-        return [], {}, []
+        return [], {}, np.zeros(0)
     # from each report's field dict (`vars`): a pydantic model answers attribute reads through its
     # `__getattr__` hook, and 19 reads a report that way took 15 ms of CPU at 10,000 reports, 9 so
     f = dict(zip(_REPORT_FIELDS, zip(*map(operator.itemgetter(*_REPORT_FIELDS), map(vars, reports)))))
     keep = [i for i, (fwd, bwd, up, down, it) in enumerate(zip(f["fwd"], f["bwd"], f["up_bps"], f["down_bps"],
                                                                  f["iterations"]))
             if fwd and bwd and up and down and it and len(fwd) == layers]
-    up = [with_last_upload(f["up_bps"][i], f["upload_bps"][i]) for i in keep]
-    fine = [MIN_BPS <= u <= MAX_BPS and MIN_BPS <= f["down_bps"][i] <= MAX_BPS for i, u in zip(keep, up)]
-    if not all(fine):
-        for i, u, ok in zip(keep, up, fine):
+    up = uplinks_with_last_upload(np.array([f["up_bps"][i] for i in keep], dtype=float),
+                                  np.array([f["upload_bps"][i] for i in keep], dtype=float))  # None: nan
+    down = np.array([f["down_bps"][i] for i in keep], dtype=float)
+    fine = (up >= MIN_BPS) & (up <= MAX_BPS) & (down >= MIN_BPS) & (down <= MAX_BPS)
+    if not fine.all():
+        for i, u, ok in zip(keep, up.tolist(), fine.tolist()):
             if not ok:
                 log.warning("device %s: measured link rate %.3g/%.3g B/s is outside what the model takes; "
                             "left out of this decision", f["name"][i], u, f["down_bps"][i])
-        keep, up = [i for i, ok in zip(keep, fine) if ok], [u for u, ok in zip(up, fine) if ok]
+        keep, up = [i for i, ok in zip(keep, fine.tolist()) if ok], up[fine]
     if len(keep) < len(reports):
         reports = [reports[i] for i in keep]
         f = {name: tuple(values[i] for i in keep) for name, values in f.items()}
@@ -412,17 +414,21 @@ def _modes(f: Mapping[str, tuple], kinds: Sequence[tuple[str, str]],
     return _Modes(out_f, out_b, out_w, switch, counts, pinned, labels_of, tuple(labels))
 
 
-def with_last_upload(up_bps: float, upload_bps: Optional[float]) -> float:
-    """A device's uplink estimate with its last upload in it, as the device's own will hold it.
+def uplinks_with_last_upload(up_bps: np.ndarray, upload_bps: np.ndarray) -> np.ndarray:
+    """The devices' uplink estimates with their last uploads in them, as the devices' own will hold
+    them (nan in `upload_bps`: no figure).
 
     A report is written before the upload that carries it, so the upload's figure reached the
     controller a round late: at the local split, where the weights are all a device moves, a Nano
     whose link fell to a tenth was predicted at 4.1 s for 9.7 s the round after (`ares bench
     bandwidth-drop`). The server times the upload itself; it is folded in with the device's own
-    weight (`LINK_SMOOTHING`). A figure the model would not take is left out."""
-    if upload_bps is None or not MIN_BPS <= upload_bps <= MAX_BPS or not MIN_BPS <= up_bps <= MAX_BPS:
-        return up_bps
-    return 1.0 / ((1 - LINK_SMOOTHING) / up_bps + LINK_SMOOTHING / upload_bps)
+    weight (`LINK_SMOOTHING`). A figure the model would not take is left out. Over arrays: at
+    10,000 devices one call per device took a fifth of the controller's decision."""
+    taken = (np.isfinite(upload_bps) & (upload_bps >= MIN_BPS) & (upload_bps <= MAX_BPS)
+             & (up_bps >= MIN_BPS) & (up_bps <= MAX_BPS))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        blended = 1.0 / ((1 - LINK_SMOOTHING) / up_bps + LINK_SMOOTHING / np.where(taken, upload_bps, 1.0))
+    return np.where(taken, blended, up_bps)
 
 
 def with_current(problem: Problem, measured: Mapping[str, DeviceTelemetry], own: tuple[str, int]) -> Problem:
