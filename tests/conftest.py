@@ -37,7 +37,7 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         pytest.skip(f"an earlier step failed: {item.cls.failed_step}")
 
 
-# Parallel runs (pytest-xdist, `pytest -n 3`; the default run is serial). Tests that share host state run in one worker,
+# Parallel runs (pytest-xdist: the default run has three workers, `-n 0` one). Tests that share host state run in one worker,
 # in order, as in a serial run; every other module runs whole in one worker, so its module- and
 # class-scoped fixtures are made once. Groups by path (the scheduler sees node ids only):
 # - nodes: the real nodes (their teardown checks the host's iptables and sysctls) and the image

@@ -50,6 +50,8 @@ from typing import Any, Optional
 
 import httpx
 
+from tests.support import die_with_pytest
+
 Obj = dict[str, Any]
 AS_ROOT = os.geteuid() == 0  # without root no user is switched and no file changes hands
 # Containers whose process is replaced by a stand-in that only sleeps (see the module docstring).
@@ -348,8 +350,10 @@ class Kubelet:
         if (uid != 0 or gid != 0) and AS_ROOT:
             argv = self._as_user(argv, uid, gid, groups)
         log = open(pod.dir / f"{c.name}.log", "ab")
+        # the container ends with the test process, however that ends (SIGKILL, a timeout): its
+        # own session keeps it from pytest's signals, the parent-death signal does not
         c.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=home,
-                                  start_new_session=True)
+                                  start_new_session=True, preexec_fn=die_with_pytest)
         log.close()
         c.exit_code, c.waiting, c.started_at, c.finished_at = None, None, _now(), None
         return True
@@ -358,8 +362,9 @@ class Kubelet:
         """setpriv drops to uid/gid/groups just before exec (no capabilities are kept). Where the
         interpreter sits under a private home, a mount namespace of this process alone shows that
         one path: the home becomes a tmpfs holding a bind mount of the interpreter's tree."""
+        # (a change of user clears the parent-death signal: setpriv sets it again)
         drop = ["setpriv", f"--reuid={uid}", f"--regid={gid}", f"--groups={','.join(map(str, groups))}",
-                "--inh-caps=-all", "--", *argv]
+                "--inh-caps=-all", "--pdeathsig", "TERM", "--", *argv]
         if self._private is None:
             return drop
         home, child = self._private
