@@ -44,6 +44,19 @@ class DataSplit:
     note: str = ""
 
 
+def _empty() -> Dataset:
+    return TensorDataset(torch.empty(0, 3, 32, 32), torch.empty(0, dtype=torch.long))
+
+
+def server_part(split: DataSplit, test: bool = True) -> DataSplit:
+    """What a server keeps of the data: the training labels (each device's share of the set is
+    counted from them) and, where it evaluates, the test set; never the training images, which
+    the devices hold (CIFAR-10's are 150 MB). A shard of a sharded job evaluates nothing (`test`
+    False: the root does)."""
+    return DataSplit(train=_empty(), test=split.test if test else _empty(), labels=split.labels,
+                     source=split.source, note=split.note)
+
+
 def cifar10_on_disk(path: str | Path) -> bool:
     return (Path(path) / "cifar-10-batches-py" / "data_batch_1").exists()
 

@@ -66,6 +66,8 @@ class SealedRound:
 class ShardServer(TrainingServer):
     """A `TrainingServer` for one shard's devices whose rounds open and close as the root says."""
 
+    evaluates = False  # the root evaluates: a shard keeps no test set
+
     def __init__(self, cfg: ServerConfig, index: int, tokens: dict[str, str], controller_token: Optional[str] = None,
                  **kwargs):
         if not 0 <= index < cfg.shards:

@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from ares.core.config import ServerConfig
-from ares.core.data import DataSplit, load_data, partition
+from ares.core.data import DataSplit, load_data, partition, server_part
 from ares.core.fedavg import Merge, clip_update, merger, update_norm
 from ares.core.messages import (MIN_UPLOAD_SAMPLE_BYTES, DeviceReport, DeviceStatus, DeviceTelemetry, FailureReason,
                                 JoinReply, RoundState, ServerStatus, Telemetry)
@@ -195,6 +195,8 @@ def upload_rate(received: Optional[tuple[int, float]]) -> Optional[float]:
 
 
 class TrainingServer:
+    evaluates = True  # it evaluates the global model after each round (a shard does not: its root does)
+
     def __init__(self, cfg: ServerConfig, tokens: dict[str, str], controller_token: Optional[str] = None,
                  data: Optional[DataSplit] = None, device: str = "cpu", profile: bool = True,
                  clock: Callable[[], float] = time.time, devices: Optional[Sequence[str]] = None):
@@ -214,7 +216,7 @@ class TrainingServer:
         self.model = build_model(cfg.model, seed=cfg.training.seed).to(self.torch_device)
         self.layers = n_layers(self.model)
         self.shapes = activation_shapes(cfg.model)
-        self.data = data if data is not None else load_data(cfg.data)
+        self.data = server_part(data if data is not None else load_data(cfg.data), test=self.evaluates)
         self.slots = {name: DeviceSlot(name) for name in devices}
         self.lock = threading.RLock()
         self.changed = threading.Condition(self.lock)

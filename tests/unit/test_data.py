@@ -78,3 +78,21 @@ def test_hard_set_labels_a_fifth_of_its_samples_at_random(monkeypatch):
     assert torch.equal(noisy.train.tensors[0], clean.train.tensors[0])
     wrong = (noisy.labels != clean.labels).float().mean().item()
     assert 0.16 < wrong < 0.20
+
+
+def test_a_server_keeps_the_labels_and_the_test_set_never_the_training_images(tmp_path):
+    """The devices hold the training images; a server counts each device's share from the labels
+    and evaluates on the test set; a shard of a sharded job evaluates nothing."""
+    from ares.core.data import server_part
+    from ares.runtime.training import TrainingServer, read_tokens
+    from tests.support import small_config
+
+    cfg = small_config(tmp_path, devices=("dev-a", "dev-b"))
+    whole = load_data(cfg.data)
+    kept = server_part(whole)
+    assert len(kept.train) == 0 and len(whole.train) == cfg.data.synthetic_train
+    assert torch.equal(kept.labels, whole.labels) and kept.test is whole.test
+    assert len(server_part(whole, test=False).test) == 0
+    server = TrainingServer(cfg, *read_tokens(cfg), profile=False)
+    assert len(server.data.train) == 0 and len(server.data.test) == cfg.data.synthetic_test
+    assert server._assigned_samples() == {"dev-a": 100, "dev-b": 100}  # the 200 training samples, shared
