@@ -204,7 +204,7 @@ def register(subparsers: Any) -> None:
     p = subparsers.add_parser("bench", help="run a testbed scenario under every policy and compare",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("scenario", nargs="?",
-                   help="paper5 | bandwidth-drop | power-mode-change (bench/scenarios/) or a YAML file")
+                   help="paper5 | bandwidth-drop | power-mode-change | paper5-100mbit (bench/scenarios/) or a YAML file")
     p.add_argument("--policies", help="comma-separated, overrides the scenario's: none,fixed:1,ares,straggler,"
                                       "straggler+fp16,straggler+pipe4,straggler+int8+pipe4 (+fp16|+int8, +pipeK)")
     p.add_argument("--rounds", type=int, help="override the scenario's rounds")
