@@ -14,13 +14,16 @@ for:
 - straggler, shared server (`share_server=True`, one option; budget 1 s);
 - ares: the published rule (one option).
 
-Two baselines, measured in the same run: the same decisions at `--baseline-devices` (1,000), and
+The telemetry is columns (`TelemetryColumns`), read back from their JSON as a controller reads
+the server's reply. Two baselines, measured in the same run: the same decisions at
+`--baseline-devices` (1,000), and
 the same decision made over one object per device, as the controller made it before it read the
 telemetry into arrays: `policy.decide(problem_from_telemetry(telemetry))` (a `DeviceInput` and a
 `ComputeProfile` per device, read back into arrays by the policy). The collector is paused for
 both, as `decide` pauses it. Budgets: 100 ms, 1 s for the shared server. Then the parts of each
 decision at `--devices`: reading the telemetry into arrays (`arrays_from_telemetry`), the
-policy's choice over them (`choose`), and its choice with the plan (`decide`).
+policy's choice over them (`choose`), and its choice with the plan (`decide`); and what reading the
+server's reply into that input costs before the decision, as columns and as one object per device.
 
     python bench/decision.py [--devices 10000] [--baseline-devices 1000] [--repeats 7]
 """
@@ -36,7 +39,7 @@ from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ares.core.messages import SessionSample, Telemetry  # noqa: E402
+from ares.core.messages import SessionColumns, Telemetry, TelemetryColumns  # noqa: E402
 from ares.core.optimiser import AresPolicy, SplitPolicy, StragglerPolicy  # noqa: E402
 from ares.roles.simulate import DeviceGroup, SimConfig, Simulation  # noqa: E402
 from ares.runtime import controller  # noqa: E402
@@ -53,17 +56,28 @@ CASES: dict[str, tuple[SplitPolicy, dict]] = {
 }
 
 
-def fleet_telemetry(n: int) -> Telemetry:
-    """The telemetry of n simulated devices after four rounds, with their last four sessions."""
+def fleet_telemetry(n: int) -> TelemetryColumns:
+    """The telemetry of n simulated devices after four rounds, with their last four sessions, as the
+    controller receives it: columns, read back from their JSON (`fetch_columns`)."""
     sim = Simulation(SimConfig(rounds=4, power_modes=True, fleet=[
         DeviceGroup(count=n - n // 2), DeviceGroup(count=n // 2, profile="raspberry-pi")]), "straggler")
     for r in range(4):
         sim.step(r)
     t = sim._telemetry(4, sim.fleet.available.nonzero()[0])
-    t = t.model_copy(update={"devices": [d.model_copy(update={"sessions": [
-        SessionSample(round=r, split=d.split, session_s=d.round_s * (1.02 + 0.01 * r), steps_s=d.round_s * 0.9)
-        for r in range(1, 5)]}) for d in t.devices]})
-    return Telemetry.model_validate_json(t.model_dump_json())  # as the controller receives it (`fetch_telemetry`)
+    sessions = [(i, r, split, round_s) for i, (split, round_s) in enumerate(zip(t.split, t.round_s)) for r in range(1, 5)]
+    t = t.model_copy(update={"sessions": SessionColumns(
+        device=[i for i, *_ in sessions], round=[r for _, r, *_ in sessions], split=[v[2] for v in sessions],
+        session_s=[v[3] * (1.02 + 0.01 * v[1]) for v in sessions], steps_s=[v[3] * 0.9 for v in sessions])})
+    return TelemetryColumns.model_validate_json(t.model_dump_json())
+
+
+def reading_ms(t: TelemetryColumns, repeats: int) -> dict[str, tuple[float, float]]:
+    """(MB, median CPU ms) of reading the server's reply into the controller's input: as columns, and
+    as one object per device (`Telemetry`, what `fetch_telemetry` returns)."""
+    columns, rows = t.model_dump_json(), t.rows().model_dump_json()
+    return {"columns": (len(columns) / 1e6, median_ms(lambda: TelemetryColumns.model_validate_json(columns), repeats)[1]),
+            "one object per device": (len(rows) / 1e6, median_ms(lambda: Telemetry.model_validate_json(rows),
+                                                                   max(3, repeats // 2))[1])}
 
 
 def median_ms(fn: Callable[[], object], repeats: int) -> tuple[float, float]:
@@ -89,9 +103,9 @@ def main() -> int:
           f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs", flush=True)
     fleets = {n: fleet_telemetry(n) for n in (args.baseline_devices, args.devices)}
     for n, t in fleets.items():
-        steps = sum(len(d.measured_steps) for d in t.devices)
-        modes = Counter(d.power_mode for d in t.devices if d.device_class == "jetson-nano")
-        print(f"  {n} devices: {steps} step samples; Jetsons by power mode: {dict(modes)}", flush=True)
+        modes = Counter(m for m, c in zip(t.power_mode, t.device_class) if c == "jetson-nano")
+        print(f"  {n} devices: {len(t.steps.device)} step samples, {len(t.sessions.device)} sessions; Jetsons by "
+              f"power mode: {dict(modes)}", flush=True)
     times = {(name, n): median_ms(lambda: controller.decide(t, policy, **kw), args.repeats)
              for name, (policy, kw) in CASES.items() for n, t in fleets.items()}
     big = fleets[args.devices]
@@ -117,6 +131,9 @@ def main() -> int:
                     lambda: controller.arrays_from_telemetry(big, **kw), lambda: policy.choose(arrays),
                     lambda: policy.decide(arrays))]
             print(f"  {name:<29}{parts[0]:7.1f} /{parts[1]:6.1f} /{parts[2]:6.1f}")
+    print(f"\nreading the server's reply at {n} devices (before the decision; CPU ms):")
+    for form, (mb, ms) in reading_ms(big, args.repeats).items():
+        print(f"  {form:<29}{mb:5.1f} MB  {ms:7.1f} ms")
     worst = max(times[(name, n)][1] for name in CASES if "shared" not in name)
     shared = times[("straggler, shared server", n)][1]
     print(f"slowest decision at {n} devices {worst:.1f} ms CPU ({'within' if worst < BUDGET_S * 1e3 else 'OVER'} "

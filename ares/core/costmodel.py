@@ -233,6 +233,7 @@ class DeviceInput:
     modes: tuple[PowerMode, ...] = ()  # other power modes it may be switched to (the one in force: compute, power)
     pinned_mode: str | None = None  # the only mode it may run in (None: any of its modes)
     switch_s: float = 0.0  # the pause a mode switch costs, charged to the round that starts in the new mode
+    shard: int = 0  # the server shard it trains at (a shared server is shared by its shard's offloaders)
 
     @property
     def mode(self) -> str:
@@ -526,6 +527,7 @@ class ProblemArrays:
     mode_labels: np.ndarray  # (N, M) int: per mode, its row in `labels` (past its own modes: mode 0's)
     labels: tuple[tuple[str, str, str], ...]  # (power mode, its profile's source, its power model's source)
     noise: float = 0.0  # the fleet's round-to-round spread of step times, a lognormal sigma (`Problem.noise`)
+    shard: np.ndarray | None = None  # (N,) int: the server shard each trains at; None: one server
 
     @classmethod
     def of(cls, problem: Problem) -> "ProblemArrays":
@@ -559,7 +561,8 @@ class ProblemArrays:
                    pinned_split=ints(-1 if x.pinned_split is None else x.pinned_split for x in d),
                    pinned_mode=ints(-1 if x.pinned_mode is None else x.mode_names.index(x.pinned_mode) for x in d),
                    current=ints(-1 if x.current is None else x.current.flat(s, len(opts)) for x in d),
-                   mode_labels=mode_labels, labels=tuple(labels), noise=problem.noise)
+                   mode_labels=mode_labels, labels=tuple(labels), noise=problem.noise,
+                   shard=ints(x.shard for x in d) if any(x.shard for x in d) else None)
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -588,7 +591,22 @@ class ProblemArrays:
         width = m * len(self.options) * self.n_splits
         return replace(self, x=x, mode_counts=self.mode_counts[idx], valid=self.valid[idx, :width],
                        alpha=self.alpha[idx], pinned_split=self.pinned_split[idx], pinned_mode=self.pinned_mode[idx],
-                       current=self.current[idx], mode_labels=self.mode_labels[idx, :m])
+                       current=self.current[idx], mode_labels=self.mode_labels[idx, :m],
+                       shard=None if self.shard is None else self.shard[idx])
+
+    def shards(self) -> list[np.ndarray]:
+        """The rows of each server shard, shard by shard (one server: every row)."""
+        if self.shard is None:
+            return [np.arange(len(self.names))]
+        return [np.flatnonzero(self.shard == k) for k in np.unique(self.shard).tolist()]
+
+    def server_share(self, cols: np.ndarray) -> np.ndarray:
+        """(N, 1): how many ways each device's server is shared at these columns: the offloaders of
+        its shard (at least 1)."""
+        off = np.asarray(cols) % self.n_splits < self.n_splits - 1
+        shard = np.zeros(len(off), dtype=int) if self.shard is None else self.shard
+        counts = np.bincount(shard[off], minlength=int(shard.max(initial=0)) + 1)
+        return np.maximum(counts[shard], 1).astype(float)[:, None]
 
     def column_modes(self) -> np.ndarray:
         """(C,): the mode index (0: the one in force) of every flat column."""
@@ -797,9 +815,11 @@ def cost_matrices(x: CostInputs, server_share: float | np.ndarray = 1.0) -> Cost
     return Costs((n, m, n_opt, s), parts)
 
 
-def cell_costs(x: CostInputs, rows: np.ndarray, cols: np.ndarray, server_share: float = 1.0) -> dict[str, np.ndarray]:
+def cell_costs(x: CostInputs, rows: np.ndarray, cols: np.ndarray,
+               server_share: float | np.ndarray = 1.0) -> dict[str, np.ndarray]:
     """The cost model at the cells (rows[i], cols[i]) alone, by `Costs.FIELDS`: what a plan needs,
-    without a matrix laid out. The same arithmetic as `cost_matrices`, so the same floats."""
+    without a matrix laid out (`server_share`: one for all, or one per cell). The same arithmetic as
+    `cost_matrices`, so the same floats."""
     n_opt, s = x.up_bytes.shape
     mode, rest = np.divmod(cols, n_opt * s)
     option, split = np.divmod(rest, s)
@@ -808,7 +828,7 @@ def cell_costs(x: CostInputs, rows: np.ndarray, cols: np.ndarray, server_share: 
         return v[rows, 0]
 
     with np.errstate(over="ignore", invalid="ignore"):
-        server = x.server_s[split] * float(server_share)
+        server = x.server_s[split] * np.asarray(server_share, dtype=float)
     power = x.power[rows, mode]
     parts = _predicted(
         fwd=x.fwd[rows, mode, split], bwd=x.bwd[rows, mode, split], server=server, up_bytes=x.up_bytes[option, split],
@@ -861,7 +881,7 @@ def plan_columns(p: ProblemArrays, cols: np.ndarray, policy: str, share_server: 
     """The one way every plan is made: the cost model at the given columns (in the mode it runs in:
     a round in a new mode pays the switch)."""
     cols = np.asarray(cols, dtype=int)
-    share = float(np.count_nonzero(cols % p.n_splits < p.n_splits - 1)) if share_server else 1.0
+    share = p.server_share(cols)[:, 0] if share_server else 1.0
     return _plan(policy, p, cols, share_server, cell_costs(p.x, np.arange(len(cols)), cols, share))
 
 

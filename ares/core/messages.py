@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ares.core.config import ServerConfig
 
@@ -205,6 +205,7 @@ class DeviceTelemetry(_Msg):
     power_mode_failed: str = ""            # a mode its host could not switch to (the mode in force: power_mode)
     power_mode_problem: str = ""           # why, in words
     switch_s: Optional[float] = None       # how long its last mode switch took, measured
+    shard: int = Field(0, ge=0)            # the server shard it trains at (one server: 0)
 
 
 class Telemetry(_Msg):
@@ -221,6 +222,132 @@ class Telemetry(_Msg):
     # per-round seconds outside every device's own session (join skew, merge, evaluation),
     # measured over the last rounds: no split or option changes it, predictions add it
     round_overhead_s: float = Field(0.0, ge=0)
+
+
+class StepColumns(_Msg):
+    """Every device's `StepSample`s as columns: sample j is device `device[j]`'s (an index into the
+    telemetry's devices), each device's samples together and oldest first."""
+
+    device: list[Annotated[int, Field(ge=0)]] = []
+    split: list[Annotated[int, Field(ge=0, le=255)]] = []
+    codec: list[Literal["fp32", "fp16", "int8"]] = []
+    micro_batches: list[Annotated[int, Field(ge=1, le=64)]] = []
+    step_s: list[Seconds] = []
+    up_bps: list[Optional[BytesPerSecond]] = []
+    down_bps: list[Optional[BytesPerSecond]] = []
+    compute_scale: list[Annotated[float, Field(gt=0, le=1e3)]] = []
+
+
+class SessionColumns(_Msg):
+    """Every device's `SessionSample`s as columns, as `StepColumns` holds the step samples."""
+
+    device: list[Annotated[int, Field(ge=0)]] = []
+    round: list[Annotated[int, Field(ge=0)]] = []
+    split: list[Annotated[int, Field(ge=0, le=255)]] = []
+    session_s: list[Seconds] = []
+    steps_s: list[Seconds] = []
+
+
+# `DeviceTelemetry`'s fields but its samples: one column each in `TelemetryColumns`
+DEVICE_COLUMNS = tuple(name for name in DeviceTelemetry.model_fields if name not in ("measured_steps", "sessions"))
+
+
+class TelemetryColumns(_Msg):
+    """A `Telemetry` with its devices as columns: entry i of every device column is device i's
+    field, and the samples are flat (`StepColumns`, `SessionColumns`). What a controller reads
+    (`GET /v1/telemetry?columns=true`): at 10,000 devices the per-device form is 12 MB of JSON and
+    half a second to read into objects; a decision reads these lists into arrays as they come."""
+
+    round: int
+    model: str
+    batch_size: int
+    codec: str
+    micro_batches: int = Field(1, ge=1)
+    activation_numel: list[int]
+    weight_bytes: list[int]
+    server_fwd: list[float]
+    server_bwd: list[float]
+    round_overhead_s: float = Field(0.0, ge=0)
+    name: list[str] = []
+    device_class: list[str] = []
+    power_mode: list[str] = []
+    fwd: list[Optional[list[float]]] = []
+    bwd: list[Optional[list[float]]] = []
+    batch_size_of: list[int] = []  # each device's profile batch (`DeviceTelemetry.batch_size`)
+    up_bps: list[Optional[float]] = []
+    down_bps: list[Optional[float]] = []
+    iterations: list[int] = []
+    split: list[Optional[int]] = []
+    energy_j: list[Optional[float]] = []
+    energy_source: list[str] = []
+    round_s: list[Optional[float]] = []
+    latency_s: list[Optional[float]] = []
+    duplex: list[Literal["full", "half"]] = []
+    codec_of: list[Optional[str]] = []  # what each device's last round ran with (`DeviceTelemetry.codec`)
+    micro_batches_of: list[Optional[int]] = []
+    upload_bps: list[Optional[float]] = []
+    power_mode_failed: list[str] = []
+    power_mode_problem: list[str] = []
+    switch_s: list[Optional[float]] = []
+    shard: list[Annotated[int, Field(ge=0)]] = []
+    steps: StepColumns = StepColumns()
+    sessions: SessionColumns = SessionColumns()
+
+    @model_validator(mode="after")
+    def _one_entry_per_device(self) -> "TelemetryColumns":
+        n = len(self.name)
+        for name in DEVICE_COLUMNS:
+            if len(self.column(name)) != n:
+                raise ValueError(f"column {name!r} has {len(self.column(name))} entries for {n} devices")
+        for what, samples in (("steps", self.steps), ("sessions", self.sessions)):
+            count = len(samples.device)
+            if any(len(v) != count for v in samples.__dict__.values()):
+                raise ValueError(f"{what}: its columns differ in length")
+            if count and (max(samples.device) >= n or any(a > b for a, b in zip(samples.device, samples.device[1:]))):
+                raise ValueError(f"{what}: a sample's device is not one of the {n} devices, or the samples are not "
+                                 "grouped by device in order")
+        return self
+
+    @property
+    def n_devices(self) -> int:
+        return len(self.name)
+
+    def column(self, name: str) -> list:
+        """The device column of `DeviceTelemetry`'s field `name` (`DEVICE_COLUMNS`)."""
+        return getattr(self, _RENAMED.get(name, name))
+
+    @classmethod
+    def of(cls, telemetry: Telemetry) -> "TelemetryColumns":
+        """`telemetry`'s figures as columns (already checked: not checked again)."""
+        devices = telemetry.devices
+        columns = {_RENAMED.get(name, name): [getattr(d, name) for d in devices] for name in DEVICE_COLUMNS}
+        steps = [(i, s) for i, d in enumerate(devices) for s in d.measured_steps]
+        sessions = [(i, s) for i, d in enumerate(devices) for s in d.sessions]
+        head = telemetry.model_dump(exclude={"devices"})
+        return cls.model_construct(
+            **head, **columns,
+            steps=StepColumns.model_construct(device=[i for i, _ in steps], **{
+                name: [getattr(s, name) for _, s in steps] for name in StepSample.model_fields}),
+            sessions=SessionColumns.model_construct(device=[i for i, _ in sessions], **{
+                name: [getattr(s, name) for _, s in sessions] for name in SessionSample.model_fields}))
+
+    def rows(self) -> Telemetry:
+        """The same figures as a `Telemetry`, one `DeviceTelemetry` per device."""
+        steps: list[list[StepSample]] = [[] for _ in self.name]
+        for j, i in enumerate(self.steps.device):
+            steps[i].append(StepSample(**{name: getattr(self.steps, name)[j] for name in StepSample.model_fields}))
+        sessions: list[list[SessionSample]] = [[] for _ in self.name]
+        for j, i in enumerate(self.sessions.device):
+            sessions[i].append(SessionSample(**{name: getattr(self.sessions, name)[j]
+                                                for name in SessionSample.model_fields}))
+        head = self.model_dump(include=set(Telemetry.model_fields) - {"devices"})
+        return Telemetry(**head, devices=[
+            DeviceTelemetry(**{name: self.column(name)[i] for name in DEVICE_COLUMNS}, measured_steps=steps[i],
+                            sessions=sessions[i]) for i in range(self.n_devices)])
+
+
+# the device columns whose names the telemetry's own fields take
+_RENAMED = {"batch_size": "batch_size_of", "codec": "codec_of", "micro_batches": "micro_batches_of"}
 
 
 ConfigReply = ServerConfig  # `GET /v1/config` returns the server's config (tokens_dir is not secret)

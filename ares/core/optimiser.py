@@ -24,6 +24,8 @@ Policies (all respect a device's `pinned_split`):
   offloaders, each device's best offload column with the server shared k ways and round
   <= R*; the devices that must offload (on-device round > R*) plus the k - forced others
   whose offloading saves the most are the offloaders; the k with the least total is kept.
+  With server shards (`DeviceInput.shard`) each shard's server is shared by its own
+  offloaders: R* is the slowest shard's best, and every shard spends its slack below it.
   The total is the sum over devices of their own weighted objective in joules
   (||E||2 * objective; at a = 0 exactly the fleet's energy), so with the default weight the
   plan is the least-energy one among those with the best round time. O(N^2 * L) in the worst
@@ -318,14 +320,23 @@ class StragglerPolicy(_Chooser):
         return _stay_or_move(p, cost, feasible, self.mode_margin)
 
     def _shared(self, p: ProblemArrays) -> np.ndarray:
-        """The shared-server choice (`_shared_choice`), over the whole fleet at once: the devices share."""
-        x, allowed, s = p.x, p.allowed(), p.n_splits
-        cols = _shared_choice(x, allowed, s, _alphas(p, self.alpha), p.valid)
+        """The shared-server choice (`_shared_choice`), shard by shard: a shard's offloaders share its
+        server, and the round is the slowest shard's. Every shard keeps the best round the slowest
+        one can reach, and spends its own slack below it."""
+        x, allowed, s, alphas = p.x, p.allowed(), p.n_splits, _alphas(p, self.alpha)
+        shards = p.shards()
+        if len(shards) == 1:
+            cols = _shared_choice(x, allowed, s, alphas, p.valid)
+        else:
+            target = max(_shared_target(x.rows(rows), allowed[rows], s)[0] for rows in shards)
+            cols = np.empty(len(p.names), dtype=int)
+            for rows in shards:
+                cols[rows] = _shared_choice(x.rows(rows), allowed[rows], s, alphas[rows], p.valid[rows], target)
         if p.n_modes == 1:
             return cols
         # the mode in force where it costs at most the margin more, with the same split and option
         # (the same sharing: its round and energy change with the mode alone)
-        c = cost_matrices(x, float(np.count_nonzero(cols % s < s - 1)))
+        c = cost_matrices(x, p.server_share(cols))
         rows, width = np.arange(len(cols)), len(p.options) * s
         target = c.round_s[rows, cols].max()
         here = cols % width
@@ -367,8 +378,10 @@ def _shared_target(x: CostInputs, allowed: np.ndarray, s: int) -> tuple[float, n
     return float(best_t), offloaders
 
 
-def _shared_choice(x: CostInputs, allowed: np.ndarray, s: int, alphas: np.ndarray, valid: np.ndarray) -> np.ndarray:
-    """Columns of the plan with the best shared-server round time and the least total objective.
+def _shared_choice(x: CostInputs, allowed: np.ndarray, s: int, alphas: np.ndarray, valid: np.ndarray,
+                   target: float | None = None) -> np.ndarray:
+    """Columns of the plan with the best shared-server round time (or, given, a `target` no better
+    than it: another shard's) and the least total objective.
 
     Energy does not depend on how many devices share the server; round times only grow with
     that count k. So for each k: a device must offload if its on-device round misses R*, may
@@ -377,7 +390,8 @@ def _shared_choice(x: CostInputs, allowed: np.ndarray, s: int, alphas: np.ndarra
     offload, or once every device that would save is offloading: a larger k then only removes
     choices (exact for a = 0, where the scores do not depend on k).
     """
-    target, offloaders = _shared_target(x, allowed, s)
+    best, offloaders = _shared_target(x, allowed, s)
+    target = best if target is None else max(target, best)
     local_cols = np.arange(allowed.shape[1]) % s == s - 1  # the last split, in every power mode
     off = ~local_cols
     c_all = cost_matrices(x)

@@ -47,7 +47,7 @@ from ares.core.optimiser import parse_policy
 from ares.core.profiles import PUBLISHED, ComputeProfile
 from ares.core.rounds import RoundRecord, load_history
 from ares.roles.runconfig import DeviceSpec, RunConfig
-from ares.runtime.controller import Controller, FileSplitSink, fetch_status, fetch_telemetry
+from ares.runtime.controller import Controller, FileSplitSink, fetch_columns, fetch_status
 from ares.runtime.netns import owner_alive, owner_tag
 from ares.runtime.splitfile import write_split
 from ares.runtime.tlsclient import ClientTls
@@ -452,7 +452,7 @@ def _run(cfg: RunConfig, progress: bool, cluster: Optional[Cluster], on_round) -
     controller = None
     if cfg.mode == "adaptive":
         policy = parse_policy(cfg.policy, cfg.alpha)
-        controller = Controller(lambda: fetch_telemetry(cluster.url, cluster.controller_token, tls=cluster.client_tls),
+        controller = Controller(lambda: fetch_columns(cluster.url, cluster.controller_token, tls=cluster.client_tls),
                                 policy,
                                 FileSplitSink(root / "splits"), pinned, offer=cfg.offer(),
                                 power_modes=cfg.power_modes,

@@ -3,7 +3,7 @@
 What is real and what is modelled:
 
 - **Real**: every decision. After each round the simulated devices' reports are put into the
-  controller's own input (`ares.core.messages.Telemetry`, `DeviceTelemetry`, `StepSample`), and
+  controller's own input (`ares.core.messages.TelemetryColumns`, what a server sends it), and
   `ares.runtime.controller.decide` with a real policy (`ares.core.optimiser.parse_policy`) turns
   it into a plan, exactly as the operator and `ares run` do. The plan's splits (and power modes)
   are what the devices run next round.
@@ -50,7 +50,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ares.core.costmodel import CostInputs, cost_matrices, model_costs
 from ares.core.energy import power_model
-from ares.core.messages import LINK_SMOOTHING, STEP_ROUNDS, DeviceTelemetry, StepSample, Telemetry
+from ares.core.messages import LINK_SMOOTHING, STEP_ROUNDS, StepColumns, TelemetryColumns
 from ares.core.optimiser import parse_policy
 from ares.core.profiles import PUBLISHED, ComputeProfile, ServerProfile, modes_of, profile_in_mode
 from ares.runtime.controller import ASSUMED_POWER, decide
@@ -408,8 +408,9 @@ class Simulation:
         err = np.where(known, (predicted - true_s) / true_s, np.nan)
         self._report(rows, comp, up, down, true_s, iter_s)
         self.switching[:] = False
+        telemetry = self._telemetry(r, rows)
         t0 = time.perf_counter()
-        plan = decide(self._telemetry(r, rows), self.policy, power_modes=cfg.power_modes)
+        plan = decide(telemetry, self.policy, power_modes=cfg.power_modes)
         decision_s = time.perf_counter() - t0
         if plan is not None:
             index = {name: i for i, name in enumerate(f.names)}
@@ -451,22 +452,29 @@ class Simulation:
                 kept.append((int(self.split[i]), float(iter_s[j]), float(rep.up[i]), float(rep.down[i]), float(comp[j])))
                 del kept[:-STEP_ROUNDS]
 
-    def _telemetry(self, r: int, rows: np.ndarray) -> Telemetry:
+    def _telemetry(self, r: int, rows: np.ndarray) -> TelemetryColumns:
+        """What the server would send the controller, as columns (`GET /v1/telemetry?columns=true`)."""
         f, rep, cfg = self.fleet, self.rep, self.cfg
-        devices = []
-        for i in rows.tolist():
-            devices.append(DeviceTelemetry(
-                name=f.names[i], device_class=f.classes[i], power_mode=f.modes[i], fwd=rep.fwd[i].tolist(),
-                bwd=rep.bwd[i].tolist(), batch_size=cfg.batch_size, up_bps=float(rep.up[i]),
-                down_bps=float(rep.down[i]), iterations=int(f.iterations[i]), split=int(rep.split[i]),
-                round_s=float(rep.round_s[i]), latency_s=float(f.latency[i]), duplex="half" if f.half[i] else "full",
-                codec="fp32", micro_batches=1,
-                measured_steps=[StepSample(split=sp, codec="fp32", micro_batches=1, step_s=st, up_bps=u, down_bps=d,
-                                           compute_scale=fac / float(rep.factor[i]))
-                                for sp, st, u, d, fac in rep.samples[i]]))
-        return Telemetry(round=r, model="vgg5", batch_size=cfg.batch_size, codec="fp32", micro_batches=1,
-                         activation_numel=list(VGG5_NUMEL), weight_bytes=list(VGG5_WEIGHT_BYTES),
-                         server_fwd=list(self.server.fwd), server_bwd=list(self.server.bwd), devices=devices)
+        ids = rows.tolist()
+        owners = [(j, i) for j, i in enumerate(ids) for _ in rep.samples[i]]
+        samples = [sample for i in ids for sample in rep.samples[i]]
+        scale = [fac / float(rep.factor[i]) for (_, i), (*_, fac) in zip(owners, samples)]
+        n = len(ids)
+        return TelemetryColumns(
+            round=r, model="vgg5", batch_size=cfg.batch_size, codec="fp32", micro_batches=1,
+            activation_numel=list(VGG5_NUMEL), weight_bytes=list(VGG5_WEIGHT_BYTES), server_fwd=list(self.server.fwd),
+            server_bwd=list(self.server.bwd), name=[f.names[i] for i in ids], device_class=[f.classes[i] for i in ids],
+            power_mode=[f.modes[i] for i in ids], fwd=rep.fwd[rows].tolist(), bwd=rep.bwd[rows].tolist(),
+            batch_size_of=[cfg.batch_size] * n, up_bps=rep.up[rows].tolist(), down_bps=rep.down[rows].tolist(),
+            iterations=f.iterations[rows].astype(int).tolist(), split=rep.split[rows].astype(int).tolist(),
+            energy_j=[None] * n, energy_source=["none"] * n, round_s=rep.round_s[rows].tolist(),
+            latency_s=f.latency[rows].tolist(), duplex=["half" if h else "full" for h in f.half[rows].tolist()],
+            codec_of=["fp32"] * n, micro_batches_of=[1] * n, upload_bps=[None] * n, power_mode_failed=[""] * n,
+            power_mode_problem=[""] * n, switch_s=[None] * n, shard=self.fleet.shard[rows].tolist(),
+            steps=StepColumns(device=[j for j, _ in owners], split=[int(v[0]) for v in samples],
+                              codec=["fp32"] * len(samples), micro_batches=[1] * len(samples),
+                              step_s=[v[1] for v in samples], up_bps=[v[2] for v in samples],
+                              down_bps=[v[3] for v in samples], compute_scale=scale))
 
 
 def _has_power(cls: str, mode: str) -> bool:

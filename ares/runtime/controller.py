@@ -5,8 +5,8 @@ the `SplitSink` (split files on disk, or the `ares.io/split-point` pod annotatio
 policy decides and never does I/O; this module owns the I/O around it.
 
 A decision reads the telemetry into the optimiser's input as arrays (`arrays_from_telemetry`):
-one pass over the reports, their step and session samples held against the cost model as rows
-of arrays, no object per device. `problem_from_telemetry` gives the same figures as a `Problem`
+the telemetry as columns (`TelemetryColumns`, as the server sends it to a controller), its step
+and session samples held against the cost model as rows of arrays, no object per device. `problem_from_telemetry` gives the same figures as a `Problem`
 of dataclasses, for whoever wants to look at one device (a test asserts that both agree to the
 bit, and decide the same plan).
 
@@ -26,7 +26,6 @@ import gc
 import itertools
 import logging
 import math
-import operator
 import threading
 from collections import Counter
 from dataclasses import dataclass, field, replace
@@ -37,7 +36,8 @@ import httpx
 import numpy as np
 
 from ares.core.energy import PowerModel, power_model
-from ares.core.messages import LINK_SMOOTHING, STEP_ROUNDS, DeviceTelemetry, ServerStatus, SessionSample, StepSample, Telemetry
+from ares.core.messages import (LINK_SMOOTHING, STEP_ROUNDS, DeviceTelemetry, ServerStatus, SessionColumns, SessionSample,
+                                 StepColumns, StepSample, Telemetry, TelemetryColumns)
 from ares.core.costmodel import (CODEC_BYTES, MAX_BPS, MIN_BPS, Column, CostInputs, DeviceInput, ModelCosts, Option, Plan,
                                  PowerMode, Problem, ProblemArrays, cell_costs, check_split, model_costs, options_for,
                                  other_modes, session_table, valid_columns)
@@ -65,7 +65,22 @@ def fetch_status(url: str, token: str, timeout_s: float = 10.0, tls: Optional[Cl
 
 
 def fetch_telemetry(url: str, token: str, timeout_s: float = 10.0, tls: Optional[ClientTls] = None) -> Telemetry:
-    return Telemetry.model_validate(_get(f"{url.rstrip('/')}/v1/telemetry", token, timeout_s, tls).json())
+    """The server's telemetry, one object per device: for people and reports."""
+    return Telemetry.model_validate_json(_get(f"{url.rstrip('/')}/v1/telemetry", token, timeout_s, tls).content)
+
+
+def fetch_columns(url: str, token: str, timeout_s: float = 10.0, tls: Optional[ClientTls] = None) -> TelemetryColumns:
+    """The server's telemetry as columns: what a decision reads (`decide`)."""
+    return TelemetryColumns.model_validate_json(
+        _get(f"{url.rstrip('/')}/v1/telemetry?columns=true", token, timeout_s, tls).content)
+
+
+AnyTelemetry = Telemetry | TelemetryColumns
+
+
+def as_columns(telemetry: AnyTelemetry) -> TelemetryColumns:
+    """The telemetry as columns (`TelemetryColumns.of` where it came as one object per device)."""
+    return telemetry if isinstance(telemetry, TelemetryColumns) else TelemetryColumns.of(telemetry)
 
 
 def _power(device_class: str, power_mode: str) -> PowerModel:
@@ -79,14 +94,13 @@ def _power(device_class: str, power_mode: str) -> PowerModel:
 def with_modes(device: DeviceInput, measured: DeviceTelemetry, pinned_mode: Optional[str] = None) -> DeviceInput:
     """The device with its class's other power modes in the decision (see the module docstring);
     as it was when its class has none or its mode in force is not known."""
-    fields = _mode_fields(device.compute, measured, pinned_mode)
+    fields = _mode_fields(device.compute, measured.power_mode_failed, measured.switch_s, pinned_mode)
     return replace(device, **fields) if fields else device
 
 
-def _mode_fields(profile: ComputeProfile, measured: DeviceTelemetry, pinned_mode: Optional[str]) -> dict:
-    """What `with_modes` changes in a device with this profile ({} where nothing)."""
-    rule = _mode_rule(profile.device_class, profile.power_mode, measured.power_mode_failed, measured.switch_s,
-                      pinned_mode)
+def _mode_fields(profile: ComputeProfile, failed: str, switch_s: Optional[float], pinned_mode: Optional[str]) -> dict:
+    """What `with_modes` changes in a device with this profile and report ({} where nothing)."""
+    rule = _mode_rule(profile.device_class, profile.power_mode, failed, switch_s, pinned_mode)
     if rule is None:
         return {}
     return {"modes": other_modes(profile), "pinned_mode": rule[0], "switch_s": rule[1]}
@@ -116,10 +130,11 @@ def _unit_modes(device_class: str, power_mode: str, n_splits: int) -> tuple[Powe
 
 @dataclass(frozen=True)
 class _Reading:
-    """What a decision reads from the telemetry: the reports it takes, in the problem's order, and
-    their problem as arrays (with each device's current column, step and session overheads)."""
+    """What a decision reads from the telemetry: the fields of the devices it takes (`_REPORT_FIELDS`),
+    in the problem's order, and their problem as arrays (with each device's current column, step and
+    session overheads)."""
 
-    reports: list[DeviceTelemetry]
+    fields: dict[str, list]
     arrays: ProblemArrays
     powers: list[PowerModel]  # each device's in its mode in force
     timed: np.ndarray  # (N,) bool: its step overheads are its own (it has step samples)
@@ -128,7 +143,7 @@ class _Reading:
     codec: str
 
 
-def problem_from_telemetry(telemetry: Telemetry, pinned: Mapping[str, int] | None = None,
+def problem_from_telemetry(telemetry: AnyTelemetry, pinned: Mapping[str, int] | None = None,
                            offer: Sequence[tuple[str, int]] = (), power_modes: bool = False,
                            pinned_modes: Mapping[str, str] | None = None) -> Optional[Problem]:
     """The optimiser's input from measurements, as dataclasses: a `DeviceInput` per device with the
@@ -145,25 +160,26 @@ def problem_from_telemetry(telemetry: Telemetry, pinned: Mapping[str, int] | Non
     if read is None:
         return None
     x, s, n_opt = read.arrays.x, read.arrays.n_splits, len(read.arrays.options)
-    devices = []
-    for i, d in enumerate(read.reports):
-        profile = ComputeProfile(fwd=tuple(d.fwd), bwd=tuple(d.bwd), batch_size=d.batch_size,
-                                 device_class=d.device_class, power_mode=d.power_mode, source="measured")
+    devices, f = [], read.fields
+    for i, name in enumerate(f["name"]):
+        profile = ComputeProfile(fwd=tuple(f["fwd"][i]), bwd=tuple(f["bwd"][i]), batch_size=f["batch_size"][i],
+                                 device_class=f["device_class"][i], power_mode=f["power_mode"][i], source="measured")
         if profile.batch_size != telemetry.batch_size:
             profile = profile.rescaled(telemetry.batch_size)
         current = int(read.arrays.current[i])
         steps = tuple(map(tuple, x.step_overhead[i].reshape(n_opt, s).tolist())) if read.timed[i] else None
-        modes = _mode_fields(profile, d, pinned_modes.get(d.name)) if power_modes else {}
+        modes = (_mode_fields(profile, f["power_mode_failed"][i], f["switch_s"][i], pinned_modes.get(name))
+                 if power_modes else {})
         devices.append(DeviceInput(
-            name=d.name, compute=profile, up_bps=float(x.up_bps[i, 0]), down_bps=d.down_bps, power=read.powers[i],
-            iterations=d.iterations, pinned_split=pinned.get(d.name), latency_s=d.latency_s or 0.0, duplex=d.duplex,
-            current=Column.at(current, s, n_opt) if current >= 0 else None, step_overheads=steps,
-            session_overhead_s=float(x.session[i, 0]), **modes))
+            name=name, compute=profile, up_bps=float(x.up_bps[i, 0]), down_bps=f["down_bps"][i], power=read.powers[i],
+            iterations=f["iterations"][i], pinned_split=pinned.get(name), latency_s=f["latency_s"][i] or 0.0,
+            duplex=f["duplex"][i], current=Column.at(current, s, n_opt) if current >= 0 else None,
+            step_overheads=steps, session_overhead_s=float(x.session[i, 0]), shard=f["shard"][i], **modes))
     return Problem(devices=tuple(devices), server=read.server, model=read.model, codec=read.codec,
                    options=read.arrays.options, noise=read.arrays.noise)
 
 
-def arrays_from_telemetry(telemetry: Telemetry, pinned: Mapping[str, int] | None = None,
+def arrays_from_telemetry(telemetry: AnyTelemetry, pinned: Mapping[str, int] | None = None,
                           offer: Sequence[tuple[str, int]] = (), power_modes: bool = False,
                           pinned_modes: Mapping[str, str] | None = None) -> Optional[ProblemArrays]:
     """`problem_from_telemetry`'s problem as arrays, read from the reports without an object per
@@ -172,24 +188,54 @@ def arrays_from_telemetry(telemetry: Telemetry, pinned: Mapping[str, int] | None
     return None if read is None else read.arrays
 
 
-# What a decision reads of every report: read once, in one pass (`_fields` says why so). Every one is
-# a field of `DeviceTelemetry`, so in its `__dict__`.
+# What a decision reads of every device (`DeviceTelemetry`'s fields; columns of `TelemetryColumns`).
 _REPORT_FIELDS = ("name", "device_class", "power_mode", "fwd", "bwd", "batch_size", "up_bps", "upload_bps", "down_bps",
-                  "iterations", "latency_s", "duplex", "measured_steps", "sessions", "split", "codec", "micro_batches",
-                  "power_mode_failed", "switch_s")
+                  "iterations", "latency_s", "duplex", "split", "codec", "micro_batches", "power_mode_failed", "switch_s", "shard")
 
 
-def _usable(telemetry: Telemetry) -> tuple[list[DeviceTelemetry], dict[str, tuple], np.ndarray]:
-    """The reports a decision takes, their `_REPORT_FIELDS` (one tuple per field) and their uplink
-    estimates (`uplinks_with_last_upload`): measured, with a profile of the model's layers and link rates
-    the model takes (a warning for the rest)."""
-    layers = len(telemetry.activation_numel)
-    reports = list(telemetry.devices)
-    if not reports:
-        return [], {}, np.zeros(0)
-    # from each report's field dict (`vars`): a pydantic model answers attribute reads through its
-    # `__getattr__` hook, and 19 reads a report that way took 15 ms of CPU at 10,000 reports, 9 so
-    f = dict(zip(_REPORT_FIELDS, zip(*map(operator.itemgetter(*_REPORT_FIELDS), map(vars, reports)))))
+@dataclass(frozen=True)
+class _Samples:
+    """Samples (step or session) as arrays or lists, one entry per sample: `owner` is the row of the
+    device it is of, each row's samples together and oldest first."""
+
+    owner: np.ndarray
+    fields: dict[str, Sequence]
+
+    @classmethod
+    def of(cls, columns: StepColumns | SessionColumns) -> "_Samples":
+        values = dict(columns.__dict__)
+        return cls(np.array(values.pop("device"), dtype=int), values)
+
+    @classmethod
+    def of_rows(cls, samples: Sequence[Sequence[Any]], names: Sequence[str]) -> "_Samples":
+        """From one sequence of sample objects per row (fields `names`)."""
+        owner = np.repeat(np.arange(len(samples)), [len(taken) for taken in samples])
+        every = list(itertools.chain.from_iterable(samples))
+        return cls(owner, {name: [getattr(v, name) for v in every] for name in names})
+
+    def taken(self, keep: Sequence[int], n: int) -> "_Samples":
+        """The samples of the rows `keep` (of n), numbered as they are in `keep`."""
+        row = np.full(n, -1)
+        row[np.asarray(keep, dtype=int)] = np.arange(len(keep))
+        owner = row[self.owner]
+        at = np.flatnonzero(owner >= 0)
+        return _Samples(owner[at], {name: [values[j] for j in at.tolist()] for name, values in self.fields.items()})
+
+
+_STEP_FIELDS = tuple(StepSample.model_fields)
+_SESSION_FIELDS = tuple(SessionSample.model_fields)
+
+
+def _usable(c: TelemetryColumns) -> tuple[dict[str, list], np.ndarray, _Samples, _Samples]:
+    """What a decision takes of the telemetry: the `_REPORT_FIELDS` of the devices measured, with a
+    profile of the model's layers and link rates the model takes (a warning for the rest), their
+    uplink estimates (`uplinks_with_last_upload`), and their step and session samples."""
+    layers = len(c.activation_numel)
+    n = c.n_devices
+    f = {name: c.column(name) for name in _REPORT_FIELDS}
+    steps, sessions = _Samples.of(c.steps), _Samples.of(c.sessions)
+    if not n:
+        return f, np.zeros(0), steps, sessions
     keep = [i for i, (fwd, bwd, up, down, it) in enumerate(zip(f["fwd"], f["bwd"], f["up_bps"], f["down_bps"],
                                                                  f["iterations"]))
             if fwd and bwd and up and down and it and len(fwd) == layers]
@@ -203,13 +249,13 @@ def _usable(telemetry: Telemetry) -> tuple[list[DeviceTelemetry], dict[str, tupl
                 log.warning("device %s: measured link rate %.3g/%.3g B/s is outside what the model takes; "
                             "left out of this decision", f["name"][i], u, f["down_bps"][i])
         keep, up = [i for i, ok in zip(keep, fine.tolist()) if ok], up[fine]
-    if len(keep) < len(reports):
-        reports = [reports[i] for i in keep]
-        f = {name: tuple(values[i] for i in keep) for name, values in f.items()}
-    return reports, f, up
+    if len(keep) < n:
+        f = {name: [values[i] for i in keep] for name, values in f.items()}
+        steps, sessions = steps.taken(keep, n), sessions.taken(keep, n)
+    return f, up, steps, sessions
 
 
-def _options(telemetry: Telemetry, offer: Sequence[tuple[str, int]]) -> tuple[ModelCosts, str, tuple[Option, ...]]:
+def _options(telemetry: TelemetryColumns, offer: Sequence[tuple[str, int]]) -> tuple[ModelCosts, str, tuple[Option, ...]]:
     """The model's byte counts with the job's codec, that codec, and the options: the job's own
     (codec, micro-batches) first, then every other pair in `offer`."""
     costs = model_costs(telemetry.activation_numel, telemetry.weight_bytes, telemetry.batch_size,
@@ -246,20 +292,21 @@ def _profiles(f: Mapping[str, tuple], n_splits: int, batch_size: int) -> tuple[n
     return out[0], out[1]
 
 
-def _read(telemetry: Telemetry, pinned: Mapping[str, int], offer: Sequence[tuple[str, int]], power_modes: bool,
+def _read(telemetry: AnyTelemetry, pinned: Mapping[str, int], offer: Sequence[tuple[str, int]], power_modes: bool,
           pinned_modes: Mapping[str, str]) -> Optional[_Reading]:
-    """The decision's input, as arrays, from the reports (None when none is usable), with the checks
-    the dataclasses make of the same figures."""
-    reports, f, up = _usable(telemetry)
-    if not reports:
+    """The decision's input, as arrays, from the telemetry (None when no device is usable), with the
+    checks the dataclasses make of the same figures."""
+    telemetry = as_columns(telemetry)
+    f, up, steps, sessions = _usable(telemetry)
+    if not f["name"]:
         return None
     model, codec, options = _options(telemetry, offer)
-    s, n_opt, n = model.n_splits, len(options), len(reports)
+    s, n_opt, n = model.n_splits, len(options), len(f["name"])
     server = ServerProfile(fwd=tuple(telemetry.server_fwd), bwd=tuple(telemetry.server_bwd),
                            batch_size=telemetry.batch_size)
     if server.n_splits != s:
         raise ValueError(f"server profile has {server.n_splits} splits, the model {s}")
-    names, steps, sessions = f["name"], f["measured_steps"], f["sessions"]
+    names = tuple(f["name"])
     if len(set(names)) != n:
         raise ValueError(f"device names must be unique; repeated: {sorted(k for k, v in Counter(names).items() if v > 1)}")
     fwd, bwd = _profiles(f, s, telemetry.batch_size)
@@ -294,19 +341,20 @@ def _read(telemetry: Telemetry, pinned: Mapping[str, int], offer: Sequence[tuple
         step = x.step_overhead.copy()
         step[rows] = tables.reshape(len(rows), n_opt * s) * np.tile(np.arange(s) < s - 1, n_opt)
         x, timed[rows] = replace(x, step_overhead=step), True
-    with_sessions = [i for i, taken in enumerate(sessions) if taken]
-    if with_sessions:
+    if sessions.owner.size:
         # held against the model of the job's own option (the first), in the mode in force: what
         # `_session_excess` reads of `session_table`
-        rows = np.array(with_sessions)
+        with_sessions = np.unique(sessions.owner)
+        rows = with_sessions
         first = replace(x, fwd=x.fwd[rows, :1], bwd=x.bwd[rows, :1], power=x.power[rows, :1], switch=None,
                         up_bytes=x.up_bytes[:1], down_bytes=x.down_bytes[:1], micro=x.micro[:1],
                         up_bps=x.up_bps[rows], down_bps=x.down_bps[rows], iterations=x.iterations[rows],
                         latency=x.latency[rows], session=x.session[rows], step_overhead=x.step_overhead[rows, :s],
-                        half=x.half[rows], names=tuple(map(names.__getitem__, with_sessions)))
-        found = _session_excess(s, [sessions[i] for i in with_sessions], session_table(x=first))
+                        half=x.half[rows], names=tuple(map(names.__getitem__, with_sessions.tolist())))
+        found = _session_excess_of(s, len(rows), _Samples(np.searchsorted(rows, sessions.owner), sessions.fields),
+                                   session_table(x=first))
         session = x.session.copy()
-        for i, v in zip(with_sessions, found):
+        for i, v in zip(with_sessions.tolist(), found):
             if v is not None:
                 session[i, 0] = v
         x = replace(x, session=session)
@@ -317,8 +365,9 @@ def _read(telemetry: Telemetry, pinned: Mapping[str, int], offer: Sequence[tuple
                            valid=valid_columns(s, n_opt, modes.counts), alpha=np.full(n, math.nan),
                            pinned_split=pins, pinned_mode=modes.pinned,
                            current=np.array([-1 if c is None else c for c in current]),
-                           mode_labels=modes.labels_of, labels=modes.labels, noise=round_noise(steps))
-    return _Reading(reports, arrays, powers, timed, server, model, codec)
+                           mode_labels=modes.labels_of, labels=modes.labels, noise=_round_noise_of(steps),
+                           shard=np.array(f["shard"], dtype=int) if any(f["shard"]) else None)
+    return _Reading(f, arrays, powers, timed, server, model, codec)
 
 
 NOISE_DEVICES = 1_000  # the devices with step samples a noise estimate reads at most
@@ -327,27 +376,37 @@ NOISE_PAIRS = 8  # fewer pairs of samples than this: no estimate (0)
 
 def round_noise(steps: Sequence[Sequence[StepSample]]) -> float:
     """How much a device's step time moves from one round to the next, as a lognormal sigma, from
-    the fleet's step samples: each device's consecutive samples at one setting (split, codec,
-    micro-batches), their log ratio, over at most `NOISE_DEVICES` devices; the median absolute
-    ratio over 0.6745 (a spread that a few devices whose link or load really changed do not
-    move), over sqrt(2) (a ratio holds two rounds' draws). 0 with fewer than `NOISE_PAIRS` pairs.
-    The straggler policy keeps this much from the round where it spends slack (`noise_headroom`)."""
-    ratios: list[float] = []
-    taken = 0
-    for samples in steps:
-        if len(samples) < 2:
-            continue
-        last: dict[tuple, float] = {}
-        for sample in samples:
-            key = (sample.split, sample.codec, sample.micro_batches)
-            if key in last and last[key] > 0 and sample.step_s > 0:
-                ratios.append(math.log(sample.step_s / last[key]))
-            last[key] = sample.step_s
-        taken += 1
-        if taken >= NOISE_DEVICES:
-            break
-    if len(ratios) < NOISE_PAIRS:
+    the fleet's step samples (one sequence per device, oldest first): each device's consecutive
+    samples at one setting (split, codec, micro-batches), their log ratio, over at most
+    `NOISE_DEVICES` devices; the median absolute ratio over 0.6745 (a spread that a few devices
+    whose link or load really changed do not move), over sqrt(2) (a ratio holds two rounds' draws).
+    0 with fewer than `NOISE_PAIRS` pairs. The straggler policy keeps this much from the round where
+    it spends slack (`noise_headroom`)."""
+    return _round_noise_of(_Samples.of_rows(steps, _STEP_FIELDS))
+
+
+def _round_noise_of(steps: _Samples) -> float:
+    """`round_noise` of samples as arrays."""
+    owner = steps.owner
+    if owner.size < 2:
         return 0.0
+    counts = np.bincount(owner)
+    devices = np.flatnonzero(counts >= 2)[:NOISE_DEVICES]  # each with a pair at least, in order
+    at = np.flatnonzero(np.isin(owner, devices))
+    if at.size < 2:
+        return 0.0
+    codecs: dict[str, int] = {}
+    codec = np.array([codecs.setdefault(v, len(codecs)) for v in map(steps.fields["codec"].__getitem__, at.tolist())])
+    split = np.asarray(steps.fields["split"], dtype=int)[at]
+    k = np.asarray(steps.fields["micro_batches"], dtype=int)[at]
+    step = np.asarray(steps.fields["step_s"], dtype=float)[at]
+    setting = ((owner[at] * 256 + split) * 64 + k) * len(codecs) + codec
+    order = np.argsort(setting, kind="stable")  # each device's setting together, oldest first
+    setting, step = setting[order], step[order]
+    pair = (setting[1:] == setting[:-1]) & (step[1:] > 0) & (step[:-1] > 0)
+    if pair.sum() < NOISE_PAIRS:
+        return 0.0
+    ratios = np.log(step[1:][pair] / step[:-1][pair])
     return float(np.median(np.abs(ratios))) / 0.6745 / math.sqrt(2)
 
 
@@ -508,16 +567,6 @@ class _Excess:
         return cls(empty, empty, empty, np.zeros(0))
 
 
-def _fields(samples: Sequence[Sequence[Any]], names: Sequence[str], count: int) -> list[np.ndarray]:
-    """The numeric fields `names` (two or more) of every sample, in order, one float array each
-    (`count` samples in all). Read in one pass with `operator.attrgetter` and `np.fromiter`: at
-    40,000 samples half the time of a comprehension of tuples turned into arrays."""
-    every = itertools.chain.from_iterable(samples)
-    flat = np.fromiter(itertools.chain.from_iterable(map(operator.attrgetter(*names), every)), float,
-                       count * len(names))
-    return list(flat.reshape(count, len(names)).T)
-
-
 def _in_order_sums(rows: np.ndarray, values: np.ndarray, n: int) -> np.ndarray:
     """Per row (0..n-1), the sum of its `values` left to right in their order here, as Python's
     `sum` adds them (the same floats): one vectorised step per position within a row."""
@@ -554,7 +603,8 @@ def _overhead_tables(options: Sequence[Option], n_splits: int, excess: _Excess) 
 def _step_excess(problem: Problem, samples: Mapping[str, Sequence[StepSample]]) -> list[dict[Column, float]]:
     """Per device, per column it has run: the mean, over its last `STEP_ROUNDS` rounds there, of
     each round's step beyond the model of that round (`_excess`)."""
-    excess = _excess(CostInputs.of(problem), problem.options, [samples.get(d.name, ()) for d in problem.devices])
+    excess = _excess(CostInputs.of(problem), problem.options,
+                     _Samples.of_rows([samples.get(d.name, ()) for d in problem.devices], _STEP_FIELDS))
     out: list[dict[Column, float]] = [{} for _ in problem.devices]
     for i, o, split, v in zip(excess.rows.tolist(), excess.option.tolist(), excess.split.tolist(),
                               excess.value.tolist()):
@@ -562,8 +612,8 @@ def _step_excess(problem: Problem, samples: Mapping[str, Sequence[StepSample]]) 
     return out
 
 
-def _excess(x: CostInputs, options: Sequence[Option], samples: Sequence[Sequence[StepSample]]) -> _Excess:
-    """Per row of `x`, per (option, split) its `samples` ran at: the mean, over the last
+def _excess(x: CostInputs, options: Sequence[Option], samples: _Samples) -> _Excess:
+    """Per row of `x`, per (option, split) its step `samples` ran at: the mean, over the last
     `STEP_ROUNDS` rounds there, of each round's step beyond the model of that round (the link
     estimates and compute speed it ran under), never below 0. Held against today's model instead,
     a round that ran before the link fell would hide the fall; the last round alone takes one noisy
@@ -574,30 +624,28 @@ def _excess(x: CostInputs, options: Sequence[Option], samples: Sequence[Sequence
     option_of: dict[tuple[str, int], int] = {}
     for o, opt in enumerate(options):
         option_of.setdefault((opt.codec, opt.micro_batches), o)
-    owner = np.repeat(np.arange(len(samples)), [len(taken) for taken in samples])
+    owner = samples.owner
     if not owner.size:
         return _Excess.none()
-    # every sample's fields in one pass (`_fields` says why so), one tuple per field
-    split, codec, k, step, up, down, scale = zip(*map(operator.attrgetter(
-        "split", "codec", "micro_batches", "step_s", "up_bps", "down_bps", "compute_scale"),
-        itertools.chain.from_iterable(samples)))
-    option = np.array([option_of.get(pair, -1) for pair in zip(codec, k)])
-    split = np.fromiter(split, int, len(owner))
+    v = samples.fields
+    step, up, down, scale = v["step_s"], v["up_bps"], v["down_bps"], v["compute_scale"]
+    option = np.array([option_of.get(pair, -1) for pair in zip(v["codec"], v["micro_batches"])])
+    split = np.asarray(v["split"], dtype=int)
     kept = np.flatnonzero((option >= 0) & (split < s - 1))  # the rest ran at no column of this problem
     if not kept.size:
         return _Excess.none()
     rows, option, split = owner[kept], option[kept], split[kept]
 
-    def rate(measured: tuple, now: np.ndarray) -> np.ndarray:  # the sample's where the model takes it, else the report's
+    def rate(measured: Sequence, now: np.ndarray) -> np.ndarray:  # the sample's where the model takes it, else the report's
         v = np.array(measured, dtype=float)[kept]  # None: nan
         with np.errstate(invalid="ignore"):
             return np.where((v >= MIN_BPS) & (v <= MAX_BPS), v, now[rows, 0])
 
-    factor = np.fromiter(scale, float, len(owner))[kept, None, None]
+    factor = np.asarray(scale, dtype=float)[kept, None, None]
     then = replace(x.rows(rows), fwd=x.fwd[rows, :1] * factor, bwd=x.bwd[rows, :1] * factor, power=x.power[rows, :1],
                    up_bps=rate(up, x.up_bps)[:, None], down_bps=rate(down, x.down_bps)[:, None],
                    step_overhead=np.zeros((len(rows), x.step_overhead.shape[1])), switch=None)
-    beyond = np.fromiter(step, float, len(owner))[kept] - cell_costs(then, np.arange(len(rows)), option * s + split)["iteration_s"]
+    beyond = np.asarray(step, dtype=float)[kept] - cell_costs(then, np.arange(len(rows)), option * s + split)["iteration_s"]
     # the runs of each (row, option, split), in the order first run; each one's samples oldest first
     _, first, group = np.unique((rows * len(options) + option) * s + split, return_index=True, return_inverse=True)
     rank = np.empty(len(first), dtype=int)
@@ -641,11 +689,17 @@ def _session_excess(n_splits: int, samples: Sequence[Sequence[SessionSample]], r
     the median of its last three sessions after round 0, each beyond its steps and `rest`, never
     below 0. Every row's at once, as arrays: `statistics.median`'s arithmetic on at most three
     values (the middle one; of two, their mean)."""
-    out: list[Optional[float]] = [None] * len(samples)
-    owner = np.repeat(np.arange(len(samples)), [len(taken) for taken in samples])
+    return _session_excess_of(n_splits, len(samples), _Samples.of_rows(samples, _SESSION_FIELDS), rest)
+
+
+def _session_excess_of(n_splits: int, n: int, samples: _Samples, rest: np.ndarray) -> list[Optional[float]]:
+    """`_session_excess` of n rows' samples as arrays."""
+    out: list[Optional[float]] = [None] * n
+    owner = samples.owner
     if not owner.size:
         return out
-    rounds, split, session_s, steps_s = _fields(samples, ("round", "split", "session_s", "steps_s"), len(owner))
+    rounds, split, session_s, steps_s = (np.asarray(samples.fields[name], dtype=float)
+                                         for name in ("round", "split", "session_s", "steps_s"))
     split = split.astype(int)
     later = (rounds > 0) & (split < n_splits)
     owner, split, session_s, steps_s = owner[later], split[later], session_s[later], steps_s[later]
@@ -667,7 +721,7 @@ def _session_excess(n_splits: int, samples: Sequence[Sequence[SessionSample]], r
     return out
 
 
-def decide(telemetry: Telemetry, policy: SplitPolicy, pinned: Mapping[str, int] | None = None,
+def decide(telemetry: AnyTelemetry, policy: SplitPolicy, pinned: Mapping[str, int] | None = None,
            offer: Sequence[tuple[str, int]] = (), power_modes: bool = False,
            pinned_modes: Mapping[str, str] | None = None) -> Optional[Plan]:
     """A plan for the measured devices, or None when nothing has been measured yet. The policy
@@ -785,7 +839,7 @@ class Controller:
     are written before the splits, so a device that reads a new split finds its options too.
     """
 
-    telemetry: Callable[[], Telemetry]
+    telemetry: Callable[[], AnyTelemetry]
     policy: SplitPolicy
     sink: SplitSink
     pinned: Mapping[str, int] = field(default_factory=dict)

@@ -88,6 +88,9 @@ class RootServer(TrainingServer):
         self._joined: set[str] = set()
         log.info("root of %d shards: %s devices", cfg.shards, [len(s.devices) for s in self.seats])
 
+    def shard_of(self, device: str) -> int:
+        return self.home[device]
+
     # ----- who may ask ----------------------------------------------------------------------
     def check_device_token(self, device: str, token: Optional[str]) -> None:
         raise UnknownDevice(f"unknown device {device[:64]!r}: devices train at their shard, not at the root")

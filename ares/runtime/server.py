@@ -8,7 +8,8 @@ Routes are thin: authenticate, read and validate the body, run the torch work in
     GET  /v1/round                        ?round=R&wait=S: the round's state, once round R takes joins
                                           (or the job ends, or S seconds pass; a long poll, any token)
     GET  /v1/status                       round, accuracy, per-device phase (any token)
-    GET  /v1/telemetry                    what the optimiser needs (controller token)
+    GET  /v1/telemetry[?columns=true]     what the optimiser needs (controller token); as columns
+                                          for a controller
     GET  /metrics                         Prometheus text (controller token)
     POST /v1/devices/{name}/join          JSON JoinRequest -> bundle of device-side weights
     POST /v1/devices/{name}/step          bundle {x, y}, ?round=&split=[&micro=&micros=&total=] -> bundle {grad}, Server-Timing
@@ -42,7 +43,7 @@ from pydantic import ValidationError
 
 from ares.core import codec, wire
 from ares.core.config import ServerConfig, load_yaml_model
-from ares.core.messages import DeviceReport, JoinRequest
+from ares.core.messages import DeviceReport, JoinRequest, TelemetryColumns
 from ares.runtime.allocator import keep_freed_memory
 from ares.runtime.limits import BodyTimeout, DeviceBudget, DeviceBusy, DeviceGate
 from ares.runtime.root import RootServer
@@ -255,9 +256,13 @@ def create_app(cfg: ServerConfig, trainer: Optional[TrainingServer] = None, tick
             return JSONResponse((await to_thread.run_sync(srv().status)).model_dump(mode="json"))
 
     @app.get("/v1/telemetry")
-    async def telemetry(token: Token) -> JSONResponse:
+    async def telemetry(token: Token, columns: bool = False) -> Response:
+        """One object per device; with `columns`, the same as columns (`TelemetryColumns`), what a
+        controller reads."""
         srv().check_controller_token(token)
-        return JSONResponse((await to_thread.run_sync(srv().telemetry)).model_dump(mode="json"))
+        t = await to_thread.run_sync(srv().telemetry)
+        body = TelemetryColumns.of(t).model_dump_json() if columns else t.model_dump_json()
+        return Response(body, media_type="application/json")
 
     @app.get("/metrics")
     async def metrics(token: Token) -> PlainTextResponse:

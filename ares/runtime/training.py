@@ -752,7 +752,7 @@ class TrainingServer:
                     sessions=recent.get(s.name, []), upload_bps=s.upload_bps,
                     power_mode_failed=rep.power_mode_failed if rep else "",
                     power_mode_problem=rep.power_mode_problem if rep else "",
-                    switch_s=rep.switch_s if rep else None))
+                    switch_s=rep.switch_s if rep else None, shard=self.shard_of(s.name)))
             zeros = [0.0] * self.layers
             return Telemetry(round=self.round, model=self.cfg.model, batch_size=batch, codec=self.cfg.codec,
                              micro_batches=self.cfg.micro_batches,
@@ -760,6 +760,10 @@ class TrainingServer:
                              server_fwd=[v * scale for v in prof.fwd] if prof else zeros,
                              server_bwd=[v * scale for v in prof.bwd] if prof else zeros,
                              devices=devices, round_overhead_s=round_overhead(self.history))
+
+    def shard_of(self, device: str) -> int:
+        """The server shard the device trains at (one server: 0)."""
+        return 0
 
     def global_state(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}

@@ -32,6 +32,7 @@ import urllib3
 from kubernetes.client.rest import ApiException
 
 from ares.core.config import CONTROLLER_TOKEN_NAME
+from ares.core.messages import TelemetryColumns
 from ares.core.messages import ServerStatus
 from ares.runtime.tlsclient import ClientTls, explain
 from ares_operator import builders, conditions, podindex, quota, reconcile, refusals, release, validation
@@ -601,8 +602,8 @@ def optimise(call: Call, spec: JobSpec) -> None:
     if st.optimised_at is not None and time.monotonic() - st.optimised_at < spec.split.reoptimise_interval_seconds:
         return
     try:
-        telemetry = controller.fetch_telemetry(_url(call), st.tokens[CONTROLLER_TOKEN_NAME],
-                                               call.ctx.settings.server.timeout_s, tls=st.tls)
+        telemetry = controller.fetch_columns(_url(call), st.tokens[CONTROLLER_TOKEN_NAME],
+                                             call.ctx.settings.server.timeout_s, tls=st.tls)
     except Exception as exc:  # noqa: BLE001 -- not serving telemetry yet: ask again next tick
         call.logger.debug("telemetry of %s not readable yet: %s", job.name, exc)
         return
@@ -626,11 +627,13 @@ def optimise(call: Call, spec: JobSpec) -> None:
     st.planned_modes = controller.plan_modes(plan) if modes else {}
 
 
-def power_mode_events(call: Call, telemetry: Any) -> None:
+def power_mode_events(call: Call, telemetry: TelemetryColumns) -> None:
     """A Warning Event per device and mode its host-control sidecar could not switch to (once each)."""
-    failed = {(d.name, d.power_mode_failed, d.power_mode) for d in telemetry.devices if d.power_mode_failed}
+    problems = {(name, mode, in_force): problem for name, mode, in_force, problem in zip(
+        telemetry.name, telemetry.power_mode_failed, telemetry.power_mode, telemetry.power_mode_problem) if mode}
+    failed = frozenset(problems)
     for name, mode, in_force in sorted(failed - call.state.mode_failures):
-        problem = next(d.power_mode_problem for d in telemetry.devices if d.name == name)
+        problem = problems[(name, mode, in_force)]
         call.event("Warning", "PowerModeNotApplied",
                    f"device {name}: power mode {mode} could not be applied ({problem or 'no reason given'}); "
                    f"planning for the mode in force, {in_force or 'unknown'}"[:1000])

@@ -19,8 +19,10 @@ from safetensors.torch import load_file  # the root's own checkpoint: safetensor
 from ares.core import wire
 from ares.core.config import DataConfig
 from ares.core.fedavg import RunningMean
-from ares.core.messages import DeviceReport
+from ares.core.config import CONTROLLER_TOKEN_NAME
+from ares.core.messages import DeviceReport, TelemetryColumns
 from ares.core.sharding import assign
+from ares.runtime.controller import fetch_columns, fetch_telemetry
 from ares.runtime.shardproto import DeviceOutcome, PartialMeta, ShardBeat, ShardRecords, pack_partial
 from tests.support import (DeviceThreads, ServerProcess, ShardProcess, history, small_config, start_together, status,
                            token, wait_for, write_shard_token)
@@ -167,6 +169,11 @@ def test_k_shards_train_the_model_one_server_trains(tmp_path, running, device_th
         assert all(d["joined_s"] is not None and d["uploaded_s"] >= d["joined_s"] for d in r["devices"].values())
     st = status(job_.root.url, cfg)
     assert set(st["devices"]) == set(DEVICES) and all(d["last_round"] == ROUNDS - 1 for d in st["devices"].values())
+    # the controller's telemetry as columns holds what the per-device form does, device for device
+    rows = fetch_telemetry(job_.root.url, token(cfg, CONTROLLER_TOKEN_NAME))
+    columns = fetch_columns(job_.root.url, token(cfg, CONTROLLER_TOKEN_NAME))
+    assert sorted(columns.name) == sorted(DEVICES) and all(columns.fwd) and len(columns.sessions.device) >= len(DEVICES)
+    assert columns.rows() == rows and TelemetryColumns.of(rows) == columns
     if shards > 1:
         import httpx
 

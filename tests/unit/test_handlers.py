@@ -234,7 +234,7 @@ def test_a_replaced_device_pod_starts_with_its_planned_step_options():
 
 def test_the_operator_asks_the_controller_for_step_options_and_annotates_them(monkeypatch):
     """`optimise` runs the local runner's `decide` with the job's offer; the sink then writes what it chose."""
-    from ares.core.messages import DeviceTelemetry, Telemetry
+    from ares.core.messages import DeviceTelemetry, Telemetry, TelemetryColumns
     from ares.core.optimiser import parse_policy
     from ares.core.profiles import PUBLISHED
     from ares.runtime import controller
@@ -249,7 +249,7 @@ def test_the_operator_asks_the_controller_for_step_options_and_annotates_them(mo
                      devices=[DeviceTelemetry(name=n, device_class="jetson-nano", power_mode="MAXN", fwd=list(nano.fwd),
                                               bwd=list(nano.bwd), batch_size=100, up_bps=2.5e6, down_bps=2.5e6,
                                               iterations=50) for n in ("nano-maxn", "nano-5w", "pi")])
-    monkeypatch.setattr(controller, "fetch_telemetry", lambda *a, **k: slow)
+    monkeypatch.setattr(controller, "fetch_columns", lambda *a, **k: TelemetryColumns.of(slow))
     spec = _offered(codecs=["fp16", "int8"], microBatches=[2, 4])
     call = _call(tokens={"controller.token": "t"})
     handlers.optimise(call, spec)

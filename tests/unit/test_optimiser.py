@@ -443,6 +443,34 @@ def test_shared_server_plan_spends_the_least_energy_of_the_fastest_plans(p):
     check_shared_least_energy_against_exhaustive_search(p)
 
 
+@settings(max_examples=40, deadline=None)
+@given(p=problems(max_devices=5, max_splits=4), shards=st.lists(st.integers(0, 2), min_size=5, max_size=5))
+def test_with_server_shards_each_shards_offloaders_share_its_server_alone(p, shards):
+    """Devices at k server shards: a shard's server is shared by its own offloaders only. The plan's
+    round is the best any joint vector gives, its energy the least among those, and each device's
+    predicted server time is its shard's offloaders' count times the server's."""
+    p = replace(p, devices=tuple(replace(d, shard=k, alpha=None) for d, k in zip(p.devices, shards)))
+    check_shared_least_energy_against_exhaustive_search(p)
+    plan = StragglerPolicy(share_server=True).decide(p)
+    s = p.n_splits
+    for d, got in zip(p.devices, plan.devices):
+        if got.split < s - 1:
+            sharers = sum(1 for e, q in zip(p.devices, plan.devices) if e.shard == d.shard and q.split < s - 1)
+            alone = evaluate(replace(p, devices=(d,)), {d.name: got.split}, share_server=True).devices[0]
+            assert got.server_s == pytest.approx(alone.server_s * sharers, rel=1e-12)
+
+
+def test_a_device_at_another_shard_offloads_where_one_shared_server_kept_it_local():
+    # One server shared by A and B: both offloading would make A's round 42 s > 37 s, so B trains on
+    # the device (43 J). At a shard of its own B's offloading slows no one: split 1, 19 s and 32 J.
+    p = problem(dev_a(), replace(dev_b(), shard=1))
+    plan = StragglerPolicy(share_server=True).decide(p)
+    assert plan.splits == {"A": 1, "B": 1}
+    assert (plan.round_s, plan.energy_round_j) == pytest.approx((37, 52 + 32))
+    assert [d.server_s for d in plan.devices] == [d.server_s for d in (
+        evaluate(replace(p, devices=(x,)), {x.name: 1}, share_server=True).devices[0] for x in p.devices)]
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_shared_server_least_energy_on_random_fleets_of_5_devices(seed):
     """Devices with slack beside a slow one pinned on the device: the case the prefix rule got wrong."""
