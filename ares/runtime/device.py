@@ -203,6 +203,7 @@ class DeviceTrainer:
             if chosen != self.chosen:
                 log.info("round %d: step options %s (were %s)", round_index, chosen, self.chosen)
             self.chosen = chosen
+            energy_start = self._energy_counter()  # the round's energy starts with the weights' download
             try:
                 reply, weights, moved = self.link.join(round_index, split)
                 self._learn(self.down, moved.nbytes, moved.seconds, weights=True)
@@ -218,7 +219,7 @@ class DeviceTrainer:
                     round_index = max(status.round, round_index)  # behind: catch up; ahead: wait
                     continue
                 raise
-            entry = self.train_round(reply, weights)
+            entry = self.train_round(reply, weights, energy_start, moved.seconds)
             logs.append(entry)
             self.on_round(entry)
             round_index = reply.round + 1
@@ -336,11 +337,16 @@ class DeviceTrainer:
         something): what every request pays besides its bytes, the cost model's latency term."""
         return min(self._rtts) if self._rtts else None
 
-    def train_round(self, reply, weights: dict[str, torch.Tensor]) -> RoundLog:
+    def train_round(self, reply, weights: dict[str, torch.Tensor], energy_start: Optional[float] = None,
+                    weights_down_s: float = 0.0) -> RoundLog:
+        """One round from the join's reply: steps, report, upload. Its energy counts the join's download
+        of the weights (`weights_down_s`, and the counter read before it: `energy_start`), its steps and
+        the upload of its weights (`_energy`)."""
         split = reply.split
-        entry = RoundLog(round=reply.round, split=split)
+        entry = RoundLog(round=reply.round, split=split, down_s=weights_down_s)
         started = time.perf_counter()
-        energy_start = self._energy_counter()
+        if energy_start is None:
+            energy_start = self._energy_counter()
         self.model.load_state_dict({**self.model.state_dict(), **weights})
         device_part, _ = split_model(self.model, split)
         device_part.train()
@@ -369,7 +375,8 @@ class DeviceTrainer:
             entry.samples += len(y)
         entry.loss = sum(losses) / len(losses) if losses else float("nan")
         entry.round_s = time.perf_counter() - started
-        self._energy(entry, energy_start)
+        upload = {f"layers.{k}": v.detach().cpu() for k, v in device_part.layers.state_dict().items()}
+        self._energy(entry, energy_start, sum(v.numel() * v.element_size() for v in upload.values()))
         entry.up_bps, entry.down_bps, entry.latency_s = self.up.value, self.down.value, self.latency_s
         report = DeviceReport(
             round=reply.round, split=split, samples=max(entry.samples, 1),
@@ -384,7 +391,7 @@ class DeviceTrainer:
             profile_fwd=[v * self.live.factor for v in self.profile.fwd],
             profile_bwd=[v * self.live.factor for v in self.profile.bwd], profile_batch=self.profile.batch_size)
         try:
-            moved = self.link.upload(report, {f"layers.{k}": v.detach().cpu() for k, v in device_part.layers.state_dict().items()})
+            moved = self.link.upload(report, upload)
             self._learn(self.up, moved.nbytes, moved.seconds, round_trip=True, weights=True)  # for the next round's report
             entry.uploaded = True
         except LinkError as exc:
@@ -507,15 +514,27 @@ class DeviceTrainer:
         reading = read_power_file(self.settings.power_file)
         return reading.energy_j if reading else None
 
-    def _energy(self, entry: RoundLog, start: Optional[float]) -> None:
-        """Measured from the sidecar's INA3221 counter when there is one, else from the power model."""
-        end = self._energy_counter()
-        if start is not None and end is not None and end >= start:
-            entry.energy_j, entry.energy_source = end - start, "measured"
-            return
+    def _energy(self, entry: RoundLog, start: Optional[float], upload_bytes: int) -> None:
+        """The round's energy, from the join's download of the weights to their upload: measured from
+        the sidecar's INA3221 counter when there is one, else from the power model over the radio's and
+        the compute's measured times. The report that carries it goes with the upload, so the upload's
+        own share is its bytes over the uplink estimate, at the radio's power in the table (the cost
+        model's charge for it); its seconds are in `up_s`."""
+        if upload_bytes and self.up.value:
+            entry.up_s += upload_bytes / self.up.value
+            upload_s = upload_bytes / self.up.value
+        else:
+            upload_s = 0.0
         try:
             power = power_model(self.settings.device_class, self.settings.power_mode)
         except ValueError:
+            power = None
+        end = self._energy_counter()
+        if start is not None and end is not None and end >= start:
+            entry.energy_j = end - start + (power.tx_w * upload_s if power else 0.0)
+            entry.energy_source = "measured"
+            return
+        if power is None:
             return
         entry.energy_j = energy_j(power, entry.device_s, entry.up_s, entry.down_s)
         entry.energy_source = "modelled"
