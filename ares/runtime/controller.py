@@ -239,9 +239,12 @@ def _usable(c: TelemetryColumns) -> tuple[dict[str, list], np.ndarray, _Samples,
     keep = [i for i, (fwd, bwd, up, down, it) in enumerate(zip(f["fwd"], f["bwd"], f["up_bps"], f["down_bps"],
                                                                  f["iterations"]))
             if fwd and bwd and up and down and it and len(fwd) == layers]
-    up = uplinks_with_last_upload(np.array([f["up_bps"][i] for i in keep], dtype=float),
-                                  np.array([f["upload_bps"][i] for i in keep], dtype=float))  # None: nan
-    down = np.array([f["down_bps"][i] for i in keep], dtype=float)
+    def taken(name: str) -> list:
+        return f[name] if len(keep) == n else [f[name][i] for i in keep]
+
+    up = uplinks_with_last_upload(np.array(taken("up_bps"), dtype=float),
+                                  np.array(taken("upload_bps"), dtype=float))  # None: nan
+    down = np.array(taken("down_bps"), dtype=float)
     fine = (up >= MIN_BPS) & (up <= MAX_BPS) & (down >= MIN_BPS) & (down <= MAX_BPS)
     if not fine.all():
         for i, u, ok in zip(keep, up.tolist(), fine.tolist()):
@@ -461,15 +464,21 @@ def _modes(f: Mapping[str, tuple], kinds: Sequence[tuple[str, str]],
             out_w[rows, j] = (other.power.compute_w, other.power.tx_w, other.power.rx_w)
             labels_of[rows, j] = labels.setdefault((other.name, other.compute.source, other.power.source), len(labels))
         names = [mode, *(o.name for o in others)]
-        pins, pauses = zip(*[_mode_rule(cls, mode, f["power_mode_failed"][i], f["switch_s"][i],  # type: ignore[misc]
-                                        pinned_modes.get(f["name"][i])) for i in members])
-        for i, pause in zip(members, pauses):
-            if not math.isfinite(pause) or pause < 0:
-                raise ValueError(f"device {f['name'][i]!r}: switch_s must be >= 0 seconds, got {pause!r}")
-        switch[rows, 1:] = np.array(pauses, dtype=float)[:, None]
-        for i, pin in zip(members, pins):
-            if pin is not None:
-                pinned[i] = names.index(pin)
+        # `_mode_rule` over the group as arrays: the pause measured, else the default; a pin only where
+        # a mode is pinned or the host could not switch (`_mode_rule` itself for those few)
+        measured = np.array([f["switch_s"][i] for i in members], dtype=float)  # None: nan
+        pauses = np.where(np.isnan(measured), DEFAULT_SWITCH_S, measured)
+        bad = ~np.isfinite(pauses) | (pauses < 0)
+        if bad.any():
+            i = members[int(np.argmax(bad))]
+            raise ValueError(f"device {f['name'][i]!r}: switch_s must be >= 0 seconds, got {f['switch_s'][i]!r}")
+        switch[rows, 1:] = pauses[:, None]
+        for i in members:
+            if f["power_mode_failed"][i] or f["name"][i] in pinned_modes:
+                pin, _ = _mode_rule(cls, mode, f["power_mode_failed"][i], f["switch_s"][i],  # type: ignore[misc]
+                                    pinned_modes.get(f["name"][i]))
+                if pin is not None:
+                    pinned[i] = names.index(pin)
     return _Modes(out_f, out_b, out_w, switch, counts, pinned, labels_of, tuple(labels))
 
 
@@ -629,7 +638,8 @@ def _excess(x: CostInputs, options: Sequence[Option], samples: _Samples) -> _Exc
         return _Excess.none()
     v = samples.fields
     step, up, down, scale = v["step_s"], v["up_bps"], v["down_bps"], v["compute_scale"]
-    option = np.array([option_of.get(pair, -1) for pair in zip(v["codec"], v["micro_batches"])])
+    option = np.fromiter(map(option_of.get, zip(v["codec"], v["micro_batches"]), itertools.repeat(-1)), int,
+                         len(owner))
     split = np.asarray(v["split"], dtype=int)
     kept = np.flatnonzero((option >= 0) & (split < s - 1))  # the rest ran at no column of this problem
     if not kept.size:
@@ -642,9 +652,12 @@ def _excess(x: CostInputs, options: Sequence[Option], samples: _Samples) -> _Exc
             return np.where((v >= MIN_BPS) & (v <= MAX_BPS), v, now[rows, 0])
 
     factor = np.asarray(scale, dtype=float)[kept, None, None]
-    then = replace(x.rows(rows), fwd=x.fwd[rows, :1] * factor, bwd=x.bwd[rows, :1] * factor, power=x.power[rows, :1],
+    # the rows of `x` (`CostInputs.rows`), in the mode in force, without step overheads
+    then = replace(x, fwd=x.fwd[rows, :1] * factor, bwd=x.bwd[rows, :1] * factor, power=x.power[rows, :1],
                    up_bps=rate(up, x.up_bps)[:, None], down_bps=rate(down, x.down_bps)[:, None],
-                   step_overhead=np.zeros((len(rows), x.step_overhead.shape[1])), switch=None)
+                   iterations=x.iterations[rows], latency=x.latency[rows], session=x.session[rows], half=x.half[rows],
+                   step_overhead=np.zeros((len(rows), x.step_overhead.shape[1])), switch=None,
+                   names=tuple(map(x.names.__getitem__, rows.tolist())))
     beyond = np.asarray(step, dtype=float)[kept] - cell_costs(then, np.arange(len(rows)), option * s + split)["iteration_s"]
     # the runs of each (row, option, split), in the order first run; each one's samples oldest first
     _, first, group = np.unique((rows * len(options) + option) * s + split, return_index=True, return_inverse=True)
