@@ -610,7 +610,7 @@ def optimise(call: Call, spec: JobSpec) -> None:
     began = time.perf_counter()
     offer = spec.training.offer_pairs()
     modes = spec.split.choose_power_modes
-    plan = controller.decide(telemetry, parse_policy(spec.split.policy, spec.split.alpha),
+    plan = controller.decide(telemetry, parse_policy(spec.split.policy, spec.split.alpha, spec.split.share_server),
                              builders.pinned_splits(spec), offer, modes, builders.pinned_modes(spec))
     call.ctx.metrics.optimised(job.namespace, job.name, time.perf_counter() - began)
     if modes:

@@ -143,11 +143,15 @@ class SplitSpec(_Spec):
     reoptimise_interval_seconds: int = Field(30, ge=1, le=86_400)
     # adaptive only: the policy also chooses each Jetson's power mode (a device's powerMode pins it)
     choose_power_modes: bool = False
+    # adaptive straggler only: each shard's server shared by its offloaders, in the policy's model
+    share_server: bool = False
 
     @model_validator(mode="after")
     def _modes_need_adaptive(self) -> "SplitSpec":
         if self.choose_power_modes and self.mode != "adaptive":
             raise ValueError("split.choosePowerModes is only for mode adaptive")
+        if self.share_server and (self.mode != "adaptive" or self.policy != "straggler"):
+            raise ValueError("split.shareServer is only for mode adaptive with policy straggler")
         return self
 
 

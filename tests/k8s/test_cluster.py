@@ -110,12 +110,15 @@ INVALID = [
     ({"training__offer": {"codecs": ["int8", "bf16"]}}, 'Unsupported value: "bf16"'),
     ({"training__offer": {"microBatches": [2, 9]}}, "should be less than or equal to 8"),
     ({"training__offer": {"codecs": ["int8", "int8"]}}, 'Duplicate value: "int8"'),
+    ({"split__policy": "ares", "split__shareServer": True}, "split.shareServer is only for mode adaptive with policy"),
+    ({"split__mode": "none", "split__shareServer": True}, "split.shareServer is only for mode adaptive with policy"),
 ]
 
 
 @pytest.mark.parametrize("changes, message", INVALID, ids=[
     "split-beyond-model", "point-beyond-model", "fixed-without-point", "duplicate-device", "powermode-on-pi",
-    "bad-quantity", "node-name-and-selector", "offer-codec", "offer-micro-batches", "offer-duplicate"])
+    "bad-quantity", "node-name-and-selector", "offer-codec", "offer-micro-batches", "offer-duplicate",
+    "share-server-with-ares", "share-server-without-adaptive"])
 def test_invalid_jobs_are_refused_with_the_rules_message(kubectl, changes, message):
     proc = _apply(kubectl, _job("bad", **changes))
     assert proc.returncode != 0 and message in proc.stderr, proc.stderr

@@ -284,3 +284,37 @@ def test_the_operator_asks_the_controller_for_step_options_and_annotates_them(mo
 def test_split_message_shows_step_options():
     assert job_status.split_message({"pi": 1, "a": 2}, {"pi": ("int8", 4), "a": ("fp32", 1)}) == \
         "splits a=2, pi=1; step options a=fp32:1, pi=int8:4"
+
+
+def test_with_share_server_the_operator_plans_each_shards_server_shared_by_its_offloaders(monkeypatch):
+    """split.shareServer: the operator's policy models each shard's server as shared by that shard's
+    offloaders (the telemetry says which shard each device trains at)."""
+    from ares.core.messages import DeviceTelemetry, Telemetry, TelemetryColumns
+    from ares.core.optimiser import StragglerPolicy
+    from ares.core.profiles import PUBLISHED
+    from ares.runtime import controller
+
+    nano = PUBLISHED["jetson-nano/MAXN"]
+    tail = [(nano.fwd[-1] - t) * 0.3 for t in nano.fwd]  # a server three times a Nano's tenth
+    fleet = Telemetry(round=1, model="vgg5", batch_size=100, codec="fp32",
+                      activation_numel=[16384, 16384, 4096, 4096, 1024, 128, 10],
+                      weight_bytes=[1792, 148_000, 295_000, 590_000, 8_400_000, 5_200, 5_200],
+                      server_fwd=tail, server_bwd=tail,
+                      devices=[DeviceTelemetry(name=n, device_class="jetson-nano", power_mode="MAXN", fwd=list(nano.fwd),
+                                               bwd=list(nano.bwd), batch_size=100, up_bps=5e7, down_bps=5e7,
+                                               iterations=50, shard=i % 2) for i, n in enumerate("abcd")])
+    monkeypatch.setattr(controller, "fetch_columns", lambda *a, **k: TelemetryColumns.of(fleet))
+    made = []
+    decide = controller.decide
+    monkeypatch.setattr(controller, "decide", lambda *a, **k: made.append((a[1], decide(*a, **k))) or made[-1][1])
+    raw = yaml.safe_load((ROOT / "examples" / "job.yaml").read_text())["spec"]
+    raw["split"] = {**raw.get("split", {}), "policy": "straggler", "shareServer": True}
+    handlers.optimise(_call(tokens={"controller.token": "t"}), parse_spec(raw))
+    (policy, plan), = made
+    assert policy == StragglerPolicy(0.5, share_server=True) and plan.server_shared
+    offloading = [d for d in plan.devices if d.split < 6]
+    assert len(offloading) == 4  # two at each shard: each one's server step twice the server's own
+    assert all(d.server_s == pytest.approx(2 * (tail[d.split] + tail[d.split])) for d in offloading)
+    raw["split"]["policy"] = "ares"
+    with pytest.raises(ValueError, match="split.shareServer is only for mode adaptive with policy straggler"):
+        parse_spec(raw)
