@@ -42,8 +42,7 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 # class-scoped fixtures are made once. Groups by path (the scheduler sees node ids only):
 # - nodes: the real nodes (their teardown checks the host's iptables and sysctls) and the image
 #   tests (podman changes both);
-# - cluster: the control plane's operator tests, and chart: the chart's (each group's worker starts
-#   a control plane of its own);
+# - cluster: the session control plane's tests (the operator, the chart);
 # - netns: whatever makes ares-* network namespaces and veths (tc links; the stopping tests
 #   check that none is left, and the benches number their namespaces from the same indices).
 NETNS_MODULES = {"test_stopping.py", "test_bench_short.py", "test_bench_power_modes.py"}
@@ -54,10 +53,8 @@ def xdist_group(nodeid: str) -> str:
     folder, _, name = module.rpartition("/")
     if folder in ("tests/nodes", "tests/images"):
         return "nodes"
-    if folder == "tests/k8s":
+    if folder in ("tests/k8s", "tests/chart"):
         return "cluster"
-    if folder == "tests/chart":
-        return "chart"
     if folder == "tests/host" or name in NETNS_MODULES:
         return "netns"
     return module
