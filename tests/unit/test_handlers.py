@@ -232,23 +232,31 @@ def test_a_replaced_device_pod_starts_with_its_planned_step_options():
     assert new["metadata"]["annotations"][c.ANNOTATION_SPLIT] == "2"
 
 
-def test_the_operator_asks_the_controller_for_step_options_and_annotates_them(monkeypatch):
-    """`optimise` runs the local runner's `decide` with the job's offer; the sink then writes what it chose."""
-    from ares.core.messages import DeviceTelemetry, Telemetry, TelemetryColumns
-    from ares.core.optimiser import parse_policy
+def nano_fleet(names, bps: float, server: float, shards: int = 1):
+    """The telemetry of MAXN Nanos on links of `bps` each way, the server's profile `server` times a
+    Nano's (the time after each split), the devices at `shards` shards in turn."""
+    from ares.core.messages import DeviceTelemetry, Telemetry
     from ares.core.profiles import PUBLISHED
-    from ares.runtime import controller
-    from ares_operator import reconcile
 
     nano = PUBLISHED["jetson-nano/MAXN"]
-    tail = [nano.fwd[-1] / 10 - t / 10 for t in nano.fwd]
-    slow = Telemetry(round=1, model="vgg5", batch_size=100, codec="fp32",
+    tail = [(nano.fwd[-1] - t) * server for t in nano.fwd]
+    return Telemetry(round=1, model="vgg5", batch_size=100, codec="fp32",
                      activation_numel=[16384, 16384, 4096, 4096, 1024, 128, 10],
                      weight_bytes=[1792, 148_000, 295_000, 590_000, 8_400_000, 5_200, 5_200],
                      server_fwd=tail, server_bwd=tail,
                      devices=[DeviceTelemetry(name=n, device_class="jetson-nano", power_mode="MAXN", fwd=list(nano.fwd),
-                                              bwd=list(nano.bwd), batch_size=100, up_bps=2.5e6, down_bps=2.5e6,
-                                              iterations=50) for n in ("nano-maxn", "nano-5w", "pi")])
+                                              bwd=list(nano.bwd), batch_size=100, up_bps=bps, down_bps=bps,
+                                              iterations=50, shard=i % shards) for i, n in enumerate(names)])
+
+
+def test_the_operator_asks_the_controller_for_step_options_and_annotates_them(monkeypatch):
+    """`optimise` runs the local runner's `decide` with the job's offer; the sink then writes what it chose."""
+    from ares.core.messages import TelemetryColumns
+    from ares.core.optimiser import parse_policy
+    from ares.runtime import controller
+    from ares_operator import reconcile
+
+    slow = nano_fleet(("nano-maxn", "nano-5w", "pi"), bps=2.5e6, server=0.1)
     monkeypatch.setattr(controller, "fetch_columns", lambda *a, **k: TelemetryColumns.of(slow))
     spec = _offered(codecs=["fp16", "int8"], microBatches=[2, 4])
     call = _call(tokens={"controller.token": "t"})
@@ -289,20 +297,12 @@ def test_split_message_shows_step_options():
 def test_with_share_server_the_operator_plans_each_shards_server_shared_by_its_offloaders(monkeypatch):
     """split.shareServer: the operator's policy models each shard's server as shared by that shard's
     offloaders (the telemetry says which shard each device trains at)."""
-    from ares.core.messages import DeviceTelemetry, Telemetry, TelemetryColumns
+    from ares.core.messages import TelemetryColumns
     from ares.core.optimiser import StragglerPolicy
-    from ares.core.profiles import PUBLISHED
     from ares.runtime import controller
 
-    nano = PUBLISHED["jetson-nano/MAXN"]
-    tail = [(nano.fwd[-1] - t) * 0.3 for t in nano.fwd]  # a server three times a Nano's tenth
-    fleet = Telemetry(round=1, model="vgg5", batch_size=100, codec="fp32",
-                      activation_numel=[16384, 16384, 4096, 4096, 1024, 128, 10],
-                      weight_bytes=[1792, 148_000, 295_000, 590_000, 8_400_000, 5_200, 5_200],
-                      server_fwd=tail, server_bwd=tail,
-                      devices=[DeviceTelemetry(name=n, device_class="jetson-nano", power_mode="MAXN", fwd=list(nano.fwd),
-                                               bwd=list(nano.bwd), batch_size=100, up_bps=5e7, down_bps=5e7,
-                                               iterations=50, shard=i % 2) for i, n in enumerate("abcd")])
+    fleet = nano_fleet("abcd", bps=5e7, server=0.3, shards=2)  # a server three times a Nano's tenth
+    tail = fleet.server_fwd
     monkeypatch.setattr(controller, "fetch_columns", lambda *a, **k: TelemetryColumns.of(fleet))
     made = []
     decide = controller.decide
