@@ -520,11 +520,8 @@ class DeviceTrainer:
         the compute's measured times. The report that carries it goes with the upload, so the upload's
         own share is its bytes over the uplink estimate, at the radio's power in the table (the cost
         model's charge for it); its seconds are in `up_s`."""
-        if upload_bytes and self.up.value:
-            entry.up_s += upload_bytes / self.up.value
-            upload_s = upload_bytes / self.up.value
-        else:
-            upload_s = 0.0
+        upload_s = upload_bytes / self.up.value if self.up.value else 0.0
+        entry.up_s += upload_s
         try:
             power = power_model(self.settings.device_class, self.settings.power_mode)
         except ValueError:

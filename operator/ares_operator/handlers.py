@@ -32,8 +32,7 @@ import urllib3
 from kubernetes.client.rest import ApiException
 
 from ares.core.config import CONTROLLER_TOKEN_NAME
-from ares.core.messages import TelemetryColumns
-from ares.core.messages import ServerStatus
+from ares.core.messages import ServerStatus, TelemetryColumns
 from ares.runtime.tlsclient import ClientTls, explain
 from ares_operator import builders, conditions, podindex, quota, reconcile, refusals, release, validation
 from ares_operator import metrics as operator_metrics

@@ -147,7 +147,7 @@ class SplitSpec(_Spec):
     share_server: bool = False
 
     @model_validator(mode="after")
-    def _modes_need_adaptive(self) -> "SplitSpec":
+    def _adaptive_only(self) -> "SplitSpec":
         if self.choose_power_modes and self.mode != "adaptive":
             raise ValueError("split.choosePowerModes is only for mode adaptive")
         if self.share_server and (self.mode != "adaptive" or self.policy != "straggler"):

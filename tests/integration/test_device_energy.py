@@ -45,3 +45,30 @@ def test_a_rounds_energy_counts_the_weights_down_and_up(tmp_path: Path, server_p
             assert entry.energy_j > table.compute_w * entry.device_s + (table.tx_w * entry.up_s if r else 0.0)
     finally:
         link.close()
+
+
+def test_a_measured_rounds_energy_runs_from_the_counter_before_the_join(tmp_path: Path, server_process, monkeypatch):
+    """With a power sensor (the sidecar's INA3221 counter), the round's energy is the counter from
+    before the join to the report, plus the upload's share at the table's transmit power."""
+    cfg = small_config(tmp_path, rounds=2, batch_size=20, max_steps_per_round=1)
+    server = server_process(cfg)
+    (tmp_path / "split").write_text("0\n")
+    (tmp_path / "token").write_text(token(cfg, "dev-a"))
+    settings = DeviceSettings(name="dev-a", server_url=server.url, token_file=str(tmp_path / "token"),
+                              split_file=str(tmp_path / "split"), device_class="jetson-nano", power_mode="MAXN")
+    link = HttpLink(server.url, "dev-a", token(cfg, "dev-a"))
+    table = power_model("jetson-nano", "MAXN")
+    try:
+        trainer = DeviceTrainer(settings, link)
+        local = n_layers(trainer.model) - 1
+        for r in range(2):  # round 1 has an uplink estimate, from round 0's upload
+            before = 100.0 * r
+            monkeypatch.setattr(trainer, "_energy_counter", lambda: before + 42.0)  # the counter at the report
+            reply, weights, moved = link.join(r, local)
+            uplink = trainer.up.value
+            entry = trainer.train_round(reply, weights, before, moved.seconds)
+        sent = sum(v.numel() * v.element_size() for v in trainer.model.layers.state_dict().values())
+        assert entry.energy_source == "measured" and uplink
+        assert entry.energy_j == pytest.approx(42.0 + table.tx_w * sent / uplink)
+    finally:
+        link.close()
