@@ -252,8 +252,16 @@ class Servers:
         return "\n".join(f"--- {role}: {p.tmp / 'server.log'}\n" + (p.tmp / "server.log").read_text()[-1500:]
                          for role, p in zip(self.roles, self.procs))
 
-    def history(self) -> list[dict]:
-        return history(self.cfg)  # the root's (or the one server's) round records
+    def history(self, rounds: int, wait_s: float = 120.0) -> list[dict]:
+        """The root's (or the one server's) round records, once `rounds` are in its checkpoint: a
+        device's last upload is answered before the round it closes is merged, evaluated and written
+        (seconds on a loaded machine), so the records are waited for, up to `wait_s`."""
+        end = time.monotonic() + wait_s
+        records = history(self.cfg)
+        while len(records) < rounds and time.monotonic() < end and self.alive():
+            time.sleep(0.2)
+            records = history(self.cfg)
+        return records
 
     def stop(self) -> None:
         for p in self.procs:
@@ -431,7 +439,7 @@ def run_fleet(n: int, s: Settings, bodies: dict, progress_s: float, say, workdir
             cpu = sum(cpu_seconds(pid) for pid in servers.pids()) - sum(cpu0)
             sampler.stop()
             alive = servers.alive()
-            records = servers.history()
+            records = servers.history(0 if errors_seen else s.rounds)
         finally:
             clients.stop()
             servers.stop()

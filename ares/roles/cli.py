@@ -8,7 +8,10 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
+
+if TYPE_CHECKING:
+    from ares.runtime.device import RoundLog
 
 TERMINATION_LOG = "/dev/termination-log"  # Kubernetes' default terminationMessagePath
 
@@ -154,11 +157,20 @@ def _device(args: argparse.Namespace) -> int:
     emulate = ComputeProfile.load(settings.profile_file) if settings.profile_file else None
     device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
     trainer = DeviceTrainer(settings, link, emulate=emulate, torch_device=device,
-                            on_round=lambda e: logging.info("round %d split %d: %d steps, loss %.4f, %.2f s",
-                                                            e.round, e.split, e.steps, e.loss, e.round_s))
+                            on_round=lambda e: logging.info("%s", round_line(e)))
     trainer.run()
     link.close()
     return 0
+
+
+def round_line(e: RoundLog) -> str:
+    """A device's line for one round: what it did, and what its energy figure is made of."""
+    line = f"round {e.round} split {e.split}: {e.steps} steps, loss {e.loss:.4f}, {e.round_s:.2f} s"
+    if e.energy_j is None:
+        return line
+    table = f" at {e.power_mode}'s power" if e.power_mode else ""
+    return (f"{line}; {e.energy_j:.4f} J {e.energy_source}{table} (compute {e.device_s:.4f} s, "
+            f"send {e.up_s:.4f} s, receive {e.down_s:.4f} s)")
 
 
 def build_parser() -> argparse.ArgumentParser:

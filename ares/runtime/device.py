@@ -54,6 +54,7 @@ class RoundLog:
     round_s: float = 0.0
     energy_j: Optional[float] = None
     energy_source: str = "none"
+    power_mode: str = ""  # the mode whose power table the energy is modelled with ("" where none)
     up_bps: Optional[float] = None
     down_bps: Optional[float] = None
     latency_s: Optional[float] = None
@@ -535,3 +536,4 @@ class DeviceTrainer:
             return
         entry.energy_j = energy_j(power, entry.device_s, entry.up_s, entry.down_s)
         entry.energy_source = "modelled"
+        entry.power_mode = self.settings.power_mode or ""
