@@ -283,6 +283,10 @@ class DeviceNamespace:
         tc = self._tc_in_ns
         if self.run(["ip", "link", "show", p.shared_if], capture_output=True).returncode != 0:
             _ip("-n", p.namespace, "link", "add", p.shared_if, "type", "ifb")
+            # an ifb queues 32 packets (a veth 1,000): with both directions' streams in it, the
+            # 32-packet queues under htb's classes overflowed, and TCP's retransmission timeouts
+            # stalled single transfers for seconds (a half-duplex upload estimate read 0.3x the rate)
+            _ip("-n", p.namespace, "link", "set", p.shared_if, "txqueuelen", "1000")
             _ip("-n", p.namespace, "link", "set", p.shared_if, "up")
             tc("qdisc", "replace", "dev", p.shared_if, "root", "handle", "1:", "htb")
             tc("qdisc", "replace", "dev", p.device_if, "clsact")
