@@ -1,6 +1,6 @@
 """`ares bench` with a variant whose policy chooses power modes (`+modes`), cut short.
 
-A Raspberry Pi on a 1 Mbit/s link sets the round; the Nano beside it has seconds of slack (its
+A Raspberry Pi on a 2 Mbit/s link sets the round; the Nano beside it has seconds of slack (its
 rounds take a fraction of the Pi's even where this machine is slower than the emulated Nano). The
 policy must move the Nano to a low-power mode at the next round, the device must run its rounds
 in that mode (the emulated nvpmodel: its profile and power table), and the comparison must say
@@ -27,7 +27,7 @@ SCENARIO = {
     "name": "modes",
     "training": {"rounds": 4, "batch_size": 20, "max_steps_per_round": 2, "seed": 1},
     "data": {"name": "synthetic", "synthetic_train": 120, "synthetic_test": 60, "seed": 1},
-    "devices": [{"name": "pi", "profile": "raspberry-pi", "up_mbps": 1},
+    "devices": [{"name": "pi", "profile": "raspberry-pi", "up_mbps": 2},
                 {"name": "nano", "profile": "jetson-nano/MAXN", "up_mbps": 40}],
     "policies": ["straggler+modes"],
     "profile_scale": 0.2,
