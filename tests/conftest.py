@@ -45,7 +45,8 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 # - cluster: the session control plane's tests (the operator, the chart);
 # - netns: whatever makes ares-* network namespaces and veths (tc links; the stopping tests
 #   check that none is left, and the benches number their namespaces from the same indices).
-NETNS_MODULES = {"test_stopping.py", "test_bench_short.py", "test_bench_power_modes.py"}
+#   The benches on in-process links make none, and run as any other module.
+NETNS_MODULES = {"test_stopping.py"}
 
 
 def xdist_group(nodeid: str) -> str:
