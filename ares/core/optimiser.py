@@ -328,10 +328,11 @@ class StragglerPolicy(_Chooser):
         if len(shards) == 1:
             cols = _shared_choice(x, allowed, s, alphas, p.valid)
         else:
-            target = max(_shared_target(x.rows(rows), allowed[rows], s)[0] for rows in shards)
+            bests = [_shared_target(x.rows(rows), allowed[rows], s) for rows in shards]
+            target = max(best for best, _ in bests)
             cols = np.empty(len(p.names), dtype=int)
-            for rows in shards:
-                cols[rows] = _shared_choice(x.rows(rows), allowed[rows], s, alphas[rows], p.valid[rows], target)
+            for rows, best in zip(shards, bests):
+                cols[rows] = _shared_choice(x.rows(rows), allowed[rows], s, alphas[rows], p.valid[rows], target, best)
         if p.n_modes == 1:
             return cols
         # the mode in force where it costs at most the margin more, with the same split and option
@@ -379,9 +380,10 @@ def _shared_target(x: CostInputs, allowed: np.ndarray, s: int) -> tuple[float, n
 
 
 def _shared_choice(x: CostInputs, allowed: np.ndarray, s: int, alphas: np.ndarray, valid: np.ndarray,
-                   target: float | None = None) -> np.ndarray:
+                   target: float | None = None, best: tuple[float, np.ndarray] | None = None) -> np.ndarray:
     """Columns of the plan with the best shared-server round time (or, given, a `target` no better
-    than it: another shard's) and the least total objective.
+    than it: another shard's) and the least total objective. `best`: `_shared_target` of these
+    devices, where the caller has it already.
 
     Energy does not depend on how many devices share the server; round times only grow with
     that count k. So for each k: a device must offload if its on-device round misses R*, may
@@ -390,8 +392,8 @@ def _shared_choice(x: CostInputs, allowed: np.ndarray, s: int, alphas: np.ndarra
     offload, or once every device that would save is offloading: a larger k then only removes
     choices (exact for a = 0, where the scores do not depend on k).
     """
-    best, offloaders = _shared_target(x, allowed, s)
-    target = best if target is None else max(target, best)
+    best_s, offloaders = best or _shared_target(x, allowed, s)
+    target = best_s if target is None else max(target, best_s)
     local_cols = np.arange(allowed.shape[1]) % s == s - 1  # the last split, in every power mode
     off = ~local_cols
     c_all = cost_matrices(x)
