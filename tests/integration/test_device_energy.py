@@ -6,7 +6,10 @@ variant's ratio to it too high."""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
@@ -15,60 +18,75 @@ from ares.core.energy import energy_j, power_model
 from ares.core.models import n_layers
 from ares.runtime.device import DeviceTrainer
 from ares.runtime.link import HttpLink
+from ares.runtime.power import PowerReading, write_power_file
 from tests.support import small_config, token
 
+TABLE = power_model("jetson-nano", "MAXN")
 
-def test_a_rounds_energy_counts_the_weights_down_and_up(tmp_path: Path, server_process):
+
+@pytest.fixture
+def nano(tmp_path: Path, server_process) -> Iterator[tuple[DeviceTrainer, HttpLink]]:
+    """A MAXN Nano's trainer and its HTTP/2 link to a real server of two one-step rounds; the power
+    file (`tmp_path / "power.json"`) is where the sidecar would write its INA3221 counter."""
     cfg = small_config(tmp_path, rounds=2, batch_size=20, max_steps_per_round=1)
     server = server_process(cfg)
     (tmp_path / "split").write_text("0\n")
     (tmp_path / "token").write_text(token(cfg, "dev-a"))
     settings = DeviceSettings(name="dev-a", server_url=server.url, token_file=str(tmp_path / "token"),
-                              split_file=str(tmp_path / "split"), device_class="jetson-nano", power_mode="MAXN")
+                              split_file=str(tmp_path / "split"), device_class="jetson-nano", power_mode="MAXN",
+                              power_file=str(tmp_path / "power.json"))
     link = HttpLink(server.url, "dev-a", token(cfg, "dev-a"))
-    table = power_model("jetson-nano", "MAXN")
     try:
-        trainer = DeviceTrainer(settings, link)
-        local = n_layers(trainer.model) - 1
-        for r in range(2):
-            reply, weights, moved = link.join(r, local)
-            uplink = trainer.up.value  # the estimate the upload's share is charged at (none before the first)
-            entry = trainer.train_round(reply, weights, None, moved.seconds)
-            assert entry.uploaded and entry.steps == 1 and entry.energy_source == "modelled"
-            assert moved.seconds > 0 and entry.down_s == moved.seconds  # all the radio received: the weights
-            sent = sum(v.numel() * v.element_size() for v in trainer.model.layers.state_dict().values())
-            if r == 0:
-                assert uplink is None and entry.up_s == 0.0
-            else:
-                assert uplink and entry.up_s == pytest.approx(sent / uplink)
-            assert entry.energy_j == pytest.approx(energy_j(table, entry.device_s, entry.up_s, entry.down_s))
-            assert entry.energy_j > table.compute_w * entry.device_s + (table.tx_w * entry.up_s if r else 0.0)
+        yield DeviceTrainer(settings, link), link
     finally:
         link.close()
 
 
-def test_a_measured_rounds_energy_runs_from_the_counter_before_the_join(tmp_path: Path, server_process, monkeypatch):
-    """With a power sensor (the sidecar's INA3221 counter), the round's energy is the counter from
-    before the join to the report, plus the upload's share at the table's transmit power."""
-    cfg = small_config(tmp_path, rounds=2, batch_size=20, max_steps_per_round=1)
-    server = server_process(cfg)
-    (tmp_path / "split").write_text("0\n")
-    (tmp_path / "token").write_text(token(cfg, "dev-a"))
-    settings = DeviceSettings(name="dev-a", server_url=server.url, token_file=str(tmp_path / "token"),
-                              split_file=str(tmp_path / "split"), device_class="jetson-nano", power_mode="MAXN")
-    link = HttpLink(server.url, "dev-a", token(cfg, "dev-a"))
-    table = power_model("jetson-nano", "MAXN")
-    try:
-        trainer = DeviceTrainer(settings, link)
-        local = n_layers(trainer.model) - 1
-        for r in range(2):  # round 1 has an uplink estimate, from round 0's upload
-            before = 100.0 * r
-            monkeypatch.setattr(trainer, "_energy_counter", lambda: before + 42.0)  # the counter at the report
-            reply, weights, moved = link.join(r, local)
-            uplink = trainer.up.value
-            entry = trainer.train_round(reply, weights, before, moved.seconds)
-        sent = sum(v.numel() * v.element_size() for v in trainer.model.layers.state_dict().values())
-        assert entry.energy_source == "measured" and uplink
-        assert entry.energy_j == pytest.approx(42.0 + table.tx_w * sent / uplink)
-    finally:
-        link.close()
+def sent_bytes(trainer: DeviceTrainer) -> int:
+    return sum(v.numel() * v.element_size() for v in trainer.model.layers.state_dict().values())
+
+
+def counter(path: Path, joules: float) -> None:
+    write_power_file(path, PowerReading(power_mw=5000.0, energy_j=joules, time=time.time(), source="ina3221"))
+
+
+def test_a_rounds_energy_counts_the_weights_down_and_up(nano):
+    trainer, link = nano
+    local = n_layers(trainer.model) - 1
+    for r in range(2):
+        reply, weights, moved = link.join(r, local)
+        uplink = trainer.up.value  # the estimate the upload's share is charged at (none before the first)
+        entry = trainer.train_round(reply, weights, None, moved.seconds)
+        assert entry.uploaded and entry.steps == 1 and entry.energy_source == "modelled"
+        assert moved.seconds > 0 and entry.down_s == moved.seconds  # all the radio received: the weights
+        if r == 0:
+            assert uplink is None and entry.up_s == 0.0
+        else:
+            assert uplink and entry.up_s == pytest.approx(sent_bytes(trainer) / uplink)
+        assert entry.energy_j == pytest.approx(energy_j(TABLE, entry.device_s, entry.up_s, entry.down_s))
+        assert entry.energy_j > TABLE.compute_w * entry.device_s + (TABLE.tx_w * entry.up_s if r else 0.0)
+
+
+@pytest.mark.parametrize("after", [42.0, -5.0], ids=["counted", "counter-went-back"])
+def test_a_measured_rounds_energy_runs_from_the_counter_before_the_join(nano, tmp_path: Path, after: float):
+    """With a power sensor (the sidecar's INA3221 counter in power.json), the round's energy is the
+    counter from before the join to the report, plus the upload's share at the table's transmit
+    power. A counter that went back (a restarted sidecar) measures nothing: the model's figure."""
+    trainer, link = nano
+    local = n_layers(trainer.model) - 1
+    uplink: Optional[float] = None
+    for r in range(2):  # round 1 has an uplink estimate, from round 0's upload
+        before = 100.0 * (r + 1)
+        counter(tmp_path / "power.json", before)
+        start = trainer._energy_counter()
+        counter(tmp_path / "power.json", before + after)  # the counter at the report
+        reply, weights, moved = link.join(r, local)
+        uplink = trainer.up.value
+        entry = trainer.train_round(reply, weights, start, moved.seconds)
+    assert start == 200.0 and uplink
+    if after >= 0:
+        assert entry.energy_source == "measured"
+        assert entry.energy_j == pytest.approx(after + TABLE.tx_w * sent_bytes(trainer) / uplink)
+    else:
+        assert entry.energy_source == "modelled"
+        assert entry.energy_j == pytest.approx(energy_j(TABLE, entry.device_s, entry.up_s, entry.down_s))
