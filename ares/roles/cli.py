@@ -169,7 +169,7 @@ def round_line(e: RoundLog) -> str:
     if e.energy_j is None:
         return line
     table = f" at {e.power_mode}'s power" if e.power_mode else ""
-    return (f"{line}; {e.energy_j:.4f} J {e.energy_source}{table} (compute {e.device_s:.4f} s, "
+    return (f"{line}; {e.energy_j:.4f} J {e.energy_source}{table} (compute {e.compute_s:.4f} s, "
             f"send {e.up_s:.4f} s, receive {e.down_s:.4f} s)")
 
 

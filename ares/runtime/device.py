@@ -48,6 +48,7 @@ class RoundLog:
     samples: int = 0
     loss: float = float("nan")
     device_s: float = 0.0
+    compute_s: float = 0.0  # the compute the energy charges (`DeviceTrainer._charged`); device_s is its wall time
     server_s: float = 0.0
     up_s: float = 0.0
     down_s: float = 0.0
@@ -95,6 +96,31 @@ def _telling(nbytes: int, estimate: Throughput, weights: bool = False) -> bool:
     exemption: at split 1 the join's body is a few KB, which can read as hundreds of MB/s, and the
     steps that follow will tell."""
     return nbytes >= MIN_SAMPLE_BYTES or (estimate.value is None and not weights)
+
+
+@dataclass(frozen=True)
+class ComputeStart:
+    """When a stretch of compute began: wall clock and this process's CPU clock."""
+
+    wall: float
+    cpu: float
+
+    @classmethod
+    def now(cls) -> "ComputeStart":
+        return cls(time.perf_counter(), time.process_time())
+
+
+def charged_seconds(start: ComputeStart, emulated_s: Optional[float]) -> float:
+    """The seconds of compute since `start` that a round's energy charges. A real device's compute
+    is its wall time (`emulated_s` None). An emulated one (on the CPU) stands for a board of its
+    own: its compute takes the profile's `emulated_s`, or this host's CPU time for the work where
+    that is longer (the host is slower than the board), never more than the wall time. Waiting for
+    a CPU that the host's other emulated devices hold is not the board's: on a testbed of five
+    boards on two cores it charged each Nano about 1.4x its compute."""
+    wall = time.perf_counter() - start.wall
+    if emulated_s is None:
+        return wall
+    return min(wall, max(emulated_s, time.process_time() - start.cpu))
 
 
 def _pad_until(start: float, seconds: float) -> None:
@@ -403,27 +429,32 @@ class DeviceTrainer:
         scale = len(y) / self.profile.batch_size
         x, y = x.to(self.torch_device), y.to(self.torch_device)
         optimizer.zero_grad(set_to_none=True)
-        t0 = time.perf_counter()
+        t0 = ComputeStart.now()
+        fwd_s, bwd_s = (self.emulate.fwd[split] * scale, self.emulate.bwd[split] * scale) if self.emulate else (0.0, 0.0)
         out = part(x) if whole or self.micro_batches == 1 or len(y) == 1 else None
         if whole:
             loss = nn.functional.cross_entropy(out, y)
-            self._pad(t0, self.emulate.fwd[split] * scale if self.emulate else 0)
+            self._pad(t0.wall, fwd_s)
             t1 = time.perf_counter()
             loss.backward()
-            self._pad(t1, self.emulate.bwd[split] * scale if self.emulate else 0)
+            self._pad(t1, bwd_s)
             optimizer.step()
             value = float(loss.detach())
-            device_s = time.perf_counter() - t0
+            device_s = time.perf_counter() - t0.wall
+            entry.compute_s += self._charged(t0, fwd_s + bwd_s)
         elif self.micro_batches > 1 and len(y) > 1:
             value, device_s = self._pipelined_step(round_index, split, part, x, y, entry)  # its own forwards
+            t1 = ComputeStart.now()
             optimizer.step()
+            entry.compute_s += self._charged(t1, 0.0)
         else:
-            self._pad(t0, self.emulate.fwd[split] * scale if self.emulate else 0)
-            t_fwd = time.perf_counter() - t0
+            self._pad(t0.wall, fwd_s)
+            t_fwd = time.perf_counter() - t0.wall
+            entry.compute_s += self._charged(t0, fwd_s)
             result = self.link.step(round_index, split, out.detach().cpu(), y.cpu(), self.codec)
-            t1 = time.perf_counter()
+            t1 = ComputeStart.now()
             out.backward(result.grad.to(self.torch_device))
-            self._pad(t1, self.emulate.bwd[split] * scale if self.emulate else 0)
+            self._pad(t1.wall, bwd_s)
             optimizer.step()
             value = result.loss
             entry.server_s += result.server_s
@@ -431,10 +462,15 @@ class DeviceTrainer:
             entry.down_s += result.down_s
             self._learn(self.up, result.up_bytes, result.up_s, round_trip=True)
             self._learn(self.down, result.down_bytes, result.down_s)
-            device_s = t_fwd + time.perf_counter() - t1  # compute only: the transfer is excluded
+            device_s = t_fwd + time.perf_counter() - t1.wall  # compute only: the transfer is excluded
+            entry.compute_s += self._charged(t1, bwd_s)
         entry.device_s += device_s
         self.live.update(self.profile.total(split) * scale, device_s)
         return value
+
+    def _charged(self, start: ComputeStart, emulated_s: float) -> float:
+        emulated = self.emulate is not None and self.torch_device == "cpu"
+        return charged_seconds(start, emulated_s if emulated else None)
 
     @property
     def codec(self) -> str:
@@ -462,20 +498,24 @@ class DeviceTrainer:
         emulate = self.emulate
         try:
             for i, (xi, yi) in enumerate(zip(xs, ys)):
-                t0 = time.perf_counter()
+                t0 = ComputeStart.now()
                 out = part(xi)
-                self._pad(t0, emulate.fwd[split] * len(yi) / self.profile.batch_size if emulate else 0)
-                compute += time.perf_counter() - t0
+                fwd_s = emulate.fwd[split] * len(yi) / self.profile.batch_size if emulate else 0.0
+                self._pad(t0.wall, fwd_s)
+                compute += time.perf_counter() - t0.wall
+                entry.compute_s += self._charged(t0, fwd_s)
                 outs.append(out)
                 futures.append(self._pool.submit(self.link.step, round_index, split, out.detach().cpu(), yi.cpu(),
                                                  self.codec, i, k, len(y)))
             results = []
             for i, future in enumerate(futures):
                 result = future.result()
-                t1 = time.perf_counter()
+                t1 = ComputeStart.now()
                 outs[i].backward(result.grad.to(self.torch_device))
-                self._pad(t1, emulate.bwd[split] * len(ys[i]) / self.profile.batch_size if emulate else 0)
-                compute += time.perf_counter() - t1
+                bwd_s = emulate.bwd[split] * len(ys[i]) / self.profile.batch_size if emulate else 0.0
+                self._pad(t1.wall, bwd_s)
+                compute += time.perf_counter() - t1.wall
+                entry.compute_s += self._charged(t1, bwd_s)
                 results.append(result)
         finally:
             for future in futures:  # never leave a stream behind (a refused part ends the step)
@@ -534,6 +574,6 @@ class DeviceTrainer:
             return
         if power is None:
             return
-        entry.energy_j = energy_j(power, entry.device_s, entry.up_s, entry.down_s)
+        entry.energy_j = energy_j(power, entry.compute_s, entry.up_s, entry.down_s)
         entry.energy_source = "modelled"
         entry.power_mode = self.settings.power_mode or ""

@@ -63,8 +63,8 @@ def test_a_rounds_energy_counts_the_weights_down_and_up(nano):
             assert uplink is None and entry.up_s == 0.0
         else:
             assert uplink and entry.up_s == pytest.approx(sent_bytes(trainer) / uplink)
-        assert entry.energy_j == pytest.approx(energy_j(TABLE, entry.device_s, entry.up_s, entry.down_s))
-        assert entry.energy_j > TABLE.compute_w * entry.device_s + (TABLE.tx_w * entry.up_s if r else 0.0)
+        assert entry.energy_j == pytest.approx(energy_j(TABLE, entry.compute_s, entry.up_s, entry.down_s))
+        assert entry.energy_j > TABLE.compute_w * entry.compute_s + (TABLE.tx_w * entry.up_s if r else 0.0)
 
 
 @pytest.mark.parametrize("after", [42.0, -5.0], ids=["counted", "counter-went-back"])
@@ -89,4 +89,4 @@ def test_a_measured_rounds_energy_runs_from_the_counter_before_the_join(nano, tm
         assert entry.energy_j == pytest.approx(after + TABLE.tx_w * sent_bytes(trainer) / uplink)
     else:
         assert entry.energy_source == "modelled"
-        assert entry.energy_j == pytest.approx(energy_j(TABLE, entry.device_s, entry.up_s, entry.down_s))
+        assert entry.energy_j == pytest.approx(energy_j(TABLE, entry.compute_s, entry.up_s, entry.down_s))
