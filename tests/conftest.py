@@ -61,10 +61,33 @@ def xdist_group(nodeid: str) -> str:
     return module
 
 
+# The longest groups first, so that the short modules fill the workers' ends (a worker takes its
+# next group when it has two tests left): the three shared-state groups (longest first), then the
+# modules of end-to-end runs (marked `slow`), then the rest, each in collection order. By number of
+# tests (xdist's own order) the 3-minute modules of a few tests came last and made the run's tail.
+HEAVY_GROUPS = ("cluster", "netns", "nodes")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    slow = {xdist_group(item.nodeid) for item in items if item.get_closest_marker("slow")}
+
+    def rank(item: pytest.Item) -> int:
+        group = xdist_group(item.nodeid)
+        if group in HEAVY_GROUPS:
+            return HEAVY_GROUPS.index(group)
+        return len(HEAVY_GROUPS) + (0 if group in slow else 1)
+
+    items.sort(key=rank)  # stable: each group's tests keep their order
+
+
 def pytest_xdist_make_scheduler(config: pytest.Config, log):
     from xdist.scheduler import LoadScopeScheduling
 
     class GroupScheduling(LoadScopeScheduling):
+        def __init__(self, config: pytest.Config, log=None) -> None:
+            super().__init__(config, log)
+            config.option.loadscopereorder = False  # the groups in collection order (above), not by size
+
         def _split_scope(self, nodeid: str) -> str:
             return xdist_group(nodeid)
 
