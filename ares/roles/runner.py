@@ -46,7 +46,7 @@ from ares.core.config import CONTROLLER_TOKEN_NAME, ServerConfig
 from ares.core.optimiser import parse_policy
 from ares.core.profiles import PUBLISHED, ComputeProfile
 from ares.core.rounds import RoundRecord, load_history
-from ares.roles.runconfig import DeviceSpec, RunConfig
+from ares.roles.runconfig import DeviceSpec, LinkChange, RunConfig
 from ares.runtime.controller import Controller, FileSplitSink, fetch_columns, fetch_status
 from ares.runtime.netns import owner_alive, owner_tag
 from ares.runtime.splitfile import write_split
@@ -470,8 +470,11 @@ def _run(cfg: RunConfig, progress: bool, cluster: Optional[Cluster], on_round) -
             status = fetch_status(cluster.url, cluster.controller_token, tls=cluster.client_tls)
             view.update(status)
             if status.round != seen_round:
+                for change in due_changes(cfg.schedule, seen_round, status.round):
+                    log.info("round %d: %s link -> up %s / down %s Mbit/s", change.round, change.device,
+                             change.up_mbps, change.down_mbps)
+                    cluster.set_link(change.device, change.up_mbps, change.down_mbps)
                 seen_round = status.round
-                _apply_schedule(cfg, cluster, status.round)
                 if controller and status.round > 0 and status.phase != "finished":
                     plan = controller.run_once()
                     if plan:
@@ -507,12 +510,11 @@ def _run(cfg: RunConfig, progress: bool, cluster: Optional[Cluster], on_round) -
     return write_results(cfg, root, splits_log, time.time() - started)
 
 
-def _apply_schedule(cfg: RunConfig, cluster: Cluster, round_index: int) -> None:
-    for change in cfg.schedule:
-        if change.round == round_index:
-            log.info("round %d: %s link -> up %s / down %s Mbit/s", round_index, change.device,
-                     change.up_mbps, change.down_mbps)
-            cluster.set_link(change.device, change.up_mbps, change.down_mbps)
+def due_changes(schedule: list[LinkChange], seen: int, now: int) -> list[LinkChange]:
+    """The link changes for the rounds after `seen` up to `now`, in round order. On a loaded machine
+    the runner can miss a round shorter than its poll takes: that round's change is then applied
+    one round late, not dropped (it was, and the rest of the run kept the old link)."""
+    return sorted((c for c in schedule if seen < c.round <= now), key=lambda c: c.round)
 
 
 def write_results(cfg: RunConfig, root: Path, splits_log: list[dict], wall_s: float) -> dict:

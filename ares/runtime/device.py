@@ -48,7 +48,7 @@ class RoundLog:
     samples: int = 0
     loss: float = float("nan")
     device_s: float = 0.0
-    compute_s: float = 0.0  # the compute the energy charges (`DeviceTrainer._charged`); device_s is its wall time
+    compute_s: float = 0.0  # the compute the energy charges (`charged_seconds`); device_s is its wall time
     server_s: float = 0.0
     up_s: float = 0.0
     down_s: float = 0.0

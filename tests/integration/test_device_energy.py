@@ -6,16 +6,22 @@ variant's ratio to it too high."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Optional
 
 import pytest
+import torch
 
 from ares.core.config import DeviceSettings
 from ares.core.energy import energy_j, power_model
 from ares.core.models import n_layers
+from ares.core.profiles import ComputeProfile
 from ares.runtime.device import DeviceTrainer
 from ares.runtime.link import HttpLink
 from ares.runtime.power import PowerReading, write_power_file
@@ -90,3 +96,51 @@ def test_a_measured_rounds_energy_runs_from_the_counter_before_the_join(nano, tm
     else:
         assert entry.energy_source == "modelled"
         assert entry.energy_j == pytest.approx(energy_j(TABLE, entry.compute_s, entry.up_s, entry.down_s))
+
+
+@contextlib.contextmanager
+def cpu_held() -> Iterator[None]:
+    """This thread (and torch's compute, on one thread) pinned to CPU 0 beside a busy loop pinned
+    there too: half of that CPU is held by someone else, as on a testbed of many emulated devices."""
+    threads, cpus = torch.get_num_threads(), os.sched_getaffinity(0)
+    hog = subprocess.Popen([sys.executable, "-c", "import os; os.sched_setaffinity(0, {0})\nwhile True: pass"])
+    torch.set_num_threads(1)
+    os.sched_setaffinity(0, {0})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, cpus)
+        torch.set_num_threads(threads)
+        hog.kill()
+        hog.wait()
+
+
+@pytest.mark.parametrize("emulated", [True, False], ids=["emulated-board", "real-device"])
+def test_an_emulated_board_is_not_charged_for_the_cpu_that_others_hold(tmp_path: Path, server_process, emulated: bool):
+    """A round at the local split with half the CPU held elsewhere. An emulated Nano (a profile far
+    faster than this host, so its steps take this host's CPU time) is charged that CPU time, not
+    the wall time it waited; a real device is charged its wall time."""
+    cfg = small_config(tmp_path, rounds=1, batch_size=100)
+    server = server_process(cfg)
+    (tmp_path / "split").write_text("0\n")
+    settings = DeviceSettings(name="dev-a", server_url=server.url, token_file=str(tmp_path / "token"),
+                              split_file=str(tmp_path / "split"), device_class="jetson-nano", power_mode="MAXN")
+    (tmp_path / "token").write_text(token(cfg, "dev-a"))
+    link = HttpLink(server.url, "dev-a", token(cfg, "dev-a"))
+    try:
+        trainer = DeviceTrainer(settings, link)
+        layers = n_layers(trainer.model)
+        if emulated:
+            trainer.set_emulation(ComputeProfile(fwd=(1e-4,) * layers, bwd=(1e-4,) * layers, batch_size=100,
+                                                 device_class="jetson-nano", power_mode="MAXN"))
+        reply, weights, moved = link.join(0, layers - 1)
+        with cpu_held():
+            entry = trainer.train_round(reply, weights, None, moved.seconds)
+    finally:
+        link.close()
+    assert entry.steps == 2 and entry.energy_source == "modelled"
+    assert entry.energy_j == pytest.approx(energy_j(TABLE, entry.compute_s, entry.up_s, entry.down_s))
+    if emulated:
+        assert entry.compute_s < 0.75 * entry.device_s, (entry.compute_s, entry.device_s)
+    else:
+        assert entry.compute_s == pytest.approx(entry.device_s, rel=0.02)
