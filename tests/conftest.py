@@ -42,16 +42,20 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 # class-scoped fixtures are made once. Groups by path (the scheduler sees node ids only):
 # - nodes: the real nodes (their teardown checks the host's iptables and sysctls) and the image
 #   tests (podman changes both);
-# - cluster: the session control plane's tests (the operator, the chart);
+# - cluster: the session control plane's tests (the operator, the chart, and the operator image
+#   run against it, so that one worker alone starts a session control plane);
 # - netns: whatever makes ares-* network namespaces and veths (tc links; the stopping tests
 #   check that none is left, and the benches number their namespaces from the same indices).
 #   The benches on in-process links make none, and run as any other module.
 NETNS_MODULES = {"test_stopping.py"}
+CLUSTER_MODULES = {"tests/images/test_operator_image.py"}
 
 
 def xdist_group(nodeid: str) -> str:
     module = nodeid.split("::", 1)[0]
     folder, _, name = module.rpartition("/")
+    if module in CLUSTER_MODULES:
+        return "cluster"
     if folder in ("tests/nodes", "tests/images"):
         return "nodes"
     if folder in ("tests/k8s", "tests/chart"):

@@ -64,6 +64,8 @@ def stop_process(proc: subprocess.Popen, grace_s: float = 10) -> None:
 
 
 T = TypeVar("T")
+COSTLY_POLL_S = 0.02  # a poll this long spawned a process or made a request: wait_for spaces those out
+SLOW_POLL_S = 0.5    # the longest pause between costly polls
 
 
 def wait_for(predicate: Callable[[], T], timeout: float, what: str, interval: float = 0.05, *,
@@ -74,10 +76,17 @@ def wait_for(predicate: Callable[[], T], timeout: float, what: str, interval: fl
     of a type in `retry_on` counts as "not yet" (e.g. a server still starting); any other one
     fails the test at once. At `timeout` it raises an AssertionError naming `what` with the last
     value or exception seen, and `details()` (logs) if given.
+
+    A poll that is itself costly (over `COSTLY_POLL_S`: a `kubectl` process, a request to a
+    server) is spaced out: the pause after each one grows by half, up to `SLOW_POLL_S`, so a
+    minute's wait on kubectl runs about a hundred processes instead of three hundred. Cheap polls
+    (a file, a log, in-process state) keep `interval`, and so catch short-lived states.
     """
     deadline = time.monotonic() + timeout
     last: object = None
+    pause = interval
     while True:
+        began = time.monotonic()
         try:
             last = predicate()
         except retry_on as exc:
@@ -85,9 +94,11 @@ def wait_for(predicate: Callable[[], T], timeout: float, what: str, interval: fl
         else:
             if last:
                 return last
-        if time.monotonic() >= deadline:
+        now = time.monotonic()
+        if now >= deadline:
             break
-        time.sleep(interval)
+        pause = min(max(pause * 1.5, interval), max(SLOW_POLL_S, interval)) if now - began > COSTLY_POLL_S else interval
+        time.sleep(min(pause, max(0.0, deadline - now)))
     extra = details()
     raise AssertionError(f"timed out after {timeout:g}s waiting for {what}; last: {last!r}"
                          + (f"\n{extra}" if extra else ""))

@@ -50,7 +50,7 @@ from ares.roles.runconfig import DeviceSpec, LinkChange, RunConfig
 from ares.runtime.controller import Controller, FileSplitSink, fetch_columns, fetch_status
 from ares.runtime.netns import owner_alive, owner_tag
 from ares.runtime.splitfile import write_split
-from ares.runtime.tlsclient import ClientTls
+from ares.runtime.tlsclient import ClientTls, transport
 
 log = logging.getLogger("ares.run")
 
@@ -374,17 +374,17 @@ class Cluster:
         import httpx
 
         deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.procs["server"].poll() is not None:
-                raise RuntimeError(f"server exited with code {self.procs['server'].returncode}; "
-                                   f"see {self.root / 'logs' / 'server.log'}")
-            try:
-                verify = self.client_tls.context() if self.client_tls else True
-                if httpx.get(f"{self.url}/healthz", timeout=2.0, verify=verify).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
+        with httpx.Client(transport=transport(self.client_tls), timeout=2.0) as client:
+            while time.monotonic() < deadline:
+                if self.procs["server"].poll() is not None:
+                    raise RuntimeError(f"server exited with code {self.procs['server'].returncode}; "
+                                       f"see {self.root / 'logs' / 'server.log'}")
+                try:
+                    if client.get(f"{self.url}/healthz").status_code == 200:
+                        return
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.2)
         raise TimeoutError(f"server not healthy after {timeout_s:.0f} s; see {self.root / 'logs' / 'server.log'}")
 
     def stop(self, grace_s: float = 10.0) -> None:

@@ -12,6 +12,7 @@ buried in httpx's exception into one sentence, and callers stop instead of retry
 
 from __future__ import annotations
 
+import functools
 import ssl
 from dataclasses import dataclass
 from typing import Optional
@@ -58,6 +59,14 @@ class _ServerName(httpx.BaseTransport):
         self.inner.close()
 
 
+@functools.cache
+def system_trust() -> ssl.SSLContext:
+    """The system's CA store, loaded once per process. httpx loads it for every transport it makes
+    without one (~25 ms of CPU each): a controller polling the server's status, or a test polling
+    /healthz, paid that on every request."""
+    return httpx.create_ssl_context()
+
+
 def transport(tls: Optional[ClientTls], http1: bool = True, http2: bool = False) -> httpx.BaseTransport:
     """An httpx transport: plain when `tls` is None (h2c or HTTP/1.1), else verifying as configured.
     HTTP/2 only (devices): our large-frame transport (h2client.py); otherwise httpx's own."""
@@ -66,8 +75,8 @@ def transport(tls: Optional[ClientTls], http1: bool = True, http2: bool = False)
 
         inner: httpx.BaseTransport = H2Transport(tls.context() if tls else None)
         return _ServerName(inner, tls.server_name) if tls and tls.server_name else inner
-    if tls is None:
-        return httpx.HTTPTransport(http1=http1, http2=http2)
+    if tls is None:  # (an https URL would still be verified, against the system's store)
+        return httpx.HTTPTransport(http1=http1, http2=http2, verify=system_trust())
     inner = httpx.HTTPTransport(http1=http1, http2=http2, verify=tls.context())
     return _ServerName(inner, tls.server_name) if tls.server_name else inner
 

@@ -2,13 +2,17 @@
 
 `images` (session) runs scripts/build-images, which caches: in CI (.ci/run builds them first)
 and on a second run it only checks the input hashes. The tests skip only where podman cannot
-be provided (the script exits 3: not root and the tools missing, or no apt-get).
+be provided (the script exits 3: not root and the tools missing, or no apt-get). Two workers of
+a parallel run may ask at once (test_operator_image.py runs in the control plane's group): a lock
+makes the second wait for the first's build, then find it cached.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import subprocess
+import tempfile
 from collections.abc import Iterator
 
 import pytest
@@ -18,7 +22,9 @@ from images.podman_cli import CANNOT_PROVIDE_PODMAN, SCRIPT, Podman
 
 @pytest.fixture(scope="session")
 def images() -> Podman:
-    proc = subprocess.run([str(SCRIPT)], capture_output=True, text=True, timeout=3600)
+    with open(os.path.join(tempfile.gettempdir(), "ares-build-images.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        proc = subprocess.run([str(SCRIPT)], capture_output=True, text=True, timeout=3600)
     if proc.returncode == CANNOT_PROVIDE_PODMAN:
         pytest.skip(f"podman cannot run here: {proc.stderr.strip().splitlines()[-1]}")
     assert proc.returncode == 0, f"scripts/build-images failed ({proc.returncode}):\n{proc.stderr[-6000:]}"

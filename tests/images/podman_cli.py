@@ -4,6 +4,7 @@ server and device containers mount it (tokens, server config, checkpoint, split 
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import subprocess
 import uuid
@@ -114,3 +115,11 @@ def first_round_closed(port: int, controller_token: str, timeout: float, what: s
             return reply if reply.status_code == 200 and reply.json()["round"] >= 1 else None
 
         return wait_for(closed, timeout, what, interval=interval, details=details)
+
+
+def process_ids(podman, container: str) -> tuple[int, int]:
+    """Real uid and gid (on this host: rootful podman, no user namespace) of the container's process."""
+    pid = int(podman("inspect", "--format", "{{.State.Pid}}", container).stdout.strip())
+    assert pid > 0, f"{container} is not running:\n{podman.logs(container)}"
+    status = Path(f"/proc/{pid}/status").read_text()
+    return tuple(int(re.search(rf"^{key}:\s+(\d+)", status, re.M).group(1)) for key in ("Uid", "Gid"))
