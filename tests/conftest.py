@@ -2,6 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
+# The suite runs three workers and their servers, devices and pods on two cores: torch's OpenMP
+# threads must not spin between parallel regions (a spinning process used several times the CPU
+# of its work: bench/omp_contention.py). Read when torch loads OpenMP, so before any import of it;
+# every process the suite starts inherits it (pods on the real nodes do not: they run as deployed).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import pytest
 
 from ares.core.config import ServerConfig
