@@ -64,8 +64,13 @@ def stop_process(proc: subprocess.Popen, grace_s: float = 10) -> None:
 
 
 T = TypeVar("T")
-COSTLY_POLL_S = 0.02  # a poll this long spawned a process or made a request: wait_for spaces those out
-SLOW_POLL_S = 0.5    # the longest pause between costly polls
+SLOW_POLL_S = 0.5  # the longest pause between polls that start a process (wait_for)
+_processes_started = [0]
+
+
+def process_started() -> None:
+    """Said by helpers that start a process at every call (kubectl): wait_for spaces out polls that do."""
+    _processes_started[0] += 1
 
 
 def wait_for(predicate: Callable[[], T], timeout: float, what: str, interval: float = 0.05, *,
@@ -77,16 +82,16 @@ def wait_for(predicate: Callable[[], T], timeout: float, what: str, interval: fl
     fails the test at once. At `timeout` it raises an AssertionError naming `what` with the last
     value or exception seen, and `details()` (logs) if given.
 
-    A poll that is itself costly (over `COSTLY_POLL_S`: a `kubectl` process, a request to a
-    server) is spaced out: the pause after each one grows by half, up to `SLOW_POLL_S`, so a
-    minute's wait on kubectl runs about a hundred processes instead of three hundred. Cheap polls
-    (a file, a log, in-process state) keep `interval`, and so catch short-lived states.
+    A poll that starts a process (`kubectl`: see `process_started`) is spaced out: the pause after
+    each one grows by half, up to `SLOW_POLL_S`, so a minute's wait on kubectl starts about a
+    hundred processes instead of three hundred. Every other poll (a file, a log, a request to a
+    server) keeps `interval`, and so catches short-lived states.
     """
     deadline = time.monotonic() + timeout
     last: object = None
     pause = interval
     while True:
-        began = time.monotonic()
+        started = _processes_started[0]
         try:
             last = predicate()
         except retry_on as exc:
@@ -97,7 +102,8 @@ def wait_for(predicate: Callable[[], T], timeout: float, what: str, interval: fl
         now = time.monotonic()
         if now >= deadline:
             break
-        pause = min(max(pause * 1.5, interval), max(SLOW_POLL_S, interval)) if now - began > COSTLY_POLL_S else interval
+        spawned = _processes_started[0] != started
+        pause = min(max(pause * 1.5, interval), max(SLOW_POLL_S, interval)) if spawned else interval
         time.sleep(min(pause, max(0.0, deadline - now)))
     extra = details()
     raise AssertionError(f"timed out after {timeout:g}s waiting for {what}; last: {last!r}"

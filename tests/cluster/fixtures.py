@@ -26,6 +26,7 @@ from typing import Any, Optional
 import pytest
 
 from cluster.controlplane import VERSION_ENV, ControlPlane, ControlPlaneUnavailable, bin_dir, tool_env
+from tests.support import process_started
 
 ROOT = Path(__file__).resolve().parents[2]
 OPERATOR_NS = "ares-system"
@@ -39,6 +40,7 @@ class Kubectl:
         self.env = tool_env(control_plane.bin, kubeconfig) if control_plane else dict(os.environ, KUBECONFIG=str(kubeconfig))
 
     def run(self, *args: str, check: bool = True, stdin: Optional[str] = None) -> subprocess.CompletedProcess:
+        process_started()  # a poll on kubectl is spaced out (wait_for)
         proc = subprocess.run(["kubectl", *args], env=self.env, capture_output=True, text=True,
                               input=stdin, timeout=60)
         if check and proc.returncode != 0:
