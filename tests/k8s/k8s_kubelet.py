@@ -181,7 +181,7 @@ class Kubelet:
     def __exit__(self, *exc: Any) -> None:
         self._stop.set()
         self._thread.join(10)
-        for pod in self.pods.values():
+        for pod in list(self.pods.values()):
             self._kill(pod)
         shutil.rmtree(self.root, ignore_errors=True)
 
@@ -212,7 +212,8 @@ class Kubelet:
         return pod.volumes.get(volume) if pod else None
 
     def log(self, pod_name: str) -> str:
-        return "\n".join(p.read_text(errors="replace") for pod in self.pods.values() if pod.name == pod_name
+        # (a copy: the kubelet's thread adds and removes pods meanwhile)
+        return "\n".join(p.read_text(errors="replace") for pod in list(self.pods.values()) if pod.name == pod_name
                          for p in sorted(pod.dir.glob("*.log")))
 
     # --- the loop ------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 
 from ares.core import pki
-from ares.runtime.tlsclient import ClientTls, explain
+from ares.runtime.tlsclient import ClientTls, explain, system_trust, transport
 from ares_operator import builders, tls
 from ares_operator import constants as c
 from ares_operator.builders import JobRef
@@ -148,6 +148,25 @@ def test_client_context_trusts_only_the_given_ca():
         ctx = ClientTls(ca_file=str(Path(d) / "ca.crt")).context()
     assert [x["subject"] for x in ctx.get_ca_certs()] == [((("organizationName", "ARES"),), (("commonName", "job-ca"),))]
     assert ctx.minimum_version == ssl.TLSVersion.TLSv1_2 and ctx.verify_mode == ssl.CERT_REQUIRED and ctx.check_hostname
+
+
+def test_plain_transports_load_the_system_store_once_per_process(monkeypatch):
+    """httpx loads the system's CA store for every transport made without one (~25 ms of CPU): a
+    controller polling the server over plain HTTP paid it at every request."""
+    import httpx
+
+    loads = []
+    load = ssl.SSLContext.load_verify_locations
+    monkeypatch.setattr(ssl.SSLContext, "load_verify_locations",
+                        lambda self, *a, **kw: loads.append(a or kw) or load(self, *a, **kw))
+    system_trust.cache_clear()
+    for _ in range(5):
+        with httpx.Client(transport=transport(None)):
+            pass
+    assert len(loads) == 1
+    with httpx.Client(transport=transport(ClientTls(ca_pem=pki.Authority("job").cert_pem))):
+        pass  # a job's CA is its own context, never the shared one
+    assert len(loads) == 2 and system_trust().verify_mode == ssl.CERT_REQUIRED
 
 
 def test_ares_run_tls_makes_a_throwaway_ca_and_points_everyone_at_it(tmp_path):
