@@ -83,9 +83,9 @@ def wait_for(predicate: Callable[[], T], timeout: float, what: str, interval: fl
     value or exception seen, and `details()` (logs) if given.
 
     A poll that starts a process (`kubectl`: see `process_started`) is spaced out: the pause after
-    each one grows by half, up to `SLOW_POLL_S`, so a minute's wait on kubectl starts about a
-    hundred processes instead of three hundred. Every other poll (a file, a log, a request to a
-    server) keeps `interval`, and so catches short-lived states.
+    each one grows by half, up to `SLOW_POLL_S`, so a long wait on kubectl starts half as many
+    processes as at 0.2 s, or fewer. Every other poll (a file, a log, a request to a server) keeps
+    `interval`, and so catches short-lived states.
     """
     deadline = time.monotonic() + timeout
     last: object = None
