@@ -25,7 +25,7 @@ an image is imported again only when podman's image ID changed). What does not: 
 else. `stop()` (and a start that finds what a killed run left, from the record it keeps under
 /run) stops the processes, unmounts, removes the bridges, routes, iptables chains and cgroups it
 made, and puts back the sysctls the kubelet changes (vm.overcommit_memory, kernel.panic,
-kernel.panic_on_oops, ...).
+kernel.panic_on_oops, ...), and removes what a killed `podman save` left of an image import.
 """
 
 from __future__ import annotations
@@ -55,6 +55,7 @@ ROOT = Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = ROOT / "scripts" / "build-node"
 CACHE = Path(os.environ.get("ARES_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ares")
 STORE = CACHE / "nodes"              # containerd roots (images), kept between runs
+SAVE_TMP = STORE / "podman-save"     # `podman save`'s temporary copy of an image (GBs): removed by cleanup_host
 STATE = Path("/run/ares-nodes")      # everything else of a run, and the record of what it changed
 HOST_BRIDGE = "aresn-host"
 HOST_IP = "10.244.0.1"
@@ -615,8 +616,7 @@ class Nodes:
             if ref == PAUSE_IMAGE:
                 node.ctr("images", "import", "-", input=(STATE / "pause.tar").read_bytes())
             else:
-                save = subprocess.Popen(["podman", "save", "--format", "docker-archive", ref], stdout=subprocess.PIPE,
-                                        env=podman_env)
+                save = save_image(ref, podman_env)
                 imp = subprocess.run([str(self.bin / "ctr"), "-a", str(node.socket), "-n", "k8s.io", "images",
                                       "import", "--local", "-"], stdin=save.stdout, capture_output=True, timeout=1800)
                 save.stdout.close()
@@ -754,7 +754,21 @@ def cleanup_host(bin: Path) -> None:
         for f in results.iterdir():
             if f.name.startswith("ares-"):
                 f.unlink(missing_ok=True)
+    remove_save_leftovers()
     shutil.rmtree(STATE, ignore_errors=True)
+
+
+def save_image(ref: str, podman_env: Optional[dict[str, str]] = None) -> subprocess.Popen:
+    """`podman save` of a project image to a pipe (stdout). podman first copies the image into its
+    TMPDIR (/var/tmp by default) and leaves that copy, gigabytes, when it is killed: so its TMPDIR
+    is SAVE_TMP, which cleanup_host empties."""
+    SAVE_TMP.mkdir(parents=True, exist_ok=True)
+    return subprocess.Popen(["podman", "save", "--format", "docker-archive", ref], stdout=subprocess.PIPE,
+                            env={**(podman_env or os.environ), "TMPDIR": str(SAVE_TMP)})
+
+
+def remove_save_leftovers() -> None:
+    shutil.rmtree(SAVE_TMP, ignore_errors=True)
 
 
 # What iptables-save shows of a table merely loaded: its name, its built-in chains, COMMIT. On a

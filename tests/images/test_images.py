@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from images.podman_cli import UID, container_job, first_round_closed, process_ids
-from tests.support import ROOT, free_port
+from tests.support import ROOT, free_port, wait_for
 
 # The first run builds the images (a cold build is minutes: torch); later runs only hash inputs.
 pytestmark = [pytest.mark.images, pytest.mark.timeout(3600)]
@@ -133,3 +133,24 @@ def test_device_image_has_what_the_sidecar_needs(podman):
     assert "iproute2" in out
     assert "/usr/local/bin/ares-shape" in out
     assert "usage: ares sidecar" in out
+
+
+# --- 5. into the real nodes' stores ---------------------------------------------------------------
+
+def test_a_killed_export_into_a_node_leaves_its_copy_only_where_the_cleanup_removes_it(images):
+    """A node's images come from `podman save` piped into containerd. podman copies the image into
+    its TMPDIR first, and a killed import left that copy (gigabytes) in /var/tmp for good."""
+    from cluster.nodes import SAVE_TMP, node_lock, remove_save_leftovers, save_image
+
+    with node_lock():  # not while a prefetch imports (CI runs one beside the suite)
+        save = save_image(images.ref("operator"), images.env)
+        try:
+            copy = wait_for(lambda: [p for p in SAVE_TMP.rglob("*") if p.is_file() and p.stat().st_size > 1 << 20],
+                            120, "podman's copy of the image under SAVE_TMP", interval=0.2)
+        finally:
+            save.kill()
+            save.wait()
+            save.stdout.close()
+        assert copy and all(p.exists() for p in copy)  # what a killed export leaves behind
+        remove_save_leftovers()  # what cleanup_host does at every start and end of the nodes
+        assert not SAVE_TMP.exists()
