@@ -12,17 +12,20 @@ from __future__ import annotations
 import fcntl
 import os
 import subprocess
-import tempfile
 from collections.abc import Iterator
 
 import pytest
 
+from cluster.nodes import CACHE
 from images.podman_cli import CANNOT_PROVIDE_PODMAN, SCRIPT, Podman
+
+BUILD_LOCK = CACHE / "build-images.lock"  # beside the script's own cache
 
 
 @pytest.fixture(scope="session")
 def images() -> Podman:
-    with open(os.path.join(tempfile.gettempdir(), "ares-build-images.lock"), "w") as lock:
+    BUILD_LOCK.parent.mkdir(parents=True, exist_ok=True)
+    with open(BUILD_LOCK, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         proc = subprocess.run([str(SCRIPT)], capture_output=True, text=True, timeout=3600)
     if proc.returncode == CANNOT_PROVIDE_PODMAN:
