@@ -50,8 +50,8 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 # class-scoped fixtures are made once. Groups by path (the scheduler sees node ids only):
 # - nodes: the real nodes (their teardown checks the host's iptables and sysctls) and the image
 #   tests (podman changes both);
-# - cluster: the session control plane's tests (the operator, the chart, and the operator image
-#   run against it, so that one worker alone starts a session control plane);
+# - cluster: the shared control plane's tests (the operator, the chart, and the operator image
+#   run against it, so that one worker alone starts that control plane);
 # - netns: whatever makes ares-* network namespaces and veths (tc links; the stopping tests
 #   check that none is left, and the benches number their namespaces from the same indices).
 #   The benches on in-process links make none, and run as any other module.

@@ -1,9 +1,9 @@
-"""The operator image against the session's real control plane: its own entrypoint, with the args
+"""The operator image against the test run's real control plane: its own entrypoint, with the args
 the chart passes, as uid 10001 with the chart's ServiceAccount token; a job applied with kubectl
 gets its children and a status, its /metrics show the job, SIGTERM ends it cleanly.
 
 In the control plane's group of the parallel run (tests/conftest.py): the real nodes' group runs the
-other image tests, and would otherwise start a second session control plane for this one test.
+other image tests, and would otherwise start a second control plane for this one test.
 """
 
 from __future__ import annotations
