@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from ares.core import pki  # noqa: E402
 from ares.core.models import build_model, split_model  # noqa: E402
+from ares.core.sgd import MomentumSGD  # noqa: E402
 from ares.runtime.allocator import keep_freed_memory  # noqa: E402
 from ares.runtime.inprocess import InProcessLink  # noqa: E402
 from ares.runtime.link import UNPACED_CHUNK, HttpLink  # noqa: E402
@@ -52,7 +53,7 @@ class Stepper:
         _, weights, _ = link.join(0, split)
         model.load_state_dict({**model.state_dict(), **weights})
         self.part, _ = split_model(model, split)
-        self.opt = torch.optim.SGD(self.part.parameters(), lr=0.01, momentum=0.9)
+        self.opt = MomentumSGD(self.part.parameters(), lr=0.01, momentum=0.9)  # the device's optimiser
         self.x, self.y = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
 
     def step(self) -> float:

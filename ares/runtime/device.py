@@ -29,10 +29,11 @@ from ares.core.energy import energy_j, power_model
 from ares.core.messages import LINK_SMOOTHING, MIN_SAMPLE_BYTES, STEP_ROUNDS, DeviceReport, StepSample, StepTimings
 from ares.core.models import build_model, model_spec, n_layers, split_model
 from ares.core.profiles import ComputeProfile, derive_power_mode, modes_of
+from ares.core.sgd import MomentumSGD
 from ares.runtime.hostmode import SWITCH_WAIT_S, read_host_mode, write_trainer_state
 from ares.runtime.link import LinkError, ServerLink
 from ares.runtime.power import read_power_file
-from ares.runtime.profiler import LiveScale, Throughput, device_profile, time_layers, warm_optimiser
+from ares.runtime.profiler import LiveScale, Throughput, device_profile, time_layers
 from ares.runtime.splitfile import StepOptions, read_mode, read_options, read_split
 
 log = logging.getLogger("ares.device")
@@ -151,7 +152,6 @@ class DeviceTrainer:
         self.chosen: Optional[StepOptions] = None  # the controller's (codec, k), from beside the split file
         self.up, self.down = Throughput(smoothing=LINK_SMOOTHING), Throughput(smoothing=LINK_SMOOTHING)
         self.live = LiveScale()
-        warm_optimiser()
         self.set_emulation(self.emulate)
         self._profile_mtime: Optional[float] = None
         self._pool: Optional[ThreadPoolExecutor] = None  # pipelined micro-batches: one thread per stream
@@ -378,7 +378,7 @@ class DeviceTrainer:
         device_part, _ = split_model(self.model, split)
         device_part.train()
         whole = split == self.layers - 1
-        optimizer = torch.optim.SGD(device_part.parameters(), lr=reply.lr, momentum=reply.momentum)
+        optimizer = MomentumSGD(device_part.parameters(), lr=reply.lr, momentum=reply.momentum)
         gen = torch.Generator().manual_seed(self.cfg.training.seed * 100_003 + reply.round * 1009 + self.cfg.shard_of(self.settings.name))
         loader = torch.utils.data.DataLoader(self.shard, batch_size=reply.batch_size, shuffle=True, generator=gen)
         losses = []
@@ -425,10 +425,10 @@ class DeviceTrainer:
             log.warning("round %d: upload refused (%s)", reply.round, exc)
         return entry
 
-    def _step(self, round_index: int, split: int, whole: bool, part: nn.Module, optimizer, x, y, entry: RoundLog) -> float:
+    def _step(self, round_index: int, split: int, whole: bool, part: nn.Module, optimizer: MomentumSGD, x, y, entry: RoundLog) -> float:
         scale = len(y) / self.profile.batch_size
         x, y = x.to(self.torch_device), y.to(self.torch_device)
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad()
         t0 = ComputeStart.now()
         fwd_s, bwd_s = (self.emulate.fwd[split] * scale, self.emulate.bwd[split] * scale) if self.emulate else (0.0, 0.0)
         out = part(x) if whole or self.micro_batches == 1 or len(y) == 1 else None

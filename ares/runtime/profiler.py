@@ -23,13 +23,6 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def warm_optimiser() -> None:
-    """Build and drop one optimiser. The first one a process builds imports torch's compiler stack
-    (2.1 s on this VM, more on a Pi): paid at start-up, it stays out of round 0, which every
-    device waits on, and out of the server's first join reply."""
-    torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1, momentum=0.9)
-
-
 @dataclass(frozen=True)
 class LayerTimes:
     """Seconds per batch for each layer, forward and backward (median of repeats)."""

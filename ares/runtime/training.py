@@ -51,7 +51,8 @@ from ares.core.messages import (MIN_UPLOAD_SAMPLE_BYTES, DeviceReport, DeviceSta
 from ares.core.models import (LayerStack, activation_numel, activation_shapes, build_model, check_split,
                               model_spec, n_layers, split_model, weight_bytes)
 from ares.core.rounds import ClosedBy, DeviceRound, RoundRecord, parse_history, recent_sessions, round_overhead
-from ares.runtime.profiler import LiveScale, server_profile, time_layers, warm_optimiser
+from ares.core.sgd import Momentum, MomentumSGD
+from ares.runtime.profiler import LiveScale, server_profile, time_layers
 
 log = logging.getLogger("ares.server")
 
@@ -149,7 +150,7 @@ class DeviceSlot:
     round: Optional[int] = None         # round joined
     split: Optional[int] = None
     replica: Optional[LayerStack] = None  # server-side layers split+1..L-1
-    optimizer: Optional[torch.optim.Optimizer] = None
+    optimizer: Optional[MomentumSGD] = None
     uploaded: bool = False              # its upload for `round` is taken (folded into the round's merge)
     report: Optional[DeviceReport] = None
     last_report: Optional[DeviceReport] = None
@@ -239,7 +240,6 @@ class TrainingServer:
         self._resume()
         self._refresh_global()
         self._merge = self._new_merge()
-        warm_optimiser()
         if profile:
             times = time_layers(self.model, self.spec.input_shape, cfg.training.batch_size, self.torch_device, repeats=2)
             self.server_prof = server_profile(times)
@@ -299,7 +299,7 @@ class TrainingServer:
             slot.joined_at, slot.uploaded_at = self.clock(), None
             slot.replica = copy.deepcopy(server_part).train()
             params = list(slot.replica.parameters())
-            slot.optimizer = torch.optim.SGD(params, lr=lr, momentum=self.cfg.training.momentum) if params else None
+            slot.optimizer = MomentumSGD(params, lr=lr, momentum=self.cfg.training.momentum) if params else None
             weights = {f"layers.{k}": v.detach().cpu().clone() for k, v in device_part.layers.state_dict().items()}
             reply = JoinReply(round=round_index, split=split, lr=lr, momentum=self.cfg.training.momentum,
                               batch_size=self.cfg.training.batch_size, max_steps=self.cfg.training.max_steps_per_round,
@@ -395,7 +395,7 @@ class TrainingServer:
                 self._nonfinite.add(device)
                 raise self._refused("steps_refused", device, "the loss on these activations is not finite")
             if slot.optimizer is not None and micro == 0:
-                slot.optimizer.zero_grad(set_to_none=True)
+                slot.optimizer.zero_grad()
             # each part's mean loss weighted by its share: the accumulated gradient is the batch's
             (loss * (x.shape[0] / total) if micros > 1 else loss).backward()
             last = micro == micros - 1
@@ -795,28 +795,19 @@ def _finite_or_none(value: Optional[float]) -> Optional[float]:
     return value if value is not None and math.isfinite(value) else None
 
 
-def _snapshot(replica: nn.Module, optimizer: Optional[torch.optim.Optimizer]) -> tuple[list, dict]:
+def _snapshot(replica: nn.Module, optimizer: Optional[MomentumSGD]) -> tuple[list, Optional[Momentum]]:
     """Copies of a replica's parameters, buffers and momentum, to undo a refused step."""
     tensors = [t.detach().clone() for t in (*replica.parameters(), *replica.buffers())]
-    momentum = {}
-    if optimizer is not None:
-        for p, state in optimizer.state.items():
-            if "momentum_buffer" in state and state["momentum_buffer"] is not None:
-                momentum[p] = state["momentum_buffer"].clone()
-    return tensors, momentum
+    return tensors, (optimizer.snapshot() if optimizer is not None else None)
 
 
 @torch.no_grad()
-def _restore(replica: nn.Module, optimizer: Optional[torch.optim.Optimizer], saved: tuple[list, dict]) -> None:
+def _restore(replica: nn.Module, optimizer: Optional[MomentumSGD], saved: tuple[list, Optional[Momentum]]) -> None:
     tensors, momentum = saved
     for t, copy_ in zip((*replica.parameters(), *replica.buffers()), tensors):
         t.copy_(copy_)
-    if optimizer is not None:
-        for p in list(optimizer.state):
-            if p in momentum:
-                optimizer.state[p]["momentum_buffer"].copy_(momentum[p])
-            else:
-                optimizer.state.pop(p)
+    if optimizer is not None and momentum is not None:
+        optimizer.restore(momentum)
 
 
 def _finite(module: nn.Module) -> bool:

@@ -91,20 +91,3 @@ def test_example_server_profile_loads():
     server = ServerProfile.load(EXAMPLES / "server-example.json")
     assert server.n_splits == 7 and server.source == "measured"
     assert json.loads((EXAMPLES / "server-example.json").read_text())["note"]
-
-
-def test_the_optimiser_warm_up_leaves_nothing_for_a_rounds_first_optimiser_to_import():
-    """torch imports its compiler stack on a process's first optimiser (2 s here): the warm-up
-    pays it at start-up, so the first round's optimisers import nothing."""
-    import subprocess
-    import sys
-
-    probe = ("import sys, torch\n"
-             "from ares.runtime.profiler import warm_optimiser\n"
-             "{warm}\n"
-             "before = set(sys.modules)\n"
-             "torch.optim.SGD([torch.zeros(3, requires_grad=True)], lr=0.01, momentum=0.5)\n"
-             "print(len(set(sys.modules) - before))\n")
-    counts = [int(subprocess.run([sys.executable, "-c", probe.format(warm=w)], capture_output=True, text=True,
-                                 check=True, timeout=120).stdout) for w in ("pass", "warm_optimiser()")]
-    assert counts[0] > 0 and counts[1] == 0, counts  # without it the first optimiser imports modules
