@@ -2,9 +2,9 @@
 
 The update is torch's own: `torch.optim.sgd.sgd`, the function that `torch.optim.SGD.step`
 calls, with the same arguments, so the numbers are the same (tests/unit/test_sgd.py). What this
-class leaves out is `torch.optim.Optimizer`'s wrapping of `step` and `zero_grad`: it imports
-torch's compiler stack (`torch._dynamo`) on a process's first step, which costs every process
-that trains 1-2 s of CPU at its start and about 150 MB of resident memory (x86,
+class leaves out is `torch.optim.Optimizer`'s wrapping of its methods, which imports
+torch's compiler stack (`torch._dynamo`) when a process makes its first optimiser: every process
+that trains pays 1-2 s of CPU at its start and about 150 MB of resident memory (x86,
 bench/sgd_start.py), on devices that have little of either, for a compiler ARES never uses.
 
 It keeps what `torch.optim.SGD` keeps in its `state`: one momentum buffer per parameter, made
