@@ -19,6 +19,8 @@ The network, all of it on this host:
 Cgroup v1 (this host): the kubelet refuses it unless its configuration says
 `failCgroupV1: false`; `cgroupDriver: cgroupfs`. containerd needs `restrict_oom_score_adj`
 (runc cannot set negative OOM scores in this VM: "can't get final child's PID from pipe: EOF").
+Each node's containerd runs without NRI: its socket is one per host (/var/run/nri/nri.sock), and
+two containerds starting at once failed with "bind: address already in use" for it.
 
 What stays between runs: each node's containerd root under ~/.cache/ares/nodes (its images;
 an image is imported again only when podman's image ID changed). What does not: everything
@@ -331,6 +333,8 @@ state = "{self.run / 'containerd-state'}"
   address = ""
 [metrics]
   address = ""
+[plugins.'io.containerd.nri.v1.nri']
+  disable = true
 [plugins.'io.containerd.grpc.v1.cri']
   stream_server_address = "127.0.0.1"
   stream_server_port = "0"
