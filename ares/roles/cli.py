@@ -135,11 +135,13 @@ def _device(args: argparse.Namespace) -> int:
 
     from ares.core.profiles import ComputeProfile
     from ares.runtime.allocator import keep_freed_memory
+    from ares.runtime.cpulimit import fit_threads_to_cpu_limit
     from ares.runtime.device import DeviceTrainer
     from ares.runtime.link import HttpLink, RateLimit
     from ares.runtime.tlsclient import TlsError
 
     keep_freed_memory()
+    fit_threads_to_cpu_limit()
     with open(settings.token_file) as f:
         token = f.read().strip()
     link = HttpLink(settings.server_url, settings.name, token, settings.request_timeout_s, http2=not args.http1,

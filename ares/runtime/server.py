@@ -45,6 +45,7 @@ from ares.core import codec, wire
 from ares.core.config import ServerConfig, load_yaml_model
 from ares.core.messages import DeviceReport, JoinRequest, TelemetryColumns
 from ares.runtime.allocator import keep_freed_memory
+from ares.runtime.cpulimit import fit_threads_to_cpu_limit
 from ares.runtime.limits import BodyTimeout, DeviceBudget, DeviceBusy, DeviceGate
 from ares.runtime.root import RootServer
 from ares.runtime.roundwatch import RoundWatch
@@ -331,6 +332,7 @@ def app_from_env() -> FastAPI:
     """Factory for granian's worker process: the config path travels in ARES_SERVER_CONFIG, a
     shard's index and root in ARES_SHARD, ARES_ROOT_URL, ARES_ROOT_CA, ARES_ROOT_TLS_SERVER_NAME."""
     keep_freed_memory()
+    fit_threads_to_cpu_limit()
     shard = None
     if os.environ.get("ARES_SHARD"):
         shard = RootAddress(index=int(os.environ["ARES_SHARD"]), url=os.environ["ARES_ROOT_URL"],

@@ -95,7 +95,7 @@ def test_server_and_device_containers_train_one_round(podman, tmp_path):
     cj = container_job(tmp_path, "dev-a", port, train=200, test=100, batch=20, deadline_s=120)
     job, ckpt, podinfo, secret = cj.job, cj.ckpt, cj.podinfo, cj.secret
     controller_token = cj.controller_token
-    limits = ("--network", "host", "--env", "OMP_NUM_THREADS=1")
+    limits = ("--network", "host", "--cpus", "1")  # a CFS quota on each container's cgroup
 
     # The device first: it waits for the server, so its uid is checked while it surely runs.
     device = podman.start("device", "device", "--server", f"http://127.0.0.1:{port}", "--name", "dev-a",
@@ -119,6 +119,9 @@ def test_server_and_device_containers_train_one_round(podman, tmp_path):
     assert (ckpt / "global.safetensors").is_file(), "the server (uid 10001) wrote no checkpoint"
     server_log = podman.logs(server)
     assert re.search(r"round 0 closed .*accuracy \d", server_log), logs()
+    # torch alone would run one thread per core of the machine in each (the server's in its worker)
+    one_thread = r"1 torch thread (for a CPU limit of 1 \(not \d+, one per core\)|\(CPU limit 1\))"
+    assert re.search(one_thread, server_log) and re.search(one_thread, podman.logs(device)), logs()
 
 
 # --- 4. device image and the sidecar -------------------------------------------------------------

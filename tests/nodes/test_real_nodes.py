@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import re
 import subprocess
 import time
@@ -50,6 +51,7 @@ def real_job() -> str:
     nano, _, pi = spec["devices"]
     assert nano["nodeName"] == JETSON.name and pi["nodeSelector"] == {"kubernetes.io/hostname": PI.name}
     pi["bandwidth"] = "20mbit"
+    pi["resources"] = {"limits": {"cpu": "1"}}  # the Nano keeps the default limit, 4 CPUs
     spec["devices"] = [nano, pi]
     spec["runPolicy"].update(cleanPodPolicy="None", roundDeadlineSeconds=60)
     return yaml.safe_dump(job)
@@ -180,6 +182,15 @@ class TestTheExampleJobOnRealNodes:
         wait_for(lambda: (s := job.status()).get("round", 0) >= 2 and s.get("phase") == "Running", 300,
                  "round 2, Running", interval=0.5, details=lambda: job.logs(f"{JOB}-pi", "device")[-3000:])
         assert job.server().devices["pi"].last_round >= 1
+
+    def test_each_trainer_runs_as_many_torch_threads_as_its_cpu_limit_allows(self, real_cluster, story):
+        # The kubelet puts a limit as a CFS quota on the container's cgroup (v1 here); torch alone
+        # would start one thread per core of the node.
+        cores = os.cpu_count()
+        pi, nano = story.job.logs(f"{JOB}-pi", "device"), story.job.logs(f"{JOB}-nano-maxn", "device")
+        assert re.search(r"1 torch thread (for a CPU limit of 1 \(not \d+, one per core\)|\(CPU limit 1\))", pi), pi[-2000:]
+        threads = min(cores, 4)
+        assert re.search(rf"{threads} torch threads? (\(CPU limit 4\)|for a CPU limit of 4 )", nano), nano[-2000:]
 
     def test_kubectl_get_aresjobs_shows_phase_round_accuracy_and_devices(self, real_cluster, story):
         row = real_cluster.kubectl.table("aresjobs")[0]
