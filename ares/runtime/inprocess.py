@@ -44,7 +44,8 @@ class InProcessLink:
         return self.server.round_state()
 
     def join(self, round_index: int, split: int):
-        return (*self._call(self.server.join, self.device, round_index, split, 20.0), Transfer())
+        return (*self._call(self.server.join, self.device, round_index, split, self.server.cfg.limits.join_wait_s),
+                Transfer())
 
     def step(self, round_index: int, split: int, x: torch.Tensor, y: torch.Tensor, codec: str = "fp32",
              micro: int = 0, micros: int = 1, total: Optional[int] = None) -> StepResult:

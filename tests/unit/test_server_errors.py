@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
@@ -62,10 +64,13 @@ def test_the_in_process_link_answers_with_the_servers_statuses(tmp_path):
     from tests.support import small_config
 
     cfg = small_config(tmp_path, devices=("dev-a",), rounds=1)
+    cfg = cfg.model_copy(update={"limits": cfg.limits.model_copy(update={"join_wait_s": 0.5})})
     link = InProcessLink(TrainingServer(cfg, *read_tokens(cfg), profile=False), "dev-a")
     with pytest.raises(LinkError) as err:
         link.join(0, 99)
     assert err.value.status == 422 and "split" in err.value.message
+    started = time.monotonic()
     with pytest.raises(LinkError) as err:
-        link.join(3, 3)
+        link.join(3, 3)  # waits the server's join_wait_s for the round, as over HTTP
     assert err.value.status == 409 and "not open yet" in err.value.message
+    assert 0.5 <= time.monotonic() - started < 20
