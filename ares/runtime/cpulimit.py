@@ -1,8 +1,8 @@
 """Torch's threads sized to the CPUs a container may use, not the cores its node has.
 
 torch starts one thread per core it sees (the process's CPU affinity) and does not read the
-CPU limit a container runs under: a server pod limited to 4 CPUs on a 16-core node ran 16
-threads, which use up the pod's quota of a period in a quarter of it and are then stopped
+CPU limit a container runs under: a server pod limited to 4 CPUs on a 16-core node would run
+16 threads, which use up the pod's quota of a period in a quarter of it and are then stopped
 (throttled) for the rest, in every step. Kubernetes sets a CPU limit as a CFS quota on the
 container's cgroup (`cpu.max` on cgroup v2, `cpu.cfs_quota_us` over `cpu.cfs_period_us` on v1).
 
