@@ -59,7 +59,7 @@ def test_v2_reads_cpu_max_up_the_path(tmp_path):
 
 def test_a_hybrid_host_uses_v1_where_the_v2_mount_has_no_controllers(tmp_path):
     root = v1_tree(tmp_path, {"/": -1, "/user.slice": 50000})
-    assert cpu_quota(root, "5:cpu,cpuacct:/user.slice\n0::/user.slice/session-1.scope\n") == 0.5
+    assert cpu_quota(root, "5:cpu,cpuacct:/user.slice\n0::/user.slice/user-1000.slice\n") == 0.5
 
 
 @pytest.mark.parametrize("text", ["", "garbage", "-5 100000", "100000 0", "max"])
