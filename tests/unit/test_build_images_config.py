@@ -15,7 +15,8 @@ def test_concurrent_print_config_runs_all_succeed_and_leave_one_whole_config(tmp
     env = {**os.environ, "ARES_CACHE": str(tmp_path)}
     runs = [subprocess.Popen([str(ROOT / "scripts" / "build-images"), "--print-config"], env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(24)]
-    results = [(p.wait(timeout=120), *p.communicate()) for p in runs]
+    outputs = [p.communicate(timeout=120) for p in runs]
+    results = [(p.returncode, out, err) for p, (out, err) in zip(runs, outputs)]
     conf = tmp_path / "containers" / "containers.conf"
     assert all(code == 0 for code, _, _ in results), [err for code, _, err in results if code]
     assert {out.strip() for _, out, _ in results} == {str(conf)}
